@@ -33,6 +33,9 @@ pub enum ConfigError {
     /// The pool was asked for zero channels per connection.
     #[error("the pool needs at least one channel per connection (got 0)")]
     ZeroChannels,
+    /// More connections than the pool can address.
+    #[error("{0} connections is more than the pool supports (65535)")]
+    TooManyConnections(usize),
     /// More channels per connection than AMQP allows.
     #[error("{0} channels per connection is more than AMQP allows (65535)")]
     TooManyChannels(usize),
@@ -165,7 +168,10 @@ mod tests {
     use super::*;
 
     fn reply(code: u16) -> TransportError {
-        TransportError::Reply { code, text: String::new() }
+        TransportError::Reply {
+            code,
+            text: String::new(),
+        }
     }
 
     #[test]
@@ -182,9 +188,18 @@ mod tests {
 
     #[test]
     fn classification_by_kind() {
-        assert_eq!(TransportError::Io("reset".into()).class(), ErrorClass::Transient);
-        assert_eq!(TransportError::HeartbeatTimeout.class(), ErrorClass::Transient);
-        assert_eq!(TransportError::Auth("bad".into()).class(), ErrorClass::Refused);
+        assert_eq!(
+            TransportError::Io("reset".into()).class(),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            TransportError::HeartbeatTimeout.class(),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            TransportError::Auth("bad".into()).class(),
+            ErrorClass::Refused
+        );
         assert_eq!(reply(404).reply_code(), Some(404));
         assert_eq!(TransportError::Timeout.reply_code(), None);
     }

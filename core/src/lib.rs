@@ -1,2 +1,78 @@
-//! placeholder, replaced below
+//! # amqp-rebound-core
+//!
+//! The runtime-agnostic heart of amqp-rebound: sans-IO state machines that keep
+//! RabbitMQ (AMQP 0-9-1) connections and channels alive, and decide every retry,
+//! reopen and failover. No I/O, no clock, no threads: time comes in as an argument,
+//! work goes out as commands (the quinn-proto / str0m style).
+//!
+//! ## Driving the [`Supervisor`]
+//!
+//! The supervisor has four kinds of methods:
+//!
+//! - **getters** ([`Supervisor::connection_state`], [`Supervisor::channel_state`], ...);
+//! - **input**: [`Supervisor::handle`]`(now, input)` for every transport result,
+//!   transport notification, application request and timer expiry;
+//! - **application commands**: [`Supervisor::checkout`] (a Ready channel) and
+//!   [`Input::Close`];
+//! - **outputs**: [`Supervisor::poll_command`], [`Supervisor::poll_event`],
+//!   [`Supervisor::poll_timeout`].
+//!
+//! **The drain rule.** After every call to `handle` (and after [`Supervisor::new`]),
+//! drain `poll_command` until it returns `None` and execute each command, drain
+//! `poll_event` until `None`, then re-arm one timer at `poll_timeout()`. When that
+//! timer fires, call `handle(now, Input::Timeout)` and drain again. Commands carry an
+//! *epoch* (connections) or *generation* (channels): echo it in the answer, so that
+//! answers that arrive late are recognised as stale.
+//!
+//! Time never goes backwards: a `now` older than one already seen is treated as the
+//! latest one, and a `Timeout` with nothing due does nothing.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use amqp_rebound_core::{Command, Config, Input, Supervisor, endpoint::parse_hosts};
+//!
+//! let hosts = parse_hosts(["amqp://guest:guest@127.0.0.1:5672/%2f"]).unwrap();
+//! let start = Instant::now(); // the caller owns the clock
+//! let mut sup = Supervisor::new(Config::new(hosts), start).unwrap();
+//!
+//! // The driver executes the dial and reports the result.
+//! let Some(Command::Dial { connection, epoch, .. }) = sup.poll_command() else { panic!() };
+//! sup.handle(start + Duration::from_millis(3), Input::Connected { connection, epoch });
+//! while let Some(command) = sup.poll_command() {
+//!     if let Command::OpenChannel { channel, generation, .. } = command {
+//!         sup.handle(start + Duration::from_millis(4), Input::ChannelOpened { channel, generation });
+//!     }
+//! }
+//! assert!(sup.is_all_ready());
+//! assert!(sup.checkout().is_ok());
+//! ```
+//!
+//! ## Lifecycles
+//!
+//! - Connection: `Connecting -> Ready -> Reconnecting -> Connecting ... -> Closing ->
+//!   Closed`; blocked/unblocked is a flag on Ready.
+//! - Channel: `Opening -> Ready -> Reopening -> Opening ... -> Closed`, with a
+//!   generation that grows on every open. A channel-level error (404, 405, 406)
+//!   reopens only that channel; a connection loss reopens all of its channels once
+//!   the connection is back.
+//! - `Closed` is terminal: no dial after it.
+//!
+//! Errors are classified once, in [`TransportError::class`].
+
+pub mod backoff;
+pub mod config;
+pub mod endpoint;
 pub mod error;
+pub mod event;
+pub mod ids;
+pub mod state;
+pub mod supervisor;
+
+pub use backoff::{Backoff, BackoffConfig, Jitter};
+pub use config::Config;
+pub use endpoint::Endpoint;
+pub use error::{ConfigError, ErrorClass, TransportError};
+pub use event::{Event, Reason};
+pub use ids::{ChannelId, ConnectionId, Object};
+pub use state::{ChannelState, ConnectionState, Phase};
+pub use supervisor::{Checkout, Command, Input, NotReady, Supervisor};

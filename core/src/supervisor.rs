@@ -1,0 +1,876 @@
+//! The [`Supervisor`]: N connection machines x M channel machines, one sans-IO state
+//! machine. See the crate docs for how to drive it.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::endpoint::Endpoint;
+use crate::error::{ConfigError, ErrorClass, TransportError};
+use crate::event::{Event, Reason};
+use crate::ids::{ChannelId, ConnectionId, Object};
+use crate::state::{ChannelState, ConnectionState};
+
+/// Something that happened, fed to [`Supervisor::handle`].
+///
+/// Results of commands echo the `epoch` (connections) or `generation` (channels)
+/// of the command; results for an older epoch or generation are stale and ignored
+/// (or, for a late successful dial, answered with a [`Command::CloseConnection`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Input {
+    /// A [`Command::Dial`] succeeded.
+    Connected {
+        /// The slot.
+        connection: ConnectionId,
+        /// The epoch of the dial.
+        epoch: u64,
+    },
+    /// A [`Command::Dial`] failed.
+    DialFailed {
+        /// The slot.
+        connection: ConnectionId,
+        /// The epoch of the dial.
+        epoch: u64,
+        /// Why.
+        error: TransportError,
+    },
+    /// An established connection failed (I/O, heartbeat, connection.close from the
+    /// broker).
+    ConnectionLost {
+        /// The slot.
+        connection: ConnectionId,
+        /// The epoch of the connection.
+        epoch: u64,
+        /// Why.
+        error: TransportError,
+    },
+    /// The transport finished a [`Command::CloseConnection`].
+    ConnectionClosed {
+        /// The slot.
+        connection: ConnectionId,
+        /// The epoch of the connection.
+        epoch: u64,
+    },
+    /// The broker sent connection.blocked.
+    Blocked {
+        /// The slot.
+        connection: ConnectionId,
+        /// The epoch of the connection.
+        epoch: u64,
+        /// The broker's reason.
+        reason: String,
+    },
+    /// The broker sent connection.unblocked.
+    Unblocked {
+        /// The slot.
+        connection: ConnectionId,
+        /// The epoch of the connection.
+        epoch: u64,
+    },
+    /// A [`Command::OpenChannel`] succeeded (channel open, confirms selected).
+    ChannelOpened {
+        /// The slot.
+        channel: ChannelId,
+        /// The generation of the open.
+        generation: u64,
+    },
+    /// A [`Command::OpenChannel`] failed.
+    ChannelOpenFailed {
+        /// The slot.
+        channel: ChannelId,
+        /// The generation of the open.
+        generation: u64,
+        /// Why.
+        error: TransportError,
+    },
+    /// An open channel was closed by the broker or failed.
+    ChannelLost {
+        /// The slot.
+        channel: ChannelId,
+        /// The generation of the channel.
+        generation: u64,
+        /// Why.
+        error: TransportError,
+    },
+    /// The application asks to close everything. Terminal.
+    Close,
+    /// A timer may have expired. Harmless when none has.
+    Timeout,
+}
+
+/// Work for the driver, drained with [`Supervisor::poll_command`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Command {
+    /// Open a connection to `endpoint`; answer with [`Input::Connected`] or
+    /// [`Input::DialFailed`] carrying the same `epoch`.
+    Dial {
+        /// The slot.
+        connection: ConnectionId,
+        /// Identifies this dial; echo it in the answer and in later events of the
+        /// connection it makes.
+        epoch: u64,
+        /// Where to.
+        endpoint: Arc<Endpoint>,
+    },
+    /// Open a channel (and select confirms) on the connection of `epoch`; answer
+    /// with [`Input::ChannelOpened`] or [`Input::ChannelOpenFailed`].
+    OpenChannel {
+        /// The slot.
+        channel: ChannelId,
+        /// The connection epoch to open it on.
+        epoch: u64,
+        /// Identifies this open; echo it in the answer and later channel events.
+        generation: u64,
+    },
+    /// Close this generation of the channel if the transport still has it.
+    CloseChannel {
+        /// The slot.
+        channel: ChannelId,
+        /// The generation to close.
+        generation: u64,
+    },
+    /// Close this epoch of the connection if the transport still has it; answer
+    /// with [`Input::ConnectionClosed`] (optional for stale epochs).
+    CloseConnection {
+        /// The slot.
+        connection: ConnectionId,
+        /// The epoch to close.
+        epoch: u64,
+    },
+}
+
+/// The pool has no channel to hand out. Nothing is wrong with the request: wait for
+/// the next [`Event::StateChanged`] to Ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotReady {
+    /// No channel is Ready (connections are recovering), or all Ready ones are on
+    /// blocked connections.
+    #[error("no channel is ready")]
+    Recovering,
+    /// The supervisor is closed.
+    #[error("the client is closed")]
+    Closed,
+}
+
+/// A Ready channel handed out by [`Supervisor::checkout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkout {
+    /// The channel slot.
+    pub channel: ChannelId,
+    /// Its current generation: work tagged with it is stale once this changes.
+    pub generation: u64,
+}
+
+/// Which timer of which object; ordered so that equal deadlines fire in a fixed,
+/// seed-independent order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKey {
+    Connection(u16),
+    Channel(u16, u16),
+}
+
+struct Conn {
+    state: ConnectionState,
+    epoch: u64,
+    /// Index into `Supervisor::hosts` of the endpoint this slot dials next.
+    host: usize,
+    /// Dial failures since the last success, to try every host once before waiting.
+    failures: usize,
+    backoff: Backoff,
+    timer: Option<Instant>,
+    channels: Vec<Chan>,
+}
+
+struct Chan {
+    state: ChannelState,
+    generation: u64,
+    /// Whether an OpenChannel for `generation` is outstanding.
+    open_pending: bool,
+    ready_since: Option<Instant>,
+    backoff: Backoff,
+    timer: Option<Instant>,
+}
+
+/// N connection machines x M channel machines: the pool, its lifecycles, backoff
+/// and host rotation, as one sans-IO state machine.
+///
+/// Four kinds of methods (as in quinn-proto): getters; [`handle`](Self::handle) for
+/// inputs; application commands ([`checkout`](Self::checkout), and
+/// [`Input::Close`]); and the `poll_*` outputs. See the crate docs for the drain
+/// rule.
+pub struct Supervisor {
+    config: Config,
+    hosts: Vec<Arc<Endpoint>>,
+    rng: fastrand::Rng,
+    now: Instant,
+    conns: Vec<Conn>,
+    commands: VecDeque<Command>,
+    events: VecDeque<Event>,
+    timers: BTreeSet<(Instant, TimerKey)>,
+    next_epoch: u64,
+    /// Round-robin cursor over the flat channel index.
+    cursor: usize,
+    ready_channels: usize,
+    closed: bool,
+}
+
+impl Supervisor {
+    /// Validates `config` and starts: every connection slot gets a
+    /// [`Command::Dial`] right away.
+    pub fn new(config: Config, now: Instant) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let mut rng = fastrand::Rng::with_seed(config.seed);
+        let mut hosts: Vec<Arc<Endpoint>> = config.hosts.iter().cloned().map(Arc::new).collect();
+        rng.shuffle(&mut hosts);
+        let conns = (0..config.connections)
+            .map(|i| Conn {
+                state: ConnectionState::Connecting {
+                    attempt: 0,
+                    endpoint: i % hosts.len(),
+                    deadline: now,
+                },
+                epoch: 0,
+                host: i % hosts.len(),
+                failures: 0,
+                backoff: Backoff::new(config.backoff.clone()),
+                timer: None,
+                channels: (0..config.channels_per_connection)
+                    .map(|_| Chan {
+                        state: ChannelState::Opening,
+                        generation: 0,
+                        open_pending: false,
+                        ready_since: None,
+                        backoff: Backoff::new(config.backoff.clone()),
+                        timer: None,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut sup = Supervisor {
+            config,
+            hosts,
+            rng,
+            now,
+            conns,
+            commands: VecDeque::new(),
+            events: VecDeque::new(),
+            timers: BTreeSet::new(),
+            next_epoch: 1,
+            cursor: 0,
+            ready_channels: 0,
+            closed: false,
+        };
+        for c in 0..sup.conns.len() {
+            sup.dial(c, Reason::Start);
+        }
+        Ok(sup)
+    }
+
+    // ----- getters -----
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The host list in the order this client uses (shuffled once by the seed).
+    pub fn hosts(&self) -> &[Arc<Endpoint>] {
+        &self.hosts
+    }
+
+    /// The latest time the supervisor has seen.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// State of a connection slot, `None` for an unknown id.
+    pub fn connection_state(&self, id: ConnectionId) -> Option<&ConnectionState> {
+        self.conns.get(usize::from(id.0)).map(|c| &c.state)
+    }
+
+    /// The current epoch of a connection slot.
+    pub fn connection_epoch(&self, id: ConnectionId) -> Option<u64> {
+        self.conns.get(usize::from(id.0)).map(|c| c.epoch)
+    }
+
+    /// State of a channel slot, `None` for an unknown id.
+    pub fn channel_state(&self, id: ChannelId) -> Option<ChannelState> {
+        self.chan(id).map(|ch| ch.state)
+    }
+
+    /// The current generation of a channel slot.
+    pub fn channel_generation(&self, id: ChannelId) -> Option<u64> {
+        self.chan(id).map(|ch| ch.generation)
+    }
+
+    /// Every connection slot id.
+    pub fn connection_ids(&self) -> impl Iterator<Item = ConnectionId> + '_ {
+        (0..self.conns.len()).map(|c| ConnectionId(c as u16))
+    }
+
+    /// Every channel slot id, connection by connection.
+    pub fn channel_ids(&self) -> impl Iterator<Item = ChannelId> + '_ {
+        self.conns.iter().enumerate().flat_map(|(c, conn)| {
+            (0..conn.channels.len()).map(move |i| ChannelId {
+                connection: ConnectionId(c as u16),
+                index: i as u16,
+            })
+        })
+    }
+
+    /// How many channels are Ready right now.
+    pub fn ready_channels(&self) -> usize {
+        self.ready_channels
+    }
+
+    /// Whether every connection and channel is Ready.
+    pub fn is_all_ready(&self) -> bool {
+        self.ready_channels == self.conns.len() * self.config.channels_per_connection
+    }
+
+    /// Whether [`Input::Close`] was handled. Closed is terminal.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Whether every connection has reached [`ConnectionState::Closed`].
+    pub fn is_fully_closed(&self) -> bool {
+        self.closed
+            && self
+                .conns
+                .iter()
+                .all(|c| c.state == ConnectionState::Closed)
+    }
+
+    // ----- outputs -----
+
+    /// The next command for the driver. Drain until `None` after every
+    /// [`handle`](Self::handle).
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When to call `handle(now, Input::Timeout)` next, if any timer is armed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    // ----- application commands -----
+
+    /// Hands out a Ready channel, round-robin, skipping channels on blocked
+    /// connections. Never a channel in any other state.
+    pub fn checkout(&mut self) -> Result<Checkout, NotReady> {
+        if self.closed {
+            return Err(NotReady::Closed);
+        }
+        if self.ready_channels == 0 {
+            return Err(NotReady::Recovering);
+        }
+        let per = self.config.channels_per_connection;
+        let total = self.conns.len() * per;
+        for step in 0..total {
+            let flat = (self.cursor + step) % total;
+            let (c, i) = (flat / per, flat % per);
+            let conn = &self.conns[c];
+            if conn.state.is_sendable() && conn.channels[i].state.is_ready() {
+                self.cursor = (flat + 1) % total;
+                return Ok(Checkout {
+                    channel: ChannelId {
+                        connection: ConnectionId(c as u16),
+                        index: i as u16,
+                    },
+                    generation: conn.channels[i].generation,
+                });
+            }
+        }
+        Err(NotReady::Recovering)
+    }
+
+    // ----- input -----
+
+    /// Feeds one input at time `now`. Time that goes backwards is clamped to the
+    /// latest time seen; expired timers fire first.
+    pub fn handle(&mut self, now: Instant, input: Input) {
+        if now > self.now {
+            self.now = now;
+        }
+        self.fire_timers();
+        match input {
+            Input::Timeout => {}
+            Input::Close => self.close(),
+            Input::Connected { connection, epoch } => self.on_connected(connection, epoch),
+            Input::DialFailed {
+                connection,
+                epoch,
+                error,
+            } => {
+                if let Some(c) = self.current(connection, epoch)
+                    && matches!(self.conns[c].state, ConnectionState::Connecting { .. })
+                {
+                    let class = error.class();
+                    self.connection_failed(c, error, Reason::DialFailed(class), true);
+                }
+            }
+            Input::ConnectionLost {
+                connection,
+                epoch,
+                error,
+            } => self.on_connection_lost(connection, epoch, error),
+            Input::ConnectionClosed { connection, epoch } => {
+                if let Some(c) = self.current(connection, epoch)
+                    && matches!(self.conns[c].state, ConnectionState::Closing { .. })
+                {
+                    self.set_conn_timer(c, None);
+                    self.set_conn_state(c, ConnectionState::Closed, Reason::CloseFinished);
+                }
+            }
+            Input::Blocked {
+                connection,
+                epoch,
+                reason,
+            } => self.set_blocked(connection, epoch, Some(reason)),
+            Input::Unblocked { connection, epoch } => self.set_blocked(connection, epoch, None),
+            Input::ChannelOpened {
+                channel,
+                generation,
+            } => self.on_channel_opened(channel, generation),
+            Input::ChannelOpenFailed {
+                channel,
+                generation,
+                error,
+            }
+            | Input::ChannelLost {
+                channel,
+                generation,
+                error,
+            } => self.on_channel_failed(channel, generation, error),
+        }
+    }
+
+    // ----- connection machine -----
+
+    /// Index of the slot if `epoch` is its current one.
+    fn current(&self, id: ConnectionId, epoch: u64) -> Option<usize> {
+        let c = usize::from(id.0);
+        (self.conns.get(c)?.epoch == epoch).then_some(c)
+    }
+
+    fn dial(&mut self, c: usize, reason: Reason) {
+        if self.closed {
+            return;
+        }
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let conn = &mut self.conns[c];
+        conn.epoch = epoch;
+        let endpoint = conn.host;
+        let deadline = self.now + self.config.connect_timeout;
+        let attempt = conn.backoff.attempt();
+        self.set_conn_timer(c, Some(deadline));
+        self.set_conn_state(
+            c,
+            ConnectionState::Connecting {
+                attempt,
+                endpoint,
+                deadline,
+            },
+            reason,
+        );
+        self.commands.push_back(Command::Dial {
+            connection: ConnectionId(c as u16),
+            epoch,
+            endpoint: Arc::clone(&self.hosts[endpoint]),
+        });
+    }
+
+    fn on_connected(&mut self, id: ConnectionId, epoch: u64) {
+        let Some(conn) = self.conns.get(usize::from(id.0)) else {
+            return;
+        };
+        let current = conn.epoch == epoch;
+        if current && matches!(conn.state, ConnectionState::Connecting { .. }) {
+            let c = usize::from(id.0);
+            self.conns[c].failures = 0;
+            self.set_conn_timer(c, None);
+            let since = self.now;
+            self.set_conn_state(
+                c,
+                ConnectionState::Ready {
+                    blocked: false,
+                    since,
+                },
+                Reason::Connected,
+            );
+            for i in 0..self.conns[c].channels.len() {
+                self.open_channel(c, i, Reason::ConnectionUp);
+            }
+        } else if !current && epoch < self.next_epoch {
+            // A dial we gave up on (timeout, close) finished after all: close it so
+            // no orphan connection lingers on the broker.
+            self.commands.push_back(Command::CloseConnection {
+                connection: id,
+                epoch,
+            });
+        }
+    }
+
+    fn on_connection_lost(&mut self, id: ConnectionId, epoch: u64, error: TransportError) {
+        let Some(c) = self.current(id, epoch) else {
+            return;
+        };
+        match self.conns[c].state {
+            ConnectionState::Ready { since, .. } => {
+                if self.now.saturating_duration_since(since) >= self.config.backoff.reset_after {
+                    self.conns[c].backoff.reset();
+                }
+                let class = error.class();
+                self.connection_failed(c, error, Reason::ConnectionLost(class), false);
+            }
+            ConnectionState::Connecting { .. } => {
+                let class = error.class();
+                self.connection_failed(c, error, Reason::DialFailed(class), true);
+            }
+            ConnectionState::Closing { .. } => {
+                self.set_conn_timer(c, None);
+                self.set_conn_state(c, ConnectionState::Closed, Reason::CloseFinished);
+            }
+            ConnectionState::Reconnecting { .. } | ConnectionState::Closed => {}
+        }
+    }
+
+    /// A dial failed or a Ready connection was lost: channels wait, the next dial
+    /// is scheduled. After a failed dial the slot moves to the next host, and waits
+    /// only once every host has failed in a row; a lost connection retries its own
+    /// host first.
+    fn connection_failed(&mut self, c: usize, error: TransportError, reason: Reason, rotate: bool) {
+        for i in 0..self.conns[c].channels.len() {
+            if self.conns[c].channels[i].state != ChannelState::Closed {
+                self.set_chan_timer(c, i, None);
+                self.conns[c].channels[i].open_pending = false;
+                self.set_chan_state(
+                    c,
+                    i,
+                    ChannelState::Reopening { retry_at: None },
+                    Reason::ConnectionDown,
+                );
+            }
+        }
+        let hosts = self.hosts.len();
+        let class = error.class();
+        let conn = &mut self.conns[c];
+        if rotate {
+            conn.failures += 1;
+            conn.host = (conn.host + 1) % hosts;
+        }
+        let delay = if class == ErrorClass::Refused {
+            conn.backoff.at_cap(&mut self.rng)
+        } else if rotate && conn.failures % hosts != 0 {
+            std::time::Duration::ZERO
+        } else {
+            conn.backoff.next_delay(&mut self.rng)
+        };
+        let attempt = conn.backoff.attempt();
+        let retry_at = self.now + delay;
+        self.events.push_back(Event::RecoveryFailed {
+            connection: ConnectionId(c as u16),
+            endpoint: self.hosts[conn.host].redacted(),
+            error: error.clone(),
+            class,
+            retry_in: delay,
+        });
+        self.set_conn_state(
+            c,
+            ConnectionState::Reconnecting {
+                attempt,
+                retry_at,
+                last_error: error,
+            },
+            reason,
+        );
+        if delay.is_zero() {
+            self.dial(c, Reason::RetryDue);
+        } else {
+            self.set_conn_timer(c, Some(retry_at));
+        }
+    }
+
+    fn set_blocked(&mut self, id: ConnectionId, epoch: u64, reason: Option<String>) {
+        let Some(c) = self.current(id, epoch) else {
+            return;
+        };
+        if let ConnectionState::Ready { blocked, .. } = &mut self.conns[c].state {
+            let now_blocked = reason.is_some();
+            if *blocked == now_blocked {
+                return;
+            }
+            *blocked = now_blocked;
+            tracing::debug!(connection = %id, blocked = now_blocked, "blocked flag changed");
+            self.events.push_back(match reason {
+                Some(reason) => Event::Blocked {
+                    connection: id,
+                    reason,
+                },
+                None => Event::Unblocked { connection: id },
+            });
+        }
+    }
+
+    fn close(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        for c in 0..self.conns.len() {
+            for i in 0..self.conns[c].channels.len() {
+                self.set_chan_timer(c, i, None);
+                self.set_chan_state(c, i, ChannelState::Closed, Reason::CloseRequested);
+            }
+            self.set_conn_timer(c, None);
+            match self.conns[c].state {
+                ConnectionState::Ready { .. } => {
+                    let deadline = self.now + self.config.close_timeout;
+                    self.commands.push_back(Command::CloseConnection {
+                        connection: ConnectionId(c as u16),
+                        epoch: self.conns[c].epoch,
+                    });
+                    self.set_conn_timer(c, Some(deadline));
+                    self.set_conn_state(
+                        c,
+                        ConnectionState::Closing { deadline },
+                        Reason::CloseRequested,
+                    );
+                }
+                ConnectionState::Connecting { .. } => {
+                    // Orphan the dial in flight: if it still succeeds, on_connected
+                    // sees an old epoch and closes it.
+                    self.conns[c].epoch = self.next_epoch;
+                    self.next_epoch += 1;
+                    self.set_conn_state(c, ConnectionState::Closed, Reason::CloseRequested);
+                }
+                ConnectionState::Reconnecting { .. } => {
+                    self.set_conn_state(c, ConnectionState::Closed, Reason::CloseRequested);
+                }
+                ConnectionState::Closing { .. } | ConnectionState::Closed => {}
+            }
+        }
+    }
+
+    // ----- channel machines -----
+
+    fn chan(&self, id: ChannelId) -> Option<&Chan> {
+        self.conns
+            .get(usize::from(id.connection.0))?
+            .channels
+            .get(usize::from(id.index))
+    }
+
+    fn open_channel(&mut self, c: usize, i: usize, reason: Reason) {
+        let epoch = self.conns[c].epoch;
+        let ch = &mut self.conns[c].channels[i];
+        if ch.state == ChannelState::Closed {
+            return;
+        }
+        ch.generation += 1;
+        ch.open_pending = true;
+        let generation = ch.generation;
+        self.set_chan_timer(c, i, None);
+        self.set_chan_state(c, i, ChannelState::Opening, reason);
+        self.commands.push_back(Command::OpenChannel {
+            channel: ChannelId {
+                connection: ConnectionId(c as u16),
+                index: i as u16,
+            },
+            epoch,
+            generation,
+        });
+    }
+
+    /// `(connection index, channel index)` if `generation` is the slot's current one.
+    fn current_chan(&self, id: ChannelId, generation: u64) -> Option<(usize, usize)> {
+        (self.chan(id)?.generation == generation)
+            .then_some((usize::from(id.connection.0), usize::from(id.index)))
+    }
+
+    fn on_channel_opened(&mut self, id: ChannelId, generation: u64) {
+        let Some((c, i)) = self.current_chan(id, generation) else {
+            // An open we no longer wait for: do not leave it open on the broker.
+            if self.chan(id).is_some_and(|ch| generation < ch.generation) {
+                self.commands.push_back(Command::CloseChannel {
+                    channel: id,
+                    generation,
+                });
+            }
+            return;
+        };
+        let ch = &mut self.conns[c].channels[i];
+        if ch.state != ChannelState::Opening || !ch.open_pending {
+            return;
+        }
+        ch.open_pending = false;
+        ch.ready_since = Some(self.now);
+        self.set_chan_state(c, i, ChannelState::Ready, Reason::ChannelOpened);
+    }
+
+    fn on_channel_failed(&mut self, id: ChannelId, generation: u64, error: TransportError) {
+        let Some((c, i)) = self.current_chan(id, generation) else {
+            return;
+        };
+        let ch = &self.conns[c].channels[i];
+        let live = match ch.state {
+            ChannelState::Opening => ch.open_pending,
+            ChannelState::Ready => true,
+            ChannelState::Reopening { .. } | ChannelState::Closed => false,
+        };
+        if !live || !self.conns[c].state.is_ready() {
+            // The connection's own loss (reported separately) reopens it.
+            return;
+        }
+        let now = self.now;
+        let ch = &mut self.conns[c].channels[i];
+        ch.open_pending = false;
+        if ch.ready_since.is_some_and(|since| {
+            now.saturating_duration_since(since) >= self.config.backoff.reset_after
+        }) {
+            ch.backoff.reset();
+        }
+        ch.ready_since = None;
+        let retry_at = now + ch.backoff.next_delay(&mut self.rng);
+        self.set_chan_timer(c, i, Some(retry_at));
+        self.set_chan_state(
+            c,
+            i,
+            ChannelState::Reopening {
+                retry_at: Some(retry_at),
+            },
+            Reason::ChannelFailed(error.reply_code()),
+        );
+    }
+
+    // ----- timers -----
+
+    fn fire_timers(&mut self) {
+        while let Some(&(at, key)) = self.timers.first() {
+            if at > self.now {
+                break;
+            }
+            self.timers.pop_first();
+            match key {
+                TimerKey::Connection(c) => {
+                    let c = usize::from(c);
+                    self.conns[c].timer = None;
+                    self.connection_timer(c);
+                }
+                TimerKey::Channel(c, i) => {
+                    let (c, i) = (usize::from(c), usize::from(i));
+                    self.conns[c].channels[i].timer = None;
+                    if self.conns[c].state.is_ready()
+                        && matches!(
+                            self.conns[c].channels[i].state,
+                            ChannelState::Reopening { retry_at: Some(_) }
+                        )
+                    {
+                        self.open_channel(c, i, Reason::RetryDue);
+                    }
+                }
+            }
+        }
+    }
+
+    fn connection_timer(&mut self, c: usize) {
+        match self.conns[c].state {
+            ConnectionState::Connecting { .. } => {
+                // Orphan the late dial: a success after this is closed on arrival.
+                self.conns[c].epoch = self.next_epoch;
+                self.next_epoch += 1;
+                self.connection_failed(c, TransportError::Timeout, Reason::ConnectTimeout, true);
+            }
+            ConnectionState::Reconnecting { .. } => self.dial(c, Reason::RetryDue),
+            ConnectionState::Closing { .. } => {
+                self.set_conn_state(c, ConnectionState::Closed, Reason::CloseFinished);
+            }
+            ConnectionState::Ready { .. } | ConnectionState::Closed => {}
+        }
+    }
+
+    fn set_conn_timer(&mut self, c: usize, at: Option<Instant>) {
+        let key = TimerKey::Connection(c as u16);
+        if let Some(old) = std::mem::replace(&mut self.conns[c].timer, at) {
+            self.timers.remove(&(old, key));
+        }
+        if let Some(at) = at {
+            self.timers.insert((at, key));
+        }
+    }
+
+    fn set_chan_timer(&mut self, c: usize, i: usize, at: Option<Instant>) {
+        let key = TimerKey::Channel(c as u16, i as u16);
+        if let Some(old) = std::mem::replace(&mut self.conns[c].channels[i].timer, at) {
+            self.timers.remove(&(old, key));
+        }
+        if let Some(at) = at {
+            self.timers.insert((at, key));
+        }
+    }
+
+    // ----- the one place each kind of state changes -----
+
+    fn set_conn_state(&mut self, c: usize, new: ConnectionState, reason: Reason) {
+        let from = self.conns[c].state.phase();
+        let to = new.phase();
+        self.conns[c].state = new;
+        let object = Object::Connection(ConnectionId(c as u16));
+        tracing::debug!(%object, ?from, ?to, ?reason, "state changed");
+        self.events.push_back(Event::StateChanged {
+            object,
+            from,
+            to,
+            reason,
+        });
+    }
+
+    fn set_chan_state(&mut self, c: usize, i: usize, new: ChannelState, reason: Reason) {
+        let old = self.conns[c].channels[i].state;
+        if old == new {
+            return;
+        }
+        match (old.is_ready(), new.is_ready()) {
+            (false, true) => self.ready_channels += 1,
+            (true, false) => self.ready_channels -= 1,
+            _ => {}
+        }
+        self.conns[c].channels[i].state = new;
+        let object = Object::Channel(ChannelId {
+            connection: ConnectionId(c as u16),
+            index: i as u16,
+        });
+        let (from, to) = (old.phase(), new.phase());
+        tracing::debug!(%object, ?from, ?to, ?reason, "state changed");
+        self.events.push_back(Event::StateChanged {
+            object,
+            from,
+            to,
+            reason,
+        });
+    }
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("hosts", &self.hosts)
+            .field("connections", &self.conns.len())
+            .field("ready_channels", &self.ready_channels)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}

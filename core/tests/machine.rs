@@ -1,0 +1,402 @@
+//! Scenario tests of the supervisor, stepped by the virtual-clock harness.
+
+mod common;
+
+use std::time::Duration;
+
+use amqp_rebound_core::{
+    ChannelId, ChannelState, Command, ConnectionId, ConnectionState, Event, Input, NotReady,
+    Object, Phase, Reason, TransportError,
+};
+use common::{World, config};
+
+const C0: ConnectionId = ConnectionId(0);
+
+fn ch(c: u16, i: u16) -> ChannelId {
+    ChannelId {
+        connection: ConnectionId(c),
+        index: i,
+    }
+}
+
+fn io() -> TransportError {
+    TransportError::Io("connection reset".into())
+}
+
+#[test]
+fn starts_dials_every_connection_and_opens_every_channel() {
+    let mut w = World::new(config(3, 4, 1));
+    assert_eq!(w.dials(), 3, "one dial per connection slot at start");
+    assert!(
+        w.sup.checkout().is_err(),
+        "nothing is ready before the dials answer"
+    );
+    let took = w.run_until_ready(Duration::from_secs(1)).expect("ready");
+    assert_eq!(took, 2 * common::LATENCY, "dial + open");
+    assert_eq!(w.sup.ready_channels(), 12);
+    for id in w.sup.channel_ids().collect::<Vec<_>>() {
+        assert_eq!(w.sup.channel_generation(id), Some(1));
+    }
+}
+
+#[test]
+fn checkout_is_round_robin_over_ready_channels_only() {
+    let mut w = World::new(config(2, 2, 7));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let picks: Vec<_> = (0..4).map(|_| w.sup.checkout().unwrap().channel).collect();
+    assert_eq!(picks, vec![ch(0, 0), ch(0, 1), ch(1, 0), ch(1, 1)]);
+    // a channel-level error takes one channel out of rotation
+    w.channel_error(ch(0, 1), 404);
+    assert_eq!(
+        w.sup.channel_state(ch(0, 1)).unwrap().phase(),
+        Phase::Reopening
+    );
+    for _ in 0..9 {
+        let c = w.sup.checkout().unwrap();
+        assert_ne!(c.channel, ch(0, 1), "a Reopening channel was handed out");
+        assert_eq!(w.sup.channel_state(c.channel), Some(ChannelState::Ready));
+    }
+}
+
+#[test]
+fn no_ready_channel_is_a_clear_answer() {
+    let mut w = World::new(config(1, 2, 1));
+    assert_eq!(w.sup.checkout(), Err(NotReady::Recovering));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.input(Input::Close);
+    assert_eq!(w.sup.checkout(), Err(NotReady::Closed));
+}
+
+#[test]
+fn channel_error_reopens_only_that_channel_with_a_new_generation() {
+    let mut w = World::new(config(1, 3, 1));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let dials = w.dials();
+    w.channel_error(ch(0, 1), 406);
+    assert_eq!(w.sup.connection_state(C0).unwrap().phase(), Phase::Ready);
+    assert_eq!(w.sup.channel_state(ch(0, 0)), Some(ChannelState::Ready));
+    assert_eq!(w.sup.channel_state(ch(0, 2)), Some(ChannelState::Ready));
+    w.run_until_ready(Duration::from_secs(1))
+        .expect("the channel reopens");
+    assert_eq!(w.dials(), dials, "a channel error must not redial");
+    assert_eq!(w.sup.channel_generation(ch(0, 1)), Some(2));
+    assert_eq!(w.sup.channel_generation(ch(0, 0)), Some(1));
+    assert!(w.events.iter().any(|(_, e)| matches!(
+        e,
+        Event::StateChanged {
+            reason: Reason::ChannelFailed(Some(406)),
+            to: Phase::Reopening,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn connection_loss_reopens_all_its_channels_after_reconnect() {
+    let mut w = World::new(config(2, 2, 3));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.kill(C0, io());
+    assert_eq!(
+        w.sup.connection_state(C0).unwrap().phase(),
+        Phase::Reconnecting
+    );
+    for i in 0..2 {
+        assert_eq!(
+            w.sup.channel_state(ch(0, i)),
+            Some(ChannelState::Reopening { retry_at: None })
+        );
+        assert_eq!(w.sup.channel_state(ch(1, i)), Some(ChannelState::Ready));
+    }
+    let took = w.run_until_ready(Duration::from_secs(1)).expect("recovers");
+    // first retry waits a full-jitter delay in [0, initial], then dial + open
+    assert!(
+        took <= Duration::from_millis(50) + 2 * common::LATENCY,
+        "{took:?}"
+    );
+    assert_eq!(w.sup.channel_generation(ch(0, 0)), Some(2));
+    assert_eq!(w.sup.channel_generation(ch(1, 0)), Some(1));
+}
+
+#[test]
+fn dial_failure_rotates_to_the_next_host_before_backing_off() {
+    let mut w = World::new(config(1, 1, 5));
+    w.broker_up = false;
+    w.run_for(Duration::from_millis(1));
+    w.run_for(Duration::from_millis(10));
+    let hosts: Vec<String> = w
+        .commands
+        .iter()
+        .filter_map(|(_, c)| match c {
+            Command::Dial { endpoint, .. } => Some(endpoint.host().to_string()),
+            _ => None,
+        })
+        .collect();
+    // the first failure moves on at once to the other host; the second (every
+    // host failed) waits for the backoff
+    assert!(hosts.len() >= 2, "{hosts:?}");
+    assert_ne!(hosts[0], hosts[1]);
+    let at: Vec<_> = w
+        .commands
+        .iter()
+        .filter(|(_, c)| matches!(c, Command::Dial { .. }))
+        .map(|(t, _)| *t)
+        .collect();
+    assert_eq!(
+        at[1],
+        at[0] + common::LATENCY,
+        "failover to the next host is immediate"
+    );
+    w.broker_up = true;
+    w.run_until_ready(Duration::from_secs(11))
+        .expect("recovers when the broker is back");
+}
+
+#[test]
+fn refused_credentials_retry_at_the_cap_and_are_reported() {
+    let mut cfg = config(1, 1, 9);
+    cfg.hosts.truncate(1);
+    let mut w = World::new(cfg);
+    w.refuse_with = Some(TransportError::Auth("ACCESS_REFUSED".into()));
+    w.run_for(Duration::from_secs(60));
+    let dials = w.dials();
+    // at the cap (10 s, jittered in [5 s, 10 s]) 60 s allow at most 13 dials
+    assert!(
+        (6..=13).contains(&dials),
+        "{dials} dials in 60 s: hot loop or stall"
+    );
+    let reported = w
+        .events
+        .iter()
+        .filter(|(_, e)| {
+            matches!(
+                e,
+                Event::RecoveryFailed {
+                    error: TransportError::Auth(_),
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(reported, dials - 1 + usize::from(reported == dials));
+    match w.sup.connection_state(C0).unwrap() {
+        ConnectionState::Reconnecting { last_error, .. } => {
+            assert!(matches!(last_error, TransportError::Auth(_)))
+        }
+        other => panic!("expected Reconnecting, got {other:?}"),
+    }
+}
+
+#[test]
+fn blackholed_dial_times_out() {
+    let mut w = World::new(config(1, 1, 2));
+    w.blackhole = true;
+    w.run_for(Duration::from_secs(6));
+    assert!(w.events.iter().any(|(_, e)| matches!(
+        e,
+        Event::StateChanged {
+            reason: Reason::ConnectTimeout,
+            ..
+        }
+    )));
+    w.blackhole = false;
+    w.run_until_ready(Duration::from_secs(11))
+        .expect("recovers");
+}
+
+#[test]
+fn late_dial_after_timeout_is_closed_not_used() {
+    let mut w = World::new(config(1, 1, 2));
+    let Some((_, Command::Dial { epoch, .. })) = w.commands.first().cloned() else {
+        panic!("no dial")
+    };
+    w.blackhole = true;
+    w.run_for(Duration::from_secs(5)); // connect timeout fires at 5 s
+    w.blackhole = false;
+    w.input(Input::Connected {
+        connection: C0,
+        epoch,
+    });
+    assert_eq!(
+        w.commands.last().map(|(_, c)| c.clone()),
+        Some(Command::CloseConnection {
+            connection: C0,
+            epoch
+        })
+    );
+    assert_ne!(w.sup.connection_state(C0).unwrap().phase(), Phase::Ready);
+}
+
+#[test]
+fn blocked_connection_is_skipped_by_checkout() {
+    let mut w = World::new(config(2, 1, 1));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let epoch = w.sup.connection_epoch(C0).unwrap();
+    w.input(Input::Blocked {
+        connection: C0,
+        epoch,
+        reason: "low on memory".into(),
+    });
+    assert!(matches!(w.events.last(), Some((_, Event::Blocked { .. }))));
+    for _ in 0..4 {
+        assert_eq!(w.sup.checkout().unwrap().channel, ch(1, 0));
+    }
+    w.input(Input::Unblocked {
+        connection: C0,
+        epoch,
+    });
+    let picks: Vec<_> = (0..2).map(|_| w.sup.checkout().unwrap().channel).collect();
+    assert!(picks.contains(&ch(0, 0)));
+}
+
+#[test]
+fn close_is_terminal_even_while_reconnecting() {
+    let mut w = World::new(config(2, 2, 4));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.broker_down();
+    w.input(Input::Close);
+    let dials = w.dials();
+    w.broker_up = true;
+    w.run_for(Duration::from_secs(60));
+    assert_eq!(w.dials(), dials, "no dial after close");
+    assert!(w.sup.is_fully_closed());
+    assert_eq!(
+        w.sup.poll_timeout(),
+        None,
+        "no timer left armed after close"
+    );
+    for id in w.sup.channel_ids().collect::<Vec<_>>() {
+        assert_eq!(w.sup.channel_state(id), Some(ChannelState::Closed));
+    }
+}
+
+#[test]
+fn close_of_ready_connections_waits_for_the_transport() {
+    let mut w = World::new(config(1, 1, 4));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.input(Input::Close);
+    assert_eq!(w.sup.connection_state(C0).unwrap().phase(), Phase::Closing);
+    assert!(matches!(
+        w.commands.last(),
+        Some((_, Command::CloseConnection { .. }))
+    ));
+    w.run_for(Duration::from_millis(10));
+    assert_eq!(w.sup.connection_state(C0), Some(&ConnectionState::Closed));
+}
+
+#[test]
+fn stale_and_unknown_inputs_change_nothing() {
+    let mut w = World::new(config(1, 2, 1));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let before = (w.commands.len(), w.events.len());
+    let bogus = [
+        Input::ConnectionLost {
+            connection: ConnectionId(9),
+            epoch: 1,
+            error: io(),
+        },
+        Input::ConnectionLost {
+            connection: C0,
+            epoch: 999,
+            error: io(),
+        },
+        Input::ChannelLost {
+            channel: ch(0, 7),
+            generation: 1,
+            error: io(),
+        },
+        Input::ChannelLost {
+            channel: ch(0, 0),
+            generation: 0,
+            error: io(),
+        },
+        Input::DialFailed {
+            connection: C0,
+            epoch: 1,
+            error: io(),
+        },
+        Input::Unblocked {
+            connection: C0,
+            epoch: 1,
+        },
+        Input::Timeout,
+    ];
+    for input in bogus {
+        w.input(input);
+    }
+    assert_eq!((w.commands.len(), w.events.len()), before);
+    assert!(w.sup.is_all_ready());
+}
+
+#[test]
+fn time_going_backwards_is_ignored() {
+    let mut w = World::new(config(1, 1, 1));
+    w.broker_up = false;
+    w.run_for(Duration::from_millis(5));
+    let (commands, events) = (w.commands.len(), w.events.len());
+    let timeout = w.sup.poll_timeout();
+    w.sup.handle(w.start, Input::Timeout);
+    assert!(w.sup.poll_command().is_none());
+    assert!(w.sup.poll_event().is_none());
+    assert_eq!(w.sup.poll_timeout(), timeout);
+    assert_eq!((w.commands.len(), w.events.len()), (commands, events));
+}
+
+#[test]
+fn every_state_change_is_an_event() {
+    let mut w = World::new(config(1, 1, 1));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.kill(C0, io());
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let conn: Vec<_> = w
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::StateChanged {
+                object: Object::Connection(_),
+                from,
+                to,
+                ..
+            } => Some((*from, *to)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        conn,
+        vec![
+            (Phase::Connecting, Phase::Connecting), // start
+            (Phase::Connecting, Phase::Ready),
+            (Phase::Ready, Phase::Reconnecting),
+            (Phase::Reconnecting, Phase::Connecting),
+            (Phase::Connecting, Phase::Ready),
+        ]
+    );
+}
+
+#[test]
+fn backoff_resets_after_staying_ready() {
+    let mut cfg = config(1, 1, 11);
+    cfg.hosts.truncate(1);
+    let mut w = World::new(cfg);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    // flap: each loss right after recovery grows the attempt counter
+    for _ in 0..5 {
+        w.kill(C0, io());
+        w.run_until_ready(Duration::from_secs(20)).unwrap();
+    }
+    w.kill(C0, io());
+    let ConnectionState::Reconnecting {
+        attempt: flapping, ..
+    } = w.sup.connection_state(C0).unwrap().clone()
+    else {
+        panic!()
+    };
+    assert_eq!(flapping, 6);
+    w.run_until_ready(Duration::from_secs(20)).unwrap();
+    w.run_for(Duration::from_secs(31)); // past reset_after (30 s)
+    w.kill(C0, io());
+    let ConnectionState::Reconnecting { attempt, .. } = w.sup.connection_state(C0).unwrap().clone()
+    else {
+        panic!()
+    };
+    assert_eq!(attempt, 1, "the counter restarts after a stable period");
+}
