@@ -1,2 +1,4 @@
 //! placeholder, replaced below
+pub mod backoff;
+pub mod endpoint;
 pub mod error;
