@@ -65,8 +65,13 @@ pub mod endpoint;
 pub mod error;
 pub mod event;
 pub mod ids;
+pub mod message;
 pub mod state;
 pub mod supervisor;
+#[cfg(feature = "tokio")]
+pub mod tokio_timer;
+pub mod topology;
+pub mod transport;
 
 pub use backoff::{Backoff, BackoffConfig, Jitter};
 pub use config::Config;
@@ -74,5 +79,13 @@ pub use endpoint::Endpoint;
 pub use error::{ConfigError, ErrorClass, TransportError};
 pub use event::{Event, Reason};
 pub use ids::{ChannelId, ConnectionId, Object};
+pub use message::{Delivery, FieldTable, Message, Properties, Returned};
 pub use state::{ChannelState, ConnectionState, Phase};
 pub use supervisor::{Checkout, Command, Input, NotReady, Supervisor};
+#[cfg(feature = "tokio")]
+pub use tokio_timer::TokioTimer;
+pub use topology::{ConsumeOptions, ExchangeDecl, ExchangeKind, QueueDecl, TopologyOp};
+pub use transport::{
+    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Sleep, Timer,
+    Transport,
+};

@@ -400,3 +400,12 @@ fn backoff_resets_after_staying_ready() {
     };
     assert_eq!(attempt, 1, "the counter restarts after a stable period");
 }
+
+#[test]
+fn supervisor_refuses_a_bad_config_without_panicking() {
+    let mut c = config(1, 1, 1);
+    c.channels_per_connection = 0;
+    #[allow(clippy::disallowed_methods)] // the test owns the clock
+    let err = amqp_rebound_core::Supervisor::new(c, std::time::Instant::now()).unwrap_err();
+    assert_eq!(err, amqp_rebound_core::ConfigError::ZeroChannels);
+}

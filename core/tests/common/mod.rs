@@ -73,6 +73,7 @@ pub fn config(connections: usize, channels: usize, seed: u64) -> Config {
 
 impl World {
     pub fn new(config: Config) -> World {
+        #[allow(clippy::disallowed_methods)] // the harness owns the clock, not the machine
         let start = Instant::now();
         let sup = Supervisor::new(config, start).expect("valid config");
         let mut world = World {

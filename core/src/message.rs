@@ -1,0 +1,145 @@
+//! What is published and delivered: [`Message`], [`Properties`], [`Delivery`],
+//! [`Returned`].
+
+use bytes::Bytes;
+
+pub use amq_protocol_types::{AMQPValue, FieldTable};
+
+/// AMQP basic properties of a message. Every field is optional.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Properties {
+    /// MIME content type, e.g. `application/json`.
+    pub content_type: Option<String>,
+    /// MIME content encoding, e.g. `gzip`.
+    pub content_encoding: Option<String>,
+    /// Application headers.
+    pub headers: Option<FieldTable>,
+    /// 1 = transient, 2 = persistent.
+    pub delivery_mode: Option<u8>,
+    /// Priority, 0 to 9.
+    pub priority: Option<u8>,
+    /// Correlates a reply with its request.
+    pub correlation_id: Option<String>,
+    /// Queue to reply to.
+    pub reply_to: Option<String>,
+    /// Per-message TTL in milliseconds, as a string.
+    pub expiration: Option<String>,
+    /// Application message id.
+    pub message_id: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub timestamp: Option<u64>,
+    /// Message type name (the AMQP `type` property).
+    pub kind: Option<String>,
+    /// The publishing user; RabbitMQ checks it against the connection's user.
+    pub user_id: Option<String>,
+    /// The publishing application.
+    pub app_id: Option<String>,
+}
+
+impl Properties {
+    /// Marks the message persistent (delivery mode 2).
+    pub fn persistent(mut self) -> Self {
+        self.delivery_mode = Some(2);
+        self
+    }
+
+    /// Sets the content type.
+    pub fn with_content_type(mut self, value: impl Into<String>) -> Self {
+        self.content_type = Some(value.into());
+        self
+    }
+
+    /// Sets the message id.
+    pub fn with_message_id(mut self, value: impl Into<String>) -> Self {
+        self.message_id = Some(value.into());
+        self
+    }
+
+    /// Sets the application headers.
+    pub fn with_headers(mut self, headers: FieldTable) -> Self {
+        self.headers = Some(headers);
+        self
+    }
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Exchange name; `""` is the default exchange (routes by queue name).
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Body.
+    pub payload: Bytes,
+    /// Properties.
+    pub properties: Properties,
+    /// Ask the broker to return the message if no queue takes it
+    /// (it then resolves as `Returned`).
+    pub mandatory: bool,
+}
+
+impl Message {
+    /// A message with default properties, not mandatory.
+    pub fn new(
+        exchange: impl Into<String>,
+        routing_key: impl Into<String>,
+        payload: impl Into<Bytes>,
+    ) -> Self {
+        Message {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            payload: payload.into(),
+            properties: Properties::default(),
+            mandatory: false,
+        }
+    }
+
+    /// Sets the properties.
+    pub fn with_properties(mut self, properties: Properties) -> Self {
+        self.properties = properties;
+        self
+    }
+
+    /// Sets the mandatory flag.
+    pub fn mandatory(mut self, mandatory: bool) -> Self {
+        self.mandatory = mandatory;
+        self
+    }
+}
+
+/// A message delivered to a consumer, as the transport reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The consumer it was delivered to.
+    pub consumer_tag: String,
+    /// The broker's tag for it, valid on this channel generation only.
+    pub delivery_tag: u64,
+    /// The broker delivered it before (to this or another consumer).
+    pub redelivered: bool,
+    /// The exchange it was published to.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// Its properties.
+    pub properties: Properties,
+    /// Its body.
+    pub payload: Bytes,
+}
+
+/// A mandatory message the broker could not route (`basic.return`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Returned {
+    /// The reply code, usually 312 NO_ROUTE.
+    pub reply_code: u16,
+    /// The broker's reason.
+    pub reply_text: String,
+    /// The exchange it was published to.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// Its properties.
+    pub properties: Properties,
+    /// Its body.
+    pub payload: Bytes,
+}

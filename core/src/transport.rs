@@ -1,0 +1,231 @@
+//! The plug-in point for AMQP clients: [`Transport`], [`Connection`], [`Channel`],
+//! and the [`Timer`] that keeps the driver runtime-agnostic.
+//!
+//! A transport translates, and nothing more: calls into its client's calls, its
+//! client's errors into [`TransportError`] (whose [`class`](TransportError::class)
+//! decides what happens next), and its client's notifications into the
+//! [`ConnectionEvent`] and [`ChannelEvent`] streams. It never retries and holds no
+//! policy: the core decides every reconnect, reopen and re-publish.
+//!
+//! # Contract
+//!
+//! - [`Connection::events`] and [`Channel::events`] are called once, right after the
+//!   connection or channel is made. The stream ends after a `Closed` event (or when
+//!   the object is dropped).
+//! - A connection that dies reports [`ConnectionEvent::Closed`] (I/O error, missed
+//!   heartbeats, `connection.close` from the broker). A channel that the broker
+//!   closes reports [`ChannelEvent::Closed`] with the reply code.
+//! - The driver calls [`Channel::publish`] for one channel one message at a time, in
+//!   order, after [`Channel::confirm_select`]. In confirm mode the broker numbers
+//!   the messages of a channel 1, 2, 3, ...; [`ChannelEvent::Ack`] and
+//!   [`ChannelEvent::Nack`] carry those numbers (`multiple` = every number up to
+//!   and including it). Awaiting `publish` means "handed to the client", not
+//!   "confirmed".
+//! - Topology calls are awaited one at a time per channel. An error that closes
+//!   the channel (404, 406, ...) is returned from the call.
+//! - Nothing a broker sends may panic the transport.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::endpoint::Endpoint;
+use crate::error::TransportError;
+use crate::message::{Delivery, FieldTable, Message, Returned};
+use crate::topology::{ConsumeOptions, ExchangeDecl, QueueDecl};
+
+/// A future that completes at a deadline; what [`Timer::sleep_until`] returns.
+pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// A clock and a way to wait for it, so that the driver needs no runtime.
+///
+/// The `tokio` feature of this crate provides `TokioTimer`; the simulator provides a
+/// virtual clock.
+pub trait Timer: Send + Sync + 'static {
+    /// The current time.
+    fn now(&self) -> Instant;
+    /// A future that completes at `deadline` (at once if it has passed).
+    fn sleep_until(&self, deadline: Instant) -> Sleep;
+}
+
+/// Options for a dial that do not belong to the endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectOptions {
+    /// Shown in the broker's management UI and `rabbitmqctl list_connections`.
+    pub connection_name: Option<String>,
+}
+
+impl ConnectOptions {
+    /// Options with a connection name.
+    pub fn named(name: impl Into<String>) -> Self {
+        ConnectOptions {
+            connection_name: Some(name.into()),
+        }
+    }
+}
+
+/// Makes connections.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// The connection type.
+    type Connection: Connection;
+
+    /// Opens a connection (TCP, TLS for `amqps://`, AMQP handshake) to `endpoint`.
+    /// Fails with [`TransportError::Auth`] for bad credentials, so the core can
+    /// classify them as refused.
+    async fn connect(
+        &self,
+        endpoint: &Endpoint,
+        options: &ConnectOptions,
+    ) -> Result<Self::Connection, TransportError>;
+}
+
+/// What happens to a connection, as a stream (see [`Connection::events`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionEvent {
+    /// The connection is gone. Last event.
+    Closed(TransportError),
+    /// The broker sent `connection.blocked` with its reason.
+    Blocked(String),
+    /// The broker sent `connection.unblocked`.
+    Unblocked,
+}
+
+/// One AMQP connection.
+#[async_trait]
+pub trait Connection: Send + Sync + 'static {
+    /// The channel type.
+    type Channel: Channel;
+
+    /// Opens a channel.
+    async fn open_channel(&self) -> Result<Self::Channel, TransportError>;
+    /// The connection's events; called once.
+    fn events(&self) -> BoxStream<'static, ConnectionEvent>;
+    /// Closes the connection (200 reply), waiting for the broker's close-ok.
+    async fn close(&self) -> Result<(), TransportError>;
+}
+
+/// What happens on a channel, as a stream (see [`Channel::events`]).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ChannelEvent {
+    /// The channel is gone (broker `channel.close` with a reply code, or its
+    /// connection died). Last event.
+    Closed(TransportError),
+    /// Publisher confirm: the broker took message `delivery_tag` (and all before it
+    /// if `multiple`).
+    Ack {
+        /// Publish sequence number (1 for the first publish of the channel).
+        delivery_tag: u64,
+        /// Covers every earlier number too.
+        multiple: bool,
+    },
+    /// Publisher confirm: the broker could not take the message(s).
+    Nack {
+        /// Publish sequence number.
+        delivery_tag: u64,
+        /// Covers every earlier number too.
+        multiple: bool,
+    },
+    /// A delivery to one of the channel's consumers.
+    Delivery(Delivery),
+    /// A mandatory message came back unroutable (sent before its ack).
+    Return(Returned),
+    /// The broker cancelled a consumer (its queue was deleted, for example).
+    ConsumerCancelled {
+        /// The consumer's tag.
+        consumer_tag: String,
+    },
+}
+
+/// The real name and counts of a declared queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// The name; for a server-named queue, the one the broker chose.
+    pub name: String,
+    /// Messages ready in it.
+    pub message_count: u32,
+    /// Consumers on it.
+    pub consumer_count: u32,
+}
+
+/// One AMQP channel.
+#[async_trait]
+pub trait Channel: Send + Sync + 'static {
+    /// The channel's events; called once.
+    fn events(&self) -> BoxStream<'static, ChannelEvent>;
+    /// `confirm.select`: from now on publishes are numbered and confirmed.
+    async fn confirm_select(&self) -> Result<(), TransportError>;
+    /// `basic.qos` with `global = false` (applies to consumers started after it).
+    async fn qos(&self, prefetch_count: u16) -> Result<(), TransportError>;
+    /// `exchange.declare`.
+    async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError>;
+    /// `exchange.delete`.
+    async fn delete_exchange(&self, name: &str) -> Result<(), TransportError>;
+    /// `queue.declare`: returns the queue's real name.
+    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError>;
+    /// `queue.delete`: returns how many messages were deleted with it.
+    async fn delete_queue(&self, name: &str) -> Result<u32, TransportError>;
+    /// `queue.bind`.
+    async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), TransportError>;
+    /// `queue.unbind`.
+    async fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), TransportError>;
+    /// `exchange.bind`.
+    async fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), TransportError>;
+    /// `exchange.unbind`.
+    async fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), TransportError>;
+    /// `basic.publish`. Returns once the client took the message; the confirm
+    /// arrives later as an event.
+    async fn publish(&self, message: &Message) -> Result<(), TransportError>;
+    /// `basic.consume` with the given tag; deliveries arrive as events.
+    async fn consume(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        options: &ConsumeOptions,
+    ) -> Result<(), TransportError>;
+    /// `basic.cancel`.
+    async fn cancel(&self, consumer_tag: &str) -> Result<(), TransportError>;
+    /// `basic.ack`.
+    async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), TransportError>;
+    /// `basic.nack`.
+    async fn nack(
+        &self,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> Result<(), TransportError>;
+    /// `basic.reject`.
+    async fn reject(&self, delivery_tag: u64, requeue: bool) -> Result<(), TransportError>;
+    /// `channel.close` (200 reply).
+    async fn close(&self) -> Result<(), TransportError>;
+}
