@@ -3,13 +3,16 @@
 use std::time::Duration;
 
 use crate::error::{ErrorClass, TransportError};
-use crate::ids::{ConnectionId, Object};
+use crate::ids::{ChannelId, ConnectionId, Object};
+use crate::message::Delivery;
+use crate::outbox::{Confirmation, PublishError, PublishId};
 use crate::state::Phase;
+use crate::topology::{ConsumeError, ConsumerId, OpId, QueueHandle, TopologyError};
 
 /// Something the application (or an operator) may want to know about.
 ///
 /// Drained with [`Supervisor::poll_event`](crate::Supervisor::poll_event).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
     /// A connection or channel changed state.
@@ -50,6 +53,66 @@ pub enum Event {
     Unblocked {
         /// The connection slot.
         connection: ConnectionId,
+    },
+    /// A publish ended, exactly once: confirmed, returned, or an error.
+    PublishResolved {
+        /// The publish.
+        id: PublishId,
+        /// How it ended.
+        result: Result<Confirmation, PublishError>,
+    },
+    /// A topology request of the application ended. `Ok` carries the queue's real
+    /// name for a queue declaration.
+    TopologyResolved {
+        /// The request.
+        op: OpId,
+        /// How it ended.
+        result: Result<Option<String>, TopologyError>,
+    },
+    /// A server-named queue was re-created under a new name during recovery;
+    /// bindings and consumers follow the new name.
+    QueueRenamed {
+        /// The queue's stable handle.
+        queue: QueueHandle,
+        /// The name it had.
+        old: String,
+        /// The name it has now.
+        new: String,
+    },
+    /// A topology replay step failed; the channel reopens after its backoff and
+    /// the replay starts over.
+    ReplayFailed {
+        /// The channel it ran on.
+        channel: ChannelId,
+        /// What the step was.
+        step: String,
+        /// The broker's answer.
+        error: TransportError,
+    },
+    /// A delivery to a consumer. Ack it with its `channel` and `generation`.
+    Delivery {
+        /// The consumer.
+        consumer: ConsumerId,
+        /// The channel it came on.
+        channel: ChannelId,
+        /// The channel generation it came on.
+        generation: u64,
+        /// The delivery (boxed: it is much larger than the other events).
+        delivery: Box<Delivery>,
+    },
+    /// The broker cancelled a consumer (e.g. its queue was deleted).
+    ConsumerCancelled {
+        /// The consumer.
+        consumer: ConsumerId,
+        /// Whether its queue is re-declared and the consumer re-subscribed.
+        resubscribing: bool,
+    },
+    /// A consumer ended for good (it will receive nothing more).
+    ConsumerEnded {
+        /// The consumer.
+        consumer: ConsumerId,
+        /// Why.
+        error: ConsumeError,
     },
 }
 

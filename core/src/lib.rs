@@ -66,6 +66,7 @@ pub mod error;
 pub mod event;
 pub mod ids;
 pub mod message;
+pub mod outbox;
 pub mod state;
 pub mod supervisor;
 #[cfg(feature = "tokio")]
@@ -80,11 +81,15 @@ pub use error::{ConfigError, ErrorClass, TransportError};
 pub use event::{Event, Reason};
 pub use ids::{ChannelId, ConnectionId, Object};
 pub use message::{Delivery, FieldTable, Message, Properties, Returned};
+pub use outbox::{Confirmation, PublishError, PublishId};
 pub use state::{ChannelState, ConnectionState, Phase};
-pub use supervisor::{Checkout, Command, Input, NotReady, Supervisor};
+pub use supervisor::{Checkout, Command, Input, NotReady, Stats, Supervisor};
 #[cfg(feature = "tokio")]
 pub use tokio_timer::TokioTimer;
-pub use topology::{ConsumeOptions, ExchangeDecl, ExchangeKind, QueueDecl, TopologyOp};
+pub use topology::{
+    AckError, AckKind, ConsumeError, ConsumeOptions, ConsumerId, ExchangeDecl, ExchangeKind, OpId,
+    QueueDecl, QueueHandle, QueueRef, TopologyError, TopologyOp,
+};
 pub use transport::{
     Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Sleep, Timer,
     Transport,

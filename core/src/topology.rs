@@ -201,3 +201,517 @@ pub enum TopologyOp {
         consumer_tag: String,
     },
 }
+
+/// A stable handle to a declared queue. For a server-named queue the name changes
+/// on every recovery; the handle does not. See
+/// [`Supervisor::queue_name`](crate::Supervisor::queue_name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueHandle(pub u64);
+
+/// A queue, by name or by the handle its declaration returned (which follows
+/// renames of server-named queues).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum QueueRef {
+    /// A queue known by name (declared elsewhere, or a fixed name).
+    Named(String),
+    /// A queue declared through this client.
+    Handle(QueueHandle),
+}
+
+impl From<QueueHandle> for QueueRef {
+    fn from(handle: QueueHandle) -> Self {
+        QueueRef::Handle(handle)
+    }
+}
+
+impl From<&str> for QueueRef {
+    fn from(name: &str) -> Self {
+        QueueRef::Named(name.to_string())
+    }
+}
+
+impl From<String> for QueueRef {
+    fn from(name: String) -> Self {
+        QueueRef::Named(name)
+    }
+}
+
+/// Identifies a consumer across recoveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConsumerId(pub u64);
+
+/// Identifies a topology operation the application asked for, until its
+/// [`Event::TopologyResolved`](crate::Event::TopologyResolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OpId(pub u64);
+
+/// Why a topology operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TopologyError {
+    /// Refused before anything was sent: a bad name or argument.
+    #[error("invalid topology request: {0}")]
+    Invalid(String),
+    /// The queue handle is not (or no longer) known to this client.
+    #[error("unknown queue handle {0:?}")]
+    UnknownQueue(QueueHandle),
+    /// The broker refused it (e.g. 406 for a redeclare with other flags).
+    #[error("the broker refused it: {code} {text}")]
+    Broker {
+        /// AMQP reply code.
+        code: u16,
+        /// The broker's reply text.
+        text: String,
+    },
+    /// No channel became ready before the deadline.
+    #[error("no channel became ready in time")]
+    TimedOut,
+    /// The client is closed.
+    #[error("the client is closed")]
+    Closed,
+}
+
+/// Why a consumer could not start or ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumeError {
+    /// Another live consumer of this client has that tag.
+    #[error("consumer tag {0:?} is already in use")]
+    DuplicateTag(String),
+    /// A bad tag or queue name.
+    #[error("invalid consume request: {0}")]
+    Invalid(String),
+    /// The queue handle is not known to this client.
+    #[error("unknown queue handle {0:?}")]
+    UnknownQueue(QueueHandle),
+    /// The broker cancelled the consumer and its queue is not in this client's
+    /// topology, so there is nothing to re-subscribe to.
+    #[error("the broker cancelled the consumer")]
+    CancelledByBroker,
+    /// The client is closed.
+    #[error("the client is closed")]
+    Closed,
+}
+
+/// Why an ack, nack or reject was refused. Nothing was sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AckError {
+    /// The delivery came on a channel generation that is gone; the broker will
+    /// redeliver the message. Sending its tag on the new channel would close it
+    /// with 406 PRECONDITION_FAILED.
+    #[error("stale delivery: its channel was recovered since; the broker redelivers it")]
+    Stale,
+    /// No unacknowledged delivery with that tag on the channel (already acked, or
+    /// from a no-ack consumer).
+    #[error("unknown delivery tag {0}")]
+    UnknownTag(u64),
+    /// The client is closed.
+    #[error("the client is closed")]
+    Closed,
+}
+
+/// What to do with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    /// basic.ack
+    Ack {
+        /// Also every earlier unacknowledged delivery of the channel.
+        multiple: bool,
+    },
+    /// basic.nack
+    Nack {
+        /// Also every earlier unacknowledged delivery of the channel.
+        multiple: bool,
+        /// Put it back in the queue (otherwise drop or dead-letter it).
+        requeue: bool,
+    },
+    /// basic.reject
+    Reject {
+        /// Put it back in the queue.
+        requeue: bool,
+    },
+}
+
+/// An entity of the registry, replayed on recovery.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Entity {
+    Exchange(ExchangeDecl),
+    Queue {
+        handle: QueueHandle,
+        decl: QueueDecl,
+        /// The real name; for a server-named queue, the latest one the broker gave.
+        name: String,
+        /// Exclusive and server-named queues live on one connection slot.
+        owner: Option<usize>,
+    },
+    QueueBinding {
+        queue: QueueRef,
+        exchange: String,
+        routing_key: String,
+        arguments: FieldTable,
+    },
+    ExchangeBinding {
+        destination: String,
+        source: String,
+        routing_key: String,
+        arguments: FieldTable,
+    },
+}
+
+/// A topology request of the application, with queue references still unresolved.
+#[derive(Debug, Clone)]
+pub(crate) enum UserOp {
+    DeclareExchange(ExchangeDecl),
+    DeleteExchange(String),
+    DeclareQueue(QueueHandle, QueueDecl),
+    DeleteQueue(QueueRef),
+    BindQueue {
+        queue: QueueRef,
+        exchange: String,
+        routing_key: String,
+        arguments: FieldTable,
+        bind: bool,
+    },
+    BindExchange {
+        destination: String,
+        source: String,
+        routing_key: String,
+        arguments: FieldTable,
+        bind: bool,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ConsumerEntry {
+    pub(crate) tag: String,
+    pub(crate) queue: QueueRef,
+    pub(crate) options: ConsumeOptions,
+    /// The channel slot it lives on, once its queue's name (and owner) is known.
+    pub(crate) conn: Option<usize>,
+    pub(crate) chan: Option<usize>,
+}
+
+/// Declared topology in declaration order, and the consumers.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    /// Keyed by a growing id: iteration order is declaration order.
+    pub(crate) entities: std::collections::BTreeMap<u64, Entity>,
+    next_entity: u64,
+    next_handle: u64,
+    pub(crate) consumers: std::collections::BTreeMap<u64, ConsumerEntry>,
+    pub(crate) tags: std::collections::HashMap<String, u64>,
+    next_consumer: u64,
+}
+
+/// Longest AMQP short string.
+const MAX_NAME: usize = 255;
+
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.len() > MAX_NAME {
+        return Err(format!(
+            "{what} is {} bytes long; AMQP allows {MAX_NAME}",
+            name.len()
+        ));
+    }
+    Ok(())
+}
+
+impl Registry {
+    pub(crate) fn new_handle(&mut self) -> QueueHandle {
+        self.next_handle += 1;
+        QueueHandle(self.next_handle)
+    }
+
+    pub(crate) fn new_consumer_id(&mut self) -> u64 {
+        self.next_consumer += 1;
+        self.next_consumer
+    }
+
+    fn queue_entity(&self, handle: QueueHandle) -> Option<(u64, &Entity)> {
+        self.entities
+            .iter()
+            .find(|(_, e)| matches!(e, Entity::Queue { handle: h, .. } if *h == handle))
+            .map(|(id, e)| (*id, e))
+    }
+
+    pub(crate) fn has_handle(&self, handle: QueueHandle) -> bool {
+        self.queue_entity(handle).is_some()
+    }
+
+    /// The name to send for a queue reference right now.
+    pub(crate) fn resolve(&self, queue: &QueueRef) -> Option<String> {
+        match queue {
+            QueueRef::Named(name) => Some(name.clone()),
+            QueueRef::Handle(handle) => match self.queue_entity(*handle)? {
+                (_, Entity::Queue { name, .. }) => Some(name.clone()),
+                _ => None,
+            },
+        }
+    }
+
+    /// The connection slot a queue is tied to (exclusive or server-named), if any.
+    pub(crate) fn owner(&self, queue: &QueueRef) -> Option<usize> {
+        self.entities.values().find_map(|e| match (e, queue) {
+            (Entity::Queue { handle, owner, .. }, QueueRef::Handle(h)) if handle == h => *owner,
+            (Entity::Queue { name, owner, .. }, QueueRef::Named(n)) if name == n => *owner,
+            _ => None,
+        })
+    }
+
+    /// The registry's declaration of a queue, if it has one.
+    pub(crate) fn queue_entity_id(&self, queue: &QueueRef) -> Option<u64> {
+        self.entities.iter().find_map(|(id, e)| match (e, queue) {
+            (Entity::Queue { handle, .. }, QueueRef::Handle(h)) if handle == h => Some(*id),
+            (Entity::Queue { name, .. }, QueueRef::Named(n)) if name == n => Some(*id),
+            _ => None,
+        })
+    }
+
+    /// Ids of the entities to replay on a new epoch of connection slot `conn`, in
+    /// declaration order. Queues tied to another slot, and their bindings, are left
+    /// to that slot.
+    pub(crate) fn replay_plan(&self, conn: usize) -> Vec<u64> {
+        self.entities
+            .iter()
+            .filter(|(_, e)| match e {
+                Entity::Queue { owner, .. } => owner.is_none_or(|o| o == conn),
+                Entity::QueueBinding { queue, .. } => self.owner(queue).is_none_or(|o| o == conn),
+                Entity::Exchange(_) | Entity::ExchangeBinding { .. } => true,
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The operation that replays entity `id`, names resolved now.
+    pub(crate) fn replay_op(&self, id: u64) -> Option<TopologyOp> {
+        Some(match self.entities.get(&id)? {
+            Entity::Exchange(decl) => TopologyOp::DeclareExchange(decl.clone()),
+            Entity::Queue { decl, .. } => {
+                // A server-named queue is declared with "" again: the broker refuses
+                // a client-chosen amq.gen-* name.
+                TopologyOp::DeclareQueue(decl.clone())
+            }
+            Entity::QueueBinding {
+                queue,
+                exchange,
+                routing_key,
+                arguments,
+            } => TopologyOp::BindQueue {
+                queue: self.resolve(queue)?,
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                arguments: arguments.clone(),
+            },
+            Entity::ExchangeBinding {
+                destination,
+                source,
+                routing_key,
+                arguments,
+            } => TopologyOp::BindExchange {
+                destination: destination.clone(),
+                source: source.clone(),
+                routing_key: routing_key.clone(),
+                arguments: arguments.clone(),
+            },
+        })
+    }
+
+    /// Records the new name of a replayed queue; returns `(old, new)` on a rename.
+    pub(crate) fn renamed(&mut self, id: u64, new_name: &str) -> Option<(QueueHandle, String)> {
+        if let Some(Entity::Queue { handle, name, .. }) = self.entities.get_mut(&id)
+            && name != new_name
+        {
+            let old = std::mem::replace(name, new_name.to_string());
+            return Some((*handle, old));
+        }
+        None
+    }
+
+    /// The operation for a user request, names resolved now.
+    pub(crate) fn user_op(&self, op: &UserOp) -> Result<TopologyOp, TopologyError> {
+        let resolve = |q: &QueueRef| {
+            self.resolve(q).ok_or(match q {
+                QueueRef::Handle(h) => TopologyError::UnknownQueue(*h),
+                QueueRef::Named(_) => TopologyError::Invalid("unknown queue".into()),
+            })
+        };
+        Ok(match op {
+            UserOp::DeclareExchange(decl) => TopologyOp::DeclareExchange(decl.clone()),
+            UserOp::DeleteExchange(name) => TopologyOp::DeleteExchange { name: name.clone() },
+            UserOp::DeclareQueue(_, decl) => TopologyOp::DeclareQueue(decl.clone()),
+            UserOp::DeleteQueue(queue) => TopologyOp::DeleteQueue {
+                name: resolve(queue)?,
+            },
+            UserOp::BindQueue {
+                queue,
+                exchange,
+                routing_key,
+                arguments,
+                bind,
+            } => {
+                let queue = resolve(queue)?;
+                let (exchange, routing_key, arguments) =
+                    (exchange.clone(), routing_key.clone(), arguments.clone());
+                if *bind {
+                    TopologyOp::BindQueue {
+                        queue,
+                        exchange,
+                        routing_key,
+                        arguments,
+                    }
+                } else {
+                    TopologyOp::UnbindQueue {
+                        queue,
+                        exchange,
+                        routing_key,
+                        arguments,
+                    }
+                }
+            }
+            UserOp::BindExchange {
+                destination,
+                source,
+                routing_key,
+                arguments,
+                bind,
+            } => {
+                let (destination, source, routing_key, arguments) = (
+                    destination.clone(),
+                    source.clone(),
+                    routing_key.clone(),
+                    arguments.clone(),
+                );
+                if *bind {
+                    TopologyOp::BindExchange {
+                        destination,
+                        source,
+                        routing_key,
+                        arguments,
+                    }
+                } else {
+                    TopologyOp::UnbindExchange {
+                        destination,
+                        source,
+                        routing_key,
+                        arguments,
+                    }
+                }
+            }
+        })
+    }
+
+    /// Applies a user request the broker accepted. `name` is the real queue name for
+    /// a queue declaration; `conn` the slot it ran on.
+    pub(crate) fn apply(&mut self, op: &UserOp, name: Option<&str>, conn: usize) {
+        match op {
+            UserOp::DeclareExchange(decl) => {
+                if !self
+                    .entities
+                    .values()
+                    .any(|e| matches!(e, Entity::Exchange(d) if d.name == decl.name))
+                {
+                    self.push(Entity::Exchange(decl.clone()));
+                }
+            }
+            UserOp::DeleteExchange(name) => {
+                self.entities.retain(|_, e| match e {
+                    Entity::Exchange(d) => &d.name != name,
+                    Entity::QueueBinding { exchange, .. } => exchange != name,
+                    Entity::ExchangeBinding {
+                        destination,
+                        source,
+                        ..
+                    } => destination != name && source != name,
+                    Entity::Queue { .. } => true,
+                });
+            }
+            UserOp::DeclareQueue(handle, decl) => {
+                let name = name.unwrap_or(&decl.name).to_string();
+                let tied = decl.exclusive || decl.is_server_named();
+                // a fixed-name queue declared twice keeps one entry
+                let exists = !decl.is_server_named()
+                    && self
+                        .entities
+                        .values()
+                        .any(|e| matches!(e, Entity::Queue { name: n, .. } if *n == name));
+                if !exists {
+                    self.push(Entity::Queue {
+                        handle: *handle,
+                        decl: decl.clone(),
+                        name,
+                        owner: tied.then_some(conn),
+                    });
+                }
+            }
+            UserOp::DeleteQueue(queue) => {
+                let Some(target) = self.resolve(queue) else {
+                    return;
+                };
+                // every handle that currently names the deleted queue
+                let handles: Vec<QueueHandle> = self
+                    .entities
+                    .values()
+                    .filter_map(|e| match e {
+                        Entity::Queue { handle, name, .. } if *name == target => Some(*handle),
+                        _ => None,
+                    })
+                    .collect();
+                let gone = |q: &QueueRef| match q {
+                    QueueRef::Named(n) => *n == target,
+                    QueueRef::Handle(h) => handles.contains(h),
+                };
+                self.entities.retain(|_, e| match e {
+                    Entity::Queue { handle, .. } => !handles.contains(handle),
+                    Entity::QueueBinding { queue: q, .. } => !gone(q),
+                    _ => true,
+                });
+            }
+            UserOp::BindQueue {
+                queue,
+                exchange,
+                routing_key,
+                arguments,
+                bind,
+            } => {
+                let entity = Entity::QueueBinding {
+                    queue: queue.clone(),
+                    exchange: exchange.clone(),
+                    routing_key: routing_key.clone(),
+                    arguments: arguments.clone(),
+                };
+                self.bind_or_unbind(entity, *bind);
+            }
+            UserOp::BindExchange {
+                destination,
+                source,
+                routing_key,
+                arguments,
+                bind,
+            } => {
+                let entity = Entity::ExchangeBinding {
+                    destination: destination.clone(),
+                    source: source.clone(),
+                    routing_key: routing_key.clone(),
+                    arguments: arguments.clone(),
+                };
+                self.bind_or_unbind(entity, *bind);
+            }
+        }
+    }
+
+    fn bind_or_unbind(&mut self, entity: Entity, bind: bool) {
+        if bind {
+            if !self.entities.values().any(|e| *e == entity) {
+                self.push(entity);
+            }
+        } else {
+            self.entities.retain(|_, e| *e != entity);
+        }
+    }
+
+    fn push(&mut self, entity: Entity) {
+        self.next_entity += 1;
+        self.entities.insert(self.next_entity, entity);
+    }
+}

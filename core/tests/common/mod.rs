@@ -8,13 +8,14 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqp_rebound_core::{
-    ChannelId, Command, Config, ConnectionId, Event, Input, Supervisor, TransportError,
-    endpoint::parse_hosts,
+    AckKind, ChannelId, Command, Config, ConnectionId, Delivery, Event, Input, Message, Properties,
+    Supervisor, TopologyOp, TransportError, endpoint::parse_hosts,
 };
 
 /// How long every simulated transport operation takes.
@@ -36,6 +37,16 @@ enum Pending {
         connection: ConnectionId,
         epoch: u64,
     },
+    Confirm {
+        channel: ChannelId,
+        generation: u64,
+        seq: u64,
+    },
+    Topology {
+        channel: ChannelId,
+        generation: u64,
+        op: TopologyOp,
+    },
 }
 
 pub struct World {
@@ -54,6 +65,24 @@ pub struct World {
     pub blackhole: bool,
     /// Live transport connections: slot -> epoch.
     pub live: BTreeMap<ConnectionId, u64>,
+    /// Live transport channels: slot -> generation.
+    pub live_chans: BTreeMap<ChannelId, u64>,
+    /// Published, not yet confirmed, per live channel generation: (seq, message).
+    pub unconfirmed: BTreeMap<(ChannelId, u64), Vec<(u64, Arc<Message>)>>,
+    /// Confirm every publish after LATENCY.
+    pub auto_confirm: bool,
+    /// Payloads the broker confirmed (stored).
+    pub stored: Vec<bytes::Bytes>,
+    /// Broken rules seen at the "broker" (stale acks, seq gaps): must stay empty.
+    pub violations: Vec<String>,
+    /// Delivered, unacked tags per channel generation.
+    pub delivered: BTreeMap<(ChannelId, u64), BTreeSet<u64>>,
+    next_delivery: BTreeMap<(ChannelId, u64), u64>,
+    /// Every topology op the broker ran, with its channel.
+    pub topology_log: Vec<(ChannelId, TopologyOp)>,
+    /// The next topology op fails with this error (the channel closes).
+    pub fail_topology: Option<TransportError>,
+    server_named: u64,
     pending: Vec<(Instant, u64, Pending)>,
     seq: u64,
 }
@@ -87,6 +116,16 @@ impl World {
             refuse_with: None,
             blackhole: false,
             live: BTreeMap::new(),
+            live_chans: BTreeMap::new(),
+            unconfirmed: BTreeMap::new(),
+            auto_confirm: true,
+            stored: Vec::new(),
+            violations: Vec::new(),
+            delivered: BTreeMap::new(),
+            next_delivery: BTreeMap::new(),
+            topology_log: Vec::new(),
+            fail_topology: None,
+            server_named: 0,
             pending: Vec::new(),
             seq: 0,
         };
@@ -130,6 +169,30 @@ impl World {
                     connection: *connection,
                     epoch: *epoch,
                 }),
+                Command::Publish {
+                    channel,
+                    generation,
+                    seq,
+                    message,
+                } => self.on_publish(*channel, *generation, *seq, message),
+                Command::Topology {
+                    channel,
+                    generation,
+                    op,
+                } => Some(Pending::Topology {
+                    channel: *channel,
+                    generation: *generation,
+                    op: op.clone(),
+                }),
+                Command::Ack {
+                    channel,
+                    generation,
+                    delivery_tag,
+                    kind,
+                } => {
+                    self.on_ack(*channel, *generation, *delivery_tag, *kind);
+                    None
+                }
                 _ => None,
             };
             if let Some(p) = pending {
@@ -204,8 +267,182 @@ impl World {
         }
     }
 
+    fn on_publish(
+        &mut self,
+        channel: ChannelId,
+        generation: u64,
+        seq: u64,
+        message: &Arc<Message>,
+    ) -> Option<Pending> {
+        if self.live_chans.get(&channel) != Some(&generation) {
+            return None; // the channel is gone: the transport would fail the call
+        }
+        let list = self.unconfirmed.entry((channel, generation)).or_default();
+        let expected = list.last().map_or(0, |(s, _)| *s) + 1;
+        if seq < expected {
+            self.violations.push(format!(
+                "{channel} gen {generation}: seq {seq} after {}",
+                expected - 1
+            ));
+        }
+        list.push((seq, Arc::clone(message)));
+        self.auto_confirm.then_some(Pending::Confirm {
+            channel,
+            generation,
+            seq,
+        })
+    }
+
+    fn on_ack(&mut self, channel: ChannelId, generation: u64, tag: u64, kind: AckKind) {
+        if self.live_chans.get(&channel) != Some(&generation) {
+            self.violations.push(format!(
+                "ack for {channel} gen {generation} which is not live"
+            ));
+            return;
+        }
+        let set = self.delivered.entry((channel, generation)).or_default();
+        let multiple = matches!(
+            kind,
+            AckKind::Ack { multiple: true } | AckKind::Nack { multiple: true, .. }
+        );
+        if !set.contains(&tag) {
+            self.violations.push(format!(
+                "ack of unknown tag {tag} on {channel} gen {generation} (406 on a real broker)"
+            ));
+        }
+        if multiple {
+            *set = set.split_off(&(tag + 1));
+        } else {
+            set.remove(&tag);
+        }
+    }
+
+    /// The broker confirms the oldest `n` publishes of a live channel generation.
+    pub fn confirm(&mut self, channel: ChannelId, n: usize, multiple: bool, ack: bool) {
+        let Some(&generation) = self.live_chans.get(&channel) else {
+            return;
+        };
+        let Some(list) = self.unconfirmed.get_mut(&(channel, generation)) else {
+            return;
+        };
+        let n = n.min(list.len());
+        if n == 0 {
+            return;
+        }
+        let taken: Vec<_> = list.drain(..n).collect();
+        if ack {
+            self.stored
+                .extend(taken.iter().map(|(_, m)| m.payload.clone()));
+        }
+        if multiple {
+            let delivery_tag = taken[n - 1].0;
+            self.input(Input::Confirm {
+                channel,
+                generation,
+                delivery_tag,
+                multiple: true,
+                ack,
+            });
+        } else {
+            for (seq, _) in taken {
+                self.input(Input::Confirm {
+                    channel,
+                    generation,
+                    delivery_tag: seq,
+                    multiple: false,
+                    ack,
+                });
+            }
+        }
+    }
+
+    /// The broker delivers a message to `consumer_tag` on a live channel.
+    pub fn deliver(
+        &mut self,
+        channel: ChannelId,
+        consumer_tag: &str,
+        payload: &str,
+    ) -> Option<u64> {
+        let generation = *self.live_chans.get(&channel)?;
+        let next = self.next_delivery.entry((channel, generation)).or_insert(0);
+        *next += 1;
+        let tag = *next;
+        self.delivered
+            .entry((channel, generation))
+            .or_default()
+            .insert(tag);
+        self.input(Input::Delivery {
+            channel,
+            generation,
+            delivery: Delivery {
+                consumer_tag: consumer_tag.to_string(),
+                delivery_tag: tag,
+                redelivered: false,
+                exchange: String::new(),
+                routing_key: "q".into(),
+                properties: Properties::default(),
+                payload: payload.to_string().into_bytes().into(),
+            },
+        });
+        Some(tag)
+    }
+
     fn answer(&mut self, p: Pending) {
         match p {
+            Pending::Confirm {
+                channel,
+                generation,
+                seq,
+            } => {
+                if self.live_chans.get(&channel) != Some(&generation) {
+                    return;
+                }
+                let list = self.unconfirmed.entry((channel, generation)).or_default();
+                if let Some(pos) = list.iter().position(|(s, _)| *s == seq) {
+                    let (_, message) = list.remove(pos);
+                    self.stored.push(message.payload.clone());
+                    self.input(Input::Confirm {
+                        channel,
+                        generation,
+                        delivery_tag: seq,
+                        multiple: false,
+                        ack: true,
+                    });
+                }
+            }
+            Pending::Topology {
+                channel,
+                generation,
+                op,
+            } => {
+                if self.live_chans.get(&channel) != Some(&generation) {
+                    return;
+                }
+                if let Some(error) = self.fail_topology.take() {
+                    self.live_chans.remove(&channel);
+                    self.input(Input::TopologyDone {
+                        channel,
+                        generation,
+                        result: Err(error),
+                    });
+                    return;
+                }
+                let name = match &op {
+                    TopologyOp::DeclareQueue(decl) if decl.name.is_empty() => {
+                        self.server_named += 1;
+                        Some(format!("amq.gen-{}", self.server_named))
+                    }
+                    TopologyOp::DeclareQueue(decl) => Some(decl.name.clone()),
+                    _ => None,
+                };
+                self.topology_log.push((channel, op));
+                self.input(Input::TopologyDone {
+                    channel,
+                    generation,
+                    result: Ok(name),
+                });
+            }
+
             Pending::Dial { connection, epoch } => {
                 if self.blackhole {
                     return; // never answers; the connect timeout must fire
@@ -233,6 +470,7 @@ impl World {
                 epoch,
             } => {
                 if self.live.get(&channel.connection) == Some(&epoch) {
+                    self.live_chans.insert(channel, generation);
                     self.input(Input::ChannelOpened {
                         channel,
                         generation,
@@ -248,6 +486,7 @@ impl World {
             Pending::Close { connection, epoch } => {
                 if self.live.get(&connection) == Some(&epoch) {
                     self.live.remove(&connection);
+                    self.live_chans.retain(|ch, _| ch.connection != connection);
                 }
                 self.input(Input::ConnectionClosed { connection, epoch });
             }
@@ -258,6 +497,7 @@ impl World {
 
     /// The broker drops a live connection.
     pub fn kill(&mut self, connection: ConnectionId, error: TransportError) {
+        self.live_chans.retain(|ch, _| ch.connection != connection);
         if let Some(epoch) = self.live.remove(&connection) {
             self.input(Input::ConnectionLost {
                 connection,
@@ -287,7 +527,8 @@ impl World {
         let Some(generation) = self.sup.channel_generation(channel) else {
             return;
         };
-        if self.live.contains_key(&channel.connection) {
+        if self.live.contains_key(&channel.connection) && self.live_chans.remove(&channel).is_some()
+        {
             self.input(Input::ChannelLost {
                 channel,
                 generation,
@@ -304,5 +545,58 @@ impl World {
             .iter()
             .filter(|(_, c)| matches!(c, Command::Dial { .. }))
             .count()
+    }
+}
+
+/// A message whose payload is `id`, for tracking.
+pub fn msg(id: u64) -> Arc<Message> {
+    Arc::new(Message::new("", "q", id.to_string().into_bytes()))
+}
+
+impl World {
+    /// Publishes through the supervisor now and drains.
+    pub fn publish(
+        &mut self,
+        message: Arc<Message>,
+    ) -> Result<amqp_rebound_core::PublishId, amqp_rebound_core::PublishError> {
+        let r = self.sup.publish(self.now, message, None);
+        self.drain();
+        r
+    }
+
+    /// Runs any application command on the supervisor now and drains.
+    pub fn app<R>(&mut self, f: impl FnOnce(&mut Supervisor, Instant) -> R) -> R {
+        let r = f(&mut self.sup, self.now);
+        self.drain();
+        r
+    }
+
+    /// Every publish resolution so far: (id, result).
+    pub fn resolutions(
+        &self,
+    ) -> Vec<(
+        amqp_rebound_core::PublishId,
+        Result<amqp_rebound_core::Confirmation, amqp_rebound_core::PublishError>,
+    )> {
+        self.events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::PublishResolved { id, result } => Some((*id, result.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Payloads of the Publish commands so far, in order.
+    pub fn sent_payloads(&self) -> Vec<String> {
+        self.commands
+            .iter()
+            .filter_map(|(_, c)| match c {
+                Command::Publish { message, .. } => {
+                    Some(String::from_utf8_lossy(&message.payload).into_owned())
+                }
+                _ => None,
+            })
+            .collect()
     }
 }

@@ -1,6 +1,9 @@
 //! The [`Supervisor`]: N connection machines x M channel machines, one sans-IO state
 //! machine. See the crate docs for how to drive it.
 
+mod publish;
+mod topology;
+
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,14 +14,19 @@ use crate::endpoint::Endpoint;
 use crate::error::{ConfigError, ErrorClass, TransportError};
 use crate::event::{Event, Reason};
 use crate::ids::{ChannelId, ConnectionId, Object};
+use crate::message::{Delivery, Message, Returned};
+use crate::outbox::Outbox;
 use crate::state::{ChannelState, ConnectionState};
+use crate::topology::{AckKind, Registry, TopologyOp};
+
+pub use publish::Stats;
 
 /// Something that happened, fed to [`Supervisor::handle`].
 ///
 /// Results of commands echo the `epoch` (connections) or `generation` (channels)
 /// of the command; results for an older epoch or generation are stale and ignored
 /// (or, for a late successful dial, answered with a [`Command::CloseConnection`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Input {
     /// A [`Command::Dial`] succeeded.
@@ -95,6 +103,58 @@ pub enum Input {
         /// Why.
         error: TransportError,
     },
+    /// A publisher confirm on a channel (see [`ChannelEvent::Ack`]).
+    ///
+    /// [`ChannelEvent::Ack`]: crate::ChannelEvent::Ack
+    Confirm {
+        /// The slot.
+        channel: ChannelId,
+        /// The generation of the channel.
+        generation: u64,
+        /// The publish sequence number confirmed.
+        delivery_tag: u64,
+        /// Covers every earlier number too.
+        multiple: bool,
+        /// `true` for basic.ack, `false` for basic.nack.
+        ack: bool,
+    },
+    /// A mandatory message came back unroutable (basic.return).
+    Returned {
+        /// The slot.
+        channel: ChannelId,
+        /// The generation of the channel.
+        generation: u64,
+        /// What came back.
+        returned: Returned,
+    },
+    /// A delivery to a consumer.
+    Delivery {
+        /// The slot.
+        channel: ChannelId,
+        /// The generation of the channel.
+        generation: u64,
+        /// The delivery.
+        delivery: Delivery,
+    },
+    /// The broker cancelled a consumer (basic.cancel, e.g. its queue was deleted).
+    ConsumerCancelled {
+        /// The slot.
+        channel: ChannelId,
+        /// The generation of the channel.
+        generation: u64,
+        /// The consumer's tag.
+        consumer_tag: String,
+    },
+    /// The [`Command::Topology`] in flight on this channel finished. `Ok` carries
+    /// the real queue name for a queue declaration.
+    TopologyDone {
+        /// The slot.
+        channel: ChannelId,
+        /// The generation of the channel.
+        generation: u64,
+        /// The outcome.
+        result: Result<Option<String>, TransportError>,
+    },
     /// The application asks to close everything. Terminal.
     Close,
     /// A timer may have expired. Harmless when none has.
@@ -102,7 +162,7 @@ pub enum Input {
 }
 
 /// Work for the driver, drained with [`Supervisor::poll_command`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Command {
     /// Open a connection to `endpoint`; answer with [`Input::Connected`] or
@@ -125,6 +185,40 @@ pub enum Command {
         epoch: u64,
         /// Identifies this open; echo it in the answer and later channel events.
         generation: u64,
+    },
+    /// Publish `message` on the channel; it is number `seq` of this generation (the
+    /// driver publishes a channel's messages one at a time, in `seq` order).
+    Publish {
+        /// The slot.
+        channel: ChannelId,
+        /// The generation to publish on; drop the command if it is gone.
+        generation: u64,
+        /// Its confirm sequence number on this generation.
+        seq: u64,
+        /// The message.
+        message: Arc<Message>,
+    },
+    /// Run one topology operation on the channel; answer with
+    /// [`Input::TopologyDone`]. At most one is in flight per channel.
+    Topology {
+        /// The slot.
+        channel: ChannelId,
+        /// The generation to run it on.
+        generation: u64,
+        /// The operation, names resolved.
+        op: TopologyOp,
+    },
+    /// Acknowledge, nack or reject a delivery. Only ever emitted for a delivery of
+    /// the channel's current generation.
+    Ack {
+        /// The slot.
+        channel: ChannelId,
+        /// The generation the delivery came on (always the current one).
+        generation: u64,
+        /// The delivery's tag.
+        delivery_tag: u64,
+        /// Ack, nack or reject.
+        kind: AckKind,
     },
     /// Close this generation of the channel if the transport still has it.
     CloseChannel {
@@ -184,6 +278,14 @@ struct Conn {
     backoff: Backoff,
     timer: Option<Instant>,
     channels: Vec<Chan>,
+    /// Entities replayed on this epoch (by channel 0): other channels may start
+    /// their consumers.
+    topology_ready: bool,
+    /// Whether the CloseConnection of a Closing connection went out (it waits for
+    /// in-flight confirms first).
+    close_sent: bool,
+    /// Whether this slot was Ready before (its next Ready is a recovery).
+    was_ready: bool,
 }
 
 struct Chan {
@@ -194,6 +296,20 @@ struct Chan {
     ready_since: Option<Instant>,
     backoff: Backoff,
     timer: Option<Instant>,
+    /// Publishes on this generation awaiting a confirm: `(seq, publish id)`, by seq.
+    in_flight: VecDeque<(u64, u64)>,
+    /// Sequence number of the last publish on this generation.
+    next_seq: u64,
+    /// Delivery tags of this generation not yet acked, nacked or rejected.
+    unacked: BTreeSet<u64>,
+    /// Topology steps still to run on this generation (replay, then user ops).
+    steps: VecDeque<topology::Step>,
+    /// The step whose Command::Topology is in flight.
+    step_in_flight: Option<topology::Step>,
+    /// Opened, replaying its topology (Ready when `steps` drain).
+    replaying: bool,
+    /// Opened, but waiting for channel 0 to replay the connection's entities.
+    waiting_topology: bool,
 }
 
 /// N connection machines x M channel machines: the pool, its lifecycles, backoff
@@ -217,6 +333,14 @@ pub struct Supervisor {
     cursor: usize,
     ready_channels: usize,
     closed: bool,
+    outbox: Outbox,
+    /// A window slot or channel may have freed up since the last pump.
+    room: bool,
+    registry: Registry,
+    user_ops: topology::UserOps,
+    stats: Stats,
+    /// Reused buffer for confirmed ids (keeps the confirm path allocation-free).
+    scratch: Vec<u64>,
 }
 
 impl Supervisor {
@@ -239,6 +363,9 @@ impl Supervisor {
                 failures: 0,
                 backoff: Backoff::new(config.backoff.clone()),
                 timer: None,
+                topology_ready: false,
+                close_sent: false,
+                was_ready: false,
                 channels: (0..config.channels_per_connection)
                     .map(|_| Chan {
                         state: ChannelState::Opening,
@@ -247,6 +374,13 @@ impl Supervisor {
                         ready_since: None,
                         backoff: Backoff::new(config.backoff.clone()),
                         timer: None,
+                        in_flight: VecDeque::new(),
+                        next_seq: 0,
+                        unacked: BTreeSet::new(),
+                        steps: VecDeque::new(),
+                        step_in_flight: None,
+                        replaying: false,
+                        waiting_topology: false,
                     })
                     .collect(),
             })
@@ -264,6 +398,12 @@ impl Supervisor {
             cursor: 0,
             ready_channels: 0,
             closed: false,
+            outbox: Outbox::default(),
+            room: false,
+            registry: Registry::default(),
+            user_ops: topology::UserOps::default(),
+            stats: Stats::default(),
+            scratch: Vec::new(),
         };
         for c in 0..sup.conns.len() {
             sup.dial(c, Reason::Start);
@@ -362,7 +502,14 @@ impl Supervisor {
 
     /// When to call `handle(now, Input::Timeout)` next, if any timer is armed.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.first().map(|(at, _)| *at)
+        [
+            self.timers.first().map(|(at, _)| *at),
+            self.outbox.next_deadline(),
+            self.user_ops.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     // ----- application commands -----
@@ -401,10 +548,7 @@ impl Supervisor {
     /// Feeds one input at time `now`. Time that goes backwards is clamped to the
     /// latest time seen; expired timers fire first.
     pub fn handle(&mut self, now: Instant, input: Input) {
-        if now > self.now {
-            self.now = now;
-        }
-        self.fire_timers();
+        self.advance(now);
         match input {
             Input::Timeout => {}
             Input::Close => self.close(),
@@ -430,8 +574,7 @@ impl Supervisor {
                 if let Some(c) = self.current(connection, epoch)
                     && matches!(self.conns[c].state, ConnectionState::Closing { .. })
                 {
-                    self.set_conn_timer(c, None);
-                    self.set_conn_state(c, ConnectionState::Closed, Reason::CloseFinished);
+                    self.finish_close(c);
                 }
             }
             Input::Blocked {
@@ -454,7 +597,43 @@ impl Supervisor {
                 generation,
                 error,
             } => self.on_channel_failed(channel, generation, error),
+            Input::Confirm {
+                channel,
+                generation,
+                delivery_tag,
+                multiple,
+                ack,
+            } => self.on_confirm(channel, generation, delivery_tag, multiple, ack),
+            Input::Returned {
+                channel,
+                generation,
+                returned,
+            } => self.on_returned(channel, generation, &returned),
+            Input::Delivery {
+                channel,
+                generation,
+                delivery,
+            } => self.on_delivery(channel, generation, delivery),
+            Input::ConsumerCancelled {
+                channel,
+                generation,
+                consumer_tag,
+            } => self.on_consumer_cancelled(channel, generation, &consumer_tag),
+            Input::TopologyDone {
+                channel,
+                generation,
+                result,
+            } => self.on_topology_done(channel, generation, result),
         }
+        self.pump();
+    }
+
+    /// Moves the clock (never backwards) and fires what is due.
+    fn advance(&mut self, now: Instant) {
+        if now > self.now {
+            self.now = now;
+        }
+        self.fire_timers();
     }
 
     // ----- connection machine -----
@@ -468,6 +647,9 @@ impl Supervisor {
     fn dial(&mut self, c: usize, reason: Reason) {
         if self.closed {
             return;
+        }
+        if reason != Reason::Start {
+            self.stats.reconnects += 1;
         }
         let epoch = self.next_epoch;
         self.next_epoch += 1;
@@ -500,7 +682,14 @@ impl Supervisor {
         let current = conn.epoch == epoch;
         if current && matches!(conn.state, ConnectionState::Connecting { .. }) {
             let c = usize::from(id.0);
-            self.conns[c].failures = 0;
+            let conn = &mut self.conns[c];
+            conn.failures = 0;
+            conn.topology_ready = false;
+            conn.close_sent = false;
+            if conn.was_ready {
+                self.stats.recoveries += 1;
+            }
+            conn.was_ready = true;
             self.set_conn_timer(c, None);
             let since = self.now;
             self.set_conn_state(
@@ -540,10 +729,7 @@ impl Supervisor {
                 let class = error.class();
                 self.connection_failed(c, error, Reason::DialFailed(class), true);
             }
-            ConnectionState::Closing { .. } => {
-                self.set_conn_timer(c, None);
-                self.set_conn_state(c, ConnectionState::Closed, Reason::CloseFinished);
-            }
+            ConnectionState::Closing { .. } => self.finish_close(c),
             ConnectionState::Reconnecting { .. } | ConnectionState::Closed => {}
         }
     }
@@ -553,7 +739,9 @@ impl Supervisor {
     /// only once every host has failed in a row; a lost connection retries its own
     /// host first.
     fn connection_failed(&mut self, c: usize, error: TransportError, reason: Reason, rotate: bool) {
+        self.conns[c].topology_ready = false;
         for i in 0..self.conns[c].channels.len() {
+            self.channel_down(c, i, None);
             if self.conns[c].channels[i].state != ChannelState::Closed {
                 self.set_chan_timer(c, i, None);
                 self.conns[c].channels[i].open_pending = false;
@@ -630,25 +818,29 @@ impl Supervisor {
             return;
         }
         self.closed = true;
+        // Nothing new goes out: waiting publishes and topology requests end now;
+        // publishes in flight get until the close timeout for their confirms.
+        self.close_outbox_pending();
+        self.user_ops_closed();
         for c in 0..self.conns.len() {
             for i in 0..self.conns[c].channels.len() {
                 self.set_chan_timer(c, i, None);
+                let ch = &mut self.conns[c].channels[i];
+                ch.steps.clear();
+                ch.step_in_flight = None;
                 self.set_chan_state(c, i, ChannelState::Closed, Reason::CloseRequested);
             }
             self.set_conn_timer(c, None);
             match self.conns[c].state {
                 ConnectionState::Ready { .. } => {
                     let deadline = self.now + self.config.close_timeout;
-                    self.commands.push_back(Command::CloseConnection {
-                        connection: ConnectionId(c as u16),
-                        epoch: self.conns[c].epoch,
-                    });
                     self.set_conn_timer(c, Some(deadline));
                     self.set_conn_state(
                         c,
                         ConnectionState::Closing { deadline },
                         Reason::CloseRequested,
                     );
+                    self.close_when_drained(c);
                 }
                 ConnectionState::Connecting { .. } => {
                     // Orphan the dial in flight: if it still succeeds, on_connected
@@ -663,6 +855,40 @@ impl Supervisor {
                 ConnectionState::Closing { .. } | ConnectionState::Closed => {}
             }
         }
+    }
+
+    /// Sends the CloseConnection of a Closing connection once nothing it carries
+    /// awaits a confirm.
+    fn close_when_drained(&mut self, c: usize) {
+        let conn = &self.conns[c];
+        if conn.close_sent
+            || !matches!(conn.state, ConnectionState::Closing { .. })
+            || conn.channels.iter().any(|ch| !ch.in_flight.is_empty())
+        {
+            return;
+        }
+        self.conns[c].close_sent = true;
+        self.commands.push_back(Command::CloseConnection {
+            connection: ConnectionId(c as u16),
+            epoch: self.conns[c].epoch,
+        });
+    }
+
+    /// A Closing connection is done (closed, lost or out of time): whatever it
+    /// still carried resolves as Closed.
+    fn finish_close(&mut self, c: usize) {
+        for i in 0..self.conns[c].channels.len() {
+            self.channel_down(c, i, None);
+        }
+        if !self.conns[c].close_sent {
+            self.conns[c].close_sent = true;
+            self.commands.push_back(Command::CloseConnection {
+                connection: ConnectionId(c as u16),
+                epoch: self.conns[c].epoch,
+            });
+        }
+        self.set_conn_timer(c, None);
+        self.set_conn_state(c, ConnectionState::Closed, Reason::CloseFinished);
     }
 
     // ----- channel machines -----
@@ -717,7 +943,16 @@ impl Supervisor {
             return;
         }
         ch.open_pending = false;
+        ch.next_seq = 0;
+        self.start_replay(c, i);
+    }
+
+    /// The channel is open and its topology replayed: it may be handed out.
+    fn channel_ready(&mut self, c: usize, i: usize) {
+        let ch = &mut self.conns[c].channels[i];
+        ch.replaying = false;
         ch.ready_since = Some(self.now);
+        self.room = true;
         self.set_chan_state(c, i, ChannelState::Ready, Reason::ChannelOpened);
     }
 
@@ -725,9 +960,15 @@ impl Supervisor {
         let Some((c, i)) = self.current_chan(id, generation) else {
             return;
         };
+        if self.closed {
+            // no reopen while closing: what it carried resolves as Closed
+            self.channel_down(c, i, None);
+            self.close_when_drained(c);
+            return;
+        }
         let ch = &self.conns[c].channels[i];
         let live = match ch.state {
-            ChannelState::Opening => ch.open_pending,
+            ChannelState::Opening => ch.open_pending || ch.replaying || ch.waiting_topology,
             ChannelState::Ready => true,
             ChannelState::Reopening { .. } | ChannelState::Closed => false,
         };
@@ -735,9 +976,30 @@ impl Supervisor {
             // The connection's own loss (reported separately) reopens it.
             return;
         }
+        self.channel_failed(c, i, error);
+    }
+
+    /// A live channel of a Ready connection failed: what it carried goes back to
+    /// the outbox, and it reopens after its backoff.
+    fn channel_failed(&mut self, c: usize, i: usize, error: TransportError) {
+        self.channel_down(c, i, Some(&error));
+        if i == 0 {
+            // channel 0 replays the connection's entities; until it has, the
+            // other channels of the connection must not start consumers
+            self.conns[c].topology_ready = false;
+        }
+        self.commands.push_back(Command::CloseChannel {
+            channel: ChannelId {
+                connection: ConnectionId(c as u16),
+                index: i as u16,
+            },
+            generation: self.conns[c].channels[i].generation,
+        });
         let now = self.now;
         let ch = &mut self.conns[c].channels[i];
         ch.open_pending = false;
+        ch.replaying = false;
+        ch.waiting_topology = false;
         if ch.ready_since.is_some_and(|since| {
             now.saturating_duration_since(since) >= self.config.backoff.reset_after
         }) {
@@ -759,6 +1021,8 @@ impl Supervisor {
     // ----- timers -----
 
     fn fire_timers(&mut self) {
+        self.expire_publishes();
+        self.expire_user_ops();
         while let Some(&(at, key)) = self.timers.first() {
             if at > self.now {
                 break;
@@ -795,9 +1059,7 @@ impl Supervisor {
                 self.connection_failed(c, TransportError::Timeout, Reason::ConnectTimeout, true);
             }
             ConnectionState::Reconnecting { .. } => self.dial(c, Reason::RetryDue),
-            ConnectionState::Closing { .. } => {
-                self.set_conn_state(c, ConnectionState::Closed, Reason::CloseFinished);
-            }
+            ConnectionState::Closing { .. } => self.finish_close(c),
             ConnectionState::Ready { .. } | ConnectionState::Closed => {}
         }
     }

@@ -1,0 +1,385 @@
+//! The publish side of the supervisor: outbox placement, confirm windows,
+//! confirms, returns, deadlines and requeue on loss.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Command, Supervisor};
+use crate::error::{ErrorClass, TransportError};
+use crate::event::Event;
+use crate::ids::{ChannelId, ConnectionId};
+use crate::message::{Message, Returned};
+use crate::outbox::{Confirmation, Placement, PublishError, PublishId};
+use crate::topology::check_name;
+
+/// After this many channel-level errors while it was in flight, a message is taken
+/// for the cause and resolves with the error instead of closing channels forever.
+const MAX_STRIKES: u8 = 3;
+
+/// Counters for operators, from [`Supervisor::stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Dials after the first one of each slot.
+    pub reconnects: u64,
+    /// Connections that came back after a loss.
+    pub recoveries: u64,
+    /// Publishes accepted into the outbox.
+    pub published: u64,
+    /// Publish commands emitted (first sends and re-sends).
+    pub sent: u64,
+    /// Publish commands for messages sent before (after a loss).
+    pub republished: u64,
+    /// Publishes resolved as confirmed.
+    pub confirmed: u64,
+    /// Publishes resolved as returned (mandatory, unroutable).
+    pub returned: u64,
+    /// Publishes resolved as nacked.
+    pub nacked: u64,
+    /// Publishes resolved as timed out.
+    pub timed_out: u64,
+    /// Publishes resolved as rejected by a channel error.
+    pub rejected: u64,
+    /// Publishes resolved as closed.
+    pub closed: u64,
+    /// Deliveries handed to consumers.
+    pub deliveries: u64,
+    /// Acks refused as stale (never sent).
+    pub stale_acks: u64,
+    /// Topology replay steps that failed.
+    pub replay_failures: u64,
+    /// Messages in the outbox now (waiting and in flight).
+    pub outbox_depth: usize,
+    /// Messages in flight now (sent, awaiting a confirm).
+    pub in_flight: usize,
+}
+
+impl Supervisor {
+    /// Counters and current depths.
+    pub fn stats(&self) -> Stats {
+        let mut stats = self.stats.clone();
+        stats.outbox_depth = self.outbox.len();
+        stats.in_flight = self.outbox.len() - self.outbox.pending_len();
+        stats
+    }
+
+    /// Messages waiting for a channel (not in flight).
+    pub fn outbox_pending(&self) -> usize {
+        self.outbox.pending_len()
+    }
+
+    /// Accepts a message for publishing. It goes out on a Ready channel as soon as
+    /// one has room in its confirm window, and resolves exactly once with
+    /// [`Event::PublishResolved`]. `deadline` defaults to now + the publish timeout.
+    ///
+    /// Errors: [`PublishError::Closed`] after close, [`PublishError::TimedOut`] for a
+    /// deadline already passed, [`PublishError::Backpressure`] when the outbox holds
+    /// its capacity of waiting messages, [`PublishError::Invalid`] for names AMQP
+    /// cannot carry.
+    pub fn publish(
+        &mut self,
+        now: Instant,
+        message: Arc<Message>,
+        deadline: Option<Instant>,
+    ) -> Result<PublishId, PublishError> {
+        self.advance(now);
+        if self.closed {
+            return Err(PublishError::Closed);
+        }
+        check_name("exchange name", &message.exchange).map_err(PublishError::Invalid)?;
+        check_name("routing key", &message.routing_key).map_err(PublishError::Invalid)?;
+        let deadline = deadline.unwrap_or(self.now + self.config.publish_timeout);
+        if deadline <= self.now {
+            return Err(PublishError::TimedOut);
+        }
+        if self.outbox.pending_len() >= self.config.outbox_capacity {
+            return Err(PublishError::Backpressure {
+                capacity: self.config.outbox_capacity,
+            });
+        }
+        let id = self.outbox.push(message, deadline);
+        self.stats.published += 1;
+        self.pump();
+        Ok(id)
+    }
+
+    /// Sends waiting messages while some Ready channel has room.
+    pub(super) fn pump(&mut self) {
+        if !self.room || self.closed {
+            return;
+        }
+        while let Some(id) = self.outbox.peek_pending() {
+            let Some((c, i)) = self.publish_channel() else {
+                self.room = false;
+                return;
+            };
+            let ch = &mut self.conns[c].channels[i];
+            ch.next_seq += 1;
+            let (seq, generation) = (ch.next_seq, ch.generation);
+            ch.in_flight.push_back((seq, id));
+            let message = self.outbox.place(
+                id,
+                Placement {
+                    conn: c,
+                    chan: i,
+                    generation,
+                },
+            );
+            self.stats.sent += 1;
+            if self.outbox.entries.get(&id).is_some_and(|e| e.sends > 1) {
+                self.stats.republished += 1;
+            }
+            self.commands.push_back(Command::Publish {
+                channel: ChannelId {
+                    connection: ConnectionId(c as u16),
+                    index: i as u16,
+                },
+                generation,
+                seq,
+                message,
+            });
+        }
+    }
+
+    /// The next Ready channel (round-robin) on an unblocked connection with room in
+    /// its confirm window.
+    fn publish_channel(&mut self) -> Option<(usize, usize)> {
+        if self.ready_channels == 0 {
+            return None;
+        }
+        let per = self.config.channels_per_connection;
+        let total = self.conns.len() * per;
+        let window = self.config.confirm_window;
+        for step in 0..total {
+            let flat = (self.cursor + step) % total;
+            let (c, i) = (flat / per, flat % per);
+            let conn = &self.conns[c];
+            let ch = &conn.channels[i];
+            if conn.state.is_sendable() && ch.state.is_ready() && ch.in_flight.len() < window {
+                self.cursor = (flat + 1) % total;
+                return Some((c, i));
+            }
+        }
+        None
+    }
+
+    pub(super) fn on_confirm(
+        &mut self,
+        channel: ChannelId,
+        generation: u64,
+        tag: u64,
+        multiple: bool,
+        ack: bool,
+    ) {
+        let Some((c, i)) = self.current_chan(channel, generation) else {
+            return;
+        };
+        let mut done = std::mem::take(&mut self.scratch);
+        let in_flight = &mut self.conns[c].channels[i].in_flight;
+        if multiple {
+            while let Some(&(seq, id)) = in_flight.front() {
+                if seq > tag {
+                    break;
+                }
+                in_flight.pop_front();
+                done.push(id);
+            }
+        } else if let Ok(pos) = in_flight.binary_search_by_key(&tag, |&(seq, _)| seq) {
+            if let Some((_, id)) = in_flight.remove(pos) {
+                done.push(id);
+            }
+        }
+        for &id in &done {
+            self.confirmed(id, ack);
+        }
+        done.clear();
+        self.scratch = done;
+        // the freed window is on this channel: let the next pump look here first
+        self.room = true;
+        self.cursor = c * self.config.channels_per_connection + i;
+        self.close_when_drained(c);
+    }
+
+    fn confirmed(&mut self, id: u64, ack: bool) {
+        if !ack && self.config.retry_nacked && !self.closed {
+            self.outbox.requeue(vec![id], false);
+            return;
+        }
+        let Some(entry) = self.outbox.take(id) else {
+            return; // already resolved (timed out while in flight)
+        };
+        let result = match (ack, entry.returned) {
+            (true, None) => {
+                self.stats.confirmed += 1;
+                Ok(Confirmation::Confirmed)
+            }
+            (true, Some((reply_code, reply_text))) => {
+                self.stats.returned += 1;
+                Ok(Confirmation::Returned {
+                    reply_code,
+                    reply_text,
+                })
+            }
+            (false, _) => {
+                self.stats.nacked += 1;
+                Err(PublishError::Nacked)
+            }
+        };
+        self.events.push_back(Event::PublishResolved {
+            id: PublishId(id),
+            result,
+        });
+    }
+
+    /// basic.return comes before the ack of the same message and carries no
+    /// sequence number: it belongs to the oldest in-flight mandatory message of the
+    /// channel with the same exchange and routing key not yet marked returned.
+    pub(super) fn on_returned(&mut self, channel: ChannelId, generation: u64, r: &Returned) {
+        let Some((c, i)) = self.current_chan(channel, generation) else {
+            return;
+        };
+        for &(_, id) in &self.conns[c].channels[i].in_flight {
+            if let Some(entry) = self.outbox.entries.get_mut(&id)
+                && entry.message.mandatory
+                && entry.returned.is_none()
+                && entry.message.exchange == r.exchange
+                && entry.message.routing_key == r.routing_key
+            {
+                entry.returned = Some((r.reply_code, r.reply_text.clone()));
+                return;
+            }
+        }
+    }
+
+    pub(super) fn resolve_publish(&mut self, id: u64, error: PublishError) {
+        if self.outbox.take(id).is_none() {
+            return;
+        }
+        match error {
+            PublishError::TimedOut => self.stats.timed_out += 1,
+            PublishError::Closed => self.stats.closed += 1,
+            PublishError::Rejected { .. } => self.stats.rejected += 1,
+            PublishError::Nacked => self.stats.nacked += 1,
+            _ => {}
+        }
+        self.events.push_back(Event::PublishResolved {
+            id: PublishId(id),
+            result: Err(error),
+        });
+    }
+
+    pub(super) fn expire_publishes(&mut self) {
+        for id in self.outbox.expired(self.now) {
+            self.resolve_publish(id, PublishError::TimedOut);
+        }
+    }
+
+    /// At close, messages not yet sent will never be: they resolve as Closed.
+    pub(super) fn close_outbox_pending(&mut self) {
+        for id in self.outbox.all_ids() {
+            if self
+                .outbox
+                .entries
+                .get(&id)
+                .is_some_and(|e| e.placed.is_none())
+            {
+                self.resolve_publish(id, PublishError::Closed);
+            }
+        }
+    }
+
+    /// The channel's current generation is gone: its in-flight messages go back to
+    /// the front of the outbox (or resolve, when closing or when they caused the
+    /// error), and what it tracked for consumers and topology is dropped.
+    pub(super) fn channel_down(&mut self, c: usize, i: usize, error: Option<&TransportError>) {
+        let ch = &mut self.conns[c].channels[i];
+        let in_flight: Vec<(u64, u64)> = ch.in_flight.drain(..).collect();
+        ch.unacked.clear();
+        ch.next_seq = 0;
+        let mut steps: Vec<_> = ch.steps.drain(..).collect();
+        if let Some(step) = ch.step_in_flight.take() {
+            steps.insert(0, step);
+        }
+        self.user_ops_back(&steps);
+        if in_flight.is_empty() {
+            return;
+        }
+        let ids: Vec<u64> = in_flight.into_iter().map(|(_, id)| id).collect();
+        if self.closed {
+            for id in ids {
+                self.resolve_publish(id, PublishError::Closed);
+            }
+            return;
+        }
+        let channel_level = error.is_some_and(|e| e.class() == ErrorClass::ChannelLevel);
+        let rejected = |e: &TransportError| match e {
+            TransportError::Reply { code, text } => PublishError::Rejected {
+                code: *code,
+                text: text.clone(),
+            },
+            other => PublishError::Rejected {
+                code: 0,
+                text: other.to_string(),
+            },
+        };
+        // 404 "no exchange 'x'": the messages for x caused it and would cause it again.
+        let culprit = error.and_then(missing_exchange);
+        let mut back = Vec::with_capacity(ids.len());
+        for id in ids {
+            let guilty = culprit.as_deref().is_some_and(|x| {
+                self.outbox
+                    .entries
+                    .get(&id)
+                    .is_some_and(|e| e.message.exchange == x)
+            });
+            match (guilty, error) {
+                (true, Some(e)) => self.resolve_publish(id, rejected(e)),
+                _ => back.push(id),
+            }
+        }
+        self.outbox.requeue(back.clone(), channel_level);
+        if let (true, Some(e)) = (channel_level, error) {
+            for id in back {
+                if self
+                    .outbox
+                    .entries
+                    .get(&id)
+                    .is_some_and(|entry| entry.strikes >= MAX_STRIKES)
+                {
+                    self.resolve_publish(id, rejected(e));
+                }
+            }
+        }
+        self.room = true;
+    }
+}
+
+/// The exchange named in RabbitMQ's "NOT_FOUND - no exchange 'x' in vhost '/'".
+fn missing_exchange(error: &TransportError) -> Option<String> {
+    let TransportError::Reply { code: 404, text } = error else {
+        return None;
+    };
+    let start = text.find("no exchange '")? + "no exchange '".len();
+    let end = text[start..].find("' in vhost")? + start;
+    Some(text[start..end].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rabbitmq_missing_exchange_text() {
+        let e = TransportError::Reply {
+            code: 404,
+            text: "NOT_FOUND - no exchange 'orders-x' in vhost '/'".into(),
+        };
+        assert_eq!(missing_exchange(&e).as_deref(), Some("orders-x"));
+        let other = TransportError::Reply {
+            code: 404,
+            text: "NOT_FOUND - no queue 'q' in vhost '/'".into(),
+        };
+        assert_eq!(missing_exchange(&other), None);
+        assert_eq!(missing_exchange(&TransportError::Timeout), None);
+    }
+}

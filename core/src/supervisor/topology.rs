@@ -1,0 +1,789 @@
+//! The topology side of the supervisor: replay on every new channel generation,
+//! the application's declarations, consumers, deliveries and acks.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Instant;
+
+use super::{Command, Supervisor};
+use crate::error::TransportError;
+use crate::event::Event;
+use crate::ids::{ChannelId, ConnectionId};
+use crate::message::{Delivery, FieldTable};
+use crate::state::ChannelState;
+use crate::topology::{
+    AckError, AckKind, ConsumeError, ConsumeOptions, ConsumerEntry, ConsumerId, Entity,
+    ExchangeDecl, OpId, QueueDecl, QueueHandle, QueueRef, TopologyError, TopologyOp, UserOp,
+    check_name,
+};
+
+/// One topology step queued on a channel generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Replay registry entity `id`.
+    Entity(u64),
+    /// basic.qos for consumer `id` (before its basic.consume).
+    Qos(u64),
+    /// basic.consume for consumer `id`.
+    Consume(u64),
+    /// basic.cancel of a consumer the application cancelled.
+    Cancel(String),
+    /// The application's request `id`.
+    User(u64),
+}
+
+/// The application's topology requests, run one at a time, in order.
+#[derive(Debug, Default)]
+pub(crate) struct UserOps {
+    ops: BTreeMap<u64, (UserOp, Instant)>,
+    queue: VecDeque<u64>,
+    in_flight: Option<u64>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    next: u64,
+}
+
+impl UserOps {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(at, _)| *at)
+    }
+
+    fn push(&mut self, op: UserOp, deadline: Instant) -> OpId {
+        self.next += 1;
+        self.ops.insert(self.next, (op, deadline));
+        self.queue.push_back(self.next);
+        self.deadlines.insert((deadline, self.next));
+        OpId(self.next)
+    }
+
+    fn take(&mut self, id: u64) -> Option<UserOp> {
+        let (op, deadline) = self.ops.remove(&id)?;
+        self.deadlines.remove(&(deadline, id));
+        self.queue.retain(|&q| q != id);
+        if self.in_flight == Some(id) {
+            self.in_flight = None;
+        }
+        Some(op)
+    }
+
+    fn declares(&self, handle: QueueHandle) -> bool {
+        self.ops
+            .values()
+            .any(|(op, _)| matches!(op, UserOp::DeclareQueue(h, _) if *h == handle))
+    }
+}
+
+fn broker_error(e: &TransportError) -> TopologyError {
+    match e {
+        TransportError::Reply { code, text } => TopologyError::Broker {
+            code: *code,
+            text: text.clone(),
+        },
+        other => TopologyError::Broker {
+            code: 0,
+            text: other.to_string(),
+        },
+    }
+}
+
+impl Supervisor {
+    // ----- replay -----
+
+    /// The channel opened: queue its replay (entities on channel 0, then the
+    /// consumers that live on it) and run it; Ready when it drains.
+    pub(super) fn start_replay(&mut self, c: usize, i: usize) {
+        if i != 0 && !self.conns[c].topology_ready {
+            self.conns[c].channels[i].waiting_topology = true;
+            return;
+        }
+        let mut steps = VecDeque::new();
+        if i == 0 {
+            steps.extend(self.registry.replay_plan(c).into_iter().map(Step::Entity));
+        }
+        for (&id, consumer) in &self.registry.consumers {
+            if consumer.conn == Some(c) && consumer.chan == Some(i) {
+                steps.push_back(Step::Qos(id));
+                steps.push_back(Step::Consume(id));
+            }
+        }
+        let ch = &mut self.conns[c].channels[i];
+        ch.waiting_topology = false;
+        ch.replaying = true;
+        ch.steps = steps;
+        self.kick(c, i);
+    }
+
+    /// Issues the channel's next topology step if none is in flight; finishes the
+    /// replay when none is left.
+    pub(super) fn kick(&mut self, c: usize, i: usize) {
+        loop {
+            let ch = &mut self.conns[c].channels[i];
+            if ch.step_in_flight.is_some() || !(ch.replaying || ch.state.is_ready()) {
+                return;
+            }
+            let Some(step) = ch.steps.pop_front() else {
+                if ch.replaying {
+                    self.replay_finished(c, i);
+                }
+                return;
+            };
+            let op = match &step {
+                Step::Entity(id) => self.registry.replay_op(*id),
+                Step::Qos(id) => self.registry.consumers.get(id).map(|k| TopologyOp::Qos {
+                    prefetch_count: k.options.prefetch.unwrap_or(0),
+                }),
+                Step::Consume(id) => self.registry.consumers.get(id).and_then(|k| {
+                    Some(TopologyOp::Consume {
+                        queue: self.registry.resolve(&k.queue)?,
+                        consumer_tag: k.tag.clone(),
+                        options: k.options.clone(),
+                    })
+                }),
+                Step::Cancel(tag) => Some(TopologyOp::Cancel {
+                    consumer_tag: tag.clone(),
+                }),
+                Step::User(id) => match self.user_ops.ops.get(id) {
+                    Some((op, _)) => match self.registry.user_op(op) {
+                        Ok(op) => Some(op),
+                        Err(e) => {
+                            self.resolve_user_op(*id, Err(e));
+                            None
+                        }
+                    },
+                    None => None,
+                },
+            };
+            let Some(op) = op else {
+                continue; // its subject is gone: nothing to do for it
+            };
+            let ch = &mut self.conns[c].channels[i];
+            ch.step_in_flight = Some(step);
+            let generation = ch.generation;
+            self.commands.push_back(Command::Topology {
+                channel: chan_id(c, i),
+                generation,
+                op,
+            });
+            return;
+        }
+    }
+
+    fn replay_finished(&mut self, c: usize, i: usize) {
+        self.channel_ready(c, i);
+        if i == 0 {
+            self.conns[c].topology_ready = true;
+            for j in 1..self.conns[c].channels.len() {
+                if self.conns[c].channels[j].waiting_topology {
+                    self.start_replay(c, j);
+                }
+            }
+        }
+        self.dispatch_user_ops();
+    }
+
+    pub(super) fn on_topology_done(
+        &mut self,
+        channel: ChannelId,
+        generation: u64,
+        result: Result<Option<String>, TransportError>,
+    ) {
+        let Some((c, i)) = self.current_chan(channel, generation) else {
+            return;
+        };
+        let Some(step) = self.conns[c].channels[i].step_in_flight.take() else {
+            return;
+        };
+        match result {
+            Ok(name) => {
+                match step {
+                    Step::Entity(id) => {
+                        if let Some(new) = name
+                            && let Some((queue, old)) = self.registry.renamed(id, &new)
+                            && !old.is_empty()
+                        {
+                            tracing::info!(%old, %new, "server-named queue re-created under a new name");
+                            self.events
+                                .push_back(Event::QueueRenamed { queue, old, new });
+                        }
+                    }
+                    Step::User(id) => {
+                        if let Some((op, _)) = self.user_ops.ops.get(&id) {
+                            let op = op.clone();
+                            self.registry.apply(&op, name.as_deref(), c);
+                            self.resolve_user_op(id, Ok(name));
+                            self.assign_consumers();
+                        }
+                    }
+                    Step::Qos(_) | Step::Consume(_) | Step::Cancel(_) => {}
+                }
+                self.kick(c, i);
+                self.dispatch_user_ops();
+            }
+            Err(error) => {
+                match &step {
+                    Step::User(id) if error.reply_code().is_some() => {
+                        self.resolve_user_op(*id, Err(broker_error(&error)));
+                    }
+                    Step::User(_) => {
+                        // not the broker's verdict: run it again elsewhere
+                        self.user_ops_back(std::slice::from_ref(&step));
+                    }
+                    _ => {
+                        self.stats.replay_failures += 1;
+                        let step = self.describe(&step);
+                        tracing::warn!(channel = %chan_id(c, i), %step, %error, "topology replay step failed");
+                        self.events.push_back(Event::ReplayFailed {
+                            channel: chan_id(c, i),
+                            step,
+                            error: error.clone(),
+                        });
+                    }
+                }
+                self.channel_failed(c, i, error);
+                self.dispatch_user_ops();
+            }
+        }
+    }
+
+    fn describe(&self, step: &Step) -> String {
+        match step {
+            Step::Entity(id) => match self.registry.replay_op(*id) {
+                Some(op) => format!("{op:?}"),
+                None => "a deleted entity".into(),
+            },
+            Step::Qos(id) => format!("basic.qos for consumer {id}"),
+            Step::Consume(id) => match self.registry.consumers.get(id) {
+                Some(k) => format!("basic.consume {:?} on {:?}", k.tag, k.queue),
+                None => format!("basic.consume for consumer {id}"),
+            },
+            Step::Cancel(tag) => format!("basic.cancel {tag:?}"),
+            Step::User(id) => format!("request {id}"),
+        }
+    }
+
+    // ----- the application's requests -----
+
+    /// Declares an exchange; recorded for replay once the broker accepts it.
+    pub fn declare_exchange(
+        &mut self,
+        now: Instant,
+        decl: ExchangeDecl,
+    ) -> Result<OpId, TopologyError> {
+        if decl.name.is_empty() {
+            return Err(TopologyError::Invalid(
+                "an exchange needs a name (\"\" is the default exchange)".into(),
+            ));
+        }
+        if decl.name.starts_with("amq.") {
+            return Err(TopologyError::Invalid(format!(
+                "exchange names starting with \"amq.\" are reserved ({:?})",
+                decl.name
+            )));
+        }
+        check_name("exchange name", &decl.name).map_err(TopologyError::Invalid)?;
+        if decl.kind.as_str().is_empty() {
+            return Err(TopologyError::Invalid("empty exchange type".into()));
+        }
+        self.user_request(now, UserOp::DeclareExchange(decl))
+    }
+
+    /// Deletes an exchange and forgets it (and its bindings).
+    pub fn delete_exchange(&mut self, now: Instant, name: &str) -> Result<OpId, TopologyError> {
+        check_name("exchange name", name).map_err(TopologyError::Invalid)?;
+        self.user_request(now, UserOp::DeleteExchange(name.to_string()))
+    }
+
+    /// Declares a queue. The handle names it from now on, also after a
+    /// server-named queue is re-created under a new name.
+    pub fn declare_queue(
+        &mut self,
+        now: Instant,
+        decl: QueueDecl,
+    ) -> Result<(OpId, QueueHandle), TopologyError> {
+        if decl.name.starts_with("amq.") {
+            return Err(TopologyError::Invalid(format!(
+                "queue names starting with \"amq.\" are reserved ({:?}); declare \"\" for a server-named queue",
+                decl.name
+            )));
+        }
+        check_name("queue name", &decl.name).map_err(TopologyError::Invalid)?;
+        let handle = self.registry.new_handle();
+        let op = self.user_request(now, UserOp::DeclareQueue(handle, decl))?;
+        Ok((op, handle))
+    }
+
+    /// Deletes a queue and forgets it (and its bindings).
+    pub fn delete_queue(&mut self, now: Instant, queue: QueueRef) -> Result<OpId, TopologyError> {
+        self.check_queue(&queue)?;
+        self.user_request(now, UserOp::DeleteQueue(queue))
+    }
+
+    /// Binds a queue to an exchange.
+    pub fn bind_queue(
+        &mut self,
+        now: Instant,
+        queue: QueueRef,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<OpId, TopologyError> {
+        self.queue_binding(now, queue, exchange, routing_key, arguments, true)
+    }
+
+    /// Removes a queue binding.
+    pub fn unbind_queue(
+        &mut self,
+        now: Instant,
+        queue: QueueRef,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<OpId, TopologyError> {
+        self.queue_binding(now, queue, exchange, routing_key, arguments, false)
+    }
+
+    fn queue_binding(
+        &mut self,
+        now: Instant,
+        queue: QueueRef,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+        bind: bool,
+    ) -> Result<OpId, TopologyError> {
+        self.check_queue(&queue)?;
+        check_name("exchange name", exchange).map_err(TopologyError::Invalid)?;
+        check_name("routing key", routing_key).map_err(TopologyError::Invalid)?;
+        self.user_request(
+            now,
+            UserOp::BindQueue {
+                queue,
+                exchange: exchange.to_string(),
+                routing_key: routing_key.to_string(),
+                arguments,
+                bind,
+            },
+        )
+    }
+
+    /// Binds exchange `destination` to exchange `source`.
+    pub fn bind_exchange(
+        &mut self,
+        now: Instant,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<OpId, TopologyError> {
+        self.exchange_binding(now, destination, source, routing_key, arguments, true)
+    }
+
+    /// Removes an exchange-to-exchange binding.
+    pub fn unbind_exchange(
+        &mut self,
+        now: Instant,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<OpId, TopologyError> {
+        self.exchange_binding(now, destination, source, routing_key, arguments, false)
+    }
+
+    fn exchange_binding(
+        &mut self,
+        now: Instant,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+        bind: bool,
+    ) -> Result<OpId, TopologyError> {
+        for (what, name) in [
+            ("destination exchange", destination),
+            ("source exchange", source),
+            ("routing key", routing_key),
+        ] {
+            check_name(what, name).map_err(TopologyError::Invalid)?;
+        }
+        self.user_request(
+            now,
+            UserOp::BindExchange {
+                destination: destination.to_string(),
+                source: source.to_string(),
+                routing_key: routing_key.to_string(),
+                arguments,
+                bind,
+            },
+        )
+    }
+
+    /// The current name of a declared queue (`None` before its declaration is
+    /// accepted, or after it is deleted).
+    pub fn queue_name(&self, handle: QueueHandle) -> Option<String> {
+        self.registry
+            .resolve(&QueueRef::Handle(handle))
+            .filter(|name| !name.is_empty())
+    }
+
+    fn check_queue(&self, queue: &QueueRef) -> Result<(), TopologyError> {
+        match queue {
+            QueueRef::Named(name) => check_name("queue name", name).map_err(TopologyError::Invalid),
+            QueueRef::Handle(h) if self.registry.has_handle(*h) || self.user_ops.declares(*h) => {
+                Ok(())
+            }
+            QueueRef::Handle(h) => Err(TopologyError::UnknownQueue(*h)),
+        }
+    }
+
+    fn user_request(&mut self, now: Instant, op: UserOp) -> Result<OpId, TopologyError> {
+        self.advance(now);
+        if self.closed {
+            return Err(TopologyError::Closed);
+        }
+        let deadline = self.now + self.config.publish_timeout;
+        let id = self.user_ops.push(op, deadline);
+        self.dispatch_user_ops();
+        Ok(id)
+    }
+
+    /// Runs the oldest waiting request on a Ready channel (on the connection that
+    /// owns its queue, if any), one at a time, so requests run in order.
+    pub(super) fn dispatch_user_ops(&mut self) {
+        if self.closed || self.user_ops.in_flight.is_some() {
+            return;
+        }
+        let Some(&id) = self.user_ops.queue.front() else {
+            return;
+        };
+        let owner = match self.user_ops.ops.get(&id).map(|(op, _)| op) {
+            Some(UserOp::DeleteQueue(q)) | Some(UserOp::BindQueue { queue: q, .. }) => {
+                self.registry.owner(q)
+            }
+            _ => None,
+        };
+        let target = self.conns.iter().enumerate().find_map(|(c, conn)| {
+            if owner.is_some_and(|o| o != c) || !conn.state.is_ready() {
+                return None;
+            }
+            conn.channels
+                .iter()
+                .position(|ch| ch.state == ChannelState::Ready)
+                .map(|i| (c, i))
+        });
+        let Some((c, i)) = target else {
+            return; // waits for a Ready channel (or its deadline)
+        };
+        self.user_ops.queue.pop_front();
+        self.user_ops.in_flight = Some(id);
+        self.conns[c].channels[i].steps.push_back(Step::User(id));
+        self.kick(c, i);
+    }
+
+    /// Requests whose channel went away before an answer go back to the front.
+    pub(super) fn user_ops_back(&mut self, steps: &[Step]) {
+        for step in steps.iter().rev() {
+            if let Step::User(id) = step
+                && self.user_ops.ops.contains_key(id)
+            {
+                if self.user_ops.in_flight == Some(*id) {
+                    self.user_ops.in_flight = None;
+                }
+                if !self.user_ops.queue.contains(id) {
+                    self.user_ops.queue.push_front(*id);
+                }
+            }
+        }
+    }
+
+    fn resolve_user_op(&mut self, id: u64, result: Result<Option<String>, TopologyError>) {
+        if self.user_ops.take(id).is_some() {
+            self.events.push_back(Event::TopologyResolved {
+                op: OpId(id),
+                result,
+            });
+        }
+    }
+
+    pub(super) fn expire_user_ops(&mut self) {
+        while let Some(&(at, id)) = self.user_ops.deadlines.first() {
+            if at > self.now {
+                break;
+            }
+            self.resolve_user_op(id, Err(TopologyError::TimedOut));
+        }
+    }
+
+    pub(super) fn user_ops_closed(&mut self) {
+        let ids: Vec<u64> = self.user_ops.ops.keys().copied().collect();
+        for id in ids {
+            self.resolve_user_op(id, Err(TopologyError::Closed));
+        }
+    }
+
+    // ----- consumers -----
+
+    /// Starts a consumer on `queue`. It lives on one channel of the pool (on the
+    /// queue's own connection for exclusive and server-named queues) and is
+    /// re-subscribed, with the same tag, after every recovery. Deliveries arrive as
+    /// [`Event::Delivery`].
+    pub fn consume(
+        &mut self,
+        now: Instant,
+        queue: QueueRef,
+        consumer_tag: Option<String>,
+        options: ConsumeOptions,
+    ) -> Result<ConsumerId, ConsumeError> {
+        self.advance(now);
+        if self.closed {
+            return Err(ConsumeError::Closed);
+        }
+        match &queue {
+            QueueRef::Named(name) => {
+                check_name("queue name", name).map_err(ConsumeError::Invalid)?;
+            }
+            QueueRef::Handle(h) => {
+                if !self.registry.has_handle(*h) && !self.user_ops.declares(*h) {
+                    return Err(ConsumeError::UnknownQueue(*h));
+                }
+            }
+        }
+        let id = self.registry.new_consumer_id();
+        let tag = match consumer_tag {
+            Some(tag) if tag.is_empty() => {
+                return Err(ConsumeError::Invalid("empty consumer tag".into()));
+            }
+            Some(tag) => {
+                check_name("consumer tag", &tag).map_err(ConsumeError::Invalid)?;
+                tag
+            }
+            None => format!("rebound-{id}"),
+        };
+        if self.registry.tags.contains_key(&tag) {
+            return Err(ConsumeError::DuplicateTag(tag));
+        }
+        self.registry.tags.insert(tag.clone(), id);
+        self.registry.consumers.insert(
+            id,
+            ConsumerEntry {
+                tag,
+                queue,
+                options,
+                conn: None,
+                chan: None,
+            },
+        );
+        self.assign_consumers();
+        Ok(ConsumerId(id))
+    }
+
+    /// Cancels a consumer; it is not re-subscribed again. Its deliveries not yet
+    /// acked can still be acked on their channel generation.
+    pub fn cancel(&mut self, now: Instant, consumer: ConsumerId) -> Result<(), ConsumeError> {
+        self.advance(now);
+        let Some(entry) = self.registry.consumers.remove(&consumer.0) else {
+            return Ok(());
+        };
+        self.registry.tags.remove(&entry.tag);
+        if let (Some(c), Some(i)) = (entry.conn, entry.chan) {
+            let ch = &mut self.conns[c].channels[i];
+            // it may still sit in the replay queue: then it never started
+            let before = ch.steps.len();
+            ch.steps
+                .retain(|s| !matches!(s, Step::Qos(id) | Step::Consume(id) if *id == consumer.0));
+            let started = before == ch.steps.len();
+            if started && ch.state.is_ready() {
+                ch.steps.push_back(Step::Cancel(entry.tag));
+                self.kick(c, i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives every consumer whose queue is known a channel, and starts it there
+    /// if the channel is up.
+    fn assign_consumers(&mut self) {
+        let unassigned: Vec<u64> = self
+            .registry
+            .consumers
+            .iter()
+            .filter(|(_, k)| k.conn.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unassigned {
+            let queue = self.registry.consumers[&id].queue.clone();
+            if self.registry.resolve(&queue).is_none_or(|n| n.is_empty()) {
+                continue; // its declaration has not been accepted yet
+            }
+            let owner = self.registry.owner(&queue);
+            let mut load =
+                vec![vec![0usize; self.config.channels_per_connection]; self.conns.len()];
+            for k in self.registry.consumers.values() {
+                if let (Some(c), Some(i)) = (k.conn, k.chan) {
+                    load[c][i] += 1;
+                }
+            }
+            let mut best: Option<(usize, usize, usize)> = None;
+            for (c, row) in load.iter().enumerate() {
+                if owner.is_some_and(|o| o != c) {
+                    continue;
+                }
+                for (i, &n) in row.iter().enumerate() {
+                    if best.is_none_or(|(_, _, m)| n < m) {
+                        best = Some((c, i, n));
+                    }
+                }
+            }
+            let Some((c, i, _)) = best else { continue };
+            if let Some(k) = self.registry.consumers.get_mut(&id) {
+                k.conn = Some(c);
+                k.chan = Some(i);
+            }
+            let ch = &mut self.conns[c].channels[i];
+            if ch.state.is_ready() || ch.replaying {
+                ch.steps.push_back(Step::Qos(id));
+                ch.steps.push_back(Step::Consume(id));
+                self.kick(c, i);
+            }
+        }
+    }
+
+    pub(super) fn on_delivery(&mut self, channel: ChannelId, generation: u64, delivery: Delivery) {
+        let Some((c, i)) = self.current_chan(channel, generation) else {
+            return;
+        };
+        let Some(&id) = self.registry.tags.get(&delivery.consumer_tag) else {
+            // a consumer cancelled meanwhile: the broker redelivers what it leaves
+            // unacked when the channel closes; acking blindly could close it (406)
+            tracing::debug!(tag = %delivery.consumer_tag, "delivery for an unknown consumer dropped");
+            return;
+        };
+        let no_ack = self
+            .registry
+            .consumers
+            .get(&id)
+            .is_some_and(|k| k.options.no_ack);
+        if !no_ack {
+            self.conns[c].channels[i]
+                .unacked
+                .insert(delivery.delivery_tag);
+        }
+        self.stats.deliveries += 1;
+        self.events.push_back(Event::Delivery {
+            consumer: ConsumerId(id),
+            channel,
+            generation,
+            delivery: Box::new(delivery),
+        });
+    }
+
+    /// Acks, nacks or rejects a delivery. Refused with [`AckError::Stale`] when the
+    /// delivery's channel generation is gone (nothing is sent: the broker
+    /// redelivers), and with [`AckError::UnknownTag`] for a tag that is not
+    /// outstanding (sending it would make the broker close the channel).
+    pub fn ack(
+        &mut self,
+        now: Instant,
+        channel: ChannelId,
+        generation: u64,
+        delivery_tag: u64,
+        kind: AckKind,
+    ) -> Result<(), AckError> {
+        self.advance(now);
+        if self.closed {
+            return Err(AckError::Closed);
+        }
+        let Some((c, i)) = self.current_chan(channel, generation) else {
+            if self.chan(channel).is_some() {
+                self.stats.stale_acks += 1;
+                return Err(AckError::Stale);
+            }
+            return Err(AckError::UnknownTag(delivery_tag));
+        };
+        let ch = &mut self.conns[c].channels[i];
+        let live = ch.state.is_ready() || ch.replaying || ch.waiting_topology;
+        if !live {
+            self.stats.stale_acks += 1;
+            return Err(AckError::Stale);
+        }
+        let multiple = match kind {
+            AckKind::Ack { multiple } | AckKind::Nack { multiple, .. } => multiple,
+            AckKind::Reject { .. } => false,
+        };
+        if multiple {
+            if ch.unacked.first().is_none_or(|&first| first > delivery_tag) {
+                return Err(AckError::UnknownTag(delivery_tag));
+            }
+            let rest = ch.unacked.split_off(&(delivery_tag + 1));
+            ch.unacked = rest;
+        } else if !ch.unacked.remove(&delivery_tag) {
+            return Err(AckError::UnknownTag(delivery_tag));
+        }
+        self.commands.push_back(Command::Ack {
+            channel,
+            generation,
+            delivery_tag,
+            kind,
+        });
+        Ok(())
+    }
+
+    /// The broker cancelled a consumer: re-declare its queue (and bindings) and
+    /// re-subscribe if the queue is in the registry; otherwise the consumer ends.
+    pub(super) fn on_consumer_cancelled(&mut self, channel: ChannelId, generation: u64, tag: &str) {
+        let Some((c, i)) = self.current_chan(channel, generation) else {
+            return;
+        };
+        let Some(&id) = self.registry.tags.get(tag) else {
+            return;
+        };
+        let queue = self.registry.consumers[&id].queue.clone();
+        match self.registry.queue_entity_id(&queue) {
+            Some(entity) => {
+                self.events.push_back(Event::ConsumerCancelled {
+                    consumer: ConsumerId(id),
+                    resubscribing: true,
+                });
+                let bindings: Vec<u64> = self
+                    .registry
+                    .entities
+                    .iter()
+                    .filter(|(_, e)| {
+                        matches!(e, Entity::QueueBinding { queue: q, .. }
+                            if self.registry.queue_entity_id(q) == Some(entity))
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                let ch = &mut self.conns[c].channels[i];
+                ch.steps.push_back(Step::Entity(entity));
+                ch.steps.extend(bindings.into_iter().map(Step::Entity));
+                ch.steps.push_back(Step::Qos(id));
+                ch.steps.push_back(Step::Consume(id));
+                self.kick(c, i);
+            }
+            None => {
+                self.registry.consumers.remove(&id);
+                self.registry.tags.remove(tag);
+                self.events.push_back(Event::ConsumerCancelled {
+                    consumer: ConsumerId(id),
+                    resubscribing: false,
+                });
+                self.events.push_back(Event::ConsumerEnded {
+                    consumer: ConsumerId(id),
+                    error: ConsumeError::CancelledByBroker,
+                });
+            }
+        }
+    }
+
+    /// The channel a consumer lives on, once assigned.
+    pub fn consumer_channel(&self, consumer: ConsumerId) -> Option<ChannelId> {
+        let k = self.registry.consumers.get(&consumer.0)?;
+        Some(chan_id(k.conn?, k.chan?))
+    }
+}
+
+fn chan_id(c: usize, i: usize) -> ChannelId {
+    ChannelId {
+        connection: ConnectionId(c as u16),
+        index: i as u16,
+    }
+}
