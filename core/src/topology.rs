@@ -701,12 +701,36 @@ impl Registry {
     }
 
     fn bind_or_unbind(&mut self, entity: Entity, bind: bool) {
+        // the same binding, whether its queue is named by handle or by name
+        let key = |e: &Entity| match e {
+            Entity::QueueBinding {
+                queue,
+                exchange,
+                routing_key,
+                arguments,
+            } => Some((
+                self.resolve(queue),
+                exchange.clone(),
+                routing_key.clone(),
+                arguments.clone(),
+            )),
+            _ => None,
+        };
+        let target = key(&entity);
+        let same: Vec<u64> = self
+            .entities
+            .iter()
+            .filter(|(_, e)| **e == entity || (target.is_some() && key(e) == target))
+            .map(|(id, _)| *id)
+            .collect();
         if bind {
-            if !self.entities.values().any(|e| *e == entity) {
+            if same.is_empty() {
                 self.push(entity);
             }
         } else {
-            self.entities.retain(|_, e| *e != entity);
+            for id in same {
+                self.entities.remove(&id);
+            }
         }
     }
 

@@ -12,10 +12,13 @@ mod common;
 
 use std::time::Duration;
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use amqp_rebound_core::{
-    ChannelId, ChannelState, Command, ConnectionId, ConnectionState, Event, Input, TransportError,
+    AckKind, ChannelId, ChannelState, Command, Confirmation, ConnectionId, ConnectionState,
+    ConsumeOptions, ConsumerId, Event, Input, PublishError, PublishId, TransportError,
 };
-use common::{LATENCY, World, config};
+use common::{LATENCY, World, config, msg};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, RngSeed};
 
@@ -33,6 +36,10 @@ enum Action {
     TimeBackwards(u16),
     Stale(u8),
     Close,
+    Publish(u8),
+    Confirm(u8, u8, u8, bool, bool),
+    Deliver(u8),
+    AckDelivery(u8, u8),
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -50,6 +57,11 @@ fn action() -> impl Strategy<Value = Action> {
         1 => (1u16..5_000).prop_map(Action::TimeBackwards),
         1 => any::<u8>().prop_map(Action::Stale),
         1 => Just(Action::Close),
+        6 => (1u8..20).prop_map(Action::Publish),
+        5 => (any::<u8>(), any::<u8>(), 1u8..10, any::<bool>(), prop::bool::weighted(0.9))
+            .prop_map(|(c, i, n, m, a)| Action::Confirm(c, i, n, m, a)),
+        2 => (1u8..4).prop_map(Action::Deliver),
+        2 => (any::<u8>(), 0u8..3).prop_map(|(d, k)| Action::AckDelivery(d, k)),
     ]
 }
 
@@ -58,6 +70,9 @@ struct Case {
     seed: u64,
     connections: usize,
     channels: usize,
+    window: usize,
+    capacity: usize,
+    publish_timeout_s: u64,
     actions: Vec<Action>,
 }
 
@@ -66,14 +81,22 @@ fn case() -> impl Strategy<Value = Case> {
         any::<u64>(),
         1usize..4,
         1usize..4,
+        1usize..6,
+        5usize..40,
+        5u64..60,
         prop::collection::vec(action(), 1..40),
     )
-        .prop_map(|(seed, connections, channels, actions)| Case {
-            seed,
-            connections,
-            channels,
-            actions,
-        })
+        .prop_map(
+            |(seed, connections, channels, window, capacity, publish_timeout_s, actions)| Case {
+                seed,
+                connections,
+                channels,
+                window,
+                capacity,
+                publish_timeout_s,
+                actions,
+            },
+        )
 }
 
 fn proptest_config() -> PtConfig {
@@ -95,7 +118,7 @@ fn conn_id(w: &World, raw: u8) -> ConnectionId {
 }
 
 /// Applies one action; returns channels handed out by checkouts.
-fn apply(w: &mut World, action: &Action) -> Result<(), TestCaseError> {
+fn apply(w: &mut World, action: &Action, model: &mut Model) -> Result<(), TestCaseError> {
     match *action {
         Action::Tick(ms) => w.run_for(Duration::from_millis(u64::from(ms))),
         Action::Kill(c) => {
@@ -211,7 +234,125 @@ fn apply(w: &mut World, action: &Action) -> Result<(), TestCaseError> {
             prop_assert_eq!(w.events.len(), before, "a stale input changed state");
         }
         Action::Close => w.input(Input::Close),
+        Action::Publish(n) => {
+            for _ in 0..n {
+                let id = model.next_payload;
+                model.next_payload += 1;
+                match w.publish(msg(id)) {
+                    Ok(pid) => {
+                        model.accepted.insert(pid, id);
+                    }
+                    Err(PublishError::Backpressure { .. }) | Err(PublishError::Closed) => {}
+                    Err(e) => prop_assert!(false, "unexpected publish error {e}"),
+                }
+            }
+        }
+        Action::Confirm(c, i, n, multiple, ack) => {
+            let c = conn_id(w, c);
+            let per = w.sup.config().channels_per_connection as u16;
+            let channel = ChannelId {
+                connection: c,
+                index: u16::from(i) % per,
+            };
+            w.confirm(channel, usize::from(n), multiple, ack);
+        }
+        Action::Deliver(n) => {
+            if let Some(channel) = w.sup.consumer_channel(model.consumer) {
+                for k in 0..n {
+                    let _ = w.deliver(channel, "c1", &format!("d{k}"));
+                }
+            }
+        }
+        Action::AckDelivery(pick, kind) => {
+            let deliveries: Vec<(ChannelId, u64, u64)> = w
+                .events
+                .iter()
+                .filter_map(|(_, e)| match e {
+                    Event::Delivery {
+                        channel,
+                        generation,
+                        delivery,
+                        ..
+                    } => Some((*channel, *generation, delivery.delivery_tag)),
+                    _ => None,
+                })
+                .collect();
+            if !deliveries.is_empty() {
+                let (channel, generation, tag) = deliveries[usize::from(pick) % deliveries.len()];
+                let kind = match kind {
+                    0 => AckKind::Ack { multiple: false },
+                    1 => AckKind::Nack {
+                        multiple: true,
+                        requeue: true,
+                    },
+                    _ => AckKind::Reject { requeue: false },
+                };
+                // Stale and UnknownTag are fine answers; a stale tag reaching the
+                // broker is not (the world records it as a violation).
+                let _ = w.app(|s, now| s.ack(now, channel, generation, tag, kind));
+            }
+        }
     }
+    Ok(())
+}
+
+/// What the test knows about publishes, beside the world.
+struct Model {
+    next_payload: u64,
+    accepted: BTreeMap<PublishId, u64>,
+    consumer: ConsumerId,
+    /// Entries of `World::order` already checked.
+    checked: usize,
+    confirmed: BTreeSet<String>,
+}
+
+/// Outbox properties checked after every step.
+fn check_outbox(w: &World, model: &mut Model, case: &Case) -> Result<(), TestCaseError> {
+    // the broker never saw a stale ack or a sequence gap
+    prop_assert!(
+        w.violations.is_empty(),
+        "broker-side violations: {:?}",
+        w.violations
+    );
+    // memory bounded by capacity + window x channels
+    let bound = case.capacity + case.window * case.connections * case.channels;
+    prop_assert!(
+        w.sup.stats().outbox_depth <= bound,
+        "outbox holds {} > {}",
+        w.sup.stats().outbox_depth,
+        bound
+    );
+    // in the order things happened: confirmed means stored, and nothing
+    // confirmed is ever sent again
+    for &(is_command, index) in &w.order[model.checked..] {
+        if is_command {
+            if let Command::Publish { message, .. } = &w.commands[index].1 {
+                let p = String::from_utf8_lossy(&message.payload).into_owned();
+                prop_assert!(
+                    !model.confirmed.contains(&p),
+                    "re-published confirmed message {}",
+                    p
+                );
+            }
+        } else if let Event::PublishResolved { id, result } = &w.events[index].1 {
+            let payload = model.accepted.get(id).copied();
+            prop_assert!(
+                payload.is_some(),
+                "resolution of an unknown publish {:?}",
+                id
+            );
+            if let Ok(Confirmation::Confirmed) = result {
+                let p = payload.unwrap_or_default().to_string();
+                prop_assert!(
+                    w.stored.iter().any(|s| s == p.as_bytes()),
+                    "confirmed {} but the broker never stored it",
+                    p
+                );
+                model.confirmed.insert(p);
+            }
+        }
+    }
+    model.checked = w.order.len();
     Ok(())
 }
 
@@ -247,10 +388,33 @@ fn check_always(w: &mut World, closed_at: Option<usize>) -> Result<(), TestCaseE
 }
 
 fn run_case(case: &Case) -> Result<World, TestCaseError> {
-    let mut w = World::new(config(case.connections, case.channels, case.seed));
+    let mut cfg = config(case.connections, case.channels, case.seed);
+    cfg.confirm_window = case.window;
+    cfg.outbox_capacity = case.capacity;
+    cfg.publish_timeout = Duration::from_secs(case.publish_timeout_s);
+    let mut w = World::new(cfg);
+    w.auto_confirm = false;
+    let consumer = w
+        .app(|s, now| {
+            s.consume(
+                now,
+                "q".into(),
+                Some("c1".into()),
+                ConsumeOptions::default(),
+            )
+        })
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut model = Model {
+        next_payload: 0,
+        accepted: BTreeMap::new(),
+        consumer,
+        checked: 0,
+        confirmed: BTreeSet::new(),
+    };
     let mut closed_at = None;
     for action in &case.actions {
-        apply(&mut w, action)?;
+        apply(&mut w, action, &mut model)?;
+        check_outbox(&w, &mut model, case)?;
         if closed_at.is_none() && w.sup.is_closed() {
             closed_at = Some(
                 w.commands
@@ -280,11 +444,34 @@ fn run_case(case: &Case) -> Result<World, TestCaseError> {
             bound
         );
         prop_assert!(w.sup.checkout().is_ok());
+        // the broker confirms everything from now on: every waiting or in-flight
+        // publish must then resolve (re-sent or timed out), none may vanish
+        w.auto_confirm = true;
+        let live: Vec<ChannelId> = w.live_chans.keys().copied().collect();
+        for channel in live {
+            w.confirm(channel, usize::MAX, true, true);
+        }
+        w.run_for(Duration::from_secs(case.publish_timeout_s + 1));
     } else {
         w.run_for(Duration::from_secs(30));
         check_always(&mut w, closed_at)?;
         prop_assert!(w.sup.is_fully_closed());
     }
+    check_outbox(&w, &mut model, case)?;
+    // every accepted publish resolved exactly once
+    let mut seen = BTreeMap::new();
+    for (id, _) in w.resolutions() {
+        *seen.entry(id).or_insert(0) += 1;
+    }
+    for id in model.accepted.keys() {
+        prop_assert_eq!(
+            seen.get(id).copied(),
+            Some(1),
+            "publish {:?} resolved more or less than once",
+            id
+        );
+    }
+    prop_assert_eq!(w.sup.stats().outbox_depth, 0);
     Ok(w)
 }
 

@@ -802,6 +802,7 @@ impl Supervisor {
                 return;
             }
             *blocked = now_blocked;
+            self.room |= !now_blocked;
             tracing::debug!(connection = %id, blocked = now_blocked, "blocked flag changed");
             self.events.push_back(match reason {
                 Some(reason) => Event::Blocked {

@@ -708,14 +708,16 @@ impl Supervisor {
             AckKind::Ack { multiple } | AckKind::Nack { multiple, .. } => multiple,
             AckKind::Reject { .. } => false,
         };
+        // RabbitMQ closes the channel (406) unless the tag itself is outstanding,
+        // with `multiple` too.
+        if !ch.unacked.contains(&delivery_tag) {
+            return Err(AckError::UnknownTag(delivery_tag));
+        }
         if multiple {
-            if ch.unacked.first().is_none_or(|&first| first > delivery_tag) {
-                return Err(AckError::UnknownTag(delivery_tag));
-            }
             let rest = ch.unacked.split_off(&(delivery_tag + 1));
             ch.unacked = rest;
-        } else if !ch.unacked.remove(&delivery_tag) {
-            return Err(AckError::UnknownTag(delivery_tag));
+        } else {
+            ch.unacked.remove(&delivery_tag);
         }
         self.commands.push_back(Command::Ack {
             channel,

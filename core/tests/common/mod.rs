@@ -49,6 +49,9 @@ enum Pending {
     },
 }
 
+/// A publish the broker got: (seq, message).
+pub type Sent = (u64, Arc<Message>);
+
 pub struct World {
     pub sup: Supervisor,
     pub start: Instant,
@@ -57,6 +60,8 @@ pub struct World {
     pub trace: String,
     pub commands: Vec<(Duration, Command)>,
     pub events: Vec<(Duration, Event)>,
+    /// Commands and events interleaved as they came: (is a command, index).
+    pub order: Vec<(bool, usize)>,
     /// Whether dials succeed.
     pub broker_up: bool,
     /// Dials fail with this error while set (for example 403).
@@ -68,7 +73,7 @@ pub struct World {
     /// Live transport channels: slot -> generation.
     pub live_chans: BTreeMap<ChannelId, u64>,
     /// Published, not yet confirmed, per live channel generation: (seq, message).
-    pub unconfirmed: BTreeMap<(ChannelId, u64), Vec<(u64, Arc<Message>)>>,
+    pub unconfirmed: BTreeMap<(ChannelId, u64), Vec<Sent>>,
     /// Confirm every publish after LATENCY.
     pub auto_confirm: bool,
     /// Payloads the broker confirmed (stored).
@@ -112,6 +117,7 @@ impl World {
             trace: String::new(),
             commands: Vec::new(),
             events: Vec::new(),
+            order: Vec::new(),
             broker_up: true,
             refuse_with: None,
             blackhole: false,
@@ -199,10 +205,12 @@ impl World {
                 self.seq += 1;
                 self.pending.push((due, self.seq, p));
             }
+            self.order.push((true, self.commands.len()));
             self.commands.push((at, command));
         }
         while let Some(event) = self.sup.poll_event() {
             let _ = writeln!(self.trace, "{at:>8?} ! {event:?}");
+            self.order.push((false, self.events.len()));
             self.events.push((at, event));
         }
     }
@@ -548,6 +556,9 @@ impl World {
     }
 }
 
+/// How a publish ended.
+pub type PublishResult = Result<amqp_rebound_core::Confirmation, amqp_rebound_core::PublishError>;
+
 /// A message whose payload is `id`, for tracking.
 pub fn msg(id: u64) -> Arc<Message> {
     Arc::new(Message::new("", "q", id.to_string().into_bytes()))
@@ -572,12 +583,7 @@ impl World {
     }
 
     /// Every publish resolution so far: (id, result).
-    pub fn resolutions(
-        &self,
-    ) -> Vec<(
-        amqp_rebound_core::PublishId,
-        Result<amqp_rebound_core::Confirmation, amqp_rebound_core::PublishError>,
-    )> {
+    pub fn resolutions(&self) -> Vec<(amqp_rebound_core::PublishId, PublishResult)> {
         self.events
             .iter()
             .filter_map(|(_, e)| match e {

@@ -1,0 +1,374 @@
+//! The outbox: placement, confirm windows, confirms, returns, deadlines, requeue
+//! on loss, backpressure, blocked connections and close.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use amqp_rebound_core::{
+    ChannelId, Command, Confirmation, ConnectionId, Event, Input, Message, PublishError, PublishId,
+    Returned, TransportError,
+};
+use common::{World, config, msg};
+
+const C0: ConnectionId = ConnectionId(0);
+
+fn ch(c: u16, i: u16) -> ChannelId {
+    ChannelId {
+        connection: ConnectionId(c),
+        index: i,
+    }
+}
+
+fn ready_world(connections: usize, channels: usize) -> World {
+    let mut w = World::new(config(connections, channels, 1));
+    w.run_until_ready(Duration::from_secs(1)).expect("ready");
+    w
+}
+
+fn result_of(w: &World, id: PublishId) -> Vec<common::PublishResult> {
+    w.resolutions()
+        .into_iter()
+        .filter(|(i, _)| *i == id)
+        .map(|(_, r)| r)
+        .collect()
+}
+
+fn publishes(w: &World) -> Vec<(ChannelId, u64, u64)> {
+    w.commands
+        .iter()
+        .filter_map(|(_, c)| match c {
+            Command::Publish {
+                channel,
+                generation,
+                seq,
+                ..
+            } => Some((*channel, *generation, *seq)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn publish_waits_until_a_channel_is_ready_then_is_confirmed() {
+    let mut w = World::new(config(1, 1, 1));
+    let id = w.publish(msg(1)).unwrap();
+    assert!(publishes(&w).is_empty(), "nothing is Ready yet");
+    w.run_for(Duration::from_millis(20));
+    assert_eq!(publishes(&w), vec![(ch(0, 0), 1, 1)]);
+    assert_eq!(result_of(&w, id), vec![Ok(Confirmation::Confirmed)]);
+    assert_eq!(w.sup.stats().confirmed, 1);
+    assert_eq!(w.sup.stats().outbox_depth, 0);
+}
+
+#[test]
+fn confirm_window_bounds_messages_in_flight_per_channel() {
+    let mut cfg = config(1, 1, 1);
+    cfg.confirm_window = 3;
+    let mut w = World::new(cfg);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.auto_confirm = false;
+    for n in 0..10 {
+        w.publish(msg(n)).unwrap();
+    }
+    assert_eq!(publishes(&w).len(), 3, "window of 3");
+    assert_eq!(w.sup.stats().in_flight, 3);
+    // one multiple ack frees the whole window at once: pipelined, not one by one
+    w.confirm(ch(0, 0), 3, true, true);
+    assert_eq!(publishes(&w).len(), 6);
+    let seqs: Vec<u64> = publishes(&w).iter().map(|p| p.2).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(w.sup.stats().confirmed, 3);
+}
+
+#[test]
+fn nack_resolves_as_nacked_or_is_retried_by_policy() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    let id = w.publish(msg(1)).unwrap();
+    w.confirm(ch(0, 0), 1, false, false);
+    assert_eq!(result_of(&w, id), vec![Err(PublishError::Nacked)]);
+
+    let mut cfg = config(1, 1, 1);
+    cfg.retry_nacked = true;
+    let mut w = World::new(cfg);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.auto_confirm = false;
+    let id = w.publish(msg(1)).unwrap();
+    w.confirm(ch(0, 0), 1, false, false);
+    assert!(
+        result_of(&w, id).is_empty(),
+        "a retried nack does not resolve"
+    );
+    assert_eq!(w.sent_payloads(), vec!["1", "1"], "re-sent after the nack");
+    w.confirm(ch(0, 0), 1, false, true);
+    assert_eq!(result_of(&w, id), vec![Ok(Confirmation::Confirmed)]);
+}
+
+#[test]
+fn mandatory_unroutable_resolves_as_returned() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    let routed = w
+        .publish(Arc::new(Message::new("x", "a", "1").mandatory(true)))
+        .unwrap();
+    let unroutable = w
+        .publish(Arc::new(Message::new("x", "b", "2").mandatory(true)))
+        .unwrap();
+    let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
+    w.input(Input::Returned {
+        channel: ch(0, 0),
+        generation,
+        returned: Returned {
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+            exchange: "x".into(),
+            routing_key: "b".into(),
+            properties: Default::default(),
+            payload: "2".into(),
+        },
+    });
+    w.confirm(ch(0, 0), 2, true, true);
+    assert_eq!(result_of(&w, routed), vec![Ok(Confirmation::Confirmed)]);
+    assert_eq!(
+        result_of(&w, unroutable),
+        vec![Ok(Confirmation::Returned {
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into()
+        })]
+    );
+}
+
+#[test]
+fn loss_republishes_unconfirmed_in_original_order_on_the_new_generation() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    for n in 1..=5 {
+        w.publish(msg(n)).unwrap();
+    }
+    w.confirm(ch(0, 0), 2, true, true); // 1 and 2 confirmed
+    w.kill(C0, TransportError::Io("reset".into()));
+    w.publish(msg(6)).unwrap(); // waits behind the requeued ones
+    w.auto_confirm = true;
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.run_for(Duration::from_millis(20));
+    assert_eq!(
+        w.sent_payloads(),
+        vec!["1", "2", "3", "4", "5", "3", "4", "5", "6"]
+    );
+    let second: Vec<_> = publishes(&w)[5..].to_vec();
+    assert_eq!(
+        second,
+        vec![
+            (ch(0, 0), 2, 1),
+            (ch(0, 0), 2, 2),
+            (ch(0, 0), 2, 3),
+            (ch(0, 0), 2, 4)
+        ],
+        "seq restarts at 1 on the new generation"
+    );
+    let results = w.resolutions();
+    assert_eq!(results.len(), 6, "every publish resolves exactly once");
+    assert!(
+        results
+            .iter()
+            .all(|(_, r)| *r == Ok(Confirmation::Confirmed))
+    );
+    let stats = w.sup.stats();
+    assert_eq!((stats.republished, stats.confirmed), (3, 6));
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
+}
+
+#[test]
+fn confirmed_messages_are_never_republished() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    for n in 1..=4 {
+        w.publish(msg(n)).unwrap();
+    }
+    w.confirm(ch(0, 0), 2, true, true);
+    w.channel_error(ch(0, 0), 406);
+    w.auto_confirm = true;
+    w.run_for(Duration::from_secs(1));
+    assert_eq!(w.sent_payloads(), vec!["1", "2", "3", "4", "3", "4"]);
+    assert_eq!(w.resolutions().len(), 4);
+}
+
+#[test]
+fn outbox_capacity_gives_backpressure_and_memory_stays_bounded() {
+    let mut cfg = config(1, 1, 1);
+    cfg.outbox_capacity = 5;
+    let mut w = World::new(cfg);
+    for n in 0..5 {
+        w.publish(msg(n)).unwrap();
+    }
+    assert_eq!(
+        w.publish(msg(99)),
+        Err(PublishError::Backpressure { capacity: 5 })
+    );
+    assert_eq!(w.sup.stats().outbox_depth, 5);
+    w.run_for(Duration::from_millis(50));
+    assert!(
+        w.publish(msg(100)).is_ok(),
+        "room again once the outbox drains"
+    );
+}
+
+#[test]
+fn deadline_resolves_timed_out_and_the_message_is_never_sent_after() {
+    let mut w = World::new(config(1, 1, 1));
+    w.broker_up = false;
+    let id = w.publish(msg(1)).unwrap();
+    w.run_for(Duration::from_secs(31));
+    assert_eq!(result_of(&w, id), vec![Err(PublishError::TimedOut)]);
+    w.broker_up = true;
+    w.run_until_ready(Duration::from_secs(20)).unwrap();
+    w.run_for(Duration::from_millis(50));
+    assert!(w.sent_payloads().is_empty(), "sent after its deadline");
+    assert_eq!(w.sup.stats().timed_out, 1);
+}
+
+#[test]
+fn in_flight_past_deadline_times_out_and_is_not_republished() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    let id = w
+        .app(|s, now| s.publish(now, msg(1), Some(now + Duration::from_secs(2))))
+        .unwrap();
+    w.run_for(Duration::from_secs(3));
+    assert_eq!(result_of(&w, id), vec![Err(PublishError::TimedOut)]);
+    w.kill(C0, TransportError::Io("reset".into()));
+    w.auto_confirm = true;
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.run_for(Duration::from_millis(20));
+    assert_eq!(
+        w.sent_payloads(),
+        vec!["1"],
+        "not re-sent after its deadline"
+    );
+    assert_eq!(result_of(&w, id).len(), 1, "resolved exactly once");
+}
+
+#[test]
+fn bad_publishes_are_typed_errors() {
+    let mut w = ready_world(1, 1);
+    let past = w.app(|s, now| s.publish(now, msg(1), Some(now)));
+    assert_eq!(past, Err(PublishError::TimedOut));
+    let long = Arc::new(Message::new("x".repeat(256), "k", "p"));
+    assert!(matches!(w.publish(long), Err(PublishError::Invalid(_))));
+    w.input(Input::Close);
+    assert_eq!(w.publish(msg(2)), Err(PublishError::Closed));
+}
+
+#[test]
+fn nothing_new_is_published_on_a_blocked_connection() {
+    let mut w = ready_world(1, 1);
+    let epoch = w.sup.connection_epoch(C0).unwrap();
+    w.input(Input::Blocked {
+        connection: C0,
+        epoch,
+        reason: "low on memory".into(),
+    });
+    let id = w.publish(msg(1)).unwrap();
+    w.run_for(Duration::from_secs(1));
+    assert!(w.sent_payloads().is_empty());
+    w.input(Input::Unblocked {
+        connection: C0,
+        epoch,
+    });
+    w.run_for(Duration::from_millis(20));
+    assert_eq!(result_of(&w, id), vec![Ok(Confirmation::Confirmed)]);
+}
+
+#[test]
+fn close_resolves_everything_confirmed_or_closed() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    let in_flight = w.publish(msg(1)).unwrap();
+    let unconfirmed = w.publish(msg(2)).unwrap();
+    w.broker_up = false;
+    let mut cfg_waiting = Vec::new();
+    // fill the window so a third waits in the outbox
+    for n in 3..1030 {
+        cfg_waiting.push(w.publish(msg(n)).unwrap());
+    }
+    w.input(Input::Close);
+    let closing = w
+        .commands
+        .iter()
+        .any(|(_, c)| matches!(c, Command::CloseConnection { .. }));
+    assert!(!closing, "waits for in-flight confirms before closing");
+    w.confirm(ch(0, 0), 1, false, true);
+    w.run_for(Duration::from_secs(6)); // past the close timeout
+    assert_eq!(result_of(&w, in_flight), vec![Ok(Confirmation::Confirmed)]);
+    assert_eq!(result_of(&w, unconfirmed), vec![Err(PublishError::Closed)]);
+    let waiting = cfg_waiting.last().unwrap();
+    assert_eq!(result_of(&w, *waiting), vec![Err(PublishError::Closed)]);
+    assert_eq!(
+        w.resolutions().len(),
+        2 + cfg_waiting.len(),
+        "nothing unresolved"
+    );
+    assert!(w.sup.is_fully_closed());
+}
+
+#[test]
+fn publish_to_a_missing_exchange_fails_that_publish_only() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    let good = w.publish(Arc::new(Message::new("", "q", "good"))).unwrap();
+    let bad = w
+        .publish(Arc::new(Message::new("missing-x", "k", "bad")))
+        .unwrap();
+    let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
+    w.live_chans.remove(&ch(0, 0));
+    w.input(Input::ChannelLost {
+        channel: ch(0, 0),
+        generation,
+        error: TransportError::Reply {
+            code: 404,
+            text: "NOT_FOUND - no exchange 'missing-x' in vhost '/'".into(),
+        },
+    });
+    assert!(matches!(
+        result_of(&w, bad).as_slice(),
+        [Err(PublishError::Rejected { code: 404, .. })]
+    ));
+    w.auto_confirm = true;
+    w.run_for(Duration::from_secs(1));
+    assert_eq!(result_of(&w, good), vec![Ok(Confirmation::Confirmed)]);
+    assert_eq!(w.sent_payloads(), vec!["good", "bad", "good"]);
+}
+
+#[test]
+fn a_message_that_keeps_closing_channels_is_rejected_after_three_strikes() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    let id = w.publish(msg(1)).unwrap();
+    for _ in 0..3 {
+        w.run_until_ready(Duration::from_secs(20)).unwrap();
+        w.channel_error(ch(0, 0), 406);
+    }
+    assert!(matches!(
+        result_of(&w, id).as_slice(),
+        [Err(PublishError::Rejected { code: 406, .. })]
+    ));
+}
+
+#[test]
+fn events_report_every_resolution_once() {
+    let mut w = ready_world(2, 2);
+    for n in 0..100 {
+        w.publish(msg(n)).unwrap();
+    }
+    w.run_for(Duration::from_millis(100));
+    let ids: std::collections::BTreeSet<_> = w.resolutions().iter().map(|(i, _)| *i).collect();
+    assert_eq!(ids.len(), 100);
+    assert_eq!(w.resolutions().len(), 100);
+    assert!(
+        w.events
+            .iter()
+            .all(|(_, e)| !matches!(e, Event::PublishResolved { result: Err(_), .. }))
+    );
+}

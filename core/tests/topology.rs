@@ -1,0 +1,448 @@
+//! Topology replay, server-named queue renames, consumers and stale-ack protection.
+
+mod common;
+
+use std::time::Duration;
+
+use amqp_rebound_core::{
+    AckError, AckKind, ChannelId, ChannelState, ConnectionId, ConsumeError, ConsumeOptions, Event,
+    ExchangeDecl, ExchangeKind, FieldTable, QueueDecl, QueueRef, TopologyError, TopologyOp,
+    TransportError,
+};
+use common::{World, config};
+
+const C0: ConnectionId = ConnectionId(0);
+
+fn ch(c: u16, i: u16) -> ChannelId {
+    ChannelId {
+        connection: ConnectionId(c),
+        index: i,
+    }
+}
+
+fn ready_world(connections: usize, channels: usize) -> World {
+    let mut w = World::new(config(connections, channels, 1));
+    w.run_until_ready(Duration::from_secs(1)).expect("ready");
+    w
+}
+
+fn kill(w: &mut World) {
+    w.kill(C0, TransportError::Io("reset".into()));
+}
+
+/// Declares exchange "x", durable queue "q", binding q<-x "k", server-named queue
+/// bound to x "all"; returns the server-named handle.
+fn declare_topology(w: &mut World) -> amqp_rebound_core::QueueHandle {
+    w.app(|s, now| s.declare_exchange(now, ExchangeDecl::new("x", ExchangeKind::Topic)))
+        .unwrap();
+    let (_, q) = w
+        .app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+        .unwrap();
+    w.app(|s, now| s.bind_queue(now, q.into(), "x", "k", FieldTable::default()))
+        .unwrap();
+    let (_, anon) = w
+        .app(|s, now| s.declare_queue(now, QueueDecl::server_named()))
+        .unwrap();
+    w.app(|s, now| s.bind_queue(now, anon.into(), "x", "#", FieldTable::default()))
+        .unwrap();
+    w.run_for(Duration::from_millis(50));
+    anon
+}
+
+fn op_names(log: &[(ChannelId, TopologyOp)]) -> Vec<String> {
+    log.iter()
+        .map(|(_, op)| match op {
+            TopologyOp::DeclareExchange(d) => format!("exchange {}", d.name),
+            TopologyOp::DeclareQueue(d) => format!("queue {:?}", d.name),
+            TopologyOp::BindQueue {
+                queue, routing_key, ..
+            } => format!("bind {queue} {routing_key}"),
+            TopologyOp::Qos { prefetch_count } => format!("qos {prefetch_count}"),
+            TopologyOp::Consume {
+                queue,
+                consumer_tag,
+                ..
+            } => format!("consume {queue} {consumer_tag}"),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn declarations_run_in_order_and_resolve() {
+    let mut w = ready_world(1, 2);
+    let anon = declare_topology(&mut w);
+    assert_eq!(
+        op_names(&w.topology_log),
+        vec![
+            "exchange x",
+            "queue \"q\"",
+            "bind q k",
+            "queue \"\"",
+            "bind amq.gen-1 #"
+        ]
+    );
+    assert_eq!(w.sup.queue_name(anon).as_deref(), Some("amq.gen-1"));
+    let resolved = w
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::TopologyResolved { result: Ok(_), .. }))
+        .count();
+    assert_eq!(resolved, 5);
+}
+
+#[test]
+fn replay_restores_topology_before_the_channel_is_ready_and_renames_server_named_queues() {
+    let mut w = ready_world(1, 2);
+    let anon = declare_topology(&mut w);
+    let consumer = w
+        .app(|s, now| {
+            s.consume(
+                now,
+                anon.into(),
+                Some("c1".into()),
+                ConsumeOptions::default(),
+            )
+        })
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    w.topology_log.clear();
+    w.auto_confirm = false;
+    kill(&mut w);
+    w.publish(common::msg(1)).unwrap();
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    assert_eq!(
+        op_names(&w.topology_log),
+        vec![
+            "exchange x",
+            "queue \"q\"",
+            "bind q k",
+            "queue \"\"", // declared with "" again: never the old amq.gen name
+            "bind amq.gen-2 #",
+            "qos 0",
+            "consume amq.gen-2 c1",
+        ]
+    );
+    assert_eq!(w.sup.queue_name(anon).as_deref(), Some("amq.gen-2"));
+    assert!(w.events.iter().any(|(_, e)| matches!(
+        e,
+        Event::QueueRenamed { old, new, .. } if old == "amq.gen-1" && new == "amq.gen-2"
+    )));
+    // the publish went out only after the replay (the channel was not Ready before)
+    let publish_at = w
+        .commands
+        .iter()
+        .rposition(|(_, c)| matches!(c, amqp_rebound_core::Command::Publish { .. }))
+        .unwrap();
+    let last_topology = w
+        .commands
+        .iter()
+        .rposition(|(_, c)| matches!(c, amqp_rebound_core::Command::Topology { .. }))
+        .unwrap();
+    assert!(publish_at > last_topology);
+    assert!(w.sup.consumer_channel(consumer).is_some());
+}
+
+#[test]
+fn failed_replay_step_is_reported_and_retried_not_skipped() {
+    let mut w = ready_world(1, 1);
+    declare_topology(&mut w);
+    w.topology_log.clear();
+    kill(&mut w);
+    w.fail_topology = Some(TransportError::Reply {
+        code: 403,
+        text: "ACCESS_REFUSED".into(),
+    });
+    w.run_until_ready(Duration::from_secs(20))
+        .expect("recovers after the failure");
+    let failed: Vec<_> = w
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::ReplayFailed { step, error, .. } => Some((step.clone(), error.reply_code())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0].0.contains("DeclareExchange"), "{failed:?}");
+    assert_eq!(failed[0].1, Some(403));
+    // after the retry every step ran: nothing silently skipped
+    let names = op_names(&w.topology_log);
+    for expected in ["exchange x", "queue \"q\"", "bind q k", "queue \"\""] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing: {names:?}"
+        );
+    }
+    assert_eq!(w.sup.stats().replay_failures, 1);
+}
+
+#[test]
+fn deletions_remove_entries_from_replay() {
+    let mut w = ready_world(1, 1);
+    let anon = declare_topology(&mut w);
+    w.app(|s, now| s.delete_queue(now, anon.into())).unwrap();
+    w.app(|s, now| s.unbind_queue(now, "q".into(), "x", "k", FieldTable::default()))
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    w.topology_log.clear();
+    kill(&mut w);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    assert_eq!(op_names(&w.topology_log), vec!["exchange x", "queue \"q\""]);
+    assert_eq!(w.sup.queue_name(anon), None);
+}
+
+#[test]
+fn exclusive_queue_is_replayed_only_on_its_own_connection() {
+    let mut w = ready_world(2, 1);
+    w.app(|s, now| s.declare_queue(now, QueueDecl::server_named()))
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    w.topology_log.clear();
+    w.broker_down();
+    w.broker_up = true;
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let declares: Vec<_> = w
+        .topology_log
+        .iter()
+        .filter(|(_, op)| matches!(op, TopologyOp::DeclareQueue(_)))
+        .collect();
+    assert_eq!(declares.len(), 1, "one connection owns it: {declares:?}");
+}
+
+#[test]
+fn invalid_topology_requests_are_typed_errors() {
+    let mut w = ready_world(1, 1);
+    let bad = [
+        w.app(|s, now| s.declare_exchange(now, ExchangeDecl::new("", ExchangeKind::Direct))),
+        w.app(|s, now| {
+            s.declare_exchange(now, ExchangeDecl::new("amq.mine", ExchangeKind::Direct))
+        }),
+        w.app(|s, now| {
+            s.declare_exchange(
+                now,
+                ExchangeDecl::new("x", ExchangeKind::Custom(String::new())),
+            )
+        }),
+        w.app(|s, now| {
+            s.declare_queue(now, QueueDecl::durable("amq.q"))
+                .map(|r| r.0)
+        }),
+        w.app(|s, now| {
+            s.declare_queue(now, QueueDecl::durable("q".repeat(300)))
+                .map(|r| r.0)
+        }),
+    ];
+    for r in bad {
+        assert!(matches!(r, Err(TopologyError::Invalid(_))), "{r:?}");
+    }
+    let unknown = amqp_rebound_core::QueueHandle(999);
+    assert_eq!(
+        w.app(|s, now| s.bind_queue(now, unknown.into(), "x", "k", FieldTable::default())),
+        Err(TopologyError::UnknownQueue(unknown))
+    );
+    assert!(
+        w.commands
+            .iter()
+            .all(|(_, c)| !matches!(c, amqp_rebound_core::Command::Topology { .. }))
+    );
+}
+
+#[test]
+fn broker_refusal_of_a_request_is_reported_and_the_channel_reopens() {
+    let mut w = ready_world(1, 1);
+    w.fail_topology = Some(TransportError::Reply {
+        code: 406,
+        text: "PRECONDITION_FAILED - inequivalent arg 'durable'".into(),
+    });
+    let op = w
+        .app(|s, now| s.declare_exchange(now, ExchangeDecl::new("x", ExchangeKind::Fanout)))
+        .unwrap();
+    w.run_for(common::LATENCY);
+    assert!(w.events.iter().any(|(_, e)| matches!(
+        e,
+        Event::TopologyResolved { op: o, result: Err(TopologyError::Broker { code: 406, .. }) } if *o == op
+    )));
+    w.run_until_ready(Duration::from_secs(1))
+        .expect("the channel reopens");
+    assert_eq!(w.sup.channel_generation(ch(0, 0)), Some(2));
+    // refused: not recorded, so not replayed
+    w.topology_log.clear();
+    kill(&mut w);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    assert!(w.topology_log.is_empty());
+}
+
+#[test]
+fn deliveries_carry_their_generation_and_stale_acks_are_refused() {
+    let mut w = ready_world(1, 1);
+    let consumer = w
+        .app(|s, now| {
+            s.consume(
+                now,
+                "jobs".into(),
+                Some("c1".into()),
+                ConsumeOptions::default(),
+            )
+        })
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    let tag = w.deliver(ch(0, 0), "c1", "m1").unwrap();
+    let Some((
+        _,
+        Event::Delivery {
+            consumer: c,
+            generation,
+            ..
+        },
+    )) = w.events.last().cloned()
+    else {
+        panic!("no delivery event")
+    };
+    assert_eq!(c, consumer);
+    assert_eq!(generation, 1);
+    let tag2 = w.deliver(ch(0, 0), "c1", "m2").unwrap();
+    // ack the first now: fine
+    w.app(|s, now| {
+        s.ack(
+            now,
+            ch(0, 0),
+            generation,
+            tag,
+            AckKind::Ack { multiple: false },
+        )
+    })
+    .unwrap();
+    // acking it twice would close the channel with 406: refused, nothing sent
+    assert_eq!(
+        w.app(|s, now| s.ack(
+            now,
+            ch(0, 0),
+            generation,
+            tag,
+            AckKind::Ack { multiple: false }
+        )),
+        Err(AckError::UnknownTag(tag))
+    );
+    // connection lost and recovered: the second delivery is now stale
+    kill(&mut w);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    assert_eq!(
+        w.app(|s, now| s.ack(
+            now,
+            ch(0, 0),
+            generation,
+            tag2,
+            AckKind::Ack { multiple: false }
+        )),
+        Err(AckError::Stale)
+    );
+    assert_eq!(w.sup.channel_state(ch(0, 0)), Some(ChannelState::Ready));
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
+    assert_eq!(w.sup.stats().stale_acks, 1);
+    // and the consumer was re-subscribed with the same tag
+    assert!(
+        op_names(&w.topology_log)
+            .iter()
+            .filter(|n| *n == "consume jobs c1")
+            .count()
+            == 2
+    );
+}
+
+#[test]
+fn duplicate_consumer_tag_is_refused() {
+    let mut w = ready_world(1, 1);
+    w.app(|s, now| {
+        s.consume(
+            now,
+            "q".into(),
+            Some("c1".into()),
+            ConsumeOptions::default(),
+        )
+    })
+    .unwrap();
+    assert_eq!(
+        w.app(|s, now| s.consume(
+            now,
+            "q2".into(),
+            Some("c1".into()),
+            ConsumeOptions::default()
+        )),
+        Err(ConsumeError::DuplicateTag("c1".into()))
+    );
+    assert!(matches!(
+        w.app(|s, now| s.consume(
+            now,
+            "q".into(),
+            Some(String::new()),
+            ConsumeOptions::default()
+        )),
+        Err(ConsumeError::Invalid(_))
+    ));
+}
+
+#[test]
+fn broker_cancel_resubscribes_a_registered_queue_and_ends_an_unknown_one() {
+    let mut w = ready_world(1, 1);
+    let (_, q) = w
+        .app(|s, now| s.declare_queue(now, QueueDecl::durable("known")))
+        .unwrap();
+    w.run_for(Duration::from_millis(10));
+    let known = w
+        .app(|s, now| {
+            s.consume(
+                now,
+                QueueRef::Handle(q),
+                Some("k".into()),
+                ConsumeOptions::default(),
+            )
+        })
+        .unwrap();
+    let unknown = w
+        .app(|s, now| {
+            s.consume(
+                now,
+                "elsewhere".into(),
+                Some("u".into()),
+                ConsumeOptions::default(),
+            )
+        })
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    w.topology_log.clear();
+    let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
+    for tag in ["k", "u"] {
+        w.input(amqp_rebound_core::Input::ConsumerCancelled {
+            channel: ch(0, 0),
+            generation,
+            consumer_tag: tag.into(),
+        });
+    }
+    w.run_for(Duration::from_millis(20));
+    assert_eq!(
+        op_names(&w.topology_log),
+        vec!["queue \"known\"", "qos 0", "consume known k"]
+    );
+    assert!(w.events.iter().any(|(_, e)| matches!(
+        e,
+        Event::ConsumerCancelled { consumer, resubscribing: true } if *consumer == known
+    )));
+    assert!(w.events.iter().any(|(_, e)| matches!(
+        e,
+        Event::ConsumerEnded { consumer, error: ConsumeError::CancelledByBroker } if *consumer == unknown
+    )));
+}
+
+#[test]
+fn consumer_prefetch_is_set_before_consume() {
+    let mut w = ready_world(1, 1);
+    let options = ConsumeOptions {
+        prefetch: Some(10),
+        ..ConsumeOptions::default()
+    };
+    w.app(|s, now| s.consume(now, "q".into(), Some("c".into()), options))
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    assert_eq!(op_names(&w.topology_log), vec!["qos 10", "consume q c"]);
+}
