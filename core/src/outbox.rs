@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -89,14 +90,43 @@ pub(crate) struct Entry {
     pub(crate) sends: u32,
 }
 
+/// Hashes the outbox's sequential ids with one multiply (Fibonacci hashing): the
+/// publish path does two map operations per message, and SipHash's DoS resistance
+/// buys nothing for ids we generate ourselves.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
 /// Publishes waiting or in flight.
 #[derive(Default)]
 pub(crate) struct Outbox {
-    pub(crate) entries: HashMap<u64, Entry>,
+    pub(crate) entries: IdMap<Entry>,
     /// Ids waiting for a channel, oldest first; ids already resolved are skipped.
     pending: VecDeque<u64>,
     pending_live: usize,
-    deadlines: BTreeSet<(Instant, u64)>,
+    /// Deadlines of publishes that took the default timeout: with a constant
+    /// timeout and a clock that never goes back they come in order, so a FIFO
+    /// replaces a sorted set on the hot path. Resolved ids are skipped lazily.
+    default_deadlines: VecDeque<(Instant, u64)>,
+    /// Deadlines the caller chose, in any order.
+    custom_deadlines: BTreeSet<(Instant, u64)>,
     next_id: u64,
 }
 
@@ -110,11 +140,22 @@ impl Outbox {
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.first().map(|(at, _)| *at)
+        let default = self.default_deadlines.front().map(|(at, _)| *at);
+        let custom = self.custom_deadlines.first().map(|(at, _)| *at);
+        match (default, custom) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Accepts a message at the back of the queue.
-    pub(crate) fn push(&mut self, message: Arc<Message>, deadline: Instant) -> PublishId {
+    /// Accepts a message at the back of the queue. `default_deadline` says the
+    /// deadline is now + the configured timeout (so deadlines arrive in order).
+    pub(crate) fn push(
+        &mut self,
+        message: Arc<Message>,
+        deadline: Instant,
+        default_deadline: bool,
+    ) -> PublishId {
         let id = self.next_id;
         self.next_id += 1;
         self.entries.insert(
@@ -128,7 +169,12 @@ impl Outbox {
                 sends: 0,
             },
         );
-        self.deadlines.insert((deadline, id));
+        if default_deadline && self.default_deadlines.back().is_none_or(|(at, _)| *at <= deadline)
+        {
+            self.default_deadlines.push_back((deadline, id));
+        } else {
+            self.custom_deadlines.insert((deadline, id));
+        }
         self.pending.push_back(id);
         self.pending_live += 1;
         PublishId(id)
@@ -145,8 +191,9 @@ impl Outbox {
         None
     }
 
-    /// Takes the oldest waiting message and records where it goes.
-    pub(crate) fn place(&mut self, id: u64, placement: Placement) -> Arc<Message> {
+    /// Takes the oldest waiting message and records where it goes; returns it and
+    /// how many times it has been sent, this time included.
+    pub(crate) fn place(&mut self, id: u64, placement: Placement) -> (Arc<Message>, u32) {
         let front = self.pending.pop_front();
         debug_assert_eq!(
             front,
@@ -159,7 +206,7 @@ impl Outbox {
         entry.placed = Some(placement);
         entry.returned = None;
         entry.sends += 1;
-        Arc::clone(&entry.message)
+        (Arc::clone(&entry.message), entry.sends)
     }
 
     /// Puts in-flight messages back at the front, oldest first. Returns how many
@@ -187,7 +234,15 @@ impl Outbox {
     /// Removes a message for good; `None` if it was already resolved.
     pub(crate) fn take(&mut self, id: u64) -> Option<Entry> {
         let entry = self.entries.remove(&id)?;
-        self.deadlines.remove(&(entry.deadline, id));
+        if !self.custom_deadlines.remove(&(entry.deadline, id)) {
+            // drop resolved ids from the front so the FIFO stays near the live size
+            while let Some(&(_, front)) = self.default_deadlines.front() {
+                if self.entries.contains_key(&front) {
+                    break;
+                }
+                self.default_deadlines.pop_front();
+            }
+        }
         if entry.placed.is_none() {
             self.pending_live -= 1;
         }
@@ -197,11 +252,20 @@ impl Outbox {
     /// Ids whose deadline is at or before `now`, removed from the deadline index.
     pub(crate) fn expired(&mut self, now: Instant) -> Vec<u64> {
         let mut out = Vec::new();
-        while let Some(&(at, id)) = self.deadlines.first() {
+        while let Some(&(at, id)) = self.default_deadlines.front() {
             if at > now {
                 break;
             }
-            self.deadlines.pop_first();
+            self.default_deadlines.pop_front();
+            if self.entries.contains_key(&id) {
+                out.push(id);
+            }
+        }
+        while let Some(&(at, id)) = self.custom_deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.custom_deadlines.pop_first();
             out.push(id);
         }
         out

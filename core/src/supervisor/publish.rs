@@ -88,6 +88,7 @@ impl Supervisor {
         }
         check_name("exchange name", &message.exchange).map_err(PublishError::Invalid)?;
         check_name("routing key", &message.routing_key).map_err(PublishError::Invalid)?;
+        let default_deadline = deadline.is_none();
         let deadline = deadline.unwrap_or(self.now + self.config.publish_timeout);
         if deadline <= self.now {
             return Err(PublishError::TimedOut);
@@ -97,7 +98,7 @@ impl Supervisor {
                 capacity: self.config.outbox_capacity,
             });
         }
-        let id = self.outbox.push(message, deadline);
+        let id = self.outbox.push(message, deadline, default_deadline);
         self.stats.published += 1;
         self.pump();
         Ok(id)
@@ -117,7 +118,7 @@ impl Supervisor {
             ch.next_seq += 1;
             let (seq, generation) = (ch.next_seq, ch.generation);
             ch.in_flight.push_back((seq, id));
-            let message = self.outbox.place(
+            let (message, sends) = self.outbox.place(
                 id,
                 Placement {
                     conn: c,
@@ -126,7 +127,7 @@ impl Supervisor {
                 },
             );
             self.stats.sent += 1;
-            if self.outbox.entries.get(&id).is_some_and(|e| e.sends > 1) {
+            if sends > 1 {
                 self.stats.republished += 1;
             }
             self.commands.push_back(Command::Publish {
@@ -182,6 +183,11 @@ impl Supervisor {
                     break;
                 }
                 in_flight.pop_front();
+                done.push(id);
+            }
+        } else if in_flight.front().is_some_and(|&(seq, _)| seq == tag) {
+            // the usual case: confirms come in publish order
+            if let Some((_, id)) = in_flight.pop_front() {
                 done.push(id);
             }
         } else if let Ok(pos) = in_flight.binary_search_by_key(&tag, |&(seq, _)| seq) {
