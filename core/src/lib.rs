@@ -60,7 +60,9 @@
 //! Errors are classified once, in [`TransportError::class`].
 
 pub mod backoff;
+pub mod client;
 pub mod config;
+pub mod driver;
 pub mod endpoint;
 pub mod error;
 pub mod event;
@@ -75,7 +77,11 @@ pub mod topology;
 pub mod transport;
 
 pub use backoff::{Backoff, BackoffConfig, Jitter};
+pub use client::{
+    Client, ClientBuilder, ClientState, Consumer, PublishOptions, Queue, Received, DEFAULT_URL,
+};
 pub use config::Config;
+pub use driver::Driver;
 pub use endpoint::Endpoint;
 pub use error::{ConfigError, ErrorClass, TransportError};
 pub use event::{Event, Reason};

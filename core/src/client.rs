@@ -1,0 +1,716 @@
+//! The application's handle: [`Client`], built by [`ClientBuilder`], with
+//! [`Consumer`] streams and [`Received`] deliveries.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::Stream;
+use futures::channel::{mpsc, oneshot};
+
+use crate::backoff::BackoffConfig;
+use crate::config::Config;
+use crate::driver::{Driver, TopologyReply, lock};
+use crate::endpoint::{Endpoint, parse_host_list, parse_hosts};
+use crate::error::ConfigError;
+use crate::event::Event;
+use crate::ids::ChannelId;
+use crate::message::{Delivery, FieldTable, Message, Properties};
+use crate::outbox::{Confirmation, PublishError};
+use crate::state::Phase;
+use crate::supervisor::{Stats, Supervisor};
+use crate::topology::{
+    AckError, AckKind, ConsumeError, ConsumeOptions, ConsumerId, ExchangeDecl, OpId, QueueDecl,
+    QueueHandle, QueueRef, TopologyError,
+};
+use crate::transport::{ConnectOptions, Timer, Transport};
+
+/// The URL used when neither the builder nor `AMQP_URL` names a broker.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Builds a [`Client`] and its [`Driver`].
+///
+/// ```
+/// use amqp_rebound_core::Client;
+///
+/// let builder = Client::builder()
+///     .hosts(["amqp://guest:guest@rabbit-1:5672/%2f", "amqp://guest:guest@rabbit-2:5672/%2f"])
+///     .pool(2, 4)
+///     .confirm_window(512)
+///     .seed(7);
+/// # let _ = builder;
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    hosts: Result<Vec<Endpoint>, ConfigError>,
+    connections: usize,
+    channels: usize,
+    backoff: BackoffConfig,
+    publish_timeout: Duration,
+    connect_timeout: Duration,
+    outbox_capacity: usize,
+    confirm_window: usize,
+    retry_nacked: bool,
+    seed: u64,
+    connection_name: Option<String>,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        let defaults = Config::new(Vec::new());
+        ClientBuilder {
+            hosts: Err(ConfigError::EmptyHostList),
+            connections: defaults.connections,
+            channels: defaults.channels_per_connection,
+            backoff: defaults.backoff,
+            publish_timeout: defaults.publish_timeout,
+            connect_timeout: defaults.connect_timeout,
+            outbox_capacity: defaults.outbox_capacity,
+            confirm_window: defaults.confirm_window,
+            retry_nacked: defaults.retry_nacked,
+            seed: defaults.seed,
+            connection_name: None,
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// The brokers, as AMQP URIs (`amqp://` or `amqps://`). Errors surface from
+    /// [`build`](Self::build), with the password redacted.
+    pub fn hosts<I, S>(mut self, uris: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.hosts = parse_hosts(uris);
+        self
+    }
+
+    /// The brokers from `AMQP_URL` (comma-separated list allowed), or
+    /// [`DEFAULT_URL`] when it is unset.
+    pub fn from_env(mut self) -> Self {
+        let list = std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_string());
+        self.hosts = parse_host_list(&list);
+        self
+    }
+
+    /// N connections x M channels per connection (default 1 x 4).
+    pub fn pool(mut self, connections: usize, channels_per_connection: usize) -> Self {
+        self.connections = connections;
+        self.channels = channels_per_connection;
+        self
+    }
+
+    /// Reconnect backoff.
+    pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Default publish deadline (30 s).
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    /// How long one dial may take (5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Messages the outbox holds before publishers wait (10,000).
+    pub fn outbox_capacity(mut self, capacity: usize) -> Self {
+        self.outbox_capacity = capacity;
+        self
+    }
+
+    /// Unconfirmed messages per channel (1024).
+    pub fn confirm_window(mut self, window: usize) -> Self {
+        self.confirm_window = window;
+        self
+    }
+
+    /// Re-publish nacked messages instead of failing them.
+    pub fn retry_nacked(mut self, retry: bool) -> Self {
+        self.retry_nacked = retry;
+        self
+    }
+
+    /// Seed of every random choice (host shuffle, jitter).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// The connection name the broker shows.
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = Some(name.into());
+        self
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::new(self.hosts.clone()?);
+        config.connections = self.connections;
+        config.channels_per_connection = self.channels;
+        config.backoff = self.backoff.clone();
+        config.publish_timeout = self.publish_timeout;
+        config.connect_timeout = self.connect_timeout;
+        config.outbox_capacity = self.outbox_capacity;
+        config.confirm_window = self.confirm_window;
+        config.retry_nacked = self.retry_nacked;
+        config.seed = self.seed;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Builds the client over a transport and a timer. Spawn (or await) the
+    /// returned [`Driver`]; the client does nothing without it.
+    pub fn build<T: Transport, K: Timer>(
+        self,
+        transport: T,
+        timer: K,
+    ) -> Result<(Client, Driver), ConfigError> {
+        let config = self.config()?;
+        let publish_timeout = config.publish_timeout;
+        let sup = Supervisor::new(config, timer.now())?;
+        let shared = Arc::new(Shared {
+            stats: Mutex::new(sup.stats()),
+            state: Mutex::new(ClientState::of(&sup)),
+            queue_names: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::unbounded();
+        let options = ConnectOptions {
+            connection_name: self.connection_name,
+        };
+        let driver = Driver::new(sup, transport, timer, rx, Arc::clone(&shared), options);
+        let client = Client {
+            tx,
+            shared,
+            publish_timeout,
+        };
+        Ok((client, driver))
+    }
+}
+
+/// What the driver and every client handle share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) stats: Mutex<Stats>,
+    pub(crate) state: Mutex<ClientState>,
+    pub(crate) queue_names: Mutex<HashMap<QueueHandle, String>>,
+    pub(crate) closed: AtomicBool,
+}
+
+/// A snapshot of the pool's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientState {
+    /// Each connection slot's state.
+    pub connections: Vec<Phase>,
+    /// Channels Ready now.
+    pub ready_channels: usize,
+    /// Channels in the pool.
+    pub channels: usize,
+    /// `close()` was called (or every handle dropped).
+    pub closed: bool,
+}
+
+impl ClientState {
+    pub(crate) fn of(sup: &Supervisor) -> ClientState {
+        ClientState {
+            connections: sup
+                .connection_ids()
+                .filter_map(|id| sup.connection_state(id).map(|s| s.phase()))
+                .collect(),
+            ready_channels: sup.ready_channels(),
+            channels: sup.channel_ids().count(),
+            closed: sup.is_closed(),
+        }
+    }
+
+    /// Every connection and channel is Ready.
+    pub fn is_ready(&self) -> bool {
+        !self.closed && self.ready_channels == self.channels
+    }
+}
+
+type TopologyOpFn =
+    Box<dyn FnOnce(&mut Supervisor, Instant) -> Result<OpId, TopologyError> + Send + 'static>;
+
+/// What a client handle asks of the driver.
+pub(crate) enum Request {
+    Publish {
+        message: Arc<Message>,
+        /// Measured from when the driver accepts it, on the driver's clock.
+        timeout: Option<Duration>,
+        wait: bool,
+        reply: oneshot::Sender<Result<Confirmation, PublishError>>,
+    },
+    Topology {
+        op: TopologyOpFn,
+        reply: TopologyReply,
+    },
+    DeclareQueue {
+        decl: QueueDecl,
+        reply: oneshot::Sender<Result<(QueueHandle, String), TopologyError>>,
+    },
+    Consume {
+        queue: QueueRef,
+        tag: Option<String>,
+        options: ConsumeOptions,
+        items: mpsc::UnboundedSender<ConsumerItem>,
+        reply: oneshot::Sender<Result<ConsumerId, ConsumeError>>,
+    },
+    Cancel {
+        consumer: ConsumerId,
+    },
+    Ack {
+        channel: ChannelId,
+        generation: u64,
+        delivery_tag: u64,
+        kind: AckKind,
+        reply: oneshot::Sender<Result<(), AckError>>,
+    },
+    Watch {
+        events: mpsc::UnboundedSender<Event>,
+    },
+    Close {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Options of one publish.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PublishOptions {
+    /// Deadline instead of the client's publish timeout.
+    pub timeout: Option<Duration>,
+    /// Fail with [`PublishError::Backpressure`] at once when the outbox is full,
+    /// instead of waiting for room.
+    pub no_wait: bool,
+}
+
+/// A handle to a resilient RabbitMQ client. Cheap to clone; `Send + Sync`.
+///
+/// Every publish resolves exactly once: [`Confirmation`] or a [`PublishError`].
+/// Connections, channels, topology and consumers recover by themselves; a message
+/// the broker had not confirmed when a connection died is published again.
+#[derive(Debug, Clone)]
+pub struct Client {
+    tx: mpsc::UnboundedSender<Request>,
+    shared: Arc<Shared>,
+    publish_timeout: Duration,
+}
+
+impl Client {
+    /// A builder with the defaults.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    fn send(&self, request: Request) -> bool {
+        self.tx.unbounded_send(request).is_ok()
+    }
+
+    /// Publishes `payload` to `exchange` with `routing_key` and waits for the
+    /// broker's confirm. Waits for room when the outbox is full.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: impl Into<Bytes>,
+        properties: Properties,
+    ) -> Result<Confirmation, PublishError> {
+        let message = Message::new(exchange, routing_key, payload).with_properties(properties);
+        self.publish_message(message, PublishOptions::default())
+            .await
+    }
+
+    /// Publishes a [`Message`] with [`PublishOptions`].
+    pub async fn publish_message(
+        &self,
+        message: Message,
+        options: PublishOptions,
+    ) -> Result<Confirmation, PublishError> {
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Publish {
+            message: Arc::new(message),
+            timeout: options.timeout,
+            wait: !options.no_wait,
+            reply,
+        };
+        if !self.send(request) {
+            return Err(PublishError::Closed);
+        }
+        rx.await.unwrap_or(Err(PublishError::Closed))
+    }
+
+    /// The client's default publish timeout.
+    pub fn publish_timeout(&self) -> Duration {
+        self.publish_timeout
+    }
+
+    async fn topology(
+        &self,
+        op: impl FnOnce(&mut Supervisor, Instant) -> Result<OpId, TopologyError> + Send + 'static,
+    ) -> Result<(), TopologyError> {
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Topology {
+            op: Box::new(op),
+            reply: TopologyReply::Unit(reply),
+        };
+        if !self.send(request) {
+            return Err(TopologyError::Closed);
+        }
+        rx.await.unwrap_or(Err(TopologyError::Closed))
+    }
+
+    /// Declares an exchange (replayed after every recovery).
+    pub async fn declare_exchange(&self, decl: ExchangeDecl) -> Result<(), TopologyError> {
+        self.topology(move |s, now| s.declare_exchange(now, decl))
+            .await
+    }
+
+    /// Deletes an exchange (and forgets it).
+    pub async fn delete_exchange(&self, name: &str) -> Result<(), TopologyError> {
+        let name = name.to_string();
+        self.topology(move |s, now| s.delete_exchange(now, &name))
+            .await
+    }
+
+    /// Declares a queue (replayed after every recovery). For a server-named queue
+    /// (`QueueDecl::server_named()`), the returned [`Queue`]'s name follows the
+    /// renames recovery causes.
+    pub async fn declare_queue(&self, decl: QueueDecl) -> Result<Queue, TopologyError> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Request::DeclareQueue { decl, reply }) {
+            return Err(TopologyError::Closed);
+        }
+        let (handle, name) = rx.await.unwrap_or(Err(TopologyError::Closed))?;
+        lock(&self.shared.queue_names).insert(handle, name);
+        Ok(Queue {
+            handle,
+            shared: Arc::clone(&self.shared),
+        })
+    }
+
+    /// Deletes a queue (and forgets it).
+    pub async fn delete_queue(&self, queue: impl Into<QueueRef>) -> Result<(), TopologyError> {
+        let queue = queue.into();
+        self.topology(move |s, now| s.delete_queue(now, queue))
+            .await
+    }
+
+    /// Binds a queue to an exchange (replayed after every recovery).
+    pub async fn bind_queue(
+        &self,
+        queue: impl Into<QueueRef>,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<(), TopologyError> {
+        let (queue, exchange, key) = (queue.into(), exchange.to_string(), routing_key.to_string());
+        self.topology(move |s, now| s.bind_queue(now, queue, &exchange, &key, arguments))
+            .await
+    }
+
+    /// Removes a queue binding.
+    pub async fn unbind_queue(
+        &self,
+        queue: impl Into<QueueRef>,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<(), TopologyError> {
+        let (queue, exchange, key) = (queue.into(), exchange.to_string(), routing_key.to_string());
+        self.topology(move |s, now| s.unbind_queue(now, queue, &exchange, &key, arguments))
+            .await
+    }
+
+    /// Binds exchange `destination` to `source` (replayed after every recovery).
+    pub async fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<(), TopologyError> {
+        let (d, s, k) = (
+            destination.to_string(),
+            source.to_string(),
+            routing_key.to_string(),
+        );
+        self.topology(move |sup, now| sup.bind_exchange(now, &d, &s, &k, arguments))
+            .await
+    }
+
+    /// Removes an exchange-to-exchange binding.
+    pub async fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<(), TopologyError> {
+        let (d, s, k) = (
+            destination.to_string(),
+            source.to_string(),
+            routing_key.to_string(),
+        );
+        self.topology(move |sup, now| sup.unbind_exchange(now, &d, &s, &k, arguments))
+            .await
+    }
+
+    /// Consumes from a queue. The [`Consumer`] keeps receiving across recoveries
+    /// (it is re-subscribed with the same tag).
+    pub async fn consume(
+        &self,
+        queue: impl Into<QueueRef>,
+        options: ConsumeOptions,
+    ) -> Result<Consumer, ConsumeError> {
+        self.consume_with_tag(queue, None, options).await
+    }
+
+    /// Like [`consume`](Self::consume), with a consumer tag of your choice.
+    pub async fn consume_with_tag(
+        &self,
+        queue: impl Into<QueueRef>,
+        tag: Option<String>,
+        options: ConsumeOptions,
+    ) -> Result<Consumer, ConsumeError> {
+        let (items, rx) = mpsc::unbounded();
+        let (reply, id) = oneshot::channel();
+        let request = Request::Consume {
+            queue: queue.into(),
+            tag,
+            options,
+            items,
+            reply,
+        };
+        if !self.send(request) {
+            return Err(ConsumeError::Closed);
+        }
+        let id = id.await.unwrap_or(Err(ConsumeError::Closed))?;
+        Ok(Consumer {
+            id,
+            items: rx,
+            client: self.clone(),
+        })
+    }
+
+    pub(crate) async fn ack(
+        &self,
+        channel: ChannelId,
+        generation: u64,
+        delivery_tag: u64,
+        kind: AckKind,
+    ) -> Result<(), AckError> {
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Ack {
+            channel,
+            generation,
+            delivery_tag,
+            kind,
+            reply,
+        };
+        if !self.send(request) {
+            return Err(AckError::Closed);
+        }
+        rx.await.unwrap_or(Err(AckError::Closed))
+    }
+
+    /// A snapshot of the pool's state.
+    pub fn state(&self) -> ClientState {
+        lock(&self.shared.state).clone()
+    }
+
+    /// Counters: reconnects, recoveries, published, confirmed, republished, ...
+    pub fn stats(&self) -> Stats {
+        lock(&self.shared.stats).clone()
+    }
+
+    /// A stream of what happens: state changes, blocked / unblocked, recovery
+    /// failures, queue renames, consumer cancels. Publish results and deliveries
+    /// are not in it (they go to their callers and consumers).
+    pub fn watch(&self) -> impl Stream<Item = Event> + Send + Unpin + 'static {
+        let (events, rx) = mpsc::unbounded();
+        self.send(Request::Watch { events });
+        rx
+    }
+
+    /// Whether the client is closed (by `close` or because its driver ended).
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst) || self.tx.is_closed()
+    }
+
+    /// Closes the client: nothing new is accepted, in-flight publishes get up to
+    /// the close timeout for their confirms, every pending operation resolves,
+    /// connections close. Returns when the driver is done.
+    pub async fn close(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.send(Request::Close { done }) {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// A declared queue. Its [`name`](Queue::name) follows the renames of a
+/// server-named queue across recoveries.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    handle: QueueHandle,
+    shared: Arc<Shared>,
+}
+
+impl Queue {
+    /// The queue's current name.
+    pub fn name(&self) -> String {
+        lock(&self.shared.queue_names)
+            .get(&self.handle)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The stable handle.
+    pub fn handle(&self) -> QueueHandle {
+        self.handle
+    }
+}
+
+impl From<&Queue> for QueueRef {
+    fn from(queue: &Queue) -> Self {
+        QueueRef::Handle(queue.handle)
+    }
+}
+
+impl From<Queue> for QueueRef {
+    fn from(queue: Queue) -> Self {
+        QueueRef::Handle(queue.handle)
+    }
+}
+
+/// What the driver sends a consumer.
+#[derive(Debug)]
+pub(crate) enum ConsumerItem {
+    Delivery(Received),
+    Ended(ConsumeError),
+}
+
+/// A stream of [`Received`] messages that survives recovery. It ends (with an
+/// error item) when the broker cancels it for good or the client closes. Dropping
+/// it cancels the consumer.
+#[derive(Debug)]
+pub struct Consumer {
+    id: ConsumerId,
+    items: mpsc::UnboundedReceiver<ConsumerItem>,
+    client: Client,
+}
+
+impl Consumer {
+    /// The consumer's id.
+    pub fn id(&self) -> ConsumerId {
+        self.id
+    }
+
+    /// Cancels the consumer (deliveries already received can still be acked).
+    pub fn cancel(self) {
+        self.client.send(Request::Cancel { consumer: self.id });
+    }
+}
+
+impl Stream for Consumer {
+    type Item = Result<Received, ConsumeError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match Pin::new(&mut self.items).poll_next(cx) {
+            Poll::Ready(Some(ConsumerItem::Delivery(mut received))) => {
+                received.client = Some(self.client.clone());
+                Poll::Ready(Some(Ok(received)))
+            }
+            Poll::Ready(Some(ConsumerItem::Ended(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.client.send(Request::Cancel { consumer: self.id });
+    }
+}
+
+/// A message delivered to a [`Consumer`]. Ack, nack or reject it; if its channel
+/// was recovered since it arrived, that returns [`AckError::Stale`] and the broker
+/// redelivers it.
+#[derive(Debug)]
+pub struct Received {
+    /// The delivery: payload, properties, routing data.
+    pub delivery: Delivery,
+    channel: ChannelId,
+    generation: u64,
+    client: Option<Client>,
+}
+
+impl Received {
+    pub(crate) fn new(delivery: Delivery, channel: ChannelId, generation: u64) -> Received {
+        Received {
+            delivery,
+            channel,
+            generation,
+            client: None,
+        }
+    }
+
+    /// The body.
+    pub fn payload(&self) -> &[u8] {
+        &self.delivery.payload
+    }
+
+    /// The channel generation it came on.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The channel it came on.
+    pub fn channel(&self) -> ChannelId {
+        self.channel
+    }
+
+    async fn settle(&self, kind: AckKind) -> Result<(), AckError> {
+        match &self.client {
+            Some(client) => {
+                client
+                    .ack(self.channel, self.generation, self.delivery.delivery_tag, kind)
+                    .await
+            }
+            None => Err(AckError::Closed),
+        }
+    }
+
+    /// Acknowledges it.
+    pub async fn ack(&self) -> Result<(), AckError> {
+        self.settle(AckKind::Ack { multiple: false }).await
+    }
+
+    /// Negatively acknowledges it.
+    pub async fn nack(&self, requeue: bool) -> Result<(), AckError> {
+        self.settle(AckKind::Nack {
+            multiple: false,
+            requeue,
+        })
+        .await
+    }
+
+    /// Rejects it.
+    pub async fn reject(&self, requeue: bool) -> Result<(), AckError> {
+        self.settle(AckKind::Reject { requeue }).await
+    }
+}
