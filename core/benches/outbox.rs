@@ -57,36 +57,40 @@ fn outbox(c: &mut Criterion) {
         let (mut sup, now, channel, generation) = ready(window);
         let mut seqs = Vec::with_capacity(window);
         group.throughput(Throughput::Elements(window as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(window), &window, |b, &window| {
-            b.iter(|| {
-                for _ in 0..window {
-                    black_box(sup.publish(now, Arc::clone(&message), None).ok());
-                    while let Some(command) = sup.poll_command() {
-                        if let Command::Publish { seq, .. } = command {
-                            seqs.push(seq);
+        group.bench_with_input(
+            BenchmarkId::from_parameter(window),
+            &window,
+            |b, &window| {
+                b.iter(|| {
+                    for _ in 0..window {
+                        black_box(sup.publish(now, Arc::clone(&message), None).ok());
+                        while let Some(command) = sup.poll_command() {
+                            if let Command::Publish { seq, .. } = command {
+                                seqs.push(seq);
+                            }
                         }
                     }
-                }
-                for seq in seqs.drain(..) {
-                    sup.handle(
-                        now,
-                        Input::Confirm {
-                            channel,
-                            generation,
-                            delivery_tag: seq,
-                            multiple: false,
-                            ack: true,
-                        },
-                    );
-                    while let Some(command) = sup.poll_command() {
-                        black_box(command);
+                    for seq in seqs.drain(..) {
+                        sup.handle(
+                            now,
+                            Input::Confirm {
+                                channel,
+                                generation,
+                                delivery_tag: seq,
+                                multiple: false,
+                                ack: true,
+                            },
+                        );
+                        while let Some(command) = sup.poll_command() {
+                            black_box(command);
+                        }
+                        while let Some(event) = sup.poll_event() {
+                            black_box(event);
+                        }
                     }
-                    while let Some(event) = sup.poll_event() {
-                        black_box(event);
-                    }
-                }
-            })
-        });
+                })
+            },
+        );
     }
     group.finish();
 }

@@ -297,6 +297,20 @@ pub struct PublishOptions {
     pub no_wait: bool,
 }
 
+impl PublishOptions {
+    /// Sets the deadline of this publish, measured from when the driver takes it.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Fails at once with backpressure when the outbox is full.
+    pub fn no_wait(mut self) -> Self {
+        self.no_wait = true;
+        self
+    }
+}
+
 /// A handle to a resilient RabbitMQ client. Cheap to clone; `Send + Sync`.
 ///
 /// Every publish resolves exactly once: [`Confirmation`] or a [`PublishError`].
@@ -599,7 +613,7 @@ impl From<Queue> for QueueRef {
 /// What the driver sends a consumer.
 #[derive(Debug)]
 pub(crate) enum ConsumerItem {
-    Delivery(Received),
+    Delivery(Box<Received>),
     Ended(ConsumeError),
 }
 
@@ -630,7 +644,8 @@ impl Stream for Consumer {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match Pin::new(&mut self.items).poll_next(cx) {
-            Poll::Ready(Some(ConsumerItem::Delivery(mut received))) => {
+            Poll::Ready(Some(ConsumerItem::Delivery(received))) => {
+                let mut received = *received;
                 received.client = Some(self.client.clone());
                 Poll::Ready(Some(Ok(received)))
             }
@@ -688,7 +703,12 @@ impl Received {
         match &self.client {
             Some(client) => {
                 client
-                    .ack(self.channel, self.generation, self.delivery.delivery_tag, kind)
+                    .ack(
+                        self.channel,
+                        self.generation,
+                        self.delivery.delivery_tag,
+                        kind,
+                    )
                     .await
             }
             None => Err(AckError::Closed),

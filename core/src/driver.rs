@@ -179,7 +179,9 @@ impl<T: Transport, K: Timer> State<T, K> {
         let mut requests_open = true;
         loop {
             self.flush();
-            if self.sup.is_fully_closed() && self.ops.is_empty() {
+            // Fully closed means every connection closed or its close timed out:
+            // what is still running (orphaned dials, a hung close) is dropped.
+            if self.sup.is_fully_closed() {
                 break;
             }
             let next = self.next_wake();
@@ -307,7 +309,10 @@ impl<T: Transport, K: Timer> State<T, K> {
                 generation,
                 op,
             } => {
-                let Some(slot) = self.chans.get(&channel).filter(|s| s.generation == generation)
+                let Some(slot) = self
+                    .chans
+                    .get(&channel)
+                    .filter(|s| s.generation == generation)
                 else {
                     return;
                 };
@@ -380,7 +385,11 @@ impl<T: Transport, K: Timer> State<T, K> {
     }
 
     fn outbound(&mut self, channel: ChannelId, generation: u64, item: Outbound) {
-        if let Some(slot) = self.chans.get(&channel).filter(|s| s.generation == generation) {
+        if let Some(slot) = self
+            .chans
+            .get(&channel)
+            .filter(|s| s.generation == generation)
+        {
             // a closed worker means the channel broke; its loss is reported
             let _ = slot.outbound.unbounded_send(item);
         }
@@ -482,8 +491,16 @@ impl<T: Transport, K: Timer> State<T, K> {
         }
     }
 
-    fn on_connection_event(&mut self, connection: ConnectionId, epoch: u64, event: ConnectionEvent) {
-        let current = self.conns.get(&connection).is_some_and(|(e, _)| *e == epoch);
+    fn on_connection_event(
+        &mut self,
+        connection: ConnectionId,
+        epoch: u64,
+        event: ConnectionEvent,
+    ) {
+        let current = self
+            .conns
+            .get(&connection)
+            .is_some_and(|(e, _)| *e == epoch);
         match event {
             ConnectionEvent::Closed(error) => {
                 if current {
@@ -604,7 +621,8 @@ impl<T: Transport, K: Timer> State<T, K> {
             },
             Request::DeclareQueue { decl, reply } => match self.sup.declare_queue(now, decl) {
                 Ok((id, handle)) => {
-                    self.topology.insert(id, TopologyReply::Queue(handle, reply));
+                    self.topology
+                        .insert(id, TopologyReply::Queue(handle, reply));
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e));
@@ -699,8 +717,9 @@ impl<T: Transport, K: Timer> State<T, K> {
                 delivery,
             } => {
                 if let Some(items) = self.consumers.get(&consumer) {
-                    let item =
-                        ConsumerItem::Delivery(Received::new(*delivery, channel, generation));
+                    let item = ConsumerItem::Delivery(Box::new(Received::new(
+                        *delivery, channel, generation,
+                    )));
                     if items.unbounded_send(item).is_err() {
                         // the application dropped the Consumer: stop it
                         self.consumers.remove(&consumer);
@@ -758,7 +777,8 @@ impl<T: Transport, K: Timer> State<T, K> {
             }
         }
         for (_, items) in self.consumers.drain() {
-            let _ = items.unbounded_send(ConsumerItem::Ended(crate::topology::ConsumeError::Closed));
+            let _ =
+                items.unbounded_send(ConsumerItem::Ended(crate::topology::ConsumeError::Closed));
         }
         *lock(&self.shared.state) = ClientState::of(&self.sup);
         *lock(&self.shared.stats) = self.sup.stats();
@@ -852,7 +872,10 @@ async fn run_topology<C: Channel>(
             queue,
             consumer_tag,
             options,
-        } => ch.consume(queue, consumer_tag, options).await.map(|()| None),
+        } => ch
+            .consume(queue, consumer_tag, options)
+            .await
+            .map(|()| None),
         TopologyOp::Cancel { consumer_tag } => ch.cancel(consumer_tag).await.map(|()| None),
     }
 }

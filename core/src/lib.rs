@@ -78,7 +78,7 @@ pub mod transport;
 
 pub use backoff::{Backoff, BackoffConfig, Jitter};
 pub use client::{
-    Client, ClientBuilder, ClientState, Consumer, PublishOptions, Queue, Received, DEFAULT_URL,
+    Client, ClientBuilder, ClientState, Consumer, DEFAULT_URL, PublishOptions, Queue, Received,
 };
 pub use config::Config;
 pub use driver::Driver;

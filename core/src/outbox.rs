@@ -169,7 +169,11 @@ impl Outbox {
                 sends: 0,
             },
         );
-        if default_deadline && self.default_deadlines.back().is_none_or(|(at, _)| *at <= deadline)
+        if default_deadline
+            && self
+                .default_deadlines
+                .back()
+                .is_none_or(|(at, _)| *at <= deadline)
         {
             self.default_deadlines.push_back((deadline, id));
         } else {

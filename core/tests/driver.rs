@@ -1,0 +1,395 @@
+//! The real Driver + Client over an in-memory transport, run on
+//! `futures::executor::LocalPool` with a manual clock: no tokio anywhere, which is
+//! the proof that the driver is runtime-agnostic.
+
+mod support;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use amqp_rebound_core::{
+    AckError, Client, ConfigError, Confirmation, ConsumeOptions, Event, Properties, PublishError,
+    PublishOptions, QueueDecl, TransportError,
+};
+use futures::StreamExt;
+use futures::executor::LocalPool;
+use futures::task::LocalSpawnExt;
+use support::{ManualClock, MemoryTransport, drive};
+
+const URL: &str = "amqp://guest:s3cr3t-pw@127.0.0.1:5672/%2f";
+
+fn setup(connections: usize, channels: usize) -> (LocalPool, ManualClock, MemoryTransport, Client) {
+    let pool = LocalPool::new();
+    let clock = ManualClock::new();
+    let transport = MemoryTransport::default();
+    let (client, driver) = Client::builder()
+        .hosts([URL])
+        .pool(connections, channels)
+        .seed(1)
+        .build(transport.clone(), clock.clone())
+        .expect("valid config");
+    pool.spawner().spawn_local(driver).expect("spawn");
+    (pool, clock, transport, client)
+}
+
+type Results = Rc<RefCell<Vec<(u32, Result<Confirmation, PublishError>)>>>;
+
+fn spawn_publishes(pool: &LocalPool, client: &Client, ids: std::ops::Range<u32>) -> Results {
+    let results: Results = Rc::default();
+    for id in ids {
+        let client = client.clone();
+        let results = Rc::clone(&results);
+        pool.spawner()
+            .spawn_local(async move {
+                let r = client
+                    .publish("", "q", id.to_string().into_bytes(), Properties::default())
+                    .await;
+                results.borrow_mut().push((id, r));
+            })
+            .expect("spawn");
+    }
+    results
+}
+
+#[test]
+fn publishes_are_confirmed_on_a_non_tokio_executor() {
+    let (mut pool, clock, transport, client) = setup(1, 2);
+    let results = spawn_publishes(&pool, &client, 0..100);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || results
+        .borrow()
+        .len()
+        == 100));
+    assert!(
+        results
+            .borrow()
+            .iter()
+            .all(|(_, r)| *r == Ok(Confirmation::Confirmed))
+    );
+    assert_eq!(transport.broker().received.len(), 100);
+    assert_eq!(client.stats().confirmed, 100);
+    assert!(client.state().is_ready());
+}
+
+#[test]
+fn loss_mid_stream_republishes_unconfirmed_in_order() {
+    let (mut pool, clock, transport, client) = setup(1, 1);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+        .state()
+        .is_ready()));
+    transport.broker().hold_confirms = true;
+    let results = spawn_publishes(&pool, &client, 0..5);
+    pool.run_until_stalled();
+    assert_eq!(transport.broker().received, vec!["0", "1", "2", "3", "4"]);
+    transport.kill_all();
+    transport.broker().hold_confirms = false;
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || results
+        .borrow()
+        .len()
+        == 5));
+    assert_eq!(
+        transport.broker().received,
+        vec!["0", "1", "2", "3", "4", "0", "1", "2", "3", "4"],
+        "re-published after recovery, in the original order"
+    );
+    assert!(
+        results
+            .borrow()
+            .iter()
+            .all(|(_, r)| *r == Ok(Confirmation::Confirmed))
+    );
+    let stats = client.stats();
+    assert_eq!((stats.republished, stats.recoveries), (5, 1));
+}
+
+#[test]
+fn a_channel_error_leaves_the_other_channels_working() {
+    let (mut pool, clock, transport, client) = setup(1, 2);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+        .state()
+        .is_ready()));
+    transport.close_channel(0, 406);
+    pool.run_until_stalled();
+    assert_eq!(
+        client.state().ready_channels,
+        1,
+        "only that channel is down"
+    );
+    assert_eq!(transport.open_connections(), 1, "the connection stays");
+    let results = spawn_publishes(&pool, &client, 0..10);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || results
+        .borrow()
+        .len()
+        == 10));
+    assert!(results.borrow().iter().all(|(_, r)| r.is_ok()));
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || client
+        .state()
+        .is_ready()));
+    assert_eq!(transport.broker().dials, 1);
+}
+
+#[test]
+fn blocked_connection_holds_publishes_until_unblocked() {
+    let (mut pool, clock, transport, client) = setup(1, 1);
+    let mut events = client.watch();
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+        .state()
+        .is_ready()));
+    transport.block_all(true);
+    pool.run_until_stalled();
+    let results = spawn_publishes(&pool, &client, 0..3);
+    pool.run_until_stalled();
+    assert!(
+        transport.broker().received.is_empty(),
+        "nothing goes out while blocked"
+    );
+    transport.block_all(false);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || results
+        .borrow()
+        .len()
+        == 3));
+    let mut seen = Vec::new();
+    while let Some(Some(e)) = futures::FutureExt::now_or_never(events.next()) {
+        seen.push(e);
+    }
+    assert!(seen.iter().any(|e| matches!(e, Event::Blocked { .. })));
+    assert!(seen.iter().any(|e| matches!(e, Event::Unblocked { .. })));
+}
+
+#[test]
+fn connect_failures_follow_the_backoff_then_recover() {
+    let (mut pool, clock, transport, client) = setup(1, 1);
+    transport.broker().refuse = Some(TransportError::Io("connection refused".into()));
+    let start = clock_now(&clock);
+    drive(&mut pool, &clock, Duration::from_secs(10), || false);
+    let dials = transport.broker().dials;
+    // 50 ms initial doubling to a 10 s cap with full jitter: a handful in 10 s,
+    // never a hot loop
+    assert!((3..=40).contains(&dials), "{dials} dials in 10 s");
+    transport.broker().refuse = None;
+    assert!(drive(&mut pool, &clock, Duration::from_secs(11), || client
+        .state()
+        .is_ready()));
+    assert!(clock_now(&clock) > start);
+}
+
+fn clock_now(clock: &ManualClock) -> std::time::Instant {
+    use amqp_rebound_core::Timer;
+    clock.now()
+}
+
+#[test]
+fn close_while_reconnecting_stops_dialling_and_resolves_everything() {
+    let (mut pool, clock, transport, client) = setup(1, 1);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+        .state()
+        .is_ready()));
+    transport.broker().refuse = Some(TransportError::Io("refused".into()));
+    transport.kill_all();
+    let results = spawn_publishes(&pool, &client, 0..3);
+    drive(&mut pool, &clock, Duration::from_millis(500), || false);
+    let closed = Rc::new(RefCell::new(false));
+    {
+        let client = client.clone();
+        let closed = Rc::clone(&closed);
+        pool.spawner()
+            .spawn_local(async move {
+                client.close().await;
+                *closed.borrow_mut() = true;
+            })
+            .unwrap();
+    }
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || *closed
+        .borrow()));
+    let dials = transport.broker().dials;
+    transport.broker().refuse = None;
+    drive(&mut pool, &clock, Duration::from_secs(60), || false);
+    assert_eq!(transport.broker().dials, dials, "no dial after close");
+    assert_eq!(results.borrow().len(), 3, "every publish resolved");
+    assert!(
+        results
+            .borrow()
+            .iter()
+            .all(|(_, r)| *r == Err(PublishError::Closed))
+    );
+    assert!(client.is_closed());
+}
+
+#[test]
+fn publish_after_close_is_a_closed_error() {
+    let (mut pool, clock, _transport, client) = setup(1, 1);
+    let out = Rc::new(RefCell::new(None));
+    {
+        let client = client.clone();
+        let out = Rc::clone(&out);
+        pool.spawner()
+            .spawn_local(async move {
+                client.close().await;
+                let r = client.publish("", "q", "late", Properties::default()).await;
+                *out.borrow_mut() = Some(r);
+            })
+            .unwrap();
+    }
+    assert!(drive(&mut pool, &clock, Duration::from_secs(10), || out
+        .borrow()
+        .is_some()));
+    assert_eq!(out.borrow().clone(), Some(Err(PublishError::Closed)));
+}
+
+#[test]
+fn dropping_the_driver_resolves_pending_publishes() {
+    let pool = LocalPool::new();
+    let clock = ManualClock::new();
+    let transport = MemoryTransport::default();
+    transport.broker().refuse = Some(TransportError::Io("refused".into()));
+    let (client, driver) = Client::builder()
+        .hosts([URL])
+        .build(transport, clock)
+        .unwrap();
+    let mut inner_pool = pool;
+    let results = spawn_publishes(&inner_pool, &client, 0..2);
+    let handle = inner_pool
+        .spawner()
+        .spawn_local_with_handle(driver)
+        .unwrap();
+    inner_pool.run_until_stalled();
+    drop(handle); // cancels (drops) the driver
+    inner_pool.run_until_stalled();
+    assert_eq!(results.borrow().len(), 2);
+    assert!(
+        results
+            .borrow()
+            .iter()
+            .all(|(_, r)| *r == Err(PublishError::Closed))
+    );
+}
+
+#[test]
+fn builder_errors_are_typed_and_never_show_the_password() {
+    let build = |b: amqp_rebound_core::ClientBuilder| {
+        b.build(MemoryTransport::default(), ManualClock::new())
+            .map(|_| ())
+    };
+    assert_eq!(build(Client::builder()), Err(ConfigError::EmptyHostList));
+    assert_eq!(
+        build(Client::builder().hosts([URL]).pool(0, 1)),
+        Err(ConfigError::ZeroConnections)
+    );
+    assert_eq!(
+        build(Client::builder().hosts([URL]).pool(1, 0)),
+        Err(ConfigError::ZeroChannels)
+    );
+    assert_eq!(
+        build(Client::builder().hosts([URL]).confirm_window(0)),
+        Err(ConfigError::Zero("confirm window"))
+    );
+    let bad = build(Client::builder().hosts(["amqp://guest:s3cr3t-pw@:99999"])).unwrap_err();
+    assert!(matches!(bad, ConfigError::InvalidUri { .. }));
+    assert!(!format!("{bad} {bad:?}").contains("s3cr3t-pw"));
+}
+
+#[test]
+fn consumers_receive_and_stale_acks_are_refused_after_recovery() {
+    let (mut pool, clock, transport, client) = setup(1, 1);
+    let outcome = Rc::new(RefCell::new(Vec::new()));
+    {
+        let client = client.clone();
+        let outcome = Rc::clone(&outcome);
+        let transport = transport.clone();
+        pool.spawner()
+            .spawn_local(async move {
+                let queue = client
+                    .declare_queue(QueueDecl::durable("jobs"))
+                    .await
+                    .unwrap();
+                assert_eq!(queue.name(), "jobs");
+                let mut consumer = client
+                    .consume(&queue, ConsumeOptions::default())
+                    .await
+                    .unwrap();
+                client
+                    .publish("", "jobs", "a", Properties::default())
+                    .await
+                    .unwrap();
+                let first = consumer.next().await.unwrap().unwrap();
+                first.ack().await.unwrap();
+                outcome.borrow_mut().push(format!(
+                    "acked {}",
+                    String::from_utf8_lossy(first.payload())
+                ));
+                client
+                    .publish("", "jobs", "b", Properties::default())
+                    .await
+                    .unwrap();
+                let second = consumer.next().await.unwrap().unwrap();
+                transport.kill_all();
+                // wait until the consumer is back (it receives c after recovery)
+                client
+                    .publish("", "jobs", "c", Properties::default())
+                    .await
+                    .unwrap();
+                let third = consumer.next().await.unwrap().unwrap();
+                let stale = format!("{:?}", second.ack().await);
+                outcome.borrow_mut().push(stale);
+                let fresh = format!("{:?}", third.ack().await);
+                outcome.borrow_mut().push(fresh);
+                assert!(third.generation() > second.generation());
+            })
+            .unwrap();
+    }
+    assert!(drive(
+        &mut pool,
+        &clock,
+        Duration::from_secs(10),
+        || outcome.borrow().len() == 3
+    ));
+    assert_eq!(
+        *outcome.borrow(),
+        vec![
+            "acked a".to_string(),
+            format!("{:?}", Err::<(), _>(AckError::Stale)),
+            "Ok(())".to_string()
+        ]
+    );
+}
+
+#[test]
+fn per_publish_timeout_and_no_wait_backpressure() {
+    let pool = LocalPool::new();
+    let clock = ManualClock::new();
+    let transport = MemoryTransport::default();
+    transport.broker().refuse = Some(TransportError::Io("refused".into()));
+    let (client, driver) = Client::builder()
+        .hosts([URL])
+        .outbox_capacity(1)
+        .build(transport, clock.clone())
+        .unwrap();
+    let mut pool = pool;
+    pool.spawner().spawn_local(driver).unwrap();
+    let out = Rc::new(RefCell::new(Vec::new()));
+    for (n, options) in [
+        PublishOptions::default().timeout(Duration::from_secs(2)),
+        PublishOptions::default().no_wait(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let client = client.clone();
+        let out = Rc::clone(&out);
+        pool.spawner()
+            .spawn_local(async move {
+                let message = amqp_rebound_core::Message::new("", "q", format!("{n}"));
+                let r = client.publish_message(message, options).await;
+                out.borrow_mut().push((n, r));
+            })
+            .unwrap();
+        pool.run_until_stalled();
+    }
+    assert!(drive(&mut pool, &clock, Duration::from_secs(3), || out
+        .borrow()
+        .len()
+        == 2));
+    let out = out.borrow();
+    assert!(out.contains(&(1, Err(PublishError::Backpressure { capacity: 1 }))));
+    assert!(out.contains(&(0, Err(PublishError::TimedOut))));
+}

@@ -1,0 +1,522 @@
+//! An in-memory transport that answers at once, and a manual clock, for driving
+//! the real Driver without a broker and without a runtime.
+//!
+//! The broker model is minimal on purpose (the simulator crate has the full
+//! one): queues by name on the default exchange, confirms for every publish,
+//! deliveries to consumers, and fault switches (refuse dials, kill connections,
+//! close a channel, block).
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use amqp_rebound_core::transport::{
+    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Sleep, Timer,
+    Transport,
+};
+use amqp_rebound_core::{
+    ConsumeOptions, Delivery, Endpoint, ExchangeDecl, FieldTable, Message, QueueDecl,
+    TransportError,
+};
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::channel::mpsc;
+use futures::stream::BoxStream;
+
+// ----- the clock -----
+
+#[derive(Default)]
+struct ClockInner {
+    now: Option<Instant>,
+    sleepers: Vec<(Instant, Waker)>,
+}
+
+/// A clock that moves only when the test says so.
+#[derive(Clone)]
+pub struct ManualClock(Arc<Mutex<ClockInner>>);
+
+impl ManualClock {
+    pub fn new() -> Self {
+        #[allow(clippy::disallowed_methods)] // the test owns the clock
+        let start = Instant::now();
+        ManualClock(Arc::new(Mutex::new(ClockInner {
+            now: Some(start),
+            sleepers: Vec::new(),
+        })))
+    }
+
+    pub fn advance(&self, d: Duration) {
+        let mut inner = self.0.lock().unwrap();
+        let now = inner.now.unwrap() + d;
+        inner.now = Some(now);
+        let (due, rest): (Vec<_>, Vec<_>) =
+            inner.sleepers.drain(..).partition(|(at, _)| *at <= now);
+        inner.sleepers = rest;
+        drop(inner);
+        for (_, w) in due {
+            w.wake();
+        }
+    }
+
+    /// The earliest armed sleep, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.0
+            .lock()
+            .unwrap()
+            .sleepers
+            .iter()
+            .map(|(at, _)| *at)
+            .min()
+    }
+
+    pub fn advance_to_next(&self) -> bool {
+        let Some(at) = self.next_deadline() else {
+            return false;
+        };
+        let now = self.now();
+        self.advance(at.saturating_duration_since(now));
+        true
+    }
+}
+
+struct ManualSleep {
+    clock: ManualClock,
+    at: Instant,
+}
+
+impl Future for ManualSleep {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut inner = self.clock.0.lock().unwrap();
+        if inner.now.unwrap() >= self.at {
+            return Poll::Ready(());
+        }
+        inner.sleepers.push((self.at, cx.waker().clone()));
+        Poll::Pending
+    }
+}
+
+impl Timer for ManualClock {
+    fn now(&self) -> Instant {
+        self.0.lock().unwrap().now.unwrap()
+    }
+    fn sleep_until(&self, deadline: Instant) -> Sleep {
+        Box::pin(ManualSleep {
+            clock: self.clone(),
+            at: deadline,
+        })
+    }
+}
+
+// ----- the broker -----
+
+#[derive(Default)]
+pub struct Broker {
+    /// Dials fail while set.
+    pub refuse: Option<TransportError>,
+    pub dials: usize,
+    next_conn: u64,
+    conns: BTreeMap<u64, mpsc::UnboundedSender<ConnectionEvent>>,
+    chans: BTreeMap<(u64, u64), ChanState>,
+    next_chan: u64,
+    /// Messages per queue.
+    pub queues: BTreeMap<String, VecDeque<Message>>,
+    /// Every payload published, in arrival order.
+    pub received: Vec<String>,
+    /// Publish calls fail with this (once) — simulates a broken channel.
+    pub fail_next_publish: Option<TransportError>,
+    /// Do not confirm publishes (they stay pending).
+    pub hold_confirms: bool,
+    held: Vec<(u64, u64, u64)>,
+    server_named: u64,
+}
+
+struct ChanState {
+    events: mpsc::UnboundedSender<ChannelEvent>,
+    seq: u64,
+    delivery_tag: u64,
+    consumers: Vec<(String, String)>,
+}
+
+#[derive(Clone, Default)]
+pub struct MemoryTransport(pub Arc<Mutex<Broker>>);
+
+impl MemoryTransport {
+    pub fn broker(&self) -> std::sync::MutexGuard<'_, Broker> {
+        self.0.lock().unwrap()
+    }
+
+    /// The broker drops every connection (as `close_all_connections`).
+    pub fn kill_all(&self) {
+        let mut b = self.broker();
+        let error = TransportError::Reply {
+            code: 320,
+            text: "CONNECTION_FORCED".into(),
+        };
+        for (_, chan) in std::mem::take(&mut b.chans) {
+            let _ = chan
+                .events
+                .unbounded_send(ChannelEvent::Closed(error.clone()));
+        }
+        for (_, conn) in std::mem::take(&mut b.conns) {
+            let _ = conn.unbounded_send(ConnectionEvent::Closed(error.clone()));
+        }
+    }
+
+    /// The broker closes one channel (the `n`-th open one) with a reply code.
+    pub fn close_channel(&self, n: usize, code: u16) {
+        let mut b = self.broker();
+        if let Some(key) = b.chans.keys().nth(n).copied()
+            && let Some(chan) = b.chans.remove(&key)
+        {
+            let _ = chan
+                .events
+                .unbounded_send(ChannelEvent::Closed(TransportError::Reply {
+                    code,
+                    text: "channel error".into(),
+                }));
+        }
+    }
+
+    pub fn block_all(&self, blocked: bool) {
+        let b = self.broker();
+        for conn in b.conns.values() {
+            let _ = conn.unbounded_send(if blocked {
+                ConnectionEvent::Blocked("low on memory".into())
+            } else {
+                ConnectionEvent::Unblocked
+            });
+        }
+    }
+
+    /// Confirms every held publish.
+    pub fn release_confirms(&self) {
+        let mut b = self.broker();
+        b.hold_confirms = false;
+        for (conn, chan, seq) in std::mem::take(&mut b.held) {
+            if let Some(c) = b.chans.get(&(conn, chan)) {
+                let _ = c.events.unbounded_send(ChannelEvent::Ack {
+                    delivery_tag: seq,
+                    multiple: false,
+                });
+            }
+        }
+    }
+
+    pub fn open_channels(&self) -> usize {
+        self.broker().chans.len()
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.broker().conns.len()
+    }
+}
+
+pub struct MemConnection {
+    id: u64,
+    broker: Arc<Mutex<Broker>>,
+    events: Mutex<Option<mpsc::UnboundedReceiver<ConnectionEvent>>>,
+}
+
+pub struct MemChannel {
+    key: (u64, u64),
+    broker: Arc<Mutex<Broker>>,
+    events: Mutex<Option<mpsc::UnboundedReceiver<ChannelEvent>>>,
+}
+
+#[async_trait]
+impl Transport for MemoryTransport {
+    type Connection = MemConnection;
+    async fn connect(
+        &self,
+        _endpoint: &Endpoint,
+        _options: &ConnectOptions,
+    ) -> Result<MemConnection, TransportError> {
+        let mut b = self.broker();
+        b.dials += 1;
+        if let Some(e) = b.refuse.clone() {
+            return Err(e);
+        }
+        b.next_conn += 1;
+        let id = b.next_conn;
+        let (tx, rx) = mpsc::unbounded();
+        b.conns.insert(id, tx);
+        Ok(MemConnection {
+            id,
+            broker: Arc::clone(&self.0),
+            events: Mutex::new(Some(rx)),
+        })
+    }
+}
+
+fn closed() -> TransportError {
+    TransportError::Io("closed".into())
+}
+
+#[async_trait]
+impl Connection for MemConnection {
+    type Channel = MemChannel;
+    async fn open_channel(&self) -> Result<MemChannel, TransportError> {
+        let mut b = self.broker.lock().unwrap();
+        if !b.conns.contains_key(&self.id) {
+            return Err(closed());
+        }
+        b.next_chan += 1;
+        let key = (self.id, b.next_chan);
+        let (tx, rx) = mpsc::unbounded();
+        b.chans.insert(
+            key,
+            ChanState {
+                events: tx,
+                seq: 0,
+                delivery_tag: 0,
+                consumers: Vec::new(),
+            },
+        );
+        Ok(MemChannel {
+            key,
+            broker: Arc::clone(&self.broker),
+            events: Mutex::new(Some(rx)),
+        })
+    }
+    fn events(&self) -> BoxStream<'static, ConnectionEvent> {
+        match self.events.lock().unwrap().take() {
+            Some(rx) => rx.boxed(),
+            None => futures::stream::empty().boxed(),
+        }
+    }
+    async fn close(&self) -> Result<(), TransportError> {
+        let mut b = self.broker.lock().unwrap();
+        b.conns.remove(&self.id);
+        b.chans.retain(|(c, _), _| *c != self.id);
+        Ok(())
+    }
+}
+
+impl MemChannel {
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&mut Broker) -> Result<R, TransportError>,
+    ) -> Result<R, TransportError> {
+        let mut b = self.broker.lock().unwrap();
+        if !b.chans.contains_key(&self.key) {
+            return Err(closed());
+        }
+        f(&mut b)
+    }
+}
+
+/// Delivers what waits in `queue` to its consumers (round-robin by arrival).
+fn dispatch(b: &mut Broker, queue: &str) {
+    loop {
+        let target = b.chans.iter().find_map(|(k, c)| {
+            c.consumers
+                .iter()
+                .find(|(q, _)| q == queue)
+                .map(|(_, tag)| (*k, tag.clone()))
+        });
+        let Some((key, tag)) = target else { return };
+        let Some(message) = b.queues.get_mut(queue).and_then(|q| q.pop_front()) else {
+            return;
+        };
+        let chan = b.chans.get_mut(&key).expect("found above");
+        chan.delivery_tag += 1;
+        let _ = chan.events.unbounded_send(ChannelEvent::Delivery(Delivery {
+            consumer_tag: tag,
+            delivery_tag: chan.delivery_tag,
+            redelivered: false,
+            exchange: message.exchange.clone(),
+            routing_key: message.routing_key.clone(),
+            properties: message.properties.clone(),
+            payload: message.payload.clone(),
+        }));
+    }
+}
+
+#[async_trait]
+impl Channel for MemChannel {
+    fn events(&self) -> BoxStream<'static, ChannelEvent> {
+        match self.events.lock().unwrap().take() {
+            Some(rx) => rx.boxed(),
+            None => futures::stream::empty().boxed(),
+        }
+    }
+    async fn confirm_select(&self) -> Result<(), TransportError> {
+        self.with(|_| Ok(()))
+    }
+    async fn qos(&self, _prefetch_count: u16) -> Result<(), TransportError> {
+        self.with(|_| Ok(()))
+    }
+    async fn declare_exchange(&self, _decl: &ExchangeDecl) -> Result<(), TransportError> {
+        self.with(|_| Ok(()))
+    }
+    async fn delete_exchange(&self, _name: &str) -> Result<(), TransportError> {
+        self.with(|_| Ok(()))
+    }
+    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError> {
+        self.with(|b| {
+            let name = if decl.name.is_empty() {
+                b.server_named += 1;
+                format!("amq.gen-{}", b.server_named)
+            } else {
+                decl.name.clone()
+            };
+            let len = b.queues.entry(name.clone()).or_default().len() as u32;
+            Ok(QueueInfo {
+                name,
+                message_count: len,
+                consumer_count: 0,
+            })
+        })
+    }
+    async fn delete_queue(&self, name: &str) -> Result<u32, TransportError> {
+        self.with(|b| Ok(b.queues.remove(name).map_or(0, |q| q.len() as u32)))
+    }
+    async fn bind_queue(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: &FieldTable,
+    ) -> Result<(), TransportError> {
+        self.with(|_| Ok(()))
+    }
+    async fn unbind_queue(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: &FieldTable,
+    ) -> Result<(), TransportError> {
+        self.with(|_| Ok(()))
+    }
+    async fn bind_exchange(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: &FieldTable,
+    ) -> Result<(), TransportError> {
+        self.with(|_| Ok(()))
+    }
+    async fn unbind_exchange(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: &FieldTable,
+    ) -> Result<(), TransportError> {
+        self.with(|_| Ok(()))
+    }
+    async fn publish(&self, message: &Message) -> Result<(), TransportError> {
+        let key = self.key;
+        self.with(|b| {
+            if let Some(e) = b.fail_next_publish.take() {
+                return Err(e);
+            }
+            b.received
+                .push(String::from_utf8_lossy(&message.payload).into_owned());
+            if message.exchange.is_empty() {
+                b.queues
+                    .entry(message.routing_key.clone())
+                    .or_default()
+                    .push_back(message.clone());
+            }
+            let hold = b.hold_confirms;
+            let chan = b.chans.get_mut(&key).expect("checked by with()");
+            chan.seq += 1;
+            let seq = chan.seq;
+            if hold {
+                b.held.push((key.0, key.1, seq));
+            } else {
+                let _ = chan.events.unbounded_send(ChannelEvent::Ack {
+                    delivery_tag: seq,
+                    multiple: false,
+                });
+            }
+            let queue = message.routing_key.clone();
+            dispatch(b, &queue);
+            Ok(())
+        })
+    }
+    async fn consume(
+        &self,
+        queue: &str,
+        tag: &str,
+        _options: &ConsumeOptions,
+    ) -> Result<(), TransportError> {
+        let key = self.key;
+        self.with(|b| {
+            b.chans
+                .get_mut(&key)
+                .expect("checked by with()")
+                .consumers
+                .push((queue.to_string(), tag.to_string()));
+            dispatch(b, queue);
+            Ok(())
+        })
+    }
+    async fn cancel(&self, tag: &str) -> Result<(), TransportError> {
+        let key = self.key;
+        self.with(|b| {
+            b.chans
+                .get_mut(&key)
+                .expect("checked by with()")
+                .consumers
+                .retain(|(_, t)| t != tag);
+            Ok(())
+        })
+    }
+    async fn ack(&self, _tag: u64, _multiple: bool) -> Result<(), TransportError> {
+        self.with(|_| Ok(()))
+    }
+    async fn nack(&self, _tag: u64, _multiple: bool, _requeue: bool) -> Result<(), TransportError> {
+        self.with(|_| Ok(()))
+    }
+    async fn reject(&self, _tag: u64, _requeue: bool) -> Result<(), TransportError> {
+        self.with(|_| Ok(()))
+    }
+    async fn close(&self) -> Result<(), TransportError> {
+        self.broker.lock().unwrap().chans.remove(&self.key);
+        Ok(())
+    }
+}
+
+// ----- running it without a runtime -----
+
+/// Runs `pool` until nothing can progress, moving the manual clock to the next
+/// armed deadline each time, until `done()` or `limit` of virtual time passes.
+pub fn drive(
+    pool: &mut futures::executor::LocalPool,
+    clock: &ManualClock,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) -> bool {
+    let end = clock.now() + limit;
+    loop {
+        pool.run_until_stalled();
+        if done() {
+            return true;
+        }
+        match clock.next_deadline() {
+            Some(at) if at <= end => {
+                let now = clock.now();
+                clock.advance(at.saturating_duration_since(now));
+            }
+            _ => return done(),
+        }
+    }
+}
+
+pub fn counts(items: &[String]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for i in items {
+        *m.entry(i.clone()).or_insert(0) += 1;
+    }
+    m
+}
