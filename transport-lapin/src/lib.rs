@@ -1,15 +1,217 @@
 //! `amqp-rebound-lapin`: the transport adapter that binds
 //! [`amqp-rebound-core`](amqp_rebound_core) to [lapin] 4 on tokio.
 //!
-//! Its purpose is to translate, and nothing more: core's transport calls into
-//! lapin calls, lapin's errors into core's classified errors, and lapin's
+//! It translates, and nothing more: core's transport calls into lapin calls,
+//! lapin's errors into core's classified [`TransportError`], and lapin's
 //! notifications (connection events, confirms, returns, deliveries) into core's
 //! event streams. It holds no policy and never retries: recovery is the core's job,
-//! so lapin's own auto-recovery stays off.
+//! so lapin's own auto-recovery stays off (and lapin's dial backoff stays at its
+//! default of zero retries).
 //!
-//! Status: the transport traits it implements arrive with the driver (layer 2 of the
-//! core); until then this crate only fixes its place in the workspace.
+//! ```no_run
+//! use amqp_rebound_core::transport::{Channel, ConnectOptions, Connection, Transport};
+//! use amqp_rebound_core::{Endpoint, Message, QueueDecl};
+//! use amqp_rebound_lapin::LapinTransport;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let endpoint = Endpoint::parse("amqp://guest:guest@127.0.0.1:5672/%2f")?;
+//! let connection = LapinTransport::new()
+//!     .connect(&endpoint, &ConnectOptions::named("billing"))
+//!     .await?;
+//! let channel = connection.open_channel().await?;
+//! let events = channel.events(); // acks, returns, deliveries, closure
+//! channel.confirm_select().await?;
+//! let queue = channel.declare_queue(&QueueDecl::server_named()).await?;
+//! channel.publish(&Message::new("", queue.name, "hello")).await?;
+//! # drop(events);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Runtime
+//!
+//! lapin runs each connection's socket on a thread of its own and everything else
+//! (heartbeats, its internal calls) on an async runtime; this crate makes that
+//! runtime tokio, from [`LapinTransport::with_handle`] or else the runtime that
+//! calls [`connect`](Transport::connect) (outside of one, `connect` fails instead of
+//! panicking). The event streams are fed by one tokio task per connection and one
+//! per channel — not one per message. A multi-threaded runtime is the safe choice:
+//! lapin's socket thread drives the runtime through `Handle::block_on`, which on a
+//! current-thread runtime only works while that runtime's own thread is inside
+//! `block_on` (as in `#[tokio::test]`).
+//!
+//! # Mapping
+//!
+//! | core                           | lapin                                                   |
+//! |--------------------------------|---------------------------------------------------------|
+//! | [`Transport::connect`]         | `Connection::connect_uri_with_runtime`, `connection_name` client property |
+//! | [`ConnectionEvent::Blocked`] / `Unblocked` | `events_listener()`: `ConnectionBlocked` / `ConnectionUnblocked` |
+//! | [`ConnectionEvent::Closed`]    | `events_listener()`: `Error` while the connection is no longer connected; our own `close` |
+//! | [`ChannelEvent::Ack`] / `Nack` | the `PublisherConfirm` of each publish, numbered 1, 2, 3 ... per channel |
+//! | [`ChannelEvent::Return`]       | the returned message lapin attaches to a confirm         |
+//! | [`ChannelEvent::Delivery`]     | the `Consumer` stream of each `consume`                  |
+//! | [`ChannelEvent::ConsumerCancelled`] | a `Consumer` stream that ends while its channel is open and we did not cancel it |
+//! | [`ChannelEvent::Closed`]       | a failed confirm or consumer, a channel error on `events_listener()`, its connection's end, our own `close` |
+//!
+//! Errors ([`TransportError`]):
+//!
+//! | lapin `ErrorKind`                   | core                                                  |
+//! |-------------------------------------|-------------------------------------------------------|
+//! | `IOError`, `RuntimeShutdownError`   | `Io` (refused, reset, TLS failures)                   |
+//! | `MissingHeartbeatError`             | `HeartbeatTimeout`                                    |
+//! | `ProtocolError` (reply code)        | `Reply { code, text }`; during `connect`, 403 is `Auth` |
+//! | `AuthProviderError`                 | `Auth`                                                |
+//! | other (invalid state, parsing, limits) | `Protocol`; a call on a channel or connection that already closed returns the error it closed with |
+//!
+//! Error texts never contain the endpoint's password (lapin's do not; this crate
+//! also scrubs them).
+//!
+//! # What lapin does, and the limits that follow
+//!
+//! Measured against lapin 4.12.3 and RabbitMQ 3.10:
+//!
+//! - **Channel closure has no event of its own.** When the broker closes a channel
+//!   (404 on publishing to a missing exchange, 406 on an unknown delivery tag),
+//!   lapin fails that channel's pending confirms and consumers with the error, fails
+//!   a pending call with it, and sends the error on the *connection's*
+//!   `events_listener()` — without the channel number. This crate reports the first
+//!   of these it sees; for the last it matches the error to the channels that lapin
+//!   no longer calls open. Two channels closed by the broker at the same instant,
+//!   with neither a pending confirm nor a consumer, may swap their reply codes.
+//! - **A deleted queue ends the consumer stream without an error.** lapin handles
+//!   the broker's `basic.cancel` by ending the `Consumer` stream; this crate reports
+//!   [`ChannelEvent::ConsumerCancelled`] for a stream that ends while the channel is
+//!   open and [`Channel::cancel`] was not called for its tag.
+//! - **Returns ride on confirms.** lapin queues a `basic.return` and hands it to the
+//!   next confirm it resolves. With a `multiple` ack that may be any of the
+//!   messages the ack covers, so the `Return` is emitted before every ack resolved
+//!   with it, but which publish it belongs to can only be told by its content
+//!   (its properties or headers), not by sequence number. Returns are reported in
+//!   confirm mode only (lapin keeps the others for `wait_for_confirms`).
+//! - **Acks are reported one by one** (`multiple: false`): lapin resolves each
+//!   publish's confirm separately even when the broker acks many at once.
+//! - **Missed heartbeats** are detected by lapin after about twice the negotiated
+//!   interval (the `heartbeat` query option of the URI) and reported as
+//!   [`TransportError::HeartbeatTimeout`].
+//! - **connection.blocked** is reported when the broker sends it (lapin advertises
+//!   the capability). A block that arrives while `connect` hands the connection over
+//!   is reported with a generic reason.
+//! - **No dial timeout of its own.** The URI's `connection_timeout` bounds the TCP
+//!   connect; [`LapinTransport::with_connect_timeout`] bounds the whole dial and
+//!   handshake and fails with [`TransportError::Timeout`].
+//! - **Short strings.** lapin panics on names, routing keys and properties longer
+//!   than 255 bytes; this crate refuses them with [`TransportError::Protocol`]
+//!   before they reach lapin.
+//! - `ConsumeOptions::prefetch` is applied with `basic.qos` (`global = false`) right
+//!   before `basic.consume`.
+//! - TLS (`amqps://`) uses rustls with the *ring* provider and the webpki root
+//!   certificates; client certificates are not wired.
 //!
 //! [lapin]: https://docs.rs/lapin
+//! [`ConnectionEvent::Blocked`]: amqp_rebound_core::ConnectionEvent::Blocked
+//! [`ConnectionEvent::Closed`]: amqp_rebound_core::ConnectionEvent::Closed
+//! [`ChannelEvent::Ack`]: amqp_rebound_core::ChannelEvent::Ack
+//! [`ChannelEvent::Return`]: amqp_rebound_core::ChannelEvent::Return
+//! [`ChannelEvent::Delivery`]: amqp_rebound_core::ChannelEvent::Delivery
+//! [`ChannelEvent::ConsumerCancelled`]: amqp_rebound_core::ChannelEvent::ConsumerCancelled
+//! [`ChannelEvent::Closed`]: amqp_rebound_core::ChannelEvent::Closed
+//! [`Channel::cancel`]: amqp_rebound_core::Channel::cancel
+
+mod channel;
+mod connection;
+mod convert;
+
+use std::time::Duration;
+
+use amqp_rebound_core::TransportError;
+use amqp_rebound_core::endpoint::Endpoint;
+use amqp_rebound_core::transport::{ConnectOptions, Transport};
+use async_trait::async_trait;
+use lapin::ConnectionProperties;
+use tokio::runtime::Handle;
 
 pub use amqp_rebound_core as core;
+pub use channel::LapinChannel;
+pub use connection::LapinConnection;
+
+/// Makes [`LapinConnection`]s; core's [`Transport`] over lapin.
+///
+/// Cheap to clone. Holds no connection itself.
+#[derive(Debug, Clone, Default)]
+pub struct LapinTransport {
+    handle: Option<Handle>,
+    connect_timeout: Option<Duration>,
+}
+
+impl LapinTransport {
+    /// A transport on the tokio runtime that calls `connect`, with no dial timeout
+    /// beyond the URI's `connection_timeout`.
+    pub fn new() -> Self {
+        LapinTransport::default()
+    }
+
+    /// Runs lapin and the event tasks on this runtime, whichever executor calls
+    /// `connect`.
+    pub fn with_handle(mut self, handle: Handle) -> Self {
+        self.handle = Some(handle);
+        self
+    }
+
+    /// Fails a dial (TCP, TLS and AMQP handshake) that takes longer than `timeout`
+    /// with [`TransportError::Timeout`].
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    fn handle(&self) -> Result<Handle, TransportError> {
+        self.handle
+            .clone()
+            .or_else(|| Handle::try_current().ok())
+            .ok_or_else(|| {
+                TransportError::Protocol(
+                    "amqp-rebound-lapin needs a tokio runtime: connect from one, \
+                     or give one with LapinTransport::with_handle"
+                        .into(),
+                )
+            })
+    }
+}
+
+#[async_trait]
+impl Transport for LapinTransport {
+    type Connection = LapinConnection;
+
+    async fn connect(
+        &self,
+        endpoint: &Endpoint,
+        options: &ConnectOptions,
+    ) -> Result<LapinConnection, TransportError> {
+        let handle = self.handle()?;
+        let mut properties = ConnectionProperties::default();
+        if let Some(name) = &options.connection_name {
+            properties = properties.with_connection_name(name.as_str().into());
+        }
+        let uri = endpoint.amqp_uri().clone();
+        let runtime = async_rs::Runtime::tokio_with_handle(handle.clone());
+        let timeout = self.connect_timeout;
+        // Run the dial on the runtime itself, so that the timeout's timer works
+        // whichever executor polls this future.
+        let dial = handle.spawn(async move {
+            let dial = lapin::Connection::connect_uri_with_runtime(uri, properties, runtime);
+            match timeout {
+                Some(limit) => tokio::time::timeout(limit, dial).await.ok(),
+                None => Some(dial.await),
+            }
+        });
+        let password = endpoint.password();
+        match dial.await {
+            Ok(Some(Ok(connection))) => Ok(LapinConnection::start(connection, handle, password)),
+            Ok(Some(Err(error))) => Err(convert::map_connect_error(&error, password)),
+            Ok(None) => Err(TransportError::Timeout),
+            Err(join) => Err(TransportError::Protocol(format!(
+                "the dial task failed: {join}"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,581 @@
+//! [`LapinChannel`]: one lapin channel, and the task that turns its confirms,
+//! returns, deliveries and closure into one [`ChannelEvent`] stream.
+
+use std::collections::HashSet;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use amqp_rebound_core::TransportError;
+use amqp_rebound_core::message::{FieldTable, Message};
+use amqp_rebound_core::topology::{ConsumeOptions, ExchangeDecl, QueueDecl};
+use amqp_rebound_core::transport::{Channel, ChannelEvent, QueueInfo};
+use async_trait::async_trait;
+use futures::channel::mpsc;
+use futures::future::BoxFuture;
+use futures::stream::{self, BoxStream, FuturesUnordered, SelectAll};
+use futures::task::AtomicWaker;
+use futures::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, ExchangeUnbindOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::{ChannelStatus, Confirmation};
+use tokio::runtime::Handle;
+
+use crate::convert::{self, check_table, is_state_error, map_error, short};
+
+/// One AMQP channel over lapin; implements core's [`Channel`].
+///
+/// Made by [`LapinConnection::open_channel`](crate::LapinConnection). A task on the
+/// tokio runtime feeds [`Channel::events`]; it ends with the channel, or when this
+/// value is dropped (lapin then closes the channel). Events wait in an unbounded
+/// queue until they are read, so take the stream right away, as the contract says;
+/// a second call to `events` gets an empty stream.
+///
+/// `publish` returns once lapin has written the message to the socket. lapin holds
+/// its writes while the broker has the connection blocked, so a publish then waits
+/// until `connection.unblocked`.
+pub struct LapinChannel {
+    channel: lapin::Channel,
+    shared: Arc<ChannelShared>,
+    commands: mpsc::UnboundedSender<Command>,
+    // Publishes are numbered in the order they reach lapin; the lock keeps that order
+    // equal to lapin's (and so the broker's) even if calls overlap.
+    publish_seq: futures::lock::Mutex<u64>,
+    events: Mutex<Option<mpsc::UnboundedReceiver<ChannelEvent>>>,
+}
+
+impl std::fmt::Debug for LapinChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LapinChannel")
+            .field("id", &self.channel.id())
+            .field("status", self.channel.status())
+            .finish()
+    }
+}
+
+/// What the channel's owner and its connection share with the channel's task.
+pub(crate) struct ChannelShared {
+    status: ChannelStatus,
+    /// Why the channel must report `Closed` (set by the connection's task, or by
+    /// our own close). The channel's task reports it after draining what lapin
+    /// already resolved, so no ack that arrived before the close is lost.
+    close_request: Mutex<Option<TransportError>>,
+    /// Why it closed, once reported; returned by calls made after that.
+    closed: Mutex<Option<TransportError>>,
+    /// `close()` was called here or on the connection: whatever lapin reports next
+    /// is the consequence, so it is reported as `ClosedByClient`.
+    client_closing: AtomicBool,
+    /// Consumer tags we cancelled: the end of their streams is not a broker cancel.
+    cancelled: Mutex<HashSet<String>>,
+    waker: AtomicWaker,
+}
+
+impl ChannelShared {
+    /// Asks the channel's task to report `Closed(error)` (first request wins).
+    pub(crate) fn request_close(&self, error: TransportError) {
+        lock(&self.close_request).get_or_insert(error);
+        self.waker.wake();
+    }
+
+    /// Marks the channel as closing on our request.
+    pub(crate) fn client_closing(&self) {
+        self.client_closing.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether lapin still considers the channel open.
+    pub(crate) fn is_open(&self) -> bool {
+        self.status.connected()
+    }
+
+    fn closed_error(&self) -> Option<TransportError> {
+        lock(&self.closed).clone()
+    }
+}
+
+enum Command {
+    Confirm(u64, lapin::PublisherConfirm),
+    Consume(String, lapin::Consumer),
+}
+
+impl LapinChannel {
+    /// Wraps a freshly opened lapin channel and starts its event task on `handle`.
+    pub(crate) fn start(channel: lapin::Channel, handle: &Handle) -> LapinChannel {
+        let shared = Arc::new(ChannelShared {
+            status: channel.status().clone(),
+            close_request: Mutex::new(None),
+            closed: Mutex::new(None),
+            client_closing: AtomicBool::new(false),
+            cancelled: Mutex::new(HashSet::new()),
+            waker: AtomicWaker::new(),
+        });
+        let (command_tx, command_rx) = mpsc::unbounded();
+        let (event_tx, event_rx) = mpsc::unbounded();
+        let mut pump = Pump {
+            shared: shared.clone(),
+            commands: command_rx,
+            confirms: FuturesUnordered::new(),
+            consumers: SelectAll::new(),
+            events: event_tx,
+        };
+        handle.spawn(async move { poll_fn(|cx| pump.poll(cx)).await });
+        LapinChannel {
+            channel,
+            shared,
+            commands: command_tx,
+            publish_seq: futures::lock::Mutex::new(0),
+            events: Mutex::new(Some(event_rx)),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<ChannelShared> {
+        &self.shared
+    }
+
+    /// The lapin channel, for what this adapter does not cover.
+    ///
+    /// Closing it, consuming or publishing through it bypasses the event stream:
+    /// use it for reads (status, id) and extensions only.
+    pub fn lapin(&self) -> &lapin::Channel {
+        &self.channel
+    }
+
+    /// Maps a lapin error from a call on this channel. A call on a channel that is
+    /// already closed reports why it closed, not lapin's "invalid state".
+    fn error(&self, error: lapin::Error) -> TransportError {
+        if is_state_error(&error) {
+            if let Some(closed) = self.shared.closed_error() {
+                return closed;
+            }
+        }
+        map_error(&error)
+    }
+
+    fn send(&self, command: Command) -> Result<(), TransportError> {
+        self.commands.unbounded_send(command).map_err(|_| {
+            self.shared.closed_error().unwrap_or_else(|| {
+                TransportError::Protocol("the channel's event task has stopped".into())
+            })
+        })
+    }
+}
+
+#[async_trait]
+impl Channel for LapinChannel {
+    fn events(&self) -> BoxStream<'static, ChannelEvent> {
+        match lock(&self.events).take() {
+            Some(events) => events.boxed(),
+            None => stream::empty().boxed(),
+        }
+    }
+
+    async fn confirm_select(&self) -> Result<(), TransportError> {
+        self.channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn qos(&self, prefetch_count: u16) -> Result<(), TransportError> {
+        self.channel
+            .basic_qos(prefetch_count, BasicQosOptions { global: false })
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError> {
+        let name = short("exchange name", &decl.name)?;
+        let kind = convert::exchange_kind(&decl.kind)?;
+        check_table("an exchange argument", &decl.arguments)?;
+        let options = ExchangeDeclareOptions {
+            passive: false,
+            durable: decl.durable,
+            auto_delete: decl.auto_delete,
+            internal: decl.internal,
+            nowait: false,
+        };
+        self.channel
+            .exchange_declare(name, kind, options, decl.arguments.clone())
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn delete_exchange(&self, name: &str) -> Result<(), TransportError> {
+        let name = short("exchange name", name)?;
+        self.channel
+            .exchange_delete(name, ExchangeDeleteOptions::default())
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError> {
+        let name = short("queue name", &decl.name)?;
+        check_table("a queue argument", &decl.arguments)?;
+        let options = QueueDeclareOptions {
+            passive: false,
+            durable: decl.durable,
+            exclusive: decl.exclusive,
+            auto_delete: decl.auto_delete,
+            nowait: false,
+        };
+        let queue = self
+            .channel
+            .queue_declare(name, options, decl.arguments.clone())
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(QueueInfo {
+            name: queue.name().to_string(),
+            message_count: queue.message_count(),
+            consumer_count: queue.consumer_count(),
+        })
+    }
+
+    async fn delete_queue(&self, name: &str) -> Result<u32, TransportError> {
+        let name = short("queue name", name)?;
+        self.channel
+            .queue_delete(name, QueueDeleteOptions::default())
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), TransportError> {
+        let (queue, exchange) = (
+            short("queue name", queue)?,
+            short("exchange name", exchange)?,
+        );
+        let routing_key = short("routing key", routing_key)?;
+        check_table("a binding argument", arguments)?;
+        self.channel
+            .queue_bind(
+                queue,
+                exchange,
+                routing_key,
+                QueueBindOptions::default(),
+                arguments.clone(),
+            )
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), TransportError> {
+        let (queue, exchange) = (
+            short("queue name", queue)?,
+            short("exchange name", exchange)?,
+        );
+        let routing_key = short("routing key", routing_key)?;
+        check_table("a binding argument", arguments)?;
+        self.channel
+            .queue_unbind(queue, exchange, routing_key, arguments.clone())
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), TransportError> {
+        let destination = short("exchange name", destination)?;
+        let source = short("exchange name", source)?;
+        let routing_key = short("routing key", routing_key)?;
+        check_table("a binding argument", arguments)?;
+        self.channel
+            .exchange_bind(
+                destination,
+                source,
+                routing_key,
+                ExchangeBindOptions::default(),
+                arguments.clone(),
+            )
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), TransportError> {
+        let destination = short("exchange name", destination)?;
+        let source = short("exchange name", source)?;
+        let routing_key = short("routing key", routing_key)?;
+        check_table("a binding argument", arguments)?;
+        self.channel
+            .exchange_unbind(
+                destination,
+                source,
+                routing_key,
+                ExchangeUnbindOptions::default(),
+                arguments.clone(),
+            )
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn publish(&self, message: &Message) -> Result<(), TransportError> {
+        let exchange = short("exchange name", &message.exchange)?;
+        let routing_key = short("routing key", &message.routing_key)?;
+        let properties = convert::to_lapin_properties(&message.properties)?;
+        let options = BasicPublishOptions {
+            mandatory: message.mandatory,
+            immediate: false,
+        };
+        let mut seq = self.publish_seq.lock().await;
+        let confirm = self
+            .channel
+            .basic_publish(exchange, routing_key, options, &message.payload, properties)
+            .await
+            .map_err(|e| self.error(e))?;
+        if self.channel.status().confirm() {
+            *seq += 1;
+            self.send(Command::Confirm(*seq, confirm))?;
+        }
+        Ok(())
+    }
+
+    async fn consume(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        options: &ConsumeOptions,
+    ) -> Result<(), TransportError> {
+        let queue = short("queue name", queue)?;
+        let tag = short("consumer tag", consumer_tag)?;
+        check_table("a consumer argument", &options.arguments)?;
+        if let Some(prefetch) = options.prefetch {
+            self.qos(prefetch).await?;
+        }
+        let lapin_options = BasicConsumeOptions {
+            no_local: false,
+            no_ack: options.no_ack,
+            exclusive: options.exclusive,
+            nowait: false,
+        };
+        // A tag we cancelled before may be reused: its new stream's end is news again.
+        lock(&self.shared.cancelled).remove(consumer_tag);
+        let consumer = self
+            .channel
+            .basic_consume(queue, tag, lapin_options, options.arguments.clone())
+            .await
+            .map_err(|e| self.error(e))?;
+        self.send(Command::Consume(consumer.tag().to_string(), consumer))
+    }
+
+    async fn cancel(&self, consumer_tag: &str) -> Result<(), TransportError> {
+        let tag = short("consumer tag", consumer_tag)?;
+        lock(&self.shared.cancelled).insert(consumer_tag.to_owned());
+        let result = self
+            .channel
+            .basic_cancel(tag, BasicCancelOptions::default())
+            .await;
+        result.map_err(|e| {
+            lock(&self.shared.cancelled).remove(consumer_tag);
+            self.error(e)
+        })
+    }
+
+    async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), TransportError> {
+        self.channel
+            .basic_ack(delivery_tag, BasicAckOptions { multiple })
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn nack(
+        &self,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> Result<(), TransportError> {
+        self.channel
+            .basic_nack(delivery_tag, BasicNackOptions { multiple, requeue })
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn reject(&self, delivery_tag: u64, requeue: bool) -> Result<(), TransportError> {
+        self.channel
+            .basic_reject(delivery_tag, BasicRejectOptions { requeue })
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn close(&self) -> Result<(), TransportError> {
+        self.shared.client_closing();
+        let result = self.channel.close(200, "OK".into()).await;
+        self.shared.request_close(TransportError::ClosedByClient);
+        match result {
+            Ok(()) => Ok(()),
+            // Already closed (by the broker, or with its connection): nothing to do.
+            Err(e) if is_state_error(&e) => Ok(()),
+            Err(e) => Err(map_error(&e)),
+        }
+    }
+}
+
+/// What a consumer's stream yields, tagged with the consumer.
+enum ConsumerItem {
+    Delivery(String, Box<lapin::Result<lapin::message::Delivery>>),
+    End(String),
+}
+
+/// The channel's event task: one per channel, no task per message.
+struct Pump {
+    shared: Arc<ChannelShared>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    confirms: FuturesUnordered<BoxFuture<'static, (u64, lapin::Result<Confirmation>)>>,
+    consumers: SelectAll<BoxStream<'static, ConsumerItem>>,
+    events: mpsc::UnboundedSender<ChannelEvent>,
+}
+
+impl Pump {
+    /// Drains commands, confirms and deliveries, then reports a closure if one is
+    /// due. Ready once the channel's last event went out (or its owner is gone).
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.shared.waker.register(cx.waker());
+        loop {
+            match self.commands.poll_next_unpin(cx) {
+                Poll::Ready(Some(command)) => self.add(command),
+                // The LapinChannel was dropped: nobody is listening for the rest.
+                Poll::Ready(None) => return Poll::Ready(()),
+                Poll::Pending => break,
+            }
+        }
+        let mut failure = self.drain_confirms(cx);
+        while let Poll::Ready(Some(item)) = self.consumers.poll_next_unpin(cx) {
+            match item {
+                ConsumerItem::Delivery(tag, result) => match *result {
+                    Ok(d) => self.emit(ChannelEvent::Delivery(convert::delivery(tag, d))),
+                    // lapin errors a consumer only when its channel or connection dies.
+                    Err(e) => {
+                        failure.get_or_insert(map_error(&e));
+                    }
+                },
+                ConsumerItem::End(tag) => self.consumer_ended(tag),
+            }
+        }
+        let close = failure.or_else(|| lock(&self.shared.close_request).take());
+        match close {
+            Some(error) => {
+                let error = if self.shared.client_closing.load(Ordering::SeqCst) {
+                    TransportError::ClosedByClient
+                } else {
+                    error
+                };
+                *lock(&self.shared.closed) = Some(error.clone());
+                self.emit(ChannelEvent::Closed(error));
+                self.events.close_channel();
+                Poll::Ready(())
+            }
+            None => Poll::Pending,
+        }
+    }
+
+    fn add(&mut self, command: Command) {
+        match command {
+            Command::Confirm(seq, confirm) => {
+                self.confirms.push(confirm.map(move |r| (seq, r)).boxed());
+            }
+            Command::Consume(tag, consumer) => {
+                let end = tag.clone();
+                let items = consumer
+                    .map(move |r| ConsumerItem::Delivery(tag.clone(), Box::new(r)))
+                    .chain(stream::once(async move { ConsumerItem::End(end) }));
+                self.consumers.push(items.boxed());
+            }
+        }
+    }
+
+    /// Emits every confirm lapin has resolved: returns first, then acks and nacks in
+    /// sequence order. Returns the error that failed a confirm, if any (lapin fails
+    /// pending confirms only when the channel or connection dies).
+    ///
+    /// lapin hands a returned message to the first confirm it resolves after the
+    /// `basic.return`; with a multiple ack that may be any of the covered numbers.
+    /// Draining everything ready before emitting keeps the `Return` ahead of all the
+    /// acks resolved by the same frame.
+    fn drain_confirms(&mut self, cx: &mut Context<'_>) -> Option<TransportError> {
+        let mut failure = None;
+        let mut returns = Vec::new();
+        let mut confirms = Vec::new();
+        while let Poll::Ready(Some((seq, result))) = self.confirms.poll_next_unpin(cx) {
+            match result {
+                Ok(Confirmation::Ack(returned)) => {
+                    returns.extend(returned);
+                    confirms.push((seq, true));
+                }
+                Ok(Confirmation::Nack(returned)) => {
+                    returns.extend(returned);
+                    confirms.push((seq, false));
+                }
+                Ok(Confirmation::NotRequested) => {}
+                Err(e) => {
+                    failure.get_or_insert(map_error(&e));
+                }
+            }
+        }
+        confirms.sort_unstable();
+        for r in returns {
+            self.emit(ChannelEvent::Return(convert::returned(r)));
+        }
+        for (delivery_tag, ack) in confirms {
+            self.emit(if ack {
+                ChannelEvent::Ack {
+                    delivery_tag,
+                    multiple: false,
+                }
+            } else {
+                ChannelEvent::Nack {
+                    delivery_tag,
+                    multiple: false,
+                }
+            });
+        }
+        failure
+    }
+
+    /// A consumer's stream ended. lapin ends it without an error when the broker
+    /// cancels the consumer (its queue was deleted), when we cancel it, and when
+    /// the channel closes: only the first is news.
+    fn consumer_ended(&mut self, tag: String) {
+        if lock(&self.shared.cancelled).remove(&tag) {
+            return;
+        }
+        if self.shared.is_open() && !self.shared.client_closing.load(Ordering::SeqCst) {
+            self.emit(ChannelEvent::ConsumerCancelled { consumer_tag: tag });
+        }
+    }
+
+    fn emit(&self, event: ChannelEvent) {
+        // The receiver may be gone (nobody listens); the events are then moot.
+        let _ = self.events.unbounded_send(event);
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: every value guarded here stays valid even if
+/// a holder panicked.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
