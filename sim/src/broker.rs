@@ -22,9 +22,12 @@ use crate::transport::{SimConnection, SimTransport};
 /// use std::time::Duration;
 /// use amqp_rebound_sim::BrokerConfig;
 ///
-/// let config = BrokerConfig::default().with_seed(7).with_latency(Duration::from_millis(2));
-/// assert_eq!(config.username, "guest");
-/// assert!(!format!("{config:?}").contains("guest\""), "the password is redacted");
+/// let config = BrokerConfig::default()
+///     .with_seed(7)
+///     .with_latency(Duration::from_millis(2))
+///     .with_credentials("app", "s3cr3t");
+/// assert_eq!(config.username, "app");
+/// assert!(!format!("{config:?}").contains("s3cr3t"), "the password is redacted");
 /// ```
 #[derive(Clone)]
 pub struct BrokerConfig {
@@ -787,6 +790,7 @@ mod tests {
         assert_eq!(normalize_host("::1"), "[::1]:5672");
         assert_eq!(normalize_host("[::1]"), "[::1]:5672");
         assert_eq!(normalize_host("[::1]:7"), "[::1]:7");
-        assert_eq!(normalize_host("a:x"), "a:x:5672");
+        // Garbage in, a stable key out.
+        assert_eq!(normalize_host("a:x"), "[a:x]:5672");
     }
 }

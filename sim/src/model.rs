@@ -56,9 +56,9 @@ pub(crate) enum Op {
     CloseChannel,
     ConfirmSelect,
     Qos(u16),
-    DeclareExchange(ExchangeDecl),
+    DeclareExchange(Box<ExchangeDecl>),
     DeleteExchange(String),
-    DeclareQueue(QueueDecl),
+    DeclareQueue(Box<QueueDecl>),
     DeleteQueue(String),
     BindQueue {
         queue: String,
@@ -84,11 +84,11 @@ pub(crate) enum Op {
         routing_key: String,
         arguments: FieldTable,
     },
-    Publish(Message),
+    Publish(Box<Message>),
     Consume {
         queue: String,
         consumer_tag: String,
-        options: ConsumeOptions,
+        options: Box<ConsumeOptions>,
     },
     Cancel(String),
     Ack {
@@ -122,7 +122,13 @@ pub(crate) enum Reply {
 enum Down {
     Reply(ReplyTx, Result<Reply, TransportError>),
     Conn(ConnectionEvent),
-    Chan(u64, ChannelEvent),
+    Chan(u64, Box<ChannelEvent>),
+}
+
+impl Down {
+    fn chan(chan: u64, event: ChannelEvent) -> Down {
+        Down::Chan(chan, Box::new(event))
+    }
 }
 
 /// What a clock action asks the broker to do.
@@ -138,7 +144,7 @@ pub(crate) enum Action {
     DelayedConfirm {
         conn: u64,
         chan: u64,
-        event: ChannelEvent,
+        delivery_tag: u64,
     },
 }
 
@@ -573,10 +579,18 @@ impl State {
                     self.notify_client_closed(conn, TransportError::HeartbeatTimeout);
                 }
             }
-            Action::DelayedConfirm { conn, chan, event } => {
+            Action::DelayedConfirm {
+                conn,
+                chan,
+                delivery_tag,
+            } => {
+                let event = ChannelEvent::Ack {
+                    delivery_tag,
+                    multiple: false,
+                };
                 let open = self.chans.get(&chan).is_some_and(|c| c.broker_open);
                 if open {
-                    self.send_down(conn, Down::Chan(chan, event));
+                    self.send_down(conn, Down::chan(chan, event));
                 }
             }
         }
@@ -654,6 +668,7 @@ impl State {
                     }
                 }
                 Down::Chan(chan_id, event) => {
+                    let event = *event;
                     let Some(chan) = self.chans.get_mut(&chan_id) else {
                         continue;
                     };
@@ -831,7 +846,7 @@ impl State {
                 }
                 self.send_down(
                     conn_id,
-                    Down::Chan(
+                    Down::chan(
                         chan_id,
                         ChannelEvent::Closed(TransportError::ClosedByClient),
                     ),
@@ -855,7 +870,7 @@ impl State {
                         if let Some(chan_id) = chan {
                             self.log(|| format!("channel {chan_id} closed by the broker: {err}"));
                             self.close_chan_broker(chan_id, err.clone());
-                            self.send_down(conn_id, Down::Chan(chan_id, ChannelEvent::Closed(err)));
+                            self.send_down(conn_id, Down::chan(chan_id, ChannelEvent::Closed(err)));
                         }
                     }
                     Err(Fail::Connection(err)) => {
@@ -984,7 +999,7 @@ impl State {
                 Ok(Reply::Done)
             }
             Op::Publish(message) => self
-                .publish(conn_id, chan_id, message)
+                .publish(conn_id, chan_id, *message)
                 .map(|()| Reply::Done),
             Op::Consume {
                 queue,
@@ -1257,7 +1272,7 @@ impl State {
                 let conn = chan.conn;
                 self.send_down(
                     conn,
-                    Down::Chan(
+                    Down::chan(
                         chan_id,
                         ChannelEvent::ConsumerCancelled { consumer_tag: tag },
                     ),
@@ -1494,7 +1509,7 @@ impl State {
                 }
                 self.send_down(
                     conn_id,
-                    Down::Chan(
+                    Down::chan(
                         chan_id,
                         ChannelEvent::Nack {
                             delivery_tag: seq,
@@ -1513,7 +1528,7 @@ impl State {
             }
             self.send_down(
                 conn_id,
-                Down::Chan(
+                Down::chan(
                     chan_id,
                     ChannelEvent::Return(Returned {
                         reply_code: 312,
@@ -1548,13 +1563,13 @@ impl State {
                     Action::DelayedConfirm {
                         conn: conn_id,
                         chan: chan_id,
-                        event: ack,
+                        delivery_tag: seq,
                     },
                 );
             }
             ConfirmMode::Normal | ConfirmMode::Nack => {
                 self.count_ack(conn_id);
-                self.send_down(conn_id, Down::Chan(chan_id, ack));
+                self.send_down(conn_id, Down::chan(chan_id, ack));
             }
         }
         Ok(())
@@ -1660,7 +1675,7 @@ impl State {
             if let Some(conn) = conn {
                 self.send_down(
                     conn,
-                    Down::Chan(
+                    Down::chan(
                         chan_id,
                         ChannelEvent::ConsumerCancelled {
                             consumer_tag: tag.to_owned(),
@@ -1757,10 +1772,7 @@ impl State {
     /// Hands ready messages to consumers with room, round-robin per queue.
     fn dispatch(&mut self) {
         while let Some(name) = self.dirty.pop_first() {
-            loop {
-                let Some(q) = self.queues.get_mut(&name) else {
-                    break;
-                };
+            while let Some(q) = self.queues.get_mut(&name) {
                 if q.ready.is_empty() || q.consumers.is_empty() {
                     break;
                 }
@@ -1825,7 +1837,7 @@ impl State {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.stats.delivered += 1;
         }
-        self.send_down(conn, Down::Chan(*chan_id, ChannelEvent::Delivery(delivery)));
+        self.send_down(conn, Down::chan(*chan_id, ChannelEvent::Delivery(delivery)));
     }
 
     // ---- faults ----------------------------------------------------------------
@@ -1864,7 +1876,7 @@ impl State {
             return false;
         };
         self.close_chan_broker(chan_id, err.clone());
-        self.send_down(conn_id, Down::Chan(chan_id, ChannelEvent::Closed(err)));
+        self.send_down(conn_id, Down::chan(chan_id, ChannelEvent::Closed(err)));
         true
     }
 

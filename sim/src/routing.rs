@@ -48,11 +48,7 @@ fn matches_words(pattern: &[&str], key: &[&str]) -> bool {
                     next[j] = any;
                 }
             }
-            "*" => {
-                for j in 1..=k {
-                    next[j] = reach[j - 1];
-                }
-            }
+            "*" => next[1..].copy_from_slice(&reach[..k]),
             literal => {
                 for j in 1..=k {
                     next[j] = reach[j - 1] && key[j - 1] == literal;

@@ -178,6 +178,10 @@ fn take_stream<T: Send + 'static>(
 }
 
 /// A connection to a [`SimBroker`].
+///
+/// Dropping it closes the connection (a `connection.close` goes out, then its
+/// event stream reports `Closed(ClosedByClient)` and ends), as core's contract
+/// asks of event streams.
 pub struct SimConnection {
     broker: SimBroker,
     id: u64,
@@ -221,6 +225,33 @@ impl SimConnection {
     }
 }
 
+impl Drop for SimConnection {
+    fn drop(&mut self) {
+        close_on_drop(&self.broker, self.id, None, Op::CloseConnection);
+    }
+}
+
+impl Drop for SimChannel {
+    fn drop(&mut self) {
+        close_on_drop(&self.broker, self.conn, Some(self.key), Op::CloseChannel);
+    }
+}
+
+fn close_on_drop(broker: &SimBroker, conn: u64, chan: Option<u64>, op: Op) {
+    let mut state = broker.lock();
+    if !state.is_client_closed(conn, chan) {
+        // Nobody waits for the answer; a failure means it is closed already.
+        let _ = state.send_up(
+            conn,
+            Request {
+                chan,
+                op,
+                reply: None,
+            },
+        );
+    }
+}
+
 #[async_trait]
 impl Connection for SimConnection {
     type Channel = SimChannel;
@@ -259,6 +290,8 @@ impl Connection for SimConnection {
 }
 
 /// A channel on a [`SimConnection`].
+///
+/// Dropping it closes the channel (see [`SimConnection`]).
 pub struct SimChannel {
     broker: SimBroker,
     conn: u64,
@@ -325,7 +358,7 @@ impl Channel for SimChannel {
     }
 
     async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError> {
-        self.done(Op::DeclareExchange(decl.clone())).await
+        self.done(Op::DeclareExchange(Box::new(decl.clone()))).await
     }
 
     async fn delete_exchange(&self, name: &str) -> Result<(), TransportError> {
@@ -333,7 +366,7 @@ impl Channel for SimChannel {
     }
 
     async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError> {
-        match self.call(Op::DeclareQueue(decl.clone())).await? {
+        match self.call(Op::DeclareQueue(Box::new(decl.clone()))).await? {
             Reply::Queue(info) => Ok(info),
             _ => Err(unexpected()),
         }
@@ -412,7 +445,7 @@ impl Channel for SimChannel {
 
     /// Queues the message on the wire and returns at once (no virtual time passes).
     async fn publish(&self, message: &Message) -> Result<(), TransportError> {
-        self.cast(Op::Publish(message.clone()))
+        self.cast(Op::Publish(Box::new(message.clone())))
     }
 
     async fn consume(
@@ -424,7 +457,7 @@ impl Channel for SimChannel {
         self.done(Op::Consume {
             queue: queue.to_owned(),
             consumer_tag: consumer_tag.to_owned(),
-            options: options.clone(),
+            options: Box::new(options.clone()),
         })
         .await
     }
