@@ -138,7 +138,9 @@ pub enum ConfirmMode {
     /// Ack every routed (or unroutable) message at once.
     #[default]
     Normal,
-    /// Route at once, but send the ack this much later (a slow disk).
+    /// Route at once, but send the ack this much later (a slow disk). Acks of
+    /// messages published after switching back to `Normal` may overtake delayed
+    /// ones, as RabbitMQ's out-of-order confirms can.
     Delay(Duration),
     /// Route, but never send the ack (a lost confirm: the client must time out or
     /// recover, and re-publish).

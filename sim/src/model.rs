@@ -281,6 +281,9 @@ struct Conn {
     down_tail: Instant,
     /// Broker-open channels: number -> key.
     channels: BTreeMap<u16, u64>,
+    /// Every channel ever opened on it, in order (the client may not know yet
+    /// that some are closed).
+    all_channels: Vec<u64>,
     blocked: Option<String>,
     told_blocked: bool,
     stats: ConnectionStats,
@@ -492,6 +495,7 @@ impl State {
                 up_tail: now,
                 down_tail: now,
                 channels: BTreeMap::new(),
+                all_channels: Vec::new(),
                 blocked: None,
                 told_blocked: false,
                 stats: ConnectionStats::default(),
@@ -715,7 +719,11 @@ impl State {
         if let Some(tx) = conn.events.take() {
             let _ = tx.unbounded_send(ConnectionEvent::Closed(err.clone()));
         }
-        for chan in self.chans.values_mut().filter(|c| c.conn == conn_id) {
+        let chans = std::mem::take(&mut conn.all_channels);
+        for key in chans {
+            let Some(chan) = self.chans.get_mut(&key) else {
+                continue;
+            };
             if chan.client_closed.is_none() {
                 chan.client_closed = Some(err.clone());
                 if let Some(tx) = chan.events.take() {
@@ -904,6 +912,7 @@ impl State {
                 let key = self.next_chan;
                 self.next_chan += 1;
                 conn.channels.insert(number, key);
+                conn.all_channels.push(key);
                 conn.stats.channels_opened += 1;
                 let (tx, rx) = mpsc::unbounded();
                 self.chans.insert(

@@ -724,12 +724,27 @@ impl World {
             let ch = ch.clone();
             let (name, tag) = (name.clone(), format!("drain-{name}"));
             self.chans[0].borrow_mut().consumers.push(tag.clone());
+            // basic.qos is per channel: undo what earlier consumers set.
+            let options = ConsumeOptions {
+                prefetch: Some(0),
+                ..ConsumeOptions::default()
+            };
             self.spawn(async move {
-                let _ = ch.consume(&name, &tag, &ConsumeOptions::default()).await;
+                let _ = ch.consume(&name, &tag, &options).await;
             });
         }
-        for _ in 0..10 {
+        let drained = |w: &World| {
+            queues.iter().all(|name| {
+                w.broker
+                    .queue(name)
+                    .is_none_or(|q| q.ready.is_empty() && q.unacked.is_empty())
+            })
+        };
+        for _ in 0..200 {
             self.run_for(Duration::from_millis(100));
+            if drained(self) {
+                break;
+            }
             for j in 0..CONNS * CHANS {
                 let Some(ch) = self.chan(j) else { continue };
                 let top = self.chans[j].borrow_mut().unsettled.drain(..).max();
@@ -740,7 +755,6 @@ impl World {
                 }
             }
         }
-        self.run_for(Duration::from_millis(100));
         for name in &queues {
             let q = self.broker.queue(name);
             prop_assert!(
