@@ -1,10 +1,23 @@
 //! # amqp-rebound
 //!
-//! RabbitMQ (AMQP 0-9-1) publishers and consumers that survive failures.
+//! RabbitMQ (AMQP 0-9-1) publishers and consumers that survive failures:
+//! reconnect with backoff and jitter, fail over across hosts, reopen channels,
+//! replay topology, re-subscribe consumers and re-publish every message the broker
+//! had not confirmed.
 //!
-//! This is the facade crate: it re-exports the runtime-agnostic core
-//! ([`amqp_rebound_core`]) and, by Cargo feature, the transport adapters:
-//! `lapin` (default) and `amqprs`.
+//! This facade re-exports the runtime-agnostic core ([`amqp_rebound_core`]) and,
+//! by Cargo feature, the transports: `lapin` (default) and `amqprs`.
+//!
+//! ```no_run
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use amqp_rebound::{Client, Properties, QueueDecl};
+//!
+//! let client = amqp_rebound::connect(Client::builder().from_env())?;
+//! client.declare_queue(QueueDecl::durable("jobs")).await?;
+//! client.publish("", "jobs", "hello", Properties::default().persistent()).await?;
+//! client.close().await;
+//! # Ok(()) }
+//! ```
 
 pub use amqp_rebound_core::*;
 
@@ -15,3 +28,12 @@ pub use amqp_rebound_lapin as lapin;
 /// The amqprs transport adapter (feature `amqprs`).
 #[cfg(feature = "amqprs")]
 pub use amqp_rebound_amqprs as amqprs;
+
+/// Builds the client over lapin and tokio's clock and spawns its driver on the
+/// current tokio runtime. Must be called from within a tokio runtime.
+#[cfg(feature = "lapin")]
+pub fn connect(builder: ClientBuilder) -> Result<Client, ConfigError> {
+    let (client, driver) = builder.build(lapin::LapinTransport::new(), TokioTimer)?;
+    tokio::spawn(driver);
+    Ok(client)
+}
