@@ -215,8 +215,36 @@ impl<T: Transport, K: Timer> State<T, K> {
                     self.input(Input::Timeout);
                 }
             }
+            self.drain_ready(&mut requests);
         }
         self.finish();
+    }
+
+    /// Takes whatever else is ready right now (up to a bound), so that one trip
+    /// through the select and one flush serve a batch, not a single item. Polling
+    /// here uses a no-op waker; the select at the top of the loop polls every
+    /// source again with the real one before the driver sleeps, so no wake-up is
+    /// lost.
+    fn drain_ready(&mut self, requests: &mut mpsc::UnboundedReceiver<Request>) {
+        for _ in 0..256 {
+            let mut progressed = false;
+            if let Some(Some((channel, generation, event))) = self.chan_events.next().now_or_never()
+            {
+                self.on_channel_event(channel, generation, event);
+                progressed = true;
+            }
+            if let Ok(request) = requests.try_recv() {
+                self.on_request(request);
+                progressed = true;
+            }
+            if let Some(Some(done)) = self.ops.next().now_or_never() {
+                self.on_done(done);
+                progressed = true;
+            }
+            if !progressed {
+                return;
+            }
+        }
     }
 
     fn now(&self) -> Instant {
