@@ -756,6 +756,7 @@ impl Supervisor {
         let hosts = self.hosts.len();
         let class = error.class();
         let conn = &mut self.conns[c];
+        let failed_endpoint = self.hosts[conn.host].redacted();
         if rotate {
             conn.failures += 1;
             conn.host = (conn.host + 1) % hosts;
@@ -771,7 +772,7 @@ impl Supervisor {
         let retry_at = self.now + delay;
         self.events.push_back(Event::RecoveryFailed {
             connection: ConnectionId(c as u16),
-            endpoint: self.hosts[conn.host].redacted(),
+            endpoint: failed_endpoint,
             error: error.clone(),
             class,
             retry_in: delay,
