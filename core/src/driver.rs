@@ -21,6 +21,7 @@ use std::time::Instant;
 use futures::channel::{mpsc, oneshot};
 use futures::future::{BoxFuture, Fuse, FusedFuture, FutureExt};
 use futures::stream::{BoxStream, FuturesUnordered, SelectAll, StreamExt};
+use tracing::Instrument;
 
 use crate::client::{ClientState, ConsumerItem, Received, Request, Shared};
 use crate::endpoint::Endpoint;
@@ -317,6 +318,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                             result,
                         }
                     }
+                    .instrument(tracing::debug_span!("open_channel", %channel, generation))
                     .boxed(),
                 );
             }
@@ -354,6 +356,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                             result,
                         }
                     }
+                    .instrument(tracing::debug_span!("topology", %channel, generation))
                     .boxed(),
                 );
             }
@@ -399,6 +402,8 @@ impl<T: Transport, K: Timer> State<T, K> {
         tracing::debug!(%connection, epoch, %endpoint, "dialling");
         let transport = Arc::clone(&self.transport);
         let options = self.options.clone();
+        // Endpoint's Display redacts the password
+        let endpoint_shown = endpoint.to_string();
         self.ops.push(
             async move {
                 let result = transport.connect(&endpoint, &options).await;
@@ -408,6 +413,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                     result,
                 }
             }
+            .instrument(tracing::debug_span!("dial", %connection, epoch, %endpoint_shown))
             .boxed(),
         );
     }
@@ -473,8 +479,11 @@ impl<T: Transport, K: Timer> State<T, K> {
                         .boxed();
                     self.chan_events.push(events);
                     let (tx, rx) = mpsc::unbounded();
-                    self.ops
-                        .push(worker(Arc::clone(&ch), rx, channel, generation).boxed());
+                    self.ops.push(
+                        worker(Arc::clone(&ch), rx, channel, generation)
+                            .instrument(tracing::debug_span!("channel", %channel, generation))
+                            .boxed(),
+                    );
                     self.chans.insert(
                         channel,
                         ChanSlot {

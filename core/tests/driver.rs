@@ -393,3 +393,51 @@ fn per_publish_timeout_and_no_wait_backpressure() {
     assert!(out.contains(&(1, Err(PublishError::Backpressure { capacity: 1 }))));
     assert!(out.contains(&(0, Err(PublishError::TimedOut))));
 }
+
+/// A tracing writer that keeps everything in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn the_password_never_appears_in_tracing_output() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let (mut pool, clock, transport, client) = setup(1, 2);
+        transport.broker().refuse = Some(TransportError::Auth("ACCESS_REFUSED".into()));
+        drive(&mut pool, &clock, Duration::from_secs(30), || false);
+        transport.broker().refuse = None;
+        assert!(drive(&mut pool, &clock, Duration::from_secs(30), || client
+            .state()
+            .is_ready()));
+        transport.kill_all();
+        assert!(drive(&mut pool, &clock, Duration::from_secs(30), || client
+            .stats()
+            .recoveries
+            == 1));
+    });
+    let text = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    assert!(
+        text.contains("dial"),
+        "tracing captured nothing useful: {text}"
+    );
+    assert!(text.contains("guest:***@"), "endpoints are shown redacted");
+    assert!(
+        !text.contains("s3cr3t-pw"),
+        "password leaked into tracing output"
+    );
+}
