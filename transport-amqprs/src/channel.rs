@@ -1,0 +1,730 @@
+//! [`AmqprsChannel`]: one amqprs channel, its [`ChannelCallback`], and the task that
+//! turns confirms, returns, cancels, deliveries and the channel's end into one
+//! [`ChannelEvent`] stream.
+
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use amqp_rebound_core::TransportError;
+use amqp_rebound_core::message::{FieldTable, Message};
+use amqp_rebound_core::topology::{ConsumeOptions, ExchangeDecl, QueueDecl};
+use amqp_rebound_core::transport::{Channel, ChannelEvent, QueueInfo};
+use amqprs::callbacks::ChannelCallback;
+use amqprs::channel::{
+    BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicNackArguments,
+    BasicPublishArguments, BasicQosArguments, BasicRejectArguments, Channel as AmqprsChan,
+    ConfirmSelectArguments, ConsumerMessage, ExchangeBindArguments, ExchangeDeclareArguments,
+    ExchangeDeleteArguments, ExchangeUnbindArguments, QueueBindArguments, QueueDeclareArguments,
+    QueueDeleteArguments, QueueUnbindArguments,
+};
+use amqprs::error::Error as AmqprsError;
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::channel::mpsc;
+use futures::stream::{self, BoxStream};
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc as tokio_mpsc, watch};
+
+use crate::connection::{ConnectionShared, InRuntime, lock};
+use crate::convert::{self, map_error, short, to_table};
+
+/// One AMQP channel over amqprs; implements core's [`Channel`].
+///
+/// Made by [`AmqprsConnection::open_channel`](crate::AmqprsConnection). A task on
+/// the tokio runtime feeds [`Channel::events`]; it ends with the channel, or when
+/// this value is dropped (amqprs then closes the channel). Events wait in an
+/// unbounded queue until they are read, so take the stream right away, as the
+/// contract says; a second call to `events` gets an empty stream.
+///
+/// `publish` returns once amqprs has queued the message for its writer task (a
+/// bounded queue shared by the connection): while the broker does not read from
+/// the socket, publishes wait.
+pub struct AmqprsChannel {
+    channel: InRuntime<AmqprsChan>,
+    shared: Arc<ChannelShared>,
+    commands: mpsc::UnboundedSender<Command>,
+    events: Mutex<Option<mpsc::UnboundedReceiver<ChannelEvent>>>,
+}
+
+impl std::fmt::Debug for AmqprsChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqprsChannel")
+            .field("id", &self.channel.get().channel_id())
+            .field("open", &self.channel.get().is_open())
+            .finish()
+    }
+}
+
+/// What the channel, its callback and its event task share.
+struct ChannelShared {
+    /// The broker's `channel.close`, recorded by the callback before amqprs fails
+    /// the calls waiting on the channel.
+    broker_close: Mutex<Option<TransportError>>,
+    /// `close()` was called (here, or the value was dropped).
+    client_closing: AtomicBool,
+    /// Why the channel closed, once the event task has decided.
+    closed: watch::Sender<Option<TransportError>>,
+    connection: Arc<ConnectionShared>,
+}
+
+impl ChannelShared {
+    /// Why the channel is closed or closing, if anything says so yet.
+    fn known_reason(&self) -> Option<TransportError> {
+        if let Some(closed) = self.closed.borrow().clone() {
+            return Some(closed);
+        }
+        if let Some(error) = lock(&self.broker_close).clone() {
+            return Some(error);
+        }
+        if self.client_closing.load(Ordering::SeqCst) {
+            return Some(TransportError::ClosedByClient);
+        }
+        None
+    }
+
+    /// Waits until the event task has decided why the channel closed. Only called
+    /// once amqprs has given up on the channel, so the wait is short.
+    async fn wait_closed(&self) -> TransportError {
+        let mut closed = self.closed.subscribe();
+        match closed.wait_for(Option::is_some).await {
+            Ok(error) => error.clone().unwrap_or_else(task_stopped),
+            Err(_) => task_stopped(),
+        }
+    }
+
+    fn decide(&self, error: TransportError) {
+        self.closed.send_if_modified(|closed| {
+            if closed.is_some() {
+                return false;
+            }
+            *closed = Some(error);
+            true
+        });
+    }
+}
+
+fn task_stopped() -> TransportError {
+    TransportError::Protocol("the channel's event task has stopped".into())
+}
+
+enum Command {
+    /// A consumer's deliveries, from `basic_consume_rx`.
+    Consumer(String, tokio_mpsc::UnboundedReceiver<ConsumerMessage>),
+}
+
+impl AmqprsChannel {
+    /// Wraps a freshly opened amqprs channel: registers the callback and starts the
+    /// event task on `handle`.
+    pub(crate) async fn start(
+        channel: AmqprsChan,
+        handle: Handle,
+        connection: Arc<ConnectionShared>,
+    ) -> Result<AmqprsChannel, TransportError> {
+        let (closed, _) = watch::channel(None);
+        let shared = Arc::new(ChannelShared {
+            broker_close: Mutex::new(None),
+            client_closing: AtomicBool::new(false),
+            closed,
+            connection,
+        });
+        let channel = InRuntime::new(channel, handle.clone());
+        let (raw_tx, raw_rx) = mpsc::unbounded();
+        let callback = Callback {
+            shared: shared.clone(),
+            raw: raw_tx,
+        };
+        if channel.get().register_callback(callback).await.is_err() {
+            // The dispatcher is already gone.
+            return Err(match shared.connection.closed() {
+                Some(closed) => closed,
+                None if shared.connection.reader_ended() => shared.connection.wait_closed().await,
+                None => TransportError::Protocol(
+                    "amqprs stopped the channel as soon as it opened".into(),
+                ),
+            });
+        }
+        let (command_tx, command_rx) = mpsc::unbounded();
+        let (event_tx, event_rx) = mpsc::unbounded();
+        let pump = Pump {
+            shared: shared.clone(),
+            raw: raw_rx,
+            commands: command_rx,
+            consumers: Vec::new(),
+            events: event_tx,
+        };
+        handle.spawn(pump.run());
+        Ok(AmqprsChannel {
+            channel,
+            shared,
+            commands: command_tx,
+            events: Mutex::new(Some(event_rx)),
+        })
+    }
+
+    /// The amqprs channel, for what this adapter does not cover.
+    ///
+    /// Closing it, consuming or publishing through it bypasses the event stream:
+    /// use it for reads (id, state) and extensions only.
+    pub fn amqprs(&self) -> &AmqprsChan {
+        self.channel.get()
+    }
+
+    fn channel(&self) -> &AmqprsChan {
+        self.channel.get()
+    }
+
+    /// Fails fast on a channel that is closed or closing. amqprs does not check
+    /// before writing, and a frame on a channel the broker has closed is a
+    /// connection error (504) that would take every other channel down too.
+    async fn check_open(&self) -> Result<(), TransportError> {
+        if let Some(reason) = self.shared.known_reason() {
+            return Err(reason);
+        }
+        if !self.channel().is_open() {
+            return Err(self.shared.wait_closed().await);
+        }
+        Ok(())
+    }
+
+    /// Maps an error from an amqprs call on this channel. A call cut short by the
+    /// channel's end (amqprs reports an internal-channel error: its dispatcher or
+    /// writer is gone) reports why the channel ended.
+    async fn error(&self, error: AmqprsError) -> TransportError {
+        if let Some(reason) = self.shared.known_reason() {
+            return reason;
+        }
+        match error {
+            AmqprsError::InternalChannelError(_) => self.shared.wait_closed().await,
+            other => map_error(&other),
+        }
+    }
+}
+
+impl Drop for AmqprsChannel {
+    fn drop(&mut self) {
+        // amqprs closes the channel when its last handle goes (see InRuntime).
+        self.shared.client_closing.store(true, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl Channel for AmqprsChannel {
+    fn events(&self) -> BoxStream<'static, ChannelEvent> {
+        match lock(&self.events).take() {
+            Some(events) => events.boxed(),
+            None => stream::empty().boxed(),
+        }
+    }
+
+    async fn confirm_select(&self) -> Result<(), TransportError> {
+        self.check_open().await?;
+        match self
+            .channel()
+            .confirm_select(ConfirmSelectArguments::new(false))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn qos(&self, prefetch_count: u16) -> Result<(), TransportError> {
+        self.check_open().await?;
+        let args = BasicQosArguments::new(0, prefetch_count, false);
+        match self.channel().basic_qos(args).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError> {
+        let args = ExchangeDeclareArguments {
+            exchange: short("exchange name", &decl.name)?,
+            exchange_type: convert::exchange_kind(&decl.kind)?,
+            passive: false,
+            durable: decl.durable,
+            auto_delete: decl.auto_delete,
+            internal: decl.internal,
+            no_wait: false,
+            arguments: to_table("an exchange argument", &decl.arguments)?,
+        };
+        self.check_open().await?;
+        match self.channel().exchange_declare(args).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn delete_exchange(&self, name: &str) -> Result<(), TransportError> {
+        let args = ExchangeDeleteArguments::new(&short("exchange name", name)?);
+        self.check_open().await?;
+        match self.channel().exchange_delete(args).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError> {
+        let name = short("queue name", &decl.name)?;
+        let arguments = to_table("a queue argument", &decl.arguments)?;
+        let args = QueueDeclareArguments::new(&name)
+            .durable(decl.durable)
+            .exclusive(decl.exclusive)
+            .auto_delete(decl.auto_delete)
+            .arguments(arguments)
+            .finish();
+        self.check_open().await?;
+        match self.channel().queue_declare(args).await {
+            Ok(Some((name, message_count, consumer_count))) => Ok(QueueInfo {
+                name,
+                message_count,
+                consumer_count,
+            }),
+            // Only with no-wait, which this adapter never asks for.
+            Ok(None) => Err(TransportError::Protocol(
+                "amqprs returned no queue.declare-ok".into(),
+            )),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn delete_queue(&self, name: &str) -> Result<u32, TransportError> {
+        let args = QueueDeleteArguments::new(&short("queue name", name)?);
+        self.check_open().await?;
+        match self.channel().queue_delete(args).await {
+            Ok(Some(count)) => Ok(count),
+            Ok(None) => Err(TransportError::Protocol(
+                "amqprs returned no queue.delete-ok".into(),
+            )),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), TransportError> {
+        let args = QueueBindArguments {
+            queue: short("queue name", queue)?,
+            exchange: short("exchange name", exchange)?,
+            routing_key: short("routing key", routing_key)?,
+            no_wait: false,
+            arguments: to_table("a binding argument", arguments)?,
+        };
+        self.check_open().await?;
+        match self.channel().queue_bind(args).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), TransportError> {
+        let args = QueueUnbindArguments {
+            queue: short("queue name", queue)?,
+            exchange: short("exchange name", exchange)?,
+            routing_key: short("routing key", routing_key)?,
+            arguments: to_table("a binding argument", arguments)?,
+        };
+        self.check_open().await?;
+        match self.channel().queue_unbind(args).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), TransportError> {
+        let args = ExchangeBindArguments {
+            destination: short("exchange name", destination)?,
+            source: short("exchange name", source)?,
+            routing_key: short("routing key", routing_key)?,
+            no_wait: false,
+            arguments: to_table("a binding argument", arguments)?,
+        };
+        self.check_open().await?;
+        match self.channel().exchange_bind(args).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), TransportError> {
+        let args = ExchangeUnbindArguments {
+            destination: short("exchange name", destination)?,
+            source: short("exchange name", source)?,
+            routing_key: short("routing key", routing_key)?,
+            no_wait: false,
+            arguments: to_table("a binding argument", arguments)?,
+        };
+        self.check_open().await?;
+        match self.channel().exchange_unbind(args).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn publish(&self, message: &Message) -> Result<(), TransportError> {
+        let mut args = BasicPublishArguments::new(
+            &short("exchange name", &message.exchange)?,
+            &short("routing key", &message.routing_key)?,
+        );
+        args.mandatory = message.mandatory;
+        let properties = convert::to_properties(&message.properties)?;
+        self.check_open().await?;
+        match self
+            .channel()
+            .basic_publish(properties, message.payload.to_vec(), args)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn consume(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        options: &ConsumeOptions,
+    ) -> Result<(), TransportError> {
+        let mut args = BasicConsumeArguments::new(
+            &short("queue name", queue)?,
+            &short("consumer tag", consumer_tag)?,
+        );
+        args.no_ack = options.no_ack;
+        args.exclusive = options.exclusive;
+        args.arguments = to_table("a consumer argument", &options.arguments)?;
+        if let Some(prefetch) = options.prefetch {
+            self.qos(prefetch).await?;
+        }
+        self.check_open().await?;
+        let (tag, deliveries) = match self.channel().basic_consume_rx(args).await {
+            Ok(consumer) => consumer,
+            Err(e) => return Err(self.error(e).await),
+        };
+        self.commands
+            .unbounded_send(Command::Consumer(tag, deliveries))
+            .map_err(|_| task_stopped())
+    }
+
+    async fn cancel(&self, consumer_tag: &str) -> Result<(), TransportError> {
+        let args = BasicCancelArguments::new(&short("consumer tag", consumer_tag)?);
+        self.check_open().await?;
+        match self.channel().basic_cancel(args).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), TransportError> {
+        self.check_open().await?;
+        let args = BasicAckArguments::new(delivery_tag, multiple);
+        match self.channel().basic_ack(args).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn nack(
+        &self,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> Result<(), TransportError> {
+        self.check_open().await?;
+        let args = BasicNackArguments::new(delivery_tag, multiple, requeue);
+        match self.channel().basic_nack(args).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn reject(&self, delivery_tag: u64, requeue: bool) -> Result<(), TransportError> {
+        self.check_open().await?;
+        let args = BasicRejectArguments::new(delivery_tag, requeue);
+        match self.channel().basic_reject(args).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    async fn close(&self) -> Result<(), TransportError> {
+        if self.shared.closed.borrow().is_some() {
+            return Ok(());
+        }
+        self.shared.client_closing.store(true, Ordering::SeqCst);
+        // amqprs's `close` takes the channel by value; a clone shares its state. It
+        // does nothing on a channel that the broker (or the connection's end)
+        // already closed.
+        match self.channel().clone().close().await {
+            Ok(()) => Ok(()),
+            // The channel or its connection ended on the way: nothing is left.
+            Err(AmqprsError::InternalChannelError(_)) => Ok(()),
+            Err(e) => Err(map_error(&e)),
+        }
+    }
+}
+
+/// The channel's callback: runs on amqprs's dispatcher task for the channel.
+struct Callback {
+    shared: Arc<ChannelShared>,
+    raw: mpsc::UnboundedSender<Raw>,
+}
+
+/// What the callback passes to the event task, in the order amqprs reported it
+/// (which is the order of the broker's frames).
+enum Raw {
+    Ack { delivery_tag: u64, multiple: bool },
+    Nack { delivery_tag: u64, multiple: bool },
+    Return(Box<amqp_rebound_core::message::Returned>),
+    Cancel(String),
+}
+
+impl Callback {
+    fn send(&self, raw: Raw) {
+        // The event task may be gone (the channel was dropped); then nobody listens.
+        let _ = self.raw.unbounded_send(raw);
+    }
+}
+
+#[async_trait]
+impl ChannelCallback for Callback {
+    async fn close(
+        &mut self,
+        _channel: &AmqprsChan,
+        close: amqprs::CloseChannel,
+    ) -> Result<(), AmqprsError> {
+        let error = TransportError::Reply {
+            code: close.reply_code(),
+            text: close.reply_text().clone(),
+        };
+        // Recorded here, synchronously: amqprs fails the calls waiting on the
+        // channel only after this returns.
+        lock(&self.shared.broker_close).get_or_insert(error);
+        // Ok: amqprs answers with close-ok.
+        Ok(())
+    }
+
+    async fn cancel(
+        &mut self,
+        _channel: &AmqprsChan,
+        cancel: amqprs::Cancel,
+    ) -> Result<(), AmqprsError> {
+        self.send(Raw::Cancel(cancel.consumer_tag().clone()));
+        // Ok: amqprs drops the consumer and answers with cancel-ok.
+        Ok(())
+    }
+
+    async fn flow(&mut self, _channel: &AmqprsChan, active: bool) -> Result<bool, AmqprsError> {
+        // RabbitMQ does not send channel.flow; acknowledge what was asked.
+        Ok(active)
+    }
+
+    async fn publish_ack(&mut self, _channel: &AmqprsChan, ack: amqprs::Ack) {
+        self.send(Raw::Ack {
+            delivery_tag: ack.delivery_tag(),
+            // sic: amqprs 2.1 spells it `mutiple`.
+            multiple: ack.mutiple(),
+        });
+    }
+
+    async fn publish_nack(&mut self, _channel: &AmqprsChan, nack: amqprs::Nack) {
+        self.send(Raw::Nack {
+            delivery_tag: nack.delivery_tag(),
+            multiple: nack.multiple(),
+        });
+    }
+
+    async fn publish_return(
+        &mut self,
+        _channel: &AmqprsChan,
+        ret: amqprs::Return,
+        basic_properties: amqprs::BasicProperties,
+        content: Vec<u8>,
+    ) {
+        let returned = convert::returned(&ret, &basic_properties, content);
+        self.send(Raw::Return(Box::new(returned)));
+    }
+}
+
+/// The channel's event task: one per channel, no task per message or consumer.
+struct Pump {
+    shared: Arc<ChannelShared>,
+    /// From the callback; ends when amqprs drops it, i.e. when the channel's
+    /// dispatcher has stopped (channel closed, connection gone, or a panic).
+    raw: mpsc::UnboundedReceiver<Raw>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    consumers: Vec<(String, tokio_mpsc::UnboundedReceiver<ConsumerMessage>)>,
+    events: mpsc::UnboundedSender<ChannelEvent>,
+}
+
+/// How many deliveries one consumer may hand over before the others get a turn.
+const CONSUMER_BUDGET: usize = 64;
+
+impl Pump {
+    async fn run(mut self) {
+        let _guard = DecideOnDrop(self.shared.clone());
+        // Until the dispatcher stops (or the AmqprsChannel is dropped).
+        if !poll_fn(|cx| self.poll_open(cx)).await {
+            return;
+        }
+        // amqprs dropped every consumer's sender before the callback: what is left
+        // in their queues is all there will be. Deliver it before `Closed`.
+        while let Ok(Command::Consumer(tag, deliveries)) = self.commands.try_recv() {
+            self.consumers.push((tag, deliveries));
+        }
+        let consumers = std::mem::take(&mut self.consumers);
+        for (_, mut deliveries) in consumers {
+            while let Ok(message) = deliveries.try_recv() {
+                self.deliver(message);
+            }
+        }
+        let error = self.reason().await;
+        self.shared.decide(error.clone());
+        self.emit(ChannelEvent::Closed(error));
+        self.events.close_channel();
+    }
+
+    /// Why the channel ended, in order of precedence: the broker's
+    /// `channel.close`, our own `close()`, then the connection's end.
+    async fn reason(&self) -> TransportError {
+        if let Some(error) = lock(&self.shared.broker_close).clone() {
+            return error;
+        }
+        if self.shared.client_closing.load(Ordering::SeqCst) {
+            return TransportError::ClosedByClient;
+        }
+        let connection = &self.shared.connection;
+        if let Some(error) = connection.closed() {
+            return error;
+        }
+        if connection.reader_ended() {
+            return connection.wait_closed().await;
+        }
+        TransportError::Protocol("amqprs stopped the channel's dispatcher without a reason".into())
+    }
+
+    /// Forwards everything ready. `Ready(true)`: the dispatcher has stopped;
+    /// `Ready(false)`: the AmqprsChannel is gone.
+    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        loop {
+            match self.commands.poll_next_unpin(cx) {
+                Poll::Ready(Some(Command::Consumer(tag, deliveries))) => {
+                    self.consumers.push((tag, deliveries));
+                }
+                Poll::Ready(None) => return Poll::Ready(false),
+                Poll::Pending => break,
+            }
+        }
+        let mut more = false;
+        let mut i = 0;
+        while i < self.consumers.len() {
+            let mut budget = CONSUMER_BUDGET;
+            let mut ended = false;
+            while budget > 0 {
+                match self.consumers[i].1.poll_recv(cx) {
+                    Poll::Ready(Some(message)) => {
+                        self.deliver(message);
+                        budget -= 1;
+                    }
+                    // Cancelled (by us or the broker): amqprs dropped its sender.
+                    Poll::Ready(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            more |= budget == 0;
+            if ended {
+                self.consumers.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        loop {
+            match self.raw.poll_next_unpin(cx) {
+                Poll::Ready(Some(raw)) => self.handle(raw),
+                Poll::Ready(None) => return Poll::Ready(true),
+                Poll::Pending => break,
+            }
+        }
+        if more {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+
+    fn handle(&mut self, raw: Raw) {
+        match raw {
+            Raw::Ack {
+                delivery_tag,
+                multiple,
+            } => self.emit(ChannelEvent::Ack {
+                delivery_tag,
+                multiple,
+            }),
+            Raw::Nack {
+                delivery_tag,
+                multiple,
+            } => self.emit(ChannelEvent::Nack {
+                delivery_tag,
+                multiple,
+            }),
+            Raw::Return(returned) => self.emit(ChannelEvent::Return(*returned)),
+            Raw::Cancel(consumer_tag) => {
+                // Deliveries that came before the cancel go out before it.
+                if let Some(at) = self.consumers.iter().position(|(t, _)| *t == consumer_tag) {
+                    let (_, mut deliveries) = self.consumers.swap_remove(at);
+                    while let Ok(message) = deliveries.try_recv() {
+                        self.deliver(message);
+                    }
+                }
+                self.emit(ChannelEvent::ConsumerCancelled { consumer_tag });
+            }
+        }
+    }
+
+    fn deliver(&self, message: ConsumerMessage) {
+        if let Some(delivery) = convert::delivery(message) {
+            self.emit(ChannelEvent::Delivery(delivery));
+        }
+    }
+
+    fn emit(&self, event: ChannelEvent) {
+        // The receiver may be gone (nobody listens); the events are then moot.
+        let _ = self.events.unbounded_send(event);
+    }
+}
+
+/// Settles the channel's end if its event task stops without doing so, so that
+/// no call waits for it forever.
+struct DecideOnDrop(Arc<ChannelShared>);
+
+impl Drop for DecideOnDrop {
+    fn drop(&mut self) {
+        self.0.decide(task_stopped());
+    }
+}

@@ -1,0 +1,663 @@
+//! Translations between core's types and amqprs's: dial arguments, errors, field
+//! tables, properties, names.
+//!
+//! Everything here is a pure function, so the mapping is unit-tested without a broker.
+//! amqprs turns names into AMQP short strings with `try_into().unwrap()`, so every
+//! string that ends up as one is checked here first.
+
+use std::time::Duration;
+
+use amqp_rebound_core::TransportError;
+use amqp_rebound_core::endpoint::Endpoint;
+use amqp_rebound_core::message::{AMQPValue, Delivery, FieldTable, Properties, Returned};
+use amqp_rebound_core::topology::ExchangeKind;
+use amqp_rebound_core::transport::ConnectOptions;
+use amqprs::channel::ConsumerMessage;
+use amqprs::connection::OpenConnectionArguments;
+use amqprs::error::Error as AmqprsError;
+use amqprs::security::SecurityCredentials;
+use amqprs::{
+    BasicProperties, ByteArray, DecimalValue, FieldArray, FieldValue, LongStr, Return, ShortStr,
+};
+
+/// The longest AMQP short string, in bytes.
+const SHORT_STRING_MAX: usize = 255;
+
+/// The heartbeat amqprs asks for when the URI names none (and when it names 0:
+/// see [`heartbeat`]).
+const DEFAULT_HEARTBEAT: u16 = 60;
+
+/// Builds amqprs's dial arguments from an endpoint, refusing what amqprs would
+/// panic on or cannot express.
+pub(crate) fn open_arguments(
+    endpoint: &Endpoint,
+    options: &ConnectOptions,
+) -> Result<OpenConnectionArguments, TransportError> {
+    let uri = endpoint.amqp_uri();
+    // amqprs dials `format!("{host}:{port}")`, which needs an IPv6 literal bracketed.
+    let host = if endpoint.host().contains(':') {
+        format!("[{}]", endpoint.host())
+    } else {
+        endpoint.host().to_owned()
+    };
+    let vhost = short("virtual host", endpoint.vhost())?;
+    let credentials = credentials(endpoint)?;
+    let mut args = OpenConnectionArguments::new(
+        &host,
+        endpoint.port(),
+        endpoint.username(),
+        endpoint.password(),
+    );
+    args.virtual_host(&vhost)
+        .credentials(credentials)
+        .heartbeat(heartbeat(uri.query.heartbeat));
+    if let Some(name) = &options.connection_name {
+        args.connection_name(name);
+    }
+    if endpoint.is_tls() {
+        args.tls_adaptor(tls_adaptor(endpoint.host())?);
+    }
+    Ok(args)
+}
+
+/// The heartbeat to ask amqprs for, in seconds.
+///
+/// amqprs cannot run without heartbeats: with 0 negotiated on both sides its reader
+/// gives up at once, and with 1 its writer sends heartbeats in a busy loop (it waits
+/// `heartbeat / 2` seconds between them, in integers). So 0 asks for amqprs's default
+/// (the broker's value wins if it is lower), and 1 becomes 2.
+pub(crate) fn heartbeat(asked: Option<u16>) -> u16 {
+    match asked {
+        None | Some(0) => DEFAULT_HEARTBEAT,
+        Some(1) => 2,
+        Some(seconds) => seconds,
+    }
+}
+
+/// The dial timeout the URI asks for (`connection_timeout`, milliseconds).
+pub(crate) fn uri_connect_timeout(endpoint: &Endpoint) -> Option<Duration> {
+    endpoint
+        .amqp_uri()
+        .query
+        .connection_timeout
+        .filter(|&ms| ms > 0)
+        .map(Duration::from_millis)
+}
+
+fn credentials(endpoint: &Endpoint) -> Result<SecurityCredentials, TransportError> {
+    use amq_protocol_uri::SASLMechanism;
+    let (user, password) = (endpoint.username(), endpoint.password());
+    match endpoint.amqp_uri().query.auth_mechanism.unwrap_or_default() {
+        SASLMechanism::Plain => Ok(SecurityCredentials::new_plain(user, password)),
+        SASLMechanism::AMQPlain => {
+            // amqprs builds the AMQPLAIN response as a `String` from binary length
+            // prefixes and unwraps it: a length byte of 128 or more is not UTF-8.
+            if user.len() >= 128 || password.len() >= 128 {
+                return Err(TransportError::Protocol(
+                    "AMQPLAIN through amqprs needs a user name and password shorter \
+                     than 128 bytes; use PLAIN"
+                        .into(),
+                ));
+            }
+            Ok(SecurityCredentials::new_amqplain(user, password))
+        }
+        SASLMechanism::External => Ok(SecurityCredentials::new_external()),
+        other => Err(TransportError::Protocol(format!(
+            "amqprs does not support the {} authentication mechanism",
+            other.name()
+        ))),
+    }
+}
+
+/// A TLS adaptor with the *ring* provider chosen explicitly and the webpki roots:
+/// amqprs's own constructors use the process-wide default provider, which panics
+/// when more than one is compiled in and none was installed.
+fn tls_adaptor(host: &str) -> Result<amqprs::tls::TlsAdaptor, TransportError> {
+    use std::sync::Arc;
+    use tokio_rustls::TlsConnector;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
+
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let config = ClientConfig::builder_with_provider(Arc::new(crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TransportError::Protocol(format!("TLS configuration: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(amqprs::tls::TlsAdaptor::new(
+        TlsConnector::from(Arc::new(config)),
+        host.to_owned(),
+    ))
+}
+
+/// Maps an error from an amqprs call.
+///
+/// | amqprs                                   | core                          |
+/// |------------------------------------------|-------------------------------|
+/// | `NetworkError`                           | `Io`                          |
+/// | `ConnectionOpenError` with a `connection.close` in it | `Reply { code, text }` |
+/// | anything else (internal channels, usage, unexpected frames) | `Protocol` |
+///
+/// A call on a channel or connection that has closed fails with an internal-channel
+/// error; the callers replace it with the reason the object closed.
+pub(crate) fn map_error(error: &AmqprsError) -> TransportError {
+    match error {
+        AmqprsError::NetworkError(text) => TransportError::Io(text.clone()),
+        AmqprsError::ConnectionOpenError(text) => match parse_close(text) {
+            Some((code, text)) => TransportError::Reply { code, text },
+            None => TransportError::Protocol(error.to_string()),
+        },
+        other => TransportError::Protocol(other.to_string()),
+    }
+}
+
+/// Maps an error from `Connection::open`.
+///
+/// - A `connection.close` with 403 ACCESS_REFUSED is [`TransportError::Auth`].
+/// - The server not offering amqprs's SASL mechanism is `Auth` too: these
+///   credentials cannot work there.
+/// - The socket closed or reset by the broker during the handshake is `Auth`:
+///   amqprs does not advertise `authentication_failure_close`, so RabbitMQ refuses
+///   bad credentials by dropping the socket without a word, and that is the only
+///   handshake step at which it drops one (a broker that is down refuses the TCP
+///   connection instead). amqprs does not say at which step its handshake failed,
+///   so a proxy that accepts and then drops connections is misreported as `Auth`.
+///
+/// The password is scrubbed from the text.
+pub(crate) fn map_open_error(error: &AmqprsError, password: &str) -> TransportError {
+    let mapped = match error {
+        AmqprsError::NetworkError(text) if is_peer_close(text) => TransportError::Auth(format!(
+            "the broker closed the connection during the handshake ({text}); with amqprs \
+             this is how RabbitMQ refuses a user name or password"
+        )),
+        AmqprsError::ConnectionOpenError(text) if text.contains("authentication '") => {
+            TransportError::Auth(text.clone())
+        }
+        other => match map_error(other) {
+            TransportError::Reply { code: 403, text } => TransportError::Auth(text),
+            mapped => mapped,
+        },
+    };
+    scrub(mapped, password)
+}
+
+/// Whether an amqprs network error says the peer closed or reset the socket
+/// (rather than refusing the dial, or a TLS failure). RabbitMQ does either after a
+/// failed login, depending on timing (seen: a reset, on Linux).
+fn is_peer_close(text: &str) -> bool {
+    [
+        "peer shutdown",
+        "connection interrupted",
+        "reset by peer",
+        "forcibly closed",
+    ]
+    .iter()
+    .any(|sign| text.contains(sign))
+}
+
+/// Finds the reply code and text of a `connection.close` in amqprs's text for an
+/// unexpected handshake frame (it prints the frame with `Debug`:
+/// `Close { reply_code: 530, reply_text: ShortStr(50, "NOT_ALLOWED - ..."), .. }`).
+pub(crate) fn parse_close(text: &str) -> Option<(u16, String)> {
+    let rest = text.split_once("Close { reply_code: ")?.1;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let code = digits.parse().ok()?;
+    let quoted = rest
+        .split_once("reply_text: ShortStr(")?
+        .1
+        .split_once(", \"")?
+        .1;
+    // Undo the `Debug` escaping up to the closing quote.
+    let mut reply = String::new();
+    let mut chars = quoted.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some((code, reply)),
+            '\\' => match chars.next()? {
+                'n' => reply.push('\n'),
+                't' => reply.push('\t'),
+                'r' => reply.push('\r'),
+                '0' => reply.push('\0'),
+                'u' => {
+                    let hex: String = chars
+                        .by_ref()
+                        .skip_while(|&c| c == '{')
+                        .take_while(|&c| c != '}')
+                        .collect();
+                    reply.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+                }
+                other => reply.push(other),
+            },
+            c => reply.push(c),
+        }
+    }
+    None
+}
+
+/// Removes `password` from the text of `error`.
+///
+/// Neither amqprs nor RabbitMQ is known to put it there; this makes sure of it.
+pub(crate) fn scrub(error: TransportError, password: &str) -> TransportError {
+    // A one- or two-character password would blank out ordinary words; it cannot be
+    // told apart from the text around it anyway.
+    if password.len() < 3 {
+        return error;
+    }
+    let clean = |text: String| text.replace(password, "***");
+    match error {
+        TransportError::Io(text) => TransportError::Io(clean(text)),
+        TransportError::Auth(text) => TransportError::Auth(clean(text)),
+        TransportError::Protocol(text) => TransportError::Protocol(clean(text)),
+        TransportError::Reply { code, text } => TransportError::Reply {
+            code,
+            text: clean(text),
+        },
+        other => other,
+    }
+}
+
+/// An AMQP short string, refused (rather than panicking in amqprs) when longer
+/// than 255 bytes.
+pub(crate) fn short(what: &'static str, value: &str) -> Result<String, TransportError> {
+    if value.len() > SHORT_STRING_MAX {
+        return Err(too_long(what, value.len()));
+    }
+    Ok(value.to_owned())
+}
+
+fn too_long(what: &'static str, len: usize) -> TransportError {
+    TransportError::Protocol(format!(
+        "{what} is {len} bytes long; AMQP allows at most {SHORT_STRING_MAX}"
+    ))
+}
+
+/// Core's exchange kind as the type name amqprs sends.
+pub(crate) fn exchange_kind(kind: &ExchangeKind) -> Result<String, TransportError> {
+    short("exchange type", kind.as_str())
+}
+
+/// Core's field table as amqprs's.
+///
+/// amqprs has no short-string field value (RabbitMQ reads `s` as a short integer),
+/// so a `ShortString` value is sent as a long string; and its long strings are
+/// Rust `String`s, so a `LongString` that is not UTF-8 is refused.
+pub(crate) fn to_table(
+    what: &'static str,
+    table: &FieldTable,
+) -> Result<amqprs::FieldTable, TransportError> {
+    let mut out = amqprs::FieldTable::new();
+    for (key, value) in table {
+        let key =
+            ShortStr::try_from(key.as_str()).map_err(|_| too_long(what, key.as_str().len()))?;
+        out.insert(key, to_value(what, value)?);
+    }
+    Ok(out)
+}
+
+fn to_value(what: &'static str, value: &AMQPValue) -> Result<FieldValue, TransportError> {
+    let long = |text: String| {
+        let len = text.len();
+        LongStr::try_from(text).map_err(|_| too_big(what, len))
+    };
+    Ok(match value {
+        AMQPValue::Boolean(v) => FieldValue::t(*v),
+        AMQPValue::ShortShortInt(v) => FieldValue::b(*v),
+        AMQPValue::ShortShortUInt(v) => FieldValue::B(*v),
+        AMQPValue::ShortInt(v) => FieldValue::s(*v),
+        AMQPValue::ShortUInt(v) => FieldValue::u(*v),
+        AMQPValue::LongInt(v) => FieldValue::I(*v),
+        AMQPValue::LongUInt(v) => FieldValue::i(*v),
+        AMQPValue::LongLongInt(v) => FieldValue::l(*v),
+        AMQPValue::Float(v) => FieldValue::f(*v),
+        AMQPValue::Double(v) => FieldValue::d(*v),
+        // Same 32 bits: RabbitMQ reads the value as signed, amq-protocol as unsigned.
+        AMQPValue::DecimalValue(d) => FieldValue::D(DecimalValue::new(
+            d.scale,
+            i32::from_ne_bytes(d.value.to_ne_bytes()),
+        )),
+        AMQPValue::ShortString(s) => FieldValue::S(long(s.as_str().to_owned())?),
+        AMQPValue::LongString(s) => {
+            let text = std::str::from_utf8(s.as_bytes()).map_err(|_| {
+                TransportError::Protocol(format!(
+                    "{what} holds a long string that is not UTF-8, which amqprs cannot send"
+                ))
+            })?;
+            FieldValue::S(long(text.to_owned())?)
+        }
+        AMQPValue::FieldArray(array) => {
+            let values = array
+                .as_slice()
+                .iter()
+                .map(|v| to_value(what, v))
+                .collect::<Result<Vec<_>, _>>()?;
+            FieldValue::A(FieldArray::try_from(values).map_err(|_| too_big(what, usize::MAX))?)
+        }
+        AMQPValue::Timestamp(v) => FieldValue::T(*v),
+        AMQPValue::FieldTable(table) => FieldValue::F(to_table(what, table)?),
+        AMQPValue::ByteArray(bytes) => {
+            let len = bytes.len();
+            FieldValue::x(
+                ByteArray::try_from(bytes.as_slice().to_vec()).map_err(|_| too_big(what, len))?,
+            )
+        }
+        AMQPValue::Void => FieldValue::V,
+    })
+}
+
+fn too_big(what: &'static str, len: usize) -> TransportError {
+    TransportError::Protocol(format!(
+        "{what} is too large ({len} bytes) for an AMQP field"
+    ))
+}
+
+/// amqprs's field table as core's.
+pub(crate) fn from_table(table: &amqprs::FieldTable) -> FieldTable {
+    let mut out = FieldTable::default();
+    for (key, value) in table.as_ref() {
+        out.insert(key.as_ref().as_str().into(), from_value(value));
+    }
+    out
+}
+
+fn from_value(value: &FieldValue) -> AMQPValue {
+    match value {
+        FieldValue::t(v) => AMQPValue::Boolean(*v),
+        FieldValue::b(v) => AMQPValue::ShortShortInt(*v),
+        FieldValue::B(v) => AMQPValue::ShortShortUInt(*v),
+        FieldValue::s(v) => AMQPValue::ShortInt(*v),
+        FieldValue::u(v) => AMQPValue::ShortUInt(*v),
+        FieldValue::I(v) => AMQPValue::LongInt(*v),
+        FieldValue::i(v) => AMQPValue::LongUInt(*v),
+        FieldValue::l(v) => AMQPValue::LongLongInt(*v),
+        FieldValue::f(v) => AMQPValue::Float(*v),
+        FieldValue::d(v) => AMQPValue::Double(*v),
+        FieldValue::D(d) => match parse_decimal(&d.to_string()) {
+            Some((scale, value)) => AMQPValue::DecimalValue(amq_protocol_types::DecimalValue {
+                scale,
+                value: u32::from_ne_bytes(value.to_ne_bytes()),
+            }),
+            // Unreachable with amqp_serde 0.4 (see `parse_decimal`); keep the text.
+            None => AMQPValue::LongString(d.to_string().into()),
+        },
+        FieldValue::S(s) => AMQPValue::LongString(s.as_ref().as_str().into()),
+        FieldValue::A(array) => AMQPValue::FieldArray(
+            Vec::<FieldValue>::from(array.clone())
+                .iter()
+                .map(from_value)
+                .collect::<Vec<_>>()
+                .into(),
+        ),
+        FieldValue::T(v) => AMQPValue::Timestamp(*v),
+        FieldValue::F(table) => AMQPValue::FieldTable(from_table(table)),
+        FieldValue::V => AMQPValue::Void,
+        FieldValue::x(bytes) => AMQPValue::ByteArray(Vec::<u8>::from(bytes.clone()).into()),
+    }
+}
+
+/// amqprs's `DecimalValue` keeps its fields private; its `Display` is the only way
+/// out: `Decimal(scale, value)`.
+fn parse_decimal(text: &str) -> Option<(u8, i32)> {
+    let inner = text.strip_prefix("Decimal(")?.strip_suffix(')')?;
+    let (scale, value) = inner.split_once(", ")?;
+    Some((scale.parse().ok()?, value.parse().ok()?))
+}
+
+/// Core's properties as amqprs's. Every short string is checked first: amqprs's
+/// constructor unwraps them.
+pub(crate) fn to_properties(p: &Properties) -> Result<BasicProperties, TransportError> {
+    let text =
+        |what: &'static str, v: &Option<String>| v.as_deref().map(|s| short(what, s)).transpose();
+    let headers = p
+        .headers
+        .as_ref()
+        .map(|h| to_table("a header", h))
+        .transpose()?;
+    Ok(BasicProperties::new(
+        text("content_type", &p.content_type)?,
+        text("content_encoding", &p.content_encoding)?,
+        headers,
+        p.delivery_mode,
+        p.priority,
+        text("correlation_id", &p.correlation_id)?,
+        text("reply_to", &p.reply_to)?,
+        text("expiration", &p.expiration)?,
+        text("message_id", &p.message_id)?,
+        p.timestamp,
+        text("type", &p.kind)?,
+        text("user_id", &p.user_id)?,
+        text("app_id", &p.app_id)?,
+        None,
+    ))
+}
+
+/// amqprs's properties as core's. `cluster-id` (deprecated in 0-9-1) is dropped.
+pub(crate) fn from_properties(p: &BasicProperties) -> Properties {
+    let text = |v: Option<&String>| v.cloned();
+    let mut out = Properties::default();
+    out.content_type = text(p.content_type());
+    out.content_encoding = text(p.content_encoding());
+    out.headers = p.headers().map(from_table);
+    out.delivery_mode = p.delivery_mode();
+    out.priority = p.priority();
+    out.correlation_id = text(p.correlation_id());
+    out.reply_to = text(p.reply_to());
+    out.expiration = text(p.expiration());
+    out.message_id = text(p.message_id());
+    out.timestamp = p.timestamp();
+    out.kind = text(p.message_type());
+    out.user_id = text(p.user_id());
+    out.app_id = text(p.app_id());
+    out
+}
+
+/// An amqprs consumer message as core's delivery. amqprs documents every part as
+/// present; a message missing one is dropped rather than trusted.
+pub(crate) fn delivery(message: ConsumerMessage) -> Option<Delivery> {
+    let ConsumerMessage {
+        deliver,
+        basic_properties,
+        content,
+        ..
+    } = message;
+    let (deliver, properties, content) = (deliver?, basic_properties?, content?);
+    Some(Delivery {
+        consumer_tag: deliver.consumer_tag().clone(),
+        delivery_tag: deliver.delivery_tag(),
+        redelivered: deliver.redelivered(),
+        exchange: deliver.exchange().clone(),
+        routing_key: deliver.routing_key().clone(),
+        properties: from_properties(&properties),
+        payload: content.into(),
+    })
+}
+
+/// An amqprs `basic.return` as core's.
+pub(crate) fn returned(ret: &Return, properties: &BasicProperties, content: Vec<u8>) -> Returned {
+    Returned {
+        reply_code: ret.reply_code(),
+        reply_text: ret.reply_text().clone(),
+        exchange: ret.exchange().clone(),
+        routing_key: ret.routing_key().clone(),
+        properties: from_properties(properties),
+        payload: content.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amqp_rebound_core::ErrorClass;
+
+    #[test]
+    fn network_errors_are_io() {
+        let e = AmqprsError::NetworkError("network io error: Connection refused".into());
+        assert!(matches!(map_error(&e), TransportError::Io(_)));
+        assert_eq!(map_error(&e).class(), ErrorClass::Transient);
+        // A refused dial is not mistaken for refused credentials.
+        assert!(matches!(map_open_error(&e, "pw"), TransportError::Io(_)));
+    }
+
+    // What amqprs 2.1.5 prints for a `connection.close` instead of `open-ok`.
+    const NOT_ALLOWED: &str = "AMQP connection open error: failed to open connection, reason: \
+        Close(MethodHeader { class_id: 10, method_id: 50 }, Close { reply_code: 530, \
+        reply_text: ShortStr(55, \"NOT_ALLOWED - access to vhost 'x' refused for user \\\"g\\\"\"), \
+        class_id: 10, method_id: 40 })";
+
+    #[test]
+    fn a_close_during_the_handshake_keeps_its_reply_code() {
+        assert_eq!(
+            parse_close(NOT_ALLOWED),
+            Some((
+                530,
+                "NOT_ALLOWED - access to vhost 'x' refused for user \"g\"".to_owned()
+            ))
+        );
+        let e = AmqprsError::ConnectionOpenError(NOT_ALLOWED.into());
+        assert_eq!(map_open_error(&e, "pw").reply_code(), Some(530));
+        assert_eq!(map_open_error(&e, "pw").class(), ErrorClass::Refused);
+        let refused = NOT_ALLOWED
+            .replace("530", "403")
+            .replace("NOT_ALLOWED", "ACCESS_REFUSED");
+        let e = AmqprsError::ConnectionOpenError(refused);
+        assert!(matches!(map_open_error(&e, "pw"), TransportError::Auth(_)));
+        assert_eq!(parse_close("no frame here"), None);
+        assert_eq!(parse_close("Close { reply_code: 1"), None);
+    }
+
+    #[test]
+    fn a_silent_close_during_the_handshake_is_auth_and_scrubbed() {
+        let e = AmqprsError::NetworkError("s3cret-pw: peer shutdown".into());
+        let mapped = map_open_error(&e, "s3cret-pw");
+        let TransportError::Auth(text) = &mapped else {
+            panic!("expected Auth, got {mapped:?}");
+        };
+        assert!(!text.contains("s3cret-pw"), "{text}");
+        assert_eq!(mapped.class(), ErrorClass::Refused);
+        // What RabbitMQ 3.10 does on Linux after a failed login.
+        let e = AmqprsError::NetworkError(
+            "network io error: Connection reset by peer (os error 104)".into(),
+        );
+        assert!(matches!(map_open_error(&e, "pw"), TransportError::Auth(_)));
+    }
+
+    #[test]
+    fn heartbeats_that_amqprs_cannot_run_are_adjusted() {
+        assert_eq!(heartbeat(None), 60);
+        assert_eq!(heartbeat(Some(0)), 60);
+        assert_eq!(heartbeat(Some(1)), 2);
+        assert_eq!(heartbeat(Some(2)), 2);
+        assert_eq!(heartbeat(Some(30)), 30);
+    }
+
+    #[test]
+    fn long_names_are_refused_not_panicking() {
+        assert!(short("routing key", &"k".repeat(255)).is_ok());
+        let err = short("routing key", &"k".repeat(256)).unwrap_err();
+        assert!(err.to_string().contains("routing key is 256 bytes"));
+        let mut p = Properties::default();
+        p.message_id = Some("m".repeat(300));
+        assert!(to_properties(&p).is_err());
+        assert!(exchange_kind(&ExchangeKind::Custom("x".repeat(256))).is_err());
+    }
+
+    #[test]
+    fn long_endpoint_fields_are_refused() {
+        let ep = Endpoint::parse(&format!("amqp://u:p@localhost/{}", "v".repeat(256))).unwrap();
+        assert!(open_arguments(&ep, &ConnectOptions::default()).is_err());
+        let ep = Endpoint::parse(&format!(
+            "amqp://{}:p@localhost/%2f?auth_mechanism=amqplain",
+            "u".repeat(200)
+        ))
+        .unwrap();
+        assert!(open_arguments(&ep, &ConnectOptions::default()).is_err());
+        let ep = Endpoint::parse("amqp://u:p@[::1]:5673/%2f?heartbeat=1").unwrap();
+        let args = open_arguments(&ep, &ConnectOptions::named("n")).unwrap();
+        assert_eq!(args.get_host(), "[::1]");
+        assert_eq!(args.get_port(), 5673);
+        assert_eq!(args.get_heartbeat(), 2);
+        assert_eq!(args.get_connection_name(), Some("n"));
+        assert_eq!(args.get_virtual_host(), "/");
+    }
+
+    #[test]
+    fn tls_endpoints_get_an_adaptor() {
+        let ep = Endpoint::parse("amqps://u:p@rabbit.example/%2f").unwrap();
+        let args = open_arguments(&ep, &ConnectOptions::default()).unwrap();
+        assert!(args.get_tls_adaptor().is_some());
+        assert_eq!(args.get_port(), 5671);
+    }
+
+    #[test]
+    fn non_utf8_long_strings_are_refused() {
+        let mut table = FieldTable::default();
+        table.insert("bin".into(), AMQPValue::LongString(vec![0xff, 0xfe].into()));
+        assert!(to_table("a header", &table).is_err());
+    }
+
+    #[test]
+    fn field_values_round_trip() {
+        let mut nested = FieldTable::default();
+        nested.insert("inner".into(), AMQPValue::Boolean(true));
+        let mut table = FieldTable::default();
+        let values = [
+            AMQPValue::Boolean(false),
+            AMQPValue::ShortShortInt(-3),
+            AMQPValue::ShortShortUInt(3),
+            AMQPValue::ShortInt(-300),
+            AMQPValue::ShortUInt(300),
+            AMQPValue::LongInt(-70_000),
+            AMQPValue::LongUInt(70_000),
+            AMQPValue::LongLongInt(1 << 40),
+            AMQPValue::Float(1.5),
+            AMQPValue::Double(2.5),
+            AMQPValue::DecimalValue(amq_protocol_types::DecimalValue {
+                scale: 2,
+                value: u32::MAX - 5,
+            }),
+            AMQPValue::LongString("héllo".into()),
+            AMQPValue::FieldArray(vec![AMQPValue::LongInt(1), AMQPValue::Void].into()),
+            AMQPValue::Timestamp(1_700_000_000),
+            AMQPValue::FieldTable(nested),
+            AMQPValue::ByteArray(vec![0u8, 1, 255].into()),
+            AMQPValue::Void,
+        ];
+        for (i, v) in values.iter().enumerate() {
+            table.insert(format!("k{i}").into(), v.clone());
+        }
+        assert_eq!(from_table(&to_table("t", &table).unwrap()), table);
+        // A short string comes back as a long one.
+        let mut short_one = FieldTable::default();
+        short_one.insert("s".into(), AMQPValue::ShortString("x".into()));
+        let back = from_table(&to_table("t", &short_one).unwrap());
+        assert_eq!(
+            back.inner().get("s"),
+            Some(&AMQPValue::LongString("x".into()))
+        );
+    }
+
+    #[test]
+    fn properties_round_trip() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-n".into(), AMQPValue::LongInt(7));
+        let mut p = Properties::default()
+            .with_content_type("application/json")
+            .with_message_id("m-1")
+            .with_headers(headers)
+            .persistent();
+        p.content_encoding = Some("gzip".into());
+        p.priority = Some(5);
+        p.correlation_id = Some("c".into());
+        p.reply_to = Some("r".into());
+        p.expiration = Some("60000".into());
+        p.timestamp = Some(1_700_000_000);
+        p.kind = Some("t".into());
+        p.user_id = Some("guest".into());
+        p.app_id = Some("a".into());
+        let back = from_properties(&to_properties(&p).unwrap());
+        assert_eq!(back, p);
+        assert_eq!(
+            from_properties(&to_properties(&Properties::default()).unwrap()),
+            Properties::default()
+        );
+    }
+}
