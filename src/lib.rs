@@ -29,11 +29,29 @@ pub use amqp_rebound_lapin as lapin;
 #[cfg(feature = "amqprs")]
 pub use amqp_rebound_amqprs as amqprs;
 
-/// Builds the client over lapin and tokio's clock and spawns its driver on the
-/// current tokio runtime. Must be called from within a tokio runtime.
+/// Builds the client over lapin (or amqprs when only that feature is on) and
+/// tokio's clock, and spawns its driver on the current tokio runtime. Must be
+/// called from within a tokio runtime.
 #[cfg(feature = "lapin")]
 pub fn connect(builder: ClientBuilder) -> Result<Client, ConfigError> {
     let (client, driver) = builder.build(lapin::LapinTransport::new(), TokioTimer)?;
+    tokio::spawn(driver);
+    Ok(client)
+}
+
+/// Builds the client over amqprs and tokio's clock, and spawns its driver on the
+/// current tokio runtime. Must be called from within a tokio runtime.
+#[cfg(all(feature = "amqprs", not(feature = "lapin")))]
+pub fn connect(builder: ClientBuilder) -> Result<Client, ConfigError> {
+    connect_amqprs(builder)
+}
+
+/// Builds the client over amqprs and tokio's clock, and spawns its driver on the
+/// current tokio runtime (feature `amqprs`). Must be called from within a tokio
+/// runtime.
+#[cfg(feature = "amqprs")]
+pub fn connect_amqprs(builder: ClientBuilder) -> Result<Client, ConfigError> {
+    let (client, driver) = builder.build(amqprs::AmqprsTransport::new(), TokioTimer)?;
     tokio::spawn(driver);
     Ok(client)
 }

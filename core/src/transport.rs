@@ -206,7 +206,9 @@ pub trait Channel: Send + Sync + 'static {
     /// `basic.publish`. Returns once the client took the message; the confirm
     /// arrives later as an event.
     async fn publish(&self, message: &Message) -> Result<(), TransportError>;
-    /// `basic.consume` with the given tag; deliveries arrive as events.
+    /// `basic.consume` with the given tag; deliveries arrive as events. The core
+    /// sends the consumer's prefetch with [`Channel::qos`] just before, and passes
+    /// `options.prefetch` as `None`.
     async fn consume(
         &self,
         queue: &str,

@@ -134,7 +134,12 @@ impl Supervisor {
                     Some(TopologyOp::Consume {
                         queue: self.registry.resolve(&k.queue)?,
                         consumer_tag: k.tag.clone(),
-                        options: k.options.clone(),
+                        // the Qos step before it applied the prefetch already:
+                        // transports must not send a second basic.qos
+                        options: ConsumeOptions {
+                            prefetch: None,
+                            ..k.options.clone()
+                        },
                     })
                 }),
                 Step::Cancel(tag) => Some(TopologyOp::Cancel {
