@@ -390,6 +390,8 @@ pub(crate) struct ConsumerEntry {
     /// The channel slot it lives on, once its queue's name (and owner) is known.
     pub(crate) conn: Option<usize>,
     pub(crate) chan: Option<usize>,
+    /// The queue name its last basic.consume went to.
+    pub(crate) subscribed: Option<String>,
 }
 
 /// Declared topology in declaration order, and the consumers.
@@ -402,6 +404,10 @@ pub(crate) struct Registry {
     pub(crate) consumers: std::collections::BTreeMap<u64, ConsumerEntry>,
     pub(crate) tags: std::collections::HashMap<String, u64>,
     next_consumer: u64,
+    /// Queues being re-declared after the broker cancelled their consumers, with
+    /// the consumers to re-subscribe once the declaration is back: one
+    /// re-declaration per queue, however many of its consumers were cancelled.
+    pub(crate) redeclaring: std::collections::BTreeMap<u64, Vec<u64>>,
 }
 
 /// Longest AMQP short string.
@@ -457,6 +463,23 @@ impl Registry {
             (Entity::Queue { name, owner, .. }, QueueRef::Named(n)) if name == n => *owner,
             _ => None,
         })
+    }
+
+    /// Entity ids of the queue bindings that name queue entity `queue`.
+    pub(crate) fn bindings_of(&self, queue: u64) -> Vec<u64> {
+        self.entities
+            .iter()
+            .filter(|(_, e)| {
+                matches!(e, Entity::QueueBinding { queue: q, .. }
+                    if self.queue_entity_id(q) == Some(queue))
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Whether entity `id` is an auto-delete queue.
+    pub(crate) fn is_auto_delete_queue(&self, id: u64) -> bool {
+        matches!(self.entities.get(&id), Some(Entity::Queue { decl, .. }) if decl.auto_delete)
     }
 
     /// The registry's declaration of a queue, if it has one.

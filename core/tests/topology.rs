@@ -446,3 +446,126 @@ fn consumer_prefetch_is_set_before_consume() {
     w.run_for(Duration::from_millis(20));
     assert_eq!(op_names(&w.topology_log), vec!["qos 10", "consume q c"]);
 }
+
+// ----- found by the simulator (sim/tests/known_core_bugs.rs) -----
+
+fn declares_of_server_named(log: &[(ChannelId, TopologyOp)]) -> usize {
+    log.iter()
+        .filter(|(_, op)| matches!(op, TopologyOp::DeclareQueue(d) if d.name.is_empty()))
+        .count()
+}
+
+#[test]
+fn a_channel_0_reopen_does_not_redeclare_a_live_server_named_queue() {
+    let mut w = ready_world(1, 2);
+    let anon = declare_topology(&mut w);
+    // a first consumer takes channel 0, so the server-named queue's lives on 1
+    w.app(|s, now| {
+        s.consume(
+            now,
+            "q".into(),
+            Some("first".into()),
+            ConsumeOptions::default(),
+        )
+    })
+    .unwrap();
+    let on_anon = w
+        .app(|s, now| {
+            s.consume(
+                now,
+                anon.into(),
+                Some("c".into()),
+                ConsumeOptions::default(),
+            )
+        })
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    assert_eq!(w.sup.consumer_channel(on_anon), Some(ch(0, 1)));
+    w.topology_log.clear();
+    w.channel_error(ch(0, 0), 406);
+    w.run_until_ready(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        declares_of_server_named(&w.topology_log),
+        0,
+        "the connection (and its server-named queue) lived on: {:?}",
+        op_names(&w.topology_log)
+    );
+    assert_eq!(op_names(&w.topology_log), vec!["qos 0", "consume q first"]);
+    assert_eq!(w.sup.queue_name(anon).as_deref(), Some("amq.gen-1"));
+}
+
+#[test]
+fn a_channel_error_under_the_only_consumer_of_an_auto_delete_queue_redeclares_it_first() {
+    let mut w = ready_world(1, 2);
+    let anon = declare_topology(&mut w); // server-named queues are auto-delete
+    let consumer = w
+        .app(|s, now| {
+            s.consume(
+                now,
+                anon.into(),
+                Some("c".into()),
+                ConsumeOptions::default(),
+            )
+        })
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    let channel = w.sup.consumer_channel(consumer).unwrap();
+    w.topology_log.clear();
+    w.channel_error(channel, 406);
+    w.run_until_ready(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        op_names(&w.topology_log),
+        vec![
+            "queue \"\"",
+            "bind amq.gen-2 #",
+            "qos 0",
+            "consume amq.gen-2 c"
+        ],
+        "the broker deleted the queue with its last consumer: declare, bind, consume"
+    );
+}
+
+#[test]
+fn a_deleted_queue_with_two_consumers_is_declared_once_and_both_follow() {
+    let mut w = ready_world(1, 2);
+    let anon = declare_topology(&mut w);
+    let mut consumers = Vec::new();
+    for tag in ["a", "b"] {
+        consumers.push(
+            w.app(|s, now| {
+                s.consume(
+                    now,
+                    anon.into(),
+                    Some(tag.into()),
+                    ConsumeOptions::default(),
+                )
+            })
+            .unwrap(),
+        );
+    }
+    w.run_for(Duration::from_millis(20));
+    w.topology_log.clear();
+    // the queue is deleted: the broker cancels both, each on its own channel
+    for (consumer, tag) in consumers.iter().zip(["a", "b"]) {
+        let channel = w.sup.consumer_channel(*consumer).unwrap();
+        let generation = w.sup.channel_generation(channel).unwrap();
+        w.input(amqp_rebound_core::Input::ConsumerCancelled {
+            channel,
+            generation,
+            consumer_tag: tag.into(),
+        });
+    }
+    w.run_for(Duration::from_millis(50));
+    assert_eq!(
+        declares_of_server_named(&w.topology_log),
+        1,
+        "{:?}",
+        op_names(&w.topology_log)
+    );
+    let mut consumes: Vec<_> = op_names(&w.topology_log)
+        .into_iter()
+        .filter(|n| n.starts_with("consume"))
+        .collect();
+    consumes.sort();
+    assert_eq!(consumes, vec!["consume amq.gen-2 a", "consume amq.gen-2 b"]);
+}

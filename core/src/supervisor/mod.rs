@@ -310,6 +310,11 @@ struct Chan {
     replaying: bool,
     /// Opened, but waiting for channel 0 to replay the connection's entities.
     waiting_topology: bool,
+    /// The connection epoch of the previous generation: equal to the current
+    /// epoch when only the channel was reopened (the connection lived on).
+    prev_epoch: u64,
+    /// The connection epoch of the current generation.
+    epoch: u64,
 }
 
 /// N connection machines x M channel machines: the pool, its lifecycles, backoff
@@ -381,6 +386,8 @@ impl Supervisor {
                         step_in_flight: None,
                         replaying: false,
                         waiting_topology: false,
+                        prev_epoch: 0,
+                        epoch: 0,
                     })
                     .collect(),
             })
@@ -910,6 +917,7 @@ impl Supervisor {
         }
         ch.generation += 1;
         ch.open_pending = true;
+        ch.prev_epoch = std::mem::replace(&mut ch.epoch, epoch);
         let generation = ch.generation;
         self.set_chan_timer(c, i, None);
         self.set_chan_state(c, i, ChannelState::Opening, reason);
@@ -984,12 +992,9 @@ impl Supervisor {
     /// A live channel of a Ready connection failed: what it carried goes back to
     /// the outbox, and it reopens after its backoff.
     fn channel_failed(&mut self, c: usize, i: usize, error: TransportError) {
+        // The connection lives on, and so do the entities its channel 0 replayed:
+        // the other channels keep going (topology_ready stays as it is).
         self.channel_down(c, i, Some(&error));
-        if i == 0 {
-            // channel 0 replays the connection's entities; until it has, the
-            // other channels of the connection must not start consumers
-            self.conns[c].topology_ready = false;
-        }
         self.commands.push_back(Command::CloseChannel {
             channel: ChannelId {
                 connection: ConnectionId(c as u16),

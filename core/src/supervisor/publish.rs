@@ -307,6 +307,7 @@ impl Supervisor {
             steps.insert(0, step);
         }
         self.user_ops_back(&steps);
+        self.redeclarations_dropped(c, i, &steps);
         if in_flight.is_empty() {
             return;
         }

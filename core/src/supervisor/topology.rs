@@ -11,9 +11,8 @@ use crate::ids::{ChannelId, ConnectionId};
 use crate::message::{Delivery, FieldTable};
 use crate::state::ChannelState;
 use crate::topology::{
-    AckError, AckKind, ConsumeError, ConsumeOptions, ConsumerEntry, ConsumerId, Entity,
-    ExchangeDecl, OpId, QueueDecl, QueueHandle, QueueRef, TopologyError, TopologyOp, UserOp,
-    check_name,
+    AckError, AckKind, ConsumeError, ConsumeOptions, ConsumerEntry, ConsumerId, ExchangeDecl, OpId,
+    QueueDecl, QueueHandle, QueueRef, TopologyError, TopologyOp, UserOp, check_name,
 };
 
 /// One topology step queued on a channel generation.
@@ -95,8 +94,25 @@ impl Supervisor {
             return;
         }
         let mut steps = VecDeque::new();
-        if i == 0 {
+        let conn_ready = self.conns[c].topology_ready;
+        if i == 0 && !conn_ready {
             steps.extend(self.registry.replay_plan(c).into_iter().map(Step::Entity));
+        }
+        let ch = &self.conns[c].channels[i];
+        if conn_ready && ch.prev_epoch == ch.epoch {
+            // Only this channel was reopened: the connection's entities still
+            // exist, except an auto-delete queue whose consumers all lived on this
+            // channel (the broker deleted it with them). Declare those again, with
+            // their bindings, before the consumers come back.
+            for queue in self.orphaned_auto_delete_queues(c, i) {
+                steps.push_back(Step::Entity(queue));
+                steps.extend(
+                    self.registry
+                        .bindings_of(queue)
+                        .into_iter()
+                        .map(Step::Entity),
+                );
+            }
         }
         for (&id, consumer) in &self.registry.consumers {
             if consumer.conn == Some(c) && consumer.chan == Some(i) {
@@ -109,6 +125,26 @@ impl Supervisor {
         ch.replaying = true;
         ch.steps = steps;
         self.kick(c, i);
+    }
+
+    /// Auto-delete queue entities all of whose consumers live on channel (c, i).
+    fn orphaned_auto_delete_queues(&self, c: usize, i: usize) -> Vec<u64> {
+        let mut here: BTreeMap<u64, bool> = BTreeMap::new();
+        for k in self.registry.consumers.values() {
+            let Some(queue) = self.registry.queue_entity_id(&k.queue) else {
+                continue;
+            };
+            if !self.registry.is_auto_delete_queue(queue) {
+                continue;
+            }
+            let on_this = k.conn == Some(c) && k.chan == Some(i);
+            let all = here.entry(queue).or_insert(true);
+            *all &= on_this;
+        }
+        here.into_iter()
+            .filter(|(_, all)| *all)
+            .map(|(q, _)| q)
+            .collect()
     }
 
     /// Issues the channel's next topology step if none is in flight; finishes the
@@ -208,6 +244,21 @@ impl Supervisor {
                             self.events
                                 .push_back(Event::QueueRenamed { queue, old, new });
                         }
+                        if let Some(waiting) = self.registry.redeclaring.remove(&id) {
+                            for consumer in waiting {
+                                self.resubscribe(consumer);
+                            }
+                        }
+                    }
+                    Step::Consume(id) => {
+                        let name = self
+                            .registry
+                            .consumers
+                            .get(&id)
+                            .and_then(|k| self.registry.resolve(&k.queue));
+                        if let Some(k) = self.registry.consumers.get_mut(&id) {
+                            k.subscribed = name;
+                        }
                     }
                     Step::User(id) => {
                         if let Some((op, _)) = self.user_ops.ops.get(&id) {
@@ -217,7 +268,7 @@ impl Supervisor {
                             self.assign_consumers();
                         }
                     }
-                    Step::Qos(_) | Step::Consume(_) | Step::Cancel(_) => {}
+                    Step::Qos(_) | Step::Cancel(_) => {}
                 }
                 self.kick(c, i);
                 self.dispatch_user_ops();
@@ -574,6 +625,7 @@ impl Supervisor {
                 options,
                 conn: None,
                 chan: None,
+                subscribed: None,
             },
         );
         self.assign_consumers();
@@ -735,6 +787,10 @@ impl Supervisor {
 
     /// The broker cancelled a consumer: re-declare its queue (and bindings) and
     /// re-subscribe if the queue is in the registry; otherwise the consumer ends.
+    ///
+    /// A deleted queue cancels all of its consumers at once: the queue is declared
+    /// again once (a server-named one gets one new name), and every cancelled
+    /// consumer re-subscribes to it when that declaration is back.
     pub(super) fn on_consumer_cancelled(&mut self, channel: ChannelId, generation: u64, tag: &str) {
         let Some((c, i)) = self.current_chan(channel, generation) else {
             return;
@@ -742,42 +798,82 @@ impl Supervisor {
         let Some(&id) = self.registry.tags.get(tag) else {
             return;
         };
-        let queue = self.registry.consumers[&id].queue.clone();
-        match self.registry.queue_entity_id(&queue) {
-            Some(entity) => {
-                self.events.push_back(Event::ConsumerCancelled {
-                    consumer: ConsumerId(id),
-                    resubscribing: true,
-                });
-                let bindings: Vec<u64> = self
+        let consumer = &self.registry.consumers[&id];
+        if consumer.conn != Some(c) || consumer.chan != Some(i) {
+            return; // not where this consumer lives: not ours to act on
+        }
+        let queue = consumer.queue.clone();
+        let Some(entity) = self.registry.queue_entity_id(&queue) else {
+            self.registry.consumers.remove(&id);
+            self.registry.tags.remove(tag);
+            self.events.push_back(Event::ConsumerCancelled {
+                consumer: ConsumerId(id),
+                resubscribing: false,
+            });
+            self.events.push_back(Event::ConsumerEnded {
+                consumer: ConsumerId(id),
+                error: ConsumeError::CancelledByBroker,
+            });
+            return;
+        };
+        self.events.push_back(Event::ConsumerCancelled {
+            consumer: ConsumerId(id),
+            resubscribing: true,
+        });
+        let current = self.registry.resolve(&queue);
+        let subscribed = self.registry.consumers[&id].subscribed.clone();
+        if let Some(waiting) = self.registry.redeclaring.get_mut(&entity) {
+            // another consumer's cancel already started the re-declaration
+            waiting.push(id);
+        } else if subscribed.is_some() && subscribed != current {
+            // the queue was re-declared since this consumer subscribed
+            self.resubscribe(id);
+        } else {
+            self.registry.redeclaring.insert(entity, vec![id]);
+            let bindings = self.registry.bindings_of(entity);
+            let ch = &mut self.conns[c].channels[i];
+            ch.steps.push_back(Step::Entity(entity));
+            ch.steps.extend(bindings.into_iter().map(Step::Entity));
+            self.kick(c, i);
+        }
+    }
+
+    /// A channel went down with queue re-declarations still queued on it: forget
+    /// them (so a later cancel starts afresh) and re-subscribe the consumers that
+    /// waited for them elsewhere; those on this channel come back with its replay.
+    pub(super) fn redeclarations_dropped(&mut self, c: usize, i: usize, steps: &[Step]) {
+        for step in steps {
+            let Step::Entity(entity) = step else { continue };
+            let Some(waiting) = self.registry.redeclaring.remove(entity) else {
+                continue;
+            };
+            for consumer in waiting {
+                let here = self
                     .registry
-                    .entities
-                    .iter()
-                    .filter(|(_, e)| {
-                        matches!(e, Entity::QueueBinding { queue: q, .. }
-                            if self.registry.queue_entity_id(q) == Some(entity))
-                    })
-                    .map(|(id, _)| *id)
-                    .collect();
-                let ch = &mut self.conns[c].channels[i];
-                ch.steps.push_back(Step::Entity(entity));
-                ch.steps.extend(bindings.into_iter().map(Step::Entity));
-                ch.steps.push_back(Step::Qos(id));
-                ch.steps.push_back(Step::Consume(id));
-                self.kick(c, i);
+                    .consumers
+                    .get(&consumer)
+                    .is_some_and(|k| k.conn == Some(c) && k.chan == Some(i));
+                if !here {
+                    self.resubscribe(consumer);
+                }
             }
-            None => {
-                self.registry.consumers.remove(&id);
-                self.registry.tags.remove(tag);
-                self.events.push_back(Event::ConsumerCancelled {
-                    consumer: ConsumerId(id),
-                    resubscribing: false,
-                });
-                self.events.push_back(Event::ConsumerEnded {
-                    consumer: ConsumerId(id),
-                    error: ConsumeError::CancelledByBroker,
-                });
-            }
+        }
+    }
+
+    /// Subscribes a consumer again on its channel, if that channel is up (a
+    /// channel that is not replays its consumers when it is).
+    fn resubscribe(&mut self, consumer: u64) {
+        let Some(k) = self.registry.consumers.get(&consumer) else {
+            return;
+        };
+        let (Some(c), Some(i)) = (k.conn, k.chan) else {
+            return;
+        };
+        let ch = &mut self.conns[c].channels[i];
+        if ch.state.is_ready() || ch.replaying {
+            ch.steps.push_back(Step::Qos(consumer));
+            ch.steps.push_back(Step::Consume(consumer));
+            self.kick(c, i);
         }
     }
 
