@@ -91,15 +91,31 @@
 
 pub mod broker;
 pub mod clock;
+pub mod fault;
+pub mod instrument;
 mod model;
 pub mod routing;
+pub mod scenario;
+pub mod simulation;
+pub mod trace;
 pub mod transport;
 
 pub use amqp_rebound_core as core;
 pub use broker::{
     BindingDestination, BindingSnapshot, BrokerConfig, BrokerStats, ConfirmMode, ConnectionInfo,
-    ConnectionStats, ExchangeSnapshot, QueueSnapshot, SimBroker, SimConnectionId, StoredMessage,
-    host_key, normalize_host,
+    ConnectionStats, ExchangeSnapshot, LedgerEntry, QueueSnapshot, SimBroker, SimConnectionId,
+    StoredMessage, host_key, normalize_host,
 };
 pub use clock::VirtualClock;
+pub use fault::{AppliedFault, Fault, FaultLog, FaultPlan, ScheduledFault};
+pub use instrument::{ClientBug, InstrumentedTransport, Instruments};
+pub use scenario::{
+    BindingSpec, ConsumerSpec, ExchangeSpec, PublisherSpec, QueueSpec, Scenario, Settings, Shape,
+    Target, Workload, strategies,
+};
+pub use simulation::{
+    AckCounts, CloseReport, Invariant, Outcome, PublishOutcome, PublishRecord, Simulation,
+    Violation, check_same_trace, seed_from_env, with_bug,
+};
+pub use trace::{SimTime, Trace};
 pub use transport::{SimChannel, SimConnection, SimTransport};
