@@ -739,6 +739,7 @@ async fn setup(
             publisher(
                 p,
                 spec.clone(),
+                workload.exchanges.iter().map(|e| e.name.clone()).collect(),
                 client.clone(),
                 queues.clone(),
                 records.clone(),
@@ -821,6 +822,7 @@ async fn consume(
 async fn publisher(
     index: usize,
     spec: crate::scenario::PublisherSpec,
+    exchanges: Vec<String>,
     client: Client,
     queues: Vec<Option<Queue>>,
     records: Shared,
@@ -840,7 +842,10 @@ async fn publisher(
             clock.sleep(spec.interval).await;
         }
         let (exchange, key) = match &spec.target {
-            Target::Exchange { exchange, key } => (format!("ex{exchange}"), key.clone()),
+            Target::Exchange { exchange, key } => (
+                exchanges.get(*exchange).cloned().unwrap_or_default(),
+                key.clone(),
+            ),
             Target::Queue(q) => (
                 String::new(),
                 queues
