@@ -154,6 +154,10 @@ pub struct Outcome {
     pub ready_at: Option<Duration>,
     /// When the run ended (before probes and close).
     pub ended_at: Duration,
+    /// Virtual time covered by the whole run (probes and close included).
+    pub simulated: Duration,
+    /// When each dial started, from the start.
+    pub dial_times: Vec<Duration>,
     /// Topology the broker lacks at the end, described.
     pub topology_missing: Vec<String>,
     /// Probe per consumed queue: the queue's name, and whether a consumer got it.
@@ -535,6 +539,12 @@ impl<'a> Simulation<'a> {
         }
         drop(client);
         pool.run_until_stalled();
+        let instruments = transport.instruments();
+        let dial_times = instruments
+            .dials
+            .iter()
+            .map(|t| t.saturating_duration_since(origin))
+            .collect();
 
         Outcome {
             seed,
@@ -546,7 +556,9 @@ impl<'a> Simulation<'a> {
             ledger,
             broker: broker.stats(),
             client: client_stats,
-            instruments: transport.instruments(),
+            instruments,
+            dial_times,
+            simulated: clock.elapsed(),
             faults: log.applied(),
             quiet_at: scenario.plan.quiet_after(),
             liveness_bound: settings.liveness_bound(&scenario.plan),
@@ -967,6 +979,26 @@ impl Outcome {
                 self.confirmed_at.get(i).map(|t| *t - f.at)
             })
             .collect()
+    }
+
+    /// The largest number of dials that started within any `window` (a sliding
+    /// window, closed at both ends) among those at or after `from`.
+    pub fn max_dials_within(&self, window: Duration, from: Duration) -> usize {
+        let dials: Vec<Duration> = self
+            .dial_times
+            .iter()
+            .copied()
+            .filter(|t| *t >= from)
+            .collect();
+        let mut best = 0;
+        let mut lo = 0;
+        for hi in 0..dials.len() {
+            while dials[hi] - dials[lo] > window {
+                lo += 1;
+            }
+            best = best.max(hi + 1 - lo);
+        }
+        best
     }
 
     fn violation(&self, invariant: Invariant, detail: String) -> Violation {
