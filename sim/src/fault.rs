@@ -2,7 +2,7 @@
 //!
 //! A plan is a list of faults at offsets of virtual time from the start of a
 //! simulation. [`FaultPlan::install`] schedules them on the broker's
-//! [`VirtualClock`]; each fires as time passes, and a fault with a duration
+//! [`VirtualClock`](crate::VirtualClock); each fires as time passes, and a fault with a duration
 //! (refusal, partition, confirm trouble, blocking) schedules its own end.
 //!
 //! Faults that target "a connection", "a channel", "a consumer" or "a queue" name

@@ -1,6 +1,6 @@
 //! [`Simulation`]: the real [`Client`] and [`Driver`](amqp_rebound_core::Driver) on
 //! a `LocalPool`, against a [`SimBroker`] through [`SimTransport`](crate::SimTransport),
-//! in virtual time, under a [`FaultPlan`]; and the invariant checks of its
+//! in virtual time, under a [`FaultPlan`](crate::FaultPlan); and the invariant checks of its
 //! [`Outcome`].
 //!
 //! # A run
