@@ -138,8 +138,9 @@ pub use scenario::{
     Target, Workload, strategies,
 };
 pub use simulation::{
-    AckCounts, CloseReport, Invariant, Outcome, PublishOutcome, PublishRecord, Simulation,
-    Violation, check_same_trace, seed_from_env, with_bug,
+    AckCounts, CloseReport, Invariant, Outcome, PublishOutcome, PublishRecord, Simulation, Spawner,
+    Violation, WorkloadRecords, check_same_trace, id_of, payload_of, seed_from_env, start_workload,
+    with_bug,
 };
 pub use trace::{SimTime, Trace};
 pub use transport::{SimChannel, SimConnection, SimTransport};

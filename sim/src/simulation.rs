@@ -30,7 +30,7 @@ use std::time::Duration;
 use amqp_rebound_core::message::{FieldTable, Message, Properties};
 use amqp_rebound_core::topology::{ConsumeOptions, ExchangeDecl, QueueDecl};
 use amqp_rebound_core::{
-    AckError, Client, Confirmation, PublishError, PublishOptions, Queue, Stats, Timer,
+    AckError, Client, Confirmation, PublishError, PublishOptions, Queue, Stats,
 };
 use futures::StreamExt;
 use futures::executor::LocalPool;
@@ -268,7 +268,7 @@ fn message_id(publisher: usize, n: u32) -> u64 {
     (publisher as u64 + 1) * 10_000_000 + u64::from(n)
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Records {
     publishes: BTreeMap<u64, PublishRecord>,
     received: BTreeMap<u64, u32>,
@@ -283,6 +283,90 @@ struct Records {
 
 type Shared = Arc<Mutex<Records>>;
 
+/// Spawns a task on the executor a workload runs on (a `LocalPool` in a
+/// simulation, a tokio `LocalSet` against a real broker).
+pub type Spawner = std::rc::Rc<dyn Fn(futures::future::LocalBoxFuture<'static, ()>)>;
+
+/// What a running workload has recorded so far; shared with its tasks.
+#[derive(Clone, Default)]
+pub struct WorkloadRecords(Shared);
+
+impl fmt::Debug for WorkloadRecords {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = lock(&self.0);
+        f.debug_struct("WorkloadRecords")
+            .field("publishes", &r.publishes.len())
+            .field("received", &r.received.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkloadRecords {
+    /// Every publish so far, by payload id.
+    pub fn publishes(&self) -> BTreeMap<u64, PublishRecord> {
+        lock(&self.0).publishes.clone()
+    }
+
+    /// Deliveries to the application, by payload id: how many times each.
+    pub fn received(&self) -> BTreeMap<u64, u32> {
+        lock(&self.0).received.clone()
+    }
+
+    /// When each confirm reached the application, in order.
+    pub fn confirmed_at(&self) -> Vec<Duration> {
+        lock(&self.0).confirmed_at.clone()
+    }
+
+    /// What the acks came to.
+    pub fn acks(&self) -> AckCounts {
+        lock(&self.0).acks.clone()
+    }
+
+    /// Declarations or subscriptions that failed.
+    pub fn setup_errors(&self) -> Vec<String> {
+        lock(&self.0).setup_errors.clone()
+    }
+
+    /// The declared queues (`None` where the declaration failed), once the
+    /// declarations are done.
+    pub fn queues(&self) -> Vec<Option<Queue>> {
+        lock(&self.0).queues.clone()
+    }
+
+    /// The declarations and subscriptions are done; publishers have started.
+    pub fn setup_done(&self) -> bool {
+        lock(&self.0).setup_done
+    }
+
+    /// Publishes handed to the client and not resolved yet.
+    pub fn unresolved(&self) -> usize {
+        lock(&self.0).unresolved
+    }
+}
+
+/// Starts `workload` on `client`: a task that declares its exchanges, queues and
+/// bindings, subscribes its consumers (tags `c0`, `c1`, ...; each acks after its
+/// delay), then starts its publishers (one task per publish, payloads `m<id>`);
+/// publisher start times count from now on `trace`'s timer. Returns the records
+/// the tasks fill in.
+pub fn start_workload(
+    client: &Client,
+    workload: &Workload,
+    trace: &Trace,
+    spawn: Spawner,
+) -> WorkloadRecords {
+    let records = WorkloadRecords::default();
+    let start = trace.timer().now();
+    spawn(Box::pin(setup(
+        client.clone(),
+        workload.clone(),
+        records.0.clone(),
+        trace.clone(),
+        start,
+        spawn.clone(),
+    )));
+    records
+}
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -350,6 +434,7 @@ impl<'a> Simulation<'a> {
                 let subscriber = tracing_subscriber::fmt()
                     .with_max_level(level)
                     .with_timer(SimTime::new(clock.clone()))
+                    .with_ansi(false)
                     .with_test_writer()
                     .finish();
                 tracing::subscriber::with_default(subscriber, || self.run_on(clock))
@@ -416,21 +501,14 @@ impl<'a> Simulation<'a> {
                 }
             });
         }
-        let records: Shared = Arc::default();
         let log = scenario
             .plan
             .install(&broker, origin, hosts.clone(), trace.clone());
-        spawn(
-            &spawner,
-            setup(
-                client.clone(),
-                scenario.workload.clone(),
-                records.clone(),
-                trace.clone(),
-                clock.clone(),
-                spawner.clone(),
-            ),
-        );
+        let spawn_on_pool: Spawner = {
+            let spawner = spawner.clone();
+            std::rc::Rc::new(move |task| spawn(&spawner, task))
+        };
+        let records = start_workload(&client, &scenario.workload, &trace, spawn_on_pool).0;
 
         let end = Simulation::end_of(scenario);
         let mut ready_since: Option<Duration> = None;
@@ -659,8 +737,8 @@ async fn setup(
     workload: Workload,
     records: Shared,
     trace: Trace,
-    clock: VirtualClock,
-    spawner: futures::executor::LocalSpawner,
+    start: std::time::Instant,
+    spawn: Spawner,
 ) {
     let mut errors = Vec::new();
     for e in &workload.exchanges {
@@ -723,18 +801,14 @@ async fn setup(
             .consume_with_tag(queue, Some(format!("c{i}")), options)
             .await
         {
-            Ok(consumer) => spawn(
-                &spawner,
-                consume(
-                    i,
-                    consumer,
-                    c.ack_delay,
-                    records.clone(),
-                    trace.clone(),
-                    clock.clone(),
-                    spawner.clone(),
-                ),
-            ),
+            Ok(consumer) => spawn(Box::pin(consume(
+                i,
+                consumer,
+                c.ack_delay,
+                records.clone(),
+                trace.clone(),
+                spawn.clone(),
+            ))),
             Err(err) => {
                 trace.record("setup", format_args!("consume c{i}: {err}"));
                 lock(&records)
@@ -746,20 +820,17 @@ async fn setup(
     lock(&records).setup_done = true;
     trace.record("setup", format_args!("done"));
     for (p, spec) in workload.publishers.iter().enumerate() {
-        spawn(
-            &spawner,
-            publisher(
-                p,
-                spec.clone(),
-                workload.exchanges.iter().map(|e| e.name.clone()).collect(),
-                client.clone(),
-                queues.clone(),
-                records.clone(),
-                trace.clone(),
-                clock.clone(),
-                spawner.clone(),
-            ),
-        );
+        spawn(Box::pin(publisher(
+            p,
+            spec.clone(),
+            workload.exchanges.iter().map(|e| e.name.clone()).collect(),
+            client.clone(),
+            queues.clone(),
+            records.clone(),
+            trace.clone(),
+            start,
+            spawn.clone(),
+        )));
     }
 }
 
@@ -769,8 +840,7 @@ async fn consume(
     ack_delay: Duration,
     records: Shared,
     trace: Trace,
-    clock: VirtualClock,
-    spawner: futures::executor::LocalSpawner,
+    spawn: Spawner,
 ) {
     while let Some(item) = consumer.next().await {
         let received = match item {
@@ -805,10 +875,10 @@ async fn consume(
         }
         let records = records.clone();
         let trace = trace.clone();
-        let clock = clock.clone();
-        spawn(&spawner, async move {
+        spawn(Box::pin(async move {
             if !ack_delay.is_zero() {
-                clock.sleep(ack_delay).await;
+                let timer = trace.timer();
+                timer.sleep_until(timer.now() + ack_delay).await;
             }
             let result = received.ack().await;
             let mut r = lock(&records);
@@ -826,7 +896,7 @@ async fn consume(
                     trace.record("ack", format_args!("c{index}: {err}"));
                 }
             }
-        });
+        }));
     }
 }
 
@@ -839,11 +909,11 @@ async fn publisher(
     queues: Vec<Option<Queue>>,
     records: Shared,
     trace: Trace,
-    clock: VirtualClock,
-    spawner: futures::executor::LocalSpawner,
+    start: std::time::Instant,
+    spawn: Spawner,
 ) {
-    let origin = clock.origin();
-    Timer::sleep_until(&clock, origin + spec.start).await;
+    let timer = Arc::clone(trace.timer());
+    timer.sleep_until(start + spec.start).await;
     let properties = if spec.persistent {
         Properties::default().persistent()
     } else {
@@ -851,7 +921,7 @@ async fn publisher(
     };
     for n in 0..spec.messages {
         if n > 0 {
-            clock.sleep(spec.interval).await;
+            timer.sleep_until(timer.now() + spec.interval).await;
         }
         let (exchange, key) = match &spec.target {
             Target::Exchange { exchange, key } => (
@@ -877,7 +947,7 @@ async fn publisher(
                 id,
                 PublishRecord {
                     publisher: index,
-                    sent_at: clock.elapsed(),
+                    sent_at: trace.elapsed(),
                     resolved_at: None,
                     outcome: None,
                 },
@@ -887,14 +957,13 @@ async fn publisher(
         let client = client.clone();
         let records = records.clone();
         let trace = trace.clone();
-        let clock = clock.clone();
-        spawn(&spawner, async move {
+        spawn(Box::pin(async move {
             let result = client
                 .publish_message(message, PublishOptions::default())
                 .await;
             let outcome = PublishOutcome::of(&result);
             trace.record("publish", format_args!("{} -> {outcome:?}", payload_of(id)));
-            let now = clock.elapsed();
+            let now = trace.elapsed();
             let mut r = lock(&records);
             if outcome == PublishOutcome::Confirmed {
                 r.confirmed_at.push(now);
@@ -904,7 +973,7 @@ async fn publisher(
                 rec.resolved_at = Some(now);
                 rec.outcome = Some(outcome);
             }
-        });
+        }));
     }
 }
 

@@ -3,7 +3,9 @@
 
 use std::fmt::{self, Write as _};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use amqp_rebound_core::Timer;
 
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
@@ -29,7 +31,8 @@ use crate::clock::VirtualClock;
 /// ```
 #[derive(Clone)]
 pub struct Trace {
-    clock: VirtualClock,
+    timer: Arc<dyn Timer>,
+    origin: Instant,
     inner: Arc<Mutex<TraceText>>,
 }
 
@@ -53,10 +56,18 @@ pub fn stamp(elapsed: Duration) -> String {
 }
 
 impl Trace {
-    /// An empty, recording trace on `clock`.
+    /// An empty, recording trace on `clock`, stamped from its origin.
     pub fn new(clock: VirtualClock) -> Trace {
+        let origin = clock.origin();
+        Trace::with_timer(Arc::new(clock), origin)
+    }
+
+    /// An empty, recording trace stamped with `timer`'s time since `origin` (any
+    /// clock: the real-broker mode uses tokio's).
+    pub fn with_timer(timer: Arc<dyn Timer>, origin: Instant) -> Trace {
         Trace {
-            clock,
+            timer,
+            origin,
             inner: Arc::new(Mutex::new(TraceText {
                 enabled: true,
                 text: String::new(),
@@ -68,8 +79,23 @@ impl Trace {
     /// A trace that only counts lines (for long benchmark runs).
     pub fn disabled(clock: VirtualClock) -> Trace {
         let trace = Trace::new(clock);
-        trace.lock().enabled = false;
+        trace.set_enabled(false);
         trace
+    }
+
+    /// Turns recording on or off (lines are counted either way).
+    pub fn set_enabled(&self, enabled: bool) {
+        self.lock().enabled = enabled;
+    }
+
+    /// Time since the origin, on the trace's timer.
+    pub fn elapsed(&self) -> Duration {
+        self.timer.now().saturating_duration_since(self.origin)
+    }
+
+    /// The trace's timer.
+    pub fn timer(&self) -> &Arc<dyn Timer> {
+        &self.timer
     }
 
     fn lock(&self) -> MutexGuard<'_, TraceText> {
@@ -78,7 +104,7 @@ impl Trace {
 
     /// Appends `[time] kind: what`.
     pub fn record(&self, kind: &str, what: fmt::Arguments<'_>) {
-        let elapsed = self.clock.elapsed();
+        let elapsed = self.elapsed();
         let mut t = self.lock();
         t.lines += 1;
         if t.enabled {
@@ -94,11 +120,6 @@ impl Trace {
     /// Lines recorded (also when disabled).
     pub fn lines(&self) -> usize {
         self.lock().lines
-    }
-
-    /// The clock it stamps with.
-    pub fn clock(&self) -> &VirtualClock {
-        &self.clock
     }
 }
 
