@@ -10,6 +10,18 @@
 //! By default it runs against the embedded simulated broker, in virtual time: no
 //! server, no waiting. The exit code is 1 if a confirmed message was lost, 2 if
 //! another invariant was violated, 0 otherwise.
+//!
+//! With the `lapin` feature, `--broker amqp://... --transport lapin` runs the same
+//! workload against a real RabbitMQ, in wall-clock time, through an in-process TCP
+//! fault proxy (see `real.rs`):
+//!
+//! ```text
+//! cargo run --release -p amqp-rebound-sim --features lapin --bin rebound-chaos -- \
+//!     --broker amqp://guest:guest@127.0.0.1:5672/%2f --transport lapin --duration 30s
+//! ```
+
+#[cfg(feature = "lapin")]
+mod real;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -62,6 +74,11 @@ struct Args {
     /// The transport for `--broker`.
     #[arg(long, value_enum, default_value_t = TransportKind::Lapin)]
     transport: TransportKind,
+    /// With `--broker`: also restart the broker (`rabbitmqctl stop_app` /
+    /// `start_app`) and raise memory alarms. Off by default: the broker may be
+    /// shared, and these faults hit every client of it.
+    #[arg(long)]
+    allow_broker_faults: bool,
 }
 
 /// Transports the real-broker mode can use.
@@ -195,12 +212,16 @@ fn report(
 fn print_report(r: &Report) {
     let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0} ms"));
     println!("rebound-chaos: {} broker, seed {}", r.mode, r.seed);
-    println!(
-        "  simulated {:.1} s in {:.2} s wall ({:.0}x)",
-        r.simulated_seconds,
-        r.wall_seconds,
-        r.simulated_seconds / r.wall_seconds.max(1e-9)
-    );
+    if r.mode == "simulated" {
+        println!(
+            "  simulated {:.1} s in {:.2} s wall ({:.0}x)",
+            r.simulated_seconds,
+            r.wall_seconds,
+            r.simulated_seconds / r.wall_seconds.max(1e-9)
+        );
+    } else {
+        println!("  ran {:.1} s", r.wall_seconds);
+    }
     println!(
         "  faults      {} planned, {} hit something",
         r.faults_planned, r.faults_hit
@@ -280,30 +301,7 @@ fn chaos(args: &Args) -> ExitCode {
         eprint!("{}", outcome.trace);
     }
     let r = report(&scenario, &outcome, args.duration, wall);
-    if args.json {
-        match serde_json::to_string_pretty(&r) {
-            Ok(json) => println!("{json}"),
-            Err(e) => {
-                eprintln!("rebound-chaos: cannot print the report: {e}");
-                return ExitCode::from(3);
-            }
-        }
-    } else {
-        print_report(&r);
-        if r.lost > 0 || !r.violations.is_empty() {
-            println!(
-                "  replay with: rebound-chaos --seed {seed} --duration {}s",
-                args.duration.as_secs_f64()
-            );
-        }
-    }
-    if r.lost > 0 {
-        ExitCode::from(1)
-    } else if !r.violations.is_empty() {
-        ExitCode::from(2)
-    } else {
-        ExitCode::SUCCESS
-    }
+    finish(args, seed, &r)
 }
 
 /// Benchmark figures.
@@ -521,17 +519,129 @@ fn thread_cpu_time() -> Option<Duration> {
 }
 
 fn real_broker(args: &Args, url: &str) -> ExitCode {
-    let feature = match args.transport {
-        TransportKind::Lapin => "lapin",
-        TransportKind::Amqprs => "amqprs",
-    };
-    let _ = url;
+    match args.transport {
+        TransportKind::Amqprs => {
+            eprintln!(
+                "rebound-chaos: --transport amqprs is not available yet: amqp-rebound-amqprs \
+                 implements no Transport so far (use --transport lapin)"
+            );
+            ExitCode::from(64)
+        }
+        TransportKind::Lapin => real_lapin(args, url),
+    }
+}
+
+#[cfg(not(feature = "lapin"))]
+fn real_lapin(_args: &Args, _url: &str) -> ExitCode {
     eprintln!(
-        "rebound-chaos: this binary was not built with feature \"{feature}\"; the real-broker mode \
-         (--broker) needs it:\n  cargo run --release -p amqp-rebound-sim --features {feature} --bin \
-         rebound-chaos -- --broker amqp://... --transport {feature}"
+        "rebound-chaos: this binary was not built with feature \"lapin\"; the real-broker mode \
+         (--broker) needs it:\n  cargo run --release -p amqp-rebound-sim --features lapin --bin \
+         rebound-chaos -- --broker amqp://guest:guest@127.0.0.1:5672/%2f --transport lapin"
     );
     ExitCode::from(64)
+}
+
+#[cfg(feature = "lapin")]
+fn real_lapin(args: &Args, url: &str) -> ExitCode {
+    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+    let mut scenario = Scenario::chaos(seed, args.duration, args.faults_per_minute);
+    scenario.workload = Workload::chaos(args.publishers.max(1), args.rate, args.duration);
+    scenario.settings.trace = args.trace;
+    if args.trace {
+        eprintln!("fault plan (seed {seed}; kinds a real broker cannot show are replaced):");
+        for f in &scenario.plan.faults {
+            eprintln!("  {:>9.3}s  {}", f.at.as_secs_f64(), f.fault);
+        }
+    }
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(1000);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{bar:40}] {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar
+    };
+    let progress = |now: Duration, total: Duration| {
+        let f = now.as_secs_f64() / total.as_secs_f64().max(1e-9);
+        bar.set_position((f.min(1.0) * 1000.0) as u64);
+        bar.set_message(format!(
+            "{:.0}/{:.0} s",
+            now.as_secs_f64(),
+            total.as_secs_f64()
+        ));
+    };
+    let run = real::run(url, &scenario, args.allow_broker_faults, &progress);
+    bar.finish_and_clear();
+    let run = match run {
+        Ok(run) => run,
+        Err(e) => {
+            eprintln!("rebound-chaos: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    if args.trace {
+        eprint!("{}", run.trace);
+    }
+    let mut stalls = run.stalls.clone();
+    stalls.sort();
+    let r = Report {
+        mode: "real (lapin)",
+        seed,
+        simulated_seconds: run.elapsed.as_secs_f64(),
+        wall_seconds: run.elapsed.as_secs_f64(),
+        faults_planned: run.faults_planned,
+        faults_hit: run.faults_hit,
+        published: run.published,
+        confirmed: run.confirmed,
+        returned: run.returned,
+        nacked: run.nacked,
+        timed_out: run.timed_out,
+        other_errors: run.other_errors,
+        received: run.received,
+        lost: run.lost,
+        duplicated: run.duplicated,
+        reconnects: run.reconnects,
+        republished: run.republished,
+        stale_acks_refused: run.stale_acks,
+        recovery_stall_p50_ms: percentile(&stalls, 50.0),
+        recovery_stall_p99_ms: percentile(&stalls, 99.0),
+        recovery_stall_max_ms: stalls.last().map(|d| d.as_secs_f64() * 1000.0),
+        throughput_confirmed_per_simulated_second: run.confirmed as f64
+            / args.duration.as_secs_f64().max(1e-9),
+        violations: run.problems,
+    };
+    finish(args, seed, &r)
+}
+
+/// Prints the report and picks the exit code.
+fn finish(args: &Args, seed: u64, r: &Report) -> ExitCode {
+    if args.json {
+        match serde_json::to_string_pretty(r) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("rebound-chaos: cannot print the report: {e}");
+                return ExitCode::from(3);
+            }
+        }
+    } else {
+        print_report(r);
+        if r.lost > 0 || !r.violations.is_empty() {
+            println!(
+                "  replay with: rebound-chaos --seed {seed} --duration {}s",
+                args.duration.as_secs_f64()
+            );
+        }
+    }
+    if r.lost > 0 {
+        ExitCode::from(1)
+    } else if !r.violations.is_empty() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn main() -> ExitCode {
