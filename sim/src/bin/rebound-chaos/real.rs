@@ -519,3 +519,25 @@ async fn apply(
         other => Err(format!("{other} is not available against a real broker")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_goes_through_the_proxy() {
+        let proxy: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        assert_eq!(
+            through_proxy("amqp://u:p@rabbit:5672/%2f", proxy),
+            "amqp://u:p@127.0.0.1:4000/%2f?heartbeat=5"
+        );
+        assert_eq!(
+            through_proxy("amqp://rabbit?heartbeat=3", proxy),
+            "amqp://127.0.0.1:4000?heartbeat=3"
+        );
+        assert_eq!(
+            through_proxy("amqp://u:p@h/v?frame_max=8192", proxy),
+            "amqp://u:p@127.0.0.1:4000/v?frame_max=8192&heartbeat=5"
+        );
+    }
+}
