@@ -319,7 +319,9 @@ impl Shape {
 impl Scenario {
     /// The scenario a seed names for a shape: drawn from
     /// [`strategies::scenario`] with an RNG seeded by `seed`, then given `seed`.
-    /// Same seed, same shape: same scenario, on every machine.
+    /// Same seed, same shape: same scenario, on every machine (as long as the
+    /// strategies and the proptest version stay the same: a change to either may
+    /// give old seeds new scenarios).
     ///
     /// ```
     /// use amqp_rebound_sim::{Scenario, Shape};
