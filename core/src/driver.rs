@@ -6,12 +6,16 @@
 //! concurrently (a `FuturesUnordered`, no spawning). It makes no protocol decision
 //! of its own: every retry, reopen and re-publish is the supervisor's.
 //!
+//! Its maps are ordered (`BTreeMap`): what it drains or retains (pending replies at
+//! the end, channels of a lost connection) goes in id order, so the same inputs give
+//! the same wake-up order, and the simulator's same-seed-same-trace holds.
+//!
 //! Per channel, publishes and acks go through one sequential worker future, so the
 //! broker sees them in the order the supervisor emitted them (confirm sequence
 //! numbers depend on it); topology operations run one at a time per channel, as
 //! the supervisor issues them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -60,14 +64,14 @@ impl Driver {
             timer,
             options,
             shared,
-            conns: HashMap::new(),
-            chans: HashMap::new(),
+            conns: BTreeMap::new(),
+            chans: BTreeMap::new(),
             ops: FuturesUnordered::new(),
             conn_events: SelectAll::new(),
             chan_events: SelectAll::new(),
-            publishes: HashMap::new(),
-            topology: HashMap::new(),
-            consumers: HashMap::new(),
+            publishes: BTreeMap::new(),
+            topology: BTreeMap::new(),
+            consumers: BTreeMap::new(),
             watchers: Vec::new(),
             parked: VecDeque::new(),
             close_waiters: Vec::new(),
@@ -141,14 +145,14 @@ struct State<T: Transport, K: Timer> {
     timer: K,
     options: ConnectOptions,
     shared: Arc<Shared>,
-    conns: HashMap<ConnectionId, (u64, Arc<T::Connection>)>,
-    chans: HashMap<ChannelId, ChanSlot<ChannelOf<T>>>,
+    conns: BTreeMap<ConnectionId, (u64, Arc<T::Connection>)>,
+    chans: BTreeMap<ChannelId, ChanSlot<ChannelOf<T>>>,
     ops: FuturesUnordered<BoxFuture<'static, Done<T::Connection, ChannelOf<T>>>>,
     conn_events: SelectAll<BoxStream<'static, (ConnectionId, u64, ConnectionEvent)>>,
     chan_events: SelectAll<BoxStream<'static, (ChannelId, u64, ChannelEvent)>>,
-    publishes: HashMap<PublishId, Reply<Result<Confirmation, PublishError>>>,
-    topology: HashMap<OpId, TopologyReply>,
-    consumers: HashMap<ConsumerId, mpsc::UnboundedSender<ConsumerItem>>,
+    publishes: BTreeMap<PublishId, Reply<Result<Confirmation, PublishError>>>,
+    topology: BTreeMap<OpId, TopologyReply>,
+    consumers: BTreeMap<ConsumerId, mpsc::UnboundedSender<ConsumerItem>>,
     watchers: Vec<mpsc::UnboundedSender<Event>>,
     /// Publishes waiting for room in a full outbox (the caller chose to wait).
     parked: VecDeque<ParkedPublish>,
@@ -797,13 +801,13 @@ impl<T: Transport, K: Timer> State<T, K> {
 
     /// Everything still waiting resolves; consumers end.
     fn finish(&mut self) {
-        for (_, reply) in self.publishes.drain() {
+        for (_, reply) in std::mem::take(&mut self.publishes) {
             let _ = reply.send(Err(PublishError::Closed));
         }
         for p in self.parked.drain(..) {
             let _ = p.reply.send(Err(PublishError::Closed));
         }
-        for (_, reply) in self.topology.drain() {
+        for (_, reply) in std::mem::take(&mut self.topology) {
             match reply {
                 TopologyReply::Unit(r) => {
                     let _ = r.send(Err(TopologyError::Closed));
@@ -813,7 +817,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                 }
             }
         }
-        for (_, items) in self.consumers.drain() {
+        for (_, items) in std::mem::take(&mut self.consumers) {
             let _ =
                 items.unbounded_send(ConsumerItem::Ended(crate::topology::ConsumeError::Closed));
         }

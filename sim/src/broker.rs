@@ -177,6 +177,29 @@ pub struct StoredMessage {
     pub redelivered: bool,
 }
 
+/// What became of one message the broker routed, for loss accounting (see
+/// [`SimBroker::ledger`]). Every routed copy ends up in exactly one place: still in
+/// a queue (ready or unacked), `acked`, `discarded` or `dropped`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LedgerEntry {
+    /// The broker's number for the publish ([`StoredMessage::id`]).
+    pub id: u64,
+    /// Its body.
+    pub payload: Bytes,
+    /// When it was routed.
+    pub at: Instant,
+    /// Queues it was routed to (0: unroutable).
+    pub routed: u32,
+    /// Copies acked by a consumer (or delivered with `no_ack`).
+    pub acked: u32,
+    /// Copies nacked or rejected without requeue.
+    pub discarded: u32,
+    /// Copies lost with their queue (deleted, exclusive owner gone, auto-delete,
+    /// restart).
+    pub dropped: u32,
+}
+
 /// A queue's state, for tests.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueSnapshot {
@@ -318,6 +341,12 @@ pub struct BrokerStats {
     pub unknown_tag_acks: u64,
     /// Broker restarts.
     pub restarts: u64,
+    /// Publishes that arrived on a channel not in confirm mode (a client that
+    /// publishes before `confirm.select` completed: zero for amqp-rebound).
+    pub publishes_outside_confirm_mode: u64,
+    /// Publishes to an exchange that does not exist (each one closed its channel
+    /// with 404: a client that publishes before its topology is replayed).
+    pub publishes_to_missing_exchange: u64,
     /// Copies ready in queues now.
     pub ready: u64,
     /// Copies delivered and unacked now.
@@ -765,6 +794,12 @@ impl SimBroker {
     /// zero in a good run).
     pub fn unknown_tag_acks(&self) -> u64 {
         self.lock().stats().unknown_tag_acks
+    }
+
+    /// Every message routed so far (through a connection or
+    /// [`publish`](Self::publish)), by id, with what became of its copies.
+    pub fn ledger(&self) -> Vec<LedgerEntry> {
+        self.lock().ledger()
     }
 
     /// The trace recorded so far (empty unless [`BrokerConfig::trace`]).

@@ -34,7 +34,7 @@ use futures::channel::{mpsc, oneshot};
 
 use crate::broker::{
     BindingDestination, BindingSnapshot, BrokerConfig, BrokerStats, ConfirmMode, ConnectionInfo,
-    ConnectionStats, ExchangeSnapshot, QueueSnapshot, SimConnectionId, StoredMessage,
+    ConnectionStats, ExchangeSnapshot, LedgerEntry, QueueSnapshot, SimConnectionId, StoredMessage,
 };
 use crate::clock::VirtualClock;
 use crate::routing::{headers_match, topic_matches};
@@ -315,6 +315,8 @@ pub(crate) struct State {
     restarting: bool,
     stats: BrokerStats,
     trace: Vec<String>,
+    /// The fate of every message published through a connection, by id.
+    ledger: BTreeMap<u64, LedgerEntry>,
 }
 
 /// The result of checking a dial against the broker's and the host's state.
@@ -362,6 +364,7 @@ impl State {
             restarting: false,
             stats: BrokerStats::default(),
             trace: Vec::new(),
+            ledger: BTreeMap::new(),
         };
         state.install_builtin_exchanges();
         state
@@ -806,10 +809,13 @@ impl State {
                     self.stats.requeued += 1;
                     self.dirty.insert(entry.queue);
                 }
-                _ => match self.drop_cause() {
-                    DropCause::Delete => self.stats.dropped_by_delete += 1,
-                    DropCause::Restart => self.stats.dropped_by_restart += 1,
-                },
+                _ => {
+                    self.note_dropped(entry.message.id, 1);
+                    match self.drop_cause() {
+                        DropCause::Delete => self.stats.dropped_by_delete += 1,
+                        DropCause::Restart => self.stats.dropped_by_restart += 1,
+                    }
+                }
             }
         }
     }
@@ -1267,6 +1273,9 @@ impl State {
             return 0;
         };
         let dropped = q.ready.len() as u64;
+        for m in &q.ready {
+            self.note_dropped(m.id, 1);
+        }
         match cause {
             DropCause::Delete => self.stats.dropped_by_delete += dropped,
             DropCause::Restart => self.stats.dropped_by_restart += dropped,
@@ -1458,7 +1467,30 @@ impl State {
         if queues.is_empty() {
             self.stats.unroutable += 1;
         }
+        self.ledger.insert(
+            id,
+            LedgerEntry {
+                id,
+                payload: message.payload.clone(),
+                at: self.clock.now(),
+                routed: count_u32(queues.len()),
+                acked: 0,
+                discarded: 0,
+                dropped: 0,
+            },
+        );
         queues.len()
+    }
+
+    /// Records that `n` copies of message `id` were lost with their queue.
+    fn note_dropped(&mut self, id: u64, n: u32) {
+        if let Some(l) = self.ledger.get_mut(&id) {
+            l.dropped += n;
+        }
+    }
+
+    pub(crate) fn ledger(&self) -> Vec<LedgerEntry> {
+        self.ledger.values().cloned().collect()
     }
 
     fn check_publish(&self, message: &Message) -> Result<(), Fail> {
@@ -1478,6 +1510,12 @@ impl State {
     }
 
     fn publish(&mut self, conn_id: u64, chan_id: u64, message: Message) -> Result<(), Fail> {
+        if !self.exchanges.contains_key(&message.exchange) {
+            self.stats.publishes_to_missing_exchange += 1;
+        }
+        if self.chans.get(&chan_id).is_some_and(|c| !c.confirm) {
+            self.stats.publishes_outside_confirm_mode += 1;
+        }
         self.check_publish(&message)?;
         let user = self
             .conns
@@ -1770,6 +1808,15 @@ impl State {
                 Settle::Reject { .. } => conn.stats.rejected += count,
             }
         }
+        for entry in &entries {
+            if let Some(l) = self.ledger.get_mut(&entry.message.id) {
+                match how {
+                    Settle::Ack => l.acked += 1,
+                    Settle::Reject { requeue: false } => l.discarded += 1,
+                    Settle::Reject { requeue: true } => {}
+                }
+            }
+        }
         match how {
             Settle::Ack => self.stats.acked += count,
             Settle::Reject { requeue: true } => self.requeue(entries),
@@ -1830,6 +1877,9 @@ impl State {
         }
         if consumer.no_ack {
             self.stats.acked += 1;
+            if let Some(l) = self.ledger.get_mut(&message.id) {
+                l.acked += 1;
+            }
         } else {
             consumer.unacked += 1;
             chan.unacked.insert(
@@ -1989,10 +2039,20 @@ impl State {
         }
         if !self.config.restart_keeps_transient_messages {
             let mut dropped = 0;
+            let mut ids = Vec::new();
             for q in self.queues.values_mut() {
                 let before = q.ready.len();
-                q.ready.retain(|m| m.properties.delivery_mode == Some(2));
+                q.ready.retain(|m| {
+                    let keep = m.properties.delivery_mode == Some(2);
+                    if !keep {
+                        ids.push(m.id);
+                    }
+                    keep
+                });
                 dropped += (before - q.ready.len()) as u64;
+            }
+            for id in ids {
+                self.note_dropped(id, 1);
             }
             self.stats.dropped_by_restart += dropped;
         }

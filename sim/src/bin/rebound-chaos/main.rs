@@ -1,0 +1,687 @@
+//! `rebound-chaos`: a publisher + consumer workload under random faults, and a
+//! report of what survived.
+//!
+//! ```text
+//! cargo run --release -p amqp-rebound-sim --bin rebound-chaos
+//! cargo run --release -p amqp-rebound-sim --bin rebound-chaos -- --seed 7 --duration 120s --json
+//! cargo run --release -p amqp-rebound-sim --bin rebound-chaos -- --bench-mode
+//! ```
+//!
+//! By default it runs against the embedded simulated broker, in virtual time: no
+//! server, no waiting. The exit code is 1 if a confirmed message was lost, 2 if
+//! another invariant was violated, 0 otherwise.
+//!
+//! With the `lapin` feature, `--broker amqp://... --transport lapin` runs the same
+//! workload against a real RabbitMQ, in wall-clock time, through an in-process TCP
+//! fault proxy (see `real.rs`):
+//!
+//! ```text
+//! cargo run --release -p amqp-rebound-sim --features lapin --bin rebound-chaos -- \
+//!     --broker amqp://guest:guest@127.0.0.1:5672/%2f --transport lapin --duration 30s
+//! ```
+
+#[cfg(feature = "lapin")]
+mod real;
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use amqp_rebound_sim::{
+    Fault, FaultPlan, Outcome, Scenario, Settings, Shape, Simulation, Workload,
+};
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+/// Runs a publisher + consumer workload under random faults and reports what
+/// survived.
+#[derive(Debug, Parser)]
+#[command(name = "rebound-chaos", version, about)]
+struct Args {
+    /// Seed of every random choice (faults, jitter, names); random if absent.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Simulated duration of the workload (`60s`, `2m`, `500ms`; a bare number is
+    /// seconds).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Faults per simulated minute.
+    #[arg(long, default_value_t = 12)]
+    faults_per_minute: usize,
+    /// Publishers.
+    #[arg(long, default_value_t = 2)]
+    publishers: usize,
+    /// Messages per second per publisher.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+    /// Print the report as JSON on stdout (no progress bar).
+    #[arg(long)]
+    json: bool,
+    /// Print the fault plan and the run's trace (faults, state changes, publish
+    /// outcomes) on stderr.
+    #[arg(long)]
+    trace: bool,
+    /// Measure the simulator instead: full-driver scenarios per minute and
+    /// simulated seconds per wall second, and the 100 x 100 restart scale test.
+    #[arg(long)]
+    bench_mode: bool,
+    /// Scenarios to run in `--bench-mode`.
+    #[arg(long, default_value_t = 200)]
+    bench_scenarios: u64,
+    /// A real RabbitMQ instead of the simulated broker (`amqp://...`).
+    #[arg(long)]
+    broker: Option<String>,
+    /// The transport for `--broker`.
+    #[arg(long, value_enum, default_value_t = TransportKind::Lapin)]
+    transport: TransportKind,
+    /// With `--broker`: also restart the broker (`rabbitmqctl stop_app` /
+    /// `start_app`) and raise memory alarms. Off by default: the broker may be
+    /// shared, and these faults hit every client of it.
+    #[arg(long)]
+    allow_broker_faults: bool,
+}
+
+/// Transports the real-broker mode can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TransportKind {
+    /// amqp-rebound-lapin (lapin 4 on tokio).
+    Lapin,
+    /// amqp-rebound-amqprs (amqprs 2 on tokio).
+    Amqprs,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("not a duration: {text:?} (try 60s, 2m, 500ms)"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "s" | "sec" | "secs" => value,
+        "m" | "min" | "mins" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown unit {other:?} (ms, s, m, h)")),
+    };
+    if !seconds.is_finite() || seconds <= 0.0 || seconds > 86_400.0 * 365.0 {
+        return Err(format!("duration out of range: {text:?}"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// The final report.
+#[derive(Debug, Serialize)]
+struct Report {
+    mode: &'static str,
+    seed: u64,
+    simulated_seconds: f64,
+    wall_seconds: f64,
+    faults_planned: usize,
+    faults_hit: usize,
+    published: usize,
+    confirmed: usize,
+    returned: usize,
+    nacked: usize,
+    timed_out: usize,
+    other_errors: usize,
+    received: usize,
+    lost: usize,
+    duplicated: u64,
+    reconnects: u64,
+    republished: u64,
+    stale_acks_refused: u64,
+    recovery_stall_p50_ms: Option<f64>,
+    recovery_stall_p99_ms: Option<f64>,
+    recovery_stall_max_ms: Option<f64>,
+    throughput_confirmed_per_simulated_second: f64,
+    violations: Vec<String>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    let i = rank.clamp(1, sorted.len()) - 1;
+    Some(sorted[i].as_secs_f64() * 1000.0)
+}
+
+fn report(
+    scenario: &Scenario,
+    outcome: &Outcome,
+    workload_time: Duration,
+    wall: Duration,
+) -> Report {
+    use amqp_rebound_sim::PublishOutcome as P;
+    let count = |f: &dyn Fn(&P) -> bool| {
+        outcome
+            .publishes
+            .values()
+            .filter(|p| p.outcome.as_ref().is_some_and(f))
+            .count()
+    };
+    let mut stalls = outcome.recovery_stalls();
+    stalls.sort();
+    let violations = [
+        outcome.check_only_ready_channels(),
+        outcome.check_no_confirmed_loss(),
+        outcome.check_every_publish_resolves(),
+        outcome.check_liveness(),
+        outcome.check_close_is_terminal(),
+        outcome.check_topology_restored(),
+        outcome.check_no_stale_ack(),
+    ]
+    .into_iter()
+    .filter_map(Result::err)
+    .map(|v| v.to_string())
+    .collect();
+    let confirmed = outcome.confirmed();
+    Report {
+        mode: "simulated",
+        seed: scenario.seed,
+        simulated_seconds: outcome.simulated.as_secs_f64(),
+        wall_seconds: wall.as_secs_f64(),
+        faults_planned: scenario.plan.len(),
+        faults_hit: outcome.faults.iter().filter(|f| f.hit).count(),
+        published: outcome.publishes.len(),
+        confirmed,
+        returned: count(&|o| *o == P::Returned),
+        nacked: count(&|o| *o == P::Nacked),
+        timed_out: count(&|o| *o == P::TimedOut),
+        other_errors: count(&|o| {
+            !matches!(o, P::Confirmed | P::Returned | P::Nacked | P::TimedOut)
+        }),
+        received: outcome.received_unique(),
+        lost: outcome.lost().len(),
+        duplicated: outcome.duplicated(),
+        reconnects: outcome.client.reconnects,
+        republished: outcome.client.republished,
+        stale_acks_refused: outcome.acks.stale,
+        recovery_stall_p50_ms: percentile(&stalls, 50.0),
+        recovery_stall_p99_ms: percentile(&stalls, 99.0),
+        recovery_stall_max_ms: stalls.last().map(|d| d.as_secs_f64() * 1000.0),
+        throughput_confirmed_per_simulated_second: confirmed as f64
+            / workload_time.as_secs_f64().max(1e-9),
+        violations,
+    }
+}
+
+fn print_report(r: &Report) {
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0} ms"));
+    println!("rebound-chaos: {} broker, seed {}", r.mode, r.seed);
+    if r.mode == "simulated" {
+        println!(
+            "  simulated {:.1} s in {:.2} s wall ({:.0}x)",
+            r.simulated_seconds,
+            r.wall_seconds,
+            r.simulated_seconds / r.wall_seconds.max(1e-9)
+        );
+    } else {
+        println!("  ran {:.1} s", r.wall_seconds);
+    }
+    println!(
+        "  faults      {} planned, {} hit something",
+        r.faults_planned, r.faults_hit
+    );
+    println!("  published   {}", r.published);
+    println!(
+        "  confirmed   {} (returned {}, nacked {}, timed out {}, other errors {})",
+        r.confirmed, r.returned, r.nacked, r.timed_out, r.other_errors
+    );
+    println!("  received    {} distinct", r.received);
+    println!("  lost        {}", r.lost);
+    println!("  duplicated  {}", r.duplicated);
+    println!(
+        "  reconnects  {} (re-published {}, stale acks refused {})",
+        r.reconnects, r.republished, r.stale_acks_refused
+    );
+    println!(
+        "  recovery stall (fault -> next confirm, simulated): p50 {}, p99 {}, max {}",
+        ms(r.recovery_stall_p50_ms),
+        ms(r.recovery_stall_p99_ms),
+        ms(r.recovery_stall_max_ms)
+    );
+    println!(
+        "  throughput  {:.0} confirmed msg/s (simulated)",
+        r.throughput_confirmed_per_simulated_second
+    );
+    if r.violations.is_empty() {
+        println!("  invariants  all held");
+    }
+    for v in &r.violations {
+        println!("  VIOLATION   {v}");
+    }
+}
+
+fn chaos(args: &Args) -> ExitCode {
+    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+    let mut scenario = Scenario::chaos(seed, args.duration, args.faults_per_minute);
+    scenario.workload = Workload::chaos(args.publishers.max(1), args.rate, args.duration);
+    scenario.settings.trace = args.trace;
+    if args.trace {
+        eprintln!("fault plan (seed {seed}):");
+        for f in &scenario.plan.faults {
+            eprintln!("  {:>9.3}s  {}", f.at.as_secs_f64(), f.fault);
+        }
+    }
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        let end = Simulation::end_of(&scenario);
+        let bar = ProgressBar::new(u64::try_from(end.as_millis()).unwrap_or(u64::MAX));
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{bar:40}] {msg} simulated, {elapsed} wall")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar
+    };
+    let wall = Instant::now();
+    let mut last = 0u64;
+    let outcome = Simulation::new(&scenario)
+        .on_progress(|now, end| {
+            let ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+            if ms >= last + 100 {
+                last = ms;
+                bar.set_position(ms);
+                bar.set_message(format!(
+                    "{:.1}/{:.0} s",
+                    now.as_secs_f64(),
+                    end.as_secs_f64()
+                ));
+            }
+        })
+        .run();
+    bar.finish_and_clear();
+    let wall = wall.elapsed();
+    if args.trace {
+        eprint!("{}", outcome.trace);
+    }
+    let r = report(&scenario, &outcome, args.duration, wall);
+    finish(args, seed, &r)
+}
+
+/// Benchmark figures.
+#[derive(Debug, Serialize)]
+struct Bench {
+    scenarios: u64,
+    scenario_simulated_seconds_mean: f64,
+    faults_per_scenario_min: usize,
+    faults_per_scenario_mean: f64,
+    messages_per_scenario_mean: f64,
+    scenarios_passing_all_checks: u64,
+    wall_seconds: f64,
+    cpu_seconds: Option<f64>,
+    scenarios_per_minute: f64,
+    simulated_seconds_per_wall_second: f64,
+    scenarios_per_cpu_minute: Option<f64>,
+    simulated_seconds_per_cpu_second: Option<f64>,
+    scale: ScaleFigures,
+}
+
+/// The 100 x 100 restart scale test.
+#[derive(Debug, Serialize)]
+struct ScaleFigures {
+    connections: usize,
+    channels_per_connection: usize,
+    restart_at_s: f64,
+    downtime_s: f64,
+    backoff_cap_s: f64,
+    bound_s: f64,
+    all_ready_after_restart_s: Option<f64>,
+    ready_within_bound: bool,
+    dials_after_restart: usize,
+    max_dials_in_100ms_after_restart: usize,
+    max_dials_in_100ms_pct_of_connections: f64,
+    max_dials_in_100ms_after_broker_back: usize,
+    wall_seconds: f64,
+}
+
+fn scale() -> ScaleFigures {
+    let restart_at = Duration::from_secs(5);
+    let downtime = Duration::from_secs(2);
+    let settings = Settings {
+        connections: 100,
+        channels: 100,
+        hosts: 1,
+        backoff: amqp_rebound_core::BackoffConfig::default(),
+        connect_timeout: Duration::from_secs(5),
+        publish_timeout: Duration::from_secs(30),
+        heartbeat: Duration::from_secs(10),
+        one_connect: Duration::from_millis(500),
+        trace: false,
+        probe: false,
+        close: true,
+        after_close: Duration::from_secs(5),
+        ..Settings::default()
+    };
+    let scenario = Scenario {
+        seed: 1,
+        settings,
+        workload: Workload::default(),
+        plan: FaultPlan::new().at(restart_at, Fault::Restart { downtime }),
+    };
+    let wall = Instant::now();
+    let outcome = Simulation::new(&scenario).run();
+    let wall = wall.elapsed();
+    let quiet = restart_at + downtime;
+    let bound = outcome.liveness_bound;
+    let n = scenario.settings.connections;
+    let window = Duration::from_millis(100);
+    let max = outcome.max_dials_within(window, restart_at);
+    ScaleFigures {
+        connections: n,
+        channels_per_connection: scenario.settings.channels,
+        restart_at_s: restart_at.as_secs_f64(),
+        downtime_s: downtime.as_secs_f64(),
+        backoff_cap_s: scenario.settings.backoff.cap.as_secs_f64(),
+        bound_s: bound.as_secs_f64(),
+        all_ready_after_restart_s: outcome
+            .ready_at
+            .map(|t| (t.saturating_sub(restart_at)).as_secs_f64()),
+        ready_within_bound: outcome.check_liveness().is_ok(),
+        dials_after_restart: outcome
+            .dial_times
+            .iter()
+            .filter(|t| **t >= restart_at)
+            .count(),
+        max_dials_in_100ms_after_restart: max,
+        max_dials_in_100ms_pct_of_connections: 100.0 * max as f64 / n as f64,
+        max_dials_in_100ms_after_broker_back: outcome.max_dials_within(window, quiet),
+        wall_seconds: wall.as_secs_f64(),
+    }
+}
+
+fn bench(args: &Args) -> ExitCode {
+    let shape = Shape::minute();
+    let base = args.seed.unwrap_or(1);
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(args.bench_scenarios)
+    };
+    let wall = Instant::now();
+    let cpu = thread_cpu_time();
+    let (mut simulated, mut faults, mut min_faults, mut messages, mut passing) =
+        (Duration::ZERO, 0usize, usize::MAX, 0u64, 0u64);
+    for i in 0..args.bench_scenarios {
+        let mut scenario = Scenario::from_seed(base.wrapping_add(i), &shape);
+        scenario.settings.trace = false;
+        let outcome = Simulation::new(&scenario).run();
+        simulated += outcome.simulated;
+        faults += scenario.plan.len();
+        min_faults = min_faults.min(scenario.plan.len());
+        messages += scenario.workload.messages();
+        if outcome.check_all().is_ok() {
+            passing += 1;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let wall = wall.elapsed().as_secs_f64();
+    let cpu = cpu
+        .zip(thread_cpu_time())
+        .map(|(a, b)| b.saturating_sub(a).as_secs_f64());
+    let n = args.bench_scenarios.max(1);
+    let scale = scale();
+    let b = Bench {
+        scenarios: args.bench_scenarios,
+        scenario_simulated_seconds_mean: simulated.as_secs_f64() / n as f64,
+        faults_per_scenario_min: if min_faults == usize::MAX {
+            0
+        } else {
+            min_faults
+        },
+        faults_per_scenario_mean: faults as f64 / n as f64,
+        messages_per_scenario_mean: messages as f64 / n as f64,
+        scenarios_passing_all_checks: passing,
+        wall_seconds: wall,
+        cpu_seconds: cpu,
+        scenarios_per_cpu_minute: cpu.map(|c| args.bench_scenarios as f64 / c.max(1e-9) * 60.0),
+        simulated_seconds_per_cpu_second: cpu.map(|c| simulated.as_secs_f64() / c.max(1e-9)),
+        scenarios_per_minute: args.bench_scenarios as f64 / wall.max(1e-9) * 60.0,
+        simulated_seconds_per_wall_second: simulated.as_secs_f64() / wall.max(1e-9),
+        scale,
+    };
+    if args.json {
+        match serde_json::to_string_pretty(&b) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("rebound-chaos: cannot print the figures: {e}");
+                return ExitCode::from(3);
+            }
+        }
+    } else {
+        println!("rebound-chaos --bench-mode");
+        println!(
+            "  {} full-driver scenarios (60 s of faults each, {}..{:.1} faults, {:.0} messages on average, {:.1} simulated s each with probes and close)",
+            b.scenarios,
+            b.faults_per_scenario_min,
+            b.faults_per_scenario_mean,
+            b.messages_per_scenario_mean,
+            b.scenario_simulated_seconds_mean
+        );
+        println!(
+            "  {:.1} s wall: {:.0} scenarios per minute, {:.0} simulated seconds per wall second; {} of {} passed every check",
+            b.wall_seconds,
+            b.scenarios_per_minute,
+            b.simulated_seconds_per_wall_second,
+            b.scenarios_passing_all_checks,
+            b.scenarios
+        );
+        if let (Some(c), Some(m), Some(r)) = (
+            b.cpu_seconds,
+            b.scenarios_per_cpu_minute,
+            b.simulated_seconds_per_cpu_second,
+        ) {
+            println!(
+                "  {c:.1} s CPU: {m:.0} scenarios per CPU minute, {r:.0} simulated seconds per CPU second"
+            );
+        }
+        let s = &b.scale;
+        println!(
+            "  scale: {} connections x {} channels, broker restart at {} s (down {} s), backoff cap {} s",
+            s.connections, s.channels_per_connection, s.restart_at_s, s.downtime_s, s.backoff_cap_s
+        );
+        println!(
+            "    all Ready {} after the restart (bound: downtime + {:.1} s) -> {}",
+            s.all_ready_after_restart_s
+                .map_or("never".to_owned(), |t| format!("{t:.2} s")),
+            s.bound_s,
+            if s.ready_within_bound {
+                "within bound"
+            } else {
+                "OUT OF BOUND"
+            }
+        );
+        println!(
+            "    {} dials after the restart; at most {} in any 100 ms ({:.0}% of connections); at most {} in any 100 ms once the broker was back",
+            s.dials_after_restart,
+            s.max_dials_in_100ms_after_restart,
+            s.max_dials_in_100ms_pct_of_connections,
+            s.max_dials_in_100ms_after_broker_back
+        );
+        println!("    {:.2} s wall", s.wall_seconds);
+    }
+    ExitCode::SUCCESS
+}
+
+/// CPU time of this thread so far, from Linux's `/proc/thread-self/schedstat`
+/// (nanoseconds on CPU); `None` elsewhere. Wall time on a shared machine
+/// depends on the neighbours; CPU time does not.
+fn thread_cpu_time() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let nanos: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(nanos))
+}
+
+fn real_broker(args: &Args, url: &str) -> ExitCode {
+    match args.transport {
+        TransportKind::Amqprs => {
+            eprintln!(
+                "rebound-chaos: --transport amqprs is not available yet: amqp-rebound-amqprs \
+                 implements no Transport so far (use --transport lapin)"
+            );
+            ExitCode::from(64)
+        }
+        TransportKind::Lapin => real_lapin(args, url),
+    }
+}
+
+#[cfg(not(feature = "lapin"))]
+fn real_lapin(_args: &Args, _url: &str) -> ExitCode {
+    eprintln!(
+        "rebound-chaos: this binary was not built with feature \"lapin\"; the real-broker mode \
+         (--broker) needs it:\n  cargo run --release -p amqp-rebound-sim --features lapin --bin \
+         rebound-chaos -- --broker amqp://guest:guest@127.0.0.1:5672/%2f --transport lapin"
+    );
+    ExitCode::from(64)
+}
+
+#[cfg(feature = "lapin")]
+fn real_lapin(args: &Args, url: &str) -> ExitCode {
+    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+    let mut scenario = Scenario::chaos(seed, args.duration, args.faults_per_minute);
+    scenario.workload = Workload::chaos(args.publishers.max(1), args.rate, args.duration);
+    scenario.settings.trace = args.trace;
+    if args.trace {
+        eprintln!("fault plan (seed {seed}; kinds a real broker cannot show are replaced):");
+        for f in &scenario.plan.faults {
+            eprintln!("  {:>9.3}s  {}", f.at.as_secs_f64(), f.fault);
+        }
+    }
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(1000);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{bar:40}] {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar
+    };
+    let progress = |now: Duration, total: Duration| {
+        let f = now.as_secs_f64() / total.as_secs_f64().max(1e-9);
+        bar.set_position((f.min(1.0) * 1000.0) as u64);
+        bar.set_message(format!(
+            "{:.0}/{:.0} s",
+            now.as_secs_f64(),
+            total.as_secs_f64()
+        ));
+    };
+    let run = real::run(url, &scenario, args.allow_broker_faults, &progress);
+    bar.finish_and_clear();
+    let run = match run {
+        Ok(run) => run,
+        Err(e) => {
+            eprintln!("rebound-chaos: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    if args.trace {
+        eprint!("{}", run.trace);
+    }
+    let mut stalls = run.stalls.clone();
+    stalls.sort();
+    let r = Report {
+        mode: "real (lapin)",
+        seed,
+        simulated_seconds: run.elapsed.as_secs_f64(),
+        wall_seconds: run.elapsed.as_secs_f64(),
+        faults_planned: run.faults_planned,
+        faults_hit: run.faults_hit,
+        published: run.published,
+        confirmed: run.confirmed,
+        returned: run.returned,
+        nacked: run.nacked,
+        timed_out: run.timed_out,
+        other_errors: run.other_errors,
+        received: run.received,
+        lost: run.lost,
+        duplicated: run.duplicated,
+        reconnects: run.reconnects,
+        republished: run.republished,
+        stale_acks_refused: run.stale_acks,
+        recovery_stall_p50_ms: percentile(&stalls, 50.0),
+        recovery_stall_p99_ms: percentile(&stalls, 99.0),
+        recovery_stall_max_ms: stalls.last().map(|d| d.as_secs_f64() * 1000.0),
+        throughput_confirmed_per_simulated_second: run.confirmed as f64
+            / args.duration.as_secs_f64().max(1e-9),
+        violations: run.problems,
+    };
+    finish(args, seed, &r)
+}
+
+/// Prints the report and picks the exit code.
+fn finish(args: &Args, seed: u64, r: &Report) -> ExitCode {
+    if args.json {
+        match serde_json::to_string_pretty(r) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("rebound-chaos: cannot print the report: {e}");
+                return ExitCode::from(3);
+            }
+        }
+    } else {
+        print_report(r);
+        if r.lost > 0 || !r.violations.is_empty() {
+            println!(
+                "  replay with: rebound-chaos --seed {seed} --duration {}s",
+                args.duration.as_secs_f64()
+            );
+        }
+    }
+    if r.lost > 0 {
+        ExitCode::from(1)
+    } else if !r.violations.is_empty() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(url) = args.broker.clone() {
+        return real_broker(&args, &url);
+    }
+    if args.bench_mode {
+        return bench(&args);
+    }
+    chaos(&args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn percentiles_pick_ranks() {
+        let d: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&d, 50.0), Some(50.0));
+        assert_eq!(percentile(&d, 99.0), Some(99.0));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn a_short_chaos_run_loses_nothing() {
+        let args = Args::parse_from(["rebound-chaos", "--seed", "5", "--duration", "5s", "--json"]);
+        assert_eq!(chaos(&args), ExitCode::SUCCESS);
+    }
+}
