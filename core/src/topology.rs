@@ -407,7 +407,9 @@ pub(crate) struct Registry {
     /// Queues being re-declared after the broker cancelled their consumers, with
     /// the consumers to re-subscribe once the declaration is back: one
     /// re-declaration per queue, however many of its consumers were cancelled.
-    pub(crate) redeclaring: std::collections::BTreeMap<u64, Vec<u64>>,
+    /// (consumer, whether it is still subscribed to the old queue and must be
+    /// cancelled there first)
+    pub(crate) redeclaring: std::collections::BTreeMap<u64, Vec<(u64, bool)>>,
 }
 
 /// Longest AMQP short string.
@@ -475,6 +477,11 @@ impl Registry {
             })
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    /// Whether entity `id` is a server-named queue.
+    pub(crate) fn is_server_named_queue(&self, id: u64) -> bool {
+        matches!(self.entities.get(&id), Some(Entity::Queue { decl, .. }) if decl.is_server_named())
     }
 
     /// Whether entity `id` is an auto-delete queue.

@@ -298,7 +298,7 @@ impl Shape {
             faults: (10, 16),
             messages: (5, 40),
             publishers: (1, 3),
-            avoid_known_core_bugs: true,
+            avoid_known_core_bugs: false,
         }
     }
 
@@ -311,7 +311,7 @@ impl Shape {
             faults: (10, 20),
             messages: (100, 600),
             publishers: (1, 4),
-            avoid_known_core_bugs: true,
+            avoid_known_core_bugs: false,
         }
     }
 }
@@ -390,7 +390,7 @@ impl Scenario {
             faults: (count, count),
             messages: (1, 1),
             publishers: (1, 1),
-            avoid_known_core_bugs: true,
+            avoid_known_core_bugs: false,
         };
         let drawn = Scenario::from_seed(seed, &shape);
         let settings = Settings {

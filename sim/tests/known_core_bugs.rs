@@ -1,9 +1,8 @@
-//! Bugs of core that this simulator found and that are not fixed yet, one
-//! reproducer each. They are ignored so that CI stays green; run them with
-//! `cargo test -p amqp-rebound-sim --test known_core_bugs -- --ignored`. Each
-//! asserts the correct behaviour, so it fails today and passes once core is fixed
-//! (then remove its `#[ignore]`, and the matching part of
-//! `Scenario::avoid_known_core_bugs`).
+//! Bugs of core that this simulator found, one reproducer each, kept as
+//! regression tests now that core is fixed (all about server-named queues: a
+//! channel-only reopen re-declaring a live queue, an auto-delete queue gone with
+//! its only consumers' channel, and one broker cancel per consumer re-declaring
+//! the queue once each). `Scenario::avoid_known_core_bugs` is off by default.
 
 use std::time::Duration;
 
@@ -85,7 +84,6 @@ fn two_queues(consumers_on_server_named: usize) -> Workload {
 /// its bindings on that channel before the consume, as `on_consumer_cancelled`
 /// does.
 #[test]
-#[ignore = "core bug: 404 loop after a channel error under the last consumer of a server-named queue"]
 fn a_channel_error_under_the_last_consumer_of_a_server_named_queue_recovers() {
     let scenario = Scenario {
         seed: 5,
@@ -125,7 +123,6 @@ fn a_channel_error_under_the_last_consumer_of_a_server_named_queue_recovers() {
 /// server-named queues whose consumers are not on that channel), or re-subscribe
 /// every consumer of a renamed queue.
 #[test]
-#[ignore = "core bug: a channel-0 reopen re-creates a live server-named queue under a new name"]
 fn a_channel_0_reopen_keeps_a_live_server_named_queue() {
     let scenario = Scenario {
         seed: 5,
@@ -160,7 +157,6 @@ fn a_channel_0_reopen_keeps_a_live_server_named_queue() {
 /// consumer that was cancelled. A fix: re-declare once per queue instance and move
 /// every consumer of the queue handle to the new name.
 #[test]
-#[ignore = "core bug: each broker cancel re-declares a server-named queue, splitting its consumers"]
 fn a_deleted_server_named_queue_with_two_consumers_comes_back_as_one() {
     let scenario = Scenario {
         seed: 5,
@@ -181,7 +177,6 @@ fn a_deleted_server_named_queue_with_two_consumers_comes_back_as_one() {
 /// `avoid_known_core_bugs`. Seeds 4, 92, 97, 105, 163, 171, 181, 185, 213, 238 and
 /// 242 of this shape fail (Invariant 7).
 #[test]
-#[ignore = "core bugs above, found by these seeds"]
 fn the_seeds_that_found_them_pass() {
     let shape = Shape {
         avoid_known_core_bugs: false,

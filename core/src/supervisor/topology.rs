@@ -245,8 +245,8 @@ impl Supervisor {
                                 .push_back(Event::QueueRenamed { queue, old, new });
                         }
                         if let Some(waiting) = self.registry.redeclaring.remove(&id) {
-                            for consumer in waiting {
-                                self.resubscribe(consumer);
+                            for (consumer, cancel_first) in waiting {
+                                self.resubscribe(consumer, cancel_first);
                             }
                         }
                     }
@@ -823,13 +823,26 @@ impl Supervisor {
         let current = self.registry.resolve(&queue);
         let subscribed = self.registry.consumers[&id].subscribed.clone();
         if let Some(waiting) = self.registry.redeclaring.get_mut(&entity) {
-            // another consumer's cancel already started the re-declaration
-            waiting.push(id);
+            // another consumer's cancel already started the re-declaration; this
+            // one needs no cancel of its own any more
+            waiting.retain(|(k, _)| *k != id);
+            waiting.push((id, false));
         } else if subscribed.is_some() && subscribed != current {
             // the queue was re-declared since this consumer subscribed
-            self.resubscribe(id);
+            self.resubscribe(id, false);
         } else {
-            self.registry.redeclaring.insert(entity, vec![id]);
+            // A server-named queue comes back under a new name: every consumer of
+            // it moves there, not just the cancelled one (the others may still sit
+            // on the old queue and would never see the new name's messages).
+            let mut waiting = vec![(id, false)];
+            if self.registry.is_server_named_queue(entity) {
+                for (&other, k) in &self.registry.consumers {
+                    if other != id && self.registry.queue_entity_id(&k.queue) == Some(entity) {
+                        waiting.push((other, true));
+                    }
+                }
+            }
+            self.registry.redeclaring.insert(entity, waiting);
             let bindings = self.registry.bindings_of(entity);
             let ch = &mut self.conns[c].channels[i];
             ch.steps.push_back(Step::Entity(entity));
@@ -847,30 +860,35 @@ impl Supervisor {
             let Some(waiting) = self.registry.redeclaring.remove(entity) else {
                 continue;
             };
-            for consumer in waiting {
+            for (consumer, cancel_first) in waiting {
                 let here = self
                     .registry
                     .consumers
                     .get(&consumer)
                     .is_some_and(|k| k.conn == Some(c) && k.chan == Some(i));
                 if !here {
-                    self.resubscribe(consumer);
+                    self.resubscribe(consumer, cancel_first);
                 }
             }
         }
     }
 
     /// Subscribes a consumer again on its channel, if that channel is up (a
-    /// channel that is not replays its consumers when it is).
-    fn resubscribe(&mut self, consumer: u64) {
+    /// channel that is not replays its consumers when it is); `cancel_first` ends
+    /// its subscription to the queue's old name before.
+    fn resubscribe(&mut self, consumer: u64, cancel_first: bool) {
         let Some(k) = self.registry.consumers.get(&consumer) else {
             return;
         };
         let (Some(c), Some(i)) = (k.conn, k.chan) else {
             return;
         };
+        let tag = k.tag.clone();
         let ch = &mut self.conns[c].channels[i];
         if ch.state.is_ready() || ch.replaying {
+            if cancel_first {
+                ch.steps.push_back(Step::Cancel(tag));
+            }
             ch.steps.push_back(Step::Qos(consumer));
             ch.steps.push_back(Step::Consume(consumer));
             self.kick(c, i);
