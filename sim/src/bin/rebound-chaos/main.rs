@@ -20,7 +20,7 @@
 //!     --broker amqp://guest:guest@127.0.0.1:5672/%2f --transport lapin --duration 30s
 //! ```
 
-#[cfg(feature = "lapin")]
+#[cfg(any(feature = "lapin", feature = "amqprs"))]
 mod real;
 
 use std::process::ExitCode;
@@ -519,30 +519,29 @@ fn thread_cpu_time() -> Option<Duration> {
 }
 
 fn real_broker(args: &Args, url: &str) -> ExitCode {
-    match args.transport {
-        TransportKind::Amqprs => {
-            eprintln!(
-                "rebound-chaos: --transport amqprs is not available yet: amqp-rebound-amqprs \
-                 implements no Transport so far (use --transport lapin)"
-            );
-            ExitCode::from(64)
-        }
-        TransportKind::Lapin => real_lapin(args, url),
+    let feature = match args.transport {
+        TransportKind::Lapin => "lapin",
+        TransportKind::Amqprs => "amqprs",
+    };
+    #[cfg(feature = "lapin")]
+    if matches!(args.transport, TransportKind::Lapin) {
+        return real_run(real::RealTransport::Lapin, feature, args, url);
     }
-}
-
-#[cfg(not(feature = "lapin"))]
-fn real_lapin(_args: &Args, _url: &str) -> ExitCode {
+    #[cfg(feature = "amqprs")]
+    if matches!(args.transport, TransportKind::Amqprs) {
+        return real_run(real::RealTransport::Amqprs, feature, args, url);
+    }
+    let _ = url;
     eprintln!(
-        "rebound-chaos: this binary was not built with feature \"lapin\"; the real-broker mode \
-         (--broker) needs it:\n  cargo run --release -p amqp-rebound-sim --features lapin --bin \
-         rebound-chaos -- --broker amqp://guest:guest@127.0.0.1:5672/%2f --transport lapin"
+        "rebound-chaos: this binary was not built with feature \"{feature}\"; the real-broker \
+         mode needs it:\n  cargo run --release -p amqp-rebound-sim --features {feature} --bin \
+         rebound-chaos -- --broker amqp://guest:guest@127.0.0.1:5672/%2f --transport {feature}"
     );
     ExitCode::from(64)
 }
 
-#[cfg(feature = "lapin")]
-fn real_lapin(args: &Args, url: &str) -> ExitCode {
+#[cfg(any(feature = "lapin", feature = "amqprs"))]
+fn real_run(kind: real::RealTransport, feature: &'static str, args: &Args, url: &str) -> ExitCode {
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     let mut scenario = Scenario::chaos(seed, args.duration, args.faults_per_minute);
     scenario.workload = Workload::chaos(args.publishers.max(1), args.rate, args.duration);
@@ -573,7 +572,7 @@ fn real_lapin(args: &Args, url: &str) -> ExitCode {
             total.as_secs_f64()
         ));
     };
-    let run = real::run(url, &scenario, args.allow_broker_faults, &progress);
+    let run = real::run(kind, url, &scenario, args.allow_broker_faults, &progress);
     bar.finish_and_clear();
     let run = match run {
         Ok(run) => run,
@@ -588,7 +587,11 @@ fn real_lapin(args: &Args, url: &str) -> ExitCode {
     let mut stalls = run.stalls.clone();
     stalls.sort();
     let r = Report {
-        mode: "real (lapin)",
+        mode: if feature == "lapin" {
+            "real (lapin)"
+        } else {
+            "real (amqprs)"
+        },
         seed,
         simulated_seconds: run.elapsed.as_secs_f64(),
         wall_seconds: run.elapsed.as_secs_f64(),

@@ -16,8 +16,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "amqprs")]
+use amqp_rebound_amqprs::AmqprsTransport;
 use amqp_rebound_core::{Client, Endpoint, TokioTimer};
+#[cfg(feature = "lapin")]
 use amqp_rebound_lapin::LapinTransport;
+
+/// Which transport the real-broker run goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RealTransport {
+    /// amqp-rebound-lapin.
+    #[cfg(feature = "lapin")]
+    Lapin,
+    /// amqp-rebound-amqprs.
+    #[cfg(feature = "amqprs")]
+    Amqprs,
+}
 use amqp_rebound_sim::{
     ClientBug, Fault, InstrumentedTransport, PublishOutcome, Scenario, Spawner, Trace, Workload,
     start_workload,
@@ -260,6 +274,7 @@ fn real_fault(fault: &Fault, allow_broker_faults: bool) -> Fault {
 /// Runs `scenario`'s workload against the broker at `url` with the plan mapped
 /// to real faults. `progress(elapsed, total)` is called about every 100 ms.
 pub fn run(
+    kind: RealTransport,
     url: &str,
     scenario: &Scenario,
     allow_broker_faults: bool,
@@ -276,11 +291,12 @@ pub fn run(
         .map_err(|e| e.to_string())?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
-        run_on_tokio(url, upstream, scenario, allow_broker_faults, progress).await
+        run_on_tokio(kind, url, upstream, scenario, allow_broker_faults, progress).await
     })
 }
 
 async fn run_on_tokio(
+    kind: RealTransport,
     url: &str,
     upstream: SocketAddr,
     scenario: &Scenario,
@@ -298,21 +314,36 @@ async fn run_on_tokio(
     let origin = timer.now();
     let trace = Trace::with_timer(Arc::clone(&timer), origin);
     trace.set_enabled(scenario.settings.trace);
-    let transport = InstrumentedTransport::new(
-        LapinTransport::new().with_connect_timeout(scenario.settings.connect_timeout),
-        Arc::clone(&timer),
-        ClientBug::None,
-    );
-    let (client, driver) = Client::builder()
+    let builder = Client::builder()
         .hosts([through_proxy(url, proxy.addr)])
         .pool(scenario.settings.connections, scenario.settings.channels)
         .backoff(scenario.settings.backoff.clone())
         .connect_timeout(scenario.settings.connect_timeout)
         .publish_timeout(scenario.settings.publish_timeout)
         .seed(seed)
-        .connection_name(name.clone())
-        .build(transport, TokioTimer)
-        .map_err(|e| e.to_string())?;
+        .connection_name(name.clone());
+    let connect_timeout = scenario.settings.connect_timeout;
+    let (client, driver) = match kind {
+        #[cfg(feature = "lapin")]
+        RealTransport::Lapin => builder.build(
+            InstrumentedTransport::new(
+                LapinTransport::new().with_connect_timeout(connect_timeout),
+                Arc::clone(&timer),
+                ClientBug::None,
+            ),
+            TokioTimer,
+        ),
+        #[cfg(feature = "amqprs")]
+        RealTransport::Amqprs => builder.build(
+            InstrumentedTransport::new(
+                AmqprsTransport::new().with_connect_timeout(connect_timeout),
+                Arc::clone(&timer),
+                ClientBug::None,
+            ),
+            TokioTimer,
+        ),
+    }
+    .map_err(|e| e.to_string())?;
     let driver = tokio::task::spawn_local(driver);
     {
         let mut events = client.watch();
