@@ -756,6 +756,8 @@ impl Supervisor {
         let hosts = self.hosts.len();
         let class = error.class();
         let conn = &mut self.conns[c];
+        // the host that failed, reported below (the slot may move on to the next)
+        let failed_host = conn.host;
         if rotate {
             conn.failures += 1;
             conn.host = (conn.host + 1) % hosts;
@@ -771,7 +773,7 @@ impl Supervisor {
         let retry_at = self.now + delay;
         self.events.push_back(Event::RecoveryFailed {
             connection: ConnectionId(c as u16),
-            endpoint: self.hosts[conn.host].redacted(),
+            endpoint: self.hosts[failed_host].redacted(),
             error: error.clone(),
             class,
             retry_in: delay,
