@@ -674,12 +674,6 @@ pub async fn memory_alarm_blocks_and_unblocks<T: Transport>(h: Harness<T>) {
     );
     let mut events = client.watch();
 
-    let alarm = broker::set_memory_alarm().await;
-    let blocked = next_event(&mut events, "Event::Blocked", 15 * SECOND, |e| {
-        matches!(e, Event::Blocked { .. })
-    })
-    .await;
-    eprintln!("{blocked:?}");
     let publish = |id: u32, timeout: Duration| {
         let client = client.clone();
         let name = name.clone();
@@ -692,7 +686,20 @@ pub async fn memory_alarm_blocks_and_unblocks<T: Transport>(h: Harness<T>) {
             (result, start.elapsed())
         })
     };
+
+    let alarm = broker::set_memory_alarm().await;
+    // RabbitMQ 3.10 sends connection.blocked to a connection when it next
+    // publishes, so the first of these publishes brings the Blocked event.
     let waiting: Vec<_> = (1..=5).map(|id| publish(id, 60 * SECOND)).collect();
+    let blocked = next_event(&mut events, "Event::Blocked", 15 * SECOND, |e| {
+        matches!(e, Event::Blocked { .. })
+    })
+    .await;
+    eprintln!("{blocked:?}");
+    assert!(
+        client.state().connections == [Phase::Ready],
+        "blocked is a flag on Ready"
+    );
     let short = publish(6, 2 * SECOND);
     let (result, took) = within("the short-deadline publish", 10 * SECOND, short)
         .await
@@ -1060,22 +1067,57 @@ pub async fn bad_credentials_and_bad_config<T: Transport>(h: Harness<T>) {
     drop(proxy);
 
     let output = capture.output();
+    if std::env::var_os("REBOUND_SHOW_CAPTURE").is_some() {
+        eprintln!("{output}");
+    }
     drop(capture);
     assert!(
         output.contains("dial failed"),
         "the capture saw the driver's logs ({} bytes)",
         output.len()
     );
+    let (known, leaks): (Vec<&str>, Vec<&str>) = output
+        .lines()
+        .filter(|line| reveals(line, &secret))
+        .partition(|line| is_known_upstream_leak(line));
     assert!(
-        !output.contains(&secret),
-        "the password is in the logs:\n{}",
-        output
-            .lines()
-            .filter(|l| l.contains(&secret))
-            .take(5)
-            .collect::<Vec<_>>()
-            .join("\n")
+        leaks.is_empty(),
+        "the password is in {} log lines, e.g.:\n{}",
+        leaks.len(),
+        leaks[..leaks.len().min(3)].join("\n")
     );
+    if !known.is_empty() {
+        eprintln!(
+            "KNOWN UPSTREAM LEAK: {} TRACE line(s) of lapin::io_loop dump the \
+             connection.start-ok frame, whose SASL PLAIN response holds the password \
+             as bytes (keep lapin's TRACE level off in production)",
+            known.len()
+        );
+    }
+}
+
+/// Whether `line` shows `secret` as text, as the decimal byte list of a `Debug`
+/// of bytes (`115, 51, 99, ...`), or as hex.
+fn reveals(line: &str, secret: &str) -> bool {
+    let decimal = secret
+        .bytes()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+    line.contains(secret) || line.contains(&decimal) || line.to_lowercase().contains(&hex)
+}
+
+/// lapin 4.12 logs every frame it writes at TRACE (target `lapin::io_loop`,
+/// "will write to buffer"), connection.start-ok included: its `response` is
+/// the SASL PLAIN `\0user\0password`, shown as a byte list. Neither the adapter
+/// nor the core can stop a dependency's own thread from logging; this is the one
+/// leak the case tolerates, and it reports it. Any other line fails the case.
+fn is_known_upstream_leak(line: &str) -> bool {
+    line.contains(" TRACE ")
+        && line.contains("lapin::io_loop")
+        && line.contains("StartOk")
+        && line.contains("mechanism: ShortString(\"PLAIN\")")
 }
 
 // ---------------------------------------------------------------------------
@@ -1161,6 +1203,14 @@ pub async fn close_during_reconnect<T: Transport>(h: Harness<T>) {
     assert!(client.is_closed());
     tokio::time::sleep(quiet).await;
     assert_eq!(proxy.accepted(), 1, "a dial after close()");
+    // The link comes back: the abandoned dial must not finish into a connection
+    // that nobody owns (its socket closes instead).
+    proxy.blackhole_all(false);
+    let gone = eventually("the abandoned dial's socket to close", 5 * SECOND, || {
+        proxy.active() == 0
+    })
+    .await;
+    eprintln!("the abandoned dial's socket closed {gone:?} after the link came back");
     drop(proxy);
 
     let cleanup = h.client().await;
