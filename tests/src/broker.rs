@@ -512,42 +512,56 @@ impl BrokerLock {
         BrokerLock::at(path, access)
     }
 
-    /// Takes the lock on the file at `path`.
+    /// Takes the lock on the file at `path` (and its turnstile, `path` +
+    /// `.turnstile`).
+    ///
+    /// Writers go first: a waiting exclusive lock holds the turnstile, which
+    /// every new lock passes through, so a stream of shared cases cannot starve
+    /// an exclusive one (under `cargo test` two threads would otherwise take turns
+    /// holding the shared lock indefinitely).
     pub fn at(path: PathBuf, access: Access) -> BrokerLock {
-        use rustix::fs::{FlockOperation, flock};
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("cannot open the broker lock {}: {e}", path.display()));
-        let op = match access {
-            Access::Shared => FlockOperation::NonBlockingLockShared,
-            Access::Exclusive => FlockOperation::NonBlockingLockExclusive,
-        };
         let deadline = Instant::now() + Duration::from_secs(30 * 60);
-        loop {
-            match flock(&file, op) {
-                Ok(()) => {
-                    return BrokerLock {
-                        _file: file,
-                        access,
-                    };
-                }
-                Err(rustix::io::Errno::WOULDBLOCK) | Err(rustix::io::Errno::INTR)
-                    if Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("cannot lock {} ({access:?}): {e}", path.display()),
-            }
+        let mut turnstile_path = path.clone().into_os_string();
+        turnstile_path.push(".turnstile");
+        let turnstile = lock_file(&PathBuf::from(turnstile_path), Access::Exclusive, deadline);
+        let file = lock_file(&path, access, deadline);
+        drop(turnstile);
+        BrokerLock {
+            _file: file,
+            access,
         }
     }
 
     /// How it is held.
     pub fn access(&self) -> Access {
         self.access
+    }
+}
+
+/// Opens `path` and `flock`s it, polling every 20 ms until `deadline`.
+fn lock_file(path: &std::path::Path, access: Access, deadline: Instant) -> File {
+    use rustix::fs::{FlockOperation, flock};
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot open the broker lock {}: {e}", path.display()));
+    let op = match access {
+        Access::Shared => FlockOperation::NonBlockingLockShared,
+        Access::Exclusive => FlockOperation::NonBlockingLockExclusive,
+    };
+    loop {
+        match flock(&file, op) {
+            Ok(()) => return file,
+            Err(rustix::io::Errno::WOULDBLOCK) | Err(rustix::io::Errno::INTR)
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot lock {} ({access:?}): {e}", path.display()),
+        }
     }
 }
 
@@ -630,6 +644,7 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(5))
             .expect("exclusive once the shared locks are gone");
         waiter.join().unwrap();
-        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(format!("{}.turnstile", path.display()));
     }
 }

@@ -42,7 +42,8 @@
 //!    lock opens the file anew) and between processes, so it covers `cargo test`
 //!    (one process, many threads) and `cargo nextest` (one process per test) alike,
 //!    and even two checkouts testing against the same broker. The kernel drops it
-//!    when a process dies.
+//!    when a process dies. A second lock file, the turnstile, lets a waiting
+//!    exclusive case go before shared cases that come after it.
 //! 2. **A nextest test group**, in `.config/nextest.toml` at the workspace root:
 //!    `rabbitmq-exclusive` (`max-threads = 1`) holds the exclusive cases and the
 //!    broker tests of the transport crates (which do not take the lock), so nextest

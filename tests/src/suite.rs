@@ -334,25 +334,67 @@ pub fn plain(queue: &str) -> MakeMessage {
     })
 }
 
-/// Publishes ids `0..total`, up to `concurrency` at once, at most `rate` per
-/// second (if given). Returns the results by id.
+/// How fast [`publish_many`] goes.
+#[derive(Debug, Clone, Default)]
+pub struct Pace {
+    /// At most this many publishes per second.
+    pub rate: Option<u32>,
+    /// Gate `k` holds back every id from `gates[k]` on until `opened` reaches
+    /// `k + 1` (e.g. until the k-th fault has landed).
+    pub gates: Vec<u32>,
+    /// How many gates are open.
+    pub opened: Option<tokio::sync::watch::Receiver<usize>>,
+}
+
+impl Pace {
+    /// As fast as the client takes them.
+    pub fn unlimited() -> Pace {
+        Pace::default()
+    }
+
+    /// At most `rate` per second.
+    pub fn rate(rate: u32) -> Pace {
+        Pace {
+            rate: Some(rate),
+            ..Pace::default()
+        }
+    }
+
+    async fn wait(&self, start: tokio::time::Instant, id: u32) {
+        if let Some(rate) = self.rate {
+            if id % 64 == 0 {
+                let due = start + Duration::from_secs_f64(f64::from(id) / f64::from(rate));
+                tokio::time::sleep_until(due).await;
+            }
+        }
+        let Some(opened) = &self.opened else {
+            return;
+        };
+        let needed = self.gates.iter().filter(|&&gate| id >= gate).count();
+        if needed > 0 {
+            let mut opened = opened.clone();
+            if opened.wait_for(|&open| open >= needed).await.is_err() {
+                panic!("the gate keeper went away before opening gate {needed}");
+            }
+        }
+    }
+}
+
+/// Publishes ids `0..total`, up to `concurrency` at once, paced by `pace`.
+/// Returns the results by id.
 pub async fn publish_many(
     client: &Client,
     total: u32,
     concurrency: usize,
-    rate: Option<u32>,
+    pace: Pace,
     make: MakeMessage,
 ) -> Vec<Result<Confirmation, PublishError>> {
     let start = tokio::time::Instant::now();
+    let pace = &pace;
     let mut results: Vec<(u32, Result<Confirmation, PublishError>)> =
         futures::stream::iter(0..total)
             .then(|id| async move {
-                if let Some(rate) = rate {
-                    if id % 64 == 0 {
-                        let due = start + Duration::from_secs_f64(f64::from(id) / f64::from(rate));
-                        tokio::time::sleep_until(due).await;
-                    }
-                }
+                pace.wait(start, id).await;
                 id
             })
             .map(|id| {
