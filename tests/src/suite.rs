@@ -51,6 +51,14 @@ pub fn run<T, M, C, F>(
     if waited > Duration::from_millis(100) {
         eprintln!("{test}: waited {waited:?} for the broker lock ({access:?})");
     }
+    if access == Access::Exclusive {
+        // A run killed before its guards ran (a nextest timeout sends SIGKILL in
+        // the end) may have left the broker stopped, alarmed or deaf: undo that
+        // first, so one failure does not cascade.
+        if let Err(e) = crate::broker::heal_broker() {
+            panic!("{test}: cannot restore the broker before the case: {e}");
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

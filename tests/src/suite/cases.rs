@@ -73,7 +73,7 @@ fn rich_properties(id: u32, user: &str) -> Properties {
     p
 }
 
-/// 1. Publish 10,000 confirmed messages and consume them all: payloads and
+/// Case 1: Publish 10,000 confirmed messages and consume them all: payloads and
 /// properties intact, each exactly once.
 pub async fn publish_and_consume_10k<T: Transport>(h: Harness<T>) {
     const N: u32 = 10_000;
@@ -146,7 +146,7 @@ pub async fn publish_and_consume_10k<T: Transport>(h: Harness<T>) {
 // ---------------------------------------------------------------------------
 // 2. close_all_connections x 3 while publishing 50,000
 
-/// 2. `rabbitmqctl close_all_connections` three times while 50,000 confirmed
+/// Case 2: `rabbitmqctl close_all_connections` three times while 50,000 confirmed
 /// messages are published: every publish is Confirmed, the queue holds every id,
 /// and the duplicates are at most the in-flight window per kill. (Exclusive.)
 pub async fn close_all_connections_while_publishing<T: Transport>(h: Harness<T>) {
@@ -222,7 +222,7 @@ pub async fn close_all_connections_while_publishing<T: Transport>(h: Harness<T>)
 // ---------------------------------------------------------------------------
 // 3. TCP faults through the proxy
 
-/// 3a. Every connection reset (TCP RST) while publishing: all confirmed, none
+/// Case 3a: Every connection reset (TCP RST) while publishing: all confirmed, none
 /// lost, the client reconnects.
 pub async fn proxy_reset_while_publishing<T: Transport>(h: Harness<T>) {
     const N: u32 = 5_000;
@@ -258,7 +258,7 @@ pub async fn proxy_reset_while_publishing<T: Transport>(h: Harness<T>) {
     close(client).await;
 }
 
-/// 3b. The link goes silent (blackhole, no FIN, no RST) with `heartbeat=2`: the
+/// Case 3b: The link goes silent (blackhole, no FIN, no RST) with `heartbeat=2`: the
 /// client notices by the missing heartbeats and is Ready on a new connection
 /// within 3 heartbeat intervals; a publish made meanwhile is confirmed.
 pub async fn proxy_blackhole_detected_by_heartbeat<T: Transport>(h: Harness<T>) {
@@ -324,7 +324,7 @@ pub async fn proxy_blackhole_detected_by_heartbeat<T: Transport>(h: Harness<T>) 
     close(client).await;
 }
 
-/// 3c. The proxy refuses new connections for 2 s after resetting the open one:
+/// Case 3c: The proxy refuses new connections for 2 s after resetting the open one:
 /// the client retries with backoff (a handful of dials, no hot loop) and is
 /// Ready soon after the refusal ends; a publish made meanwhile is confirmed.
 pub async fn proxy_refuses_for_two_seconds<T: Transport>(h: Harness<T>) {
@@ -383,7 +383,7 @@ pub async fn proxy_refuses_for_two_seconds<T: Transport>(h: Harness<T>) {
     close(client).await;
 }
 
-/// 3d. `rabbitmqctl suspend_listeners`, then every connection closed: dials fail
+/// Case 3d: `rabbitmqctl suspend_listeners`, then every connection closed: dials fail
 /// (and are reported) until `resume_listeners`, then the client is Ready and
 /// publishes. (Exclusive.)
 pub async fn suspend_and_resume_listeners<T: Transport>(h: Harness<T>) {
@@ -449,7 +449,7 @@ pub async fn suspend_and_resume_listeners<T: Transport>(h: Harness<T>) {
 // ---------------------------------------------------------------------------
 // 4. broker restart
 
-/// 4. `stop_app`, 3 s, `start_app`: the durable queue, its binding and its
+/// Case 4: `stop_app`, 3 s, `start_app`: the durable queue, its binding and its
 /// consumer are back; publishing resumes (a publish made while the broker was
 /// down is confirmed); the server-named exclusive queue is re-created under a new
 /// name, `Event::QueueRenamed` says so, and its consumer receives again.
@@ -591,7 +591,7 @@ pub async fn broker_restart_recovers_topology<T: Transport>(h: Harness<T>) {
 // ---------------------------------------------------------------------------
 // 5. channel-level error
 
-/// 5. A publish to a missing exchange resolves `Rejected { code: 404 }`; its
+/// Case 5: A publish to a missing exchange resolves `Rejected { code: 404 }`; its
 /// channel reopens (the connection stays); the publishes around it are confirmed.
 pub async fn publish_to_missing_exchange_is_rejected<T: Transport>(h: Harness<T>) {
     let client = h.start(h.builder([h.url.url()]).pool(1, 2));
@@ -668,7 +668,7 @@ pub async fn publish_to_missing_exchange_is_rejected<T: Transport>(h: Harness<T>
 // ---------------------------------------------------------------------------
 // 6. memory alarm
 
-/// 6. A memory alarm blocks the connection (`Event::Blocked`): publishes wait,
+/// Case 6: A memory alarm blocks the connection (`Event::Blocked`): publishes wait,
 /// and one whose deadline passes resolves `TimedOut`; clearing the alarm
 /// unblocks it (`Event::Unblocked`) and the waiting publishes are confirmed. The
 /// alarm is cleared by a guard even if the test fails. (Exclusive.)
@@ -766,7 +766,7 @@ fn seed_keeping_first(urls: &[String]) -> u64 {
         .expect("a seed that keeps the first host first")
 }
 
-/// 7. A host list with a dead port first and the broker second connects (after
+/// Case 7: A host list with a dead port first and the broker second connects (after
 /// reporting the dead one); with a proxy first that starts refusing, the client
 /// moves on to the broker.
 pub async fn failover_to_the_next_host<T: Transport>(h: Harness<T>) {
@@ -845,7 +845,7 @@ pub async fn failover_to_the_next_host<T: Transport>(h: Harness<T>) {
 // ---------------------------------------------------------------------------
 // 8. stale acks
 
-/// 8. A delivery received before the connection dies, acked after recovery:
+/// Case 8: A delivery received before the connection dies, acked after recovery:
 /// `AckError::Stale` (nothing is sent), the new channel stays open, and the
 /// message is redelivered and can be acked.
 pub async fn ack_after_recovery_is_stale<T: Transport>(h: Harness<T>) {
@@ -960,7 +960,7 @@ pub async fn ack_after_recovery_is_stale<T: Transport>(h: Harness<T>) {
 // ---------------------------------------------------------------------------
 // 9. bad input
 
-/// 9. Invalid URIs and pool sizes are builder errors (password redacted); a
+/// Case 9: Invalid URIs and pool sizes are builder errors (password redacted); a
 /// wrong password is reported through `watch()` as a refused auth error and
 /// retried at the backoff cap (counted dials, no hot loop); the password appears
 /// in no captured log line (TRACE level), event or error.
@@ -1139,7 +1139,7 @@ fn is_known_upstream_leak(line: &str) -> bool {
 // ---------------------------------------------------------------------------
 // 10. close during reconnect
 
-/// 10. `close()` while the client waits to redial, and while a dial hangs:
+/// Case 10: `close()` while the client waits to redial, and while a dial hangs:
 /// it resolves promptly, pending publishes resolve `Closed`, and no dial
 /// follows (the proxy's accept count stays flat).
 pub async fn close_during_reconnect<T: Transport>(h: Harness<T>) {
