@@ -5,7 +5,9 @@
 //!    lapin (1 connection x 1 channel, same confirm window; then the default pool,
 //!    1 x 4). Each is run `rounds` times, interleaved (raw lapin first in odd
 //!    rounds, last in even ones); the medians and the median of the rounds' ratios
-//!    rebound / raw are printed (target >= 0.95).
+//!    rebound / raw are printed (target >= 0.95), with this process's CPU time
+//!    per message (user + system, every thread): the machine is shared, so the
+//!    rates move with other people's load, the CPU cost much less.
 //! 2. **Recovery stall**: a client publishing steadily while
 //!    `rabbitmqctl close_all_connections` kills its connection `kills` times; the
 //!    stall is the time from the client seeing the loss to the first publish
@@ -118,18 +120,20 @@ async fn run(args: Args, url: BrokerUrl) -> Result<(), BoxError> {
         "throughput: {} messages of {} B with confirms, window {}, {} rounds (median)",
         args.messages, args.payload, args.window, args.rounds
     );
-    let mut raw = Vec::new();
-    let mut single = Vec::new();
-    let mut pooled = Vec::new();
+    let mut raw: Vec<Run> = Vec::new();
+    let mut single: Vec<Run> = Vec::new();
+    let mut pooled: Vec<Run> = Vec::new();
     for round in 1..=args.rounds {
         // Odd rounds run raw lapin first, even rounds last, so a drift in the
         // machine's load (it is shared) does not favour one side.
-        let mut r = 0.0;
-        if round % 2 == 1 {
-            r = timed(&admin_channel, &queue, args.messages, || {
+        let raw_run = || {
+            timed(&admin_channel, &queue, args.messages, || {
                 raw_lapin(&url, &queue, args.messages, args.window, &payload)
             })
-            .await?;
+        };
+        let mut r = None;
+        if round % 2 == 1 {
+            r = Some(raw_run().await?);
         }
         let s = timed(&admin_channel, &queue, args.messages, || {
             rebound(
@@ -146,32 +150,48 @@ async fn run(args: Args, url: BrokerUrl) -> Result<(), BoxError> {
             rebound(&url, &queue, args.messages, args.window, &payload, None)
         })
         .await?;
-        if round % 2 == 0 {
-            r = timed(&admin_channel, &queue, args.messages, || {
-                raw_lapin(&url, &queue, args.messages, args.window, &payload)
-            })
-            .await?;
-        }
+        let r = match r {
+            Some(r) => r,
+            None => raw_run().await?,
+        };
         println!(
-            "  round {round}: raw lapin {r:>8.0}/s   rebound 1x1 {s:>8.0}/s ({:.3})   \
-             rebound 1x4 {p:>8.0}/s ({:.3})",
-            s / r,
-            p / r
+            "  round {round}: raw lapin {:>7.0}/s {:>5.1} us   rebound 1x1 {:>7.0}/s {:>5.1} us ({:.3})   \
+             rebound 1x4 {:>7.0}/s {:>5.1} us ({:.3})",
+            r.rate,
+            r.cpu_us,
+            s.rate,
+            s.cpu_us,
+            s.rate / r.rate,
+            p.rate,
+            p.cpu_us,
+            p.rate / r.rate
         );
         raw.push(r);
         single.push(s);
         pooled.push(p);
     }
-    let mut single_ratios: Vec<f64> = single.iter().zip(&raw).map(|(s, r)| s / r).collect();
-    let mut pooled_ratios: Vec<f64> = pooled.iter().zip(&raw).map(|(p, r)| p / r).collect();
-    let (single_ratio, pooled_ratio) = (median(&mut single_ratios), median(&mut pooled_ratios));
-    let (raw, single, pooled) = (median(&mut raw), median(&mut single), median(&mut pooled));
-    println!("  medians: raw lapin             {raw:>8.0} msg/s");
+    let ratios = |runs: &[Run]| {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .zip(&raw)
+            .map(|(a, r)| a.rate / r.rate)
+            .collect();
+        median(&mut v)
+    };
+    let (single_ratio, pooled_ratio) = (ratios(&single), ratios(&pooled));
+    let rates = |runs: &[Run]| median(&mut runs.iter().map(|r| r.rate).collect::<Vec<_>>());
+    let cpus = |runs: &[Run]| median(&mut runs.iter().map(|r| r.cpu_us).collect::<Vec<_>>());
+    let (raw_cpu, single_cpu, pooled_cpu) = (cpus(&raw), cpus(&single), cpus(&pooled));
+    let (raw, single, pooled) = (rates(&raw), rates(&single), rates(&pooled));
+    println!("  medians: raw lapin             {raw:>8.0} msg/s   {raw_cpu:>5.1} us CPU/msg");
     println!(
-        "           amqp-rebound 1x1      {single:>8.0} msg/s   ratio {single_ratio:.3} \
-         (median of the rounds' ratios; target >= 0.95)"
+        "           amqp-rebound 1x1      {single:>8.0} msg/s   {single_cpu:>5.1} us CPU/msg   \
+         ratio {single_ratio:.3} (median of the rounds' ratios; target >= 0.95)"
     );
-    println!("           amqp-rebound pool 1x4 {pooled:>8.0} msg/s   ratio {pooled_ratio:.3}");
+    println!(
+        "           amqp-rebound pool 1x4 {pooled:>8.0} msg/s   {pooled_cpu:>5.1} us CPU/msg   \
+         ratio {pooled_ratio:.3}"
+    );
     let _ = admin_channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
@@ -205,8 +225,10 @@ async fn run(args: Args, url: BrokerUrl) -> Result<(), BoxError> {
         "{{\"bench\":\"lapin\",\"messages\":{},\"payload_bytes\":{},\"window\":{},\"rounds\":{},\
          \"raw_lapin_msgs_per_s\":{raw:.0},\"rebound_1x1_msgs_per_s\":{single:.0},\
          \"rebound_default_pool_msgs_per_s\":{pooled:.0},\"ratio_1x1\":{:.3},\
-         \"ratio_default_pool\":{:.3},\"stall_kills\":{},\"stall_p50_ms\":{p50:.1},\
-         \"stall_p99_ms\":{p99:.1},\"stall_max_ms\":{max:.1},\"stall_samples_ms\":[{}]}}",
+         \"ratio_default_pool\":{:.3},\"raw_lapin_cpu_us_per_msg\":{raw_cpu:.1},\
+         \"rebound_1x1_cpu_us_per_msg\":{single_cpu:.1},\
+         \"rebound_default_pool_cpu_us_per_msg\":{pooled_cpu:.1},\"stall_kills\":{},\"stall_p50_ms\":{},\
+         \"stall_p99_ms\":{},\"stall_max_ms\":{},\"stall_samples_ms\":[{}]}}",
         args.messages,
         args.payload,
         args.window,
@@ -214,19 +236,36 @@ async fn run(args: Args, url: BrokerUrl) -> Result<(), BoxError> {
         single_ratio,
         pooled_ratio,
         sorted.len(),
+        json(p50),
+        json(p99),
+        json(max),
         samples.join(",")
     );
     Ok(())
 }
 
+/// One run: messages per second, and this process's CPU time per message (user
+/// + system, all threads) in microseconds.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    rate: f64,
+    cpu_us: f64,
+}
+
+/// CPU time of this process so far (every thread).
+fn process_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
 /// Declares a fresh `queue`, runs `publish`, checks the queue holds every
-/// message, deletes it; returns messages per second.
+/// message, deletes it.
 async fn timed<F, Fut>(
     admin: &lapin::Channel,
     queue: &str,
     messages: u32,
     publish: F,
-) -> Result<f64, BoxError>
+) -> Result<Run, BoxError>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<Duration, BoxError>>,
@@ -240,7 +279,9 @@ where
             arguments.clone(),
         )
         .await?;
+    let cpu = process_cpu();
     let took = publish().await?;
+    let cpu = process_cpu().saturating_sub(cpu);
     let declared = admin
         .queue_declare(queue.into(), QueueDeclareOptions::default(), arguments)
         .await?;
@@ -254,7 +295,10 @@ where
     admin
         .queue_delete(queue.into(), QueueDeleteOptions::default())
         .await?;
-    Ok(f64::from(messages) / took.as_secs_f64())
+    Ok(Run {
+        rate: f64::from(messages) / took.as_secs_f64(),
+        cpu_us: cpu.as_secs_f64() * 1e6 / f64::from(messages),
+    })
 }
 
 async fn raw_connection(url: &str) -> Result<lapin::Connection, BoxError> {
@@ -486,7 +530,21 @@ use futures::FutureExt;
 
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    let n = values.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// A number for JSON: `null` when it is not finite.
+fn json(value: f64) -> String {
+    if value.is_finite() {
+        format!("{value:.1}")
+    } else {
+        "null".into()
+    }
 }
 
 /// Nearest-rank percentile of sorted values.
