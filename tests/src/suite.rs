@@ -487,7 +487,8 @@ pub struct LossReport {
 }
 
 /// After `total` confirmed publishes of [`plain`] messages to `queue`: the queue
-/// holds every id at least once. Drains it and returns the counts.
+/// holds every id at least once. Drains it and returns the counts. (It leaves
+/// the queue: delete it with [`delete_queues`] once the client is closed.)
 pub async fn assert_none_lost<T: Transport>(
     h: &Harness<T>,
     client: &Client,
@@ -514,7 +515,6 @@ pub async fn assert_none_lost<T: Transport>(
         missing.len(),
         &missing[..missing.len().min(10)]
     );
-    inspector.delete_queue(&decl.name).await;
     inspector.close().await;
     LossReport {
         published: total,
@@ -522,6 +522,17 @@ pub async fn assert_none_lost<T: Transport>(
         duplicates: in_queue - total,
         republished: client.stats().republished,
     }
+}
+
+/// Deletes queues from outside the client. Call it after the client is closed:
+/// a client that still consumes from a queue re-declares it when it is deleted
+/// (the broker cancels the consumer, the client re-subscribes).
+pub async fn delete_queues<T: Transport>(h: &Harness<T>, names: &[&str]) {
+    let inspector = h.inspector().await;
+    for name in names {
+        inspector.delete_queue(name).await;
+    }
+    inspector.close().await;
 }
 
 /// Closes the client, which must finish within 10 s.

@@ -17,9 +17,9 @@ use amqp_rebound_core::{
 use futures::StreamExt;
 
 use super::{
-    Harness, MakeMessage, Pace, assert_all_confirmed, assert_none_lost, close, drain_events,
-    eventually, expires, id_of, next_event, plain, publish_many, queue_name, test_queue, until,
-    wait_ready, within,
+    Harness, MakeMessage, Pace, assert_all_confirmed, assert_none_lost, close, delete_queues,
+    drain_events, eventually, expires, id_of, next_event, plain, publish_many, queue_name,
+    test_queue, wait_ready, within,
 };
 use crate::broker::{self, unique};
 use crate::capture::Capture;
@@ -132,15 +132,19 @@ pub async fn publish_and_consume_10k<T: Transport>(h: Harness<T>) {
         (u64::from(N), u64::from(N))
     );
     assert_eq!(stats.republished, 0, "no fault, no re-send");
-    let inspector = h.inspector().await;
-    let decl = test_queue(&name);
-    until("the queue to be empty", 10 * SECOND, || async {
-        inspector.ready_messages(&decl).await == 0
-    })
-    .await;
-    inspector.delete_queue(&name).await;
-    inspector.close().await;
+    // Closing the client closes its channel, which would hand any delivery whose
+    // ack was lost back to the queue: an empty queue afterwards means every ack
+    // landed.
+    drop(consumer);
     close(client).await;
+    let inspector = h.inspector().await;
+    assert_eq!(
+        inspector.ready_messages(&test_queue(&name)).await,
+        0,
+        "unacked messages"
+    );
+    inspector.close().await;
+    delete_queues(&h, &[&name]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -217,6 +221,7 @@ pub async fn close_all_connections_while_publishing<T: Transport>(h: Harness<T>)
         "re-sent more than the window per kill ({window}): {report:?}"
     );
     close(client).await;
+    delete_queues(&h, &[&decl.name]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -256,6 +261,7 @@ pub async fn proxy_reset_while_publishing<T: Transport>(h: Harness<T>) {
     let report = assert_none_lost(&h, &client, &decl, N).await;
     eprintln!("reset at {at} confirmed; {report:?}");
     close(client).await;
+    delete_queues(&h, &[&decl.name]).await;
 }
 
 /// Case 3b: The link goes silent (blackhole, no FIN, no RST) with `heartbeat=2`: the
@@ -317,11 +323,11 @@ pub async fn proxy_blackhole_detected_by_heartbeat<T: Transport>(h: Harness<T>) 
     .await
     .expect("the publish task");
     assert_eq!(confirmed, Ok(Confirmation::Confirmed));
+    close(client).await;
     let inspector = h.inspector().await;
     assert!(inspector.ready_messages(&test_queue(&name)).await >= 1);
-    inspector.delete_queue(&name).await;
     inspector.close().await;
-    close(client).await;
+    delete_queues(&h, &[&name]).await;
 }
 
 /// Case 3c: The proxy refuses new connections for 2 s after resetting the open one:
@@ -377,10 +383,8 @@ pub async fn proxy_refuses_for_two_seconds<T: Transport>(h: Harness<T>) {
         .await
         .expect("the publish task");
     assert_eq!(confirmed, Ok(Confirmation::Confirmed));
-    let inspector = h.inspector().await;
-    inspector.delete_queue(&name).await;
-    inspector.close().await;
     close(client).await;
+    delete_queues(&h, &[&name]).await;
 }
 
 /// Case 3d: `rabbitmqctl suspend_listeners`, then every connection closed: dials fail
@@ -440,10 +444,8 @@ pub async fn suspend_and_resume_listeners<T: Transport>(h: Harness<T>) {
             .await,
         Ok(Confirmation::Confirmed)
     );
-    let inspector = h.inspector().await;
-    inspector.delete_queue(&name).await;
-    inspector.close().await;
     close(client).await;
+    delete_queues(&h, &[&name]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -663,6 +665,7 @@ pub async fn publish_to_missing_exchange_is_rejected<T: Transport>(h: Harness<T>
     let report = assert_none_lost(&h, &client, &decl, 601).await;
     eprintln!("{report:?}");
     close(client).await;
+    delete_queues(&h, &[&decl.name]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -742,10 +745,8 @@ pub async fn memory_alarm_blocks_and_unblocks<T: Transport>(h: Harness<T>) {
     drop(alarm); // clears again: harmless
     let stats = client.stats();
     assert_eq!(stats.timed_out, 1, "{stats:?}");
-    let inspector = h.inspector().await;
-    inspector.delete_queue(&name).await;
-    inspector.close().await;
     close(client).await;
+    delete_queues(&h, &[&name]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -840,6 +841,7 @@ pub async fn failover_to_the_next_host<T: Transport>(h: Harness<T>) {
     let report = assert_none_lost(&h, &client, &test_queue(&name), 2).await;
     assert_eq!(report.in_queue, 2);
     close(client).await;
+    delete_queues(&h, &[&name]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -945,16 +947,17 @@ pub async fn ack_after_recovery_is_stale<T: Transport>(h: Harness<T>) {
         .collect();
     assert!(closed.is_empty(), "a channel failed: {closed:?}");
     assert!(client.state().is_ready());
+    // Closing the channel would requeue any delivery whose ack did not land.
     drop(consumer);
-    let inspector = h.inspector().await;
-    let decl = test_queue(&name);
-    until("the queue to be empty", 10 * SECOND, || async {
-        inspector.ready_messages(&decl).await == 0
-    })
-    .await;
-    inspector.delete_queue(&name).await;
-    inspector.close().await;
     close(client).await;
+    let inspector = h.inspector().await;
+    assert_eq!(
+        inspector.ready_messages(&test_queue(&name)).await,
+        0,
+        "unacked messages"
+    );
+    inspector.close().await;
+    delete_queues(&h, &[&name]).await;
 }
 
 // ---------------------------------------------------------------------------
