@@ -100,6 +100,9 @@ impl std::fmt::Debug for Driver {
 enum Outbound {
     Publish(Arc<Message>),
     Ack(u64, AckKind),
+    /// Answered once everything queued before it has been handed to the
+    /// transport (so a connection close does not overtake acks).
+    Flush(oneshot::Sender<()>),
 }
 
 /// The result of one command's future.
@@ -388,10 +391,27 @@ impl<T: Transport, K: Timer> State<T, K> {
                     Some((e, _)) if *e == epoch => self.conns.remove(&connection).map(|(_, c)| c),
                     _ => None,
                 };
+                // Acks (and publishes) already queued on this connection's channel
+                // workers go out before connection.close: otherwise the broker
+                // requeues deliveries the application acked.
+                let flushed: Vec<oneshot::Receiver<()>> = self
+                    .chans
+                    .iter()
+                    .filter(|(id, _)| id.connection == connection)
+                    .map(|(_, slot)| {
+                        let (done, flushed) = oneshot::channel();
+                        let _ = slot.outbound.unbounded_send(Outbound::Flush(done));
+                        flushed
+                    })
+                    .collect();
                 self.chans.retain(|id, _| id.connection != connection);
                 if let Some(conn) = conn {
                     self.ops.push(
                         async move {
+                            // a worker that ended (broken channel) answers at once
+                            for worker in flushed {
+                                let _ = worker.await;
+                            }
                             let _ = conn.close().await;
                             Done::ConnectionClosed { connection, epoch }
                         }
@@ -851,6 +871,10 @@ where
                 channel.nack(tag, multiple, requeue).await
             }
             Outbound::Ack(tag, AckKind::Reject { requeue }) => channel.reject(tag, requeue).await,
+            Outbound::Flush(done) => {
+                let _ = done.send(());
+                Ok(())
+            }
         };
         if let Err(error) = result {
             return Done::WorkerEnded {

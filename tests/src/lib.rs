@@ -1,10 +1,134 @@
 //! `amqp-rebound-tests`: cross-crate tests for amqp-rebound (not published).
 //!
-//! Purpose: hold the transport conformance suite that every transport (lapin, amqprs,
-//! the simulator) must pass against the same cases, and the real-broker fault tests
-//! (connection kills, broker restart, memory alarm, TCP faults through a proxy).
+//! - [`proxy`]: [`FaultProxy`](proxy::FaultProxy), a TCP proxy that resets,
+//!   blackholes or refuses connections on command;
+//! - [`broker`]: the broker at `AMQP_URL`, `rabbitmqctl` wrappers (kill every
+//!   connection, restart, memory alarm, suspend listeners) with guards that undo
+//!   them even when a test panics, the broker lock, unique names;
+//! - [`suite`]: the transport conformance suite, the same cases for every
+//!   transport, instantiated with [`conformance_suite!`];
+//! - [`capture`]: tracing output captured in memory, to check that no password
+//!   is logged;
+//! - `src/bin/bench_lapin.rs`: the side-by-side figures (raw lapin against
+//!   amqp-rebound over lapin; recovery stall after a kill).
 //!
-//! Status: today it checks the broker helpers used by `scripts/test`; the suite
-//! follows the transports.
+//! # Running
+//!
+//! The suite needs a RabbitMQ at `AMQP_URL` (default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`) and, for the exclusive cases,
+//! `rabbitmqctl` for that node (on `PATH`, or `$RABBITMQCTL`). `scripts/test`
+//! starts or repairs a local broker first. Without a broker a case is skipped
+//! (it says so on stderr), except under `CI=true` (or `REBOUND_BROKER_AVAILABLE=1`,
+//! which `scripts/test` sets), where a missing broker fails it.
+//!
+//! ```text
+//! cargo nextest run -p amqp-rebound-tests      # or: cargo test -p amqp-rebound-tests
+//! cargo nextest run -p amqp-rebound-tests -E 'test(/::exclusive::/)'   # only the broker-wide faults
+//! REBOUND_SEED=42 cargo test -p amqp-rebound-tests lapin::shared::failover  # replay a client seed
+//! ```
+//!
+//! # Serialisation
+//!
+//! The cases share one broker. Each is either *shared* (module `shared`: it hurts
+//! only its own connections, through a [`FaultProxy`](proxy::FaultProxy), and uses
+//! queues with unique names) or *exclusive* (module `exclusive`: it restarts the
+//! broker, raises a memory alarm, suspends the listeners or closes every
+//! connection). Two mechanisms keep an exclusive case alone:
+//!
+//! 1. **The broker lock** ([`broker::BrokerLock`]), taken by every case before it
+//!    starts: an `flock(2)` readers-writer lock on
+//!    `$TMPDIR/amqp-rebound-tests.<host>-<port>.lock`. Shared cases take it shared,
+//!    exclusive ones exclusive. `flock` works between threads of one process (each
+//!    lock opens the file anew) and between processes, so it covers `cargo test`
+//!    (one process, many threads) and `cargo nextest` (one process per test) alike,
+//!    and even two checkouts testing against the same broker. The kernel drops it
+//!    when a process dies. A second lock file, the turnstile, lets a waiting
+//!    exclusive case go before shared cases that come after it.
+//! 2. **A nextest test group**, in `.config/nextest.toml` at the workspace root:
+//!    `rabbitmq-exclusive` (`max-threads = 1`) holds the exclusive cases and the
+//!    broker tests of the transport crates (which do not take the lock), so nextest
+//!    never starts them side by side, and an exclusive case never sits in a slot
+//!    waiting for the lock while the other slot runs a transport's broker test.
+//!
+//! Under `cargo test --workspace` test binaries run one after another, so the
+//! transport crates' broker tests never overlap this crate's.
+//!
+//! # Adding a transport
+//!
+//! One line in `tests/tests/conformance.rs` (and the crate in this crate's
+//! dependencies):
+//!
+//! ```ignore
+//! amqp_rebound_tests::conformance_suite!(amqprs, amqp_rebound_amqprs::AmqprsTransport::new());
+//! ```
+
+pub mod broker;
+pub mod capture;
+pub mod proxy;
+pub mod suite;
 
 pub use amqp_rebound_core as core;
+
+/// Instantiates the conformance suite for a transport: a module `$name` with
+/// submodules `shared` and `exclusive` holding one `#[test]` per case (see
+/// [`suite::cases`]). `$transport` is an expression that makes a fresh transport
+/// value; it is evaluated on the case's tokio runtime.
+///
+/// ```ignore
+/// amqp_rebound_tests::conformance_suite!(lapin, amqp_rebound_lapin::LapinTransport::new());
+/// ```
+#[macro_export]
+macro_rules! conformance_suite {
+    ($name:ident, $transport:expr $(,)?) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn make() -> impl $crate::core::transport::Transport {
+                $transport
+            }
+
+            /// Cases that hurt only their own connections.
+            mod shared {
+                $crate::__conformance_case!($name, Shared, publish_and_consume_10k);
+                $crate::__conformance_case!($name, Shared, proxy_reset_while_publishing);
+                $crate::__conformance_case!($name, Shared, proxy_blackhole_detected_by_heartbeat);
+                $crate::__conformance_case!($name, Shared, proxy_refuses_for_two_seconds);
+                $crate::__conformance_case!($name, Shared, publish_to_missing_exchange_is_rejected);
+                $crate::__conformance_case!($name, Shared, failover_to_the_next_host);
+                $crate::__conformance_case!($name, Shared, ack_after_recovery_is_stale);
+                $crate::__conformance_case!($name, Shared, bad_credentials_and_bad_config);
+                $crate::__conformance_case!($name, Shared, close_during_reconnect);
+            }
+
+            /// Cases that hurt the whole broker: they run alone.
+            mod exclusive {
+                $crate::__conformance_case!(
+                    $name,
+                    Exclusive,
+                    close_all_connections_while_publishing
+                );
+                $crate::__conformance_case!($name, Exclusive, suspend_and_resume_listeners);
+                $crate::__conformance_case!($name, Exclusive, broker_restart_recovers_topology);
+                $crate::__conformance_case!($name, Exclusive, memory_alarm_blocks_and_unblocks);
+            }
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_case {
+    ($name:ident, $access:ident, $case:ident) => {
+        #[test]
+        fn $case() {
+            $crate::suite::run(
+                stringify!($name),
+                stringify!($case),
+                $crate::broker::Access::$access,
+                super::make,
+                $crate::suite::cases::$case,
+            );
+        }
+    };
+}
