@@ -64,6 +64,7 @@
 
 pub mod broker;
 pub mod capture;
+pub mod cluster;
 pub mod proxy;
 pub mod suite;
 
