@@ -78,6 +78,7 @@ fn rich_properties(id: u32, user: &str) -> Properties {
 pub async fn publish_and_consume_10k<T: Transport>(h: Harness<T>) {
     const N: u32 = 10_000;
     let client = h.client().await;
+    let mut events = client.watch();
     let name = queue_name(&h, "roundtrip");
     client
         .declare_queue(test_queue(&name))
@@ -137,11 +138,12 @@ pub async fn publish_and_consume_10k<T: Transport>(h: Harness<T>) {
     // landed.
     drop(consumer);
     close(client).await;
+    let seen = drain_events(&mut events);
     let inspector = h.inspector().await;
     assert_eq!(
         inspector.ready_messages(&test_queue(&name)).await,
         0,
-        "unacked messages"
+        "acked messages back in the queue; the client's events: {seen:#?}"
     );
     inspector.close().await;
     delete_queues(&h, &[&name]).await;
