@@ -32,7 +32,8 @@
 //! use amqp_rebound_core::{Command, Config, Input, Supervisor, endpoint::parse_hosts};
 //!
 //! let hosts = parse_hosts(["amqp://guest:guest@127.0.0.1:5672/%2f"]).unwrap();
-//! let start = Instant::now(); // the caller owns the clock
+//! let clock: fn() -> Instant = Instant::now; // the caller owns the clock
+//! let start = clock();
 //! let mut sup = Supervisor::new(Config::new(hosts), start).unwrap();
 //!
 //! // The driver executes the dial and reports the result.
