@@ -58,14 +58,14 @@ pub struct BackoffConfig {
 }
 
 impl Default for BackoffConfig {
-    /// 50 ms initial, doubling, capped at 10 s, full jitter, reset after 30 s Ready.
+    /// 50 ms initial, doubling, capped at 10 s, full jitter, reset after 5 s Ready.
     fn default() -> Self {
         BackoffConfig {
             initial: Duration::from_millis(50),
             multiplier: 2.0,
             cap: Duration::from_secs(10),
             jitter: Jitter::Full,
-            reset_after: Duration::from_secs(30),
+            reset_after: Duration::from_secs(5),
         }
     }
 }
@@ -239,7 +239,7 @@ mod tests {
         assert_eq!(config.multiplier, 2.0);
         assert_eq!(config.cap, Duration::from_secs(10));
         assert_eq!(config.jitter, Jitter::Full);
-        assert_eq!(config.reset_after, Duration::from_secs(30));
+        assert_eq!(config.reset_after, Duration::from_secs(5));
         assert_eq!(config.validate(), Ok(()));
         assert_eq!(Jitter::default(), Jitter::Full);
     }

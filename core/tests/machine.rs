@@ -93,7 +93,11 @@ fn channel_error_reopens_only_that_channel_with_a_new_generation() {
 
 #[test]
 fn connection_loss_reopens_all_its_channels_after_reconnect() {
-    let mut w = World::new(config(2, 2, 3));
+    // one host: the lost connection waits for its backoff (with a host list it
+    // dials the next host at once, see below)
+    let mut cfg = config(2, 2, 3);
+    cfg.hosts.truncate(1);
+    let mut w = World::new(cfg);
     w.run_until_ready(Duration::from_secs(1)).unwrap();
     w.kill(C0, io());
     assert_eq!(
@@ -392,13 +396,74 @@ fn backoff_resets_after_staying_ready() {
     };
     assert_eq!(flapping, 6);
     w.run_until_ready(Duration::from_secs(20)).unwrap();
-    w.run_for(Duration::from_secs(31)); // past reset_after (30 s)
+    w.run_for(Duration::from_secs(6)); // past reset_after (5 s)
     w.kill(C0, io());
     let ConnectionState::Reconnecting { attempt, .. } = w.sup.connection_state(C0).unwrap().clone()
     else {
         panic!()
     };
     assert_eq!(attempt, 1, "the counter restarts after a stable period");
+}
+
+/// The dials `w` made, as (time since start, host).
+fn dials(w: &World) -> Vec<(Duration, String)> {
+    w.commands
+        .iter()
+        .filter_map(|(t, c)| match c {
+            Command::Dial { endpoint, .. } => Some((*t, endpoint.host().to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn loss_of_a_stable_connection_dials_the_next_host_at_once() {
+    let mut w = World::new(config(1, 1, 3));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.run_for(Duration::from_secs(6)); // stable: past reset_after
+    let before = dials(&w);
+    w.kill(C0, io());
+    let killed_at = w.elapsed();
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let after = dials(&w);
+    assert_eq!(after.len(), before.len() + 1, "{after:?}");
+    let (at, host) = after.last().unwrap();
+    assert_ne!(
+        host,
+        &before.last().unwrap().1,
+        "the host that dropped us is not dialled first"
+    );
+    assert!(
+        *at <= killed_at + common::LATENCY,
+        "dialled {at:?} after start, the loss was at {killed_at:?}: not at once"
+    );
+}
+
+#[test]
+fn a_flapping_host_list_backs_off_after_every_host_failed() {
+    // connections that die right after coming up (a flapping cluster) get one
+    // immediate dial per host, then wait for the backoff: no hot loop
+    let mut cfg = config(1, 1, 4);
+    cfg.backoff.jitter = amqp_rebound_core::Jitter::None;
+    let mut w = World::new(cfg);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let mut gaps = Vec::new();
+    for _ in 0..6 {
+        let lost = w.elapsed();
+        w.kill(C0, io());
+        w.run_until_ready(Duration::from_secs(20)).unwrap();
+        let (at, _) = *dials(&w).last().unwrap();
+        gaps.push(at.saturating_sub(lost));
+    }
+    let immediate = gaps.iter().filter(|g| **g <= common::LATENCY).count();
+    assert_eq!(
+        immediate, 3,
+        "one immediate dial per host and round: {gaps:?}"
+    );
+    assert!(
+        gaps[1] >= Duration::from_millis(50) && gaps[3] >= Duration::from_millis(100),
+        "then the backoff grows: {gaps:?}"
+    );
 }
 
 #[test]

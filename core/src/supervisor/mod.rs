@@ -273,7 +273,9 @@ struct Conn {
     epoch: u64,
     /// Index into `Supervisor::hosts` of the endpoint this slot dials next.
     host: usize,
-    /// Dial failures since the last success, to try every host once before waiting.
+    /// Failures (dials, and losses of a connection that was not yet stable) since
+    /// the connection last stayed Ready for `reset_after`: the slot tries every
+    /// host once per backoff step, so a flapping cluster cannot make it loop.
     failures: usize,
     backoff: Backoff,
     timer: Option<Instant>,
@@ -690,7 +692,6 @@ impl Supervisor {
         if current && matches!(conn.state, ConnectionState::Connecting { .. }) {
             let c = usize::from(id.0);
             let conn = &mut self.conns[c];
-            conn.failures = 0;
             conn.topology_ready = false;
             conn.close_sent = false;
             if conn.was_ready {
@@ -728,9 +729,13 @@ impl Supervisor {
             ConnectionState::Ready { since, .. } => {
                 if self.now.saturating_duration_since(since) >= self.config.backoff.reset_after {
                     self.conns[c].backoff.reset();
+                    self.conns[c].failures = 0;
                 }
+                // The host that dropped us is the likeliest to be down (a stopped
+                // node, a partition): with a host list, dial the next one now.
+                let rotate = self.hosts.len() > 1;
                 let class = error.class();
-                self.connection_failed(c, error, Reason::ConnectionLost(class), false);
+                self.connection_failed(c, error, Reason::ConnectionLost(class), rotate);
             }
             ConnectionState::Connecting { .. } => {
                 let class = error.class();
@@ -742,9 +747,10 @@ impl Supervisor {
     }
 
     /// A dial failed or a Ready connection was lost: channels wait, the next dial
-    /// is scheduled. After a failed dial the slot moves to the next host, and waits
-    /// only once every host has failed in a row; a lost connection retries its own
-    /// host first.
+    /// is scheduled. After a failed dial, or the loss of a connection when there
+    /// are several hosts, the slot moves to the next host at once, and waits (by
+    /// its backoff) only once every host has failed since it was last stable; with
+    /// one host a lost connection redials it after the backoff's delay.
     fn connection_failed(&mut self, c: usize, error: TransportError, reason: Reason, rotate: bool) {
         self.conns[c].topology_ready = false;
         for i in 0..self.conns[c].channels.len() {
