@@ -1,5 +1,5 @@
 //! The 3-node RabbitMQ cluster of `scripts/cluster`, for the failover tests in
-//! `tests/tests/cluster.rs` and the stall figures of `tests/tests/cluster_bench.rs`.
+//! `tests/tests/cluster.rs` and the stall figures of `tests/src/bin/bench_cluster.rs`.
 //!
 //! `scripts/cluster up` starts `rebound-c1@localhost` .. `rebound-c3@localhost`
 //! (AMQP on 127.0.0.1:5681..5683), clustered with each other and not with the

@@ -3,15 +3,18 @@
 //! confirmed publish, over many node stops, per transport. Prints p50 / p99.
 //! Targets: p50 <= 500 ms, p99 <= 1.5 s.
 //!
-//! Runs only with `REBOUND_CLUSTER_BENCH=1` (it takes a few minutes):
+//! The stall is measured from the moment the client sees its connection lost
+//! (the node closes it about 0.2 s into `stop_app`) to the first publish
+//! confirmed after its channel is Ready again. A bench, not a test (a few
+//! minutes); it ends with one JSON line of the figures:
 //!
 //! ```text
 //! scripts/cluster up
-//! REBOUND_CLUSTER_BENCH=1 cargo test --release -p amqp-rebound-tests --test cluster_bench -- --nocapture
+//! cargo run --release -p amqp-rebound-tests --bin bench_cluster -- [--stops 12] [--transport lapin|amqprs|all] [--reset-ms MS]
 //! scripts/cluster down
 //! ```
 //!
-//! `REBOUND_CLUSTER_BENCH_STOPS` sets the number of node stops (default 12).
+//! `--reset-ms` overrides the backoff's `reset_after` (default: the library's).
 //!
 //! The client publishes 1,000 persistent messages a second (at most 1,000
 //! unresolved) to a quorum queue capped at 10,000 messages (`x-max-length`, the
@@ -32,18 +35,79 @@ use amqp_rebound_tests::cluster::{
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
-macro_rules! cluster_bench {
-    ($($transport:ident => $make:expr),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $transport() {
-            failover_stall(|| $make, stringify!($transport)).await;
-        }
-    )*};
+#[derive(Debug)]
+struct Args {
+    stops: usize,
+    transports: Vec<String>,
+    reset_after: Option<Duration>,
 }
 
-cluster_bench! {
-    lapin => amqp_rebound_lapin::LapinTransport::new(),
-    amqprs => amqp_rebound_amqprs::AmqprsTransport::new(),
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        stops: 12,
+        transports: vec!["lapin".into(), "amqprs".into()],
+        reset_after: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--stops" => args.stops = value()?.parse().map_err(|e| format!("--stops: {e}"))?,
+            "--transport" => {
+                args.transports = match value()?.as_str() {
+                    "all" => vec!["lapin".into(), "amqprs".into()],
+                    t @ ("lapin" | "amqprs") => vec![t.into()],
+                    t => return Err(format!("--transport: unknown transport {t}")),
+                }
+            }
+            "--reset-ms" => {
+                let ms = value()?.parse().map_err(|e| format!("--reset-ms: {e}"))?;
+                args.reset_after = Some(Duration::from_millis(ms));
+            }
+            "-h" | "--help" => {
+                return Err(
+                    "usage: bench_cluster [--stops N] [--transport lapin|amqprs|all] \
+                            [--reset-ms MS]"
+                        .into(),
+                );
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if args.stops == 0 {
+        return Err("--stops must be at least 1".into());
+    }
+    Ok(args)
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let mut figures = Vec::new();
+    for transport in &args.transports {
+        let figure = runtime.block_on(async {
+            match transport.as_str() {
+                "lapin" => {
+                    failover_stall(amqp_rebound_lapin::LapinTransport::new, "lapin", &args).await
+                }
+                _ => {
+                    failover_stall(amqp_rebound_amqprs::AmqprsTransport::new, "amqprs", &args).await
+                }
+            }
+        });
+        figures.push(figure);
+    }
+    println!("{{\"cluster_failover\":[{}]}}", figures.join(","));
 }
 
 /// When each confirm arrived, and the failures.
@@ -53,23 +117,16 @@ struct Confirms {
     failed: Vec<String>,
 }
 
-async fn failover_stall<T: Transport>(make: impl Fn() -> T, transport: &str) {
-    let test = format!("cluster_bench::{transport}");
-    if std::env::var("REBOUND_CLUSTER_BENCH").as_deref() != Ok("1") {
-        eprintln!(
-            "{test}: cluster bench disabled: set REBOUND_CLUSTER_BENCH=1 after scripts/cluster up"
-        );
-        return;
-    }
+/// Runs the stops for one transport; returns its figures as a JSON object.
+async fn failover_stall<T: Transport>(
+    make: impl Fn() -> T,
+    transport: &str,
+    args: &Args,
+) -> String {
+    let test = format!("bench_cluster::{transport}");
     let cluster = Cluster::acquire(&test);
-    let stops: usize = std::env::var("REBOUND_CLUSTER_BENCH_STOPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(12);
-    let reset_after: Option<Duration> = std::env::var("REBOUND_CLUSTER_BENCH_RESET_MS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map(Duration::from_millis);
+    let stops = args.stops;
+    let reset_after = args.reset_after;
     let started = Instant::now();
     let name = unique(&format!("{transport}-bench"));
     let client = client(make(), &name, |b| {
@@ -182,6 +239,19 @@ async fn failover_stall<T: Transport>(make: impl Fn() -> T, transport: &str) {
     );
     let _ = client.delete_queue(name.as_str()).await;
     client.close().await;
+    format!(
+        "{{\"transport\":\"{transport}\",\"stops\":{stops},\"stall_p50_ms\":{},\
+         \"stall_p99_ms\":{},\"stall_max_ms\":{},\"ready_p50_ms\":{},\"ready_p99_ms\":{},\
+         \"reset_after_ms\":{}}}",
+        p(0.5),
+        p(0.99),
+        p(1.0),
+        r(0.5),
+        r(0.99),
+        reset_after
+            .unwrap_or(BackoffConfig::default().reset_after)
+            .as_millis()
+    )
 }
 
 /// One publish per millisecond, at most 1,000 unresolved, until aborted.
