@@ -4,11 +4,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use amqp_rebound_core::transport::{
+use amqp_rebound::transport::{
     Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Sleep, Timer,
     Transport,
 };
-use amqp_rebound_core::{
+use amqp_rebound::{
     ConsumeOptions, Endpoint, ExchangeDecl, FieldTable, Message, QueueDecl, TransportError,
 };
 use async_trait::async_trait;

@@ -2,13 +2,11 @@
 //! connection, fails over while one broker is down, and recovers. Every command and
 //! event is printed with its virtual timestamp.
 //!
-//! `cargo run -p amqp-rebound-core --example recovery`
+//! `cargo run --example recovery`
 
 use std::time::{Duration, Instant};
 
-use amqp_rebound_core::{
-    Command, Config, Input, Supervisor, TransportError, endpoint::parse_hosts,
-};
+use amqp_rebound::{Command, Config, Input, Supervisor, TransportError, endpoint::parse_hosts};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hosts = parse_hosts([
@@ -71,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             a_down = true;
             println!("{:>10?}  ** rabbit-a goes down", now - start);
             // connection 0 was on rabbit-a: it drops
-            let c0 = amqp_rebound_core::ConnectionId(0);
+            let c0 = amqp_rebound::ConnectionId(0);
             if let Some(epoch) = sup.connection_epoch(c0) {
                 let error = TransportError::Io("connection reset".into());
                 sup.handle(

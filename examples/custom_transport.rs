@@ -2,12 +2,12 @@
 //! (here a loopback that confirms everything at once, in `shared/loopback.rs`)
 //! and the whole client — pool, outbox, confirms, topology — runs over it.
 //!
-//! `cargo run -p amqp-rebound-core --example custom_transport`
+//! `cargo run --example custom_transport`
 
 #[path = "shared/loopback.rs"]
 mod loopback;
 
-use amqp_rebound_core::{Client, Properties, QueueDecl};
+use amqp_rebound::{Client, Properties, QueueDecl};
 use loopback::{LoopbackTransport, ThreadTimer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

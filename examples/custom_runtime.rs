@@ -3,12 +3,12 @@
 //! core never assumes a runtime; only the transport you pick might (lapin and
 //! amqprs need tokio; this example uses the loopback transport).
 //!
-//! `cargo run -p amqp-rebound-core --example custom_runtime`
+//! `cargo run --example custom_runtime`
 
 #[path = "shared/loopback.rs"]
 mod loopback;
 
-use amqp_rebound_core::{Client, Properties};
+use amqp_rebound::{Client, Properties};
 use futures::task::SpawnExt;
 use loopback::{LoopbackTransport, ThreadTimer};
 
@@ -27,7 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             confirmed += 1;
         }
         client.close().await;
-        Ok::<_, amqp_rebound_core::PublishError>(confirmed)
+        Ok::<_, amqp_rebound::PublishError>(confirmed)
     })?;
     futures::executor::block_on(driver);
     println!("{confirmed} messages confirmed on a futures ThreadPool, no tokio");
