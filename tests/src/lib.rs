@@ -9,8 +9,9 @@
 //!   transport, instantiated with [`conformance_suite!`];
 //! - [`capture`]: tracing output captured in memory, to check that no password
 //!   is logged;
-//! - `src/bin/bench_lapin.rs`: the side-by-side figures (raw lapin against
-//!   amqp-rebound over lapin; recovery stall after a kill).
+//! - [`bench`](mod@bench) and `src/bin/bench_{lapin,amqprs}.rs`: the side-by-side figures
+//!   (raw client against amqp-rebound over it; recovery stall, lost and
+//!   duplicates after a kill); `src/bin/bench_memory.rs`: client-side memory.
 //!
 //! # Running
 //!
@@ -62,6 +63,7 @@
 //! amqp_rebound_tests::conformance_suite!(amqprs, amqp_rebound_amqprs::AmqprsTransport::new());
 //! ```
 
+pub mod bench;
 pub mod broker;
 pub mod capture;
 pub mod cluster;
