@@ -68,9 +68,8 @@
 //! ([`Transport::reports_blocked`](amqp_rebound_core::transport::Transport::reports_blocked):
 //! case 6 checks the unannounced fallback), or by the transport's name for what
 //! only its crate docs state (amqprs: missed heartbeats are an I/O error, case
-//! 3b; a socket dropped during the handshake is a refused login, case 7; RabbitMQ
-//! refuses its logins after 3 s, case 9; lapin: a known race and a known log
-//! leak, cases 5 and 9).
+//! 3b; RabbitMQ refuses its logins after 3 s, case 9; lapin: a known race and a
+//! known log leak, cases 5 and 9).
 
 pub mod broker;
 pub mod capture;
