@@ -178,6 +178,7 @@ impl ClientBuilder {
     ) -> Result<(Client, Driver), ConfigError> {
         let config = self.config()?;
         let publish_timeout = config.publish_timeout;
+        let reports_blocked = transport.reports_blocked();
         let sup = Supervisor::new(config, timer.now())?;
         let shared = Arc::new(Shared {
             stats: Mutex::new(sup.stats()),
@@ -194,6 +195,7 @@ impl ClientBuilder {
             tx,
             shared,
             publish_timeout,
+            reports_blocked,
         };
         Ok((client, driver))
     }
@@ -321,6 +323,7 @@ pub struct Client {
     tx: mpsc::UnboundedSender<Request>,
     shared: Arc<Shared>,
     publish_timeout: Duration,
+    reports_blocked: bool,
 }
 
 impl Client {
@@ -369,6 +372,14 @@ impl Client {
     /// The client's default publish timeout.
     pub fn publish_timeout(&self) -> Duration {
         self.publish_timeout
+    }
+
+    /// Whether the transport reports the broker's resource alarms
+    /// ([`Transport::reports_blocked`]). If not, [`Event::Blocked`] never comes:
+    /// during an alarm publishes wait without notice and time out at their
+    /// deadline.
+    pub fn reports_blocked(&self) -> bool {
+        self.reports_blocked
     }
 
     async fn topology(

@@ -24,6 +24,13 @@
 //! - Topology calls are awaited one at a time per channel. An error that closes
 //!   the channel (404, 406, ...) is returned from the call.
 //! - Nothing a broker sends may panic the transport.
+//! - A transport whose client cannot hear of `connection.blocked` (it does not
+//!   advertise the capability, so the broker never sends it) says so with
+//!   [`Transport::reports_blocked`] returning `false`. Such a transport never
+//!   reports [`ConnectionEvent::Blocked`] for a resource alarm: the broker stops
+//!   reading the socket instead, so publishes wait (in the transport, then in the
+//!   core), resolve `TimedOut` at their deadline, and complete once the alarm
+//!   clears; the connection stays Ready and unblocked throughout.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -82,6 +89,19 @@ pub trait Transport: Send + Sync + 'static {
         endpoint: &Endpoint,
         options: &ConnectOptions,
     ) -> Result<Self::Connection, TransportError>;
+
+    /// Whether this transport's connections report the broker's
+    /// `connection.blocked` / `connection.unblocked` as [`ConnectionEvent::Blocked`]
+    /// and [`ConnectionEvent::Unblocked`]: its client advertises the
+    /// `connection.blocked` capability and passes the frames on.
+    ///
+    /// `true` by default. A transport returns `false` when its client cannot
+    /// advertise the capability; during a resource alarm its publishes then wait
+    /// unannounced (see the [contract](self#contract)). Constant for a transport
+    /// value: the core reads it once, when the client is built.
+    fn reports_blocked(&self) -> bool {
+        true
+    }
 }
 
 /// What happens to a connection, as a stream (see [`Connection::events`]).

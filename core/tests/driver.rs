@@ -441,3 +441,37 @@ fn the_password_never_appears_in_tracing_output() {
         "password leaked into tracing output"
     );
 }
+
+/// A [`MemoryTransport`] whose client cannot hear of `connection.blocked`.
+struct DeafToBlocking(MemoryTransport);
+
+#[async_trait::async_trait]
+impl amqp_rebound_core::transport::Transport for DeafToBlocking {
+    type Connection = <MemoryTransport as amqp_rebound_core::transport::Transport>::Connection;
+
+    async fn connect(
+        &self,
+        endpoint: &amqp_rebound_core::Endpoint,
+        options: &amqp_rebound_core::transport::ConnectOptions,
+    ) -> Result<Self::Connection, TransportError> {
+        amqp_rebound_core::transport::Transport::connect(&self.0, endpoint, options).await
+    }
+
+    fn reports_blocked(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn the_client_tells_whether_its_transport_reports_blocking() {
+    let (_pool, _clock, _transport, client) = setup(1, 1);
+    assert!(client.reports_blocked(), "the trait's default");
+    let (client, _driver) = Client::builder()
+        .hosts([URL])
+        .build(
+            DeafToBlocking(MemoryTransport::default()),
+            ManualClock::new(),
+        )
+        .expect("valid config");
+    assert!(!client.reports_blocked());
+}

@@ -293,9 +293,13 @@ pub struct ConnectionInfo {
     pub client_name: String,
     /// The broker's name for it (`127.0.0.1:51234 -> 127.0.0.1:5672`).
     pub name: String,
+    /// The broker's state of it: `running`, `blocking` (a resource alarm is on
+    /// and it has not published since), `blocked` (the broker stopped reading
+    /// from it), `flow`, `closing`, ...
+    pub state: String,
 }
 
-/// `rabbitmqctl list_connections pid client_properties name`, with the
+/// `rabbitmqctl list_connections pid name state client_properties`, with the
 /// client-provided connection name pulled out of the client properties.
 pub async fn list_connections() -> Vec<ConnectionInfo> {
     let out = ctl(&[
@@ -303,32 +307,54 @@ pub async fn list_connections() -> Vec<ConnectionInfo> {
         "--no-table-headers",
         "pid",
         "name",
+        "state",
         "client_properties",
     ])
     .await;
     out.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|line| {
-            let mut cols = line.splitn(3, '\t');
+            let mut cols = line.splitn(4, '\t');
             let pid = cols.next().unwrap_or_default().to_string();
             let name = cols.next().unwrap_or_default().to_string();
+            let state = cols.next().unwrap_or_default().trim().to_string();
             let props = cols.next().unwrap_or_default();
             ConnectionInfo {
                 pid,
                 client_name: client_name(props).unwrap_or_default(),
                 name,
+                state,
             }
         })
         .collect()
 }
 
+/// The broker's [`state`](ConnectionInfo::state) of each connection whose
+/// client-provided name starts with `prefix`.
+pub async fn connection_states(prefix: &str) -> Vec<String> {
+    list_connections()
+        .await
+        .into_iter()
+        .filter(|c| c.client_name.starts_with(prefix))
+        .map(|c| c.state)
+        .collect()
+}
+
 /// The `connection_name` in rabbitmqctl's rendering of client properties:
-/// `... {<<"connection_name">>,longstr,<<"the-name">>} ...`.
+/// `... {"connection_name","the-name"} ...` (RabbitMQ 3.10), or
+/// `... {<<"connection_name">>,longstr,<<"the-name">>} ...` (the raw Erlang
+/// terms of other versions).
 fn client_name(props: &str) -> Option<String> {
-    let key = "<<\"connection_name\">>,longstr,<<\"";
-    let start = props.find(key)? + key.len();
-    let end = props[start..].find("\">>")? + start;
-    Some(props[start..end].to_string())
+    [
+        ("{\"connection_name\",\"", "\"}"),
+        ("<<\"connection_name\">>,longstr,<<\"", "\">>"),
+    ]
+    .iter()
+    .find_map(|(key, close)| {
+        let start = props.find(key)? + key.len();
+        let end = props[start..].find(close)? + start;
+        Some(props[start..end].to_string())
+    })
 }
 
 /// Closes the connections whose client-provided name starts with `prefix`
@@ -619,6 +645,9 @@ mod tests {
         let props =
             r#"[{"product","lapin"},{<<"connection_name">>,longstr,<<"rebound-test.x.1">>},{x}]"#;
         assert_eq!(client_name(props).as_deref(), Some("rebound-test.x.1"));
+        // RabbitMQ 3.10's rendering (an amqprs client)
+        let props = r#"[{"connection_name","rebound-test.y.2"},{"product","AMQPRS"},{"capabilities",[{"consumer_cancel_notify",true}]}]"#;
+        assert_eq!(client_name(props).as_deref(), Some("rebound-test.y.2"));
         assert_eq!(client_name("[]"), None);
     }
 

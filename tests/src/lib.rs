@@ -57,11 +57,20 @@
 //! # Adding a transport
 //!
 //! One line in `tests/tests/conformance.rs` (and the crate in this crate's
-//! dependencies):
+//! dependencies), as for lapin and amqprs:
 //!
 //! ```ignore
 //! amqp_rebound_tests::conformance_suite!(amqprs, amqp_rebound_amqprs::AmqprsTransport::new());
 //! ```
+//!
+//! The cases are the same for every transport. Where a transport's client cannot
+//! do what the others do, the case asserts that transport's documented behaviour
+//! instead of skipping: through a capability of the transport traits
+//! ([`Transport::reports_blocked`](amqp_rebound_core::transport::Transport::reports_blocked):
+//! case 6 checks the unannounced fallback), or by the transport's name for what
+//! only its crate docs state (amqprs: missed heartbeats are an I/O error, case
+//! 3b; RabbitMQ refuses its logins after 3 s, case 9; lapin: a known race and a
+//! known log leak, cases 5 and 9).
 
 pub mod bench;
 pub mod broker;

@@ -3,3 +3,4 @@
 //! serialised.
 
 amqp_rebound_tests::conformance_suite!(lapin, amqp_rebound_lapin::LapinTransport::new());
+amqp_rebound_tests::conformance_suite!(amqprs, amqp_rebound_amqprs::AmqprsTransport::new());

@@ -25,7 +25,7 @@ use futures::StreamExt;
 use futures::channel::mpsc;
 use futures::stream::{self, BoxStream};
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc as tokio_mpsc, watch};
+use tokio::sync::{RwLock, RwLockReadGuard, mpsc as tokio_mpsc, watch};
 
 use crate::connection::{ConnectionShared, InRuntime, lock};
 use crate::convert::{self, map_error, short, to_table};
@@ -64,6 +64,15 @@ struct ChannelShared {
     broker_close: Mutex<Option<TransportError>>,
     /// `close()` was called (here, or the value was dropped).
     client_closing: AtomicBool,
+    /// Orders this channel's fire-and-forget writes (publish, ack, nack, reject)
+    /// with the broker's `channel.close`. A write holds it shared from its open
+    /// check until amqprs has queued the frame; the close callback takes it
+    /// exclusively to record the close, and amqprs queues `close-ok` only after
+    /// the callback has returned. So a write that passed the check is queued
+    /// before `close-ok` (the broker discards it: the channel is closing), and
+    /// none is queued after it (the broker would close the whole connection with
+    /// 504 CHANNEL_ERROR).
+    writes: RwLock<()>,
     /// Why the channel closed, once the event task has decided.
     closed: watch::Sender<Option<TransportError>>,
     connection: Arc<ConnectionShared>,
@@ -126,6 +135,7 @@ impl AmqprsChannel {
         let shared = Arc::new(ChannelShared {
             broker_close: Mutex::new(None),
             client_closing: AtomicBool::new(false),
+            writes: RwLock::new(()),
             closed,
             connection,
         });
@@ -186,6 +196,23 @@ impl AmqprsChannel {
             return Err(self.shared.wait_closed().await);
         }
         Ok(())
+    }
+
+    /// [`check_open`](Self::check_open) for a fire-and-forget write: also holds
+    /// off the broker's `channel.close` (see [`ChannelShared::writes`]) until the
+    /// returned guard is dropped, right after amqprs has queued the frame.
+    async fn writing(&self) -> Result<RwLockReadGuard<'_, ()>, TransportError> {
+        let writing = self.shared.writes.read().await;
+        if let Some(reason) = self.shared.known_reason() {
+            return Err(reason);
+        }
+        if !self.channel().is_open() {
+            // Not holding the guard while waiting for the channel's end: its
+            // dispatcher may be waiting for it in the close callback.
+            drop(writing);
+            return Err(self.shared.wait_closed().await);
+        }
+        Ok(writing)
     }
 
     /// Maps an error from an amqprs call on this channel. A call cut short by the
@@ -392,12 +419,14 @@ impl Channel for AmqprsChannel {
         );
         args.mandatory = message.mandatory;
         let properties = convert::to_properties(&message.properties)?;
-        self.check_open().await?;
-        match self
+        let payload = message.payload.to_vec();
+        let writing = self.writing().await?;
+        let sent = self
             .channel()
-            .basic_publish(properties, message.payload.to_vec(), args)
-            .await
-        {
+            .basic_publish(properties, payload, args)
+            .await;
+        drop(writing);
+        match sent {
             Ok(()) => Ok(()),
             Err(e) => Err(self.error(e).await),
         }
@@ -439,9 +468,11 @@ impl Channel for AmqprsChannel {
     }
 
     async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), TransportError> {
-        self.check_open().await?;
         let args = BasicAckArguments::new(delivery_tag, multiple);
-        match self.channel().basic_ack(args).await {
+        let writing = self.writing().await?;
+        let sent = self.channel().basic_ack(args).await;
+        drop(writing);
+        match sent {
             Ok(()) => Ok(()),
             Err(e) => Err(self.error(e).await),
         }
@@ -453,18 +484,22 @@ impl Channel for AmqprsChannel {
         multiple: bool,
         requeue: bool,
     ) -> Result<(), TransportError> {
-        self.check_open().await?;
         let args = BasicNackArguments::new(delivery_tag, multiple, requeue);
-        match self.channel().basic_nack(args).await {
+        let writing = self.writing().await?;
+        let sent = self.channel().basic_nack(args).await;
+        drop(writing);
+        match sent {
             Ok(()) => Ok(()),
             Err(e) => Err(self.error(e).await),
         }
     }
 
     async fn reject(&self, delivery_tag: u64, requeue: bool) -> Result<(), TransportError> {
-        self.check_open().await?;
         let args = BasicRejectArguments::new(delivery_tag, requeue);
-        match self.channel().basic_reject(args).await {
+        let writing = self.writing().await?;
+        let sent = self.channel().basic_reject(args).await;
+        drop(writing);
+        match sent {
             Ok(()) => Ok(()),
             Err(e) => Err(self.error(e).await),
         }
@@ -520,8 +555,10 @@ impl ChannelCallback for Callback {
             code: close.reply_code(),
             text: close.reply_text().clone(),
         };
-        // Recorded here, synchronously: amqprs fails the calls waiting on the
-        // channel only after this returns.
+        // Recorded here, before this returns: amqprs fails the calls waiting on
+        // the channel, and queues close-ok, only after that. Taking `writes` waits
+        // for a write that has passed its open check to be queued first.
+        let _no_writes = self.shared.writes.write().await;
         lock(&self.shared.broker_close).get_or_insert(error);
         // Ok: amqprs answers with close-ok.
         Ok(())

@@ -43,7 +43,7 @@
 //! | core                           | amqprs                                                  |
 //! |--------------------------------|---------------------------------------------------------|
 //! | [`Transport::connect`]         | `Connection::open` (on the runtime, so that a panic in amqprs's handshake code becomes an error), `register_callback` |
-//! | [`ConnectionEvent::Blocked`] / `Unblocked` | `ConnectionCallback::blocked` / `unblocked` (see the limits: RabbitMQ does not send them to amqprs) |
+//! | [`ConnectionEvent::Blocked`] / `Unblocked` | `ConnectionCallback::blocked` / `unblocked` (see the limits: RabbitMQ does not send them to amqprs, and [`Transport::reports_blocked`] is `false`) |
 //! | [`ConnectionEvent::Closed`]    | `ConnectionCallback::close` (the broker's reply code), `listen_network_io_failure`, the end of amqprs's reader task; our own `close` |
 //! | [`ChannelEvent::Ack`] / `Nack` | `ChannelCallback::publish_ack` / `publish_nack`: the broker's delivery tag and `multiple` flag, unchanged |
 //! | [`ChannelEvent::Return`]       | `ChannelCallback::publish_return`                        |
@@ -75,11 +75,16 @@
 //!   therefore never sends `connection.blocked` to an amqprs client, and this
 //!   adapter never reports [`ConnectionEvent::Blocked`] for a real alarm (the
 //!   callback is wired, and a broker that sent the frames anyway would be reported).
-//!   While an alarm blocks publishing, the broker stops reading the socket:
-//!   publishes queue up in amqprs and then wait in [`Channel::publish`], their
-//!   confirms do not arrive, and they complete once the alarm clears.
-//!   (`amqprs::Connection::blocked()` *sends* a `connection.blocked`; it reports
-//!   nothing.)
+//!   It says so: [`Transport::reports_blocked`] is `false` (and so is
+//!   `Client::reports_blocked` of a client over it). While an alarm blocks
+//!   publishing, the broker stops reading the socket (`rabbitmqctl
+//!   list_connections` shows the connection `blocked`): publishes queue up in
+//!   amqprs and then wait in [`Channel::publish`], their confirms do not arrive,
+//!   the client's connection stays Ready with no `Event::Blocked`, a publish whose
+//!   deadline passes resolves `PublishError::TimedOut` at its deadline, and the
+//!   others are confirmed once the alarm clears (with no `Event::Unblocked`). The
+//!   conformance suite checks exactly this. (`amqprs::Connection::blocked()`
+//!   *sends* a `connection.blocked`; it reports nothing.)
 //! - **Confirms arrive only as callbacks**, with the broker's delivery tag and its
 //!   `multiple` flag, which this adapter passes on unchanged (RabbitMQ numbers a
 //!   channel's publishes 1, 2, 3 ... after `confirm.select`, as the core expects).
@@ -90,8 +95,10 @@
 //!   one queue to the event stream.
 //! - **Missed heartbeats and socket errors look alike.** amqprs's reader gives up
 //!   after two heartbeat intervals without a frame and signals the same "network
-//!   failure" as for a socket error, so both become [`TransportError::Io`], never
-//!   [`TransportError::HeartbeatTimeout`] (both are transient to the core).
+//!   failure" as for a socket error, so both become [`TransportError::Io`] (its
+//!   text says "socket error or missed heartbeats"), never
+//!   [`TransportError::HeartbeatTimeout`] (both are transient to the core). With
+//!   `heartbeat=2`, a silent link is declared lost 4 s after its last frame.
 //! - **Heartbeats cannot be turned off.** amqprs's reader and writer need a
 //!   heartbeat of at least 2 s (with 0 its reader gives up at once, with 1 its
 //!   writer sends heartbeats in a busy loop): `heartbeat=0` in the URI asks for
@@ -100,15 +107,29 @@
 //! - **Bad credentials drop the socket.** amqprs does not advertise
 //!   `authentication_failure_close`, so RabbitMQ answers a wrong user or password
 //!   by closing the socket without a `connection.close` (seen on Linux as a
-//!   connection reset). A socket closed or reset by the peer during the handshake
-//!   is therefore reported as [`TransportError::Auth`] (amqprs does not say at
-//!   which handshake step it failed); a proxy in front of the broker that accepts
-//!   and then drops connections is misreported the same way. A refused dial stays
-//!   `Io`, and a refused virtual host is the broker's `Reply` 530.
+//!   connection reset), and only after a 3 s delay (RabbitMQ's
+//!   `SILENT_CLOSE_DELAY`, against password guessing): a wrong password is reported
+//!   3 s after the dial, and a client with bad credentials dials every 3 s plus its
+//!   backoff delay instead of every backoff delay. A socket closed or reset by the
+//!   peer during the handshake is therefore reported as [`TransportError::Auth`]
+//!   (amqprs does not say at which handshake step it failed); a proxy or load
+//!   balancer in front of the broker that accepts and then drops connections is
+//!   misreported the same way, and since the core retries a refused login only at
+//!   its backoff cap (5-10 s with the default cap and full jitter), a client then
+//!   fails over to its next host after that delay instead of at once. A refused
+//!   dial (nothing listening) stays `Io`, and a refused virtual host is the
+//!   broker's `Reply` 530.
 //! - **Channel closure** is reported by amqprs through `ChannelCallback::close`
 //!   before it fails the calls waiting on the channel, so a failing call returns
 //!   the broker's reply code. A call on a closed channel is refused here, not sent:
-//!   amqprs would write it, and a frame on a closed channel is a connection error.
+//!   amqprs would write it, and a frame on a closed channel is a connection error
+//!   (504 CHANNEL_ERROR, "expected 'channel.open'"). Publishes, acks, nacks and
+//!   rejects are also ordered with the close: one that has passed its check is
+//!   queued before amqprs's `close-ok`, never after it, so a burst of publishes
+//!   on a channel the broker closes (a 404 on one of them) costs that channel
+//!   only. Topology calls and `consume` / `cancel` (request and reply in one
+//!   amqprs call) are only checked, so one that races the broker's close by a
+//!   few microseconds can still cost the connection.
 //! - **Channel ids of broker-closed channels are not reused.** amqprs frees a
 //!   channel id only after a close it started; after `channel_max` (2047 on
 //!   RabbitMQ) broker-side channel closures on one connection, amqprs's reader
@@ -133,6 +154,11 @@
 //!   with [`TransportError::Timeout`]; amqprs has none of its own.
 //! - `ConsumeOptions::prefetch` is applied with `basic.qos` (`global = false`) right
 //!   before `basic.consume`.
+//! - **Logging.** This crate does not enable amqprs's `traces` feature, and amqprs
+//!   logs nothing without it. With it (Cargo features are unified, so any crate in
+//!   the build can turn it on), amqprs logs every frame it sends at TRACE level,
+//!   `connection.start-ok` included, whose SASL response holds the password: keep
+//!   it off, or amqprs's TRACE level off, in production.
 //! - TLS (`amqps://`) uses rustls with the *ring* provider (chosen explicitly, so no
 //!   process-wide default is needed) and the webpki root certificates; client
 //!   certificates are not wired.
@@ -251,5 +277,12 @@ impl Transport for AmqprsTransport {
                 &password,
             )),
         }
+    }
+
+    /// `false`: amqprs cannot advertise the `connection.blocked` capability, so
+    /// RabbitMQ never sends it `connection.blocked` (see the limits in the crate
+    /// docs).
+    fn reports_blocked(&self) -> bool {
+        false
     }
 }

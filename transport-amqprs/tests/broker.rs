@@ -352,6 +352,52 @@ async fn publish_to_a_missing_exchange_closes_the_channel_with_404() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_racing_the_brokers_channel_close_cost_only_the_channel() {
+    // The broker closes the channel (404) while publishes keep coming: none may be
+    // written after amqprs's close-ok, or the broker closes the whole connection
+    // (504 CHANNEL_ERROR, "expected 'channel.open'").
+    let conn = connect().await;
+    let mut conn_events = conn.events();
+    for round in 0..20 {
+        let (channel, mut events) = confirm_channel(&conn).await;
+        let bad = Message::new(unique("no-such-exchange"), "rk", &b"x"[..]);
+        channel.publish(&bad).await.unwrap();
+        let good = Message::new("", unique("nowhere"), &b"y"[..]);
+        let mut sent = 0u32;
+        let refusal = loop {
+            match channel.publish(&good).await {
+                Ok(()) => sent += 1,
+                Err(error) => break error,
+            }
+            assert!(sent < 1_000_000, "round {round}: the channel never closed");
+        };
+        assert_eq!(
+            refusal.reply_code(),
+            Some(404),
+            "round {round}: {refusal:?}"
+        );
+        assert_eq!(
+            expect_channel_closed(&mut events).await.reply_code(),
+            Some(404),
+            "round {round}"
+        );
+    }
+    // A round trip after every frame above: it fails if any of them was a
+    // connection error.
+    let other = within("open_channel", conn.open_channel())
+        .await
+        .expect("the connection lives on");
+    within("a declare", other.declare_queue(&QueueDecl::server_named()))
+        .await
+        .expect("the connection lives on");
+    assert!(
+        conn_events.next().now_or_never().is_none(),
+        "the connection reported an event"
+    );
+    conn.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_call_returns_the_error_and_the_channel_reports_it() {
     let conn = connect().await;
     let channel = conn.open_channel().await.unwrap();

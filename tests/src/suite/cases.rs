@@ -293,11 +293,17 @@ pub async fn proxy_blackhole_detected_by_heartbeat<T: Transport>(h: Harness<T>) 
                 .await
         })
     };
+    // the loss comes as RecoveryFailed (with the transport's error), then the
+    // change to Reconnecting
+    let mut loss = None;
     let lost = next_event(
         &mut events,
         "the connection to be declared lost",
         10 * SECOND,
         |e| {
+            if let Event::RecoveryFailed { error, .. } = e {
+                loss.get_or_insert_with(|| error.clone());
+            }
             matches!(
                 e,
                 Event::StateChanged {
@@ -309,6 +315,15 @@ pub async fn proxy_blackhole_detected_by_heartbeat<T: Transport>(h: Harness<T>) 
     )
     .await;
     let detected = start.elapsed();
+    eprintln!("blackhole: the transport reported {loss:?}");
+    if h.transport == "amqprs" {
+        // amqprs signals missed heartbeats like a socket error (see the limits in
+        // amqp-rebound-amqprs's crate docs): Io, never HeartbeatTimeout.
+        assert!(
+            matches!(&loss, Some(TransportError::Io(text)) if text.contains("missed heartbeats")),
+            "amqprs: the loss is an I/O error: {loss:?}"
+        );
+    }
     eventually("a second dial", 10 * SECOND, || proxy.accepted() >= 2).await;
     wait_ready(&client, 10 * SECOND).await;
     let recovered = start.elapsed();
@@ -678,8 +693,10 @@ pub async fn publish_to_missing_exchange_is_rejected<T: Transport>(h: Harness<T>
             "the connection stayed"
         );
     } else {
+        // (lapin only: the amqprs adapter refuses writes on a channel the broker
+        // has closed, so over amqprs the connection always stays)
         assert!(
-            lost.iter().all(upstream_race),
+            h.transport == "lapin" && lost.iter().all(upstream_race),
             "the connection was lost: {lost:#?}"
         );
         eprintln!(
@@ -706,8 +723,18 @@ pub async fn publish_to_missing_exchange_is_rejected<T: Transport>(h: Harness<T>
 /// and one whose deadline passes resolves `TimedOut`; clearing the alarm
 /// unblocks it (`Event::Unblocked`) and the waiting publishes are confirmed. The
 /// alarm is cleared by a guard even if the test fails. (Exclusive.)
+///
+/// A transport that does not report blocking ([`Transport::reports_blocked`] is
+/// `false`: amqprs) gets the documented fallback instead: the broker stops
+/// reading the connection (the case waits until `rabbitmqctl list_connections`
+/// says `blocked`), publishes wait all the same, the short one resolves
+/// `TimedOut` at its deadline, the others are confirmed once the alarm clears,
+/// the connection stays Ready throughout, and no `Blocked` or `Unblocked` event
+/// ever comes.
 pub async fn memory_alarm_blocks_and_unblocks<T: Transport>(h: Harness<T>) {
+    let reports_blocked = h.transport().reports_blocked();
     let client = h.start(h.builder([h.url.url()]).pool(1, 1));
+    assert_eq!(client.reports_blocked(), reports_blocked);
     wait_ready(&client, 15 * SECOND).await;
     let name = queue_name(&h, "alarm");
     client
@@ -734,14 +761,29 @@ pub async fn memory_alarm_blocks_and_unblocks<T: Transport>(h: Harness<T>) {
     };
 
     let alarm = broker::set_memory_alarm().await;
-    // RabbitMQ 3.10 sends connection.blocked to a connection when it next
-    // publishes, so the first of these publishes brings the Blocked event.
+    // RabbitMQ 3.10 blocks a connection when it next publishes (and sends it
+    // connection.blocked if the client asked for it), so the first of these
+    // publishes brings the block.
     let waiting: Vec<_> = (1..=5).map(|id| publish(id, 60 * SECOND)).collect();
-    let blocked = next_event(&mut events, "Event::Blocked", 15 * SECOND, |e| {
-        matches!(e, Event::Blocked { .. })
-    })
-    .await;
-    eprintln!("{blocked:?}");
+    if reports_blocked {
+        let blocked = next_event(&mut events, "Event::Blocked", 15 * SECOND, |e| {
+            matches!(e, Event::Blocked { .. })
+        })
+        .await;
+        eprintln!("{blocked:?}");
+    } else {
+        // No notice: the broker just stops reading the socket. Ask it.
+        let prefix = h.connection_prefix();
+        let took = super::until("the broker to block the connection", 15 * SECOND, || {
+            let prefix = prefix.clone();
+            async move {
+                let states = broker::connection_states(&prefix).await;
+                !states.is_empty() && states.iter().all(|s| s == "blocked")
+            }
+        })
+        .await;
+        eprintln!("the broker blocked the connection (no notice) within {took:?}");
+    }
     assert!(
         client.state().connections == [Phase::Ready],
         "blocked is a flag on Ready"
@@ -762,10 +804,12 @@ pub async fn memory_alarm_blocks_and_unblocks<T: Transport>(h: Harness<T>) {
 
     let cleared = Instant::now();
     broker::clear_memory_alarm().await;
-    next_event(&mut events, "Event::Unblocked", 15 * SECOND, |e| {
-        matches!(e, Event::Unblocked { .. })
-    })
-    .await;
+    if reports_blocked {
+        next_event(&mut events, "Event::Unblocked", 15 * SECOND, |e| {
+            matches!(e, Event::Unblocked { .. })
+        })
+        .await;
+    }
     for p in waiting {
         let (result, _) = within("a waiting publish", 15 * SECOND, p)
             .await
@@ -776,6 +820,17 @@ pub async fn memory_alarm_blocks_and_unblocks<T: Transport>(h: Harness<T>) {
     drop(alarm); // clears again: harmless
     let stats = client.stats();
     assert_eq!(stats.timed_out, 1, "{stats:?}");
+    if !reports_blocked {
+        let notices: Vec<Event> = drain_events(&mut events)
+            .into_iter()
+            .filter(|e| matches!(e, Event::Blocked { .. } | Event::Unblocked { .. }))
+            .collect();
+        assert!(
+            notices.is_empty(),
+            "a transport that does not report blocking reported {notices:?}"
+        );
+        assert!(client.state().is_ready());
+    }
     close(client).await;
     delete_queues(&h, &[&name]).await;
 }
@@ -799,8 +854,8 @@ fn seed_keeping_first(urls: &[String]) -> u64 {
 }
 
 /// Case 7: A host list with a dead port first and the broker second connects (after
-/// reporting the dead one); with a proxy first that starts refusing, the client
-/// moves on to the broker.
+/// reporting the dead one); connected through a proxy first that drops the
+/// connection and starts refusing, the client moves on to the broker at once.
 pub async fn failover_to_the_next_host<T: Transport>(h: Harness<T>) {
     let name = queue_name(&h, "failover");
 
@@ -850,16 +905,25 @@ pub async fn failover_to_the_next_host<T: Transport>(h: Harness<T>) {
         (1, 1),
         "connected through the proxy"
     );
+    // the loss as an event: polling the state could miss it, the failover takes
+    // a few milliseconds
+    let mut events = client.watch();
     proxy.refuse(true);
     proxy.reset_all();
     let start = Instant::now();
-    eventually("the client to notice", 5 * SECOND, || {
-        !client.state().is_ready()
+    let lost = next_event(&mut events, "the client to notice", 5 * SECOND, |e| {
+        matches!(e, Event::RecoveryFailed { .. })
     })
     .await;
     wait_ready(&client, 10 * SECOND).await;
-    eprintln!("failed over in {:?}", start.elapsed());
-    assert!(proxy.refused() >= 1, "it tried its own host first");
+    eprintln!("failed over in {:?} after {lost:?}", start.elapsed());
+    // With a host list, the host that dropped the connection is not redialled
+    // first: the slot moves to the next one at once.
+    assert_eq!(
+        proxy.refused(),
+        0,
+        "a lost connection dials the next host, not its own"
+    );
     assert_eq!(
         proxy.active(),
         0,
@@ -998,6 +1062,10 @@ pub async fn ack_after_recovery_is_stale<T: Transport>(h: Harness<T>) {
 /// wrong password is reported through `watch()` as a refused auth error and
 /// retried at the backoff cap (counted dials, no hot loop); the password appears
 /// in no captured log line (TRACE level), event or error.
+///
+/// Over amqprs RabbitMQ takes 3 s to refuse each login (see the dial count), and
+/// no log line at all may show the password (lapin's one known TRACE leak is
+/// tolerated for lapin only).
 pub async fn bad_credentials_and_bad_config<T: Transport>(h: Harness<T>) {
     let secret = format!("s3cret-{:016x}", fastrand::u64(..));
 
@@ -1055,11 +1123,14 @@ pub async fn bad_credentials_and_bad_config<T: Transport>(h: Harness<T>) {
         .build(h.transport(), amqp_rebound_core::TokioTimer)
         .expect("a valid configuration");
     let mut events = client.watch();
+    let dialled = Instant::now();
     tokio::spawn(driver);
     let first = next_event(&mut events, "the auth failure", 15 * SECOND, |e| {
         matches!(e, Event::RecoveryFailed { .. })
     })
     .await;
+    let refused_after = dialled.elapsed();
+    eprintln!("the first dial was refused after {refused_after:?}");
     let Event::RecoveryFailed {
         error,
         class,
@@ -1073,8 +1144,21 @@ pub async fn bad_credentials_and_bad_config<T: Transport>(h: Harness<T>) {
     assert_eq!(*class, ErrorClass::Refused);
     assert!(*retry_in >= cap / 2 && *retry_in <= cap, "{retry_in:?}");
 
-    // count the dials over 3 s: at the cap (250-500 ms apart), so 5 to 13
-    let window = 3 * SECOND;
+    // Count the dials over a window. Normally a refusal is immediate and the
+    // dials come at the cap (250-500 ms apart): 5 to 13 in 3 s. amqprs does not
+    // advertise `authentication_failure_close`, so RabbitMQ refuses its login by
+    // closing the socket only after a 3 s delay (its SILENT_CLOSE_DELAY, against
+    // password guessing; see amqp-rebound-amqprs's crate docs): each dial takes
+    // 3 s and then waits 250-500 ms, so 3 (2 to 4) in 8 s.
+    let (window, expected) = if h.transport == "amqprs" {
+        assert!(
+            refused_after >= Duration::from_millis(2_500),
+            "amqprs: RabbitMQ refused the login after {refused_after:?}, not after its 3 s delay"
+        );
+        (8 * SECOND, 2..=4)
+    } else {
+        (3 * SECOND, 4..=14)
+    };
     let dials_before = proxy.accepted();
     let started = Instant::now();
     let mut failures = vec![first.clone()];
@@ -1088,7 +1172,7 @@ pub async fn bad_credentials_and_bad_config<T: Transport>(h: Harness<T>) {
     }
     let dials = proxy.accepted() - dials_before;
     eprintln!("{dials} dials in {window:?} with a wrong password");
-    assert!((4..=14).contains(&dials), "{dials} dials in {window:?}");
+    assert!(expected.contains(&dials), "{dials} dials in {window:?}");
     for e in &failures {
         let Event::RecoveryFailed {
             error,
@@ -1129,7 +1213,7 @@ pub async fn bad_credentials_and_bad_config<T: Transport>(h: Harness<T>) {
     let (known, leaks): (Vec<&str>, Vec<&str>) = output
         .lines()
         .filter(|line| reveals(line, &secret))
-        .partition(|line| is_known_upstream_leak(line));
+        .partition(|line| h.transport == "lapin" && is_known_upstream_leak(line));
     assert!(
         leaks.is_empty(),
         "the password is in {} log lines, e.g.:\n{}",
