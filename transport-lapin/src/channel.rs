@@ -72,7 +72,22 @@ pub(crate) struct ChannelShared {
     client_closing: AtomicBool,
     /// Consumer tags we cancelled: the end of their streams is not a broker cancel.
     cancelled: Mutex<HashSet<String>>,
+    /// Confirms of publishes the channel's task has not taken yet.
+    incoming: Mutex<Incoming>,
     waker: AtomicWaker,
+}
+
+/// Confirms handed from `publish` to the channel's task without waking it per
+/// message: a task that already waits on earlier confirms takes the new ones when
+/// one of those resolves (lapin keeps a confirm's result until it is polled); only
+/// an idle task (no confirm pending) is woken. With a window of confirms in
+/// flight this saves a cross-thread wake-up per publish, the adapter's largest
+/// cost against raw lapin.
+#[derive(Default)]
+struct Incoming {
+    confirms: Vec<(u64, lapin::PublisherConfirm)>,
+    /// The task waits on no confirm: the next one must wake it.
+    task_idle: bool,
 }
 
 impl ChannelShared {
@@ -98,7 +113,6 @@ impl ChannelShared {
 }
 
 enum Command {
-    Confirm(u64, lapin::PublisherConfirm),
     Consume(String, lapin::Consumer),
 }
 
@@ -111,6 +125,7 @@ impl LapinChannel {
             closed: Mutex::new(None),
             client_closing: AtomicBool::new(false),
             cancelled: Mutex::new(HashSet::new()),
+            incoming: Mutex::new(Incoming::default()),
             waker: AtomicWaker::new(),
         });
         let (command_tx, command_rx) = mpsc::unbounded();
@@ -348,7 +363,14 @@ impl Channel for LapinChannel {
             .map_err(|e| self.error(e))?;
         if self.channel.status().confirm() {
             *seq += 1;
-            self.send(Command::Confirm(*seq, confirm))?;
+            let wake = {
+                let mut incoming = lock(&self.shared.incoming);
+                incoming.confirms.push((*seq, confirm));
+                std::mem::take(&mut incoming.task_idle)
+            };
+            if wake {
+                self.shared.waker.wake();
+            }
         }
         Ok(())
     }
@@ -461,7 +483,20 @@ impl Pump {
                 Poll::Pending => break,
             }
         }
-        let mut failure = self.drain_confirms(cx);
+        let mut failure = None;
+        loop {
+            self.take_incoming();
+            if let Some(error) = self.drain_confirms(cx) {
+                failure.get_or_insert(error);
+            }
+            // Idle (no confirm pending) only if no publish slipped in meanwhile;
+            // that one is taken on the next turn of this loop.
+            let mut incoming = lock(&self.shared.incoming);
+            if incoming.confirms.is_empty() {
+                incoming.task_idle = self.confirms.is_empty();
+                break;
+            }
+        }
         while let Poll::Ready(Some(item)) = self.consumers.poll_next_unpin(cx) {
             match item {
                 ConsumerItem::Delivery(tag, result) => match *result {
@@ -491,11 +526,16 @@ impl Pump {
         }
     }
 
+    /// Takes the confirms `publish` handed over since the last turn.
+    fn take_incoming(&mut self) {
+        let confirms = std::mem::take(&mut lock(&self.shared.incoming).confirms);
+        for (seq, confirm) in confirms {
+            self.confirms.push(confirm.map(move |r| (seq, r)).boxed());
+        }
+    }
+
     fn add(&mut self, command: Command) {
         match command {
-            Command::Confirm(seq, confirm) => {
-                self.confirms.push(confirm.map(move |r| (seq, r)).boxed());
-            }
             Command::Consume(tag, consumer) => {
                 let end = tag.clone();
                 let items = consumer
