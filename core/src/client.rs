@@ -318,6 +318,39 @@ impl PublishOptions {
 /// Every publish resolves exactly once: [`Confirmation`] or a [`PublishError`].
 /// Connections, channels, topology and consumers recover by themselves; a message
 /// the broker had not confirmed when a connection died is published again.
+///
+/// ```no_run
+/// use amqp_rebound_core::{Client, ConsumeOptions, Event, Properties, QueueDecl};
+/// use futures::StreamExt;
+///
+/// # async fn run(client: Client) -> Result<(), Box<dyn std::error::Error>> {
+/// // topology is declared once and replayed after every recovery
+/// let queue = client.declare_queue(QueueDecl::durable("jobs")).await?;
+///
+/// // resolves when the broker confirmed it, even across a reconnect
+/// let confirmation = client
+///     .publish("", &queue.name(), "hello", Properties::default().persistent())
+///     .await?;
+/// println!("{confirmation:?}");
+///
+/// // a consumer keeps receiving across recoveries
+/// let mut consumer = client.consume(&queue, ConsumeOptions::default()).await?;
+/// if let Some(received) = consumer.next().await {
+///     received?.ack().await?; // a delivery from before a recovery is refused: Stale
+/// }
+///
+/// // what happens, as it happens
+/// let mut events = client.watch();
+/// while let Some(event) = events.next().await {
+///     if let Event::RecoveryFailed { endpoint, error, retry_in, .. } = &event {
+///         eprintln!("{endpoint}: {error}; retrying in {retry_in:?}");
+///     }
+/// #   break;
+/// }
+/// client.close().await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Client {
     tx: mpsc::UnboundedSender<Request>,
