@@ -119,7 +119,8 @@ pub enum ErrorClass {
     /// Only the channel is affected (404, 405, 406): reopen that channel alone.
     ChannelLevel,
     /// The broker refuses us (403, 530, bad credentials). Retrying will likely fail
-    /// again, so retries happen at the backoff cap and the error is reported.
+    /// again: the next host of the list is still tried at once, but once every
+    /// host refused, retries happen at the backoff cap; the error is reported.
     Refused,
 }
 

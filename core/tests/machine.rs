@@ -191,6 +191,33 @@ fn refused_credentials_retry_at_the_cap_and_are_reported() {
 }
 
 #[test]
+fn a_refusal_moves_to_the_next_host_at_once_then_waits_at_the_cap() {
+    // two hosts: each refusal round tries both, then waits at the cap
+    let mut w = World::new(config(1, 1, 9));
+    w.refuse_with = Some(TransportError::Auth("ACCESS_REFUSED".into()));
+    w.run_for(Duration::from_secs(60));
+    let dials = dials(&w);
+    assert!(dials.len() >= 4, "{dials:?}");
+    for round in dials.chunks(2).filter(|r| r.len() == 2) {
+        assert_ne!(
+            round[0].1, round[1].1,
+            "a round tries both hosts: {dials:?}"
+        );
+        assert!(
+            round[1].0 - round[0].0 <= common::LATENCY,
+            "the second host at once: {dials:?}"
+        );
+    }
+    for pair in dials.chunks(2).collect::<Vec<_>>().windows(2) {
+        let gap = pair[1][0].0 - pair[0][pair[0].len() - 1].0;
+        assert!(
+            gap >= Duration::from_secs(5),
+            "rounds wait at the cap (10 s, jittered in [5 s, 10 s]): {dials:?}"
+        );
+    }
+}
+
+#[test]
 fn blackholed_dial_times_out() {
     let mut w = World::new(config(1, 1, 2));
     w.blackhole = true;

@@ -114,9 +114,10 @@
 //!   peer during the handshake is therefore reported as [`TransportError::Auth`]
 //!   (amqprs does not say at which handshake step it failed); a proxy or load
 //!   balancer in front of the broker that accepts and then drops connections is
-//!   misreported the same way, and since the core retries a refused login only at
-//!   its backoff cap (5-10 s with the default cap and full jitter), a client then
-//!   fails over to its next host after that delay instead of at once. A refused
+//!   misreported the same way. The core still tries the next host of its list at
+//!   once after a refusal, and waits at its backoff cap (5-10 s with the default
+//!   cap and full jitter) only once every host refused; with a single host, such a
+//!   proxy costs that delay per drop. A refused
 //!   dial (nothing listening) stays `Io`, and a refused virtual host is the
 //!   broker's `Reply` 530.
 //! - **Channel closure** is reported by amqprs through `ChannelCallback::close`

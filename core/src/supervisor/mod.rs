@@ -774,10 +774,15 @@ impl Supervisor {
             conn.failures += 1;
             conn.host = (conn.host + 1) % hosts;
         }
-        let delay = if class == ErrorClass::Refused {
-            conn.backoff.at_cap(&mut self.rng)
-        } else if rotate && conn.failures % hosts != 0 {
+        // The next host is tried at once, whatever the error: a refusal by one
+        // node (or a proxy that drops the handshake, which some clients cannot
+        // tell from one) says little about the others. Once every host failed,
+        // a refusal waits at the cap: retrying bad credentials sooner only
+        // hammers the broker.
+        let delay = if rotate && conn.failures % hosts != 0 {
             std::time::Duration::ZERO
+        } else if class == ErrorClass::Refused {
+            conn.backoff.at_cap(&mut self.rng)
         } else {
             conn.backoff.next_delay(&mut self.rng)
         };
