@@ -119,8 +119,10 @@ pub enum ErrorClass {
     /// Only the channel is affected (404, 405, 406): reopen that channel alone.
     ChannelLevel,
     /// The broker refuses us (403, 530, bad credentials). Retrying will likely fail
-    /// again: the next host of the list is still tried at once, but once every
-    /// host refused, retries happen at the backoff cap; the error is reported.
+    /// again: the next host of the list is still tried at once, but when a round
+    /// over every host ends in a refusal, the next round waits at the backoff cap
+    /// (a round ending in another error waits the ordinary backoff delay); the
+    /// error is reported.
     Refused,
 }
 

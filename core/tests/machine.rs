@@ -467,6 +467,28 @@ fn loss_of_a_stable_connection_dials_the_next_host_at_once() {
 }
 
 #[test]
+fn a_stable_period_resets_the_failure_count_of_a_host_list() {
+    // one early loss counts a failure; after staying Ready past reset_after the
+    // next loss starts a fresh round: the next host at once, not a backoff wait
+    let mut cfg = config(1, 1, 5);
+    cfg.backoff.jitter = amqp_rebound_core::Jitter::None;
+    let mut w = World::new(cfg);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.kill(C0, io()); // unstable: failures = 1, next host at once
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.run_for(Duration::from_secs(6)); // stable
+    let lost = w.elapsed();
+    w.kill(C0, io());
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let (at, _) = *dials(&w).last().unwrap();
+    assert!(
+        at <= lost + common::LATENCY,
+        "dialled {:?} after the loss: the failure count was not reset",
+        at.saturating_sub(lost)
+    );
+}
+
+#[test]
 fn a_flapping_host_list_backs_off_after_every_host_failed() {
     // connections that die right after coming up (a flapping cluster) get one
     // immediate dial per host, then wait for the backoff: no hot loop

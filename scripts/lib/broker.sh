@@ -67,3 +67,18 @@ with_broker_lock() {
   exec {fd}>&-
   return "$rc"
 }
+
+# Takes the lock that keeps the cluster sections of two runs (scripts/test's
+# cluster tests, scripts/bench's cluster figures: up, use, down) apart, so one
+# run cannot restart a node another one stopped on purpose, or take the cluster
+# down under it. Held until release_cluster_lock or the shell's exit. (The tests
+# themselves also take amqp-rebound-cluster.lock, one test at a time.)
+take_cluster_lock() {
+  command -v flock >/dev/null 2>&1 || return 0
+  exec {cluster_lock_fd}>>"${TMPDIR:-/tmp}/amqp-rebound-cluster-run.lock"
+  flock --exclusive --timeout 3600 "$cluster_lock_fd" || {
+    log "could not take the cluster run lock"; return 1; }
+}
+release_cluster_lock() {
+  if [ -n "${cluster_lock_fd:-}" ]; then exec {cluster_lock_fd}>&-; cluster_lock_fd=; fi
+}

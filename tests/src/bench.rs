@@ -623,7 +623,7 @@ where
     M: Fn() -> T,
 {
     // The backoff counter resets once a connection has been Ready for
-    // `reset_after` (default 30 s); 1 s lets every kill here be a first failure,
+    // `reset_after` (default 5 s); 1 s lets every kill here be a first failure,
     // which is what is measured (the kills are >= 1.2 s apart).
     let backoff = BackoffConfig {
         reset_after: Duration::from_secs(1),

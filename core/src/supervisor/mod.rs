@@ -776,9 +776,9 @@ impl Supervisor {
         }
         // The next host is tried at once, whatever the error: a refusal by one
         // node (or a proxy that drops the handshake, which some clients cannot
-        // tell from one) says little about the others. Once every host failed,
-        // a refusal waits at the cap: retrying bad credentials sooner only
-        // hammers the broker.
+        // tell from one) says little about the others. When a round over every
+        // host ends in a refusal, the next round waits at the cap: retrying bad
+        // credentials sooner only hammers the broker.
         let delay = if rotate && conn.failures % hosts != 0 {
             std::time::Duration::ZERO
         } else if class == ErrorClass::Refused {
