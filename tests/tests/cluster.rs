@@ -11,6 +11,9 @@
 //!    deadline).
 //! 4. A classic (non-replicated) queue whose node is down: what RabbitMQ 3.10
 //!    does, asserted.
+//! 5. A quorum queue without a majority holds its confirms; a later publish to
+//!    another queue on the same channel is still confirmed at once (confirms
+//!    arrive out of order, and the transport must report each as it comes).
 //!
 //! Runs only with `REBOUND_CLUSTER=1` (see `amqp_rebound_tests::cluster`);
 //! `REBOUND_CLUSTER_EVENTS=1` also prints the client's events around each stop.
@@ -66,6 +69,11 @@ macro_rules! cluster_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn classic_queue_on_a_stopped_node() {
                 super::classic_queue_on_a_stopped_node(make, stringify!($transport)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_held_confirm_does_not_hold_later_ones() {
+                super::a_held_confirm_does_not_hold_later_ones(make, stringify!($transport)).await;
             }
         }
     )*};
@@ -1013,4 +1021,103 @@ async fn classic_queue_on_a_stopped_node<T: Transport>(make: fn() -> T, transpor
     a.delete_queue(&queue).await.expect("delete the test queue");
     a.close().await;
     b.close().await;
+}
+
+// ---------------------------------------------------------------------------
+// 5. out-of-order confirms
+
+/// A quorum queue with two of its three nodes down cannot commit, so RabbitMQ
+/// holds the confirm of a publish to it; a publish to a classic queue on the live
+/// node, on the same connection and channel (pool 1 x 1), is confirmed at once.
+/// A transport that reports confirms only in order, or only when the oldest
+/// resolves, fails here. When the nodes return the held publish is confirmed.
+async fn a_held_confirm_does_not_hold_later_ones<T: Transport>(make: fn() -> T, transport: &str) {
+    let test = format!("{transport}::a_held_confirm_does_not_hold_later_ones");
+    let Some(cluster) = Cluster::require(&test) else {
+        return;
+    };
+    let started = Instant::now();
+    let live = Node(1);
+    let name = unique(&format!("{transport}-held"));
+    let (client, driver) = Client::builder()
+        .hosts([live.url()])
+        .connection_name(&name)
+        .pool(1, 1)
+        .publish_timeout(Duration::from_secs(120))
+        .build(make(), amqp_rebound_core::TokioTimer)
+        .expect("valid client configuration");
+    tokio::spawn(driver);
+    wait_ready(&client, Duration::from_secs(30)).await;
+    let quorum = declare(&client, quorum_decl(&format!("{name}-quorum"))).await;
+    let classic = declare(&client, QueueDecl::durable(format!("{name}-classic"))).await;
+    let publish = |queue: &Queue, id: u64| {
+        let (client, queue) = (client.clone(), queue.name());
+        tokio::spawn(async move {
+            client
+                .publish("", &queue, b"held".to_vec(), message_properties(id))
+                .await
+        })
+    };
+    // warm: both queues confirm while every node runs
+    assert_eq!(
+        publish(&quorum, 0).await.unwrap(),
+        Ok(Confirmation::Confirmed)
+    );
+    assert_eq!(
+        publish(&classic, 1).await.unwrap(),
+        Ok(Confirmation::Confirmed)
+    );
+
+    let others = [Node(2), Node(3)];
+    for node in others {
+        cluster.stop_app(node).await;
+    }
+    let held = publish(&quorum, 2);
+    // it goes out first, on the one channel: wait until it is in flight
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.stats().sent < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{test}: the quorum publish was not sent within 10 s: {:?}",
+            client.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sent = Instant::now();
+    let mut later = Vec::new();
+    for id in 3..13 {
+        later.push(publish(&classic, id));
+    }
+    for p in later {
+        let result = tokio::time::timeout(Duration::from_secs(5), p)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{test}: a publish to the live classic queue was not confirmed within 5 s behind the held one")
+            })
+            .expect("publish task");
+        assert_eq!(result, Ok(Confirmation::Confirmed));
+    }
+    let later_took = sent.elapsed();
+    assert!(
+        !held.is_finished(),
+        "{test}: the quorum publish resolved without a majority: {:?}",
+        held.await
+    );
+    cluster.start_apps(&others).await;
+    let held = tokio::time::timeout(Duration::from_secs(90), held)
+        .await
+        .unwrap_or_else(|_| {
+            panic!("{test}: the held publish did not resolve after the nodes returned")
+        })
+        .expect("publish task");
+    assert_eq!(held, Ok(Confirmation::Confirmed));
+    eprintln!(
+        "{test}: 10 later publishes confirmed in {} ms while the quorum publish was held; \
+         it was confirmed once the nodes returned; total {:.1} s",
+        ms(later_took),
+        started.elapsed().as_secs_f64()
+    );
+    let _ = client.delete_queue(&quorum).await;
+    let _ = client.delete_queue(&classic).await;
+    client.close().await;
 }
