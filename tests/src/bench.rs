@@ -165,6 +165,34 @@ pub fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// A raw lapin connection to `url` on the current tokio runtime (the baseline the
+/// benches compare against).
+pub async fn raw_lapin_connection(url: &BrokerUrl) -> Result<lapin::Connection, BoxError> {
+    let runtime = async_rs::Runtime::tokio_with_handle(tokio::runtime::Handle::current());
+    let connection = lapin::Connection::connect_with_runtime(
+        &url.url(),
+        lapin::ConnectionProperties::default(),
+        runtime,
+    )
+    .await?;
+    Ok(connection)
+}
+
+/// A raw amqprs connection to `url` (the baseline the benches compare against).
+pub async fn raw_amqprs_connection(
+    url: &BrokerUrl,
+) -> Result<amqprs::connection::Connection, BoxError> {
+    let endpoint = Endpoint::parse(&url.url())?;
+    let mut open = amqprs::connection::OpenConnectionArguments::new(
+        endpoint.host(),
+        endpoint.port(),
+        endpoint.username(),
+        endpoint.password(),
+    );
+    open.virtual_host(endpoint.vhost());
+    Ok(amqprs::connection::Connection::open(&open).await?)
+}
+
 /// Nearest-rank percentile (`p` in 0..=1) of sorted values; NaN when empty.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

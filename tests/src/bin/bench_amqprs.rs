@@ -25,11 +25,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use amqp_rebound_amqprs::AmqprsTransport;
-use amqp_rebound_core::Endpoint;
 use amqp_rebound_tests::bench::{self, BoxError, RawJob};
 use amqprs::callbacks::ChannelCallback;
 use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
-use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -87,15 +85,7 @@ impl ChannelCallback for Confirms {
 
 /// Raw amqprs: one channel in confirm mode, at most `window` unconfirmed.
 async fn raw_amqprs(job: RawJob) -> Result<Duration, BoxError> {
-    let endpoint = Endpoint::parse(&job.url.url())?;
-    let mut open = OpenConnectionArguments::new(
-        endpoint.host(),
-        endpoint.port(),
-        endpoint.username(),
-        endpoint.password(),
-    );
-    open.virtual_host(endpoint.vhost());
-    let connection = Connection::open(&open).await?;
+    let connection = bench::raw_amqprs_connection(&job.url).await?;
     let channel = connection.open_channel(None).await?;
     let (confirms_tx, mut confirms) = mpsc::unbounded_channel();
     channel.register_callback(Confirms(confirms_tx)).await?;

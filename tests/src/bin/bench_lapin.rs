@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use amqp_rebound_lapin::LapinTransport;
 use amqp_rebound_tests::bench::{self, BoxError, RawJob};
 use futures::stream::{FuturesUnordered, StreamExt};
+use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, ConnectionProperties};
 
 fn main() {
     bench::main("bench_lapin", |args, url| {
@@ -36,13 +36,7 @@ fn main() {
 
 /// Raw lapin: one channel in confirm mode, at most `window` unconfirmed.
 async fn raw_lapin(job: RawJob) -> Result<Duration, BoxError> {
-    let runtime = async_rs::Runtime::tokio_with_handle(tokio::runtime::Handle::current());
-    let connection = lapin::Connection::connect_with_runtime(
-        &job.url.url(),
-        ConnectionProperties::default(),
-        runtime,
-    )
-    .await?;
+    let connection = bench::raw_lapin_connection(&job.url).await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())

@@ -25,8 +25,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use amqp_rebound_amqprs::AmqprsTransport;
+use amqp_rebound_core::Client;
 use amqp_rebound_core::transport::Transport;
-use amqp_rebound_core::{Client, Endpoint};
 use amqp_rebound_lapin::LapinTransport;
 use amqp_rebound_tests::bench::{BoxError, ready, start_client};
 use amqp_rebound_tests::broker::{self, Access, BrokerLock, BrokerUrl};
@@ -136,13 +136,7 @@ async fn raw_lapin(url: &BrokerUrl, connections: usize, channels: usize) -> Resu
     let before = live();
     let mut keep = Vec::new();
     for _ in 0..connections {
-        let runtime = async_rs::Runtime::tokio_with_handle(tokio::runtime::Handle::current());
-        let connection = lapin::Connection::connect_with_runtime(
-            &url.url(),
-            lapin::ConnectionProperties::default(),
-            runtime,
-        )
-        .await?;
+        let connection = amqp_rebound_tests::bench::raw_lapin_connection(url).await?;
         let mut chans = Vec::new();
         for _ in 0..channels {
             let channel = connection.create_channel().await?;
@@ -167,20 +161,11 @@ async fn raw_lapin(url: &BrokerUrl, connections: usize, channels: usize) -> Resu
 async fn raw_amqprs(url: &BrokerUrl, connections: usize, channels: usize) -> Result<i64, BoxError> {
     use amqprs::callbacks::DefaultChannelCallback;
     use amqprs::channel::ConfirmSelectArguments;
-    use amqprs::connection::{Connection, OpenConnectionArguments};
     tokio::time::sleep(SETTLE).await;
-    let endpoint = Endpoint::parse(&url.url())?;
     let before = live();
     let mut keep = Vec::new();
     for _ in 0..connections {
-        let mut open = OpenConnectionArguments::new(
-            endpoint.host(),
-            endpoint.port(),
-            endpoint.username(),
-            endpoint.password(),
-        );
-        open.virtual_host(endpoint.vhost());
-        let connection = Connection::open(&open).await?;
+        let connection = amqp_rebound_tests::bench::raw_amqprs_connection(url).await?;
         let mut chans = Vec::new();
         for _ in 0..channels {
             let channel = connection.open_channel(None).await?;
