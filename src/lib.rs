@@ -21,6 +21,11 @@
 
 pub use amqp_rebound_core::*;
 
+// The README's Rust snippets compile as doc tests, so the quick start stays true.
+#[cfg(all(doctest, feature = "lapin"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// The lapin transport adapter (feature `lapin`, on by default).
 #[cfg(feature = "lapin")]
 pub use amqp_rebound_lapin as lapin;
