@@ -198,6 +198,21 @@ impl AmqprsChannel {
         Ok(())
     }
 
+    /// Runs an amqprs request on this channel: refused at once when the channel is
+    /// closed or closing ([`check_open`](Self::check_open)), its error mapped by
+    /// [`error`](Self::error). (The request is lazy: nothing is sent before the
+    /// check passes.)
+    async fn call<T>(
+        &self,
+        request: impl std::future::Future<Output = Result<T, AmqprsError>>,
+    ) -> Result<T, TransportError> {
+        self.check_open().await?;
+        match request.await {
+            Ok(value) => Ok(value),
+            Err(e) => Err(self.error(e).await),
+        }
+    }
+
     /// [`check_open`](Self::check_open) for a fire-and-forget write: also holds
     /// off the broker's `channel.close` (see [`ChannelShared::writes`]) until the
     /// returned guard is dropped, right after amqprs has queued the frame.
@@ -246,24 +261,16 @@ impl Channel for AmqprsChannel {
     }
 
     async fn confirm_select(&self) -> Result<(), TransportError> {
-        self.check_open().await?;
-        match self
-            .channel()
-            .confirm_select(ConfirmSelectArguments::new(false))
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.error(e).await),
-        }
+        self.call(
+            self.channel()
+                .confirm_select(ConfirmSelectArguments::new(false)),
+        )
+        .await
     }
 
     async fn qos(&self, prefetch_count: u16) -> Result<(), TransportError> {
-        self.check_open().await?;
         let args = BasicQosArguments::new(0, prefetch_count, false);
-        match self.channel().basic_qos(args).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.error(e).await),
-        }
+        self.call(self.channel().basic_qos(args)).await
     }
 
     async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError> {
@@ -277,20 +284,12 @@ impl Channel for AmqprsChannel {
             no_wait: false,
             arguments: to_table("an exchange argument", &decl.arguments)?,
         };
-        self.check_open().await?;
-        match self.channel().exchange_declare(args).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.error(e).await),
-        }
+        self.call(self.channel().exchange_declare(args)).await
     }
 
     async fn delete_exchange(&self, name: &str) -> Result<(), TransportError> {
         let args = ExchangeDeleteArguments::new(&short("exchange name", name)?);
-        self.check_open().await?;
-        match self.channel().exchange_delete(args).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.error(e).await),
-        }
+        self.call(self.channel().exchange_delete(args)).await
     }
 
     async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError> {
@@ -302,31 +301,24 @@ impl Channel for AmqprsChannel {
             .auto_delete(decl.auto_delete)
             .arguments(arguments)
             .finish();
-        self.check_open().await?;
-        match self.channel().queue_declare(args).await {
-            Ok(Some((name, message_count, consumer_count))) => Ok(QueueInfo {
+        match self.call(self.channel().queue_declare(args)).await? {
+            Some((name, message_count, consumer_count)) => Ok(QueueInfo {
                 name,
                 message_count,
                 consumer_count,
             }),
             // Only with no-wait, which this adapter never asks for.
-            Ok(None) => Err(TransportError::Protocol(
+            None => Err(TransportError::Protocol(
                 "amqprs returned no queue.declare-ok".into(),
             )),
-            Err(e) => Err(self.error(e).await),
         }
     }
 
     async fn delete_queue(&self, name: &str) -> Result<u32, TransportError> {
         let args = QueueDeleteArguments::new(&short("queue name", name)?);
-        self.check_open().await?;
-        match self.channel().queue_delete(args).await {
-            Ok(Some(count)) => Ok(count),
-            Ok(None) => Err(TransportError::Protocol(
-                "amqprs returned no queue.delete-ok".into(),
-            )),
-            Err(e) => Err(self.error(e).await),
-        }
+        self.call(self.channel().queue_delete(args))
+            .await?
+            .ok_or_else(|| TransportError::Protocol("amqprs returned no queue.delete-ok".into()))
     }
 
     async fn bind_queue(
@@ -343,11 +335,7 @@ impl Channel for AmqprsChannel {
             no_wait: false,
             arguments: to_table("a binding argument", arguments)?,
         };
-        self.check_open().await?;
-        match self.channel().queue_bind(args).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.error(e).await),
-        }
+        self.call(self.channel().queue_bind(args)).await
     }
 
     async fn unbind_queue(
@@ -363,11 +351,7 @@ impl Channel for AmqprsChannel {
             routing_key: short("routing key", routing_key)?,
             arguments: to_table("a binding argument", arguments)?,
         };
-        self.check_open().await?;
-        match self.channel().queue_unbind(args).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.error(e).await),
-        }
+        self.call(self.channel().queue_unbind(args)).await
     }
 
     async fn bind_exchange(
@@ -384,11 +368,7 @@ impl Channel for AmqprsChannel {
             no_wait: false,
             arguments: to_table("a binding argument", arguments)?,
         };
-        self.check_open().await?;
-        match self.channel().exchange_bind(args).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.error(e).await),
-        }
+        self.call(self.channel().exchange_bind(args)).await
     }
 
     async fn unbind_exchange(
@@ -405,11 +385,7 @@ impl Channel for AmqprsChannel {
             no_wait: false,
             arguments: to_table("a binding argument", arguments)?,
         };
-        self.check_open().await?;
-        match self.channel().exchange_unbind(args).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.error(e).await),
-        }
+        self.call(self.channel().exchange_unbind(args)).await
     }
 
     async fn publish(&self, message: &Message) -> Result<(), TransportError> {
@@ -448,11 +424,7 @@ impl Channel for AmqprsChannel {
         if let Some(prefetch) = options.prefetch {
             self.qos(prefetch).await?;
         }
-        self.check_open().await?;
-        let (tag, deliveries) = match self.channel().basic_consume_rx(args).await {
-            Ok(consumer) => consumer,
-            Err(e) => return Err(self.error(e).await),
-        };
+        let (tag, deliveries) = self.call(self.channel().basic_consume_rx(args)).await?;
         self.commands
             .unbounded_send(Command::Consumer(tag, deliveries))
             .map_err(|_| task_stopped())
@@ -460,11 +432,8 @@ impl Channel for AmqprsChannel {
 
     async fn cancel(&self, consumer_tag: &str) -> Result<(), TransportError> {
         let args = BasicCancelArguments::new(&short("consumer tag", consumer_tag)?);
-        self.check_open().await?;
-        match self.channel().basic_cancel(args).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(self.error(e).await),
-        }
+        self.call(self.channel().basic_cancel(args)).await?;
+        Ok(())
     }
 
     async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), TransportError> {
