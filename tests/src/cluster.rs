@@ -366,6 +366,30 @@ impl Cluster {
         }
     }
 
+    /// Stops the app of the node the connection named `connection_name` is on and
+    /// waits until `events` shows the client losing it. Returns that node, when
+    /// the stop began, and when the loss was seen (up to 60 s for each step).
+    pub async fn stop_client_node(
+        &self,
+        connection_name: &str,
+        events: &EventLog,
+    ) -> (Node, Instant, Instant) {
+        let node = self
+            .connection_node(connection_name, Duration::from_secs(60))
+            .await;
+        let since = Instant::now();
+        self.stop_app(node).await;
+        let lost = events
+            .wait_for(
+                since,
+                Duration::from_secs(60),
+                "connection loss",
+                is_connection_lost,
+            )
+            .await;
+        (node, since, lost)
+    }
+
     /// `(messages, leader)` of queue `queue` as a running node reports them
     /// (`messages` counts ready and unacknowledged; `leader` is the queue's node).
     pub async fn queue_info(&self, queue: &str) -> Option<(u64, String)> {

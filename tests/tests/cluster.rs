@@ -544,19 +544,7 @@ async fn quorum_consumer_survives_node_stops<T: Transport>(make: fn() -> T, tran
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let generation = lock(&log.held)[0].generation();
-        let node = cluster
-            .connection_node(&name, Duration::from_secs(60))
-            .await;
-        let since = Instant::now();
-        cluster.stop_app(node).await;
-        let lost = events
-            .wait_for(
-                since,
-                Duration::from_secs(60),
-                "connection loss",
-                is_connection_lost,
-            )
-            .await;
+        let (node, since, lost) = cluster.stop_client_node(&name, &events).await;
         // deliveries resume on a newer channel generation
         let deadline = Instant::now() + Duration::from_secs(60);
         let resumed = loop {

@@ -30,7 +30,7 @@ use amqp_rebound_core::{
     BackoffConfig, Client, Confirmation, Event, FieldTable, Properties, QueueDecl, Transport,
 };
 use amqp_rebound_tests::cluster::{
-    Cluster, EventLog, client, is_channel_ready, is_connection_lost, lock, quantile, unique,
+    Cluster, EventLog, client, is_channel_ready, lock, quantile, unique,
 };
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -164,19 +164,7 @@ async fn failover_stall<T: Transport>(
     let mut stalls = Vec::new();
     let mut reconnects = Vec::new();
     for stop in 1..=stops {
-        let node = cluster
-            .connection_node(&name, Duration::from_secs(60))
-            .await;
-        let since = Instant::now();
-        cluster.stop_app(node).await;
-        let lost = events
-            .wait_for(
-                since,
-                Duration::from_secs(60),
-                "connection loss",
-                is_connection_lost,
-            )
-            .await;
+        let (node, since, lost) = cluster.stop_client_node(&name, &events).await;
         let ready = events
             .wait_for(
                 lost,
