@@ -313,6 +313,30 @@ impl PublishOptions {
     }
 }
 
+/// The broker's answer to one publish, from [`Client::publish`] or
+/// [`Client::publish_message`]: resolves exactly once, with [`Confirmation`] or
+/// a [`PublishError`] ([`PublishError::Closed`] when the client is closed or
+/// its driver is gone).
+#[derive(Debug)]
+#[must_use = "the message is published anyway; the future only tells how it ended"]
+pub struct PublishFuture {
+    /// `None`: the driver was gone when the message was handed over.
+    reply: Option<oneshot::Receiver<Result<Confirmation, PublishError>>>,
+}
+
+impl Future for PublishFuture {
+    type Output = Result<Confirmation, PublishError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.reply.as_mut() {
+            None => Poll::Ready(Err(PublishError::Closed)),
+            Some(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|answer| answer.unwrap_or(Err(PublishError::Closed))),
+        }
+    }
+}
+
 /// A handle to a resilient RabbitMQ client. Cheap to clone; `Send + Sync`.
 ///
 /// Every publish resolves exactly once: [`Confirmation`] or a [`PublishError`].
@@ -369,37 +393,48 @@ impl Client {
         self.tx.unbounded_send(request).is_ok()
     }
 
-    /// Publishes `payload` to `exchange` with `routing_key` and waits for the
-    /// broker's confirm. Waits for room when the outbox is full.
-    pub async fn publish(
+    /// Publishes `payload` to `exchange` with `routing_key`; the returned future
+    /// resolves with the broker's confirm. Waits for room when the outbox is full.
+    ///
+    /// The message is handed to the client by this call, so messages go out in
+    /// the order of the calls, and the future is `'static` (it can be spawned or
+    /// kept apart from the client). Dropping the future does not withdraw the
+    /// message: it is still published; only its result is not seen.
+    pub fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
         payload: impl Into<Bytes>,
         properties: Properties,
-    ) -> Result<Confirmation, PublishError> {
-        let message = Message::new(exchange, routing_key, payload).with_properties(properties);
-        self.publish_message(message, PublishOptions::default())
-            .await
+    ) -> PublishFuture {
+        let message = Message {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            payload: payload.into(),
+            properties,
+            mandatory: false,
+        };
+        self.submit(Arc::new(message), PublishOptions::default())
     }
 
-    /// Publishes a [`Message`] with [`PublishOptions`].
-    pub async fn publish_message(
-        &self,
-        message: Message,
-        options: PublishOptions,
-    ) -> Result<Confirmation, PublishError> {
+    /// Publishes a [`Message`] with [`PublishOptions`]; as [`Client::publish`],
+    /// the message is handed over by this call and the future waits for the
+    /// confirm.
+    pub fn publish_message(&self, message: Message, options: PublishOptions) -> PublishFuture {
+        self.submit(Arc::new(message), options)
+    }
+
+    fn submit(&self, message: Arc<Message>, options: PublishOptions) -> PublishFuture {
         let (reply, rx) = oneshot::channel();
         let request = Request::Publish {
-            message: Arc::new(message),
+            message,
             timeout: options.timeout,
             wait: !options.no_wait,
             reply,
         };
-        if !self.send(request) {
-            return Err(PublishError::Closed);
+        PublishFuture {
+            reply: self.send(request).then_some(rx),
         }
-        rx.await.unwrap_or(Err(PublishError::Closed))
     }
 
     /// The client's default publish timeout.

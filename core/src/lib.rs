@@ -79,7 +79,8 @@ pub mod transport;
 
 pub use backoff::{Backoff, BackoffConfig, Jitter};
 pub use client::{
-    Client, ClientBuilder, ClientState, Consumer, DEFAULT_URL, PublishOptions, Queue, Received,
+    Client, ClientBuilder, ClientState, Consumer, DEFAULT_URL, PublishFuture, PublishOptions,
+    Queue, Received,
 };
 pub use config::Config;
 pub use driver::Driver;

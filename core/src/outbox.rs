@@ -112,7 +112,10 @@ impl Hasher for IdHasher {
     }
 }
 
-pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+/// Builds [`IdHasher`]s.
+pub(crate) type IdHash = BuildHasherDefault<IdHasher>;
+
+pub(crate) type IdMap<V> = HashMap<u64, V, IdHash>;
 
 /// Publishes waiting or in flight.
 #[derive(Default)]

@@ -152,10 +152,12 @@ pub enum ChannelEvent {
         /// Covers every earlier number too.
         multiple: bool,
     },
-    /// A delivery to one of the channel's consumers.
-    Delivery(Delivery),
+    /// A delivery to one of the channel's consumers (boxed, like [`Self::Return`]:
+    /// they are ten times the size of the other events, which stay small on the
+    /// hot path of publisher confirms).
+    Delivery(Box<Delivery>),
     /// A mandatory message came back unroutable (sent before its ack).
-    Return(Returned),
+    Return(Box<Returned>),
     /// The broker cancelled a consumer (its queue was deleted, for example).
     ConsumerCancelled {
         /// The consumer's tag.

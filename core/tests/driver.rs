@@ -72,6 +72,48 @@ fn publishes_are_confirmed_on_a_non_tokio_executor() {
 }
 
 #[test]
+fn a_publish_is_handed_over_by_the_call_in_call_order_even_if_its_future_is_dropped() {
+    let (mut pool, clock, transport, client) = setup(1, 1);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+        .state()
+        .is_ready()));
+    // futures created in one order and polled in another, one never polled
+    let first = client.publish("", "q", "first", Properties::default());
+    let dropped = client.publish("", "q", "dropped", Properties::default());
+    let third = client.publish("", "q", "third", Properties::default());
+    drop(dropped);
+    let results: Results = Rc::default();
+    for (id, future) in [(3, third), (1, first)] {
+        let results = Rc::clone(&results);
+        pool.spawner()
+            .spawn_local(async move {
+                let result = future.await;
+                results.borrow_mut().push((id, result));
+            })
+            .expect("spawn");
+    }
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || results
+        .borrow()
+        .len()
+        == 2));
+    assert_eq!(
+        transport.broker().received,
+        vec!["first", "dropped", "third"],
+        "published in call order, the dropped one too"
+    );
+    assert!(
+        results
+            .borrow()
+            .iter()
+            .all(|(_, r)| *r == Ok(Confirmation::Confirmed))
+    );
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+        .stats()
+        .confirmed
+        == 3));
+}
+
+#[test]
 fn loss_mid_stream_republishes_unconfirmed_in_order() {
     let (mut pool, clock, transport, client) = setup(1, 1);
     assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client

@@ -120,14 +120,14 @@ fn mandatory_unroutable_resolves_as_returned() {
     w.input(Input::Returned {
         channel: ch(0, 0),
         generation,
-        returned: Returned {
+        returned: Box::new(Returned {
             reply_code: 312,
             reply_text: "NO_ROUTE".into(),
             exchange: "x".into(),
             routing_key: "b".into(),
             properties: Default::default(),
             payload: "2".into(),
-        },
+        }),
     });
     w.confirm(ch(0, 0), 2, true, true);
     assert_eq!(result_of(&w, routed), vec![Ok(Confirmation::Confirmed)]);

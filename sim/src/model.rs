@@ -1577,14 +1577,14 @@ impl State {
                 conn_id,
                 Down::chan(
                     chan_id,
-                    ChannelEvent::Return(Returned {
+                    ChannelEvent::Return(Box::new(Returned {
                         reply_code: 312,
                         reply_text: "NO_ROUTE".to_owned(),
                         exchange: message.exchange.clone(),
                         routing_key: message.routing_key.clone(),
                         properties: message.properties.clone(),
                         payload: message.payload.clone(),
-                    }),
+                    })),
                 ),
             );
         }
@@ -1896,7 +1896,10 @@ impl State {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.stats.delivered += 1;
         }
-        self.send_down(conn, Down::chan(*chan_id, ChannelEvent::Delivery(delivery)));
+        self.send_down(
+            conn,
+            Down::chan(*chan_id, ChannelEvent::Delivery(Box::new(delivery))),
+        );
     }
 
     // ---- faults ----------------------------------------------------------------

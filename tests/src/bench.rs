@@ -64,6 +64,23 @@ pub struct Args {
     /// Payload size in bytes (`--payload`, 128; at least 8 in the kill part,
     /// which numbers each message in its first 8 bytes).
     pub payload: usize,
+    /// Run one side only, `rounds` times, and print its rate and CPU per
+    /// message (`--only raw|adapter|single|pool`): for a profiler, which cannot
+    /// tell the sides of a full run apart. No ratios, no kills, no JSON.
+    pub only: Option<Only>,
+}
+
+/// A side of the throughput comparison, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Only {
+    /// The raw client.
+    Raw,
+    /// The transport adapter alone.
+    Adapter,
+    /// amqp-rebound 1x1.
+    Single,
+    /// amqp-rebound with the default pool.
+    Pool,
 }
 
 impl Default for Args {
@@ -74,6 +91,7 @@ impl Default for Args {
             rounds: 5,
             kills: 20,
             payload: 128,
+            only: None,
         }
     }
 }
@@ -100,10 +118,23 @@ impl Args {
                 "--rounds" => parsed.rounds = value()?.max(1),
                 "--kills" => parsed.kills = value()?,
                 "--payload" => parsed.payload = value()?,
+                "--only" => {
+                    parsed.only = Some(match it.next().as_deref() {
+                        Some("raw") => Only::Raw,
+                        Some("adapter") => Only::Adapter,
+                        Some("single") => Only::Single,
+                        Some("pool") => Only::Pool,
+                        other => {
+                            return Err(format!(
+                                "--only takes raw, adapter, single or pool, not {other:?}"
+                            ));
+                        }
+                    });
+                }
                 "-h" | "--help" => {
                     return Err(format!(
                         "usage: {program} [--messages N] [--window W] [--rounds R] \
-                         [--kills K] [--payload BYTES]"
+                         [--kills K] [--payload BYTES] [--only raw|adapter|single|pool]"
                     ));
                 }
                 other => return Err(format!("unknown argument {other}")),
@@ -397,6 +428,58 @@ where
     let _ = admin.channel.delete_queue(&decl.name).await;
     admin.close().await;
     Ok(result)
+}
+
+/// `--only`: one side, `args.rounds` times, rate and CPU per message printed.
+async fn one_side<T, M, R, Fut>(
+    name: &str,
+    only: Only,
+    args: &Args,
+    url: &BrokerUrl,
+    transport: &M,
+    raw: R,
+) -> Result<(), BoxError>
+where
+    T: Transport,
+    M: Fn() -> T,
+    R: Fn(RawJob) -> Fut,
+    Fut: Future<Output = Result<Duration, BoxError>>,
+{
+    let admin = Admin::open(transport(), url, "bench admin").await?;
+    let decl = bench_queue(unique("bench"));
+    let job = RawJob {
+        url: url.clone(),
+        queue: decl.name.clone(),
+        messages: args.messages,
+        window: args.window,
+        payload: Bytes::from(vec![b'x'; args.payload]),
+    };
+    for round in 1..=args.rounds {
+        let run = match only {
+            Only::Raw => timed(&admin, &decl, args.messages, || raw(job.clone())).await?,
+            Only::Adapter => {
+                timed(&admin, &decl, args.messages, || adapter(transport(), &job)).await?
+            }
+            Only::Single => {
+                timed(&admin, &decl, args.messages, || {
+                    rebound(transport(), url, &job, Some((1, 1)))
+                })
+                .await?
+            }
+            Only::Pool => {
+                timed(&admin, &decl, args.messages, || {
+                    rebound(transport(), url, &job, None)
+                })
+                .await?
+            }
+        };
+        println!(
+            "  round {round}: {name} {only:?} {:>7.0}/s {:>5.1} us CPU/msg",
+            run.rate, run.cpu_us
+        );
+    }
+    admin.close().await;
+    Ok(())
 }
 
 /// The transport adapter alone: one channel in confirm mode through
@@ -982,6 +1065,9 @@ where
     R: Fn(RawJob) -> Fut,
     Fut: Future<Output = Result<Duration, BoxError>>,
 {
+    if let Some(only) = args.only {
+        return one_side(name, only, &args, &url, &transport, raw).await;
+    }
     let throughput = throughput(name, &args, &url, &transport, raw).await?;
     let recovery = if args.kills > 0 {
         recovery(name, &url, args.kills, args.payload, &transport).await?
@@ -1014,6 +1100,12 @@ mod tests {
         assert!(args(&["--bogus"]).is_err());
         assert!(args(&["--rounds"]).is_err());
         assert!(args(&["--help"]).unwrap_err().starts_with("usage: bench"));
+        assert_eq!(
+            args(&["--only", "single"]).unwrap().only,
+            Some(Only::Single)
+        );
+        assert!(args(&["--only", "both"]).is_err());
+        assert!(args(&["--only"]).is_err());
     }
 
     #[test]

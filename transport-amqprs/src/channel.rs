@@ -699,7 +699,7 @@ impl Pump {
                 delivery_tag,
                 multiple,
             }),
-            Raw::Return(returned) => self.emit(ChannelEvent::Return(*returned)),
+            Raw::Return(returned) => self.emit(ChannelEvent::Return(returned)),
             Raw::Cancel(consumer_tag) => {
                 // Deliveries that came before the cancel go out before it.
                 if let Some(at) = self.consumers.iter().position(|(t, _)| *t == consumer_tag) {
@@ -715,7 +715,7 @@ impl Pump {
 
     fn deliver(&self, message: ConsumerMessage) {
         if let Some(delivery) = convert::delivery(message) {
-            self.emit(ChannelEvent::Delivery(delivery));
+            self.emit(ChannelEvent::Delivery(Box::new(delivery)));
         }
     }
 

@@ -210,6 +210,50 @@ async fn publishes_1000_and_gets_1000_acks_then_consumes_them() {
     conn.close().await.unwrap();
 }
 
+/// Each confirm is numbered for its own message: publishes alternate between a
+/// queue that takes them and a full queue that refuses them (`reject-publish`:
+/// the broker nacks), sent back to back without waiting, so acks and nacks must
+/// alternate by number. `publish` returns before lapin has written the frames;
+/// were its numbering ever out of step with lapin's, the pattern would shift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_publishes_get_the_confirm_of_their_own_message() {
+    let conn = connect().await;
+    let (channel, mut events) = confirm_channel(&conn).await;
+    let open = unique("open");
+    let full = unique("full");
+    channel.declare_queue(&temp_queue(&open)).await.unwrap();
+    let mut refusing = temp_queue(&full);
+    refusing
+        .arguments
+        .insert("x-max-length".into(), AMQPValue::LongInt(0));
+    refusing.arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel.declare_queue(&refusing).await.unwrap();
+    const N: u64 = 400;
+    for i in 1..=N {
+        let queue = if i % 2 == 1 { &open } else { &full };
+        let message = Message::new("", queue.as_str(), format!("m{i}").into_bytes());
+        channel.publish(&message).await.expect("publish");
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    while seen.len() < N as usize {
+        let (tag, ack) = match next("confirms", &mut events).await {
+            ChannelEvent::Ack { delivery_tag, .. } => (delivery_tag, true),
+            ChannelEvent::Nack { delivery_tag, .. } => (delivery_tag, false),
+            other => panic!("unexpected event {other:?}"),
+        };
+        assert!(seen.insert(tag, ack).is_none(), "confirm {tag} twice");
+    }
+    for (tag, ack) in seen {
+        assert_eq!(ack, tag % 2 == 1, "confirm {tag}: ack {ack}");
+    }
+    channel.delete_queue(&open).await.unwrap();
+    channel.delete_queue(&full).await.unwrap();
+    conn.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn properties_and_headers_round_trip() {
     let conn = connect().await;

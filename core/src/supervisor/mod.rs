@@ -125,7 +125,7 @@ pub enum Input {
         /// The generation of the channel.
         generation: u64,
         /// What came back.
-        returned: Returned,
+        returned: Box<Returned>,
     },
     /// A delivery to a consumer.
     Delivery {
@@ -133,8 +133,8 @@ pub enum Input {
         channel: ChannelId,
         /// The generation of the channel.
         generation: u64,
-        /// The delivery.
-        delivery: Delivery,
+        /// The delivery (boxed: it is ten times the size of a confirm).
+        delivery: Box<Delivery>,
     },
     /// The broker cancelled a consumer (basic.cancel, e.g. its queue was deleted).
     ConsumerCancelled {

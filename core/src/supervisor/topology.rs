@@ -703,7 +703,12 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn on_delivery(&mut self, channel: ChannelId, generation: u64, delivery: Delivery) {
+    pub(super) fn on_delivery(
+        &mut self,
+        channel: ChannelId,
+        generation: u64,
+        delivery: Box<Delivery>,
+    ) {
         let Some((c, i)) = self.current_chan(channel, generation) else {
             return;
         };
@@ -728,7 +733,7 @@ impl Supervisor {
             consumer: ConsumerId(id),
             channel,
             generation,
-            delivery: Box::new(delivery),
+            delivery,
         });
     }
 

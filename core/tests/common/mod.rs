@@ -382,7 +382,7 @@ impl World {
         self.input(Input::Delivery {
             channel,
             generation,
-            delivery: Delivery {
+            delivery: Box::new(Delivery {
                 consumer_tag: consumer_tag.to_string(),
                 delivery_tag: tag,
                 redelivered: false,
@@ -390,7 +390,7 @@ impl World {
                 routing_key: "q".into(),
                 properties: Properties::default(),
                 payload: payload.to_string().into_bytes().into(),
-            },
+            }),
         });
         Some(tag)
     }

@@ -326,15 +326,17 @@ fn dispatch(b: &mut Broker, queue: &str) {
         };
         let chan = b.chans.get_mut(&key).expect("found above");
         chan.delivery_tag += 1;
-        let _ = chan.events.unbounded_send(ChannelEvent::Delivery(Delivery {
-            consumer_tag: tag,
-            delivery_tag: chan.delivery_tag,
-            redelivered: false,
-            exchange: message.exchange.clone(),
-            routing_key: message.routing_key.clone(),
-            properties: message.properties.clone(),
-            payload: message.payload.clone(),
-        }));
+        let _ = chan
+            .events
+            .unbounded_send(ChannelEvent::Delivery(Box::new(Delivery {
+                consumer_tag: tag,
+                delivery_tag: chan.delivery_tag,
+                redelivered: false,
+                exchange: message.exchange.clone(),
+                routing_key: message.routing_key.clone(),
+                properties: message.properties.clone(),
+                payload: message.payload.clone(),
+            })));
     }
 }
 

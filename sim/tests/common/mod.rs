@@ -166,7 +166,7 @@ pub fn deliveries(events: &[ChannelEvent]) -> Vec<amqp_rebound_core::Delivery> {
     events
         .iter()
         .filter_map(|e| match e {
-            ChannelEvent::Delivery(d) => Some(d.clone()),
+            ChannelEvent::Delivery(d) => Some((**d).clone()),
             _ => None,
         })
         .collect()
