@@ -68,6 +68,8 @@ pub struct Args {
     /// message (`--only raw|adapter|single|pool`): for a profiler, which cannot
     /// tell the sides of a full run apart. No ratios, no kills, no JSON.
     pub only: Option<Only>,
+    /// `--raw-queued`: see [`RawJob::queued`].
+    pub raw_queued: bool,
 }
 
 /// A side of the throughput comparison, for `--only`.
@@ -92,6 +94,7 @@ impl Default for Args {
             kills: 20,
             payload: 128,
             only: None,
+            raw_queued: false,
         }
     }
 }
@@ -118,6 +121,7 @@ impl Args {
                 "--rounds" => parsed.rounds = value()?.max(1),
                 "--kills" => parsed.kills = value()?,
                 "--payload" => parsed.payload = value()?,
+                "--raw-queued" => parsed.raw_queued = true,
                 "--only" => {
                     parsed.only = Some(match it.next().as_deref() {
                         Some("raw") => Only::Raw,
@@ -134,7 +138,8 @@ impl Args {
                 "-h" | "--help" => {
                     return Err(format!(
                         "usage: {program} [--messages N] [--window W] [--rounds R] \
-                         [--kills K] [--payload BYTES] [--only raw|adapter|single|pool]"
+                         [--kills K] [--payload BYTES] [--only raw|adapter|single|pool] \
+                         [--raw-queued]"
                     ));
                 }
                 other => return Err(format!("unknown argument {other}")),
@@ -269,6 +274,12 @@ pub struct RawJob {
     pub window: usize,
     /// The payload of every message.
     pub payload: Bytes,
+    /// `--raw-queued`: the raw client does not wait for each publish to be
+    /// written before the next (for lapin: `basic_publish` polled once, which
+    /// queues the frames, and awaited later with its confirm), as the lapin
+    /// adapter does. Without it the raw client is used as its documentation
+    /// shows. amqprs's `basic_publish` never waits for the write: no difference.
+    pub queued: bool,
 }
 
 /// One side's runs and their medians.
@@ -355,6 +366,7 @@ where
         messages: args.messages,
         window: args.window,
         payload: payload.clone(),
+        queued: args.raw_queued,
     };
     let (mut raws, mut adapters, mut singles, mut pooleds) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -453,6 +465,7 @@ where
         messages: args.messages,
         window: args.window,
         payload: Bytes::from(vec![b'x'; args.payload]),
+        queued: args.raw_queued,
     };
     for round in 1..=args.rounds {
         let run = match only {
@@ -993,6 +1006,7 @@ pub fn report(name: &str, args: &Args, throughput: &Throughput, recovery: &Recov
     put("payload_bytes".into(), args.payload.into());
     put("window".into(), args.window.into());
     put("rounds".into(), args.rounds.into());
+    put("raw_queued".into(), args.raw_queued.into());
     put(format!("raw_{name}_msgs_per_s"), number(raw.rate, 0));
     put("adapter_msgs_per_s".into(), number(adapter.rate, 0));
     put("rebound_1x1_msgs_per_s".into(), number(single.rate, 0));
@@ -1106,6 +1120,7 @@ mod tests {
         );
         assert!(args(&["--only", "both"]).is_err());
         assert!(args(&["--only"]).is_err());
+        assert!(args(&["--raw-queued"]).unwrap().raw_queued);
     }
 
     #[test]

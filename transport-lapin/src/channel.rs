@@ -1,8 +1,7 @@
 //! [`LapinChannel`]: one lapin channel, and the task that turns its confirms,
 //! returns, deliveries and closure into one [`ChannelEvent`] stream.
 
-use std::collections::HashSet;
-use std::future::poll_fn;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -24,17 +23,20 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::{ChannelStatus, Confirmation};
-use tokio::runtime::Handle;
 
 use crate::convert::{self, check_table, is_state_error, map_error, short};
 
 /// One AMQP channel over lapin; implements core's [`Channel`].
 ///
-/// Made by [`LapinConnection::open_channel`](crate::LapinConnection). A task on the
-/// tokio runtime feeds [`Channel::events`]; it ends with the channel, or when this
-/// value is dropped (lapin then closes the channel). Events wait in an unbounded
-/// queue until they are read, so take the stream right away, as the contract says;
-/// a second call to `events` gets an empty stream.
+/// Made by [`LapinConnection::open_channel`](crate::LapinConnection).
+/// [`Channel::events`] does the channel's bookkeeping as it is polled: it takes
+/// the confirms lapin resolved, the deliveries of its consumers and the closure,
+/// so lapin wakes the reader of the stream directly (no task in between: a
+/// hand-over through a task cost a wake-up per confirm). Until it is polled,
+/// confirms and deliveries wait in lapin; take the stream right away and keep
+/// polling it, as the contract says. It ends with the channel, or when this value
+/// is dropped (lapin then closes the channel); a second call to `events` gets an
+/// empty stream.
 ///
 /// `publish` returns once lapin has queued the message's frames (in call order,
 /// numbered for its confirm); the channel's task waits for lapin to write them and
@@ -48,7 +50,7 @@ pub struct LapinChannel {
     // Publishes are numbered in the order they reach lapin; the lock keeps that order
     // equal to lapin's (and so the broker's) even if calls overlap.
     publish_seq: futures::lock::Mutex<u64>,
-    events: Mutex<Option<mpsc::UnboundedReceiver<ChannelEvent>>>,
+    pump: Mutex<Option<Pump>>,
 }
 
 impl std::fmt::Debug for LapinChannel {
@@ -123,7 +125,7 @@ enum Command {
 
 impl LapinChannel {
     /// Wraps a freshly opened lapin channel and starts its event task on `handle`.
-    pub(crate) fn start(channel: lapin::Channel, handle: &Handle) -> LapinChannel {
+    pub(crate) fn start(channel: lapin::Channel) -> LapinChannel {
         let shared = Arc::new(ChannelShared {
             status: channel.status().clone(),
             close_request: Mutex::new(None),
@@ -134,21 +136,20 @@ impl LapinChannel {
             waker: AtomicWaker::new(),
         });
         let (command_tx, command_rx) = mpsc::unbounded();
-        let (event_tx, event_rx) = mpsc::unbounded();
-        let mut pump = Pump {
+        let pump = Pump {
             shared: shared.clone(),
             commands: command_rx,
             confirms: FuturesUnordered::new(),
             consumers: SelectAll::new(),
-            events: event_tx,
+            ready: VecDeque::new(),
+            ended: false,
         };
-        handle.spawn(async move { poll_fn(|cx| pump.poll(cx)).await });
         LapinChannel {
             channel,
             shared,
             commands: command_tx,
             publish_seq: futures::lock::Mutex::new(0),
-            events: Mutex::new(Some(event_rx)),
+            pump: Mutex::new(Some(pump)),
         }
     }
 
@@ -187,8 +188,8 @@ impl LapinChannel {
 #[async_trait]
 impl Channel for LapinChannel {
     fn events(&self) -> BoxStream<'static, ChannelEvent> {
-        match lock(&self.events).take() {
-            Some(events) => events.boxed(),
+        match lock(&self.pump).take() {
+            Some(mut pump) => stream::poll_fn(move |cx| pump.poll_next(cx)).boxed(),
             None => stream::empty().boxed(),
         }
     }
@@ -530,19 +531,33 @@ enum ConsumerItem {
     End(String),
 }
 
-/// The channel's event task: one per channel, no task per message.
+/// The channel's bookkeeping, run by whoever polls its events stream.
 struct Pump {
     shared: Arc<ChannelShared>,
     commands: mpsc::UnboundedReceiver<Command>,
     confirms: FuturesUnordered<BoxFuture<'static, (u64, lapin::Result<Confirmation>)>>,
     consumers: SelectAll<BoxStream<'static, ConsumerItem>>,
-    events: mpsc::UnboundedSender<ChannelEvent>,
+    /// Events taken from lapin, not yet yielded.
+    ready: VecDeque<ChannelEvent>,
+    /// `Closed` is queued (or the owner is gone): nothing more comes.
+    ended: bool,
 }
 
 impl Pump {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<ChannelEvent>> {
+        if self.ready.is_empty() && !self.ended && self.poll_lapin(cx).is_ready() {
+            self.ended = true;
+        }
+        match self.ready.pop_front() {
+            Some(event) => Poll::Ready(Some(event)),
+            None if self.ended => Poll::Ready(None),
+            None => Poll::Pending,
+        }
+    }
+
     /// Drains commands, confirms and deliveries, then reports a closure if one is
-    /// due. Ready once the channel's last event went out (or its owner is gone).
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// due. Ready once the channel's last event is queued (or its owner is gone).
+    fn poll_lapin(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.shared.waker.register(cx.waker());
         loop {
             match self.commands.poll_next_unpin(cx) {
@@ -576,7 +591,6 @@ impl Pump {
                 };
                 *lock(&self.shared.closed) = Some(error.clone());
                 self.emit(ChannelEvent::Closed(error));
-                self.events.close_channel();
                 Poll::Ready(())
             }
             None => Poll::Pending,
@@ -675,9 +689,8 @@ impl Pump {
         }
     }
 
-    fn emit(&self, event: ChannelEvent) {
-        // The receiver may be gone (nobody listens); the events are then moot.
-        let _ = self.events.unbounded_send(event);
+    fn emit(&mut self, event: ChannelEvent) {
+        self.ready.push_back(event);
     }
 }
 

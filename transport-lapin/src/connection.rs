@@ -30,7 +30,6 @@ use crate::convert::{is_channel_level, is_state_error, map_error, scrub};
 pub struct LapinConnection {
     connection: lapin::Connection,
     shared: Arc<ConnectionShared>,
-    handle: Handle,
     events: Mutex<Option<mpsc::UnboundedReceiver<ConnectionEvent>>>,
     // Dropped with the connection: tells the event task to stop.
     _owner: oneshot::Sender<()>,
@@ -110,7 +109,6 @@ impl LapinConnection {
         LapinConnection {
             connection,
             shared,
-            handle,
             events: Mutex::new(Some(event_rx)),
             _owner: owner_tx,
         }
@@ -142,7 +140,7 @@ impl Connection for LapinConnection {
             .create_channel()
             .await
             .map_err(|e| self.error(e))?;
-        let channel = LapinChannel::start(channel, &self.handle);
+        let channel = LapinChannel::start(channel);
         lock(&self.shared.channels).push(Arc::downgrade(channel.shared()));
         // The connection may have died between lapin's answer and the line above,
         // in which case its task has already told every channel it knew of.

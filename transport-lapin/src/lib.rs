@@ -34,8 +34,9 @@
 //! (heartbeats, its internal calls) on an async runtime; this crate makes that
 //! runtime tokio, from [`LapinTransport::with_handle`] or else the runtime that
 //! calls [`connect`](Transport::connect) (outside of one, `connect` fails instead of
-//! panicking). The event streams are fed by one tokio task per connection and one
-//! per channel — not one per message. A multi-threaded runtime is the safe choice:
+//! panicking). A connection's event stream is fed by one tokio task; a channel's
+//! event stream does its own bookkeeping as it is polled (no task per channel, none
+//! per message). A multi-threaded runtime is the safe choice:
 //! lapin's socket thread drives the runtime through `Handle::block_on`, which on a
 //! current-thread runtime only works while that runtime's own thread is inside
 //! `block_on` (as in `#[tokio::test]`).
