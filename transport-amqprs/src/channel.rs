@@ -1,6 +1,6 @@
-//! [`AmqprsChannel`]: one amqprs channel, its [`ChannelCallback`], and the task that
-//! turns confirms, returns, cancels, deliveries and the channel's end into one
-//! [`ChannelEvent`] stream.
+//! [`AmqprsChannel`]: one amqprs channel, its [`ChannelCallback`] (which passes
+//! confirms and returns straight to the [`ChannelEvent`] stream), and the task that
+//! adds cancels, deliveries and the channel's end to it.
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,9 +32,10 @@ use crate::convert::{self, map_error, short, to_table};
 
 /// One AMQP channel over amqprs; implements core's [`Channel`].
 ///
-/// Made by [`AmqprsConnection::open_channel`](crate::AmqprsConnection). A task on
-/// the tokio runtime feeds [`Channel::events`]; it ends with the channel, or when
-/// this value is dropped (amqprs then closes the channel). Events wait in an
+/// Made by [`AmqprsConnection::open_channel`](crate::AmqprsConnection). The
+/// channel's callback feeds [`Channel::events`] with confirms and returns, a task on
+/// the tokio runtime with deliveries, cancels and the channel's end (after every
+/// confirm); it ends with the channel. Events wait in an
 /// unbounded queue until they are read, so take the stream right away, as the
 /// contract says; a second call to `events` gets an empty stream.
 ///
@@ -141,9 +142,11 @@ impl AmqprsChannel {
         });
         let channel = InRuntime::new(channel, handle.clone());
         let (raw_tx, raw_rx) = mpsc::unbounded();
+        let (event_tx, event_rx) = mpsc::unbounded();
         let callback = Callback {
             shared: shared.clone(),
             raw: raw_tx,
+            events: event_tx.clone(),
         };
         if channel.get().register_callback(callback).await.is_err() {
             // The dispatcher is already gone.
@@ -156,7 +159,6 @@ impl AmqprsChannel {
             });
         }
         let (command_tx, command_rx) = mpsc::unbounded();
-        let (event_tx, event_rx) = mpsc::unbounded();
         let pump = Pump {
             shared: shared.clone(),
             raw: raw_rx,
@@ -495,14 +497,16 @@ impl Channel for AmqprsChannel {
 struct Callback {
     shared: Arc<ChannelShared>,
     raw: mpsc::UnboundedSender<Raw>,
+    /// Confirms and returns go straight to the events stream, in the order of
+    /// the broker's frames (a return before its ack): no hand-over through the
+    /// event task, which cost a wake-up per confirm. They are all sent before
+    /// `Closed`: the event task emits it only after amqprs has dropped this
+    /// callback.
+    events: mpsc::UnboundedSender<ChannelEvent>,
 }
 
-/// What the callback passes to the event task, in the order amqprs reported it
-/// (which is the order of the broker's frames).
+/// What the callback passes to the event task.
 enum Raw {
-    Ack { delivery_tag: u64, multiple: bool },
-    Nack { delivery_tag: u64, multiple: bool },
-    Return(Box<amqp_rebound_core::message::Returned>),
     Cancel(String),
 }
 
@@ -510,6 +514,11 @@ impl Callback {
     fn send(&self, raw: Raw) {
         // The event task may be gone (the channel was dropped); then nobody listens.
         let _ = self.raw.unbounded_send(raw);
+    }
+
+    fn emit(&self, event: ChannelEvent) {
+        // Nobody may listen any more (the channel was dropped).
+        let _ = self.events.unbounded_send(event);
     }
 }
 
@@ -549,7 +558,7 @@ impl ChannelCallback for Callback {
     }
 
     async fn publish_ack(&mut self, _channel: &AmqprsChan, ack: amqprs::Ack) {
-        self.send(Raw::Ack {
+        self.emit(ChannelEvent::Ack {
             delivery_tag: ack.delivery_tag(),
             // sic: amqprs 2.1 spells it `mutiple`.
             multiple: ack.mutiple(),
@@ -557,7 +566,7 @@ impl ChannelCallback for Callback {
     }
 
     async fn publish_nack(&mut self, _channel: &AmqprsChan, nack: amqprs::Nack) {
-        self.send(Raw::Nack {
+        self.emit(ChannelEvent::Nack {
             delivery_tag: nack.delivery_tag(),
             multiple: nack.multiple(),
         });
@@ -571,7 +580,7 @@ impl ChannelCallback for Callback {
         content: Vec<u8>,
     ) {
         let returned = convert::returned(&ret, &basic_properties, content);
-        self.send(Raw::Return(Box::new(returned)));
+        self.emit(ChannelEvent::Return(Box::new(returned)));
     }
 }
 
@@ -685,21 +694,6 @@ impl Pump {
 
     fn handle(&mut self, raw: Raw) {
         match raw {
-            Raw::Ack {
-                delivery_tag,
-                multiple,
-            } => self.emit(ChannelEvent::Ack {
-                delivery_tag,
-                multiple,
-            }),
-            Raw::Nack {
-                delivery_tag,
-                multiple,
-            } => self.emit(ChannelEvent::Nack {
-                delivery_tag,
-                multiple,
-            }),
-            Raw::Return(returned) => self.emit(ChannelEvent::Return(returned)),
             Raw::Cancel(consumer_tag) => {
                 // Deliveries that came before the cancel go out before it.
                 if let Some(at) = self.consumers.iter().position(|(t, _)| *t == consumer_tag) {
