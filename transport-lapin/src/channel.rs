@@ -1,7 +1,7 @@
 //! [`LapinChannel`]: one lapin channel, and the task that turns its confirms,
 //! returns, deliveries and closure into one [`ChannelEvent`] stream.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -143,6 +143,7 @@ impl LapinChannel {
             consumers: SelectAll::new(),
             ready: VecDeque::new(),
             ended: false,
+            confirm_events: ConfirmEvents::default(),
         };
         LapinChannel {
             channel,
@@ -541,6 +542,71 @@ struct Pump {
     ready: VecDeque<ChannelEvent>,
     /// `Closed` is queued (or the owner is gone): nothing more comes.
     ended: bool,
+    confirm_events: ConfirmEvents,
+}
+
+/// Turns confirms, as lapin resolves them, into the fewest events. lapin resolves
+/// each publish's confirm on its own, also for the broker's multiple acks: a run
+/// of acks that continues everything emitted so far goes out as one multiple ack
+/// (as the broker sent it), one event for the client instead of one per message.
+/// Nacks, and acks that come out of order, go out one by one.
+#[derive(Debug, Default)]
+struct ConfirmEvents {
+    /// Every confirm numbered up to this one has been emitted.
+    upto: u64,
+    /// Confirms emitted above `upto` (resolved out of order).
+    ahead: BTreeSet<u64>,
+}
+
+impl ConfirmEvents {
+    /// The events for `confirms` (sequence number, ack?), sorted by number.
+    fn events(&mut self, confirms: &[(u64, bool)]) -> Vec<ChannelEvent> {
+        let mut out = Vec::new();
+        // acks first..=last, everything below them emitted before
+        let mut run: Option<(u64, u64)> = None;
+        for &(seq, ack) in confirms {
+            if ack && seq == self.upto + 1 {
+                self.advance(seq);
+                run = Some((run.map_or(seq, |(first, _)| first), seq));
+                continue;
+            }
+            if let Some((first, last)) = run.take() {
+                out.push(ack_event(last, first < last));
+            }
+            out.push(if ack {
+                ack_event(seq, false)
+            } else {
+                ChannelEvent::Nack {
+                    delivery_tag: seq,
+                    multiple: false,
+                }
+            });
+            if seq == self.upto + 1 {
+                self.advance(seq);
+            } else if seq > self.upto {
+                self.ahead.insert(seq);
+            }
+        }
+        if let Some((first, last)) = run {
+            out.push(ack_event(last, first < last));
+        }
+        out
+    }
+
+    /// `seq` follows `upto`: moves it on, over what was emitted ahead.
+    fn advance(&mut self, seq: u64) {
+        self.upto = seq;
+        while self.ahead.remove(&(self.upto + 1)) {
+            self.upto += 1;
+        }
+    }
+}
+
+fn ack_event(delivery_tag: u64, multiple: bool) -> ChannelEvent {
+    ChannelEvent::Ack {
+        delivery_tag,
+        multiple,
+    }
 }
 
 impl Pump {
@@ -661,18 +727,8 @@ impl Pump {
         for r in returns {
             self.emit(ChannelEvent::Return(Box::new(convert::returned(r))));
         }
-        for (delivery_tag, ack) in confirms {
-            self.emit(if ack {
-                ChannelEvent::Ack {
-                    delivery_tag,
-                    multiple: false,
-                }
-            } else {
-                ChannelEvent::Nack {
-                    delivery_tag,
-                    multiple: false,
-                }
-            });
+        for event in self.confirm_events.events(&confirms) {
+            self.emit(event);
         }
         failure
     }
@@ -700,4 +756,85 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(delivery_tag: u64, multiple: bool) -> ChannelEvent {
+        ack_event(delivery_tag, multiple)
+    }
+
+    #[test]
+    fn a_run_of_acks_in_order_is_one_multiple_ack() {
+        let mut c = ConfirmEvents::default();
+        assert_eq!(
+            c.events(&[(1, true), (2, true), (3, true)]),
+            vec![ack(3, true)]
+        );
+        assert_eq!(c.events(&[(4, true)]), vec![ack(4, false)]);
+        assert_eq!(c.events(&[(5, true), (6, true)]), vec![ack(6, true)]);
+    }
+
+    #[test]
+    fn a_gap_a_nack_or_an_ack_out_of_order_goes_alone() {
+        let mut c = ConfirmEvents::default();
+        // 2 is not resolved yet: 3 and 4 cannot be covered by a multiple ack
+        assert_eq!(
+            c.events(&[(1, true), (3, true), (4, true)]),
+            vec![ack(1, false), ack(3, false), ack(4, false)]
+        );
+        // 2 arrives: a single ack (3 and 4 went out already)
+        assert_eq!(c.events(&[(2, true)]), vec![ack(2, false)]);
+        // everything up to 4 is out: 5..6 is a run again; a nack breaks it
+        assert_eq!(
+            c.events(&[(5, true), (6, true), (7, false), (8, true), (9, true)]),
+            vec![
+                ack(6, true),
+                ChannelEvent::Nack {
+                    delivery_tag: 7,
+                    multiple: false
+                },
+                ack(9, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_multiple_ack_never_covers_an_unresolved_number() {
+        // every order of 1..=6 in two batches: replaying the events as the core
+        // reads them (a multiple ack covers every number up to its tag) must
+        // confirm exactly the numbers resolved so far
+        let orders = [
+            [3, 1, 2, 6, 4, 5],
+            [6, 5, 4, 3, 2, 1],
+            [2, 4, 6, 1, 3, 5],
+            [1, 2, 3, 4, 5, 6],
+        ];
+        for order in orders {
+            for split in 0..=order.len() {
+                let mut c = ConfirmEvents::default();
+                let mut confirmed = BTreeSet::new();
+                let mut resolved = BTreeSet::new();
+                for batch in [&order[..split], &order[split..]] {
+                    let mut sorted: Vec<(u64, bool)> = batch.iter().map(|&s| (s, true)).collect();
+                    sorted.sort_unstable();
+                    resolved.extend(batch.iter().copied());
+                    for event in c.events(&sorted) {
+                        let ChannelEvent::Ack {
+                            delivery_tag,
+                            multiple,
+                        } = event
+                        else {
+                            panic!("only acks here");
+                        };
+                        let first = if multiple { 1 } else { delivery_tag };
+                        confirmed.extend(first..=delivery_tag);
+                    }
+                    assert_eq!(confirmed, resolved, "order {order:?} split {split}");
+                }
+            }
+        }
+    }
 }
