@@ -42,6 +42,10 @@ use crate::transport::{
     Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, Sleep, Timer, Transport,
 };
 
+/// Items one trip through the driver's loop takes before it flushes and looks at
+/// its timers again.
+const BATCH: usize = 256;
+
 /// Runs a client: spawn it on any executor (or `.await` it); it completes after
 /// [`Client::close`](crate::Client::close) or when every `Client` handle is
 /// dropped. Dropping it drops every transport connection and resolves every
@@ -256,23 +260,32 @@ impl<T: Transport, K: Timer> State<T, K> {
         self.batch_now = None;
     }
 
+    /// Each source is drained in turn (a poll of an empty stream set costs as
+    /// much as taking an item), up to [`BATCH`] items in all.
     fn drain_batch(&mut self, requests: &async_channel::Receiver<Request>) {
-        for _ in 0..256 {
-            let mut progressed = false;
-            if let Some(Some((channel, generation, event))) = self.chan_events.next().now_or_never()
+        let mut budget = BATCH;
+        while budget > 0 {
+            let start = budget;
+            while budget > 0
+                && let Some(Some((channel, generation, event))) =
+                    self.chan_events.next().now_or_never()
             {
                 self.on_channel_event(channel, generation, event);
-                progressed = true;
+                budget -= 1;
             }
-            if let Ok(request) = requests.try_recv() {
+            while budget > 0
+                && let Ok(request) = requests.try_recv()
+            {
                 self.on_request(request);
-                progressed = true;
+                budget -= 1;
             }
-            if let Some(Some(done)) = self.ops.next().now_or_never() {
+            while budget > 0
+                && let Some(Some(done)) = self.ops.next().now_or_never()
+            {
                 self.on_done(done);
-                progressed = true;
+                budget -= 1;
             }
-            if !progressed {
+            if budget == start {
                 return;
             }
         }

@@ -44,7 +44,9 @@ use crate::convert::{self, check_table, is_state_error, map_error, short};
 /// lapin holds its writes while the broker has the connection blocked; the core
 /// sends nothing on a blocked connection.
 pub struct LapinChannel {
-    channel: lapin::Channel,
+    // In an Arc: each publish's write is awaited by a 'static future that holds
+    // the channel (cloning a lapin::Channel costs a dozen reference counts).
+    channel: Arc<lapin::Channel>,
     shared: Arc<ChannelShared>,
     commands: mpsc::UnboundedSender<Command>,
     // Publishes are numbered in the order they reach lapin; the lock keeps that order
@@ -146,7 +148,7 @@ impl LapinChannel {
             confirm_events: ConfirmEvents::default(),
         };
         LapinChannel {
-            channel,
+            channel: Arc::new(channel),
             shared,
             commands: command_tx,
             publish_seq: futures::lock::Mutex::new(0),
@@ -371,7 +373,7 @@ impl Channel for LapinChannel {
                 .map_err(|e| self.error(e))?;
             return Ok(());
         }
-        let channel = self.channel.clone();
+        let channel = Arc::clone(&self.channel);
         let payload = message.payload.clone();
         let mut sending = async move {
             channel
