@@ -48,7 +48,7 @@
 //! | [`Transport::connect`]         | `Connection::connect_uri_with_runtime`, `connection_name` client property |
 //! | [`ConnectionEvent::Blocked`] / `Unblocked` | `events_listener()`: `ConnectionBlocked` / `ConnectionUnblocked` |
 //! | [`ConnectionEvent::Closed`]    | `events_listener()`: `Error` while the connection is no longer connected; our own `close` |
-//! | [`ChannelEvent::Ack`] / `Nack` | the `PublisherConfirm` of each publish, numbered 1, 2, 3 ... per channel |
+//! | [`ChannelEvent::Ack`] / `Nack` | the `PublisherConfirm` of each publish, numbered 1, 2, 3 ... per channel; a run of in-order acks as one `multiple` ack |
 //! | [`ChannelEvent::Return`]       | the returned message lapin attaches to a confirm         |
 //! | [`ChannelEvent::Delivery`]     | the `Consumer` stream of each `consume`                  |
 //! | [`ChannelEvent::ConsumerCancelled`] | a `Consumer` stream that ends while its channel is open and we did not cancel it |
