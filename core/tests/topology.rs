@@ -273,6 +273,79 @@ fn broker_refusal_of_a_request_is_reported_and_the_channel_reopens() {
     assert!(w.topology_log.is_empty());
 }
 
+/// The broker's refusal of a request can reach the client as the channel's end
+/// before the request's own failed reply (seen with lapin: a declare of a classic
+/// queue whose node is down). It is the request's answer, not a reason to run it
+/// again on the next channel.
+#[test]
+fn a_channel_closed_by_the_broker_under_a_request_answers_the_request() {
+    let mut w = ready_world(1, 1);
+    let (op, _) = w
+        .app(|s, now| s.declare_queue(now, QueueDecl::durable("q-on-a-dead-node")))
+        .unwrap();
+    w.channel_closed(
+        ch(0, 0),
+        TransportError::Reply {
+            code: 404,
+            text: "NOT_FOUND - home node 'rabbit@c1' of durable queue 'q-on-a-dead-node' is down"
+                .into(),
+        },
+    );
+    assert!(w.events.iter().any(|(_, e)| matches!(
+        e,
+        Event::TopologyResolved { op: o, result: Err(TopologyError::Broker { code: 404, .. }) } if *o == op
+    )));
+    w.run_until_ready(Duration::from_secs(1))
+        .expect("the channel reopens");
+    w.run_for(Duration::from_millis(50));
+    assert!(
+        !op_names(&w.topology_log).contains(&"queue \"q-on-a-dead-node\"".to_string()),
+        "not run again: {:?}",
+        op_names(&w.topology_log)
+    );
+}
+
+/// ... unless a publish in flight on that channel explains the error (a missing
+/// exchange it was sent to): then the request runs again and the publish is the
+/// one refused.
+#[test]
+fn a_channel_closed_for_a_publish_to_a_missing_exchange_retries_the_request() {
+    let mut w = ready_world(1, 1);
+    // in flight: nothing is answered before the world's clock moves
+    let publish = w
+        .publish(std::sync::Arc::new(amqp_rebound_core::Message::new(
+            "gone", "k", "m",
+        )))
+        .unwrap();
+    let (op, _) = w
+        .app(|s, now| s.declare_queue(now, QueueDecl::durable("q2")))
+        .unwrap();
+    w.channel_closed(
+        ch(0, 0),
+        TransportError::Reply {
+            code: 404,
+            text: "NOT_FOUND - no exchange 'gone' in vhost '/'".into(),
+        },
+    );
+    w.run_until_ready(Duration::from_secs(1))
+        .expect("the channel reopens");
+    w.run_for(Duration::from_millis(50));
+    let resolved = |want: fn(&Result<Option<String>, TopologyError>) -> bool| {
+        w.events.iter().any(|(_, e)| {
+            matches!(e, Event::TopologyResolved { op: o, result } if *o == op && want(result))
+        })
+    };
+    assert!(
+        resolved(|r| r.is_ok()),
+        "the declare ran again and succeeded"
+    );
+    assert!(w.resolutions().iter().any(|(id, r)| *id == publish
+        && matches!(
+            r,
+            Err(amqp_rebound_core::PublishError::Rejected { code: 404, .. })
+        )));
+}
+
 #[test]
 fn deliveries_carry_their_generation_and_stale_acks_are_refused() {
     let mut w = ready_world(1, 1);

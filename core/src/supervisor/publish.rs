@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::topology::{Step, broker_error};
 use super::{Command, Supervisor};
 use crate::error::{ErrorClass, TransportError};
 use crate::event::Event;
@@ -303,8 +304,30 @@ impl Supervisor {
         ch.unacked.clear();
         ch.next_seq = 0;
         let mut steps: Vec<_> = ch.steps.drain(..).collect();
-        if let Some(step) = ch.step_in_flight.take() {
-            steps.insert(0, step);
+        let step_in_flight = ch.step_in_flight.take();
+        // The broker's channel-level refusal of the request in flight (a 404 for
+        // a queue whose node is down, say) can reach us as the channel's end
+        // before the request's own failed reply: it is the request's verdict, not
+        // a reason to run it again (unless an in-flight publish to a missing
+        // exchange explains it).
+        let culprit_publish = error.and_then(missing_exchange).is_some_and(|x| {
+            in_flight.iter().any(|(_, id)| {
+                self.outbox
+                    .entries
+                    .get(id)
+                    .is_some_and(|e| e.message.exchange == x)
+            })
+        });
+        match (step_in_flight, error) {
+            (Some(Step::User(id)), Some(e))
+                if e.reply_code().is_some()
+                    && e.class() == ErrorClass::ChannelLevel
+                    && !culprit_publish =>
+            {
+                self.resolve_user_op(id, Err(broker_error(e)));
+            }
+            (Some(step), _) => steps.insert(0, step),
+            (None, _) => {}
         }
         self.user_ops_back(&steps);
         self.redeclarations_dropped(c, i, &steps);

@@ -70,7 +70,7 @@ impl UserOps {
     }
 }
 
-fn broker_error(e: &TransportError) -> TopologyError {
+pub(super) fn broker_error(e: &TransportError) -> TopologyError {
     match e {
         TransportError::Reply { code, text } => TopologyError::Broker {
             code: *code,
@@ -550,7 +550,11 @@ impl Supervisor {
         }
     }
 
-    fn resolve_user_op(&mut self, id: u64, result: Result<Option<String>, TopologyError>) {
+    pub(super) fn resolve_user_op(
+        &mut self,
+        id: u64,
+        result: Result<Option<String>, TopologyError>,
+    ) {
         if self.user_ops.take(id).is_some() {
             self.events.push_back(Event::TopologyResolved {
                 op: OpId(id),

@@ -532,6 +532,18 @@ impl World {
 
     /// The broker closes one channel with a reply code.
     pub fn channel_error(&mut self, channel: ChannelId, code: u16) {
+        self.channel_closed(
+            channel,
+            TransportError::Reply {
+                code,
+                text: "channel error".into(),
+            },
+        );
+    }
+
+    /// The broker closes `channel` with `error`; answers still pending for it
+    /// arrive later and are stale.
+    pub fn channel_closed(&mut self, channel: ChannelId, error: TransportError) {
         let Some(generation) = self.sup.channel_generation(channel) else {
             return;
         };
@@ -540,10 +552,7 @@ impl World {
             self.input(Input::ChannelLost {
                 channel,
                 generation,
-                error: TransportError::Reply {
-                    code,
-                    text: "channel error".into(),
-                },
+                error,
             });
         }
     }
