@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::channel::{mpsc, oneshot};
-use futures::future::{BoxFuture, Fuse, FusedFuture, FutureExt};
+use futures::future::{BoxFuture, Fuse, FutureExt};
 use futures::stream::{BoxStream, FuturesUnordered, SelectAll, StreamExt};
 use tracing::Instrument;
 
@@ -208,7 +208,7 @@ impl<T: Transport, K: Timer> State<T, K> {
             // wakes the supervisor for nothing once, and is then armed again.
             let next = self.next_wake();
             let rearm = match (next, armed) {
-                (Some(at), Some(current)) => at < current || sleep.is_terminated(),
+                (Some(at), Some(current)) => at < current,
                 (Some(_), None) => true,
                 (None, _) => false,
             };
@@ -987,6 +987,7 @@ async fn run_topology<C: Channel>(
 pub(crate) fn lock<V>(m: &Mutex<V>) -> std::sync::MutexGuard<'_, V> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
 #[cfg(test)]
 mod tests {
     use std::mem::size_of;

@@ -1,4 +1,4 @@
-//! [`LapinChannel`]: one lapin channel, and the task that turns its confirms,
+//! [`LapinChannel`]: one lapin channel, and the bookkeeping that turns its confirms,
 //! returns, deliveries and closure into one [`ChannelEvent`] stream.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
@@ -39,7 +39,7 @@ use crate::convert::{self, check_table, is_state_error, map_error, short};
 /// empty stream.
 ///
 /// `publish` returns once lapin has queued the message's frames (in call order,
-/// numbered for its confirm); the channel's task waits for lapin to write them and
+/// numbered for its confirm); the events stream waits for lapin to write them and
 /// for the broker's confirm, and reports a failed write as the channel's end.
 /// lapin holds its writes while the broker has the connection blocked; the core
 /// sends nothing on a blocked connection.
@@ -64,11 +64,11 @@ impl std::fmt::Debug for LapinChannel {
     }
 }
 
-/// What the channel's owner and its connection share with the channel's task.
+/// What the channel's owner and its connection share with its events stream.
 pub(crate) struct ChannelShared {
     status: ChannelStatus,
     /// Why the channel must report `Closed` (set by the connection's task, or by
-    /// our own close). The channel's task reports it after draining what lapin
+    /// our own close). The events stream reports it after draining what lapin
     /// already resolved, so no ack that arrived before the close is lost.
     close_request: Mutex<Option<TransportError>>,
     /// Why it closed, once reported; returned by calls made after that.
@@ -78,29 +78,29 @@ pub(crate) struct ChannelShared {
     client_closing: AtomicBool,
     /// Consumer tags we cancelled: the end of their streams is not a broker cancel.
     cancelled: Mutex<HashSet<String>>,
-    /// Confirms of publishes the channel's task has not taken yet.
+    /// Confirms of publishes the events stream has not taken yet.
     incoming: Mutex<Incoming>,
     waker: AtomicWaker,
 }
 
-/// Confirms handed from `publish` to the channel's task without waking it: the
-/// publish polls lapin's confirm once with the task's waker, so lapin wakes the
+/// Confirms handed from `publish` to the events stream without waking it: the
+/// publish polls lapin's future once with the stream's waker, so lapin wakes the
 /// task when that confirm resolves, whenever that is (RabbitMQ may ack out of
-/// order across queues); the task takes the list on every turn. Only a confirm
+/// order across queues); the stream takes the list on every turn. Only a confirm
 /// already resolved, or a task that has not run yet, costs a wake-up. Waking the
 /// task once per publish was the adapter's largest cost against raw lapin (about
 /// twice its CPU per message).
 #[derive(Default)]
 struct Incoming {
     confirms: Vec<ConfirmFuture>,
-    /// The channel task's waker, from its last turn.
+    /// The waker of the events stream's reader, from its last turn.
     task: Option<std::task::Waker>,
 }
 
 type ConfirmFuture = BoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
 
 impl ChannelShared {
-    /// Asks the channel's task to report `Closed(error)` (first request wins).
+    /// Asks the events stream to report `Closed(error)` (first request wins).
     pub(crate) fn request_close(&self, error: TransportError) {
         lock(&self.close_request).get_or_insert(error);
         self.waker.wake();
@@ -383,7 +383,7 @@ impl Channel for LapinChannel {
         .boxed();
         // lapin's first poll of basic_publish queues the frames and numbers the
         // confirm; the rest of it waits until lapin's I/O loop has written them.
-        // That wait goes to the channel's task with the confirm, so the next
+        // That wait goes to the events stream with the confirm, so the next
         // publish need not wait for it: one wake-up of the caller per written
         // frame was the 1x1 client's largest cost against raw lapin. The task takes
         // the list on every turn; only a confirm already resolved, or a task that
@@ -400,8 +400,8 @@ impl Channel for LapinChannel {
                 drop(incoming);
                 return Err(self.error(e));
             }
-            // written already: the confirm is polled once with the task's waker,
-            // so that lapin wakes the task when it resolves (whenever that is:
+            // written already: the confirm is polled once with the stream's waker,
+            // so that lapin wakes the stream's reader when it resolves (whenever that is:
             // RabbitMQ may ack out of order across queues)
             Poll::Ready(Ok(confirm)) => {
                 *seq += 1;
@@ -424,7 +424,7 @@ impl Channel for LapinChannel {
                     }
                 }
             }
-            // queued: the first poll left the task's waker with lapin already
+            // queued: the first poll left the stream's waker with lapin already
             Poll::Pending => {
                 *seq += 1;
                 let seq = *seq;
@@ -561,9 +561,9 @@ struct ConfirmEvents {
 }
 
 impl ConfirmEvents {
-    /// The events for `confirms` (sequence number, ack?), sorted by number.
-    fn events(&mut self, confirms: &[(u64, bool)]) -> Vec<ChannelEvent> {
-        let mut out = Vec::new();
+    /// Appends to `out` the events for `confirms` (sequence number, ack?),
+    /// sorted by number.
+    fn events(&mut self, confirms: &[(u64, bool)], out: &mut VecDeque<ChannelEvent>) {
         // acks first..=last, everything below them emitted before
         let mut run: Option<(u64, u64)> = None;
         for &(seq, ack) in confirms {
@@ -573,9 +573,9 @@ impl ConfirmEvents {
                 continue;
             }
             if let Some((first, last)) = run.take() {
-                out.push(ack_event(last, first < last));
+                out.push_back(ack_event(last, first < last));
             }
-            out.push(if ack {
+            out.push_back(if ack {
                 ack_event(seq, false)
             } else {
                 ChannelEvent::Nack {
@@ -590,9 +590,8 @@ impl ConfirmEvents {
             }
         }
         if let Some((first, last)) = run {
-            out.push(ack_event(last, first < last));
+            out.push_back(ack_event(last, first < last));
         }
-        out
     }
 
     /// `seq` follows `upto`: moves it on, over what was emitted ahead.
@@ -667,7 +666,7 @@ impl Pump {
 
     /// Takes the confirms `publish` handed over since the last turn.
     /// Takes the confirms `publish` handed over since the last turn, and leaves
-    /// this task's waker for the next ones.
+    /// the reader's waker for the next ones.
     fn take_incoming(&mut self, cx: &Context<'_>) {
         let confirms = {
             let mut incoming = lock(&self.shared.incoming);
@@ -729,9 +728,7 @@ impl Pump {
         for r in returns {
             self.emit(ChannelEvent::Return(Box::new(convert::returned(r))));
         }
-        for event in self.confirm_events.events(&confirms) {
-            self.emit(event);
-        }
+        self.confirm_events.events(&confirms, &mut self.ready);
         failure
     }
 
@@ -768,15 +765,23 @@ mod tests {
         ack_event(delivery_tag, multiple)
     }
 
+    impl ConfirmEvents {
+        fn all(&mut self, confirms: &[(u64, bool)]) -> Vec<ChannelEvent> {
+            let mut out = VecDeque::new();
+            self.events(confirms, &mut out);
+            out.into()
+        }
+    }
+
     #[test]
     fn a_run_of_acks_in_order_is_one_multiple_ack() {
         let mut c = ConfirmEvents::default();
         assert_eq!(
-            c.events(&[(1, true), (2, true), (3, true)]),
+            c.all(&[(1, true), (2, true), (3, true)]),
             vec![ack(3, true)]
         );
-        assert_eq!(c.events(&[(4, true)]), vec![ack(4, false)]);
-        assert_eq!(c.events(&[(5, true), (6, true)]), vec![ack(6, true)]);
+        assert_eq!(c.all(&[(4, true)]), vec![ack(4, false)]);
+        assert_eq!(c.all(&[(5, true), (6, true)]), vec![ack(6, true)]);
     }
 
     #[test]
@@ -784,14 +789,14 @@ mod tests {
         let mut c = ConfirmEvents::default();
         // 2 is not resolved yet: 3 and 4 cannot be covered by a multiple ack
         assert_eq!(
-            c.events(&[(1, true), (3, true), (4, true)]),
+            c.all(&[(1, true), (3, true), (4, true)]),
             vec![ack(1, false), ack(3, false), ack(4, false)]
         );
         // 2 arrives: a single ack (3 and 4 went out already)
-        assert_eq!(c.events(&[(2, true)]), vec![ack(2, false)]);
+        assert_eq!(c.all(&[(2, true)]), vec![ack(2, false)]);
         // everything up to 4 is out: 5..6 is a run again; a nack breaks it
         assert_eq!(
-            c.events(&[(5, true), (6, true), (7, false), (8, true), (9, true)]),
+            c.all(&[(5, true), (6, true), (7, false), (8, true), (9, true)]),
             vec![
                 ack(6, true),
                 ChannelEvent::Nack {
@@ -823,7 +828,7 @@ mod tests {
                     let mut sorted: Vec<(u64, bool)> = batch.iter().map(|&s| (s, true)).collect();
                     sorted.sort_unstable();
                     resolved.extend(batch.iter().copied());
-                    for event in c.events(&sorted) {
+                    for event in c.all(&sorted) {
                         let ChannelEvent::Ack {
                             delivery_tag,
                             multiple,

@@ -310,13 +310,12 @@ impl Supervisor {
         // before the request's own failed reply: it is the request's verdict, not
         // a reason to run it again (unless an in-flight publish to a missing
         // exchange explains it).
-        let culprit_publish = error.and_then(missing_exchange).is_some_and(|x| {
-            in_flight.iter().any(|(_, id)| {
-                self.outbox
-                    .entries
-                    .get(id)
-                    .is_some_and(|e| e.message.exchange == x)
-            })
+        // 404 "no exchange 'x'": the messages for x caused it and would cause it again.
+        let culprit = error.and_then(missing_exchange);
+        let culprit_publish = culprit.as_deref().is_some_and(|x| {
+            in_flight
+                .iter()
+                .any(|&(_, id)| self.outbox.is_for_exchange(id, x))
         });
         match (step_in_flight, error) {
             (Some(Step::User(id)), Some(e))
@@ -352,16 +351,11 @@ impl Supervisor {
                 text: other.to_string(),
             },
         };
-        // 404 "no exchange 'x'": the messages for x caused it and would cause it again.
-        let culprit = error.and_then(missing_exchange);
         let mut back = Vec::with_capacity(ids.len());
         for id in ids {
-            let guilty = culprit.as_deref().is_some_and(|x| {
-                self.outbox
-                    .entries
-                    .get(&id)
-                    .is_some_and(|e| e.message.exchange == x)
-            });
+            let guilty = culprit
+                .as_deref()
+                .is_some_and(|x| self.outbox.is_for_exchange(id, x));
             match (guilty, error) {
                 (true, Some(e)) => self.resolve_publish(id, rejected(e)),
                 _ => back.push(id),
