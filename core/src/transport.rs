@@ -10,8 +10,10 @@
 //! # Contract
 //!
 //! - [`Connection::events`] and [`Channel::events`] are called once, right after the
-//!   connection or channel is made. The stream ends after a `Closed` event (or when
-//!   the object is dropped).
+//!   connection or channel is made, and the driver polls the stream for as long as
+//!   the object lives, so a transport may do its bookkeeping as the stream is
+//!   polled instead of in a task of its own (the lapin adapter does). The stream
+//!   ends after a `Closed` event (or when the object is dropped).
 //! - A connection that dies reports [`ConnectionEvent::Closed`] (I/O error, missed
 //!   heartbeats, `connection.close` from the broker). A channel that the broker
 //!   closes reports [`ChannelEvent::Closed`] with the reply code.
@@ -22,7 +24,9 @@
 //!   and including it). Awaiting `publish` means "handed to the client", not
 //!   "confirmed".
 //! - Topology calls are awaited one at a time per channel. An error that closes
-//!   the channel (404, 406, ...) is returned from the call.
+//!   the channel (404, 406, ...) is returned from the call; the channel's `Closed`
+//!   event with the same reply may come first (the core takes either as the call's
+//!   answer).
 //! - Nothing a broker sends may panic the transport.
 //! - A transport whose client cannot hear of `connection.blocked` (it does not
 //!   advertise the capability, so the broker never sends it) says so with
