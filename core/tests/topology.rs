@@ -305,6 +305,44 @@ fn a_channel_closed_by_the_broker_under_a_request_answers_the_request() {
     );
 }
 
+/// The same for a replay step: a channel closed under it by the broker reports
+/// the step as failed (once the step's own reply comes, its generation is gone
+/// and it would say nothing), and the next replay runs it again.
+#[test]
+fn a_channel_closed_by_the_broker_under_a_replay_step_reports_it() {
+    let mut w = ready_world(1, 1);
+    declare_topology(&mut w);
+    kill(&mut w);
+    // run until the replay has its first step in flight on the new channel (its
+    // answer comes common::LATENCY later)
+    let before = w.commands.len();
+    while !w.commands[before..]
+        .iter()
+        .any(|(_, c)| matches!(c, amqp_rebound_core::Command::Topology { .. }))
+    {
+        w.run_for(Duration::from_millis(1));
+    }
+    w.channel_closed(
+        ch(0, 0),
+        TransportError::Reply {
+            code: 403,
+            text: "ACCESS_REFUSED".into(),
+        },
+    );
+    let failed: Vec<_> = w
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::ReplayFailed { error, .. } => Some(error.reply_code()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, vec![Some(403)], "{}", w.trace);
+    assert_eq!(w.sup.stats().replay_failures, 1);
+    w.run_until_ready(Duration::from_secs(20))
+        .expect("the next replay runs it again");
+}
+
 /// ... unless a publish in flight on that channel explains the error (a missing
 /// exchange it was sent to): then the request runs again and the publish is the
 /// one refused.

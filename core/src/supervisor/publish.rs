@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::topology::{Step, broker_error};
 use super::{Command, Supervisor};
 use crate::error::{ErrorClass, TransportError};
 use crate::event::Event;
@@ -305,11 +304,11 @@ impl Supervisor {
         ch.next_seq = 0;
         let mut steps: Vec<_> = ch.steps.drain(..).collect();
         let step_in_flight = ch.step_in_flight.take();
-        // The broker's channel-level refusal of the request in flight (a 404 for
-        // a queue whose node is down, say) can reach us as the channel's end
-        // before the request's own failed reply: it is the request's verdict, not
-        // a reason to run it again (unless an in-flight publish to a missing
-        // exchange explains it).
+        // The broker's channel-level refusal of the step in flight (a 404 for a
+        // queue whose node is down, say) can reach us as the channel's end before
+        // the step's own failed reply, which then comes for a generation that is
+        // gone: it is that step's failure (unless an in-flight publish to a
+        // missing exchange explains it), answered or reported as such.
         // 404 "no exchange 'x'": the messages for x caused it and would cause it again.
         let culprit = error.and_then(missing_exchange);
         let culprit_publish = culprit.as_deref().is_some_and(|x| {
@@ -318,12 +317,13 @@ impl Supervisor {
                 .any(|&(_, id)| self.outbox.is_for_exchange(id, x))
         });
         match (step_in_flight, error) {
-            (Some(Step::User(id)), Some(e))
+            // a reply the broker closes a channel with (not a connection's 320)
+            (Some(step), Some(e))
                 if e.reply_code().is_some()
-                    && e.class() == ErrorClass::ChannelLevel
+                    && e.class() != ErrorClass::Transient
                     && !culprit_publish =>
             {
-                self.resolve_user_op(id, Err(broker_error(e)));
+                self.step_failed(c, i, &step, e);
             }
             (Some(step), _) => steps.insert(0, step),
             (None, _) => {}

@@ -70,7 +70,7 @@ impl UserOps {
     }
 }
 
-pub(super) fn broker_error(e: &TransportError) -> TopologyError {
+fn broker_error(e: &TransportError) -> TopologyError {
     match e {
         TransportError::Reply { code, text } => TopologyError::Broker {
             code: *code,
@@ -274,27 +274,34 @@ impl Supervisor {
                 self.dispatch_user_ops();
             }
             Err(error) => {
-                match &step {
-                    Step::User(id) if error.reply_code().is_some() => {
-                        self.resolve_user_op(*id, Err(broker_error(&error)));
-                    }
-                    Step::User(_) => {
-                        // not the broker's verdict: run it again elsewhere
-                        self.user_ops_back(std::slice::from_ref(&step));
-                    }
-                    _ => {
-                        self.stats.replay_failures += 1;
-                        let step = self.describe(&step);
-                        tracing::warn!(channel = %chan_id(c, i), %step, %error, "topology replay step failed");
-                        self.events.push_back(Event::ReplayFailed {
-                            channel: chan_id(c, i),
-                            step,
-                            error: error.clone(),
-                        });
-                    }
-                }
+                self.step_failed(c, i, &step, &error);
                 self.channel_failed(c, i, error);
                 self.dispatch_user_ops();
+            }
+        }
+    }
+
+    /// A step failed with `error` on channel (c, i), which closes: a request the
+    /// broker refused resolves with the broker's reply (any other failure runs it
+    /// again elsewhere); a replay step is reported (the next replay runs it again).
+    pub(super) fn step_failed(&mut self, c: usize, i: usize, step: &Step, error: &TransportError) {
+        match step {
+            Step::User(id) if error.reply_code().is_some() => {
+                self.resolve_user_op(*id, Err(broker_error(error)));
+            }
+            Step::User(_) => {
+                // not the broker's verdict: run it again elsewhere
+                self.user_ops_back(std::slice::from_ref(step));
+            }
+            _ => {
+                self.stats.replay_failures += 1;
+                let step = self.describe(step);
+                tracing::warn!(channel = %chan_id(c, i), %step, %error, "topology replay step failed");
+                self.events.push_back(Event::ReplayFailed {
+                    channel: chan_id(c, i),
+                    step,
+                    error: error.clone(),
+                });
             }
         }
     }
@@ -550,11 +557,7 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn resolve_user_op(
-        &mut self,
-        id: u64,
-        result: Result<Option<String>, TopologyError>,
-    ) {
+    fn resolve_user_op(&mut self, id: u64, result: Result<Option<String>, TopologyError>) {
         if self.user_ops.take(id).is_some() {
             self.events.push_back(Event::TopologyResolved {
                 op: OpId(id),
