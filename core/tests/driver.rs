@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use amqp_rebound_core::{
     AckError, Client, ConfigError, Confirmation, ConsumeOptions, Event, Properties, PublishError,
-    PublishOptions, QueueDecl, TransportError,
+    PublishFuture, PublishOptions, QueueDecl, TransportError,
 };
 use futures::StreamExt;
 use futures::executor::LocalPool;
@@ -38,18 +38,28 @@ type Results = Rc<RefCell<Vec<(u32, Result<Confirmation, PublishError>)>>>;
 fn spawn_publishes(pool: &LocalPool, client: &Client, ids: std::ops::Range<u32>) -> Results {
     let results: Results = Rc::default();
     for id in ids {
-        let client = client.clone();
-        let results = Rc::clone(&results);
-        pool.spawner()
-            .spawn_local(async move {
-                let r = client
-                    .publish("", "q", id.to_string().into_bytes(), Properties::default())
-                    .await;
-                results.borrow_mut().push((id, r));
-            })
-            .expect("spawn");
+        let future = client.publish("", "q", id.to_string().into_bytes(), Properties::default());
+        collect(pool, &results, id, future);
     }
     results
+}
+
+/// Spawns `future`, its result to go into `results` under `id`.
+fn collect(pool: &LocalPool, results: &Results, id: u32, future: PublishFuture) {
+    let results = Rc::clone(results);
+    pool.spawner()
+        .spawn_local(async move {
+            let result = future.await;
+            results.borrow_mut().push((id, result));
+        })
+        .expect("spawn");
+}
+
+fn all_confirmed(results: &Results) -> bool {
+    results
+        .borrow()
+        .iter()
+        .all(|(_, r)| *r == Ok(Confirmation::Confirmed))
 }
 
 #[test]
@@ -60,12 +70,7 @@ fn publishes_are_confirmed_on_a_non_tokio_executor() {
         .borrow()
         .len()
         == 100));
-    assert!(
-        results
-            .borrow()
-            .iter()
-            .all(|(_, r)| *r == Ok(Confirmation::Confirmed))
-    );
+    assert!(all_confirmed(&results));
     assert_eq!(transport.broker().received.len(), 100);
     assert_eq!(client.stats().confirmed, 100);
     assert!(client.state().is_ready());
@@ -84,13 +89,7 @@ fn a_publish_is_handed_over_by_the_call_in_call_order_even_if_its_future_is_drop
     drop(dropped);
     let results: Results = Rc::default();
     for (id, future) in [(3, third), (1, first)] {
-        let results = Rc::clone(&results);
-        pool.spawner()
-            .spawn_local(async move {
-                let result = future.await;
-                results.borrow_mut().push((id, result));
-            })
-            .expect("spawn");
+        collect(&pool, &results, id, future);
     }
     assert!(drive(&mut pool, &clock, Duration::from_secs(5), || results
         .borrow()
@@ -101,12 +100,7 @@ fn a_publish_is_handed_over_by_the_call_in_call_order_even_if_its_future_is_drop
         vec!["first", "dropped", "third"],
         "published in call order, the dropped one too"
     );
-    assert!(
-        results
-            .borrow()
-            .iter()
-            .all(|(_, r)| *r == Ok(Confirmation::Confirmed))
-    );
+    assert!(all_confirmed(&results));
     assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
         .stats()
         .confirmed
@@ -134,12 +128,7 @@ fn loss_mid_stream_republishes_unconfirmed_in_order() {
         vec!["0", "1", "2", "3", "4", "0", "1", "2", "3", "4"],
         "re-published after recovery, in the original order"
     );
-    assert!(
-        results
-            .borrow()
-            .iter()
-            .all(|(_, r)| *r == Ok(Confirmation::Confirmed))
-    );
+    assert!(all_confirmed(&results));
     let stats = client.stats();
     assert_eq!((stats.republished, stats.recoveries), (5, 1));
 }

@@ -26,6 +26,17 @@ fn ready_world(connections: usize, channels: usize) -> World {
     w
 }
 
+/// The broker closes channel (0, 0) with `code` and `text`.
+fn broker_closes(w: &mut World, code: u16, text: &str) {
+    w.channel_closed(
+        ch(0, 0),
+        TransportError::Reply {
+            code,
+            text: text.into(),
+        },
+    );
+}
+
 fn kill(w: &mut World) {
     w.kill(C0, TransportError::Io("reset".into()));
 }
@@ -283,13 +294,10 @@ fn a_channel_closed_by_the_broker_under_a_request_answers_the_request() {
     let (op, _) = w
         .app(|s, now| s.declare_queue(now, QueueDecl::durable("q-on-a-dead-node")))
         .unwrap();
-    w.channel_closed(
-        ch(0, 0),
-        TransportError::Reply {
-            code: 404,
-            text: "NOT_FOUND - home node 'rabbit@c1' of durable queue 'q-on-a-dead-node' is down"
-                .into(),
-        },
+    broker_closes(
+        &mut w,
+        404,
+        "NOT_FOUND - home node 'rabbit@c1' of durable queue 'q-on-a-dead-node' is down",
     );
     assert!(w.events.iter().any(|(_, e)| matches!(
         e,
@@ -322,13 +330,7 @@ fn a_channel_closed_by_the_broker_under_a_replay_step_reports_it() {
     {
         w.run_for(Duration::from_millis(1));
     }
-    w.channel_closed(
-        ch(0, 0),
-        TransportError::Reply {
-            code: 403,
-            text: "ACCESS_REFUSED".into(),
-        },
-    );
+    broker_closes(&mut w, 403, "ACCESS_REFUSED");
     let failed: Vec<_> = w
         .events
         .iter()
@@ -358,13 +360,7 @@ fn a_channel_closed_for_a_publish_to_a_missing_exchange_retries_the_request() {
     let (op, _) = w
         .app(|s, now| s.declare_queue(now, QueueDecl::durable("q2")))
         .unwrap();
-    w.channel_closed(
-        ch(0, 0),
-        TransportError::Reply {
-            code: 404,
-            text: "NOT_FOUND - no exchange 'gone' in vhost '/'".into(),
-        },
-    );
+    broker_closes(&mut w, 404, "NOT_FOUND - no exchange 'gone' in vhost '/'");
     w.run_until_ready(Duration::from_secs(1))
         .expect("the channel reopens");
     w.run_for(Duration::from_millis(50));

@@ -353,43 +353,26 @@ where
     R: Fn(RawJob) -> Fut,
     Fut: Future<Output = Result<Duration, BoxError>>,
 {
-    let payload = Bytes::from(vec![b'x'; args.payload]);
-    let admin = Admin::open(transport(), url, "bench admin").await?;
-    let decl = bench_queue(unique("bench"));
+    let sides = Sides::open(args, url, transport, raw).await?;
     println!(
         "throughput: {} messages of {} B with confirms, window {}, {} rounds (median)",
         args.messages, args.payload, args.window, args.rounds
     );
-    let job = RawJob {
-        url: url.clone(),
-        queue: decl.name.clone(),
-        messages: args.messages,
-        window: args.window,
-        payload: payload.clone(),
-        queued: args.raw_queued,
-    };
     let (mut raws, mut adapters, mut singles, mut pooleds) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         // Odd rounds run the raw client first, even rounds last, so a drift in the
         // machine's load (it is shared) does not favour one side.
-        let raw_run = || timed(&admin, &decl, args.messages, || raw(job.clone()));
         let mut r = None;
         if round % 2 == 1 {
-            r = Some(raw_run().await?);
+            r = Some(sides.run(Only::Raw).await?);
         }
-        let a = timed(&admin, &decl, args.messages, || adapter(transport(), &job)).await?;
-        let s = timed(&admin, &decl, args.messages, || {
-            rebound(transport(), url, &job, Some((1, 1)))
-        })
-        .await?;
-        let p = timed(&admin, &decl, args.messages, || {
-            rebound(transport(), url, &job, None)
-        })
-        .await?;
+        let a = sides.run(Only::Adapter).await?;
+        let s = sides.run(Only::Single).await?;
+        let p = sides.run(Only::Pool).await?;
         let r = match r {
             Some(r) => r,
-            None => raw_run().await?,
+            None => sides.run(Only::Raw).await?,
         };
         println!(
             "  round {round}: raw {name} {:>7.0}/s {:>5.1} us   adapter {:>7.0}/s {:>5.1} us ({:.3})   \
@@ -437,8 +420,7 @@ where
         "           amqp-rebound pool 1x4 {:>8.0} msg/s   {:>5.1} us CPU/msg   ratio {:.3}",
         pooled.rate, pooled.cpu_us, pooled.ratio
     );
-    let _ = admin.channel.delete_queue(&decl.name).await;
-    admin.close().await;
+    sides.close().await;
     Ok(result)
 }
 
@@ -457,42 +439,88 @@ where
     R: Fn(RawJob) -> Fut,
     Fut: Future<Output = Result<Duration, BoxError>>,
 {
-    let admin = Admin::open(transport(), url, "bench admin").await?;
-    let decl = bench_queue(unique("bench"));
-    let job = RawJob {
-        url: url.clone(),
-        queue: decl.name.clone(),
-        messages: args.messages,
-        window: args.window,
-        payload: Bytes::from(vec![b'x'; args.payload]),
-        queued: args.raw_queued,
-    };
+    let sides = Sides::open(args, url, transport, raw).await?;
     for round in 1..=args.rounds {
-        let run = match only {
-            Only::Raw => timed(&admin, &decl, args.messages, || raw(job.clone())).await?,
-            Only::Adapter => {
-                timed(&admin, &decl, args.messages, || adapter(transport(), &job)).await?
-            }
-            Only::Single => {
-                timed(&admin, &decl, args.messages, || {
-                    rebound(transport(), url, &job, Some((1, 1)))
-                })
-                .await?
-            }
-            Only::Pool => {
-                timed(&admin, &decl, args.messages, || {
-                    rebound(transport(), url, &job, None)
-                })
-                .await?
-            }
-        };
+        let run = sides.run(only).await?;
         println!(
             "  round {round}: {name} {only:?} {:>7.0}/s {:>5.1} us CPU/msg",
             run.rate, run.cpu_us
         );
     }
-    admin.close().await;
+    sides.close().await;
     Ok(())
+}
+
+/// What every side of the comparison shares: the admin connection, the queue
+/// (declared fresh for each run), the job and the ways to connect.
+struct Sides<'a, C: Connection, M, R> {
+    admin: Admin<C>,
+    decl: QueueDecl,
+    job: RawJob,
+    url: &'a BrokerUrl,
+    transport: &'a M,
+    raw: R,
+}
+
+impl<'a, T, M, R, Fut> Sides<'a, T::Connection, M, R>
+where
+    T: Transport,
+    M: Fn() -> T,
+    R: Fn(RawJob) -> Fut,
+    Fut: Future<Output = Result<Duration, BoxError>>,
+{
+    async fn open(
+        args: &Args,
+        url: &'a BrokerUrl,
+        transport: &'a M,
+        raw: R,
+    ) -> Result<Self, BoxError> {
+        let admin = Admin::open(transport(), url, "bench admin").await?;
+        let decl = bench_queue(unique("bench"));
+        let job = RawJob {
+            url: url.clone(),
+            queue: decl.name.clone(),
+            messages: args.messages,
+            window: args.window,
+            payload: Bytes::from(vec![b'x'; args.payload]),
+            queued: args.raw_queued,
+        };
+        Ok(Sides {
+            admin,
+            decl,
+            job,
+            url,
+            transport,
+            raw,
+        })
+    }
+
+    /// One run of `side` into a fresh queue, checked to hold every message.
+    async fn run(&self, side: Only) -> Result<Run, BoxError> {
+        let (admin, decl, job, messages) = (&self.admin, &self.decl, &self.job, self.job.messages);
+        let transport = self.transport;
+        match side {
+            Only::Raw => timed(admin, decl, messages, || (self.raw)(job.clone())).await,
+            Only::Adapter => timed(admin, decl, messages, || adapter(transport(), job)).await,
+            Only::Single => {
+                timed(admin, decl, messages, || {
+                    rebound(transport(), self.url, job, Some((1, 1)))
+                })
+                .await
+            }
+            Only::Pool => {
+                timed(admin, decl, messages, || {
+                    rebound(transport(), self.url, job, None)
+                })
+                .await
+            }
+        }
+    }
+
+    async fn close(self) {
+        let _ = self.admin.channel.delete_queue(&self.decl.name).await;
+        self.admin.close().await;
+    }
 }
 
 /// The transport adapter alone: one channel in confirm mode through
