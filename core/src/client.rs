@@ -14,7 +14,7 @@ use futures::channel::{mpsc, oneshot};
 
 use crate::backoff::BackoffConfig;
 use crate::config::Config;
-use crate::driver::{Driver, TopologyReply, lock};
+use crate::driver::{Driver, Engine, TopologyReply, lock};
 use crate::endpoint::{Endpoint, parse_host_list, parse_hosts};
 use crate::error::ConfigError;
 use crate::event::Event;
@@ -193,9 +193,10 @@ impl ClientBuilder {
         let options = ConnectOptions {
             connection_name: self.connection_name,
         };
-        let driver = Driver::new(sup, transport, timer, rx, Arc::clone(&shared), options);
+        let (driver, engine) = Driver::new(sup, transport, timer, rx, Arc::clone(&shared), options);
         let client = Client {
             tx,
+            engine,
             shared,
             publish_timeout,
             reports_blocked,
@@ -378,12 +379,23 @@ impl Future for PublishFuture {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     tx: async_channel::Sender<Request>,
+    engine: Arc<dyn Engine>,
     shared: Arc<Shared>,
     publish_timeout: Duration,
     reports_blocked: bool,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("shared", &self.shared)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("reports_blocked", &self.reports_blocked)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -435,8 +447,13 @@ impl Client {
             wait: !options.no_wait,
             reply,
         };
+        // on this thread if the client's state is free, else through the driver
+        let sent = match self.engine.try_publish(request) {
+            Ok(()) => true,
+            Err(request) => self.send(request),
+        };
         PublishFuture {
-            reply: self.send(request).then_some(rx),
+            reply: sent.then_some(rx),
         }
     }
 

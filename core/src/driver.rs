@@ -6,27 +6,39 @@
 //! concurrently (a `FuturesUnordered`, no spawning). It makes no protocol decision
 //! of its own: every retry, reopen and re-publish is the supervisor's.
 //!
+//! The state lives behind a mutex shared by the driver and every [`Client`]
+//! handle (as quinn's connection state does). [`Client::publish`] takes the lock
+//! when it is free and runs the publish to the transport's hand-over on the
+//! caller's own thread: the message is read where it was just written, and the
+//! driver is woken only for what needs it (I/O that did not complete at once, a
+//! new command, an earlier deadline). When the lock is busy the publish goes to
+//! the driver as a request, as every other operation does; requests already
+//! queued are taken first, so messages keep their call order either way.
+//!
 //! What it drains or retains (pending replies at the end, channels of a lost
 //! connection) goes in id order, so the same inputs give the same wake-up order,
 //! and the simulator's same-seed-same-trace holds: its maps are ordered
 //! (`BTreeMap`), except the publish replies, the one map touched twice per
 //! message, which is hashed by id and sorted on the rare path that drains it.
 //!
-//! Per channel, publishes and acks go through one sequential worker future, so the
+//! Per channel, publishes and acks go through one sequential writer, so the
 //! broker sees them in the order the supervisor emitted them (confirm sequence
 //! numbers depend on it); topology operations run one at a time per channel, as
 //! the supervisor issues them.
+//!
+//! [`Client`]: crate::Client
+//! [`Client::publish`]: crate::Client::publish
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, TryLockError};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use futures::channel::{mpsc, oneshot};
 use futures::future::{BoxFuture, Fuse, FutureExt};
-use futures::stream::{BoxStream, FuturesUnordered, SelectAll, StreamExt};
+use futures::stream::{BoxStream, FuturesUnordered, SelectAll, Stream, StreamExt};
 use tracing::Instrument;
 
 use crate::client::{ClientState, ConsumerItem, Received, Request, Shared};
@@ -46,13 +58,28 @@ use crate::transport::{
 /// its timers again.
 const BATCH: usize = 256;
 
+/// Trips one poll of the driver makes before it yields to the executor.
+const TRIPS: usize = 32;
+
 /// Runs a client: spawn it on any executor (or `.await` it); it completes after
 /// [`Client::close`](crate::Client::close) or when every `Client` handle is
 /// dropped. Dropping it drops every transport connection and resolves every
 /// pending operation with a `Closed` error.
 #[must_use = "the client does nothing unless its driver is spawned or awaited"]
 pub struct Driver {
-    inner: Pin<Box<dyn Future<Output = ()> + Send + 'static>>,
+    engine: Arc<dyn Engine>,
+}
+
+/// The client's state as the driver and the client handles see it, without its
+/// transport's types.
+pub(crate) trait Engine: Send + Sync + 'static {
+    /// One poll of the driver.
+    fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<()>;
+    /// Runs a publish request on the caller's thread, if the state is free;
+    /// gives it back otherwise (the caller then sends it as a request).
+    fn try_publish(&self, request: Request) -> Result<(), Request>;
+    /// The driver was dropped: everything pending resolves `Closed`.
+    fn abandon(&self);
 }
 
 impl Driver {
@@ -63,13 +90,22 @@ impl Driver {
         requests: async_channel::Receiver<Request>,
         shared: Arc<Shared>,
         options: ConnectOptions,
-    ) -> Driver {
+    ) -> (Driver, Arc<dyn Engine>) {
+        let span = tracing::debug_span!("amqp_rebound", client = ?options.connection_name);
         let state = State {
             sup,
             transport: Arc::new(transport),
             timer,
             options,
             shared,
+            requests: Box::pin(requests),
+            requests_open: true,
+            span,
+            waker: None,
+            wake_driver: false,
+            sleep: Fuse::terminated(),
+            armed: None,
+            done: false,
             conns: BTreeMap::new(),
             chans: BTreeMap::new(),
             ops: FuturesUnordered::new(),
@@ -82,18 +118,29 @@ impl Driver {
             parked: VecDeque::new(),
             close_waiters: Vec::new(),
             batch_now: None,
+            resolved: Vec::new(),
         };
-        Driver {
-            inner: Box::pin(state.run(requests)),
-        }
+        let engine: Arc<dyn Engine> = Arc::new(Mutex::new(state));
+        (
+            Driver {
+                engine: Arc::clone(&engine),
+            },
+            engine,
+        )
     }
 }
 
 impl Future for Driver {
     type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.inner.as_mut().poll(cx)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.engine.poll_drive(cx)
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.engine.abandon();
     }
 }
 
@@ -103,13 +150,125 @@ impl std::fmt::Debug for Driver {
     }
 }
 
-/// What the channel worker sends, in order.
+impl<T: Transport, K: Timer> Engine for Mutex<State<T, K>> {
+    fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = lock(self);
+        let span = state.span.clone();
+        let _entered = span.enter();
+        let poll = state.poll_drive(cx);
+        send_resolved(state);
+        poll
+    }
+
+    fn try_publish(&self, request: Request) -> Result<(), Request> {
+        let mut state = match self.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Err(request),
+        };
+        if state.done {
+            return Err(request);
+        }
+        let span = state.span.clone();
+        let _entered = span.enter();
+        state.publish_here(request);
+        send_resolved(state);
+        Ok(())
+    }
+
+    fn abandon(&self) {
+        let mut state = lock(self);
+        if !state.done {
+            state.finish();
+        }
+        send_resolved(state);
+    }
+}
+
+/// Sends the publish results gathered under the lock, after releasing it.
+fn send_resolved<T: Transport, K: Timer>(mut state: std::sync::MutexGuard<'_, State<T, K>>) {
+    if state.resolved.is_empty() {
+        return;
+    }
+    let resolved = std::mem::take(&mut state.resolved);
+    drop(state);
+    for (reply, result) in resolved {
+        let _ = reply.send(result);
+    }
+}
+
+/// What a channel's writer sends, in order.
 enum Outbound {
     Publish(Arc<Message>),
     Ack(u64, AckKind),
-    /// Answered once everything queued before it has been handed to the
-    /// transport (so a connection close does not overtake acks).
-    Flush(oneshot::Sender<()>),
+}
+
+/// Publishes and acks of one channel generation, one at a time, in order. A
+/// write is started (and polled once) where it is queued, on whichever thread
+/// holds the state; one that does not complete at once is polled by the driver.
+struct Writer<C> {
+    channel: Arc<C>,
+    queue: VecDeque<Outbound>,
+    current: Option<BoxFuture<'static, Result<(), TransportError>>>,
+    /// A write failed: the channel is lost (the supervisor was told); later
+    /// writes are dropped.
+    failed: bool,
+}
+
+impl<C: Channel> Writer<C> {
+    fn new(channel: Arc<C>) -> Self {
+        Writer {
+            channel,
+            queue: VecDeque::new(),
+            current: None,
+            failed: false,
+        }
+    }
+
+    fn is_busy(&self) -> bool {
+        !self.failed && (self.current.is_some() || !self.queue.is_empty())
+    }
+
+    /// Runs queued writes until one is pending or none is left; `Ready(Err)`
+    /// once, when a write fails.
+    fn pump(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        if self.failed {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if let Some(write) = self.current.as_mut() {
+                let result = std::task::ready!(write.as_mut().poll(cx));
+                self.current = None;
+                if let Err(error) = result {
+                    self.failed = true;
+                    self.queue.clear();
+                    return Poll::Ready(Err(error));
+                }
+            }
+            let Some(item) = self.queue.pop_front() else {
+                return Poll::Ready(Ok(()));
+            };
+            let ch = Arc::clone(&self.channel);
+            self.current = Some(Box::pin(async move {
+                match item {
+                    Outbound::Publish(message) => ch.publish(&message).await,
+                    Outbound::Ack(tag, AckKind::Ack { multiple }) => ch.ack(tag, multiple).await,
+                    Outbound::Ack(tag, AckKind::Nack { multiple, requeue }) => {
+                        ch.nack(tag, multiple, requeue).await
+                    }
+                    Outbound::Ack(tag, AckKind::Reject { requeue }) => {
+                        ch.reject(tag, requeue).await
+                    }
+                }
+            }));
+        }
+    }
+
+    /// Completes what is queued (a connection or channel about to close sends
+    /// its acks first); a failure ends it.
+    async fn finish(mut self) {
+        let _ = futures::future::poll_fn(|cx| self.pump(cx)).await;
+    }
 }
 
 /// The result of one command's future.
@@ -129,11 +288,6 @@ enum Done<C, H> {
         generation: u64,
         result: Result<Option<String>, TransportError>,
     },
-    WorkerEnded {
-        channel: ChannelId,
-        generation: u64,
-        error: TransportError,
-    },
     ConnectionClosed {
         connection: ConnectionId,
         epoch: u64,
@@ -145,16 +299,28 @@ type Reply<T> = oneshot::Sender<T>;
 
 struct ChanSlot<H> {
     generation: u64,
-    channel: Arc<H>,
-    outbound: mpsc::UnboundedSender<Outbound>,
+    writer: Writer<H>,
 }
 
-struct State<T: Transport, K: Timer> {
+pub(crate) struct State<T: Transport, K: Timer> {
     sup: Supervisor,
     transport: Arc<T>,
     timer: K,
     options: ConnectOptions,
     shared: Arc<Shared>,
+    /// Boxed: it is `!Unpin` and polled in place.
+    requests: Pin<Box<async_channel::Receiver<Request>>>,
+    requests_open: bool,
+    span: tracing::Span,
+    /// The driver's waker as of its last poll: writes started elsewhere are
+    /// polled with it, and work left for the driver wakes it.
+    waker: Option<Waker>,
+    /// Work done on a caller's thread left something for the driver.
+    wake_driver: bool,
+    sleep: Fuse<Sleep>,
+    armed: Option<Instant>,
+    /// The driver finished (or was dropped): nothing runs any more.
+    done: bool,
     conns: BTreeMap<ConnectionId, (u64, Arc<T::Connection>)>,
     chans: BTreeMap<ChannelId, ChanSlot<ChannelOf<T>>>,
     ops: FuturesUnordered<BoxFuture<'static, Done<T::Connection, ChannelOf<T>>>>,
@@ -167,9 +333,17 @@ struct State<T: Transport, K: Timer> {
     /// Publishes waiting for room in a full outbox (the caller chose to wait).
     parked: VecDeque<ParkedPublish>,
     close_waiters: Vec<oneshot::Sender<()>>,
-    /// The time of the batch [`State::drain_ready`] is taking, if it is.
+    /// The time of the batch being taken, if one is.
     batch_now: Option<Instant>,
+    /// Publish results to send once the lock is released: the publisher they
+    /// wake can then take the lock for its next message at once.
+    resolved: Vec<Resolved>,
 }
+
+type Resolved = (
+    Reply<Result<Confirmation, PublishError>>,
+    Result<Confirmation, PublishError>,
+);
 
 type ChannelOf<T> = <<T as Transport>::Connection as Connection>::Channel;
 
@@ -188,106 +362,158 @@ pub(crate) struct ParkedPublish {
 }
 
 impl<T: Transport, K: Timer> State<T, K> {
-    async fn run(mut self, requests: async_channel::Receiver<Request>) {
-        let mut requests = std::pin::pin!(requests);
-        let span = tracing::debug_span!("amqp_rebound", client = ?self.options.connection_name);
-        let _entered = span.enter();
-        let mut sleep: Fuse<Sleep> = Fuse::terminated();
-        let mut armed: Option<Instant> = None;
-        let mut requests_open = true;
-        loop {
+    /// One poll of the driver: trips of (flush, re-arm the timer, take what is
+    /// ready) until nothing is, every source then polled with `cx`; after
+    /// [`TRIPS`] busy trips it yields to the executor.
+    fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.done {
+            return Poll::Ready(());
+        }
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.waker = Some(cx.waker().clone());
+        }
+        self.wake_driver = false;
+        for _ in 0..TRIPS {
+            // one reading of the clock per trip (it is a system call on some
+            // machines, and was ~1% of the CPU per message)
+            self.batch_now = Some(self.timer.now());
             self.flush();
             // Fully closed means every connection closed or its close timed out:
             // what is still running (orphaned dials, a hung close) is dropped.
             if self.sup.is_fully_closed() {
-                break;
+                self.batch_now = None;
+                self.finish();
+                return Poll::Ready(());
             }
-            // Re-arm only for an earlier wake-up. The next wake-up is usually the
-            // oldest publish's deadline, which moves on with every confirm: re-arming
-            // each time would register a new timer per trip. A sleep armed too early
-            // wakes the supervisor for nothing once, and is then armed again.
-            let next = self.next_wake();
-            let rearm = match (next, armed) {
-                (Some(at), Some(current)) => at < current,
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
-            if rearm {
-                armed = next;
-                sleep = match next {
-                    Some(at) => self.timer.sleep_until(at).fuse(),
-                    None => Fuse::terminated(),
-                };
+            self.rearm();
+            let progressed = self.poll_sources(cx);
+            self.batch_now = None;
+            if !progressed {
+                return Poll::Pending;
             }
-            futures::select_biased! {
-                done = self.ops.select_next_some() => self.on_done(done),
-                (connection, epoch, event) = self.conn_events.select_next_some() => {
-                    self.on_connection_event(connection, epoch, event)
-                }
-                (channel, generation, event) = self.chan_events.select_next_some() => {
-                    self.on_channel_event(channel, generation, event)
-                }
-                request = requests.next() => match request {
-                    Some(request) => self.on_request(request),
-                    None => {
-                        if requests_open {
-                            requests_open = false;
-                            // every Client handle is gone: nobody can use us
-                            self.input(Input::Close);
-                        }
-                    }
-                },
-                () = sleep => {
-                    armed = None;
-                    self.input(Input::Timeout);
-                }
-            }
-            self.drain_ready(&requests);
         }
-        self.finish();
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
-    /// Takes whatever else is ready right now (up to a bound), so that one trip
-    /// through the select and one flush serve a batch, not a single item. Polling
-    /// here uses a no-op waker; the select at the top of the loop polls every
-    /// source again with the real one before the driver sleeps, so no wake-up is
-    /// lost.
-    fn drain_ready(&mut self, requests: &async_channel::Receiver<Request>) {
-        // one reading of the clock for the batch (it is a system call on some
-        // machines, and was ~1% of the CPU per message)
-        self.batch_now = Some(self.timer.now());
-        self.drain_batch(requests);
-        self.batch_now = None;
+    /// Re-arms the timer only for an earlier wake-up. The next wake-up is usually
+    /// the oldest publish's deadline, which moves on with every confirm:
+    /// re-arming each time would register a new timer per trip. A sleep armed too
+    /// early wakes the supervisor for nothing once, and is then armed again.
+    fn rearm(&mut self) {
+        let next = self.next_wake();
+        let rearm = match (next, self.armed) {
+            (Some(at), Some(current)) => at < current,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if rearm {
+            self.armed = next;
+            self.sleep = match next {
+                Some(at) => self.timer.sleep_until(at).fuse(),
+                None => Fuse::terminated(),
+            };
+        }
     }
 
-    /// Each source is drained in turn (a poll of an empty stream set costs as
-    /// much as taking an item), up to [`BATCH`] items in all.
-    fn drain_batch(&mut self, requests: &async_channel::Receiver<Request>) {
+    /// Takes what every source has ready, each in turn (a poll of an empty stream
+    /// set costs as much as taking an item), up to [`BATCH`] items; whether it
+    /// took any. A source left pending has `cx`'s waker.
+    fn poll_sources(&mut self, cx: &mut Context<'_>) -> bool {
         let mut budget = BATCH;
         while budget > 0 {
             let start = budget;
             while budget > 0
-                && let Some(Some((channel, generation, event))) =
-                    self.chan_events.next().now_or_never()
+                && let Poll::Ready(Some((channel, generation, event))) =
+                    self.chan_events.poll_next_unpin(cx)
             {
                 self.on_channel_event(channel, generation, event);
                 budget -= 1;
             }
-            while budget > 0
-                && let Ok(request) = requests.try_recv()
-            {
-                self.on_request(request);
+            while budget > 0 && self.requests_open {
+                match self.requests.as_mut().poll_next(cx) {
+                    Poll::Ready(Some(request)) => self.on_request(request),
+                    Poll::Ready(None) => {
+                        // every Client handle is gone: nobody can use us
+                        self.requests_open = false;
+                        self.input(Input::Close);
+                    }
+                    Poll::Pending => break,
+                }
                 budget -= 1;
             }
             while budget > 0
-                && let Some(Some(done)) = self.ops.next().now_or_never()
+                && let Poll::Ready(Some(done)) = self.ops.poll_next_unpin(cx)
             {
                 self.on_done(done);
                 budget -= 1;
             }
-            if budget == start {
-                return;
+            while budget > 0
+                && let Poll::Ready(Some((connection, epoch, event))) =
+                    self.conn_events.poll_next_unpin(cx)
+            {
+                self.on_connection_event(connection, epoch, event);
+                budget -= 1;
             }
+            budget = budget.saturating_sub(self.pump_writers(cx));
+            if budget > 0 && self.sleep.poll_unpin(cx).is_ready() {
+                self.armed = None;
+                self.input(Input::Timeout);
+                budget -= 1;
+            }
+            if budget == start {
+                break;
+            }
+        }
+        budget < BATCH
+    }
+
+    /// Polls the writers that have work; how many failed (each is a lost
+    /// channel, told to the supervisor).
+    fn pump_writers(&mut self, cx: &mut Context<'_>) -> usize {
+        let mut lost = Vec::new();
+        for (id, slot) in &mut self.chans {
+            if slot.writer.is_busy()
+                && let Poll::Ready(Err(error)) = slot.writer.pump(cx)
+            {
+                lost.push((*id, slot.generation, error));
+            }
+        }
+        let n = lost.len();
+        for (channel, generation, error) in lost {
+            self.input(Input::ChannelLost {
+                channel,
+                generation,
+                error,
+            });
+        }
+        n
+    }
+
+    /// [`Client::publish`](crate::Client::publish) on the caller's thread: the
+    /// requests queued before it first (call order), then the publish, then
+    /// everything the supervisor has to do about it; the driver is woken only if
+    /// that left it something.
+    fn publish_here(&mut self, request: Request) {
+        self.batch_now = Some(self.timer.now());
+        while let Ok(earlier) = self.requests.try_recv() {
+            self.on_request(earlier);
+        }
+        self.on_request(request);
+        self.flush();
+        self.batch_now = None;
+        // the driver's timer must fire by the earliest deadline now known
+        let next = self.next_wake();
+        let stale = match (next, self.armed) {
+            (Some(at), Some(current)) => at < current,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if (stale || self.sup.is_fully_closed() || self.wake_driver)
+            && let Some(waker) = &self.waker
+        {
+            self.wake_driver = false;
+            waker.wake_by_ref();
         }
     }
 
@@ -364,6 +590,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                     .instrument(tracing::debug_span!("open_channel", %channel, generation))
                     .boxed(),
                 );
+                self.wake_driver = true;
             }
             Command::Publish {
                 channel,
@@ -389,7 +616,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                 else {
                     return;
                 };
-                let ch = Arc::clone(&slot.channel);
+                let ch = Arc::clone(&slot.writer.channel);
                 self.ops.push(
                     async move {
                         let result = run_topology(&*ch, &op).await;
@@ -402,6 +629,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                     .instrument(tracing::debug_span!("topology", %channel, generation))
                     .boxed(),
                 );
+                self.wake_driver = true;
             }
             Command::CloseChannel {
                 channel,
@@ -413,13 +641,17 @@ impl<T: Transport, K: Timer> State<T, K> {
                     .is_some_and(|s| s.generation == generation)
                     && let Some(slot) = self.chans.remove(&channel)
                 {
+                    let ch = Arc::clone(&slot.writer.channel);
                     self.ops.push(
                         async move {
-                            let _ = slot.channel.close().await;
+                            // what was queued on it goes first
+                            slot.writer.finish().await;
+                            let _ = ch.close().await;
                             Done::Nothing
                         }
                         .boxed(),
                     );
+                    self.wake_driver = true;
                 }
             }
             Command::CloseConnection { connection, epoch } => {
@@ -427,32 +659,33 @@ impl<T: Transport, K: Timer> State<T, K> {
                     Some((e, _)) if *e == epoch => self.conns.remove(&connection).map(|(_, c)| c),
                     _ => None,
                 };
-                // Acks (and publishes) already queued on this connection's channel
-                // workers go out before connection.close: otherwise the broker
-                // requeues deliveries the application acked.
-                let flushed: Vec<oneshot::Receiver<()>> = self
+                // Acks (and publishes) already queued on this connection's channels
+                // go out before connection.close: otherwise the broker requeues
+                // deliveries the application acked.
+                let ids: Vec<ChannelId> = self
                     .chans
-                    .iter()
-                    .filter(|(id, _)| id.connection == connection)
-                    .map(|(_, slot)| {
-                        let (done, flushed) = oneshot::channel();
-                        let _ = slot.outbound.unbounded_send(Outbound::Flush(done));
-                        flushed
-                    })
+                    .keys()
+                    .filter(|id| id.connection == connection)
+                    .copied()
                     .collect();
-                self.chans.retain(|id, _| id.connection != connection);
+                let writers: Vec<Writer<ChannelOf<T>>> = ids
+                    .iter()
+                    .filter_map(|id| self.chans.remove(id))
+                    .map(|slot| slot.writer)
+                    .collect();
                 if let Some(conn) = conn {
                     self.ops.push(
                         async move {
-                            // a worker that ended (broken channel) answers at once
-                            for worker in flushed {
-                                let _ = worker.await;
+                            // a writer that failed (broken channel) ends at once
+                            for writer in writers {
+                                writer.finish().await;
                             }
                             let _ = conn.close().await;
                             Done::ConnectionClosed { connection, epoch }
                         }
                         .boxed(),
                     );
+                    self.wake_driver = true;
                 }
             }
         }
@@ -476,16 +709,32 @@ impl<T: Transport, K: Timer> State<T, K> {
             .instrument(tracing::debug_span!("dial", %connection, epoch, %endpoint_shown))
             .boxed(),
         );
+        self.wake_driver = true;
     }
 
+    /// Queues a write on its channel and starts it at once; one that does not
+    /// complete is polled with the driver's waker (and the driver is woken).
     fn outbound(&mut self, channel: ChannelId, generation: u64, item: Outbound) {
-        if let Some(slot) = self
+        let Some(slot) = self
             .chans
-            .get(&channel)
-            .filter(|s| s.generation == generation)
-        {
-            // a closed worker means the channel broke; its loss is reported
-            let _ = slot.outbound.unbounded_send(item);
+            .get_mut(&channel)
+            .filter(|s| s.generation == generation && !s.writer.failed)
+        else {
+            return; // a lost channel: the supervisor hears of it
+        };
+        slot.writer.queue.push_back(item);
+        if slot.writer.current.is_some() {
+            return; // behind a pending write: the driver polls it
+        }
+        let waker = self.waker.as_ref().unwrap_or(Waker::noop());
+        match slot.writer.pump(&mut Context::from_waker(waker)) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Pending => self.wake_driver = true,
+            Poll::Ready(Err(error)) => self.input(Input::ChannelLost {
+                channel,
+                generation,
+                error,
+            }),
         }
     }
 
@@ -538,18 +787,11 @@ impl<T: Transport, K: Timer> State<T, K> {
                         .map(move |e| (channel, generation, e))
                         .boxed();
                     self.chan_events.push(events);
-                    let (tx, rx) = mpsc::unbounded();
-                    self.ops.push(
-                        worker(Arc::clone(&ch), rx, channel, generation)
-                            .instrument(tracing::debug_span!("channel", %channel, generation))
-                            .boxed(),
-                    );
                     self.chans.insert(
                         channel,
                         ChanSlot {
                             generation,
-                            channel: ch,
-                            outbound: tx,
+                            writer: Writer::new(ch),
                         },
                     );
                     self.input(Input::ChannelOpened {
@@ -571,15 +813,6 @@ impl<T: Transport, K: Timer> State<T, K> {
                 channel,
                 generation,
                 result,
-            }),
-            Done::WorkerEnded {
-                channel,
-                generation,
-                error,
-            } => self.input(Input::ChannelLost {
-                channel,
-                generation,
-                error,
             }),
             Done::ConnectionClosed { connection, epoch } => {
                 self.input(Input::ConnectionClosed { connection, epoch })
@@ -795,7 +1028,7 @@ impl<T: Transport, K: Timer> State<T, K> {
         match event {
             Event::PublishResolved { id, result } => {
                 if let Some(reply) = self.publishes.remove(&id) {
-                    let _ = reply.send(result);
+                    self.resolved.push((reply, result));
                 }
             }
             Event::TopologyResolved { op, result } => match self.topology.remove(&op) {
@@ -857,6 +1090,11 @@ impl<T: Transport, K: Timer> State<T, K> {
 
     /// Everything still waiting resolves; consumers end.
     fn finish(&mut self) {
+        self.done = true;
+        // nothing new is taken; what was sent and not taken is dropped (its
+        // replies resolve `Closed`)
+        self.requests.close();
+        while self.requests.try_recv().is_ok() {}
         let mut publishes: Vec<_> = std::mem::take(&mut self.publishes).into_iter().collect();
         publishes.sort_unstable_by_key(|(id, _)| *id);
         for (_, reply) in publishes {
@@ -887,42 +1125,16 @@ impl<T: Transport, K: Timer> State<T, K> {
         for done in self.close_waiters.drain(..) {
             let _ = done.send(());
         }
+        // the transport's objects go now, not when the last client handle does
+        self.chans.clear();
+        self.conns.clear();
+        self.ops = FuturesUnordered::new();
+        self.conn_events = SelectAll::new();
+        self.chan_events = SelectAll::new();
+        self.sleep = Fuse::terminated();
+        self.waker = None;
         tracing::debug!("driver finished");
     }
-}
-
-/// Publishes and acks of one channel generation, one at a time, in order.
-async fn worker<T, C>(
-    channel: Arc<C>,
-    mut items: mpsc::UnboundedReceiver<Outbound>,
-    id: ChannelId,
-    generation: u64,
-) -> Done<T, C>
-where
-    C: Channel,
-{
-    while let Some(item) = items.next().await {
-        let result = match item {
-            Outbound::Publish(message) => channel.publish(&message).await,
-            Outbound::Ack(tag, AckKind::Ack { multiple }) => channel.ack(tag, multiple).await,
-            Outbound::Ack(tag, AckKind::Nack { multiple, requeue }) => {
-                channel.nack(tag, multiple, requeue).await
-            }
-            Outbound::Ack(tag, AckKind::Reject { requeue }) => channel.reject(tag, requeue).await,
-            Outbound::Flush(done) => {
-                let _ = done.send(());
-                Ok(())
-            }
-        };
-        if let Err(error) = result {
-            return Done::WorkerEnded {
-                channel: id,
-                generation,
-                error,
-            };
-        }
-    }
-    Done::Nothing
 }
 
 async fn run_topology<C: Channel>(

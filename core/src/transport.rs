@@ -18,7 +18,10 @@
 //!   heartbeats, `connection.close` from the broker). A channel that the broker
 //!   closes reports [`ChannelEvent::Closed`] with the reply code.
 //! - The driver calls [`Channel::publish`] for one channel one message at a time, in
-//!   order, after [`Channel::confirm_select`]. In confirm mode the broker numbers
+//!   order, after [`Channel::confirm_select`]. The call (and the first poll of its
+//!   future) may happen on an application thread, inside `Client::publish`, outside
+//!   any runtime the transport knows; a future that does not complete at once is
+//!   polled on by the driver. The same holds for acks. In confirm mode the broker numbers
 //!   the messages of a channel 1, 2, 3, ...; [`ChannelEvent::Ack`] and
 //!   [`ChannelEvent::Nack`] carry those numbers (`multiple` = every number up to
 //!   and including it). Awaiting `publish` means "handed to the client", not

@@ -108,6 +108,85 @@ fn a_publish_is_handed_over_by_the_call_in_call_order_even_if_its_future_is_drop
 }
 
 #[test]
+fn a_publish_on_an_idle_client_reaches_the_transport_within_the_call() {
+    let (mut pool, clock, transport, client) = setup(1, 1);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+        .state()
+        .is_ready()));
+    // the driver does not run between the call and the check
+    let future = client.publish("", "q", "now", Properties::default());
+    assert_eq!(
+        transport.broker().received,
+        vec!["now"],
+        "written by the call, on the caller's thread"
+    );
+    let results: Results = Rc::default();
+    collect(&pool, &results, 1, future);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || results
+        .borrow()
+        .len()
+        == 1));
+    assert!(all_confirmed(&results));
+}
+
+/// Publishers on several threads and the driver on another: whichever of them
+/// holds the client's state, each publisher's messages go out in its call order
+/// and every one is confirmed.
+#[test]
+fn publishers_on_many_threads_keep_their_own_order() {
+    const THREADS: usize = 4;
+    const EACH: usize = 500;
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let body = std::thread::spawn(move || {
+        let clock = ManualClock::new();
+        let transport = MemoryTransport::default();
+        let (client, driver) = Client::builder()
+            .hosts([URL])
+            .confirm_window(64)
+            .build(transport.clone(), clock)
+            .expect("valid config");
+        let driving = std::thread::spawn(move || futures::executor::block_on(driver));
+        let publishers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let client = client.clone();
+                std::thread::spawn(move || {
+                    let futures: Vec<PublishFuture> = (0..EACH)
+                        .map(|i| client.publish("", "q", format!("{t}-{i}"), Properties::default()))
+                        .collect();
+                    futures::executor::block_on(futures::future::join_all(futures))
+                })
+            })
+            .collect();
+        for publisher in publishers {
+            let results = publisher.join().expect("publisher");
+            assert!(results.iter().all(|r| *r == Ok(Confirmation::Confirmed)));
+        }
+        futures::executor::block_on(client.close());
+        driving.join().expect("driver");
+        let received = transport.broker().received.clone();
+        assert_eq!(received.len(), THREADS * EACH, "each message once");
+        for t in 0..THREADS {
+            let own: Vec<usize> = received
+                .iter()
+                .filter_map(|m| m.strip_prefix(&format!("{t}-")))
+                .map(|i| i.parse().expect("a number"))
+                .collect();
+            assert_eq!(
+                own,
+                (0..EACH).collect::<Vec<_>>(),
+                "thread {t} in call order"
+            );
+        }
+        let _ = done_tx.send(());
+    });
+    match done_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => body.join().expect("test body"),
+        Err(_) if body.is_finished() => std::panic::resume_unwind(body.join().unwrap_err()),
+        Err(_) => panic!("publishers or driver hung for 60 s"),
+    }
+}
+
+#[test]
 fn loss_mid_stream_republishes_unconfirmed_in_order() {
     let (mut pool, clock, transport, client) = setup(1, 1);
     assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client

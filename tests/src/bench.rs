@@ -675,7 +675,8 @@ pub async fn ready(client: &Client) -> Result<(), BoxError> {
 }
 
 /// amqp-rebound: `pool` (or the default), the job's confirm window; the caller
-/// keeps twice the window of publishes outstanding so the outbox never runs dry.
+/// keeps at most `window` publishes unconfirmed, as the raw clients do, and waits
+/// for the oldest when it has that many (confirms come in order).
 async fn rebound<T: Transport>(
     transport: T,
     url: &BrokerUrl,
@@ -689,16 +690,26 @@ async fn rebound<T: Transport>(
     let client = start_client(url, builder, transport);
     ready(&client).await?;
     let start = Instant::now();
-    let mut results = futures::stream::iter(0..job.messages)
-        .map(|_| client.publish("", &job.queue, job.payload.clone(), Properties::default()))
-        .buffer_unordered(job.window * 2);
-    while let Some(result) = results.next().await {
-        if result != Ok(Confirmation::Confirmed) {
-            return Err(format!("not confirmed: {result:?}").into());
+    let mut in_flight = std::collections::VecDeque::with_capacity(job.window);
+    let mut sent = 0;
+    while sent < job.messages || !in_flight.is_empty() {
+        while sent < job.messages && in_flight.len() < job.window {
+            in_flight.push_back(client.publish(
+                "",
+                &job.queue,
+                job.payload.clone(),
+                Properties::default(),
+            ));
+            sent += 1;
+        }
+        if let Some(oldest) = in_flight.pop_front() {
+            let result = oldest.await;
+            if result != Ok(Confirmation::Confirmed) {
+                return Err(format!("not confirmed: {result:?}").into());
+            }
         }
     }
     let took = start.elapsed();
-    drop(results);
     client.close().await;
     Ok(took)
 }
