@@ -181,7 +181,6 @@ impl ClientBuilder {
         let reports_blocked = transport.reports_blocked();
         let sup = Supervisor::new(config, timer.now())?;
         let shared = Arc::new(Shared {
-            stats: Mutex::new(sup.stats()),
             state: Mutex::new(ClientState::of(&sup)),
             queue_names: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -208,7 +207,6 @@ impl ClientBuilder {
 /// What the driver and every client handle share.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) stats: Mutex<Stats>,
     pub(crate) state: Mutex<ClientState>,
     pub(crate) queue_names: Mutex<HashMap<QueueHandle, String>>,
     pub(crate) closed: AtomicBool,
@@ -646,7 +644,7 @@ impl Client {
 
     /// Counters: reconnects, recoveries, published, confirmed, republished, ...
     pub fn stats(&self) -> Stats {
-        lock(&self.shared.stats).clone()
+        self.engine.stats()
     }
 
     /// A stream of what happens: state changes, blocked / unblocked, recovery

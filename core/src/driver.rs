@@ -48,7 +48,7 @@ use crate::event::Event;
 use crate::ids::{ChannelId, ConnectionId};
 use crate::message::Message;
 use crate::outbox::{Confirmation, IdHash, PublishError, PublishId};
-use crate::supervisor::{Command, Input, Supervisor};
+use crate::supervisor::{Command, Input, Stats, Supervisor};
 use crate::topology::{AckKind, ConsumerId, OpId, QueueHandle, TopologyError, TopologyOp};
 use crate::transport::{
     Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, Sleep, Timer, Transport,
@@ -80,6 +80,8 @@ pub(crate) trait Engine: Send + Sync + 'static {
     fn try_publish(&self, request: Request) -> Result<(), Request>;
     /// The driver was dropped: everything pending resolves `Closed`.
     fn abandon(&self);
+    /// The supervisor's counters now.
+    fn stats(&self) -> Stats;
 }
 
 impl Driver {
@@ -182,6 +184,10 @@ impl<T: Transport, K: Timer> Engine for Mutex<State<T, K>> {
             state.finish();
         }
         send_resolved(state);
+    }
+
+    fn stats(&self) -> Stats {
+        lock(self).sup.stats()
     }
 }
 
@@ -551,7 +557,6 @@ impl<T: Transport, K: Timer> State<T, K> {
                 break;
             }
         }
-        *lock(&self.shared.stats) = self.sup.stats();
     }
 
     fn execute(&mut self, command: Command) {
@@ -1118,7 +1123,6 @@ impl<T: Transport, K: Timer> State<T, K> {
                 items.unbounded_send(ConsumerItem::Ended(crate::topology::ConsumeError::Closed));
         }
         *lock(&self.shared.state) = ClientState::of(&self.sup);
-        *lock(&self.shared.stats) = self.sup.stats();
         self.shared
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
