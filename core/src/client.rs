@@ -413,6 +413,11 @@ impl Client {
     /// the order of the calls, and the future is `'static` (it can be spawned or
     /// kept apart from the client). Dropping the future does not withdraw the
     /// message: it is still published; only its result is not seen.
+    ///
+    /// The call does not block. If no other thread is using the client's state at
+    /// that moment, it writes the message to the transport itself, on the calling
+    /// thread (a channel with room in its confirm window; the driver is not woken
+    /// for it); otherwise it queues the message for the driver.
     pub fn publish(
         &self,
         exchange: &str,

@@ -254,6 +254,17 @@ impl<C: Channel> Writer<C> {
             let Some(item) = self.queue.pop_front() else {
                 return Poll::Ready(Ok(()));
             };
+            if let Outbound::Publish(message) = &item {
+                match self.channel.try_publish(message) {
+                    Some(Ok(())) => continue,
+                    Some(Err(error)) => {
+                        self.failed = true;
+                        self.queue.clear();
+                        return Poll::Ready(Err(error));
+                    }
+                    None => {} // it has to wait: the future below does
+                }
+            }
             let ch = Arc::clone(&self.channel);
             self.current = Some(Box::pin(async move {
                 match item {

@@ -235,6 +235,15 @@ pub trait Channel: Send + Sync + 'static {
     /// `basic.publish`. Returns once the client took the message; the confirm
     /// arrives later as an event.
     async fn publish(&self, message: &Message) -> Result<(), TransportError>;
+    /// `basic.publish` if the client takes the message without waiting:
+    /// `Some(Ok(()))` when it did, `None` when it would have to wait or cannot
+    /// tell, and then **nothing was sent**: the driver calls
+    /// [`publish`](Channel::publish) instead. It spares the boxed future of
+    /// `publish` on the common path. The default always answers `None`.
+    fn try_publish(&self, message: &Message) -> Option<Result<(), TransportError>> {
+        let _ = message;
+        None
+    }
     /// `basic.consume` with the given tag; deliveries arrive as events. The core
     /// sends the consumer's prefetch with [`Channel::qos`] just before, and passes
     /// `options.prefetch` as `None`.

@@ -246,6 +246,19 @@ impl AmqprsChannel {
     }
 }
 
+/// What amqprs's `basic_publish` takes for `message`; names and properties checked.
+fn publish_parts(
+    message: &Message,
+) -> Result<(amqprs::BasicProperties, Vec<u8>, BasicPublishArguments), TransportError> {
+    let mut args = BasicPublishArguments::new(
+        &short("exchange name", &message.exchange)?,
+        &short("routing key", &message.routing_key)?,
+    );
+    args.mandatory = message.mandatory;
+    let properties = convert::to_properties(&message.properties)?;
+    Ok((properties, message.payload.to_vec(), args))
+}
+
 impl Drop for AmqprsChannel {
     fn drop(&mut self) {
         // amqprs closes the channel when its last handle goes (see InRuntime).
@@ -391,13 +404,7 @@ impl Channel for AmqprsChannel {
     }
 
     async fn publish(&self, message: &Message) -> Result<(), TransportError> {
-        let mut args = BasicPublishArguments::new(
-            &short("exchange name", &message.exchange)?,
-            &short("routing key", &message.routing_key)?,
-        );
-        args.mandatory = message.mandatory;
-        let properties = convert::to_properties(&message.properties)?;
-        let payload = message.payload.to_vec();
+        let (properties, payload, args) = publish_parts(message)?;
         let writing = self.writing().await?;
         let sent = self
             .channel()
@@ -407,6 +414,31 @@ impl Channel for AmqprsChannel {
         match sent {
             Ok(()) => Ok(()),
             Err(e) => Err(self.error(e).await),
+        }
+    }
+
+    /// The synchronous path of `publish`: the same checks, with the write guard
+    /// taken without waiting, and amqprs's `basic_publish` polled once. Its only
+    /// wait is tokio's `mpsc::Sender::send` into the connection's writer, which
+    /// sends nothing when dropped before it completes; so a `Pending` poll is
+    /// dropped and answered `None` (nothing sent), as is anything unusual: the
+    /// async path then does it, and reports it.
+    fn try_publish(&self, message: &Message) -> Option<Result<(), TransportError>> {
+        let (properties, payload, args) = publish_parts(message).ok()?;
+        // a broker close being recorded holds the lock exclusively
+        let writing = self.shared.writes.try_read().ok()?;
+        if self.shared.known_reason().is_some() || !self.channel().is_open() {
+            return None;
+        }
+        let publish = self.channel().basic_publish(properties, payload, args);
+        let mut publish = std::pin::pin!(publish);
+        let polled = publish
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()));
+        drop(writing);
+        match polled {
+            Poll::Ready(Ok(())) => Some(Ok(())),
+            Poll::Ready(Err(_)) | Poll::Pending => None,
         }
     }
 

@@ -351,6 +351,76 @@ async fn publish_to_a_missing_exchange_closes_the_channel_with_404() {
     conn.close().await.unwrap();
 }
 
+/// `try_publish` hands messages over without a future, mixes with `publish` in
+/// order, and sends nothing once the channel is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_publish_hands_over_in_order_and_sends_nothing_on_a_closed_channel() {
+    let conn = connect().await;
+    let (channel, mut events) = confirm_channel(&conn).await;
+    let queue = unique("try");
+    channel.declare_queue(&temp_queue(&queue)).await.unwrap();
+    let mut synchronous = 0;
+    for i in 0..500u32 {
+        let message = Message::new("", queue.as_str(), format!("m{i}").into_bytes());
+        // every third one through the async path, the others synchronously if they can
+        match (i % 3 != 0)
+            .then(|| channel.try_publish(&message))
+            .flatten()
+        {
+            Some(taken) => {
+                taken.expect("try_publish");
+                synchronous += 1;
+            }
+            None => channel.publish(&message).await.expect("publish"),
+        }
+    }
+    assert!(synchronous > 0, "no message went the synchronous way");
+    let mut acked = 0;
+    while acked < 500 {
+        match next("the acks", &mut events).await {
+            ChannelEvent::Ack {
+                delivery_tag,
+                multiple: true,
+            } => acked = delivery_tag,
+            ChannelEvent::Ack { delivery_tag, .. } if delivery_tag == acked + 1 => acked += 1,
+            other => panic!("unexpected {other:?} after {acked} acks"),
+        }
+    }
+    let (tx, mut deliveries) = futures::channel::mpsc::unbounded();
+    let reader = connect().await;
+    let (consumer, mut consumer_events) = confirm_channel(&reader).await;
+    consumer
+        .consume(&queue, "c", &ConsumeOptions::default())
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Some(event) = consumer_events.next().await {
+            if let ChannelEvent::Delivery(d) = event {
+                let _ = tx.unbounded_send(String::from_utf8_lossy(&d.payload).into_owned());
+            }
+        }
+    });
+    for i in 0..500u32 {
+        let got = within("a delivery", deliveries.next())
+            .await
+            .expect("deliveries");
+        assert_eq!(got, format!("m{i}"), "in publish order");
+    }
+    // a publish to a missing exchange closes the channel (404)
+    let bad = Message::new(unique("no-such-exchange"), "rk", &b"x"[..]);
+    channel.publish(&bad).await.unwrap();
+    expect_channel_closed(&mut events).await;
+    let late = Message::new("", queue.as_str(), &b"late"[..]);
+    assert!(
+        channel.try_publish(&late).is_none(),
+        "nothing is taken on a closed channel"
+    );
+    let refused = channel.publish(&late).await.unwrap_err();
+    assert_eq!(refused.reply_code(), Some(404), "got {refused:?}");
+    reader.close().await.unwrap();
+    conn.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_racing_the_brokers_channel_close_cost_only_the_channel() {
     // The broker closes the channel (404) while publishes keep coming: none may be
@@ -364,8 +434,14 @@ async fn publishes_racing_the_brokers_channel_close_cost_only_the_channel() {
         channel.publish(&bad).await.unwrap();
         let good = Message::new("", unique("nowhere"), &b"y"[..]);
         let mut sent = 0u32;
+        // odd rounds go through the synchronous path first, as the core does
+        let synchronous = round % 2 == 1;
         let refusal = loop {
-            match channel.publish(&good).await {
+            let taken = match synchronous.then(|| channel.try_publish(&good)).flatten() {
+                Some(taken) => taken,
+                None => channel.publish(&good).await,
+            };
+            match taken {
                 Ok(()) => sent += 1,
                 Err(error) => break error,
             }

@@ -22,6 +22,7 @@ use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, ExchangeUnbindOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
+use lapin::types::ShortString;
 use lapin::{ChannelStatus, Confirmation};
 
 use crate::convert::{self, check_table, is_state_error, map_error, short};
@@ -184,6 +185,117 @@ impl LapinChannel {
             self.shared.closed_error().unwrap_or_else(|| {
                 TransportError::Protocol("the channel's event task has stopped".into())
             })
+        })
+    }
+    /// Numbers and queues a publish on a channel in confirm mode (`seq` is the
+    /// held sequence lock): the frames are queued by lapin's first poll, the rest
+    /// of the write and the confirm go to the events stream.
+    fn publish_confirmed(
+        &self,
+        seq: &mut u64,
+        parts: PublishParts,
+        message: &Message,
+    ) -> Result<(), TransportError> {
+        let channel = Arc::clone(&self.channel);
+        let payload = message.payload.clone();
+        let mut sending = async move {
+            channel
+                .basic_publish(
+                    parts.exchange,
+                    parts.routing_key,
+                    parts.options,
+                    &payload,
+                    parts.properties,
+                )
+                .await
+        }
+        .boxed();
+        // lapin's first poll of basic_publish queues the frames and numbers the
+        // confirm; the rest of it waits until lapin's I/O loop has written them.
+        // That wait goes to the events stream with the confirm, so the next
+        // publish need not wait for it: one wake-up of the caller per written
+        // frame was the 1x1 client's largest cost against raw lapin. The task takes
+        // the list on every turn; only a confirm already resolved, or a task that
+        // has not run yet, costs it a wake-up.
+        let mut incoming = lock(&self.shared.incoming);
+        let task = incoming.task.clone();
+        let first = match &task {
+            Some(task) => sending.poll_unpin(&mut Context::from_waker(task)),
+            None => sending.poll_unpin(&mut Context::from_waker(futures::task::noop_waker_ref())),
+        };
+        let wake = match first {
+            // not queued: nothing was numbered
+            Poll::Ready(Err(e)) => {
+                drop(incoming);
+                return Err(self.error(e));
+            }
+            // written already: the confirm is polled once with the stream's waker,
+            // so that lapin wakes the stream's reader when it resolves (whenever that is:
+            // RabbitMQ may ack out of order across queues)
+            Poll::Ready(Ok(confirm)) => {
+                *seq += 1;
+                let seq = *seq;
+                let mut confirm: ConfirmFuture = confirm.map(move |r| (seq, r)).boxed();
+                match &task {
+                    Some(task) => match confirm.poll_unpin(&mut Context::from_waker(task)) {
+                        Poll::Pending => {
+                            incoming.confirms.push(confirm);
+                            false
+                        }
+                        Poll::Ready(resolved) => {
+                            incoming.confirms.push(future::ready(resolved).boxed());
+                            true
+                        }
+                    },
+                    None => {
+                        incoming.confirms.push(confirm);
+                        true
+                    }
+                }
+            }
+            // queued: the first poll left the stream's waker with lapin already
+            Poll::Pending => {
+                *seq += 1;
+                let seq = *seq;
+                incoming.confirms.push(
+                    sending
+                        .then(move |sent| async move {
+                            match sent {
+                                Ok(confirm) => (seq, confirm.await),
+                                Err(e) => (seq, Err(e)),
+                            }
+                        })
+                        .boxed(),
+                );
+                task.is_none()
+            }
+        };
+        drop(incoming);
+        if wake {
+            self.shared.waker.wake();
+        }
+        Ok(())
+    }
+}
+
+/// What lapin's `basic_publish` takes for a message; names and properties checked.
+struct PublishParts {
+    exchange: ShortString,
+    routing_key: ShortString,
+    options: BasicPublishOptions,
+    properties: lapin::BasicProperties,
+}
+
+impl PublishParts {
+    fn of(message: &Message) -> Result<PublishParts, TransportError> {
+        Ok(PublishParts {
+            exchange: short("exchange name", &message.exchange)?,
+            routing_key: short("routing key", &message.routing_key)?,
+            options: BasicPublishOptions {
+                mandatory: message.mandatory,
+                immediate: false,
+            },
+            properties: convert::to_lapin_properties(&message.properties)?,
         })
     }
 }
@@ -357,95 +469,34 @@ impl Channel for LapinChannel {
     }
 
     async fn publish(&self, message: &Message) -> Result<(), TransportError> {
-        let exchange = short("exchange name", &message.exchange)?;
-        let routing_key = short("routing key", &message.routing_key)?;
-        let properties = convert::to_lapin_properties(&message.properties)?;
-        let options = BasicPublishOptions {
-            mandatory: message.mandatory,
-            immediate: false,
-        };
+        let parts = PublishParts::of(message)?;
         let mut seq = self.publish_seq.lock().await;
         if !self.channel.status().confirm() {
             // not the core's way (it always selects confirms): no confirm to hand over
             self.channel
-                .basic_publish(exchange, routing_key, options, &message.payload, properties)
+                .basic_publish(
+                    parts.exchange,
+                    parts.routing_key,
+                    parts.options,
+                    &message.payload,
+                    parts.properties,
+                )
                 .await
                 .map_err(|e| self.error(e))?;
             return Ok(());
         }
-        let channel = Arc::clone(&self.channel);
-        let payload = message.payload.clone();
-        let mut sending = async move {
-            channel
-                .basic_publish(exchange, routing_key, options, &payload, properties)
-                .await
+        self.publish_confirmed(&mut seq, parts, message)
+    }
+
+    /// `publish` without its boxed future: everything after the sequence lock is
+    /// synchronous already (lapin queues the frames on the first poll).
+    fn try_publish(&self, message: &Message) -> Option<Result<(), TransportError>> {
+        let parts = PublishParts::of(message).ok()?;
+        let mut seq = self.publish_seq.try_lock()?;
+        if !self.channel.status().confirm() {
+            return None;
         }
-        .boxed();
-        // lapin's first poll of basic_publish queues the frames and numbers the
-        // confirm; the rest of it waits until lapin's I/O loop has written them.
-        // That wait goes to the events stream with the confirm, so the next
-        // publish need not wait for it: one wake-up of the caller per written
-        // frame was the 1x1 client's largest cost against raw lapin. The task takes
-        // the list on every turn; only a confirm already resolved, or a task that
-        // has not run yet, costs it a wake-up.
-        let mut incoming = lock(&self.shared.incoming);
-        let task = incoming.task.clone();
-        let first = match &task {
-            Some(task) => sending.poll_unpin(&mut Context::from_waker(task)),
-            None => sending.poll_unpin(&mut Context::from_waker(futures::task::noop_waker_ref())),
-        };
-        let wake = match first {
-            // not queued: nothing was numbered
-            Poll::Ready(Err(e)) => {
-                drop(incoming);
-                return Err(self.error(e));
-            }
-            // written already: the confirm is polled once with the stream's waker,
-            // so that lapin wakes the stream's reader when it resolves (whenever that is:
-            // RabbitMQ may ack out of order across queues)
-            Poll::Ready(Ok(confirm)) => {
-                *seq += 1;
-                let seq = *seq;
-                let mut confirm: ConfirmFuture = confirm.map(move |r| (seq, r)).boxed();
-                match &task {
-                    Some(task) => match confirm.poll_unpin(&mut Context::from_waker(task)) {
-                        Poll::Pending => {
-                            incoming.confirms.push(confirm);
-                            false
-                        }
-                        Poll::Ready(resolved) => {
-                            incoming.confirms.push(future::ready(resolved).boxed());
-                            true
-                        }
-                    },
-                    None => {
-                        incoming.confirms.push(confirm);
-                        true
-                    }
-                }
-            }
-            // queued: the first poll left the stream's waker with lapin already
-            Poll::Pending => {
-                *seq += 1;
-                let seq = *seq;
-                incoming.confirms.push(
-                    sending
-                        .then(move |sent| async move {
-                            match sent {
-                                Ok(confirm) => (seq, confirm.await),
-                                Err(e) => (seq, Err(e)),
-                            }
-                        })
-                        .boxed(),
-                );
-                task.is_none()
-            }
-        };
-        drop(incoming);
-        if wake {
-            self.shared.waker.wake();
-        }
-        Ok(())
+        Some(self.publish_confirmed(&mut seq, parts, message))
     }
 
     async fn consume(
