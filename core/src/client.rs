@@ -186,8 +186,8 @@ impl ClientBuilder {
             closed: AtomicBool::new(false),
         });
         // async-channel rather than futures' mpsc: it allocates a block per 31
-        // requests, not a node per request (the publish path's requests are
-        // allocated on the caller's thread and freed on the driver's)
+        // requests, not a node per request (requests are allocated on a caller's
+        // thread and often freed on the driver's)
         let (tx, rx) = async_channel::unbounded();
         let options = ConnectOptions {
             connection_name: self.connection_name,

@@ -2,9 +2,11 @@
 //! [`Transport`] and a [`Timer`], on any executor.
 //!
 //! It feeds transport results, transport notifications, application requests and
-//! timer expiry into the supervisor, and executes the supervisor's commands
-//! concurrently (a `FuturesUnordered`, no spawning). It makes no protocol decision
-//! of its own: every retry, reopen and re-publish is the supervisor's.
+//! timer expiry into the supervisor, and executes the supervisor's commands:
+//! dials, channel opens and topology calls concurrently (a `FuturesUnordered`, no
+//! spawning), publishes and acks through each channel's writer. It makes no
+//! protocol decision of its own: every retry, reopen and re-publish is the
+//! supervisor's.
 //!
 //! The state lives behind a mutex shared by the driver and every [`Client`]
 //! handle (as quinn's connection state does). [`Client::publish`] takes the lock
@@ -63,8 +65,8 @@ const TRIPS: usize = 32;
 
 /// Runs a client: spawn it on any executor (or `.await` it); it completes after
 /// [`Client::close`](crate::Client::close) or when every `Client` handle is
-/// dropped. Dropping it drops every transport connection and resolves every
-/// pending operation with a `Closed` error.
+/// dropped. Dropping it drops every transport connection, resolves every pending
+/// operation with a `Closed` error and ends every consumer and `watch` stream.
 #[must_use = "the client does nothing unless its driver is spawned or awaited"]
 pub struct Driver {
     engine: Arc<dyn Engine>,
@@ -158,6 +160,9 @@ impl<T: Transport, K: Timer> Engine for Mutex<State<T, K>> {
         let span = state.span.clone();
         let _entered = span.enter();
         let poll = state.poll_drive(cx);
+        // what the driver left itself is done or registered: a publish on a
+        // caller's thread need not wake it for that
+        state.wake_driver = false;
         send_resolved(state);
         poll
     }
@@ -173,9 +178,18 @@ impl<T: Transport, K: Timer> Engine for Mutex<State<T, K>> {
         }
         let span = state.span.clone();
         let _entered = span.enter();
-        state.publish_here(request);
+        let result = state.publish_here(request);
         send_resolved(state);
-        Ok(())
+        match result {
+            Ok(waker) => {
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+                Ok(())
+            }
+            // the driver was woken for the requests before it
+            Err(request) => Err(request),
+        }
     }
 
     fn abandon(&self) {
@@ -508,15 +522,26 @@ impl<T: Transport, K: Timer> State<T, K> {
     }
 
     /// [`Client::publish`](crate::Client::publish) on the caller's thread: the
-    /// requests queued before it first (call order), then the publish, then
-    /// everything the supervisor has to do about it; the driver is woken only if
-    /// that left it something.
-    fn publish_here(&mut self, request: Request) {
+    /// requests queued before it first (call order; at most a batch of them, or
+    /// the publish is given back to go behind the rest), then the publish, then
+    /// everything the supervisor has to do about it. Returns the driver's waker
+    /// if that left the driver something, to wake once the lock is released.
+    fn publish_here(&mut self, request: Request) -> Result<Option<Waker>, Request> {
         self.batch_now = Some(self.timer.now());
-        while let Ok(earlier) = self.requests.try_recv() {
+        let mut taken = 0;
+        while taken < BATCH
+            && let Ok(earlier) = self.requests.try_recv()
+        {
             self.on_request(earlier);
+            taken += 1;
         }
-        self.on_request(request);
+        let result = if self.requests.is_empty() {
+            self.on_request(request);
+            Ok(())
+        } else {
+            self.wake_driver = true;
+            Err(request)
+        };
         self.flush();
         self.batch_now = None;
         // the driver's timer must fire by the earliest deadline now known
@@ -526,12 +551,10 @@ impl<T: Transport, K: Timer> State<T, K> {
             (Some(_), None) => true,
             (None, _) => false,
         };
-        if (stale || self.sup.is_fully_closed() || self.wake_driver)
-            && let Some(waker) = &self.waker
-        {
-            self.wake_driver = false;
-            waker.wake_by_ref();
-        }
+        let wake = stale || self.sup.is_fully_closed() || self.wake_driver;
+        self.wake_driver = false;
+        let waker = if wake { self.waker.clone() } else { None };
+        result.map(|()| waker)
     }
 
     fn now(&self) -> Instant {
@@ -927,6 +950,21 @@ impl<T: Transport, K: Timer> State<T, K> {
     fn on_request(&mut self, request: Request) {
         let now = self.now();
         match request {
+            // behind publishes already waiting for room: it waits too, so that a
+            // caller's messages keep their order
+            Request::Publish {
+                message,
+                timeout,
+                wait: true,
+                reply,
+            } if !self.parked.is_empty() => {
+                let deadline = now + timeout.unwrap_or(self.sup.config().publish_timeout);
+                self.parked.push_back(ParkedPublish {
+                    message,
+                    deadline,
+                    reply,
+                });
+            }
             Request::Publish {
                 message,
                 timeout,
@@ -1140,7 +1178,9 @@ impl<T: Transport, K: Timer> State<T, K> {
         for done in self.close_waiters.drain(..) {
             let _ = done.send(());
         }
-        // the transport's objects go now, not when the last client handle does
+        // watch streams end; the transport's objects go now, not when the last
+        // client handle does
+        self.watchers.clear();
         self.chans.clear();
         self.conns.clear();
         self.ops = FuturesUnordered::new();

@@ -21,7 +21,9 @@
 //!   order, after [`Channel::confirm_select`]. The call (and the first poll of its
 //!   future) may happen on an application thread, inside `Client::publish`, outside
 //!   any runtime the transport knows; a future that does not complete at once is
-//!   polled on by the driver. The same holds for acks. In confirm mode the broker numbers
+//!   polled on by the driver. The same holds for acks, for
+//!   [`Channel::try_publish`] (tried first, before `publish`), and for dropping a
+//!   channel or a pending write: any of them may happen on an application thread. In confirm mode the broker numbers
 //!   the messages of a channel 1, 2, 3, ...; [`ChannelEvent::Ack`] and
 //!   [`ChannelEvent::Nack`] carry those numbers (`multiple` = every number up to
 //!   and including it). Awaiting `publish` means "handed to the client", not

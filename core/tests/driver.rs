@@ -12,9 +12,9 @@ use amqp_rebound_core::{
     AckError, Client, ConfigError, Confirmation, ConsumeOptions, Event, Properties, PublishError,
     PublishFuture, PublishOptions, QueueDecl, TransportError,
 };
-use futures::StreamExt;
 use futures::executor::LocalPool;
 use futures::task::LocalSpawnExt;
+use futures::{FutureExt, StreamExt};
 use support::{ManualClock, MemoryTransport, drive};
 
 const URL: &str = "amqp://guest:s3cr3t-pw@127.0.0.1:5672/%2f";
@@ -323,6 +323,42 @@ fn close_while_reconnecting_stops_dialling_and_resolves_everything() {
             .all(|(_, r)| *r == Err(PublishError::Closed))
     );
     assert!(client.is_closed());
+}
+
+/// The client's state outlives its driver (every handle shares it): what the
+/// driver ends must end anyway, a watch stream included.
+#[test]
+fn watch_streams_end_when_the_client_closes_while_handles_live() {
+    let (mut pool, clock, _transport, client) = setup(1, 1);
+    let mut events = client.watch();
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+        .state()
+        .is_ready()));
+    let closed = Rc::new(RefCell::new(false));
+    {
+        let client = client.clone();
+        let closed = Rc::clone(&closed);
+        pool.spawner()
+            .spawn_local(async move {
+                client.close().await;
+                *closed.borrow_mut() = true;
+            })
+            .unwrap();
+    }
+    assert!(drive(&mut pool, &clock, Duration::from_secs(10), || {
+        *closed.borrow()
+    }));
+    // what was sent before the end, then the end
+    let mut seen = 0;
+    loop {
+        match events.next().now_or_never() {
+            Some(Some(_)) => seen += 1,
+            Some(None) => break,
+            None => panic!("the watch stream is still open after close ({seen} events)"),
+        }
+        assert!(seen < 10_000, "the watch stream does not end");
+    }
+    drop(client);
 }
 
 #[test]

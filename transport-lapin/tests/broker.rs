@@ -16,6 +16,7 @@ use amqp_rebound_core::transport::{
 };
 use amqp_rebound_core::{Endpoint, TransportError};
 use amqp_rebound_lapin::{LapinChannel, LapinConnection, LapinTransport};
+use amqp_rebound_tests::broker::{Access, BrokerLock};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
@@ -30,7 +31,12 @@ fn url() -> String {
         .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// The broker's endpoint, with a shared hold on the broker lock for the rest of
+/// the test's process: the conformance suite's fault cases (which close every
+/// connection) take it exclusively, so they never run beside these tests.
 fn endpoint() -> Endpoint {
+    static SHARED: std::sync::OnceLock<BrokerLock> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| BrokerLock::acquire(Access::Shared));
     Endpoint::parse(&url()).expect("AMQP_URL is a valid AMQP URI")
 }
 
