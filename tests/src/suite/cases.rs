@@ -616,6 +616,9 @@ pub async fn publish_to_missing_exchange_is_rejected<T: Transport>(h: Harness<T>
     let client = h.start(h.builder([h.url.url()]).pool(1, 2));
     wait_ready(&client, 15 * SECOND).await;
     let mut events = client.watch();
+    // every event from here on, for the check below (the waits consume `events`:
+    // a connection loss can come before the channel's 404 event)
+    let mut all_events = client.watch();
     let decl = test_queue(&queue_name(&h, "404"));
     client.declare_queue(decl.clone()).await.expect("declare");
     let missing = unique("missing-exchange");
@@ -677,7 +680,7 @@ pub async fn publish_to_missing_exchange_is_rejected<T: Transport>(h: Harness<T>
     // connection with 504 CHANNEL_ERROR "expected 'channel.open'". The client
     // recovers from that like from any connection loss (nothing is lost: checked
     // below); the case tolerates exactly that error and says so.
-    let lost: Vec<Event> = drain_events(&mut events)
+    let lost: Vec<Event> = drain_events(&mut all_events)
         .into_iter()
         .filter(|e| matches!(e, Event::RecoveryFailed { .. }))
         .collect();
