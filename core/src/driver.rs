@@ -205,6 +205,15 @@ impl<T: Transport, K: Timer> Engine for Mutex<State<T, K>> {
     }
 }
 
+/// Whether `next` is a wake-up the timer armed at `armed` would miss.
+fn earlier(next: Option<Instant>, armed: Option<Instant>) -> bool {
+    match (next, armed) {
+        (Some(at), Some(current)) => at < current,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
 /// Sends the publish results gathered under the lock, after releasing it.
 fn send_resolved<T: Transport, K: Timer>(mut state: std::sync::MutexGuard<'_, State<T, K>>) {
     if state.resolved.is_empty() {
@@ -260,9 +269,7 @@ impl<C: Channel> Writer<C> {
                 let result = std::task::ready!(write.as_mut().poll(cx));
                 self.current = None;
                 if let Err(error) = result {
-                    self.failed = true;
-                    self.queue.clear();
-                    return Poll::Ready(Err(error));
+                    return self.fail(error);
                 }
             }
             let Some(item) = self.queue.pop_front() else {
@@ -271,11 +278,7 @@ impl<C: Channel> Writer<C> {
             if let Outbound::Publish(message) = &item {
                 match self.channel.try_publish(message) {
                     Some(Ok(())) => continue,
-                    Some(Err(error)) => {
-                        self.failed = true;
-                        self.queue.clear();
-                        return Poll::Ready(Err(error));
-                    }
+                    Some(Err(error)) => return self.fail(error),
                     None => {} // it has to wait: the future below does
                 }
             }
@@ -293,6 +296,13 @@ impl<C: Channel> Writer<C> {
                 }
             }));
         }
+    }
+
+    /// A write failed: the channel is lost; what is queued is dropped.
+    fn fail(&mut self, error: TransportError) -> Poll<Result<(), TransportError>> {
+        self.failed = true;
+        self.queue.clear();
+        Poll::Ready(Err(error))
     }
 
     /// Completes what is queued (a connection or channel about to close sends
@@ -439,12 +449,7 @@ impl<T: Transport, K: Timer> State<T, K> {
     /// early wakes the supervisor for nothing once, and is then armed again.
     fn rearm(&mut self) {
         let next = self.next_wake();
-        let rearm = match (next, self.armed) {
-            (Some(at), Some(current)) => at < current,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if rearm {
+        if earlier(next, self.armed) {
             self.armed = next;
             self.sleep = match next {
                 Some(at) => self.timer.sleep_until(at).fuse(),
@@ -552,12 +557,7 @@ impl<T: Transport, K: Timer> State<T, K> {
         self.batch_now = None;
         // the driver's timer must fire by the earliest deadline now known
         let next = self.next_wake();
-        let stale = match (next, self.armed) {
-            (Some(at), Some(current)) => at < current,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        let wake = stale || self.sup.is_fully_closed() || self.wake_driver;
+        let wake = earlier(next, self.armed) || self.sup.is_fully_closed() || self.wake_driver;
         self.wake_driver = false;
         let waker = if wake { self.waker.clone() } else { None };
         result.map(|()| waker)

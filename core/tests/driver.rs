@@ -55,6 +55,28 @@ fn collect(pool: &LocalPool, results: &Results, id: u32, future: PublishFuture) 
         .expect("spawn");
 }
 
+/// Spawns `client.close()` and drives until it returned (true) or `limit` of
+/// virtual time passed.
+fn close_within(
+    pool: &mut LocalPool,
+    clock: &ManualClock,
+    client: &Client,
+    limit: Duration,
+) -> bool {
+    let closed = Rc::new(RefCell::new(false));
+    {
+        let client = client.clone();
+        let closed = Rc::clone(&closed);
+        pool.spawner()
+            .spawn_local(async move {
+                client.close().await;
+                *closed.borrow_mut() = true;
+            })
+            .unwrap();
+    }
+    drive(pool, clock, limit, || *closed.borrow())
+}
+
 fn all_confirmed(results: &Results) -> bool {
     results
         .borrow()
@@ -298,19 +320,12 @@ fn close_while_reconnecting_stops_dialling_and_resolves_everything() {
     transport.kill_all();
     let results = spawn_publishes(&pool, &client, 0..3);
     drive(&mut pool, &clock, Duration::from_millis(500), || false);
-    let closed = Rc::new(RefCell::new(false));
-    {
-        let client = client.clone();
-        let closed = Rc::clone(&closed);
-        pool.spawner()
-            .spawn_local(async move {
-                client.close().await;
-                *closed.borrow_mut() = true;
-            })
-            .unwrap();
-    }
-    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || *closed
-        .borrow()));
+    assert!(close_within(
+        &mut pool,
+        &clock,
+        &client,
+        Duration::from_secs(1)
+    ));
     let dials = transport.broker().dials;
     transport.broker().refuse = None;
     drive(&mut pool, &clock, Duration::from_secs(60), || false);
@@ -334,20 +349,12 @@ fn watch_streams_end_when_the_client_closes_while_handles_live() {
     assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
         .state()
         .is_ready()));
-    let closed = Rc::new(RefCell::new(false));
-    {
-        let client = client.clone();
-        let closed = Rc::clone(&closed);
-        pool.spawner()
-            .spawn_local(async move {
-                client.close().await;
-                *closed.borrow_mut() = true;
-            })
-            .unwrap();
-    }
-    assert!(drive(&mut pool, &clock, Duration::from_secs(10), || {
-        *closed.borrow()
-    }));
+    assert!(close_within(
+        &mut pool,
+        &clock,
+        &client,
+        Duration::from_secs(10)
+    ));
     // what was sent before the end, then the end
     let mut seen = 0;
     loop {
