@@ -40,7 +40,7 @@ use std::time::Instant;
 
 use futures::channel::{mpsc, oneshot};
 use futures::future::{BoxFuture, Fuse, FutureExt};
-use futures::stream::{BoxStream, FuturesUnordered, SelectAll, Stream, StreamExt};
+use futures::stream::{BoxStream, FuturesUnordered, Stream, StreamExt};
 use tracing::Instrument;
 
 use crate::client::{ClientState, ConsumerItem, Received, Request, Shared};
@@ -50,6 +50,7 @@ use crate::event::Event;
 use crate::ids::{ChannelId, ConnectionId};
 use crate::message::Message;
 use crate::outbox::{Confirmation, IdHash, PublishError, PublishId};
+use crate::stream_set::StreamSet;
 use crate::supervisor::{Command, Input, Stats, Supervisor};
 use crate::topology::{AckKind, ConsumerId, OpId, QueueHandle, TopologyError, TopologyOp};
 use crate::transport::{
@@ -113,8 +114,8 @@ impl Driver {
             conns: BTreeMap::new(),
             chans: BTreeMap::new(),
             ops: FuturesUnordered::new(),
-            conn_events: SelectAll::new(),
-            chan_events: SelectAll::new(),
+            conn_events: StreamSet::default(),
+            chan_events: StreamSet::default(),
             publishes: HashMap::default(),
             topology: BTreeMap::new(),
             consumers: BTreeMap::new(),
@@ -365,8 +366,8 @@ pub(crate) struct State<T: Transport, K: Timer> {
     conns: BTreeMap<ConnectionId, (u64, Arc<T::Connection>)>,
     chans: BTreeMap<ChannelId, ChanSlot<ChannelOf<T>>>,
     ops: FuturesUnordered<BoxFuture<'static, Done<T::Connection, ChannelOf<T>>>>,
-    conn_events: SelectAll<BoxStream<'static, (ConnectionId, u64, ConnectionEvent)>>,
-    chan_events: SelectAll<BoxStream<'static, (ChannelId, u64, ChannelEvent)>>,
+    conn_events: StreamSet<BoxStream<'static, (ConnectionId, u64, ConnectionEvent)>>,
+    chan_events: StreamSet<BoxStream<'static, (ChannelId, u64, ChannelEvent)>>,
     publishes: HashMap<PublishId, Reply<Result<Confirmation, PublishError>>, IdHash>,
     topology: BTreeMap<OpId, TopologyReply>,
     consumers: BTreeMap<ConsumerId, mpsc::UnboundedSender<ConsumerItem>>,
@@ -467,7 +468,7 @@ impl<T: Transport, K: Timer> State<T, K> {
             let start = budget;
             while budget > 0
                 && let Poll::Ready(Some((channel, generation, event))) =
-                    self.chan_events.poll_next_unpin(cx)
+                    self.chan_events.poll_next(cx)
             {
                 self.on_channel_event(channel, generation, event);
                 budget -= 1;
@@ -492,7 +493,7 @@ impl<T: Transport, K: Timer> State<T, K> {
             }
             while budget > 0
                 && let Poll::Ready(Some((connection, epoch, event))) =
-                    self.conn_events.poll_next_unpin(cx)
+                    self.conn_events.poll_next(cx)
             {
                 self.on_connection_event(connection, epoch, event);
                 budget -= 1;
@@ -1190,8 +1191,8 @@ impl<T: Transport, K: Timer> State<T, K> {
         self.chans.clear();
         self.conns.clear();
         self.ops = FuturesUnordered::new();
-        self.conn_events = SelectAll::new();
-        self.chan_events = SelectAll::new();
+        self.conn_events = StreamSet::default();
+        self.chan_events = StreamSet::default();
         self.sleep = Fuse::terminated();
         self.waker = None;
         tracing::debug!("driver finished");

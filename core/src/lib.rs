@@ -71,6 +71,7 @@ pub mod ids;
 pub mod message;
 pub mod outbox;
 pub mod state;
+mod stream_set;
 pub mod supervisor;
 #[cfg(feature = "tokio")]
 pub mod tokio_timer;

@@ -28,7 +28,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{RwLock, RwLockReadGuard, mpsc as tokio_mpsc, watch};
 
 use crate::connection::{ConnectionShared, InRuntime, lock};
-use crate::convert::{self, map_error, short, to_table};
+use crate::convert::{self, checked, map_error, short, to_table};
 
 /// One AMQP channel over amqprs; implements core's [`Channel`].
 ///
@@ -46,7 +46,7 @@ pub struct AmqprsChannel {
     channel: InRuntime<AmqprsChan>,
     shared: Arc<ChannelShared>,
     commands: mpsc::UnboundedSender<Command>,
-    events: Mutex<Option<mpsc::UnboundedReceiver<ChannelEvent>>>,
+    events: Mutex<Option<tokio_mpsc::UnboundedReceiver<ChannelEvent>>>,
 }
 
 impl std::fmt::Debug for AmqprsChannel {
@@ -142,7 +142,8 @@ impl AmqprsChannel {
         });
         let channel = InRuntime::new(channel, handle.clone());
         let (raw_tx, raw_rx) = mpsc::unbounded();
-        let (event_tx, event_rx) = mpsc::unbounded();
+        // tokio's queue allocates a block per 32 events; futures' a node per event
+        let (event_tx, event_rx) = tokio_mpsc::unbounded_channel();
         let callback = Callback {
             shared: shared.clone(),
             raw: raw_tx,
@@ -164,7 +165,7 @@ impl AmqprsChannel {
             raw: raw_rx,
             commands: command_rx,
             consumers: Vec::new(),
-            events: event_tx,
+            events: Some(event_tx),
         };
         handle.spawn(pump.run());
         Ok(AmqprsChannel {
@@ -251,8 +252,8 @@ fn publish_parts(
     message: &Message,
 ) -> Result<(amqprs::BasicProperties, Vec<u8>, BasicPublishArguments), TransportError> {
     let mut args = BasicPublishArguments::new(
-        &short("exchange name", &message.exchange)?,
-        &short("routing key", &message.routing_key)?,
+        checked("exchange name", &message.exchange)?,
+        checked("routing key", &message.routing_key)?,
     );
     args.mandatory = message.mandatory;
     let properties = convert::to_properties(&message.properties)?;
@@ -270,7 +271,7 @@ impl Drop for AmqprsChannel {
 impl Channel for AmqprsChannel {
     fn events(&self) -> BoxStream<'static, ChannelEvent> {
         match lock(&self.events).take() {
-            Some(events) => events.boxed(),
+            Some(mut events) => stream::poll_fn(move |cx| events.poll_recv(cx)).boxed(),
             None => stream::empty().boxed(),
         }
     }
@@ -303,7 +304,7 @@ impl Channel for AmqprsChannel {
     }
 
     async fn delete_exchange(&self, name: &str) -> Result<(), TransportError> {
-        let args = ExchangeDeleteArguments::new(&short("exchange name", name)?);
+        let args = ExchangeDeleteArguments::new(checked("exchange name", name)?);
         self.call(self.channel().exchange_delete(args)).await
     }
 
@@ -330,7 +331,7 @@ impl Channel for AmqprsChannel {
     }
 
     async fn delete_queue(&self, name: &str) -> Result<u32, TransportError> {
-        let args = QueueDeleteArguments::new(&short("queue name", name)?);
+        let args = QueueDeleteArguments::new(checked("queue name", name)?);
         self.call(self.channel().queue_delete(args))
             .await?
             .ok_or_else(|| TransportError::Protocol("amqprs returned no queue.delete-ok".into()))
@@ -449,8 +450,8 @@ impl Channel for AmqprsChannel {
         options: &ConsumeOptions,
     ) -> Result<(), TransportError> {
         let mut args = BasicConsumeArguments::new(
-            &short("queue name", queue)?,
-            &short("consumer tag", consumer_tag)?,
+            checked("queue name", queue)?,
+            checked("consumer tag", consumer_tag)?,
         );
         args.no_ack = options.no_ack;
         args.exclusive = options.exclusive;
@@ -465,7 +466,7 @@ impl Channel for AmqprsChannel {
     }
 
     async fn cancel(&self, consumer_tag: &str) -> Result<(), TransportError> {
-        let args = BasicCancelArguments::new(&short("consumer tag", consumer_tag)?);
+        let args = BasicCancelArguments::new(checked("consumer tag", consumer_tag)?);
         self.call(self.channel().basic_cancel(args)).await?;
         Ok(())
     }
@@ -534,7 +535,7 @@ struct Callback {
     /// event task, which cost a wake-up per confirm. They are all sent before
     /// `Closed`: the event task emits it only after amqprs has dropped this
     /// callback.
-    events: mpsc::UnboundedSender<ChannelEvent>,
+    events: tokio_mpsc::UnboundedSender<ChannelEvent>,
 }
 
 /// What the callback passes to the event task.
@@ -550,7 +551,7 @@ impl Callback {
 
     fn emit(&self, event: ChannelEvent) {
         // Nobody may listen any more (the channel was dropped).
-        let _ = self.events.unbounded_send(event);
+        let _ = self.events.send(event);
     }
 }
 
@@ -624,7 +625,9 @@ struct Pump {
     raw: mpsc::UnboundedReceiver<Raw>,
     commands: mpsc::UnboundedReceiver<Command>,
     consumers: Vec<(String, tokio_mpsc::UnboundedReceiver<ConsumerMessage>)>,
-    events: mpsc::UnboundedSender<ChannelEvent>,
+    /// `None` once `Closed` is sent: the stream then ends (the callback's sender
+    /// is gone already).
+    events: Option<tokio_mpsc::UnboundedSender<ChannelEvent>>,
 }
 
 /// How many deliveries one consumer may hand over before the others get a turn.
@@ -651,7 +654,7 @@ impl Pump {
         let error = self.reason().await;
         self.shared.decide(error.clone());
         self.emit(ChannelEvent::Closed(error));
-        self.events.close_channel();
+        self.events = None;
     }
 
     /// Why the channel ended, in order of precedence: the broker's
@@ -747,7 +750,9 @@ impl Pump {
 
     fn emit(&self, event: ChannelEvent) {
         // The receiver may be gone (nobody listens); the events are then moot.
-        let _ = self.events.unbounded_send(event);
+        if let Some(events) = &self.events {
+            let _ = events.send(event);
+        }
     }
 }
 

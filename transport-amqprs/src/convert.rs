@@ -259,10 +259,15 @@ pub(crate) fn scrub(error: TransportError, password: &str) -> TransportError {
 /// An AMQP short string, refused (rather than panicking in amqprs) when longer
 /// than 255 bytes.
 pub(crate) fn short(what: &'static str, value: &str) -> Result<String, TransportError> {
+    checked(what, value).map(str::to_owned)
+}
+
+/// [`short`] without the copy, for amqprs calls that copy the name themselves.
+pub(crate) fn checked<'a>(what: &'static str, value: &'a str) -> Result<&'a str, TransportError> {
     if value.len() > SHORT_STRING_MAX {
         return Err(too_long(what, value.len()));
     }
-    Ok(value.to_owned())
+    Ok(value)
 }
 
 fn too_long(what: &'static str, len: usize) -> TransportError {
