@@ -20,8 +20,9 @@
 //! What it drains or retains (pending replies at the end, channels of a lost
 //! connection) goes in id order, so the same inputs give the same wake-up order,
 //! and the simulator's same-seed-same-trace holds: its maps are ordered
-//! (`BTreeMap`), except the publish replies, the one map touched twice per
-//! message, which is hashed by id and sorted on the rare path that drains it.
+//! (`BTreeMap`), and the publish replies, the one map touched twice per
+//! message, live in the outbox's slots (a `SecondaryMap`), also drained in one
+//! order every run.
 //!
 //! Per channel, publishes and acks go through one sequential writer, so the
 //! broker sees them in the order the supervisor emitted them (confirm sequence
@@ -31,7 +32,7 @@
 //! [`Client`]: crate::Client
 //! [`Client::publish`]: crate::Client::publish
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, TryLockError};
@@ -41,6 +42,7 @@ use std::time::Instant;
 use futures::channel::{mpsc, oneshot};
 use futures::future::{BoxFuture, Fuse, FutureExt};
 use futures::stream::{BoxStream, FuturesUnordered, Stream, StreamExt};
+use slotmap::SecondaryMap;
 use tracing::Instrument;
 
 use crate::client::{ClientState, ConsumerItem, Received, Request, Shared};
@@ -49,7 +51,7 @@ use crate::error::TransportError;
 use crate::event::Event;
 use crate::ids::{ChannelId, ConnectionId};
 use crate::message::Message;
-use crate::outbox::{Confirmation, IdHash, PublishError, PublishId};
+use crate::outbox::{Confirmation, PublishError, Slot};
 use crate::stream_set::StreamSet;
 use crate::supervisor::{Command, Input, Stats, Supervisor};
 use crate::topology::{AckKind, ConsumerId, OpId, QueueHandle, TopologyError, TopologyOp};
@@ -116,7 +118,7 @@ impl Driver {
             ops: FuturesUnordered::new(),
             conn_events: StreamSet::default(),
             chan_events: StreamSet::default(),
-            publishes: HashMap::default(),
+            publishes: SecondaryMap::new(),
             topology: BTreeMap::new(),
             consumers: BTreeMap::new(),
             watchers: Vec::new(),
@@ -368,7 +370,8 @@ pub(crate) struct State<T: Transport, K: Timer> {
     ops: FuturesUnordered<BoxFuture<'static, Done<T::Connection, ChannelOf<T>>>>,
     conn_events: StreamSet<BoxStream<'static, (ConnectionId, u64, ConnectionEvent)>>,
     chan_events: StreamSet<BoxStream<'static, (ChannelId, u64, ChannelEvent)>>,
-    publishes: HashMap<PublishId, Reply<Result<Confirmation, PublishError>>, IdHash>,
+    /// Keyed by the outbox's own slots: no hashing, and as compact as the outbox.
+    publishes: SecondaryMap<Slot, Reply<Result<Confirmation, PublishError>>>,
     topology: BTreeMap<OpId, TopologyReply>,
     consumers: BTreeMap<ConsumerId, mpsc::UnboundedSender<ConsumerItem>>,
     watchers: Vec<mpsc::UnboundedSender<Event>>,
@@ -983,7 +986,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                 timeout.and_then(|t| now.checked_add(t)),
             ) {
                 Ok(id) => {
-                    self.publishes.insert(id, reply);
+                    self.publishes.insert(id.slot(), reply);
                 }
                 Err(PublishError::Backpressure { .. }) if wait => {
                     let deadline = now + timeout.unwrap_or(self.sup.config().publish_timeout);
@@ -1076,7 +1079,7 @@ impl<T: Transport, K: Timer> State<T, K> {
             };
             match self.sup.publish(now, p.message, Some(p.deadline)) {
                 Ok(id) => {
-                    self.publishes.insert(id, p.reply);
+                    self.publishes.insert(id.slot(), p.reply);
                 }
                 Err(e) => {
                     let _ = p.reply.send(Err(e));
@@ -1088,7 +1091,7 @@ impl<T: Transport, K: Timer> State<T, K> {
     fn route(&mut self, event: Event) {
         match event {
             Event::PublishResolved { id, result } => {
-                if let Some(reply) = self.publishes.remove(&id) {
+                if let Some(reply) = self.publishes.remove(id.slot()) {
                     self.resolved.push((reply, result));
                 }
             }
@@ -1156,9 +1159,8 @@ impl<T: Transport, K: Timer> State<T, K> {
         // replies resolve `Closed`)
         self.requests.close();
         while self.requests.try_recv().is_ok() {}
-        let mut publishes: Vec<_> = std::mem::take(&mut self.publishes).into_iter().collect();
-        publishes.sort_unstable_by_key(|(id, _)| *id);
-        for (_, reply) in publishes {
+        // slot order: the same every run, as the simulator needs
+        for (_, reply) in std::mem::take(&mut self.publishes) {
             let _ = reply.send(Err(PublishError::Closed));
         }
         for p in self.parked.drain(..) {

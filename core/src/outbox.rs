@@ -9,16 +9,20 @@
 //! The supervisor owns the channel side (windows, seq numbers); this module owns the
 //! messages, their deadlines and the exactly-once resolution.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
+
+use slotmap::{Key, KeyData, SlotMap};
 
 use crate::message::Message;
 
 /// Identifies one publish from [`Supervisor::publish`](crate::Supervisor::publish)
 /// until its [`Event::PublishResolved`](crate::Event::PublishResolved).
+///
+/// Opaque: ids are unique among unresolved publishes and never refer to a later
+/// publish, but they do not count up (their order is not the publish order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublishId(pub u64);
 
@@ -78,6 +82,8 @@ pub(crate) struct Placement {
 }
 
 pub(crate) struct Entry {
+    /// Its place in publish order (ids do not tell it).
+    order: u64,
     pub(crate) message: Arc<Message>,
     pub(crate) deadline: Instant,
     pub(crate) placed: Option<Placement>,
@@ -90,37 +96,38 @@ pub(crate) struct Entry {
     pub(crate) sends: u32,
 }
 
-/// Hashes the outbox's sequential ids with one multiply (Fibonacci hashing): the
-/// publish path does two map operations per message, and SipHash's DoS resistance
-/// buys nothing for ids we generate ourselves.
-#[derive(Default)]
-pub(crate) struct IdHasher(u64);
+slotmap::new_key_type! {
+    /// Where an entry is stored; a [`PublishId`] is its FFI form. Slots are
+    /// reused (the last one freed first, so the storage stays as small as the
+    /// outbox and warm in the cache), and a reused slot has a new version, so an
+    /// id that was resolved never finds the entry that took its place.
+    ///
+    /// A resolved entry keeps its slot (empty) until its `PublishResolved`
+    /// event is polled: whoever keys something by the id (the driver, its
+    /// reply) sees the resolution before the slot can carry a new id.
+    pub(crate) struct Slot;
+}
 
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
+impl PublishId {
+    pub(crate) fn slot(self) -> Slot {
+        Slot::from(KeyData::from_ffi(self.0))
     }
 
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    fn of(slot: Slot) -> PublishId {
+        PublishId(slot.data().as_ffi())
     }
 }
 
-/// Builds [`IdHasher`]s.
-pub(crate) type IdHash = BuildHasherDefault<IdHasher>;
-
-pub(crate) type IdMap<V> = HashMap<u64, V, IdHash>;
+fn slot(id: u64) -> Slot {
+    PublishId(id).slot()
+}
 
 /// Publishes waiting or in flight.
 #[derive(Default)]
 pub(crate) struct Outbox {
-    pub(crate) entries: IdMap<Entry>,
+    /// `None`: resolved, its event not polled yet.
+    entries: SlotMap<Slot, Option<Entry>>,
+    live: usize,
     /// Ids waiting for a channel, oldest first; ids already resolved are skipped.
     pending: VecDeque<u64>,
     pending_live: usize,
@@ -130,7 +137,7 @@ pub(crate) struct Outbox {
     default_deadlines: VecDeque<(Instant, u64)>,
     /// Deadlines the caller chose, in any order.
     custom_deadlines: BTreeSet<(Instant, u64)>,
-    next_id: u64,
+    next_order: u64,
 }
 
 impl Outbox {
@@ -139,7 +146,7 @@ impl Outbox {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.entries.len()
+        self.live
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
@@ -159,19 +166,19 @@ impl Outbox {
         deadline: Instant,
         default_deadline: bool,
     ) -> PublishId {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.entries.insert(
-            id,
-            Entry {
-                message,
-                deadline,
-                placed: None,
-                returned: None,
-                strikes: 0,
-                sends: 0,
-            },
-        );
+        let order = self.next_order;
+        self.next_order += 1;
+        let id = PublishId::of(self.entries.insert(Some(Entry {
+            order,
+            message,
+            deadline,
+            placed: None,
+            returned: None,
+            strikes: 0,
+            sends: 0,
+        })))
+        .0;
+        self.live += 1;
         if default_deadline
             && self
                 .default_deadlines
@@ -187,10 +194,28 @@ impl Outbox {
         PublishId(id)
     }
 
+    /// The unresolved message `id`.
+    pub(crate) fn get(&self, id: u64) -> Option<&Entry> {
+        self.entries.get(slot(id))?.as_ref()
+    }
+
+    /// The unresolved message `id`.
+    pub(crate) fn get_mut(&mut self, id: u64) -> Option<&mut Entry> {
+        self.entries.get_mut(slot(id))?.as_mut()
+    }
+
+    /// Frees the slot of resolved message `id` (see [`Slot`]).
+    pub(crate) fn release(&mut self, id: u64) {
+        let slot = slot(id);
+        if self.entries.get(slot).is_some_and(Option::is_none) {
+            self.entries.remove(slot);
+        }
+    }
+
     /// The oldest waiting message, without taking it.
     pub(crate) fn peek_pending(&mut self) -> Option<u64> {
         while let Some(&id) = self.pending.front() {
-            if self.entries.get(&id).is_some_and(|e| e.placed.is_none()) {
+            if self.get(id).is_some_and(|e| e.placed.is_none()) {
                 return Some(id);
             }
             self.pending.pop_front();
@@ -209,7 +234,7 @@ impl Outbox {
         );
         self.pending_live -= 1;
         // peek_pending() returned this id from `entries`, so it is there.
-        let entry = self.entries.get_mut(&id).expect("peeked entry exists");
+        let entry = self.get_mut(id).expect("peeked entry exists");
         entry.placed = Some(placement);
         entry.returned = None;
         entry.sends += 1;
@@ -219,10 +244,10 @@ impl Outbox {
     /// Puts in-flight messages back at the front, oldest first. Returns how many
     /// were still unresolved.
     pub(crate) fn requeue(&mut self, mut ids: Vec<u64>, strike: bool) -> usize {
-        ids.sort_unstable();
+        ids.sort_unstable_by_key(|&id| self.get(id).map(|e| e.order));
         let mut n = 0;
         for &id in ids.iter().rev() {
-            if let Some(entry) = self.entries.get_mut(&id)
+            if let Some(entry) = self.get_mut(id)
                 && entry.placed.is_some()
             {
                 entry.placed = None;
@@ -240,18 +265,17 @@ impl Outbox {
 
     /// Whether unresolved message `id` was published to `exchange`.
     pub(crate) fn is_for_exchange(&self, id: u64, exchange: &str) -> bool {
-        self.entries
-            .get(&id)
-            .is_some_and(|e| e.message.exchange == exchange)
+        self.get(id).is_some_and(|e| e.message.exchange == exchange)
     }
 
     /// Removes a message for good; `None` if it was already resolved.
     pub(crate) fn take(&mut self, id: u64) -> Option<Entry> {
-        let entry = self.entries.remove(&id)?;
+        let entry = self.entries.get_mut(slot(id))?.take()?;
+        self.live -= 1;
         if !self.custom_deadlines.remove(&(entry.deadline, id)) {
             // drop resolved ids from the front so the FIFO stays near the live size
             while let Some(&(_, front)) = self.default_deadlines.front() {
-                if self.entries.contains_key(&front) {
+                if self.get(front).is_some() {
                     break;
                 }
                 self.default_deadlines.pop_front();
@@ -271,7 +295,7 @@ impl Outbox {
                 break;
             }
             self.default_deadlines.pop_front();
-            if self.entries.contains_key(&id) {
+            if self.get(id).is_some() {
                 out.push(id);
             }
         }
@@ -287,17 +311,100 @@ impl Outbox {
 
     /// Every unresolved id, oldest first.
     pub(crate) fn all_ids(&self) -> Vec<u64> {
-        let mut ids: Vec<u64> = self.entries.keys().copied().collect();
+        let mut ids: Vec<(u64, u64)> = self
+            .entries
+            .iter()
+            .filter_map(|(slot, e)| Some((e.as_ref()?.order, PublishId::of(slot).0)))
+            .collect();
         ids.sort_unstable();
-        ids
+        ids.into_iter().map(|(_, id)| id).collect()
     }
 }
 
 impl fmt::Debug for Outbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Outbox")
-            .field("unresolved", &self.entries.len())
+            .field("unresolved", &self.live)
             .field("pending", &self.pending_live)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A deadline for the tests (the outbox compares deadlines only).
+    #[allow(clippy::disallowed_methods)] // a test's origin, not the machine's clock
+    fn deadline() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    fn message() -> Arc<Message> {
+        Arc::new(Message {
+            exchange: String::new(),
+            routing_key: "q".into(),
+            payload: bytes::Bytes::from_static(b"m"),
+            properties: Default::default(),
+            mandatory: false,
+        })
+    }
+
+    #[test]
+    fn a_resolved_id_is_not_reused_before_its_event_is_polled_nor_found_after() {
+        let mut outbox = Outbox::default();
+        let at = deadline();
+        let a = outbox.push(message(), at, true);
+        assert!(outbox.take(a.0).is_some());
+        // resolved, its event not polled: a new publish gets another slot
+        let b = outbox.push(message(), at, true);
+        assert_ne!(a.slot(), b.slot(), "the slot is kept until release");
+        outbox.release(a.0);
+        let c = outbox.push(message(), at, true);
+        assert_eq!(
+            a.slot().data().as_ffi() as u32,
+            c.slot().data().as_ffi() as u32
+        );
+        assert_ne!(a, c, "a reused slot has a new version");
+        assert!(outbox.get(a.0).is_none(), "the old id finds nothing");
+        assert!(outbox.take(a.0).is_none());
+        assert!(outbox.get(c.0).is_some());
+        // releasing an id that is live (or stale) frees nothing
+        outbox.release(c.0);
+        outbox.release(a.0);
+        assert!(outbox.get(c.0).is_some());
+        assert_eq!(outbox.len(), 2);
+    }
+
+    #[test]
+    fn requeue_and_all_ids_keep_publish_order_whatever_the_slots() {
+        let mut outbox = Outbox::default();
+        let at = deadline();
+        // free two slots so that later publishes take them in reverse order
+        let x = outbox.push(message(), at, true);
+        let y = outbox.push(message(), at, true);
+        for id in [x, y] {
+            outbox.take(id.0);
+            outbox.release(id.0);
+        }
+        let ids: Vec<u64> = (0..4).map(|_| outbox.push(message(), at, true).0).collect();
+        assert_eq!(outbox.all_ids(), ids, "oldest first");
+        let placement = Placement {
+            conn: 0,
+            chan: 0,
+            generation: 1,
+        };
+        for &id in &ids {
+            assert_eq!(outbox.peek_pending(), Some(id));
+            outbox.place(id, placement);
+        }
+        let mut shuffled = ids.clone();
+        shuffled.reverse();
+        assert_eq!(outbox.requeue(shuffled, false), 4);
+        for &id in &ids {
+            assert_eq!(outbox.peek_pending(), Some(id), "requeued oldest first");
+            outbox.place(id, placement);
+        }
     }
 }

@@ -506,7 +506,12 @@ impl Supervisor {
 
     /// The next event for the application.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let event = self.events.pop_front()?;
+        if let Event::PublishResolved { id, .. } = &event {
+            // its id is reported: only now may a new publish take its slot
+            self.outbox.release(id.0);
+        }
+        Some(event)
     }
 
     /// When to call `handle(now, Input::Timeout)` next, if any timer is armed.

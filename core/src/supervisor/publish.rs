@@ -245,7 +245,7 @@ impl Supervisor {
             return;
         };
         for &(_, id) in &self.conns[c].channels[i].in_flight {
-            if let Some(entry) = self.outbox.entries.get_mut(&id)
+            if let Some(entry) = self.outbox.get_mut(id)
                 && entry.message.mandatory
                 && entry.returned.is_none()
                 && entry.message.exchange == r.exchange
@@ -283,12 +283,7 @@ impl Supervisor {
     /// At close, messages not yet sent will never be: they resolve as Closed.
     pub(super) fn close_outbox_pending(&mut self) {
         for id in self.outbox.all_ids() {
-            if self
-                .outbox
-                .entries
-                .get(&id)
-                .is_some_and(|e| e.placed.is_none())
-            {
+            if self.outbox.get(id).is_some_and(|e| e.placed.is_none()) {
                 self.resolve_publish(id, PublishError::Closed);
             }
         }
@@ -366,8 +361,7 @@ impl Supervisor {
             for id in back {
                 if self
                     .outbox
-                    .entries
-                    .get(&id)
+                    .get(id)
                     .is_some_and(|entry| entry.strikes >= MAX_STRIKES)
                 {
                     self.resolve_publish(id, rejected(e));
