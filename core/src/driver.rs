@@ -222,7 +222,9 @@ fn send_resolved<T: Transport, K: Timer>(mut state: std::sync::MutexGuard<'_, St
     if state.resolved.is_empty() {
         return;
     }
-    let resolved = std::mem::take(&mut state.resolved);
+    // room for a batch at least this large now, not grown push by push
+    let capacity = (2 * state.resolved.len()).max(64);
+    let resolved = std::mem::replace(&mut state.resolved, Vec::with_capacity(capacity));
     drop(state);
     for (reply, result) in resolved {
         let _ = reply.send(result);

@@ -93,6 +93,15 @@ impl<S: Stream + Unpin> StreamSet<S> {
         self.ready.parent.wake();
     }
 
+    fn take_ready(&mut self) {
+        let mut keys = self
+            .ready
+            .keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.local.extend(keys.drain(..));
+    }
+
     /// How many streams have not ended.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -102,18 +111,20 @@ impl<S: Stream + Unpin> StreamSet<S> {
     /// The next item of a woken stream; `Pending` (with `cx` registered) when
     /// none has one, also when the set is empty. A stream that ends is dropped.
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
-        self.ready.parent.register(cx.waker());
+        let mut registered = false;
         loop {
             if self.local.is_empty() {
-                let mut keys = self
-                    .ready
-                    .keys
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                self.local.extend(keys.drain(..));
+                self.take_ready();
             }
             let Some(key) = self.local.pop_front() else {
-                return Poll::Pending;
+                if registered {
+                    return Poll::Pending;
+                }
+                // registered before the last look, so a wake after it is not lost
+                self.ready.parent.register(cx.waker());
+                registered = true;
+                self.take_ready();
+                continue;
             };
             let Some(slot) = self.streams.get_mut(&key) else {
                 continue; // ended already

@@ -3,7 +3,7 @@
 //! adds cancels, deliveries and the channel's end to it.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -25,7 +25,7 @@ use futures::StreamExt;
 use futures::channel::mpsc;
 use futures::stream::{self, BoxStream};
 use tokio::runtime::Handle;
-use tokio::sync::{RwLock, RwLockReadGuard, mpsc as tokio_mpsc, watch};
+use tokio::sync::{Notify, mpsc as tokio_mpsc, watch};
 
 use crate::connection::{ConnectionShared, InRuntime, lock};
 use crate::convert::{self, checked, map_error, short, to_table};
@@ -65,15 +65,23 @@ struct ChannelShared {
     broker_close: Mutex<Option<TransportError>>,
     /// `close()` was called (here, or the value was dropped).
     client_closing: AtomicBool,
+    /// Set after `broker_close` or `closed` got a value: the check before every
+    /// write reads this one atomic while the channel is open, not two locks.
+    ended: AtomicBool,
     /// Orders this channel's fire-and-forget writes (publish, ack, nack, reject)
-    /// with the broker's `channel.close`. A write holds it shared from its open
-    /// check until amqprs has queued the frame; the close callback takes it
-    /// exclusively to record the close, and amqprs queues `close-ok` only after
-    /// the callback has returned. So a write that passed the check is queued
-    /// before `close-ok` (the broker discards it: the channel is closing), and
-    /// none is queued after it (the broker would close the whole connection with
-    /// 504 CHANNEL_ERROR).
-    writes: RwLock<()>,
+    /// with the broker's `channel.close`. A write counts itself in before its
+    /// open check and out once amqprs has queued the frame; the close callback
+    /// records the close (and `ended`), then waits until no write is counted in,
+    /// and amqprs queues `close-ok` only after the callback has returned. So a
+    /// write that passed the check is queued before `close-ok` (the broker
+    /// discards it: the channel is closing), and none is queued after it (the
+    /// broker would close the whole connection with 504 CHANNEL_ERROR): every
+    /// access is `SeqCst`, so a write that missed `ended` was counted in before
+    /// the callback looked. (A `tokio::sync::RwLock` did this before; its release
+    /// takes a mutex, on every publish.)
+    writes: AtomicUsize,
+    /// Told when the last counted write leaves after the channel `ended`.
+    writes_drained: Notify,
     /// Why the channel closed, once the event task has decided.
     closed: watch::Sender<Option<TransportError>>,
     connection: Arc<ConnectionShared>,
@@ -82,6 +90,12 @@ struct ChannelShared {
 impl ChannelShared {
     /// Why the channel is closed or closing, if anything says so yet.
     fn known_reason(&self) -> Option<TransportError> {
+        if !self.ended.load(Ordering::SeqCst) {
+            return self
+                .client_closing
+                .load(Ordering::SeqCst)
+                .then_some(TransportError::ClosedByClient);
+        }
         if let Some(closed) = self.closed.borrow().clone() {
             return Some(closed);
         }
@@ -104,6 +118,27 @@ impl ChannelShared {
         }
     }
 
+    /// Counts a write in until the pass is dropped (see [`ChannelShared::writes`]).
+    fn pass(&self) -> WritePass<'_> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        WritePass(self)
+    }
+
+    /// Waits until no write that may have missed `ended` is left.
+    async fn writes_drained(&self) {
+        loop {
+            let drained = self.writes_drained.notified();
+            let mut drained = std::pin::pin!(drained);
+            // registered before the count is read: a last write leaving after
+            // the read is heard
+            drained.as_mut().enable();
+            if self.writes.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            drained.await;
+        }
+    }
+
     fn decide(&self, error: TransportError) {
         self.closed.send_if_modified(|closed| {
             if closed.is_some() {
@@ -112,6 +147,20 @@ impl ChannelShared {
             *closed = Some(error);
             true
         });
+        self.ended.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One write between its open check and amqprs queueing its frame.
+struct WritePass<'a>(&'a ChannelShared);
+
+impl Drop for WritePass<'_> {
+    fn drop(&mut self) {
+        let shared = self.0;
+        if shared.writes.fetch_sub(1, Ordering::SeqCst) == 1 && shared.ended.load(Ordering::SeqCst)
+        {
+            shared.writes_drained.notify_waiters();
+        }
     }
 }
 
@@ -136,7 +185,9 @@ impl AmqprsChannel {
         let shared = Arc::new(ChannelShared {
             broker_close: Mutex::new(None),
             client_closing: AtomicBool::new(false),
-            writes: RwLock::new(()),
+            ended: AtomicBool::new(false),
+            writes: AtomicUsize::new(0),
+            writes_drained: Notify::new(),
             closed,
             connection,
         });
@@ -218,14 +269,14 @@ impl AmqprsChannel {
 
     /// [`check_open`](Self::check_open) for a fire-and-forget write: also holds
     /// off the broker's `channel.close` (see [`ChannelShared::writes`]) until the
-    /// returned guard is dropped, right after amqprs has queued the frame.
-    async fn writing(&self) -> Result<RwLockReadGuard<'_, ()>, TransportError> {
-        let writing = self.shared.writes.read().await;
+    /// returned pass is dropped, right after amqprs has queued the frame.
+    async fn writing(&self) -> Result<WritePass<'_>, TransportError> {
+        let writing = self.shared.pass();
         if let Some(reason) = self.shared.known_reason() {
             return Err(reason);
         }
         if !self.channel().is_open() {
-            // Not holding the guard while waiting for the channel's end: its
+            // Not holding the pass while waiting for the channel's end: its
             // dispatcher may be waiting for it in the close callback.
             drop(writing);
             return Err(self.shared.wait_closed().await);
@@ -418,16 +469,15 @@ impl Channel for AmqprsChannel {
         }
     }
 
-    /// The synchronous path of `publish`: the same checks, with the write guard
-    /// taken without waiting, and amqprs's `basic_publish` polled once. Its only
+    /// The synchronous path of `publish`: the same checks and write pass, and
+    /// amqprs's `basic_publish` polled once. Its only
     /// wait is tokio's `mpsc::Sender::send` into the connection's writer, which
     /// sends nothing when dropped before it completes; so a `Pending` poll is
     /// dropped and answered `None` (nothing sent), as is anything unusual: the
     /// async path then does it, and reports it.
     fn try_publish(&self, message: &Message) -> Option<Result<(), TransportError>> {
         let (properties, payload, args) = publish_parts(message).ok()?;
-        // a broker close being recorded holds the lock exclusively
-        let writing = self.shared.writes.try_read().ok()?;
+        let writing = self.shared.pass();
         if self.shared.known_reason().is_some() || !self.channel().is_open() {
             return None;
         }
@@ -567,10 +617,11 @@ impl ChannelCallback for Callback {
             text: close.reply_text().clone(),
         };
         // Recorded here, before this returns: amqprs fails the calls waiting on
-        // the channel, and queues close-ok, only after that. Taking `writes` waits
-        // for a write that has passed its open check to be queued first.
-        let _no_writes = self.shared.writes.write().await;
+        // the channel, and queues close-ok, only after that. A write that passed
+        // its open check is queued first (see `ChannelShared::writes`).
         lock(&self.shared.broker_close).get_or_insert(error);
+        self.shared.ended.store(true, Ordering::SeqCst);
+        self.shared.writes_drained().await;
         // Ok: amqprs answers with close-ok.
         Ok(())
     }

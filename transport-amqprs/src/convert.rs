@@ -410,29 +410,55 @@ fn parse_decimal(text: &str) -> Option<(u8, i32)> {
 /// Core's properties as amqprs's. Every short string is checked first: amqprs's
 /// constructor unwraps them.
 pub(crate) fn to_properties(p: &Properties) -> Result<BasicProperties, TransportError> {
-    let text =
-        |what: &'static str, v: &Option<String>| v.as_deref().map(|s| short(what, s)).transpose();
-    let headers = p
-        .headers
-        .as_ref()
-        .map(|h| to_table("a header", h))
-        .transpose()?;
-    Ok(BasicProperties::new(
-        text("content_type", &p.content_type)?,
-        text("content_encoding", &p.content_encoding)?,
-        headers,
-        p.delivery_mode,
-        p.priority,
-        text("correlation_id", &p.correlation_id)?,
-        text("reply_to", &p.reply_to)?,
-        text("expiration", &p.expiration)?,
-        text("message_id", &p.message_id)?,
-        p.timestamp,
-        text("type", &p.kind)?,
-        text("user_id", &p.user_id)?,
-        text("app_id", &p.app_id)?,
-        None,
-    ))
+    // From the default, setting only what is there: most messages carry few
+    // properties, and `BasicProperties::new` weighs all fourteen every time.
+    let mut out = BasicProperties::default();
+    fn text<'a>(
+        what: &'static str,
+        v: &'a Option<String>,
+    ) -> Result<Option<&'a str>, TransportError> {
+        v.as_deref().map(|s| checked(what, s)).transpose()
+    }
+    if let Some(v) = text("content_type", &p.content_type)? {
+        out.with_content_type(v);
+    }
+    if let Some(v) = text("content_encoding", &p.content_encoding)? {
+        out.with_content_encoding(v);
+    }
+    if let Some(headers) = &p.headers {
+        out.with_headers(to_table("a header", headers)?);
+    }
+    if let Some(v) = p.delivery_mode {
+        out.with_delivery_mode(v);
+    }
+    if let Some(v) = p.priority {
+        out.with_priority(v);
+    }
+    if let Some(v) = text("correlation_id", &p.correlation_id)? {
+        out.with_correlation_id(v);
+    }
+    if let Some(v) = text("reply_to", &p.reply_to)? {
+        out.with_reply_to(v);
+    }
+    if let Some(v) = text("expiration", &p.expiration)? {
+        out.with_expiration(v);
+    }
+    if let Some(v) = text("message_id", &p.message_id)? {
+        out.with_message_id(v);
+    }
+    if let Some(v) = p.timestamp {
+        out.with_timestamp(v);
+    }
+    if let Some(v) = text("type", &p.kind)? {
+        out.with_message_type(v);
+    }
+    if let Some(v) = text("user_id", &p.user_id)? {
+        out.with_user_id(v);
+    }
+    if let Some(v) = text("app_id", &p.app_id)? {
+        out.with_app_id(v);
+    }
+    Ok(out)
 }
 
 /// amqprs's properties as core's. `cluster-id` (deprecated in 0-9-1) is dropped.
@@ -660,6 +686,29 @@ mod tests {
         p.app_id = Some("a".into());
         let back = from_properties(&to_properties(&p).unwrap());
         assert_eq!(back, p);
+        // the flags too (they decide what goes on the wire): as amqprs's own
+        // all-fields constructor sets them
+        let text = |v: &Option<String>| v.clone();
+        let all = BasicProperties::new(
+            text(&p.content_type),
+            text(&p.content_encoding),
+            p.headers.as_ref().map(|h| to_table("h", h).unwrap()),
+            p.delivery_mode,
+            p.priority,
+            text(&p.correlation_id),
+            text(&p.reply_to),
+            text(&p.expiration),
+            text(&p.message_id),
+            p.timestamp,
+            text(&p.kind),
+            text(&p.user_id),
+            text(&p.app_id),
+            None,
+        );
+        assert_eq!(
+            format!("{:?}", to_properties(&p).unwrap()),
+            format!("{all:?}")
+        );
         assert_eq!(
             from_properties(&to_properties(&Properties::default()).unwrap()),
             Properties::default()
