@@ -647,7 +647,10 @@ impl Supervisor {
         if now > self.now {
             self.now = now;
         }
-        self.fire_timers();
+        // the usual case, on every publish and confirm: nothing is due
+        if self.poll_timeout().is_some_and(|at| at <= self.now) {
+            self.fire_timers();
+        }
     }
 
     // ----- connection machine -----

@@ -151,14 +151,25 @@ impl Supervisor {
         let per = self.config.channels_per_connection;
         let total = self.conns.len() * per;
         let window = self.config.confirm_window;
-        for step in 0..total {
-            let flat = (self.cursor + step) % total;
-            let (c, i) = (flat / per, flat % per);
+        // walk (connection, channel) from the cursor without a division per step
+        let (mut c, mut i) = (self.cursor / per, self.cursor % per);
+        for _ in 0..total {
             let conn = &self.conns[c];
             let ch = &conn.channels[i];
-            if conn.state.is_sendable() && ch.state.is_ready() && ch.in_flight.len() < window {
-                self.cursor = (flat + 1) % total;
-                return Some((c, i));
+            let found =
+                conn.state.is_sendable() && ch.state.is_ready() && ch.in_flight.len() < window;
+            let here = (c, i);
+            i += 1;
+            if i == per {
+                i = 0;
+                c += 1;
+                if c == self.conns.len() {
+                    c = 0;
+                }
+            }
+            if found {
+                self.cursor = c * per + i;
+                return Some(here);
             }
         }
         None
