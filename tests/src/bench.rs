@@ -58,7 +58,7 @@ pub struct Args {
     pub messages: u32,
     /// Unconfirmed messages allowed, raw and rebound alike (`--window`, 1024).
     pub window: usize,
-    /// Throughput rounds (`--rounds`, 8: a multiple of 4, see [`throughput`]).
+    /// Throughput rounds (`--rounds`, 16: a multiple of 4, see [`throughput`]).
     pub rounds: usize,
     /// Connection kills for the recovery figures (`--kills`, 20; 0 skips them).
     pub kills: usize,
@@ -91,7 +91,7 @@ impl Default for Args {
         Args {
             messages: 50_000,
             window: 1024,
-            rounds: 8,
+            rounds: 16,
             kills: 20,
             payload: 128,
             only: None,
@@ -189,6 +189,26 @@ where
 pub fn process_cpu() -> Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// A 95% percentile-bootstrap interval for the median of `values` (2,000
+/// resamples, a fixed seed: the same values give the same interval); NaNs when
+/// empty.
+pub fn median_interval(values: &[f64]) -> (f64, f64) {
+    if values.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
+    let mut medians: Vec<f64> = (0..2000)
+        .map(|_| {
+            let mut sample: Vec<f64> = (0..values.len())
+                .map(|_| values[rng.usize(..values.len())])
+                .collect();
+            median(&mut sample)
+        })
+        .collect();
+    medians.sort_by(f64::total_cmp);
+    (percentile(&medians, 0.025), percentile(&medians, 0.975))
 }
 
 /// The median (the mean of the middle two for an even count); NaN when empty.
@@ -294,24 +314,24 @@ pub struct Side {
     pub cpu_us: f64,
     /// Median of the rounds' ratios to the raw client's rate (1 for the raw side).
     pub ratio: f64,
+    /// A 95% interval for that median: the rounds' ratios spread widely on this
+    /// shared machine, so one run's median says less than it seems.
+    pub ratio_ci: (f64, f64),
 }
 
 impl Side {
     fn of(runs: Vec<Run>, raw: &[Run]) -> Side {
         let rate = median(&mut runs.iter().map(|r| r.rate).collect::<Vec<_>>());
         let cpu_us = median(&mut runs.iter().map(|r| r.cpu_us).collect::<Vec<_>>());
-        let ratio = median(
-            &mut runs
-                .iter()
-                .zip(raw)
-                .map(|(a, r)| a.rate / r.rate)
-                .collect::<Vec<_>>(),
-        );
+        let mut ratios: Vec<f64> = runs.iter().zip(raw).map(|(a, r)| a.rate / r.rate).collect();
+        let ratio_ci = median_interval(&ratios);
+        let ratio = median(&mut ratios);
         Side {
             runs,
             rate,
             cpu_us,
             ratio,
+            ratio_ci,
         }
     }
 
@@ -423,8 +443,8 @@ where
     );
     println!(
         "           amqp-rebound 1x1      {:>8.0} msg/s   {:>5.1} us CPU/msg   \
-         ratio {:.3} (median of the rounds' ratios; target >= 0.95)",
-        single.rate, single.cpu_us, single.ratio
+         ratio {:.3} (median of the rounds' ratios, 95% interval {:.3}-{:.3}; target >= 0.95)",
+        single.rate, single.cpu_us, single.ratio, single.ratio_ci.0, single.ratio_ci.1
     );
     println!(
         "           amqp-rebound pool 1x4 {:>8.0} msg/s   {:>5.1} us CPU/msg   ratio {:.3}",
@@ -1068,6 +1088,10 @@ pub fn report(name: &str, args: &Args, throughput: &Throughput, recovery: &Recov
     );
     put("ratio_adapter".into(), number(adapter.ratio, 3));
     put("ratio_1x1".into(), number(single.ratio, 3));
+    put(
+        "ratio_1x1_ci95".into(),
+        serde_json::json!([number(single.ratio_ci.0, 3), number(single.ratio_ci.1, 3)]),
+    );
     put("ratio_default_pool".into(), number(pooled.ratio, 3));
     put(format!("raw_{name}_cpu_us_per_msg"), number(raw.cpu_us, 1));
     put("adapter_cpu_us_per_msg".into(), number(adapter.cpu_us, 1));
@@ -1184,6 +1208,24 @@ mod tests {
         assert_eq!(percentile(&sorted, 0.5), 10.0);
         assert_eq!(percentile(&sorted, 0.99), 20.0);
         assert!(percentile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn the_median_interval_holds_the_median_and_narrows_with_the_spread() {
+        let wide: Vec<f64> = (0..16).map(|i| 0.8 + 0.025 * f64::from(i)).collect();
+        let narrow: Vec<f64> = (0..16).map(|i| 0.97 + 0.001 * f64::from(i)).collect();
+        let (lo, hi) = median_interval(&wide);
+        let m = median(&mut wide.clone());
+        assert!(lo <= m && m <= hi, "{lo} <= {m} <= {hi}");
+        let (nlo, nhi) = median_interval(&narrow);
+        assert!(nhi - nlo < hi - lo);
+        assert_eq!(
+            median_interval(&wide),
+            (lo, hi),
+            "seeded: the same every time"
+        );
+        assert!(median_interval(&[]).0.is_nan());
+        assert_eq!(median_interval(&[0.9]), (0.9, 0.9));
     }
 
     #[test]
