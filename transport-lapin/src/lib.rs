@@ -79,6 +79,21 @@
 //!   of these it sees; for the last it matches the error to the channels that lapin
 //!   no longer calls open. Two channels closed by the broker at the same instant,
 //!   with neither a pending confirm nor a consumer, may swap their reply codes.
+//! - **A channel the broker closes can take its connection with it.** On the
+//!   broker's `channel.close` lapin queues `close-ok` on its normal-priority frame
+//!   queue, which it always empties before the low-priority queue where
+//!   `basic_publish` puts its frames, and it does not drop that channel's frames
+//!   still queued. A publish queued before the close arrived can therefore reach
+//!   the wire after `close-ok`; RabbitMQ then closes the whole connection with 504
+//!   CHANNEL_ERROR. The client recovers the connection and republishes what was
+//!   unconfirmed (nothing is lost), but every channel of that connection reopens.
+//!   Seen in 3–5 of 15 runs of the conformance case that publishes to a missing
+//!   exchange. lapin offers no hook between the broker's close and its `close-ok`
+//!   (the amqprs adapter uses the one amqprs has), so this crate cannot prevent it;
+//!   waiting for each publish to be written first would only narrow the window, at
+//!   the cost of the pipelining that makes this adapter faster than lapin used as
+//!   documented. The fix belongs in lapin (`Channel::on_channel_close_received`:
+//!   drop the channel's queued frames, or queue `close-ok` behind them).
 //! - **A deleted queue ends the consumer stream without an error.** lapin handles
 //!   the broker's `basic.cancel` by ending the `Consumer` stream; this crate reports
 //!   [`ChannelEvent::ConsumerCancelled`] for a stream that ends while the channel is
