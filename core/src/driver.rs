@@ -18,11 +18,11 @@
 //! queued are taken first, so messages keep their call order either way.
 //!
 //! What it drains or retains (pending replies at the end, channels of a lost
-//! connection) goes in id order, so the same inputs give the same wake-up order,
-//! and the simulator's same-seed-same-trace holds: its maps are ordered
-//! (`BTreeMap`), and the publish replies, the one map touched twice per
-//! message, live in the outbox's slots (a `SecondaryMap`), also drained in one
-//! order every run.
+//! connection) goes in one order every run, so the same inputs give the same
+//! wake-up order, and the simulator's same-seed-same-trace holds: its maps are
+//! ordered by id (`BTreeMap`), except the publish replies, the one map touched
+//! twice per message, which live in the outbox's slots (a `SecondaryMap`) and
+//! are drained in slot order.
 //!
 //! Per channel, publishes and acks go through one sequential writer, so the
 //! broker sees them in the order the supervisor emitted them (confirm sequence
@@ -222,8 +222,9 @@ fn send_resolved<T: Transport, K: Timer>(mut state: std::sync::MutexGuard<'_, St
     if state.resolved.is_empty() {
         return;
     }
-    // room for a batch at least this large now, not grown push by push
-    let capacity = (2 * state.resolved.len()).max(64);
+    // room for a batch at least this large now, not grown push by push (capped:
+    // one mass time-out does not keep a large buffer)
+    let capacity = (2 * state.resolved.len()).clamp(64, 4096);
     let resolved = std::mem::replace(&mut state.resolved, Vec::with_capacity(capacity));
     drop(state);
     for (reply, result) in resolved {

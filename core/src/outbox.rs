@@ -21,8 +21,10 @@ use crate::message::Message;
 /// Identifies one publish from [`Supervisor::publish`](crate::Supervisor::publish)
 /// until its [`Event::PublishResolved`](crate::Event::PublishResolved).
 ///
-/// Opaque: ids are unique among unresolved publishes and never refer to a later
-/// publish, but they do not count up (their order is not the publish order).
+/// Opaque: ids are unique among unresolved publishes, but they do not count up
+/// (their order is not the publish order). A resolved publish's id can come back
+/// for a later publish only after its slot has been reused 2^31 times (slot
+/// versions are 32-bit and wrap).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublishId(pub u64);
 
@@ -100,7 +102,8 @@ slotmap::new_key_type! {
     /// Where an entry is stored; a [`PublishId`] is its FFI form. Slots are
     /// reused (the last one freed first, so the storage stays as small as the
     /// outbox and warm in the cache), and a reused slot has a new version, so an
-    /// id that was resolved never finds the entry that took its place.
+    /// id that was resolved does not find the entry that took its place (until
+    /// the 32-bit version wraps, 2^31 reuses of one slot later).
     ///
     /// A resolved entry keeps its slot (empty) until its `PublishResolved`
     /// event is polled: whoever keys something by the id (the driver, its

@@ -110,8 +110,15 @@ impl<S: Stream + Unpin> StreamSet<S> {
 
     /// The next item of a woken stream; `Pending` (with `cx` registered) when
     /// none has one, also when the set is empty. A stream that ends is dropped.
+    ///
+    /// A call polls each stream at most once: a stream that wakes itself while
+    /// pending (tokio's cooperative budget does, when it runs out outside a
+    /// worker) would otherwise be polled again and again within the call. Past
+    /// that, the call wakes `cx` and yields.
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
         let mut registered = false;
+        let budget = self.streams.len();
+        let mut polled = 0;
         loop {
             if self.local.is_empty() {
                 self.take_ready();
@@ -129,6 +136,13 @@ impl<S: Stream + Unpin> StreamSet<S> {
             let Some(slot) = self.streams.get_mut(&key) else {
                 continue; // ended already
             };
+            if polled == budget {
+                // still queued: the next call comes back for it
+                self.local.push_front(key);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            polled += 1;
             slot.flag.queued.store(false, Ordering::Release);
             let mut scx = Context::from_waker(&slot.waker);
             match Pin::new(&mut slot.stream).poll_next(&mut scx) {
@@ -211,6 +225,56 @@ mod tests {
         assert_eq!(next(&mut set), Poll::Pending);
         assert_eq!(next(&mut set), Poll::Pending);
         assert_eq!(polls.load(Ordering::SeqCst), 2, "polled once per wake-up");
+    }
+
+    #[test]
+    fn a_stream_that_wakes_itself_while_pending_makes_the_call_yield_not_spin() {
+        use std::sync::atomic::AtomicUsize;
+        /// Pending, with its waker woken at once: as a tokio channel whose
+        /// cooperative budget ran out.
+        struct Restless(Arc<AtomicUsize>);
+        impl Stream for Restless {
+            type Item = u8;
+            fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<u8>> {
+                let polls = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+                assert!(polls < 1000, "polled {polls} times: the set spins");
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+        struct Count(AtomicUsize);
+        impl ArcWake for Count {
+            fn wake_by_ref(arc_self: &Arc<Self>) {
+                arc_self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let polls = Arc::new(AtomicUsize::new(0));
+        let woken = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = futures::task::waker(Arc::clone(&woken));
+        let mut set: StreamSet<futures::stream::BoxStream<'static, u8>> = StreamSet::default();
+        set.push(Box::pin(Restless(Arc::clone(&polls))));
+        let (tx, rx) = mpsc::unbounded::<u8>();
+        set.push(Box::pin(rx));
+        tx.unbounded_send(1).unwrap();
+        // the other stream's item still comes out
+        let mut got = None;
+        for _ in 0..4 {
+            if let Poll::Ready(item) = set.poll_next(&mut Context::from_waker(&waker)) {
+                got = item;
+                break;
+            }
+        }
+        assert_eq!(got, Some(1));
+        let before = woken.0.load(Ordering::SeqCst);
+        assert!(set.poll_next(&mut Context::from_waker(&waker)).is_pending());
+        assert!(
+            polls.load(Ordering::SeqCst) <= 4,
+            "each call polls the restless stream at most once"
+        );
+        assert!(
+            woken.0.load(Ordering::SeqCst) > before,
+            "the caller is woken to come back"
+        );
     }
 
     #[test]

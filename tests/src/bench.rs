@@ -8,9 +8,10 @@
 //!    amqp-rebound's adapter for that client alone (its `Transport` trait, no
 //!    `Client`: where the adapter's cost shows) and through amqp-rebound over it
 //!    (1 connection x 1 channel, same confirm window; then the default pool,
-//!    1 x 4). Each is run `rounds` times, interleaved, each round starting one
-//!    side later than the one before (use a multiple of 4 rounds: every side
-//!    then runs in every position equally often); the medians and
+//!    1 x 4). Each is run `rounds` times, interleaved, the order of the sides
+//!    changing from round to round (use a multiple of 4 rounds: every side then
+//!    runs in every position, and after every other side, equally often); the
+//!    medians and
 //!    the median of the rounds' ratios rebound / raw are printed (target >= 0.95),
 //!    with this process's CPU time per message (user + system, every thread): the
 //!    machine is shared, so the rates move with other people's load, the CPU cost
@@ -382,17 +383,18 @@ where
     let (mut raws, mut adapters, mut singles, mut pooleds) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.rounds {
-        // Round k starts k - 1 sides later (a Latin square over four rounds), so
-        // every side runs in every position equally often: what a run leaves the
-        // broker doing (the clean-up of the queue just deleted, say) and a drift
-        // in the machine's load (it is shared) favour no side. (With raw first in
-        // odd rounds and last in even ones, as before, 52 rounds of bench_amqprs
-        // gave the adapter a median ratio of 0.990 when it ran first, 0.968 when
-        // it ran second, and amqp-rebound 1x1 0.943 / 0.970 as it ran second or
-        // third.)
+        // The side order of round k is row k of a Williams square: over four
+        // rounds every side runs in every position once and right after every
+        // other side once, so neither a position nor what the run before left the
+        // broker doing (the clean-up of the queue just deleted, say), nor a drift
+        // in the machine's load (it is shared), favours a side. (With raw first
+        // in odd rounds and last in even ones, as before, 52 rounds of
+        // bench_amqprs gave the adapter a median ratio of 0.990 when it ran
+        // first, 0.968 when it ran second, and amqp-rebound 1x1 0.943 / 0.970 as
+        // it ran second or third.)
         let (mut r, mut a, mut s, mut p) = (None, None, None, None);
-        for k in 0..SIDES.len() {
-            let side = SIDES[(k + round - 1) % SIDES.len()];
+        for &index in &ORDERS[(round - 1) % ORDERS.len()] {
+            let side = SIDES[index];
             let run = Some(sides.run(side).await?);
             match side {
                 Only::Raw => r = run,
@@ -454,8 +456,12 @@ where
     Ok(result)
 }
 
-/// The sides of a throughput round, in the order of its first round.
+/// The sides of a throughput round.
 const SIDES: [Only; 4] = [Only::Raw, Only::Adapter, Only::Single, Only::Pool];
+
+/// The order of the sides in rounds 1, 2, 3, 4 (then again): a Williams square,
+/// balanced for position and for the side run just before.
+const ORDERS: [[usize; 4]; 4] = [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]];
 
 /// `--only`: one side, `args.rounds` times, rate and CPU per message printed.
 async fn one_side<T, M, R, Fut>(
@@ -1208,6 +1214,29 @@ mod tests {
         assert_eq!(percentile(&sorted, 0.5), 10.0);
         assert_eq!(percentile(&sorted, 0.99), 20.0);
         assert!(percentile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn the_side_orders_balance_position_and_predecessor() {
+        let mut at = [[0; 4]; 4];
+        let mut after = [[0; 4]; 4];
+        for order in ORDERS {
+            let mut seen = order;
+            seen.sort_unstable();
+            assert_eq!(seen, [0, 1, 2, 3], "every side once per round");
+            for (position, &side) in order.iter().enumerate() {
+                at[side][position] += 1;
+            }
+            for pair in order.windows(2) {
+                after[pair[1]][pair[0]] += 1;
+            }
+        }
+        assert!(at.iter().flatten().all(|&n| n == 1), "{at:?}");
+        for (side, before) in after.iter().enumerate() {
+            for (other, &n) in before.iter().enumerate() {
+                assert_eq!(n, usize::from(side != other), "{after:?}");
+            }
+        }
     }
 
     #[test]

@@ -709,6 +709,19 @@ mod tests {
             format!("{:?}", to_properties(&p).unwrap()),
             format!("{all:?}")
         );
+        // none set, and some
+        assert_eq!(
+            format!("{:?}", to_properties(&Properties::default()).unwrap()),
+            format!("{:?}", BasicProperties::default())
+        );
+        let mut some = Properties::default().persistent();
+        some.app_id = Some("a".into());
+        let mut expected = BasicProperties::default();
+        expected.with_delivery_mode(2).with_app_id("a");
+        assert_eq!(
+            format!("{:?}", to_properties(&some).unwrap()),
+            format!("{expected:?}")
+        );
         assert_eq!(
             from_properties(&to_properties(&Properties::default()).unwrap()),
             Properties::default()

@@ -18,7 +18,7 @@
 //!
 //! ```text
 //! cargo run --release -p amqp-rebound-tests --bin bench_amqprs -- \
-//!     [--messages 50000] [--window 1024] [--rounds 5] [--kills 20] [--payload 128]
+//!     [--messages 50000] [--window 1024] [--rounds 16] [--kills 20] [--payload 128]
 //! ```
 
 use std::collections::BTreeSet;

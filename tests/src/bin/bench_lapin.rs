@@ -17,7 +17,7 @@
 //!
 //! ```text
 //! cargo run --release -p amqp-rebound-tests --bin bench_lapin -- \
-//!     [--messages 50000] [--window 1024] [--rounds 5] [--kills 20] [--payload 128]
+//!     [--messages 50000] [--window 1024] [--rounds 16] [--kills 20] [--payload 128]
 //! ```
 
 use std::task::{Context, Poll};
