@@ -141,6 +141,70 @@ fn mandatory_unroutable_resolves_as_returned() {
 }
 
 #[test]
+fn a_resolved_id_is_not_given_to_a_new_publish_before_its_event_is_polled_nor_after() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    // confirmed and then published again before anyone polled the resolution:
+    // whoever keys its reply by the id must not see it taken over
+    let a = w.app(|sup, now| sup.publish(now, msg(1), None).unwrap());
+    let (channel, generation, delivery_tag) = publishes(&w)[0];
+    let b = w.app(|sup, now| {
+        sup.handle(
+            now,
+            Input::Confirm {
+                channel,
+                generation,
+                delivery_tag,
+                multiple: false,
+                ack: true,
+            },
+        );
+        sup.publish(now, msg(2), None).unwrap()
+    });
+    // a PublishId is the FFI form of the outbox's slot key: the slot in its low
+    // 32 bits, the slot's version above them
+    let slot = |id: PublishId| id.0 as u32;
+    assert_ne!(
+        slot(a),
+        slot(b),
+        "the slot is kept until the event is polled"
+    );
+    assert_eq!(result_of(&w, a), vec![Ok(Confirmation::Confirmed)]);
+    // polled now: the slot is free again (and taken first), its id is not
+    let c = w.publish(msg(3)).unwrap();
+    assert_eq!(slot(c), slot(a));
+    assert!(c != a && c != b, "{a:?} {b:?} {c:?}");
+    // the broker side of the world still holds message 1 (confirmed by hand)
+    w.confirm(ch(0, 0), 3, true, true);
+    assert_eq!(result_of(&w, a).len(), 1, "a resolved once");
+    assert_eq!(result_of(&w, b), vec![Ok(Confirmation::Confirmed)]);
+    assert_eq!(result_of(&w, c), vec![Ok(Confirmation::Confirmed)]);
+}
+
+#[test]
+fn loss_republishes_in_publish_order_whatever_slots_the_messages_took() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    // two slots freed in order: the next publishes take them last-freed first,
+    // so their ids run against publish order
+    w.publish(msg(1)).unwrap();
+    w.publish(msg(2)).unwrap();
+    w.confirm(ch(0, 0), 2, true, true);
+    for n in 10..14 {
+        w.publish(msg(n)).unwrap();
+    }
+    w.kill(C0, TransportError::Io("reset".into()));
+    w.auto_confirm = true;
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.run_for(Duration::from_millis(20));
+    assert_eq!(
+        w.sent_payloads()[6..],
+        ["10", "11", "12", "13"],
+        "republished oldest first"
+    );
+}
+
+#[test]
 fn loss_republishes_unconfirmed_in_original_order_on_the_new_generation() {
     let mut w = ready_world(1, 1);
     w.auto_confirm = false;

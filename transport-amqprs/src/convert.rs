@@ -412,18 +412,43 @@ fn parse_decimal(text: &str) -> Option<(u8, i32)> {
 pub(crate) fn to_properties(p: &Properties) -> Result<BasicProperties, TransportError> {
     // From the default, setting only what is there: most messages carry few
     // properties, and `BasicProperties::new` weighs all fourteen every time.
+    type Setter = for<'a> fn(&'a mut BasicProperties, &str) -> &'a mut BasicProperties;
+    let texts: [(&'static str, &Option<String>, Setter); 9] = [
+        (
+            "content_type",
+            &p.content_type,
+            BasicProperties::with_content_type,
+        ),
+        (
+            "content_encoding",
+            &p.content_encoding,
+            BasicProperties::with_content_encoding,
+        ),
+        (
+            "correlation_id",
+            &p.correlation_id,
+            BasicProperties::with_correlation_id,
+        ),
+        ("reply_to", &p.reply_to, BasicProperties::with_reply_to),
+        (
+            "expiration",
+            &p.expiration,
+            BasicProperties::with_expiration,
+        ),
+        (
+            "message_id",
+            &p.message_id,
+            BasicProperties::with_message_id,
+        ),
+        ("type", &p.kind, BasicProperties::with_message_type),
+        ("user_id", &p.user_id, BasicProperties::with_user_id),
+        ("app_id", &p.app_id, BasicProperties::with_app_id),
+    ];
     let mut out = BasicProperties::default();
-    fn text<'a>(
-        what: &'static str,
-        v: &'a Option<String>,
-    ) -> Result<Option<&'a str>, TransportError> {
-        v.as_deref().map(|s| checked(what, s)).transpose()
-    }
-    if let Some(v) = text("content_type", &p.content_type)? {
-        out.with_content_type(v);
-    }
-    if let Some(v) = text("content_encoding", &p.content_encoding)? {
-        out.with_content_encoding(v);
+    for (what, value, set) in texts {
+        if let Some(value) = value {
+            set(&mut out, checked(what, value)?);
+        }
     }
     if let Some(headers) = &p.headers {
         out.with_headers(to_table("a header", headers)?);
@@ -434,29 +459,8 @@ pub(crate) fn to_properties(p: &Properties) -> Result<BasicProperties, Transport
     if let Some(v) = p.priority {
         out.with_priority(v);
     }
-    if let Some(v) = text("correlation_id", &p.correlation_id)? {
-        out.with_correlation_id(v);
-    }
-    if let Some(v) = text("reply_to", &p.reply_to)? {
-        out.with_reply_to(v);
-    }
-    if let Some(v) = text("expiration", &p.expiration)? {
-        out.with_expiration(v);
-    }
-    if let Some(v) = text("message_id", &p.message_id)? {
-        out.with_message_id(v);
-    }
     if let Some(v) = p.timestamp {
         out.with_timestamp(v);
-    }
-    if let Some(v) = text("type", &p.kind)? {
-        out.with_message_type(v);
-    }
-    if let Some(v) = text("user_id", &p.user_id)? {
-        out.with_user_id(v);
-    }
-    if let Some(v) = text("app_id", &p.app_id)? {
-        out.with_app_id(v);
     }
     Ok(out)
 }
