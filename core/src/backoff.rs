@@ -31,8 +31,14 @@ use crate::error::ConfigError;
 pub enum Jitter {
     /// No randomness: `min(cap, initial * multiplier^attempt)`.
     None,
-    /// AWS "full jitter": uniform in `[0, min(cap, initial * multiplier^attempt)]`.
-    /// Spreads load best, at the price of an occasional very short delay.
+    /// Uniform in `[0, d]` while `d = initial * multiplier^attempt` is below the
+    /// cap (AWS "full jitter"), then uniform in `[cap / 2, cap]`.
+    ///
+    /// The default. Below the cap the delays spread clients that lost the same
+    /// broker at the same moment as widely as they can be spread, so they do not all
+    /// come back in the same instant. At the cap the floor bounds the dial rate
+    /// during a long outage (one dial per `0.75 * cap` on average), and no wait is
+    /// longer than the cap once the broker is back.
     #[default]
     Full,
     /// AWS "decorrelated jitter": `min(cap, uniform in [initial, previous * 3])`, the
@@ -51,21 +57,35 @@ pub struct BackoffConfig {
     pub cap: Duration,
     /// How the delays are randomised.
     pub jitter: Jitter,
-    /// How long a connection must stay Ready before its attempt counter goes back to
-    /// zero. The caller measures this and calls [`Backoff::reset`]: a connection that
-    /// flaps right after connecting keeps backing off instead of hammering the broker.
+    /// How long a connection (or channel) must stay Ready to count as having done
+    /// useful work. The caller measures this: when such a connection is lost it is
+    /// redialled at once and [`Backoff::reset`] starts its delays over; one lost
+    /// sooner counts as a failed dial and its delay grows, so a broker that accepts
+    /// every connection and drops it right away cannot cause a hot loop.
     pub reset_after: Duration,
 }
 
 impl Default for BackoffConfig {
-    /// 50 ms initial, doubling, capped at 10 s, full jitter, reset after 5 s Ready.
+    /// 50 ms initial, doubling, capped at 2 s, full jitter, reset after 150 ms
+    /// Ready.
+    ///
+    /// Why these values:
+    /// - the cap bounds how long an outage lasts for the user after the broker is
+    ///   back: the next dial is at most 2 s away (about 0.6 s at the median), while
+    ///   a connection dials at most once per 1 s (1.5 s on average) once its delay
+    ///   reached the cap;
+    /// - `reset_after` is above the 100 ms within which a broker that refuses us
+    ///   after the handshake (or a proxy that accepts and drops) closes a
+    ///   connection, so such a broker meets a growing backoff; and below the time a
+    ///   connection lives between faults that come every 200 ms, so even dense
+    ///   faults find each connection redialled at once.
     fn default() -> Self {
         BackoffConfig {
             initial: Duration::from_millis(50),
             multiplier: 2.0,
-            cap: Duration::from_secs(10),
+            cap: Duration::from_secs(2),
             jitter: Jitter::Full,
-            reset_after: Duration::from_secs(5),
+            reset_after: Duration::from_millis(150),
         }
     }
 }
@@ -136,7 +156,14 @@ impl Backoff {
         let cap = self.config.cap;
         let delay = match self.config.jitter {
             Jitter::None => self.exponential(),
-            Jitter::Full => uniform(rng, Duration::ZERO, self.exponential()),
+            Jitter::Full => {
+                let d = self.exponential();
+                if d >= cap {
+                    uniform(rng, cap / 2, cap)
+                } else {
+                    uniform(rng, Duration::ZERO, d)
+                }
+            }
             Jitter::Decorrelated => {
                 let low = self.config.initial;
                 let high = self.previous.saturating_mul(3).max(low);
@@ -220,9 +247,11 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// The defaults with a 10 s cap, so that several doublings show.
     fn with(jitter: Jitter) -> Backoff {
         Backoff::new(BackoffConfig {
             jitter,
+            cap: Duration::from_secs(10),
             ..BackoffConfig::default()
         })
     }
@@ -237,9 +266,9 @@ mod tests {
         let config = BackoffConfig::default();
         assert_eq!(config.initial, ms(50));
         assert_eq!(config.multiplier, 2.0);
-        assert_eq!(config.cap, Duration::from_secs(10));
+        assert_eq!(config.cap, Duration::from_secs(2));
         assert_eq!(config.jitter, Jitter::Full);
-        assert_eq!(config.reset_after, Duration::from_secs(5));
+        assert_eq!(config.reset_after, ms(150));
         assert_eq!(config.validate(), Ok(()));
         assert_eq!(Jitter::default(), Jitter::Full);
     }
@@ -315,6 +344,23 @@ mod tests {
             .collect();
         assert!(firsts.iter().any(|d| *d < ms(25)));
         assert!(firsts.iter().any(|d| *d > ms(25)));
+    }
+
+    #[test]
+    fn full_jitter_draws_from_the_upper_half_once_at_the_cap() {
+        let mut backoff = with(Jitter::Full);
+        let mut rng = fastrand::Rng::with_seed(4);
+        let cap = Duration::from_secs(10);
+        for attempt in 0..40u32 {
+            let d = ms(50).saturating_mul(2u32.saturating_pow(attempt));
+            let delay = backoff.next_delay(&mut rng);
+            if d >= cap {
+                assert!(
+                    cap / 2 <= delay && delay <= cap,
+                    "attempt {attempt}: {delay:?}"
+                );
+            }
+        }
     }
 
     #[test]

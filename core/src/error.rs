@@ -147,6 +147,16 @@ impl TransportError {
         }
     }
 
+    /// Whether the broker's reply code is a connection (hard) error in AMQP 0-9-1
+    /// (320, 402, 501-506, 530, 540, 541): the broker closes the whole connection
+    /// with it, so a channel that reports one is going down with its connection.
+    pub fn is_connection_level(&self) -> bool {
+        matches!(
+            self.reply_code(),
+            Some(320 | 402 | 501..=506 | 530 | 540 | 541)
+        )
+    }
+
     /// The AMQP reply code, if the broker gave one.
     pub fn reply_code(&self) -> Option<u16> {
         match self {
@@ -187,6 +197,17 @@ mod tests {
         assert_eq!(reply(403).class(), ErrorClass::Refused);
         assert_eq!(reply(530).class(), ErrorClass::Refused);
         assert_eq!(reply(999).class(), ErrorClass::Transient);
+    }
+
+    #[test]
+    fn hard_reply_codes_are_connection_level() {
+        for code in [320, 402, 501, 504, 506, 530, 540, 541] {
+            assert!(reply(code).is_connection_level(), "{code}");
+        }
+        for code in [311, 312, 313, 403, 404, 405, 406, 200] {
+            assert!(!reply(code).is_connection_level(), "{code}");
+        }
+        assert!(!TransportError::Io("reset".into()).is_connection_level());
     }
 
     #[test]

@@ -59,6 +59,32 @@
 //! - `Closed` is terminal: no dial after it.
 //!
 //! Errors are classified once, in [`TransportError::class`].
+//!
+//! ## When a connection is dialled again
+//!
+//! The rule serves the user's stall first, and never loops hot:
+//!
+//! - **A connection that did useful work is redialled at once** when it is lost
+//!   (on the next host of the list), however many losses came before, and its
+//!   backoff starts over. *Useful* means it stayed Ready for at least
+//!   [`BackoffConfig::reset_after`] (default 150 ms).
+//! - **A failed dial, or a connection lost sooner than that, is a failure**: the
+//!   slot moves to the next host at once, and once every host has failed since it
+//!   was last stable it waits its backoff delay, which grows on every failure
+//!   (default: 50 ms doubling to a 2 s cap, full jitter below the cap and
+//!   `[cap / 2, cap]` at it). A broker that accepts every connection and drops it
+//!   within 100 ms therefore meets dials at most every 1-2 s, never one per
+//!   handshake.
+//! - **A refusal** (bad credentials, 403, 530) that ends a round over every host
+//!   waits at the cap (`[cap / 2, cap]`), and is reported every time.
+//! - **A channel that reports a connection error** (a hard reply code such as 320,
+//!   which lapin reports on each channel before the connection itself) is handled
+//!   as its connection's loss, so its unconfirmed messages are re-sent once, on the
+//!   new connection, not on siblings that die with it.
+//!
+//! With the defaults, an outage ends for the user at most about 2 s after the
+//! broker accepts again (the longest delay), while each connection dials at most
+//! once per 1-2 s during it.
 
 pub mod backoff;
 pub mod client;

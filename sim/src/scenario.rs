@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use amqp_rebound_core::backoff::{BackoffConfig, Jitter};
+use amqp_rebound_core::backoff::BackoffConfig;
 use amqp_rebound_core::topology::ExchangeKind;
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
@@ -220,13 +220,8 @@ impl Default for Settings {
             connections: 1,
             channels: 2,
             hosts: 2,
-            backoff: BackoffConfig {
-                initial: Duration::from_millis(50),
-                multiplier: 2.0,
-                cap: Duration::from_secs(2),
-                jitter: Jitter::Full,
-                reset_after: Duration::from_secs(5),
-            },
+            // the library's defaults: the properties guard what users run
+            backoff: BackoffConfig::default(),
             connect_timeout: Duration::from_secs(2),
             publish_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(2),

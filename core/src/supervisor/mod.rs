@@ -260,6 +260,16 @@ pub struct Checkout {
     pub generation: u64,
 }
 
+/// When a failed or lost connection is dialled again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// At once (on the next host): the lost connection had done useful work.
+    Now,
+    /// As after a failed dial: at once on the next host until every host failed
+    /// since the slot was last stable, then after the backoff's delay.
+    AsFailure,
+}
+
 /// Which timer of which object; ordered so that equal deadlines fire in a fixed,
 /// seed-independent order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -576,7 +586,7 @@ impl Supervisor {
                     && matches!(self.conns[c].state, ConnectionState::Connecting { .. })
                 {
                     let class = error.class();
-                    self.connection_failed(c, error, Reason::DialFailed(class), true);
+                    self.connection_failed(c, error, Reason::DialFailed(class), Retry::AsFailure);
                 }
             }
             Input::ConnectionLost {
@@ -735,19 +745,27 @@ impl Supervisor {
         };
         match self.conns[c].state {
             ConnectionState::Ready { since, .. } => {
-                if self.now.saturating_duration_since(since) >= self.config.backoff.reset_after {
+                let class = error.class();
+                let retry = if self.now.saturating_duration_since(since)
+                    >= self.config.backoff.reset_after
+                {
+                    // It did useful work: the broker accepts us, and whatever
+                    // dropped the connection (an admin, a node that went away) says
+                    // little about the next dial. Redial at once, however many
+                    // losses came before; the backoff starts over.
                     self.conns[c].backoff.reset();
                     self.conns[c].failures = 0;
-                }
-                // The host that dropped us is the likeliest to be down (a stopped
-                // node, a partition): with a host list, dial the next one now.
-                let rotate = self.hosts.len() > 1;
-                let class = error.class();
-                self.connection_failed(c, error, Reason::ConnectionLost(class), rotate);
+                    Retry::Now
+                } else {
+                    // Lost right after the handshake: a failed dial, so a broker
+                    // that drops every connection meets a growing backoff.
+                    Retry::AsFailure
+                };
+                self.connection_failed(c, error, Reason::ConnectionLost(class), retry);
             }
             ConnectionState::Connecting { .. } => {
                 let class = error.class();
-                self.connection_failed(c, error, Reason::DialFailed(class), true);
+                self.connection_failed(c, error, Reason::DialFailed(class), Retry::AsFailure);
             }
             ConnectionState::Closing { .. } => self.finish_close(c),
             ConnectionState::Reconnecting { .. } | ConnectionState::Closed => {}
@@ -755,11 +773,11 @@ impl Supervisor {
     }
 
     /// A dial failed or a Ready connection was lost: channels wait, the next dial
-    /// is scheduled. After a failed dial, or the loss of a connection when there
-    /// are several hosts, the slot moves to the next host at once, and waits (by
-    /// its backoff) only once every host has failed since it was last stable; with
-    /// one host a lost connection redials it after the backoff's delay.
-    fn connection_failed(&mut self, c: usize, error: TransportError, reason: Reason, rotate: bool) {
+    /// is scheduled, on the next host of the list (the host that dropped us is the
+    /// likeliest to be down). [`Retry::Now`] dials it at once. [`Retry::AsFailure`]
+    /// counts a failure: the next host is still tried at once, and the slot waits
+    /// (by its backoff) only once every host has failed since it was last stable.
+    fn connection_failed(&mut self, c: usize, error: TransportError, reason: Reason, retry: Retry) {
         self.conns[c].topology_ready = false;
         for i in 0..self.conns[c].channels.len() {
             self.channel_down(c, i, None);
@@ -778,16 +796,14 @@ impl Supervisor {
         let class = error.class();
         let conn = &mut self.conns[c];
         let failed_endpoint = self.hosts[conn.host].redacted();
-        if rotate {
-            conn.failures += 1;
-            conn.host = (conn.host + 1) % hosts;
-        }
+        conn.failures += 1;
+        conn.host = (conn.host + 1) % hosts;
         // The next host is tried at once, whatever the error: a refusal by one
         // node (or a proxy that drops the handshake, which some clients cannot
         // tell from one) says little about the others. When a round over every
         // host ends in a refusal, the next round waits at the cap: retrying bad
         // credentials sooner only hammers the broker.
-        let delay = if rotate && conn.failures % hosts != 0 {
+        let delay = if retry == Retry::Now || conn.failures % hosts != 0 {
             std::time::Duration::ZERO
         } else if class == ErrorClass::Refused {
             conn.backoff.at_cap(&mut self.rng)
@@ -1005,6 +1021,19 @@ impl Supervisor {
             // The connection's own loss (reported separately) reopens it.
             return;
         }
+        if error.is_connection_level() {
+            // The broker is closing the whole connection (lapin reports it on each
+            // channel before the connection itself): handle it as the connection's
+            // loss now, so what this channel carried is not re-sent on siblings
+            // that die with it. The transport's own report comes for an old epoch.
+            let epoch = self.conns[c].epoch;
+            self.commands.push_back(Command::CloseConnection {
+                connection: id.connection,
+                epoch,
+            });
+            self.on_connection_lost(id.connection, epoch, error);
+            return;
+        }
         self.channel_failed(c, i, error);
     }
 
@@ -1082,7 +1111,12 @@ impl Supervisor {
                 // Orphan the late dial: a success after this is closed on arrival.
                 self.conns[c].epoch = self.next_epoch;
                 self.next_epoch += 1;
-                self.connection_failed(c, TransportError::Timeout, Reason::ConnectTimeout, true);
+                self.connection_failed(
+                    c,
+                    TransportError::Timeout,
+                    Reason::ConnectTimeout,
+                    Retry::AsFailure,
+                );
             }
             ConnectionState::Reconnecting { .. } => self.dial(c, Reason::RetryDue),
             ConnectionState::Closing { .. } => self.finish_close(c),
