@@ -47,32 +47,16 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
     hosts: Result<Vec<Endpoint>, ConfigError>,
-    connections: usize,
-    channels: usize,
-    backoff: BackoffConfig,
-    publish_timeout: Duration,
-    connect_timeout: Duration,
-    outbox_capacity: usize,
-    confirm_window: usize,
-    retry_nacked: bool,
-    seed: u64,
+    /// Every other setting, its hosts left empty until [`config`](Self::config).
+    config: Config,
     connection_name: Option<String>,
 }
 
 impl Default for ClientBuilder {
     fn default() -> Self {
-        let defaults = Config::new(Vec::new());
         ClientBuilder {
             hosts: Err(ConfigError::EmptyHostList),
-            connections: defaults.connections,
-            channels: defaults.channels_per_connection,
-            backoff: defaults.backoff,
-            publish_timeout: defaults.publish_timeout,
-            connect_timeout: defaults.connect_timeout,
-            outbox_capacity: defaults.outbox_capacity,
-            confirm_window: defaults.confirm_window,
-            retry_nacked: defaults.retry_nacked,
-            seed: defaults.seed,
+            config: Config::new(Vec::new()),
             connection_name: None,
         }
     }
@@ -100,50 +84,57 @@ impl ClientBuilder {
 
     /// N connections x M channels per connection (default 1 x 4).
     pub fn pool(mut self, connections: usize, channels_per_connection: usize) -> Self {
-        self.connections = connections;
-        self.channels = channels_per_connection;
+        self.config.connections = connections;
+        self.config.channels_per_connection = channels_per_connection;
         self
     }
 
-    /// Reconnect backoff.
+    /// Reconnect backoff (see [`BackoffConfig::default`] for the defaults and why).
     pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
-        self.backoff = backoff;
+        self.config.backoff = backoff;
         self
     }
 
     /// Default publish deadline (30 s).
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
-        self.publish_timeout = timeout;
+        self.config.publish_timeout = timeout;
         self
     }
 
     /// How long one dial may take (5 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// How long [`Client::close`] (or dropping the last handle) drains
+    /// accepted messages before it closes anyway (5 s).
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.config.close_timeout = timeout;
         self
     }
 
     /// Messages the outbox holds before publishers wait (10,000).
     pub fn outbox_capacity(mut self, capacity: usize) -> Self {
-        self.outbox_capacity = capacity;
+        self.config.outbox_capacity = capacity;
         self
     }
 
     /// Unconfirmed messages per channel (1024).
     pub fn confirm_window(mut self, window: usize) -> Self {
-        self.confirm_window = window;
+        self.config.confirm_window = window;
         self
     }
 
     /// Re-publish nacked messages instead of failing them.
     pub fn retry_nacked(mut self, retry: bool) -> Self {
-        self.retry_nacked = retry;
+        self.config.retry_nacked = retry;
         self
     }
 
     /// Seed of every random choice (host shuffle, jitter).
     pub fn seed(mut self, seed: u64) -> Self {
-        self.seed = seed;
+        self.config.seed = seed;
         self
     }
 
@@ -155,16 +146,8 @@ impl ClientBuilder {
 
     /// The validated configuration.
     pub fn config(&self) -> Result<Config, ConfigError> {
-        let mut config = Config::new(self.hosts.clone()?);
-        config.connections = self.connections;
-        config.channels_per_connection = self.channels;
-        config.backoff = self.backoff.clone();
-        config.publish_timeout = self.publish_timeout;
-        config.connect_timeout = self.connect_timeout;
-        config.outbox_capacity = self.outbox_capacity;
-        config.confirm_window = self.confirm_window;
-        config.retry_nacked = self.retry_nacked;
-        config.seed = self.seed;
+        let mut config = self.config.clone();
+        config.hosts = self.hosts.clone()?;
         config.validate()?;
         Ok(config)
     }
@@ -235,7 +218,7 @@ impl ClientState {
                 .collect(),
             ready_channels: sup.ready_channels(),
             channels: sup.channel_ids().count(),
-            closed: sup.is_closed(),
+            closed: sup.is_closing(),
         }
     }
 
@@ -286,8 +269,23 @@ pub(crate) enum Request {
         events: mpsc::UnboundedSender<Event>,
     },
     Close {
+        /// Discard what was not sent instead of draining.
+        discard: bool,
         done: oneshot::Sender<()>,
     },
+    Flush {
+        reply: oneshot::Sender<Flushed>,
+    },
+}
+
+/// What [`Client::flush`] waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Flushed {
+    /// How many of the messages accepted before the flush resolved other than
+    /// [`Confirmation::Confirmed`] (returned, nacked, timed out, rejected,
+    /// closed). Zero: every one of them is confirmed by the broker.
+    pub not_confirmed: u64,
 }
 
 /// Options of one publish.
@@ -666,14 +664,57 @@ impl Client {
         self.shared.closed.load(Ordering::SeqCst) || self.tx.is_closed()
     }
 
-    /// Closes the client: nothing new is accepted, in-flight publishes get up to
-    /// the close timeout for their confirms, every pending operation resolves,
-    /// connections close. Returns when the driver is done.
+    /// Closes the client, draining first: nothing new is accepted (later calls
+    /// fail with `Closed`), and every message accepted before the call (futures
+    /// dropped or not) is published and its confirm awaited, across recoveries,
+    /// until the close timeout ([`ClientBuilder::close_timeout`], default 5 s).
+    /// Then the connections close cleanly; what is still unresolved resolves
+    /// [`PublishError::Closed`] (if it was in flight, the broker may have it).
+    /// Returns when the driver is done.
+    ///
+    /// Dropping the last `Client` handle does the same, with nobody waiting: the
+    /// driver drains within the close timeout and then ends.
     pub async fn close(&self) {
+        self.close_with(false).await;
+    }
+
+    /// Closes the client **without draining: messages not yet sent are lost**
+    /// (they resolve [`PublishError::Closed`] at once). Messages already in
+    /// flight get up to the close timeout for their confirms. For callers that
+    /// must stop now (a second SIGTERM); [`close`](Self::close) keeps what was
+    /// accepted.
+    pub async fn close_discarding(&self) {
+        self.close_with(true).await;
+    }
+
+    async fn close_with(&self, discard: bool) {
         let (done, rx) = oneshot::channel();
-        if self.send(Request::Close { done }) {
+        if self.send(Request::Close { discard, done }) {
             let _ = rx.await;
         }
+    }
+
+    /// Waits until every message accepted before this call has resolved
+    /// (confirmed, returned, nacked, timed out, ...), and says how many did not
+    /// resolve `Confirmed`: for batch jobs and tests. Messages published after the
+    /// call are not waited for. [`PublishError::Closed`] if the client closed
+    /// before they all resolved.
+    ///
+    /// ```no_run
+    /// # async fn f(client: amqp_rebound_core::Client) -> Result<(), amqp_rebound_core::PublishError> {
+    /// for i in 0..1000 {
+    ///     drop(client.publish("", "jobs", format!("job {i}"), Default::default()));
+    /// }
+    /// let flushed = client.flush().await?;
+    /// assert_eq!(flushed.not_confirmed, 0, "every job is with the broker");
+    /// # Ok(()) }
+    /// ```
+    pub async fn flush(&self) -> Result<Flushed, PublishError> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Request::Flush { reply }) {
+            return Err(PublishError::Closed);
+        }
+        rx.await.map_err(|_| PublishError::Closed)
     }
 }
 

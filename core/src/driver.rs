@@ -124,6 +124,7 @@ impl Driver {
             watchers: Vec::new(),
             parked: VecDeque::new(),
             close_waiters: Vec::new(),
+            flushes: BTreeMap::new(),
             batch_now: None,
             resolved: Vec::new(),
         };
@@ -381,6 +382,7 @@ pub(crate) struct State<T: Transport, K: Timer> {
     /// Publishes waiting for room in a full outbox (the caller chose to wait).
     parked: VecDeque<ParkedPublish>,
     close_waiters: Vec<oneshot::Sender<()>>,
+    flushes: BTreeMap<crate::outbox::FlushId, oneshot::Sender<crate::client::Flushed>>,
     /// The time of the batch being taken, if one is.
     batch_now: Option<Instant>,
     /// Publish results to send once the lock is released: the publisher they
@@ -483,9 +485,11 @@ impl<T: Transport, K: Timer> State<T, K> {
                 match self.requests.as_mut().poll_next(cx) {
                     Poll::Ready(Some(request)) => self.on_request(request),
                     Poll::Ready(None) => {
-                        // every Client handle is gone: nobody can use us
+                        // every Client handle is gone: nobody can use us; what
+                        // they published is owed, so drain it
                         self.requests_open = false;
-                        self.input(Input::Close);
+                        let now = self.now();
+                        self.close_draining(now);
                     }
                     Poll::Pending => break,
                 }
@@ -965,13 +969,19 @@ impl<T: Transport, K: Timer> State<T, K> {
         match request {
             // behind publishes already waiting for room: it waits too, so that a
             // caller's messages keep their order
+            Request::Publish { reply, .. } if self.sup.is_closing() => {
+                let _ = reply.send(Err(PublishError::Closed));
+            }
             Request::Publish {
                 message,
                 timeout,
                 wait: true,
                 reply,
             } if !self.parked.is_empty() => {
-                let deadline = now + timeout.unwrap_or(self.sup.config().publish_timeout);
+                let deadline = crate::supervisor::deadline_after(
+                    now,
+                    timeout.unwrap_or(self.sup.config().publish_timeout),
+                );
                 self.parked.push_back(ParkedPublish {
                     message,
                     deadline,
@@ -986,13 +996,16 @@ impl<T: Transport, K: Timer> State<T, K> {
             } => match self.sup.publish(
                 now,
                 Arc::clone(&message),
-                timeout.and_then(|t| now.checked_add(t)),
+                timeout.map(|t| crate::supervisor::deadline_after(now, t)),
             ) {
                 Ok(id) => {
                     self.publishes.insert(id.slot(), reply);
                 }
                 Err(PublishError::Backpressure { .. }) if wait => {
-                    let deadline = now + timeout.unwrap_or(self.sup.config().publish_timeout);
+                    let deadline = crate::supervisor::deadline_after(
+                        now,
+                        timeout.unwrap_or(self.sup.config().publish_timeout),
+                    );
                     self.parked.push_back(ParkedPublish {
                         message,
                         deadline,
@@ -1054,11 +1067,43 @@ impl<T: Transport, K: Timer> State<T, K> {
                 let _ = reply.send(self.sup.ack(now, channel, generation, delivery_tag, kind));
             }
             Request::Watch { events } => self.watchers.push(events),
-            Request::Close { done } => {
+            Request::Close { discard, done } => {
                 self.close_waiters.push(done);
-                self.sup.handle(now, Input::Close);
+                if discard {
+                    for p in self.parked.drain(..) {
+                        let _ = p.reply.send(Err(PublishError::Closed));
+                    }
+                    self.sup.handle(now, Input::CloseNow);
+                } else {
+                    self.close_draining(now);
+                }
+            }
+            Request::Flush { reply } => {
+                let id = self.sup.flush(now);
+                self.flushes.insert(id, reply);
             }
         }
+    }
+
+    /// A draining close: publishes waiting for room were accepted, so they go
+    /// into the outbox beyond its capacity, and the close drains them too.
+    fn close_draining(&mut self, now: Instant) {
+        if !self.sup.is_closing() {
+            for p in self.parked.drain(..) {
+                match self
+                    .sup
+                    .publish_over_capacity(now, p.message, Some(p.deadline))
+                {
+                    Ok(id) => {
+                        self.publishes.insert(id.slot(), p.reply);
+                    }
+                    Err(e) => {
+                        let _ = p.reply.send(Err(e));
+                    }
+                }
+            }
+        }
+        self.sup.handle(now, Input::Close);
     }
 
     /// Parked publishes go in as soon as the outbox has room, oldest first; past
@@ -1096,6 +1141,14 @@ impl<T: Transport, K: Timer> State<T, K> {
             Event::PublishResolved { id, result } => {
                 if let Some(reply) = self.publishes.remove(id.slot()) {
                     self.resolved.push((reply, result));
+                }
+            }
+            Event::Flushed {
+                flush,
+                not_confirmed,
+            } => {
+                if let Some(reply) = self.flushes.remove(&flush) {
+                    let _ = reply.send(crate::client::Flushed { not_confirmed });
                 }
             }
             Event::TopologyResolved { op, result } => match self.topology.remove(&op) {

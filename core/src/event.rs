@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::error::{ErrorClass, TransportError};
 use crate::ids::{ChannelId, ConnectionId, Object};
 use crate::message::Delivery;
-use crate::outbox::{Confirmation, PublishError, PublishId};
+use crate::outbox::{Confirmation, FlushId, PublishError, PublishId};
 use crate::state::Phase;
 use crate::topology::{ConsumeError, ConsumerId, OpId, QueueHandle, TopologyError};
 
@@ -60,6 +60,16 @@ pub enum Event {
         id: PublishId,
         /// How it ended.
         result: Result<Confirmation, PublishError>,
+    },
+    /// Every message accepted before a [`Supervisor::flush`](crate::Supervisor::flush)
+    /// has resolved.
+    Flushed {
+        /// The flush.
+        flush: FlushId,
+        /// How many of those messages resolved other than
+        /// [`Confirmation::Confirmed`] (returned, nacked, timed out, rejected,
+        /// closed).
+        not_confirmed: u64,
     },
     /// A topology request of the application ended. `Ok` carries the queue's real
     /// name for a queue declaration.

@@ -106,8 +106,8 @@ pub mod transport;
 
 pub use backoff::{Backoff, BackoffConfig, Jitter};
 pub use client::{
-    Client, ClientBuilder, ClientState, Consumer, DEFAULT_URL, PublishFuture, PublishOptions,
-    Queue, Received,
+    Client, ClientBuilder, ClientState, Consumer, DEFAULT_URL, Flushed, PublishFuture,
+    PublishOptions, Queue, Received,
 };
 pub use config::Config;
 pub use driver::Driver;
@@ -116,7 +116,7 @@ pub use error::{ConfigError, ErrorClass, TransportError};
 pub use event::{Event, Reason};
 pub use ids::{ChannelId, ConnectionId, Object};
 pub use message::{Delivery, FieldTable, Message, Properties, Returned};
-pub use outbox::{Confirmation, PublishError, PublishId};
+pub use outbox::{Confirmation, FlushId, PublishError, PublishId};
 pub use state::{ChannelState, ConnectionState, Phase};
 pub use supervisor::{Checkout, Command, Input, NotReady, Stats, Supervisor};
 #[cfg(feature = "tokio")]

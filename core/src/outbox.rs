@@ -28,6 +28,11 @@ use crate::message::Message;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublishId(pub u64);
 
+/// Identifies one [`Supervisor::flush`](crate::Supervisor::flush) until its
+/// [`Event::Flushed`](crate::Event::Flushed). Opaque.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlushId(pub(crate) u64);
+
 /// How a publish ended well.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -50,10 +55,16 @@ pub enum PublishError {
     /// The broker nacked it (internal error in the broker; the message may be lost).
     #[error("the broker nacked the message")]
     Nacked,
-    /// Its deadline passed before a confirm. It is never sent after that.
+    /// Its deadline passed before a confirm. It is never sent again after that;
+    /// but a message that was in flight at its deadline may have reached the
+    /// broker (its confirm was what was late), so the queue may hold it.
     #[error("no confirm before the publish deadline")]
     TimedOut,
-    /// The client was closed before a confirm.
+    /// The client was closed before a confirm: the publish came after the close,
+    /// or the close's drain ran out of time (or [`Client::close_discarding`]
+    /// discarded it). A message that was in flight may have reached the broker.
+    ///
+    /// [`Client::close_discarding`]: crate::Client::close_discarding
     #[error("the client is closed")]
     Closed,
     /// The outbox is full and the caller asked not to wait.
@@ -85,7 +96,7 @@ pub(crate) struct Placement {
 
 pub(crate) struct Entry {
     /// Its place in publish order (ids do not tell it).
-    order: u64,
+    pub(crate) order: u64,
     pub(crate) message: Arc<Message>,
     pub(crate) deadline: Instant,
     pub(crate) placed: Option<Placement>,
@@ -150,6 +161,16 @@ impl Outbox {
 
     pub(crate) fn len(&self) -> usize {
         self.live
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// The order number the next accepted message gets: every live entry's
+    /// order is below it.
+    pub(crate) fn next_order(&self) -> u64 {
+        self.next_order
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Instant> {

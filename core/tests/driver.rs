@@ -9,8 +9,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use amqp_rebound_core::{
-    AckError, Client, ConfigError, Confirmation, ConsumeOptions, Event, Properties, PublishError,
-    PublishFuture, PublishOptions, QueueDecl, TransportError,
+    AckError, Client, Config, ConfigError, Confirmation, ConsumeOptions, Event, Properties,
+    PublishError, PublishFuture, PublishOptions, QueueDecl, TransportError,
 };
 use futures::executor::LocalPool;
 use futures::task::LocalSpawnExt;
@@ -320,11 +320,13 @@ fn close_while_reconnecting_stops_dialling_and_resolves_everything() {
     transport.kill_all();
     let results = spawn_publishes(&pool, &client, 0..3);
     drive(&mut pool, &clock, Duration::from_millis(500), || false);
+    // the close drains (still dialling) until its timeout, then gives up
+    let close_timeout = Config::new(Vec::new()).close_timeout;
     assert!(close_within(
         &mut pool,
         &clock,
         &client,
-        Duration::from_secs(1)
+        close_timeout + Duration::from_millis(100)
     ));
     let dials = transport.broker().dials;
     transport.broker().refuse = None;
@@ -415,6 +417,198 @@ fn dropping_the_driver_resolves_pending_publishes() {
             .iter()
             .all(|(_, r)| *r == Err(PublishError::Closed))
     );
+}
+
+/// Messages the broker received, each once (re-sends counted once).
+fn unique_received(transport: &MemoryTransport) -> std::collections::BTreeSet<String> {
+    transport.broker().received.iter().cloned().collect()
+}
+
+#[test]
+fn close_drains_every_accepted_publish_across_a_recovery() {
+    let (mut pool, clock, transport, client) = setup(1, 2);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+        .state()
+        .is_ready()));
+    // the broker goes away with messages in flight, and more are accepted
+    // while it is gone; every future is dropped
+    transport.broker().hold_confirms = true;
+    for i in 0..50u32 {
+        drop(client.publish("", "q", i.to_string().into_bytes(), Properties::default()));
+    }
+    pool.run_until_stalled();
+    transport.broker().refuse = Some(TransportError::Io("refused".into()));
+    transport.kill_all();
+    for i in 50..500u32 {
+        drop(client.publish("", "q", i.to_string().into_bytes(), Properties::default()));
+    }
+    let closed = Rc::new(RefCell::new(false));
+    {
+        let (client, closed) = (client.clone(), Rc::clone(&closed));
+        pool.spawner()
+            .spawn_local(async move {
+                client.close().await;
+                *closed.borrow_mut() = true;
+            })
+            .unwrap();
+    }
+    drive(&mut pool, &clock, Duration::from_millis(500), || false);
+    assert!(!*closed.borrow(), "close returned with messages owed");
+    assert!(
+        client
+            .publish("", "q", b"late".to_vec(), Properties::default())
+            .now_or_never()
+            .is_some_and(|r| r == Err(PublishError::Closed))
+            || client.is_closed(),
+        "nothing new is accepted while draining"
+    );
+    {
+        let mut broker = transport.broker();
+        broker.refuse = None;
+        broker.hold_confirms = false;
+    }
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || *closed
+        .borrow()));
+    let received = unique_received(&transport);
+    let missing: Vec<u32> = (0..500u32)
+        .filter(|i| !received.contains(&i.to_string()))
+        .collect();
+    assert!(missing.is_empty(), "never published: {missing:?}");
+    assert!(!received.contains("late"));
+    assert_eq!(client.stats().confirmed, 500);
+    assert_eq!(
+        transport.open_connections(),
+        0,
+        "the connection closed cleanly"
+    );
+}
+
+#[test]
+fn close_gives_up_at_its_timeout_and_close_discarding_at_once() {
+    for discard in [false, true] {
+        let pool = LocalPool::new();
+        let clock = ManualClock::new();
+        let transport = MemoryTransport::default();
+        transport.broker().refuse = Some(TransportError::Io("refused".into()));
+        let (client, driver) = Client::builder()
+            .hosts([URL])
+            .close_timeout(Duration::from_secs(2))
+            .build(transport.clone(), clock.clone())
+            .unwrap();
+        let mut pool = pool;
+        pool.spawner().spawn_local(driver).unwrap();
+        let results = spawn_publishes(&pool, &client, 0..10);
+        let start = clock_now(&clock);
+        let closed = Rc::new(RefCell::new(None));
+        {
+            let (client, closed, clock) = (client.clone(), Rc::clone(&closed), clock.clone());
+            pool.spawner()
+                .spawn_local(async move {
+                    if discard {
+                        client.close_discarding().await;
+                    } else {
+                        client.close().await;
+                    }
+                    *closed.borrow_mut() = Some(clock_now(&clock));
+                })
+                .unwrap();
+        }
+        assert!(drive(&mut pool, &clock, Duration::from_secs(10), || closed
+            .borrow()
+            .is_some()));
+        let took = closed.borrow().unwrap() - start;
+        if discard {
+            assert!(took < Duration::from_millis(10), "discarding took {took:?}");
+        } else {
+            assert_eq!(
+                took,
+                Duration::from_secs(2),
+                "drained until the close timeout"
+            );
+        }
+        assert_eq!(results.borrow().len(), 10);
+        assert!(
+            results
+                .borrow()
+                .iter()
+                .all(|(_, r)| *r == Err(PublishError::Closed))
+        );
+    }
+}
+
+#[test]
+fn dropping_the_last_handle_drains_before_the_driver_ends() {
+    let mut pool = LocalPool::new();
+    let clock = ManualClock::new();
+    let transport = MemoryTransport::default();
+    transport.broker().refuse = Some(TransportError::Io("refused".into()));
+    let (client, driver) = Client::builder()
+        .hosts([URL])
+        .build(transport.clone(), clock.clone())
+        .unwrap();
+    let ended = Rc::new(RefCell::new(false));
+    {
+        let ended = Rc::clone(&ended);
+        pool.spawner()
+            .spawn_local(async move {
+                driver.await;
+                *ended.borrow_mut() = true;
+            })
+            .unwrap();
+    }
+    for i in 0..100u32 {
+        drop(client.publish("", "q", i.to_string().into_bytes(), Properties::default()));
+    }
+    drop(client);
+    drive(&mut pool, &clock, Duration::from_millis(300), || false);
+    assert!(!*ended.borrow(), "the driver ended with messages owed");
+    transport.broker().refuse = None;
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || *ended
+        .borrow()));
+    assert_eq!(unique_received(&transport).len(), 100);
+    assert_eq!(transport.open_connections(), 0);
+}
+
+#[test]
+fn flush_waits_for_what_was_accepted_before_it_and_counts_what_was_not_confirmed() {
+    let (mut pool, clock, transport, client) = setup(1, 1);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+        .state()
+        .is_ready()));
+    let flushed = |pool: &LocalPool| {
+        let out = Rc::new(RefCell::new(None));
+        let (client, out2) = (client.clone(), Rc::clone(&out));
+        pool.spawner()
+            .spawn_local(async move {
+                *out2.borrow_mut() = Some(client.flush().await);
+            })
+            .unwrap();
+        out
+    };
+    // nothing accepted: at once
+    let none = flushed(&pool);
+    pool.run_until_stalled();
+    assert_eq!(none.borrow().clone().unwrap().unwrap().not_confirmed, 0);
+
+    transport.broker().hold_confirms = true;
+    let results = spawn_publishes(&pool, &client, 0..10);
+    let short = client.publish_message(
+        amqp_rebound_core::Message::new("", "q", b"short".to_vec()),
+        PublishOptions::default().timeout(Duration::from_millis(100)),
+    );
+    collect(&pool, &results, 10, short);
+    let first = flushed(&pool);
+    // published after the flush: not waited for
+    let later = spawn_publishes(&pool, &client, 100..101);
+    drive(&mut pool, &clock, Duration::from_millis(500), || false);
+    assert!(first.borrow().is_none(), "flushed before the confirms");
+    transport.release_confirms();
+    transport.broker().hold_confirms = true;
+    pool.run_until_stalled();
+    let report = first.borrow().clone().unwrap().unwrap();
+    assert_eq!(report.not_confirmed, 1, "the one that timed out");
+    assert_eq!(results.borrow().len(), 11);
+    let _ = later;
 }
 
 #[test]

@@ -427,7 +427,7 @@ fn run_case(case: &Case) -> Result<World, TestCaseError> {
     }
     // Liveness: once the faults stop, everything is Ready again within the backoff
     // cap plus one connect (a dial that may be hanging times out first).
-    if !w.sup.is_closed() {
+    if !w.sup.is_closing() {
         w.broker_up = true;
         w.refuse_with = None;
         w.blackhole = false;
@@ -453,7 +453,11 @@ fn run_case(case: &Case) -> Result<World, TestCaseError> {
         }
         w.run_for(Duration::from_secs(case.publish_timeout_s + 1));
     } else {
+        // a close drains until its timeout (recovering meanwhile), then is final
+        let close_timeout = w.sup.config().close_timeout;
+        prop_assert!(close_timeout < Duration::from_secs(30));
         w.run_for(Duration::from_secs(30));
+        prop_assert!(w.sup.is_closed(), "the drain did not end by its timeout");
         check_always(&mut w, closed_at)?;
         prop_assert!(w.sup.is_fully_closed());
     }

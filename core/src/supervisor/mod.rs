@@ -155,8 +155,17 @@ pub enum Input {
         /// The outcome.
         result: Result<Option<String>, TransportError>,
     },
-    /// The application asks to close everything. Terminal.
+    /// The application asks to close, draining first: nothing new is accepted;
+    /// every message already accepted is published and its confirm awaited,
+    /// across recoveries, until [`Config::close_timeout`]; then the connections
+    /// close. What is still unresolved at the timeout resolves
+    /// [`PublishError::Closed`](crate::PublishError::Closed). Terminal.
     Close,
+    /// The application asks to close at once, without draining: messages not yet
+    /// sent resolve [`PublishError::Closed`](crate::PublishError::Closed) now
+    /// (their loss is the caller's choice); those in flight get the close timeout
+    /// for their confirms. Terminal; also ends a drain under way.
+    CloseNow,
     /// A timer may have expired. Harmless when none has.
     Timeout,
 }
@@ -260,6 +269,18 @@ pub struct Checkout {
     pub generation: u64,
 }
 
+/// A deadline for a timeout too long to represent (`Duration::MAX`): a century
+/// away, or `now` on a clock that cannot even count that far.
+pub(crate) fn far_future(now: Instant) -> Instant {
+    const CENTURY: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
+    now.checked_add(CENTURY).unwrap_or(now)
+}
+
+/// `now + timeout`, saturating at [`far_future`] instead of panicking.
+pub(crate) fn deadline_after(now: Instant, timeout: std::time::Duration) -> Instant {
+    now.checked_add(timeout).unwrap_or_else(|| far_future(now))
+}
+
 /// When a failed or lost connection is dialled again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Retry {
@@ -350,6 +371,11 @@ pub struct Supervisor {
     cursor: usize,
     ready_channels: usize,
     closed: bool,
+    /// A close is draining the outbox until this deadline (then `closed`).
+    draining: Option<Instant>,
+    /// Flushes waiting for the messages accepted before them.
+    flushes: Vec<publish::Flush>,
+    next_flush: u64,
     outbox: Outbox,
     /// A window slot or channel may have freed up since the last pump.
     room: bool,
@@ -417,6 +443,9 @@ impl Supervisor {
             cursor: 0,
             ready_channels: 0,
             closed: false,
+            draining: None,
+            flushes: Vec::new(),
+            next_flush: 0,
             outbox: Outbox::default(),
             room: false,
             registry: Registry::default(),
@@ -492,9 +521,16 @@ impl Supervisor {
         self.ready_channels == self.conns.len() * self.config.channels_per_connection
     }
 
-    /// Whether [`Input::Close`] was handled. Closed is terminal.
+    /// Whether the supervisor is closed: a close drained (or timed out) or
+    /// [`Input::CloseNow`] came. Closed is terminal.
     pub fn is_closed(&self) -> bool {
         self.closed
+    }
+
+    /// Whether a close was asked for ([`Input::Close`], draining or done, or
+    /// [`Input::CloseNow`]): nothing new is accepted.
+    pub fn is_closing(&self) -> bool {
+        self.closed || self.draining.is_some()
     }
 
     /// Whether every connection has reached [`ConnectionState::Closed`].
@@ -530,6 +566,7 @@ impl Supervisor {
             self.timers.first().map(|(at, _)| *at),
             self.outbox.next_deadline(),
             self.user_ops.next_deadline(),
+            self.draining,
         ]
         .into_iter()
         .flatten()
@@ -575,7 +612,11 @@ impl Supervisor {
         self.advance(now);
         match input {
             Input::Timeout => {}
-            Input::Close => self.close(),
+            Input::Close => self.start_drain(),
+            Input::CloseNow => {
+                self.draining = None;
+                self.close(deadline_after(self.now, self.config.close_timeout));
+            }
             Input::Connected { connection, epoch } => self.on_connected(connection, epoch),
             Input::DialFailed {
                 connection,
@@ -650,6 +691,7 @@ impl Supervisor {
             } => self.on_topology_done(channel, generation, result),
         }
         self.pump();
+        self.check_drained();
     }
 
     /// Moves the clock (never backwards) and fires what is due.
@@ -683,7 +725,7 @@ impl Supervisor {
         let conn = &mut self.conns[c];
         conn.epoch = epoch;
         let endpoint = conn.host;
-        let deadline = self.now + self.config.connect_timeout;
+        let deadline = deadline_after(self.now, self.config.connect_timeout);
         let attempt = conn.backoff.attempt();
         self.set_conn_timer(c, Some(deadline));
         self.set_conn_state(
@@ -811,7 +853,7 @@ impl Supervisor {
             conn.backoff.next_delay(&mut self.rng)
         };
         let attempt = conn.backoff.attempt();
-        let retry_at = self.now + delay;
+        let retry_at = deadline_after(self.now, delay);
         self.events.push_back(Event::RecoveryFailed {
             connection: ConnectionId(c as u16),
             endpoint: failed_endpoint,
@@ -857,7 +899,34 @@ impl Supervisor {
         }
     }
 
-    fn close(&mut self) {
+    /// [`Input::Close`]: keeps going (recovering as usual) until the outbox is
+    /// empty or the close timeout passes.
+    fn start_drain(&mut self) {
+        if self.is_closing() {
+            return;
+        }
+        // a timeout too far to represent is no timeout: drain until done
+        self.draining = Some(deadline_after(self.now, self.config.close_timeout));
+        self.check_drained();
+    }
+
+    /// Ends a drain that is done or out of time.
+    fn check_drained(&mut self) {
+        let Some(deadline) = self.draining else {
+            return;
+        };
+        if self.outbox.is_empty() {
+            self.draining = None;
+            self.close(deadline);
+        } else if deadline <= self.now {
+            self.draining = None;
+            self.close(self.now);
+        }
+    }
+
+    /// Closes: what was not sent resolves Closed now; connections close once
+    /// their in-flight messages are confirmed, or at `deadline`.
+    fn close(&mut self, deadline: Instant) {
         if self.closed {
             return;
         }
@@ -877,7 +946,6 @@ impl Supervisor {
             self.set_conn_timer(c, None);
             match self.conns[c].state {
                 ConnectionState::Ready { .. } => {
-                    let deadline = self.now + self.config.close_timeout;
                     self.set_conn_timer(c, Some(deadline));
                     self.set_conn_state(
                         c,
@@ -1061,7 +1129,7 @@ impl Supervisor {
             ch.backoff.reset();
         }
         ch.ready_since = None;
-        let retry_at = now + ch.backoff.next_delay(&mut self.rng);
+        let retry_at = deadline_after(now, ch.backoff.next_delay(&mut self.rng));
         self.set_chan_timer(c, i, Some(retry_at));
         self.set_chan_state(
             c,

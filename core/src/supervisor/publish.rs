@@ -9,7 +9,7 @@ use crate::error::{ErrorClass, TransportError};
 use crate::event::Event;
 use crate::ids::{ChannelId, ConnectionId};
 use crate::message::{Message, Returned};
-use crate::outbox::{Confirmation, Placement, PublishError, PublishId};
+use crate::outbox::{Confirmation, FlushId, Placement, PublishError, PublishId};
 use crate::topology::check_name;
 
 /// After this many channel-level errors while it was in flight, a message is taken
@@ -72,28 +72,52 @@ impl Supervisor {
     /// one has room in its confirm window, and resolves exactly once with
     /// [`Event::PublishResolved`]. `deadline` defaults to now + the publish timeout.
     ///
-    /// Errors: [`PublishError::Closed`] after close, [`PublishError::TimedOut`] for a
-    /// deadline already passed, [`PublishError::Backpressure`] when the outbox holds
-    /// its capacity of waiting messages, [`PublishError::Invalid`] for names AMQP
-    /// cannot carry.
+    /// Errors: [`PublishError::Closed`] once a close was asked for,
+    /// [`PublishError::TimedOut`] for a deadline already passed,
+    /// [`PublishError::Backpressure`] when the outbox holds its capacity of waiting
+    /// messages, [`PublishError::Invalid`] for names AMQP cannot carry.
     pub fn publish(
         &mut self,
         now: Instant,
         message: Arc<Message>,
         deadline: Option<Instant>,
     ) -> Result<PublishId, PublishError> {
+        self.accept(now, message, deadline, true)
+    }
+
+    /// [`publish`](Self::publish) without the outbox capacity check: for a message
+    /// the caller already accepted and held while the outbox was full (a driver's
+    /// waiting publishes, handed over before [`Input::Close`](super::Input::Close)
+    /// so that the close drains them too).
+    pub fn publish_over_capacity(
+        &mut self,
+        now: Instant,
+        message: Arc<Message>,
+        deadline: Option<Instant>,
+    ) -> Result<PublishId, PublishError> {
+        self.accept(now, message, deadline, false)
+    }
+
+    fn accept(
+        &mut self,
+        now: Instant,
+        message: Arc<Message>,
+        deadline: Option<Instant>,
+        bounded: bool,
+    ) -> Result<PublishId, PublishError> {
         self.advance(now);
-        if self.closed {
+        if self.is_closing() {
             return Err(PublishError::Closed);
         }
         check_name("exchange name", &message.exchange).map_err(PublishError::Invalid)?;
         check_name("routing key", &message.routing_key).map_err(PublishError::Invalid)?;
         let default_deadline = deadline.is_none();
-        let deadline = deadline.unwrap_or(self.now + self.config.publish_timeout);
+        let deadline = deadline
+            .unwrap_or_else(|| super::deadline_after(self.now, self.config.publish_timeout));
         if deadline <= self.now {
             return Err(PublishError::TimedOut);
         }
-        if self.outbox.pending_len() >= self.config.outbox_capacity {
+        if bounded && self.outbox.pending_len() >= self.config.outbox_capacity {
             return Err(PublishError::Backpressure {
                 capacity: self.config.outbox_capacity,
             });
@@ -102,6 +126,48 @@ impl Supervisor {
         self.stats.published += 1;
         self.pump();
         Ok(id)
+    }
+
+    /// Asks to hear when every message accepted so far has resolved: an
+    /// [`Event::Flushed`] with this id comes then (at once when none is
+    /// unresolved), saying how many of them did not resolve Confirmed.
+    pub fn flush(&mut self, now: Instant) -> FlushId {
+        self.advance(now);
+        let id = FlushId(self.next_flush);
+        self.next_flush += 1;
+        let flush = Flush {
+            id,
+            before: self.outbox.next_order(),
+            waiting: self.outbox.len(),
+            not_confirmed: 0,
+        };
+        if flush.waiting == 0 {
+            self.events.push_back(flush.done());
+        } else {
+            self.flushes.push(flush);
+        }
+        id
+    }
+
+    /// A message accepted as `order` resolved: the flushes that wait for it count
+    /// it, and those with nothing left to wait for are done.
+    fn flush_count(&mut self, order: u64, confirmed: bool) {
+        if self.flushes.is_empty() {
+            return;
+        }
+        let events = &mut self.events;
+        self.flushes.retain_mut(|f| {
+            if order >= f.before {
+                return true;
+            }
+            f.waiting -= 1;
+            f.not_confirmed += u64::from(!confirmed);
+            if f.waiting == 0 {
+                events.push_back(f.done());
+                return false;
+            }
+            true
+        });
     }
 
     /// Sends waiting messages while some Ready channel has room.
@@ -225,6 +291,7 @@ impl Supervisor {
         let Some(entry) = self.outbox.take(id) else {
             return; // already resolved (timed out while in flight)
         };
+        self.flush_count(entry.order, ack && entry.returned.is_none());
         let result = match (ack, entry.returned) {
             (true, None) => {
                 self.stats.confirmed += 1;
@@ -269,9 +336,10 @@ impl Supervisor {
     }
 
     pub(super) fn resolve_publish(&mut self, id: u64, error: PublishError) {
-        if self.outbox.take(id).is_none() {
+        let Some(entry) = self.outbox.take(id) else {
             return;
-        }
+        };
+        self.flush_count(entry.order, false);
         match error {
             PublishError::TimedOut => self.stats.timed_out += 1,
             PublishError::Closed => self.stats.closed += 1,
@@ -380,6 +448,26 @@ impl Supervisor {
             }
         }
         self.room = true;
+    }
+}
+
+/// A [`Supervisor::flush`] waiting for the messages accepted before it.
+pub(super) struct Flush {
+    id: FlushId,
+    /// Messages whose order is below this were accepted before the flush.
+    before: u64,
+    /// How many of them are unresolved.
+    waiting: usize,
+    /// How many of them resolved other than Confirmed.
+    not_confirmed: u64,
+}
+
+impl Flush {
+    fn done(&self) -> Event {
+        Event::Flushed {
+            flush: self.id,
+            not_confirmed: self.not_confirmed,
+        }
     }
 }
 

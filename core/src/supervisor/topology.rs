@@ -502,7 +502,7 @@ impl Supervisor {
         if self.closed {
             return Err(TopologyError::Closed);
         }
-        let deadline = self.now + self.config.publish_timeout;
+        let deadline = super::deadline_after(self.now, self.config.publish_timeout);
         let id = self.user_ops.push(op, deadline);
         self.dispatch_user_ops();
         Ok(id)
