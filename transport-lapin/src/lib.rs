@@ -45,7 +45,7 @@
 //!
 //! | core                           | lapin                                                   |
 //! |--------------------------------|---------------------------------------------------------|
-//! | [`Transport::connect`]         | `Connection::connect_uri_with_runtime`, `connection_name` client property |
+//! | [`Transport::connect`]         | the socket opened with `AMQPUriTcpExt::connect_async`, then handed to `Connection::connector`; `connection_name` client property |
 //! | [`ConnectionEvent::Blocked`] / `Unblocked` | `events_listener()`: `ConnectionBlocked` / `ConnectionUnblocked` |
 //! | [`ConnectionEvent::Closed`]    | `events_listener()`: `Error` while the connection is no longer connected; our own `close` |
 //! | [`ChannelEvent::Ack`] / `Nack` | the `PublisherConfirm` of each publish, numbered 1, 2, 3 ... per channel; a run of in-order acks as one `multiple` ack |
@@ -112,6 +112,26 @@
 //! - **connection.blocked** is reported when the broker sends it (lapin advertises
 //!   the capability). A block that arrives while `connect` hands the connection over
 //!   is reported with a generic reason.
+//! - **A dial whose socket lapin fails to open leaves two tasks alive for
+//!   good,** so this crate opens the socket itself. In lapin 4.12.3 the socket
+//!   thread (`IoLoop::start`, `io_loop.rs`) returns from a failed TCP connect
+//!   or TLS handshake through `?`, before the `internal_rpc.stop()` of its
+//!   normal exit. The internal RPC task (`InternalRPC::run`, spawned by
+//!   `InternalRPC::start`, `internal_rpc.rs`) holds a sender of its own command
+//!   queue, so it waits for commands forever; and the failed `Connection`,
+//!   dropped while still `Connecting` (`Frames::clear_connection_steps`), asks
+//!   that task to close it (`ConnectionCloser::drop`), which spawns a
+//!   `connection.close` waiting for a `close-ok` that no socket will bring.
+//!   Measured with lapin alone: two tasks per refused dial or failed TLS
+//!   handshake; none per refused login or per socket the peer closes, which end
+//!   the thread through its normal exit. This crate opens the socket as lapin
+//!   would (`AMQPUriTcpExt::connect_async`), and hands it to
+//!   `Connection::connector`: a dial that fails there never reaches lapin
+//!   (`tests/task_leak.rs`: no task left after 50 refused dials, 50 failed TLS
+//!   handshakes or 50 refused logins). The fix belongs in lapin: in
+//!   `IoLoop::start`, call `internal_rpc.stop()` before
+//!   `clear_connection_steps` on that error path (measured: with that line,
+//!   lapin alone leaks nothing).
 //! - **No dial timeout of its own.** The URI's `connection_timeout` bounds the TCP
 //!   connect; [`LapinTransport::with_connect_timeout`] bounds the whole dial and
 //!   handshake and fails with [`TransportError::Timeout`].
@@ -137,13 +157,17 @@ mod channel;
 mod connection;
 mod convert;
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use amqp_rebound_core::TransportError;
 use amqp_rebound_core::endpoint::Endpoint;
 use amqp_rebound_core::transport::{ConnectOptions, Transport};
+use async_rs::TokioRuntime;
 use async_trait::async_trait;
 use lapin::ConnectionProperties;
+use lapin::tcp::AMQPUriTcpExt;
+use lapin::uri::AMQPUri;
 use tokio::runtime::Handle;
 
 pub use amqp_rebound_core as core;
@@ -214,7 +238,7 @@ impl Transport for LapinTransport {
         // Run the dial on the runtime itself, so that the timeout's timer works
         // whichever executor polls this future.
         let dial = handle.spawn(async move {
-            let dial = lapin::Connection::connect_uri_with_runtime(uri, properties, runtime);
+            let dial = dial(uri, properties, runtime);
             match timeout {
                 Some(limit) => tokio::time::timeout(limit, dial).await.ok(),
                 None => Some(dial.await),
@@ -223,11 +247,59 @@ impl Transport for LapinTransport {
         let password = endpoint.password();
         match dial.await {
             Ok(Some(Ok(connection))) => Ok(LapinConnection::start(connection, handle, password)),
-            Ok(Some(Err(error))) => Err(convert::map_connect_error(&error, password)),
+            Ok(Some(Err(DialError::Socket(error)))) => Err(convert::scrub(
+                TransportError::Io(error.to_string()),
+                password,
+            )),
+            Ok(Some(Err(DialError::Lapin(error)))) => {
+                Err(convert::map_connect_error(&error, password))
+            }
             Ok(None) => Err(TransportError::Timeout),
             Err(join) => Err(TransportError::Protocol(format!(
                 "the dial task failed: {join}"
             ))),
         }
     }
+}
+
+enum DialError {
+    /// The TCP connect or the TLS handshake failed; lapin never saw this dial.
+    Socket(std::io::Error),
+    /// lapin failed the AMQP handshake.
+    Lapin(lapin::Error),
+}
+
+/// Opens the socket (TCP, and TLS for `amqps`) before lapin is involved, then hands
+/// it to lapin for the AMQP handshake.
+///
+/// lapin 4.12 leaks two tasks on the runtime for every dial whose socket it fails
+/// to open (the crate docs say where); a socket that is already open when lapin
+/// starts cannot fail that way. Opening it here also lets the dial's
+/// timeout cancel a TCP connect or TLS handshake outright, instead of leaving lapin's
+/// socket thread blocked in it.
+async fn dial(
+    uri: AMQPUri,
+    properties: ConnectionProperties,
+    runtime: TokioRuntime,
+) -> Result<lapin::Connection, DialError> {
+    let stream = uri
+        .connect_async(&runtime)
+        .await
+        .map_err(DialError::Socket)?;
+    let opened = Mutex::new(Some(stream));
+    // lapin calls this once per dial with recovery off and no retries (this crate's
+    // setting); should it call again, it dials a fresh socket as lapin itself would.
+    let connect = async move |uri: AMQPUri, runtime: TokioRuntime| {
+        let stream = opened.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match stream {
+            Some(stream) => Ok(stream),
+            None => uri
+                .connect_async(&runtime)
+                .await
+                .map_err(lapin::Error::from),
+        }
+    };
+    lapin::Connection::connector(uri, runtime, connect, properties)
+        .await
+        .map_err(DialError::Lapin)
 }
