@@ -9,11 +9,13 @@
 //!
 //! By default it runs against the embedded simulated broker, in virtual time: no
 //! server, no waiting. The exit code is 1 if a confirmed message was lost, 2 if
-//! another invariant was violated, 0 otherwise.
+//! another invariant was violated or the command line was refused, 0 otherwise.
 //!
-//! With the `lapin` feature, `--broker amqp://... --transport lapin` runs the same
-//! workload against a real RabbitMQ, in wall-clock time, through an in-process TCP
-//! fault proxy (see `real.rs`):
+//! With the `lapin` (or `amqprs`) feature, `--broker amqp://... --transport lapin`
+//! runs the same workload against a real RabbitMQ, in wall-clock time, through an
+//! in-process TCP fault proxy and `rabbitmqctl` (see `real.rs`). `rabbitmqctl` goes
+//! to the node `--node` names; without it, only to the default node and only when
+//! the broker is on this machine:
 //!
 //! ```text
 //! cargo run --release -p amqp-rebound-sim --features lapin --bin rebound-chaos -- \
@@ -36,16 +38,16 @@ use serde::Serialize;
 /// Runs a publisher + consumer workload under random faults and reports what
 /// survived.
 #[derive(Debug, Parser)]
-#[command(name = "rebound-chaos", version, about)]
+#[command(name = "rebound-chaos", version, about, after_help = REAL_MODE_HELP)]
 struct Args {
     /// Seed of every random choice (faults, jitter, names); random if absent.
     #[arg(long)]
     seed: Option<u64>,
-    /// Simulated duration of the workload (`60s`, `2m`, `500ms`; a bare number is
-    /// seconds).
+    /// Duration of the workload (`60s`, `2m`, `500ms`; a bare number is seconds):
+    /// simulated time, or wall-clock time with `--broker`.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     duration: Duration,
-    /// Faults per simulated minute.
+    /// Faults per minute of the workload.
     #[arg(long, default_value_t = 12)]
     faults_per_minute: usize,
     /// Publishers.
@@ -74,12 +76,28 @@ struct Args {
     /// The transport for `--broker`.
     #[arg(long, value_enum, default_value_t = TransportKind::Lapin)]
     transport: TransportKind,
+    /// With `--broker`: the RabbitMQ node that `rabbitmqctl` faults go to
+    /// (`rabbitmqctl -n NODE`). Required unless `--broker`'s host is this machine
+    /// (localhost, 127.0.0.0/8, ::1), where rabbitmqctl's default node is used.
+    #[arg(long, value_name = "NODE")]
+    node: Option<String>,
     /// With `--broker`: also restart the broker (`rabbitmqctl stop_app` /
     /// `start_app`) and raise memory alarms. Off by default: the broker may be
-    /// shared, and these faults hit every client of it.
+    /// shared, and these faults hit every client of it. Each is skipped when the
+    /// node does not list this run's connections (it is then not the broker in
+    /// use).
     #[arg(long)]
     allow_broker_faults: bool,
 }
+
+const REAL_MODE_HELP: &str = "\
+With --broker amqp://... the workload runs against a real RabbitMQ in wall-clock time.
+Faults go through an in-process TCP proxy (connection resets, blackholes, refused
+dials) and through rabbitmqctl (closing this run's own connections; with
+--allow-broker-faults also stop_app/start_app and memory alarms, undone before exit,
+Ctrl-C included). rabbitmqctl goes to --node NODE if given; otherwise to its default
+node, and only if the broker's host is this machine: for any other host the run is
+refused (exit code 2) until --node names the broker's node.";
 
 /// Transports the real-broker mode can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -112,13 +130,50 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// The node `rabbitmqctl` faults go to for the broker at `url`: `Some(node)` for
+/// `rabbitmqctl -n node`, `None` for rabbitmqctl's default node, which is only
+/// taken to be the broker when the broker is on this machine. An error names
+/// the option to add.
+fn rabbitmqctl_node(url: &str, node: Option<&str>) -> Result<Option<String>, String> {
+    if let Some(node) = node {
+        let node = node.trim();
+        if node.is_empty() {
+            return Err("--node needs a node name, such as rabbit@broker-host".to_owned());
+        }
+        return Ok(Some(node.to_owned()));
+    }
+    let endpoint = amqp_rebound_core::Endpoint::parse(url).map_err(|e| e.to_string())?;
+    let host = endpoint.host();
+    let local = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if local {
+        Ok(None)
+    } else {
+        Err(format!(
+            "--broker points at {host}, not this machine, and its faults run rabbitmqctl, \
+             which without --node acts on this machine's default node. Name the broker's \
+             node with --node NODE (such as rabbit@<its hostname>; passed as rabbitmqctl -n, \
+             which needs that node's Erlang cookie)"
+        ))
+    }
+}
+
 /// The final report.
 #[derive(Debug, Serialize)]
 struct Report {
     mode: &'static str,
+    /// What the faults went through, in real mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    faults_via: Option<String>,
     seed: u64,
     simulated_seconds: f64,
     wall_seconds: f64,
+    /// Real mode: from the first publish to the last, the span the throughput
+    /// is over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publishing_seconds: Option<f64>,
     faults_planned: usize,
     faults_hit: usize,
     published: usize,
@@ -137,6 +192,9 @@ struct Report {
     recovery_stall_p99_ms: Option<f64>,
     recovery_stall_max_ms: Option<f64>,
     throughput_confirmed_per_simulated_second: f64,
+    /// Real mode: Ctrl-C ended the run this long after its start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interrupted_after_seconds: Option<f64>,
     violations: Vec<String>,
 }
 
@@ -181,9 +239,11 @@ fn report(
     let confirmed = outcome.confirmed();
     Report {
         mode: "simulated",
+        faults_via: None,
         seed: scenario.seed,
         simulated_seconds: outcome.simulated.as_secs_f64(),
         wall_seconds: wall.as_secs_f64(),
+        publishing_seconds: None,
         faults_planned: scenario.plan.len(),
         faults_hit: outcome.faults.iter().filter(|f| f.hit).count(),
         published: outcome.publishes.len(),
@@ -205,14 +265,16 @@ fn report(
         recovery_stall_max_ms: stalls.last().map(|d| d.as_secs_f64() * 1000.0),
         throughput_confirmed_per_simulated_second: confirmed as f64
             / workload_time.as_secs_f64().max(1e-9),
+        interrupted_after_seconds: None,
         violations,
     }
 }
 
 fn print_report(r: &Report) {
     let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0} ms"));
+    let simulated = r.mode == "simulated";
     println!("rebound-chaos: {} broker, seed {}", r.mode, r.seed);
-    if r.mode == "simulated" {
+    if simulated {
         println!(
             "  simulated {:.1} s in {:.2} s wall ({:.0}x)",
             r.simulated_seconds,
@@ -220,12 +282,18 @@ fn print_report(r: &Report) {
             r.simulated_seconds / r.wall_seconds.max(1e-9)
         );
     } else {
-        println!("  ran {:.1} s", r.wall_seconds);
+        println!("  ran {:.1} s wall", r.wall_seconds);
+        if let Some(p) = r.publishing_seconds {
+            println!("  publishing  {p:.1} s wall, first publish to last");
+        }
     }
     println!(
         "  faults      {} planned, {} hit something",
         r.faults_planned, r.faults_hit
     );
+    if let Some(via) = &r.faults_via {
+        println!("              through {via}");
+    }
     println!("  published   {}", r.published);
     println!(
         "  confirmed   {} (returned {}, nacked {}, timed out {}, other errors {})",
@@ -239,15 +307,27 @@ fn print_report(r: &Report) {
         r.reconnects, r.republished, r.stale_acks_refused
     );
     println!(
-        "  recovery stall (fault -> next confirm, simulated): p50 {}, p99 {}, max {}",
+        "  recovery stall (fault -> next confirm, {}): p50 {}, p99 {}, max {}",
+        if simulated { "simulated" } else { "measured" },
         ms(r.recovery_stall_p50_ms),
         ms(r.recovery_stall_p99_ms),
         ms(r.recovery_stall_max_ms)
     );
     println!(
-        "  throughput  {:.0} confirmed msg/s (simulated)",
-        r.throughput_confirmed_per_simulated_second
+        "  throughput  {:.0} confirmed msg/s ({})",
+        r.throughput_confirmed_per_simulated_second,
+        if simulated {
+            "simulated"
+        } else {
+            "measured, per wall second of publishing"
+        }
     );
+    if let Some(at) = r.interrupted_after_seconds {
+        println!(
+            "  INTERRUPTED by Ctrl-C after {at:.1} s: the figures cover part of the run, and \
+             'lost' counts confirmed messages not received by then"
+        );
+    }
     if r.violations.is_empty() {
         println!("  invariants  all held");
     }
@@ -519,19 +599,26 @@ fn thread_cpu_time() -> Option<Duration> {
 }
 
 fn real_broker(args: &Args, url: &str) -> ExitCode {
+    let node = match rabbitmqctl_node(url, args.node.as_deref()) {
+        Ok(node) => node,
+        Err(e) => {
+            eprintln!("rebound-chaos: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let feature = match args.transport {
         TransportKind::Lapin => "lapin",
         TransportKind::Amqprs => "amqprs",
     };
     #[cfg(feature = "lapin")]
     if matches!(args.transport, TransportKind::Lapin) {
-        return real_run(real::RealTransport::Lapin, feature, args, url);
+        return real_run(real::RealTransport::Lapin, feature, args, url, node);
     }
     #[cfg(feature = "amqprs")]
     if matches!(args.transport, TransportKind::Amqprs) {
-        return real_run(real::RealTransport::Amqprs, feature, args, url);
+        return real_run(real::RealTransport::Amqprs, feature, args, url, node);
     }
-    let _ = url;
+    let _ = (url, node);
     eprintln!(
         "rebound-chaos: this binary was not built with feature \"{feature}\"; the real-broker \
          mode needs it:\n  cargo run --release -p amqp-rebound-sim --features {feature} --bin \
@@ -541,7 +628,13 @@ fn real_broker(args: &Args, url: &str) -> ExitCode {
 }
 
 #[cfg(any(feature = "lapin", feature = "amqprs"))]
-fn real_run(kind: real::RealTransport, feature: &'static str, args: &Args, url: &str) -> ExitCode {
+fn real_run(
+    kind: real::RealTransport,
+    feature: &'static str,
+    args: &Args,
+    url: &str,
+    node: Option<String>,
+) -> ExitCode {
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     let mut scenario = Scenario::chaos(seed, args.duration, args.faults_per_minute);
     scenario.workload = Workload::chaos(args.publishers.max(1), args.rate, args.duration);
@@ -552,27 +645,38 @@ fn real_run(kind: real::RealTransport, feature: &'static str, args: &Args, url: 
             eprintln!("  {:>9.3}s  {}", f.at.as_secs_f64(), f.fault);
         }
     }
+    // Counts publishes: on a real clock the publishers run behind the planned
+    // duration, and the run lasts until the last one is out and resolved.
     let bar = if args.json {
         ProgressBar::hidden()
     } else {
-        let bar = ProgressBar::new(1000);
+        let bar = ProgressBar::new(scenario.workload.messages());
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{bar:40}] {msg}")
+            ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} published, {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
         bar
     };
-    let progress = |now: Duration, total: Duration| {
-        let f = now.as_secs_f64() / total.as_secs_f64().max(1e-9);
-        bar.set_position((f.min(1.0) * 1000.0) as u64);
-        bar.set_message(format!(
-            "{:.0}/{:.0} s",
-            now.as_secs_f64(),
-            total.as_secs_f64()
-        ));
+    let progress = |p: &real::Progress| {
+        bar.set_length(p.messages);
+        bar.set_position(p.sent.min(p.messages));
+        let wall = p.elapsed.as_secs_f64();
+        bar.set_message(match &p.waiting_for {
+            None => format!("{wall:.0} s wall"),
+            Some(what) => format!("{wall:.0} s wall, waiting for {what}"),
+        });
     };
-    let run = real::run(kind, url, &scenario, args.allow_broker_faults, &progress);
+    let ctl = real::Rabbitmqctl::new(node);
+    let faults_via = format!("the proxy and rabbitmqctl on {}", ctl.describe());
+    let run = real::run(
+        kind,
+        url,
+        &scenario,
+        args.allow_broker_faults,
+        ctl,
+        &progress,
+    );
     bar.finish_and_clear();
     let run = match run {
         Ok(run) => run,
@@ -592,9 +696,11 @@ fn real_run(kind: real::RealTransport, feature: &'static str, args: &Args, url: 
         } else {
             "real (amqprs)"
         },
+        faults_via: Some(faults_via),
         seed,
         simulated_seconds: run.elapsed.as_secs_f64(),
         wall_seconds: run.elapsed.as_secs_f64(),
+        publishing_seconds: Some(run.publishing.as_secs_f64()),
         faults_planned: run.faults_planned,
         faults_hit: run.faults_hit,
         published: run.published,
@@ -613,10 +719,16 @@ fn real_run(kind: real::RealTransport, feature: &'static str, args: &Args, url: 
         recovery_stall_p99_ms: percentile(&stalls, 99.0),
         recovery_stall_max_ms: stalls.last().map(|d| d.as_secs_f64() * 1000.0),
         throughput_confirmed_per_simulated_second: run.confirmed as f64
-            / args.duration.as_secs_f64().max(1e-9),
+            / run.publishing.as_secs_f64().max(1e-3),
+        interrupted_after_seconds: run.interrupted_at.map(|t| t.as_secs_f64()),
         violations: run.problems,
     };
-    finish(args, seed, &r)
+    let code = finish(args, seed, &r);
+    if run.interrupted_at.is_some() {
+        ExitCode::from(130)
+    } else {
+        code
+    }
 }
 
 /// Prints the report and picks the exit code.
@@ -632,10 +744,7 @@ fn finish(args: &Args, seed: u64, r: &Report) -> ExitCode {
     } else {
         print_report(r);
         if r.lost > 0 || !r.violations.is_empty() {
-            println!(
-                "  replay with: rebound-chaos --seed {seed} --duration {}s",
-                args.duration.as_secs_f64()
-            );
+            println!("  {}", replay_line(args, seed));
         }
     }
     if r.lost > 0 {
@@ -645,6 +754,36 @@ fn finish(args: &Args, seed: u64, r: &Report) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// The command line that runs the same plan again: the same run in simulated
+/// mode; in real mode the same faults at the same times, on a broker whose timing
+/// differs. The broker URL's password is shown as `***`.
+fn replay_line(args: &Args, seed: u64) -> String {
+    let mut line = format!(
+        "rebound-chaos --seed {seed} --duration {}s --faults-per-minute {} --publishers {} --rate {}",
+        args.duration.as_secs_f64(),
+        args.faults_per_minute,
+        args.publishers,
+        args.rate
+    );
+    let Some(url) = &args.broker else {
+        return format!("replay with: {line}");
+    };
+    let shown = amqp_rebound_core::Endpoint::parse(url)
+        .map_or_else(|_| "amqp://...".to_owned(), |e| e.to_string());
+    let transport = match args.transport {
+        TransportKind::Lapin => "lapin",
+        TransportKind::Amqprs => "amqprs",
+    };
+    line.push_str(&format!(" --broker {shown} --transport {transport}"));
+    if let Some(node) = &args.node {
+        line.push_str(&format!(" --node {node}"));
+    }
+    if args.allow_broker_faults {
+        line.push_str(" --allow-broker-faults");
+    }
+    format!("same plan again: {line}")
 }
 
 fn main() -> ExitCode {
@@ -680,6 +819,86 @@ mod tests {
         assert_eq!(percentile(&d, 50.0), Some(50.0));
         assert_eq!(percentile(&d, 99.0), Some(99.0));
         assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn a_local_broker_without_node_uses_the_default_node() {
+        for url in [
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "amqp://localhost",
+            "amqp://u:p@LOCALHOST:5673/v",
+            "amqp://[::1]:5672",
+            "amqp://127.0.0.2",
+        ] {
+            assert_eq!(rabbitmqctl_node(url, None), Ok(None), "{url}");
+        }
+    }
+
+    #[test]
+    fn a_remote_broker_without_node_is_refused() {
+        for url in [
+            "amqp://guest:guest@staging.example:5672/%2f",
+            "amqp://10.1.2.3",
+            "amqp://[2001:db8::1]:5672",
+            "amqps://u:p@rabbit/%2f",
+        ] {
+            let err = rabbitmqctl_node(url, None).unwrap_err();
+            assert!(err.contains("--node"), "{url}: {err}");
+            assert!(!err.contains(":p@"), "{url}: the password leaked: {err}");
+        }
+        assert!(rabbitmqctl_node("not a url", None).is_err());
+    }
+
+    #[test]
+    fn a_named_node_is_used_for_any_broker() {
+        for url in ["amqp://staging.example", "amqp://127.0.0.1", "not a url"] {
+            assert_eq!(
+                rabbitmqctl_node(url, Some("rabbit@staging")),
+                Ok(Some("rabbit@staging".to_owned())),
+                "{url}"
+            );
+        }
+        assert!(rabbitmqctl_node("amqp://127.0.0.1", Some(" ")).is_err());
+    }
+
+    #[test]
+    fn a_refused_node_exits_2_before_connecting() {
+        let args = Args::parse_from([
+            "rebound-chaos",
+            "--broker",
+            "amqp://guest:guest@staging.example:5672/%2f",
+            "--duration",
+            "1s",
+        ]);
+        assert_eq!(
+            real_broker(&args, "amqp://guest:guest@staging.example:5672/%2f"),
+            ExitCode::from(2)
+        );
+    }
+
+    #[test]
+    fn the_replay_line_names_the_broker_without_its_password() {
+        let args = Args::parse_from([
+            "rebound-chaos",
+            "--broker",
+            "amqp://u:secret@staging.example/%2f",
+            "--node",
+            "rabbit@staging",
+            "--rate",
+            "50",
+        ]);
+        let line = replay_line(&args, 9);
+        assert!(
+            line.starts_with("same plan again: rebound-chaos --seed 9"),
+            "{line}"
+        );
+        assert!(line.contains("--rate 50"), "{line}");
+        assert!(line.contains("--node rabbit@staging"), "{line}");
+        assert!(!line.contains("secret"), "{line}");
+        let args = Args::parse_from(["rebound-chaos", "--duration", "5s"]);
+        assert!(
+            replay_line(&args, 9).starts_with("replay with: rebound-chaos --seed 9 --duration 5s")
+        );
     }
 
     #[test]

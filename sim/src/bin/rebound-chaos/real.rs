@@ -1,5 +1,5 @@
-//! The real-broker mode (feature `lapin`): the same workload against a RabbitMQ,
-//! through an in-process TCP fault proxy, in wall-clock time.
+//! The real-broker mode (feature `lapin` or `amqprs`): the same workload against a
+//! RabbitMQ, through an in-process TCP fault proxy, in wall-clock time.
 //!
 //! Faults go through the proxy (reset connections, blackhole, refuse dials) and,
 //! for `connection.close` with 320, through `rabbitmqctl close_connection` of this
@@ -8,7 +8,13 @@
 //! kinds a real broker cannot be made to show (channel errors on demand, confirm
 //! trouble, per-connection blocking, consumer cancels) are replaced by the nearest
 //! one the proxy can do; the plan printed with `--trace` shows what ran.
+//!
+//! Every `rabbitmqctl` call goes to one node ([`Rabbitmqctl`]); `main.rs` decides
+//! which. A broker-wide fault is undone when it ends, and whatever is still in force
+//! when the run stops (its end, Ctrl-C, an error, a panic) is undone before `run`
+//! returns.
 
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -59,6 +65,10 @@ pub struct RealRun {
     pub faults_planned: usize,
     pub faults_hit: usize,
     pub elapsed: Duration,
+    /// From the first publish to the last.
+    pub publishing: Duration,
+    /// When Ctrl-C ended it early.
+    pub interrupted_at: Option<Duration>,
     pub trace: String,
     pub problems: Vec<String>,
 }
@@ -183,58 +193,216 @@ impl FaultProxy {
     }
 }
 
-/// `rabbitmqctl` with arguments, off the runtime's thread.
-async fn rabbitmqctl(args: Vec<String>) -> Result<String, String> {
-    let shown = args.join(" ");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("rabbitmqctl")
-            .args(&args)
-            .output()
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("rabbitmqctl {shown}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "rabbitmqctl {shown}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+/// `rabbitmqctl`, aimed at one node: `-n NODE`, or rabbitmqctl's default node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rabbitmqctl {
+    node: Option<String>,
+}
+
+impl Rabbitmqctl {
+    /// `node` is passed as `-n`; `None` leaves rabbitmqctl to its default node.
+    pub fn new(node: Option<String>) -> Rabbitmqctl {
+        Rabbitmqctl { node }
+    }
+
+    /// The node, for messages.
+    pub fn describe(&self) -> String {
+        match &self.node {
+            Some(node) => format!("node {node}"),
+            None => "the default node".to_owned(),
+        }
+    }
+
+    fn shown(&self, args: &[String]) -> String {
+        match &self.node {
+            Some(node) => format!("rabbitmqctl -n {node} {}", args.join(" ")),
+            None => format!("rabbitmqctl {}", args.join(" ")),
+        }
+    }
+
+    /// Runs it and waits, on the calling thread.
+    fn output(&self, args: &[String]) -> Result<String, String> {
+        let mut command = std::process::Command::new("rabbitmqctl");
+        if let Some(node) = &self.node {
+            command.arg("-n").arg(node);
+        }
+        command.args(args);
+        // Out of the terminal's process group: a Ctrl-C meant for rebound-chaos must
+        // not kill a stop_app or start_app half-way, since the run undoes its own
+        // faults once it has stopped them.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let shown = self.shown(args);
+        let out = command.output().map_err(|e| format!("{shown}: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{shown}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Runs it off the runtime's thread.
+    async fn run(&self, args: &[&str]) -> Result<String, String> {
+        let ctl = self.clone();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        tokio::task::spawn_blocking(move || ctl.output(&args))
+            .await
+            .map_err(|e| e.to_string())?
     }
 }
 
-/// Closes the `pick`-th of this run's connections with 320, by name.
-async fn close_own_connection(name: &str, pick: usize) -> Result<String, String> {
-    let list = rabbitmqctl(
+const STOP_APP: &[&str] = &["stop_app"];
+const START_APP: &[&str] = &["start_app"];
+const SET_ALARM: &[&str] = &[
+    "eval",
+    "rabbit_alarm:set_alarm({{resource_limit, memory, node()}, []}).",
+];
+const CLEAR_ALARM: &[&str] = &[
+    "eval",
+    "rabbit_alarm:clear_alarm({resource_limit, memory, node()}).",
+];
+
+/// The broker-wide faults in force. Each is marked before its command runs (a
+/// command that fails or is cut short may still have taken effect) and cleared
+/// once its undo succeeded, so that whatever is marked when the run stops gets
+/// undone then.
+struct BrokerFaults {
+    ctl: Rabbitmqctl,
+    app_stopped: Cell<bool>,
+    alarm_set: Cell<bool>,
+}
+
+impl BrokerFaults {
+    fn new(ctl: Rabbitmqctl) -> BrokerFaults {
+        BrokerFaults {
+            ctl,
+            app_stopped: Cell::new(false),
+            alarm_set: Cell::new(false),
+        }
+    }
+
+    /// The marked faults with the command that undoes each.
+    fn in_force(&self) -> Vec<(&Cell<bool>, &'static [&'static str])> {
         [
+            (&self.app_stopped, START_APP),
+            (&self.alarm_set, CLEAR_ALARM),
+        ]
+        .into_iter()
+        .filter(|(mark, _)| mark.get())
+        .collect()
+    }
+
+    fn could_not_undo(&self, undo: &[&str], error: &str) -> String {
+        let args: Vec<String> = undo.iter().map(|a| (*a).to_owned()).collect();
+        format!(
+            "could not undo a broker fault ({error}); run `{}` by hand",
+            self.ctl.shown(&args)
+        )
+    }
+
+    /// Undoes what is in force; returns what could not be undone.
+    async fn undo(&self) -> Vec<String> {
+        let mut failed = Vec::new();
+        for (mark, undo) in self.in_force() {
+            match self.ctl.run(undo).await {
+                Ok(_) => mark.set(false),
+                Err(e) => failed.push(self.could_not_undo(undo, &e)),
+            }
+        }
+        failed
+    }
+
+    /// [`BrokerFaults::undo`] outside the runtime, for when the run did not get
+    /// to its own undo.
+    fn undo_blocking(&self) -> Vec<String> {
+        let mut failed = Vec::new();
+        for (mark, undo) in self.in_force() {
+            let args: Vec<String> = undo.iter().map(|a| (*a).to_owned()).collect();
+            match self.ctl.output(&args) {
+                Ok(_) => mark.set(false),
+                Err(e) => failed.push(self.could_not_undo(undo, &e)),
+            }
+        }
+        failed
+    }
+}
+
+/// Undoes the broker faults still in force when dropped: declared before the
+/// runtime in [`run`], it drops after the runtime has finished every blocking
+/// `rabbitmqctl` call, on every way out of `run`, unwinding included.
+struct UndoOnDrop(Rc<BrokerFaults>);
+
+impl Drop for UndoOnDrop {
+    fn drop(&mut self) {
+        if self.0.in_force().is_empty() {
+            return;
+        }
+        eprintln!("rebound-chaos: undoing the broker faults still in force");
+        for problem in self.0.undo_blocking() {
+            eprintln!("rebound-chaos: {problem}");
+        }
+    }
+}
+
+/// The pids of this run's connections that the node lists.
+async fn own_connections(ctl: &Rabbitmqctl, name: &str) -> Result<Vec<String>, String> {
+    let list = ctl
+        .run(&[
             "list_connections",
             "pid",
             "client_properties",
             "--quiet",
             "--no-table-headers",
-        ]
-        .map(String::from)
-        .to_vec(),
-    )
-    .await?;
+        ])
+        .await?;
     let marker = format!("\"{name}\"");
-    let pids: Vec<String> = list
+    Ok(list
         .lines()
         .filter(|l| l.contains(&marker))
         .filter_map(|l| l.split('\t').next().map(str::to_owned))
-        .collect();
+        .collect())
+}
+
+/// Closes the `pick`-th of this run's connections with 320, by name.
+async fn close_own_connection(
+    ctl: &Rabbitmqctl,
+    name: &str,
+    pick: usize,
+) -> Result<String, String> {
+    let pids = own_connections(ctl, name).await?;
     if pids.is_empty() {
-        return Err("no connection of this run is open".to_owned());
+        return Err(format!(
+            "{} lists no connection of this run",
+            ctl.describe()
+        ));
     }
     let pid = pids[pick % pids.len()].clone();
-    rabbitmqctl(vec![
-        "close_connection".into(),
-        pid.clone(),
-        "rebound-chaos fault".into(),
-    ])
-    .await?;
+    ctl.run(&["close_connection", &pid, "rebound-chaos fault"])
+        .await?;
     Ok(pid)
+}
+
+/// Refuses a broker-wide fault on a node that does not list this run's
+/// connections: it may not be the broker `--broker` points at.
+async fn check_own_node(ctl: &Rabbitmqctl, name: &str) -> Result<(), String> {
+    if own_connections(ctl, name).await?.is_empty() {
+        return Err(format!(
+            "{} lists no connection of this run, so it may not be the broker in use: left alone",
+            ctl.describe()
+        ));
+    }
+    Ok(())
+}
+
+/// Sleeps `duration`, or less if the run stops meanwhile.
+async fn hold(duration: Duration, stop: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        () = tokio::time::sleep(duration) => {}
+        _ = stop.wait_for(|stopped| *stopped) => {}
+    }
 }
 
 /// The URL with its host and port replaced by the proxy's, and a 5 s heartbeat
@@ -271,38 +439,71 @@ fn real_fault(fault: &Fault, allow_broker_faults: bool) -> Fault {
     }
 }
 
+/// Where the run is, for the progress bar: the workload is `messages` publishes,
+/// `sent` of them out so far.
+pub struct Progress {
+    pub elapsed: Duration,
+    pub sent: u64,
+    pub messages: u64,
+    /// What it waits for once every publish is out.
+    pub waiting_for: Option<String>,
+}
+
 /// Runs `scenario`'s workload against the broker at `url` with the plan mapped
-/// to real faults. `progress(elapsed, total)` is called about every 100 ms.
+/// to real faults, `rabbitmqctl` going to `ctl`'s node. `progress` is called
+/// about every 100 ms.
 pub fn run(
     kind: RealTransport,
     url: &str,
     scenario: &Scenario,
     allow_broker_faults: bool,
-    progress: &dyn Fn(Duration, Duration),
+    ctl: Rabbitmqctl,
+    progress: &dyn Fn(&Progress),
 ) -> Result<RealRun, String> {
     let endpoint = Endpoint::parse(url).map_err(|e| e.to_string())?;
     let upstream = std::net::ToSocketAddrs::to_socket_addrs(&(endpoint.host(), endpoint.port()))
         .map_err(|e| format!("cannot resolve {}: {e}", endpoint.host()))?
         .next()
         .ok_or_else(|| format!("no address for {}", endpoint.host()))?;
+    let broker = Rc::new(BrokerFaults::new(ctl));
+    let _undo = UndoOnDrop(Rc::clone(&broker));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async move {
-        run_on_tokio(kind, url, upstream, scenario, allow_broker_faults, progress).await
-    })
+    let run = RunSetup {
+        kind,
+        url,
+        upstream,
+        scenario,
+        allow_broker_faults,
+        broker,
+    };
+    local.block_on(&runtime, run_on_tokio(run, progress))
+}
+
+struct RunSetup<'a> {
+    kind: RealTransport,
+    url: &'a str,
+    upstream: SocketAddr,
+    scenario: &'a Scenario,
+    allow_broker_faults: bool,
+    broker: Rc<BrokerFaults>,
 }
 
 async fn run_on_tokio(
-    kind: RealTransport,
-    url: &str,
-    upstream: SocketAddr,
-    scenario: &Scenario,
-    allow_broker_faults: bool,
-    progress: &dyn Fn(Duration, Duration),
+    setup: RunSetup<'_>,
+    progress: &dyn Fn(&Progress),
 ) -> Result<RealRun, String> {
+    let RunSetup {
+        kind,
+        url,
+        upstream,
+        scenario,
+        allow_broker_faults,
+        broker,
+    } = setup;
     let proxy = Rc::new(
         FaultProxy::start(upstream)
             .await
@@ -355,6 +556,14 @@ async fn run_on_tokio(
             }
         });
     }
+    // Ctrl-C counts here instead of killing the process, so that the faults get
+    // undone: the first one ends the run, a second one skips the cleanup.
+    let (interrupt_tx, mut interrupts) = watch::channel(0u32);
+    tokio::task::spawn_local(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            interrupt_tx.send_modify(|n| *n += 1);
+        }
+    });
     // This run's own names, so that a shared broker is left as it was found.
     let mut workload: Workload = scenario.workload.clone();
     for e in &mut workload.exchanges {
@@ -370,83 +579,165 @@ async fn run_on_tokio(
     });
     let records = start_workload(&client, &workload, &trace, spawn);
 
-    // Faults, at their times.
-    let hits = Rc::new(std::cell::Cell::new(0usize));
-    let fault_times = Rc::new(std::cell::RefCell::new(Vec::new()));
+    // Faults, at their times, until the run stops them.
+    let (stop_faults, stop) = watch::channel(false);
+    let hits = Rc::new(Cell::new(0usize));
+    let fault_times = Rc::new(RefCell::new(Vec::new()));
+    let mut fault_tasks = Vec::new();
     for f in &scenario.plan.faults {
         let fault = real_fault(&f.fault, allow_broker_faults);
         let at = f.at;
         let proxy = Rc::clone(&proxy);
+        let broker = Rc::clone(&broker);
         let trace = trace.clone();
         let name = name.clone();
         let hits = Rc::clone(&hits);
         let fault_times = Rc::clone(&fault_times);
-        tokio::task::spawn_local(async move {
-            tokio::time::sleep_until(tokio::time::Instant::from_std(origin + at)).await;
-            let fired = trace.elapsed();
-            let target = apply(&fault, &proxy, &name, allow_broker_faults).await;
+        let mut stop = stop.clone();
+        fault_tasks.push(tokio::task::spawn_local(async move {
+            tokio::select! {
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(origin + at)) => {}
+                _ = stop.wait_for(|stopped| *stopped) => return,
+            }
+            let target = apply(
+                &fault,
+                &proxy,
+                &broker,
+                &name,
+                allow_broker_faults,
+                &mut stop,
+                &trace,
+            )
+            .await;
             match &target {
-                Ok(t) => {
+                Ok((t, at)) => {
                     hits.set(hits.get() + 1);
-                    fault_times.borrow_mut().push(fired);
-                    trace.record("fault", format_args!("{fault}: {t}"));
+                    fault_times.borrow_mut().push(*at);
+                    trace.record(
+                        "fault",
+                        format_args!("{fault}: {t}, in force from {:.3}s", at.as_secs_f64()),
+                    );
                 }
                 Err(e) => trace.record("fault", format_args!("{fault}: not applied ({e})")),
             }
-        });
+        }));
     }
 
-    // The workload, then until every publish resolved, then the drain.
+    // The workload until every publish is out and resolved and every fault is
+    // over. Publishers sleep between sends, so on a real clock they run a little
+    // behind the plan, and a rabbitmqctl fault ends seconds after its planned
+    // end: the run waits for the count and the fault tasks, not the planned times.
+    let messages = workload.messages();
     let workload_end = workload.last_send();
     let quiet = scenario.plan.quiet_after();
-    let total = workload_end.max(quiet) + scenario.settings.publish_timeout;
+    let publish_timeout = scenario.settings.publish_timeout;
+    let give_up = workload_end.max(quiet) * 2 + publish_timeout;
+    let mut problems = Vec::new();
+    let mut all_sent_at = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
-    loop {
+    let interrupted_at = loop {
         ticker.tick().await;
         let now = trace.elapsed();
-        progress(now, total);
-        let done_publishing = now >= workload_end && records.setup_done();
-        if done_publishing && records.unresolved() == 0 && now >= quiet {
-            break;
+        if *interrupts.borrow() > 0 {
+            break Some(now);
         }
-        if now >= total {
-            break;
+        let sent = records.publishes().len() as u64;
+        if all_sent_at.is_none() && records.setup_done() && sent >= messages {
+            all_sent_at = Some(now);
         }
+        let unresolved = records.unresolved();
+        let faults_over = fault_tasks.iter().all(tokio::task::JoinHandle::is_finished);
+        let waiting_for = all_sent_at.map(|_| {
+            if faults_over {
+                format!("{unresolved} publishes to resolve")
+            } else {
+                "the faults to end".to_owned()
+            }
+        });
+        progress(&Progress {
+            elapsed: now,
+            sent,
+            messages,
+            waiting_for,
+        });
+        match all_sent_at {
+            Some(at)
+                if (unresolved == 0 && faults_over) || now >= at.max(quiet) + publish_timeout =>
+            {
+                break None;
+            }
+            None if now >= give_up => {
+                problems.push(format!(
+                    "only {sent} of {messages} publishes went out in {:.0} s",
+                    now.as_secs_f64()
+                ));
+                break None;
+            }
+            _ => {}
+        }
+    };
+    stop_faults.send_replace(true);
+    for task in fault_tasks {
+        let _ = task.await;
     }
+    problems.extend(broker.undo().await);
+
     let publishes = records.publishes();
     let confirmed: Vec<u64> = publishes
         .iter()
         .filter(|(_, p)| p.outcome == Some(PublishOutcome::Confirmed))
         .map(|(id, _)| *id)
         .collect();
-    let drain_until = trace.elapsed() + Duration::from_secs(30);
-    loop {
-        let received = records.received();
-        if confirmed.iter().all(|id| received.contains_key(id)) || trace.elapsed() >= drain_until {
-            break;
+    if interrupted_at.is_none() {
+        let drain_until = trace.elapsed() + Duration::from_secs(30);
+        loop {
+            let received = records.received();
+            let missing = confirmed
+                .iter()
+                .filter(|id| !received.contains_key(id))
+                .count();
+            if missing == 0 || trace.elapsed() >= drain_until || *interrupts.borrow() > 0 {
+                break;
+            }
+            ticker.tick().await;
+            progress(&Progress {
+                elapsed: trace.elapsed(),
+                sent: publishes.len() as u64,
+                messages,
+                waiting_for: Some(format!("{missing} confirmed messages to arrive")),
+            });
         }
-        ticker.tick().await;
-        progress(trace.elapsed(), total);
     }
     let received = records.received();
     let lost = confirmed
         .iter()
         .filter(|id| !received.contains_key(id))
         .count();
-    let mut problems = records.setup_errors();
+    problems.extend(records.setup_errors());
     if !client.state().is_ready() {
         problems.push(format!("not Ready at the end: {:?}", client.state()));
     }
     // Leave the broker as it was.
-    for q in records.queues().into_iter().flatten() {
-        if let Err(e) = client.delete_queue(&q).await {
-            problems.push(format!("delete queue {}: {e}", q.name()));
+    let cleanup = async {
+        let mut failed = Vec::new();
+        for q in records.queues().into_iter().flatten() {
+            if let Err(e) = client.delete_queue(&q).await {
+                failed.push(format!("delete queue {}: {e}", q.name()));
+            }
         }
-    }
-    for e in &workload.exchanges {
-        if let Err(err) = client.delete_exchange(&e.name).await {
-            problems.push(format!("delete exchange {}: {err}", e.name));
+        for e in &workload.exchanges {
+            if let Err(err) = client.delete_exchange(&e.name).await {
+                failed.push(format!("delete exchange {}: {err}", e.name));
+            }
         }
+        failed
+    };
+    tokio::select! {
+        failed = cleanup => problems.extend(failed),
+        _ = interrupts.wait_for(|n| *n >= 2) => problems.push(format!(
+            "interrupted again: the cleanup was skipped, rebound-chaos.{seed}.* may be left on \
+             the broker"
+        )),
     }
     let stats = client.stats();
     client.close().await;
@@ -495,57 +786,91 @@ async fn run_on_tokio(
         faults_planned: scenario.plan.len(),
         faults_hit: hits.get(),
         elapsed: trace.elapsed(),
+        publishing: {
+            let sent = publishes.values().map(|p| p.sent_at);
+            sent.clone().max().unwrap_or_default() - sent.min().unwrap_or_default()
+        },
+        interrupted_at,
         trace: trace.text(),
         problems,
     })
 }
 
+/// Applies `fault`; returns what it hit and when it took effect, which for a
+/// `rabbitmqctl` fault is a second or more after it was due (the recovery stall
+/// counts from then).
 async fn apply(
     fault: &Fault,
     proxy: &FaultProxy,
+    broker: &BrokerFaults,
     name: &str,
     allow_broker_faults: bool,
-) -> Result<String, String> {
+    stop: &mut watch::Receiver<bool>,
+    trace: &Trace,
+) -> Result<(String, Duration), String> {
     let none = || "no open connection".to_owned();
+    let ctl = &broker.ctl;
+    let now = trace.elapsed();
     match fault {
-        Fault::KillConnection { pick } => proxy.reset(*pick).ok_or_else(none),
-        Fault::KillAll => proxy.reset_all().ok_or_else(none),
-        Fault::CloseConnection { pick, .. } => close_own_connection(name, *pick).await,
+        Fault::KillConnection { pick } => proxy.reset(*pick).ok_or_else(none).map(|t| (t, now)),
+        Fault::KillAll => proxy.reset_all().ok_or_else(none).map(|t| (t, now)),
+        Fault::CloseConnection { pick, .. } => {
+            let pid = close_own_connection(ctl, name, *pick).await?;
+            Ok((pid, trace.elapsed()))
+        }
         Fault::RefuseDials { duration, .. } => {
             proxy.refuse(*duration);
-            Ok("the proxy".to_owned())
+            Ok(("the proxy".to_owned(), now))
         }
         Fault::Partition { duration, .. } => {
             proxy.set_blackhole(true);
-            tokio::time::sleep(*duration).await;
+            hold(*duration, stop).await;
             proxy.set_blackhole(false);
-            Ok("the proxy (healed)".to_owned())
+            Ok(("the proxy (healed)".to_owned(), now))
         }
         Fault::Restart { downtime } if allow_broker_faults => {
-            rabbitmqctl(vec!["stop_app".into()]).await?;
-            tokio::time::sleep(*downtime).await;
-            rabbitmqctl(vec!["start_app".into()]).await?;
-            Ok("the broker (stop_app / start_app)".to_owned())
+            check_own_node(ctl, name).await?;
+            broker.app_stopped.set(true);
+            if let Err(e) = ctl.run(STOP_APP).await {
+                // It may have stopped all the same.
+                if ctl.run(START_APP).await.is_ok() {
+                    broker.app_stopped.set(false);
+                }
+                return Err(e);
+            }
+            let stopped = trace.elapsed();
+            hold(*downtime, stop).await;
+            ctl.run(START_APP)
+                .await
+                .map_err(|e| format!("{e} (tried again when the run ends)"))?;
+            broker.app_stopped.set(false);
+            Ok((
+                format!("{} (stop_app / start_app)", ctl.describe()),
+                stopped,
+            ))
         }
         Fault::Restart { downtime } => {
             // Seen from the client: every connection drops, dials fail a while.
             proxy.refuse(*downtime);
             proxy.reset_all();
-            Ok("the proxy (restart as the client sees it)".to_owned())
+            Ok(("the proxy (restart as the client sees it)".to_owned(), now))
         }
         Fault::Alarm { duration } => {
-            rabbitmqctl(vec![
-                "eval".into(),
-                "rabbit_alarm:set_alarm({{resource_limit, memory, node()}, []}).".into(),
-            ])
-            .await?;
-            tokio::time::sleep(*duration).await;
-            rabbitmqctl(vec![
-                "eval".into(),
-                "rabbit_alarm:clear_alarm({resource_limit, memory, node()}).".into(),
-            ])
-            .await?;
-            Ok("the broker (memory alarm)".to_owned())
+            check_own_node(ctl, name).await?;
+            broker.alarm_set.set(true);
+            if let Err(e) = ctl.run(SET_ALARM).await {
+                if ctl.run(CLEAR_ALARM).await.is_ok() {
+                    broker.alarm_set.set(false);
+                }
+                return Err(e);
+            }
+            let raised = trace.elapsed();
+            hold(*duration, stop).await;
+            ctl.run(CLEAR_ALARM)
+                .await
+                .map_err(|e| format!("{e} (tried again when the run ends)"))?;
+            broker.alarm_set.set(false);
+            Ok((format!("{} (memory alarm)", ctl.describe()), raised))
         }
         other => Err(format!("{other} is not available against a real broker")),
     }
