@@ -54,7 +54,9 @@ use crate::message::Message;
 use crate::outbox::{Confirmation, PublishError, Slot};
 use crate::stream_set::StreamSet;
 use crate::supervisor::{Command, Input, Stats, Supervisor};
-use crate::topology::{AckKind, ConsumerId, OpId, QueueHandle, TopologyError, TopologyOp};
+use crate::topology::{
+    AckKind, ConsumeError, ConsumerId, OpId, QueueHandle, TopologyError, TopologyOp,
+};
 use crate::transport::{
     Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, Sleep, Timer, Transport,
 };
@@ -124,6 +126,7 @@ impl Driver {
             watchers: Vec::new(),
             parked: VecDeque::new(),
             close_waiters: Vec::new(),
+            consume_replies: BTreeMap::new(),
             flushes: BTreeMap::new(),
             batch_now: None,
             resolved: Vec::new(),
@@ -382,6 +385,8 @@ pub(crate) struct State<T: Transport, K: Timer> {
     /// Publishes waiting for room in a full outbox (the caller chose to wait).
     parked: VecDeque<ParkedPublish>,
     close_waiters: Vec<oneshot::Sender<()>>,
+    /// Consumers whose caller waits for the broker's first answer.
+    consume_replies: BTreeMap<ConsumerId, oneshot::Sender<Result<ConsumerId, ConsumeError>>>,
     flushes: BTreeMap<crate::outbox::FlushId, oneshot::Sender<crate::client::Flushed>>,
     /// The time of the batch being taken, if one is.
     batch_now: Option<Instant>,
@@ -1046,8 +1051,9 @@ impl<T: Transport, K: Timer> State<T, K> {
                 reply,
             } => match self.sup.consume(now, queue, tag, options) {
                 Ok(id) => {
+                    // the caller hears the broker's first answer
                     self.consumers.insert(id, items);
-                    let _ = reply.send(Ok(id));
+                    self.consume_replies.insert(id, reply);
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e));
@@ -1178,6 +1184,15 @@ impl<T: Transport, K: Timer> State<T, K> {
                     }
                 }
             }
+            Event::ConsumeResolved { consumer, result } => {
+                if result.is_err() {
+                    self.consumers.remove(&consumer);
+                }
+                if let Some(reply) = self.consume_replies.remove(&consumer) {
+                    let _ = reply.send(result.clone().map(|()| consumer));
+                }
+                self.broadcast(Event::ConsumeResolved { consumer, result });
+            }
             Event::ConsumerEnded { consumer, error } => {
                 if let Some(items) = self.consumers.remove(&consumer) {
                     let _ = items.unbounded_send(ConsumerItem::Ended(error.clone()));
@@ -1231,6 +1246,9 @@ impl<T: Transport, K: Timer> State<T, K> {
                     let _ = r.send(Err(TopologyError::Closed));
                 }
             }
+        }
+        for (_, reply) in std::mem::take(&mut self.consume_replies) {
+            let _ = reply.send(Err(ConsumeError::Closed));
         }
         for (_, items) in std::mem::take(&mut self.consumers) {
             let _ =

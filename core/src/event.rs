@@ -117,6 +117,15 @@ pub enum Event {
         /// Whether its queue is re-declared and the consumer re-subscribed.
         resubscribing: bool,
     },
+    /// The first basic.consume of a consumer the application started was
+    /// answered: `Ok` once the broker accepted it, or why not (the consumer is
+    /// then gone).
+    ConsumeResolved {
+        /// The consumer.
+        consumer: ConsumerId,
+        /// The broker's first answer.
+        result: Result<(), ConsumeError>,
+    },
     /// A consumer ended for good (it will receive nothing more).
     ConsumerEnded {
         /// The consumer.

@@ -288,6 +288,21 @@ pub enum ConsumeError {
     /// topology, so there is nothing to re-subscribe to.
     #[error("the broker cancelled the consumer")]
     CancelledByBroker,
+    /// The broker refused basic.consume (404: no such queue, 403: access
+    /// refused, 405: exclusive queue of another connection): at the first try,
+    /// or on every re-subscription in a row after a recovery until the client
+    /// gave up.
+    #[error("the broker refused the consumer: {code} {text}")]
+    Broker {
+        /// AMQP reply code.
+        code: u16,
+        /// The broker's reply text.
+        text: String,
+    },
+    /// No broker answer to the first basic.consume within the publish timeout
+    /// (no channel came up); the consumer is not kept.
+    #[error("no answer to basic.consume before the deadline")]
+    TimedOut,
     /// The client is closed.
     #[error("the client is closed")]
     Closed,
@@ -392,6 +407,11 @@ pub(crate) struct ConsumerEntry {
     pub(crate) chan: Option<usize>,
     /// The queue name its last basic.consume went to.
     pub(crate) subscribed: Option<String>,
+    /// Whether a basic.consume of it ever succeeded: until then the caller of
+    /// `consume` waits for the first outcome.
+    pub(crate) started: bool,
+    /// basic.consume refusals in a row since it last succeeded.
+    pub(crate) refusals: u8,
 }
 
 /// Declared topology in declaration order, and the consumers.

@@ -676,3 +676,126 @@ fn a_deleted_queue_with_two_consumers_is_declared_once_and_both_follow() {
     consumes.sort();
     assert_eq!(consumes, vec!["consume amq.gen-2 a", "consume amq.gen-2 b"]);
 }
+
+fn not_found() -> TransportError {
+    TransportError::Reply {
+        code: 404,
+        text: "NOT_FOUND - no queue 'missing' in vhost '/'".into(),
+    }
+}
+
+fn consume_resolutions(w: &World) -> Vec<Result<(), ConsumeError>> {
+    w.events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::ConsumeResolved { result, .. } => Some(result.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn consume_on_a_missing_queue_answers_the_broker_refusal_once_and_keeps_nothing() {
+    let mut w = ready_world(1, 2);
+    w.fail_consume = Some(not_found());
+    w.app(|s, now| {
+        s.consume(
+            now,
+            QueueRef::Named("missing".into()),
+            None,
+            ConsumeOptions::default(),
+        )
+    })
+    .unwrap();
+    w.run_for(Duration::from_secs(10));
+    assert_eq!(
+        consume_resolutions(&w),
+        vec![Err(ConsumeError::Broker {
+            code: 404,
+            text: "NOT_FOUND - no queue 'missing' in vhost '/'".into()
+        })]
+    );
+    let tries = w
+        .topology_log
+        .iter()
+        .filter(|(_, op)| matches!(op, TopologyOp::Consume { .. }))
+        .count();
+    assert_eq!(tries, 0, "the refused consume is not run again");
+    assert!(w.sup.is_all_ready(), "its channel came back without it");
+}
+
+#[test]
+fn consume_answers_ok_once_the_broker_accepted_it() {
+    let mut w = ready_world(1, 1);
+    w.app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+        .unwrap();
+    w.app(|s, now| {
+        s.consume(
+            now,
+            QueueRef::Named("q".into()),
+            None,
+            ConsumeOptions::default(),
+        )
+    })
+    .unwrap();
+    assert!(
+        consume_resolutions(&w).is_empty(),
+        "not before the broker's answer"
+    );
+    w.run_for(Duration::from_millis(50));
+    assert_eq!(consume_resolutions(&w), vec![Ok(())]);
+}
+
+#[test]
+fn a_consumer_whose_queue_never_comes_back_ends_after_bounded_refusals() {
+    let mut w = ready_world(1, 1);
+    w.app(|s, now| {
+        s.consume(
+            now,
+            QueueRef::Named("q".into()),
+            None,
+            ConsumeOptions::default(),
+        )
+    })
+    .unwrap();
+    w.run_for(Duration::from_millis(50));
+    assert_eq!(consume_resolutions(&w), vec![Ok(())]);
+    // the queue is gone for good: every re-subscription after a recovery fails
+    w.fail_consume = Some(not_found());
+    kill(&mut w);
+    w.run_for(Duration::from_secs(120));
+    let ended: Vec<_> = w
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::ConsumerEnded { error, .. } => Some(error.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(ended.as_slice(), [ConsumeError::Broker { code: 404, .. }]),
+        "{ended:?}"
+    );
+    let tries = w
+        .topology_log
+        .iter()
+        .filter(|(_, op)| matches!(op, TopologyOp::Consume { .. }))
+        .count();
+    assert_eq!(
+        tries, 1,
+        "only the first, accepted consume reached the broker's log"
+    );
+    let refusals = w
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::ReplayFailed { .. }))
+        .count();
+    assert_eq!(
+        refusals,
+        usize::from(amqp_rebound_core::supervisor::MAX_CONSUME_REFUSALS) - 1
+    );
+    assert!(
+        w.sup.is_all_ready(),
+        "the channel recovers without the consumer"
+    );
+}

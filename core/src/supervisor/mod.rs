@@ -20,6 +20,7 @@ use crate::state::{ChannelState, ConnectionState};
 use crate::topology::{AckKind, Registry, TopologyOp};
 
 pub use publish::Stats;
+pub use topology::MAX_CONSUME_REFUSALS;
 
 /// Something that happened, fed to [`Supervisor::handle`].
 ///
@@ -380,6 +381,9 @@ pub struct Supervisor {
     /// A window slot or channel may have freed up since the last pump.
     room: bool,
     registry: Registry,
+    /// Consumers the application started whose first basic.consume is not
+    /// answered yet, by deadline.
+    consume_waits: BTreeSet<(Instant, u64)>,
     user_ops: topology::UserOps,
     stats: Stats,
     /// Reused buffer for confirmed ids (keeps the confirm path allocation-free).
@@ -449,6 +453,7 @@ impl Supervisor {
             outbox: Outbox::default(),
             room: false,
             registry: Registry::default(),
+            consume_waits: BTreeSet::new(),
             user_ops: topology::UserOps::default(),
             stats: Stats::default(),
             scratch: Vec::new(),
@@ -566,6 +571,7 @@ impl Supervisor {
             self.timers.first().map(|(at, _)| *at),
             self.outbox.next_deadline(),
             self.user_ops.next_deadline(),
+            self.consume_waits.first().map(|(at, _)| *at),
             self.draining,
         ]
         .into_iter()
@@ -1146,6 +1152,7 @@ impl Supervisor {
     fn fire_timers(&mut self) {
         self.expire_publishes();
         self.expire_user_ops();
+        self.expire_consume_waits();
         while let Some(&(at, key)) = self.timers.first() {
             if at > self.now {
                 break;

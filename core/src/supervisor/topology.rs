@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
 use super::{Command, Supervisor};
-use crate::error::TransportError;
+use crate::error::{ErrorClass, TransportError};
 use crate::event::Event;
 use crate::ids::{ChannelId, ConnectionId};
 use crate::message::{Delivery, FieldTable};
@@ -69,6 +69,10 @@ impl UserOps {
             .any(|(op, _)| matches!(op, UserOp::DeclareQueue(h, _) if *h == handle))
     }
 }
+
+/// A consumer that ran before is given up after this many basic.consume
+/// refusals in a row (one per reopen of its channel, which backs off).
+pub const MAX_CONSUME_REFUSALS: u8 = 5;
 
 fn broker_error(e: &TransportError) -> TopologyError {
     match e {
@@ -258,6 +262,14 @@ impl Supervisor {
                             .and_then(|k| self.registry.resolve(&k.queue));
                         if let Some(k) = self.registry.consumers.get_mut(&id) {
                             k.subscribed = name;
+                            k.refusals = 0;
+                            if !std::mem::replace(&mut k.started, true) {
+                                self.consume_waits.retain(|&(_, w)| w != id);
+                                self.events.push_back(Event::ConsumeResolved {
+                                    consumer: ConsumerId(id),
+                                    result: Ok(()),
+                                });
+                            }
                         }
                     }
                     Step::User(id) => {
@@ -293,6 +305,10 @@ impl Supervisor {
                 // not the broker's verdict: run it again elsewhere
                 self.user_ops_back(std::slice::from_ref(step));
             }
+            Step::Consume(id) if error.class() != ErrorClass::Transient => {
+                self.stats.replay_failures += 1;
+                self.consume_refused(*id, error);
+            }
             _ => {
                 self.stats.replay_failures += 1;
                 let step = self.describe(step);
@@ -303,6 +319,80 @@ impl Supervisor {
                     error: error.clone(),
                 });
             }
+        }
+    }
+
+    /// The broker refused basic.consume for consumer `id`. A consumer the
+    /// application just started ends with the refusal (its caller hears it); one
+    /// that ran before is retried with each reopen of its channel (the queue may
+    /// come back: a node restarting), and ends after
+    /// [`MAX_CONSUME_REFUSALS`] refusals in a row.
+    fn consume_refused(&mut self, id: u64, error: &TransportError) {
+        let Some(k) = self.registry.consumers.get_mut(&id) else {
+            return;
+        };
+        k.refusals = k.refusals.saturating_add(1);
+        let (started, refusals) = (k.started, k.refusals);
+        let reason = match error {
+            TransportError::Reply { code, text } => ConsumeError::Broker {
+                code: *code,
+                text: text.clone(),
+            },
+            other => ConsumeError::Broker {
+                code: 0,
+                text: other.to_string(),
+            },
+        };
+        if started && refusals < MAX_CONSUME_REFUSALS {
+            let step = self.describe(&Step::Consume(id));
+            self.events.push_back(Event::ReplayFailed {
+                channel: self
+                    .registry
+                    .consumers
+                    .get(&id)
+                    .and_then(|k| Some(chan_id(k.conn?, k.chan?)))
+                    .unwrap_or(chan_id(0, 0)),
+                step,
+                error: error.clone(),
+            });
+            return;
+        }
+        if let Some(k) = self.registry.consumers.remove(&id) {
+            self.registry.tags.remove(&k.tag);
+        }
+        self.consume_waits.retain(|&(_, w)| w != id);
+        tracing::warn!(consumer = id, %error, started, "consumer refused by the broker: ended");
+        self.events.push_back(if started {
+            Event::ConsumerEnded {
+                consumer: ConsumerId(id),
+                error: reason,
+            }
+        } else {
+            Event::ConsumeResolved {
+                consumer: ConsumerId(id),
+                result: Err(reason),
+            }
+        });
+    }
+
+    /// First consumes not answered by their deadline end.
+    pub(super) fn expire_consume_waits(&mut self) {
+        while let Some(&(at, id)) = self.consume_waits.first() {
+            if at > self.now {
+                break;
+            }
+            self.consume_waits.pop_first();
+            let Some(k) = self.registry.consumers.get(&id) else {
+                continue;
+            };
+            if k.started {
+                continue;
+            }
+            let _ = self.cancel(self.now, ConsumerId(id));
+            self.events.push_back(Event::ConsumeResolved {
+                consumer: ConsumerId(id),
+                result: Err(ConsumeError::TimedOut),
+            });
         }
     }
 
@@ -633,8 +723,12 @@ impl Supervisor {
                 conn: None,
                 chan: None,
                 subscribed: None,
+                started: false,
+                refusals: 0,
             },
         );
+        let deadline = super::deadline_after(self.now, self.config.publish_timeout);
+        self.consume_waits.insert((deadline, id));
         self.assign_consumers();
         Ok(ConsumerId(id))
     }
@@ -646,6 +740,7 @@ impl Supervisor {
         let Some(entry) = self.registry.consumers.remove(&consumer.0) else {
             return Ok(());
         };
+        self.consume_waits.retain(|&(_, w)| w != consumer.0);
         self.registry.tags.remove(&entry.tag);
         if let (Some(c), Some(i)) = (entry.conn, entry.chan) {
             let ch = &mut self.conns[c].channels[i];

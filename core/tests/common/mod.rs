@@ -87,6 +87,8 @@ pub struct World {
     pub topology_log: Vec<(ChannelId, TopologyOp)>,
     /// The next topology op fails with this error (the channel closes).
     pub fail_topology: Option<TransportError>,
+    /// Every basic.consume fails with this error (the channel closes) while set.
+    pub fail_consume: Option<TransportError>,
     server_named: u64,
     pending: Vec<(Instant, u64, Pending)>,
     seq: u64,
@@ -131,6 +133,7 @@ impl World {
             next_delivery: BTreeMap::new(),
             topology_log: Vec::new(),
             fail_topology: None,
+            fail_consume: None,
             server_named: 0,
             pending: Vec::new(),
             seq: 0,
@@ -426,7 +429,11 @@ impl World {
                 if self.live_chans.get(&channel) != Some(&generation) {
                     return;
                 }
-                if let Some(error) = self.fail_topology.take() {
+                let consume_error = match &op {
+                    TopologyOp::Consume { .. } => self.fail_consume.clone(),
+                    _ => None,
+                };
+                if let Some(error) = consume_error.or_else(|| self.fail_topology.take()) {
                     self.live_chans.remove(&channel);
                     self.input(Input::TopologyDone {
                         channel,
