@@ -977,6 +977,11 @@ impl<T: Transport, K: Timer> State<T, K> {
             Request::Publish { reply, .. } if self.sup.is_closing() => {
                 let _ = reply.send(Err(PublishError::Closed));
             }
+            Request::Publish { message, reply, .. }
+                if let Err(reason) = self.transport.check_message(&message) =>
+            {
+                let _ = reply.send(Err(PublishError::Invalid(reason)));
+            }
             Request::Publish {
                 message,
                 timeout,

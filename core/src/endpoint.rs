@@ -227,7 +227,9 @@ pub fn parse_host_list(list: &str) -> Result<Vec<Endpoint>, ConfigError> {
 /// - without an `@`, a "port" that is not a valid port number is hidden with all that
 ///   follows it, because `amqp://user:password` (host forgotten) reads as host `user`,
 ///   port `password`;
-/// - a query option whose name contains `pass` has its value hidden.
+/// - the value of every query option but the numeric ones AMQP URIs define
+///   (`heartbeat`, `frame_max`, `channel_max`, `connection_timeout`) and
+///   `auth_mechanism` is hidden.
 ///
 /// ```
 /// # use amqp_rebound_core::endpoint::redact;
@@ -282,8 +284,10 @@ pub fn redact(uri: &str) -> String {
                 if i > 0 {
                     out.push('&');
                 }
+                // only the options AMQP URIs define, whose values are numbers or
+                // mechanism names, are shown; any other value may be a secret
                 match pair.split_once('=') {
-                    Some((key, _)) if key.to_ascii_lowercase().contains("pass") => {
+                    Some((key, _)) if !SHOWN_OPTIONS.contains(&key) => {
                         out.push_str(key);
                         out.push_str("=***");
                     }
@@ -295,6 +299,15 @@ pub fn redact(uri: &str) -> String {
     }
     out
 }
+
+/// Query options whose values [`redact`] shows.
+const SHOWN_OPTIONS: [&str; 5] = [
+    "heartbeat",
+    "frame_max",
+    "channel_max",
+    "connection_timeout",
+    "auth_mechanism",
+];
 
 /// Whether `s` is what a URI may carry as a port: empty, or digits up to 65535.
 fn is_port(s: &str) -> bool {
@@ -334,6 +347,11 @@ fn parse_at(uri: &str, index: usize) -> Result<Endpoint, ConfigError> {
         return Err(invalid("port 0 is not a port one can connect to".into()));
     }
     check_query(&url).map_err(invalid)?;
+    if !is_percent_encoded(url.path()) {
+        return Err(invalid(
+            "the vhost holds a '%' not followed by two hex digits (write %25 for '%')".into(),
+        ));
+    }
 
     let mut parsed = AMQPUri::from_str(uri).map_err(|_| {
         // Everything else was checked above; what remains is percent-decoding.
@@ -358,7 +376,24 @@ fn parse_at(uri: &str, index: usize) -> Result<Endpoint, ConfigError> {
             }
         }
     }
+    if parsed.vhost.len() > crate::message::SHORT_STRING_MAX {
+        return Err(invalid(format!(
+            "the vhost is {} bytes long; AMQP allows {}",
+            parsed.vhost.len(),
+            crate::message::SHORT_STRING_MAX
+        )));
+    }
     Ok(Endpoint { uri: parsed })
+}
+
+/// Whether every `%` in `s` starts a `%XX` escape.
+fn is_percent_encoded(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.iter().enumerate().all(|(i, &c)| {
+        c != b'%'
+            || (b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    })
 }
 
 /// Checks the query options `AMQPUri` would parse, so that its errors (which quote the
@@ -551,6 +586,35 @@ mod tests {
     }
 
     #[test]
+    fn vhosts_past_the_wire_limit_or_badly_escaped_are_refused() {
+        let long = "v".repeat(256);
+        assert!(
+            invalid_reason(&format!("amqp://h/{long}"))
+                .1
+                .contains("256 bytes")
+        );
+        assert_eq!(
+            parse_ok(&format!("amqp://h/{}", &long[..255]))
+                .vhost()
+                .len(),
+            255
+        );
+        assert!(invalid_reason("amqp://h/%zz").1.contains("'%'"));
+        assert!(invalid_reason("amqp://h/a%2").1.contains("'%'"));
+        assert_eq!(parse_ok("amqp://h/a%25b").vhost(), "a%b");
+    }
+
+    #[test]
+    fn unparsed_uris_hide_every_query_value_but_the_numeric_options() {
+        let out = redact(&format!(
+            "amqp://h/?pw={PW}&token={PW}&heartbeat=5&auth_mechanism=external"
+        ));
+        assert!(!out.contains(PW), "{out}");
+        assert!(out.contains("pw=***") && out.contains("token=***"), "{out}");
+        assert!(out.contains("heartbeat=5") && out.contains("auth_mechanism=external"));
+    }
+
+    #[test]
     fn redacted_parses_back() {
         let original =
             parse_ok("amqps://us%40er:pw@[fe80::1]:1234/v%2fh?heartbeat=9&auth_mechanism=plain");
@@ -664,7 +728,7 @@ mod tests {
             ("amqp://[::1]:5672", "amqp://[::1]:5672"),
             ("amqp://u:pw", "amqp://u:***"),
             ("amqp://u:pw/v?x=1", "amqp://u:***"),
-            ("amqp://h:5672/v?x=1", "amqp://h:5672/v?x=1"),
+            ("amqp://h:5672/v?x=1", "amqp://h:5672/v?x=***"),
             ("amqp://u:p/w@h", "amqp://u:***@h"),
             ("amqp://u:p@w@h", "amqp://u:***@h"),
             ("u:pw@h", "***@h"),

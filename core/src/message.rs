@@ -63,6 +63,91 @@ impl Properties {
     }
 }
 
+/// The longest AMQP short string (property values, header keys, names).
+pub const SHORT_STRING_MAX: usize = 255;
+
+impl Properties {
+    /// Checks what the AMQP wire format limits, naming the field at fault: every
+    /// short-string property (`content_type`, `content_encoding`,
+    /// `correlation_id`, `reply_to`, `expiration`, `message_id`, `type`,
+    /// `user_id`, `app_id`) at most 255 bytes; `expiration` a number of
+    /// milliseconds (RabbitMQ refuses anything else); header keys and short-string
+    /// header values at most 255 bytes, nested tables and arrays included.
+    ///
+    /// [`Client::publish`](crate::Client::publish) runs it on the caller's thread
+    /// and fails the one message with
+    /// [`PublishError::Invalid`](crate::PublishError::Invalid).
+    pub fn validate(&self) -> Result<(), String> {
+        let short = [
+            ("content_type", &self.content_type),
+            ("content_encoding", &self.content_encoding),
+            ("correlation_id", &self.correlation_id),
+            ("reply_to", &self.reply_to),
+            ("expiration", &self.expiration),
+            ("message_id", &self.message_id),
+            ("type", &self.kind),
+            ("user_id", &self.user_id),
+            ("app_id", &self.app_id),
+        ];
+        for (field, value) in short {
+            if let Some(value) = value
+                && value.len() > SHORT_STRING_MAX
+            {
+                return Err(format!(
+                    "property {field} is {} bytes long; AMQP allows {SHORT_STRING_MAX}",
+                    value.len()
+                ));
+            }
+        }
+        if let Some(expiration) = &self.expiration
+            && (expiration.is_empty()
+                || !expiration.bytes().all(|b| b.is_ascii_digit())
+                || expiration.parse::<u64>().is_err())
+        {
+            return Err(format!(
+                "property expiration {expiration:?} is not a number of milliseconds"
+            ));
+        }
+        if let Some(headers) = &self.headers {
+            check_table("headers", headers)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_table(path: &str, table: &FieldTable) -> Result<(), String> {
+    for (key, value) in table.inner() {
+        let key = key.as_str();
+        if key.len() > SHORT_STRING_MAX {
+            return Err(format!(
+                "{path}: a key is {} bytes long; AMQP allows {SHORT_STRING_MAX}",
+                key.len()
+            ));
+        }
+        check_value(&format!("{path}.{key}"), value)?;
+    }
+    Ok(())
+}
+
+fn check_value(path: &str, value: &AMQPValue) -> Result<(), String> {
+    match value {
+        AMQPValue::ShortString(s) if s.as_str().len() > SHORT_STRING_MAX => Err(format!(
+            "{path} is a short string of {} bytes; AMQP allows {SHORT_STRING_MAX}",
+            s.as_str().len()
+        )),
+        AMQPValue::LongString(s) if u32::try_from(s.as_bytes().len()).is_err() => Err(format!(
+            "{path} is longer than a long string can be (4 GiB)"
+        )),
+        AMQPValue::FieldTable(table) => check_table(path, table),
+        AMQPValue::FieldArray(array) => array
+            .as_slice()
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, value)| check_value(&format!("{path}[{i}]"), value)),
+        _ => Ok(()),
+    }
+}
+
 /// A message to publish.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {

@@ -287,11 +287,6 @@ impl Outbox {
         n
     }
 
-    /// Whether unresolved message `id` was published to `exchange`.
-    pub(crate) fn is_for_exchange(&self, id: u64, exchange: &str) -> bool {
-        self.get(id).is_some_and(|e| e.message.exchange == exchange)
-    }
-
     /// Removes a message for good; `None` if it was already resolved.
     pub(crate) fn take(&mut self, id: u64) -> Option<Entry> {
         let entry = self.entries.get_mut(slot(id))?.take()?;

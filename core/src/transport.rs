@@ -111,6 +111,18 @@ pub trait Transport: Send + Sync + 'static {
     fn reports_blocked(&self) -> bool {
         true
     }
+
+    /// Whether this transport can encode `message`, beyond what
+    /// [`Properties::validate`](crate::Properties::validate) already checked
+    /// (the core calls that first): the reason if not. Called for every publish,
+    /// on the caller's thread, before the message is accepted; a refusal fails
+    /// that message alone with [`PublishError::Invalid`](crate::PublishError::Invalid).
+    /// A transport that would refuse a message later, in `publish`, costs the
+    /// channel instead. `Ok` by default.
+    fn check_message(&self, message: &crate::Message) -> Result<(), String> {
+        let _ = message;
+        Ok(())
+    }
 }
 
 /// What happens to a connection, as a stream (see [`Connection::events`]).

@@ -355,6 +355,31 @@ fn too_big(what: &'static str, len: usize) -> TransportError {
     ))
 }
 
+/// Whether every long string in `table` (nested ones too) is UTF-8, as amqprs
+/// needs; the path of the first that is not.
+pub(crate) fn check_utf8_table(path: &str, table: &FieldTable) -> Result<(), String> {
+    for (key, value) in table {
+        check_utf8_value(&format!("{path}.{}", key.as_str()), value)?;
+    }
+    Ok(())
+}
+
+fn check_utf8_value(path: &str, value: &AMQPValue) -> Result<(), String> {
+    match value {
+        AMQPValue::LongString(s) if std::str::from_utf8(s.as_bytes()).is_err() => Err(format!(
+            "{path} is a long string that is not UTF-8, which amqprs cannot send \
+             (send bytes as a byte array)"
+        )),
+        AMQPValue::FieldTable(table) => check_utf8_table(path, table),
+        AMQPValue::FieldArray(array) => array
+            .as_slice()
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| check_utf8_value(&format!("{path}[{i}]"), v)),
+        _ => Ok(()),
+    }
+}
+
 /// amqprs's field table as core's.
 pub(crate) fn from_table(table: &amqprs::FieldTable) -> FieldTable {
     let mut out = FieldTable::default();
@@ -522,6 +547,20 @@ pub(crate) fn returned(ret: &Return, properties: &BasicProperties, content: Vec<
 mod tests {
     use super::*;
     use amqp_rebound_core::ErrorClass;
+
+    #[test]
+    fn long_strings_that_are_not_utf8_are_named_before_sending() {
+        let mut inner = FieldTable::default();
+        inner.insert("bin".into(), AMQPValue::LongString(vec![0xff, 0xfe].into()));
+        let mut headers = FieldTable::default();
+        headers.insert("ok".into(), AMQPValue::LongString("héllo".into()));
+        headers.insert("t".into(), AMQPValue::FieldTable(inner));
+        let err = check_utf8_table("headers", &headers).unwrap_err();
+        assert!(err.contains("headers.t.bin"), "{err}");
+        let mut fine = FieldTable::default();
+        fine.insert("b".into(), AMQPValue::ByteArray(vec![0xff].into()));
+        assert_eq!(check_utf8_table("headers", &fine), Ok(()));
+    }
 
     #[test]
     fn network_errors_are_io() {

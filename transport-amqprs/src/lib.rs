@@ -286,4 +286,13 @@ impl Transport for AmqprsTransport {
     fn reports_blocked(&self) -> bool {
         false
     }
+
+    /// amqprs keeps header long strings as Rust `String`s: a long string that is
+    /// not UTF-8 cannot be sent (a byte array can).
+    fn check_message(&self, message: &amqp_rebound_core::Message) -> Result<(), String> {
+        match &message.properties.headers {
+            Some(headers) => convert::check_utf8_table("headers", headers),
+            None => Ok(()),
+        }
+    }
 }

@@ -126,6 +126,41 @@ fn check_value(what: &'static str, value: &AMQPValue) -> Result<(), TransportErr
     }
 }
 
+/// Whether a table holds a `ShortString` value anywhere. RabbitMQ reads the `s`
+/// tag as a short integer (the 0-9-1 errata), fails to parse the frame and
+/// closes the connection with 541; lapin writes `ShortString` values with it.
+fn has_short_string(table: &FieldTable) -> bool {
+    fn value(v: &AMQPValue) -> bool {
+        match v {
+            AMQPValue::ShortString(_) => true,
+            AMQPValue::FieldTable(t) => has_short_string(t),
+            AMQPValue::FieldArray(a) => a.as_slice().iter().any(value),
+            _ => false,
+        }
+    }
+    table.inner().values().any(value)
+}
+
+/// `table` with every `ShortString` value sent as a long string (what amqprs,
+/// the Java client and RabbitMQ itself send).
+fn long_strings(table: &FieldTable) -> FieldTable {
+    fn value(v: &AMQPValue) -> AMQPValue {
+        match v {
+            AMQPValue::ShortString(s) => AMQPValue::LongString(s.as_str().into()),
+            AMQPValue::FieldTable(t) => AMQPValue::FieldTable(long_strings(t)),
+            AMQPValue::FieldArray(a) => {
+                AMQPValue::FieldArray(a.as_slice().iter().map(value).collect::<Vec<_>>().into())
+            }
+            other => other.clone(),
+        }
+    }
+    let mut out = FieldTable::default();
+    for (k, v) in table.inner() {
+        out.insert(k.clone(), value(v));
+    }
+    out
+}
+
 /// Core's exchange kind as lapin's.
 pub(crate) fn exchange_kind(kind: &ExchangeKind) -> Result<lapin::ExchangeKind, TransportError> {
     Ok(match kind {
@@ -152,7 +187,11 @@ pub(crate) fn to_lapin_properties(p: &Properties) -> Result<BasicProperties, Tra
     }
     if let Some(v) = &p.headers {
         check_table("a header", v)?;
-        out = out.with_headers(v.clone());
+        out = out.with_headers(if has_short_string(v) {
+            long_strings(v)
+        } else {
+            v.clone()
+        });
     }
     if let Some(v) = p.delivery_mode {
         out = out.with_delivery_mode(v);
@@ -306,6 +345,26 @@ mod tests {
         p.message_id = Some("m".repeat(300));
         assert!(to_lapin_properties(&p).is_err());
         assert!(exchange_kind(&ExchangeKind::Custom("x".repeat(256))).is_err());
+    }
+
+    #[test]
+    fn short_string_header_values_go_as_long_strings() {
+        let mut inner = FieldTable::default();
+        inner.insert("n".into(), AMQPValue::ShortString("deep".into()));
+        let mut headers = FieldTable::default();
+        headers.insert("s".into(), AMQPValue::ShortString("x".into()));
+        headers.insert("t".into(), AMQPValue::FieldTable(inner));
+        headers.insert("i".into(), AMQPValue::LongInt(7));
+        let p = Properties::default().with_headers(headers);
+        let out = to_lapin_properties(&p).unwrap();
+        let sent = out.headers().as_ref().unwrap().inner();
+        assert_eq!(sent["s"], AMQPValue::LongString("x".into()));
+        assert_eq!(sent["i"], AMQPValue::LongInt(7));
+        let AMQPValue::FieldTable(t) = &sent["t"] else {
+            panic!("{sent:?}")
+        };
+        assert_eq!(t.inner()["n"], AMQPValue::LongString("deep".into()));
+        assert!(!has_short_string(out.headers().as_ref().unwrap()));
     }
 
     #[test]

@@ -374,6 +374,9 @@ pub struct Supervisor {
     closed: bool,
     /// A close is draining the outbox until this deadline (then `closed`).
     draining: Option<Instant>,
+    /// The broker's message size limit, once a refusal told it: larger messages
+    /// are refused at the call.
+    max_message_size: Option<usize>,
     /// Flushes waiting for the messages accepted before them.
     flushes: Vec<publish::Flush>,
     next_flush: u64,
@@ -448,6 +451,7 @@ impl Supervisor {
             ready_channels: 0,
             closed: false,
             draining: None,
+            max_message_size: None,
             flushes: Vec::new(),
             next_flush: 0,
             outbox: Outbox::default(),

@@ -111,6 +111,18 @@ impl Supervisor {
         }
         check_name("exchange name", &message.exchange).map_err(PublishError::Invalid)?;
         check_name("routing key", &message.routing_key).map_err(PublishError::Invalid)?;
+        message
+            .properties
+            .validate()
+            .map_err(PublishError::Invalid)?;
+        if let Some(max) = self.max_message_size
+            && message.payload.len() > max
+        {
+            return Err(PublishError::Invalid(format!(
+                "the payload is {} bytes; the broker refuses messages above {max} bytes",
+                message.payload.len()
+            )));
+        }
         let default_deadline = deadline.is_none();
         let deadline = deadline
             .unwrap_or_else(|| super::deadline_after(self.now, self.config.publish_timeout));
@@ -383,13 +395,16 @@ impl Supervisor {
         // the step's own failed reply, which then comes for a generation that is
         // gone: it is that step's failure (unless an in-flight publish to a
         // missing exchange explains it), answered or reported as such.
-        // 404 "no exchange 'x'": the messages for x caused it and would cause it again.
-        let culprit = error.and_then(missing_exchange);
-        let culprit_publish = culprit.as_deref().is_some_and(|x| {
-            in_flight
-                .iter()
-                .any(|&(_, id)| self.outbox.is_for_exchange(id, x))
-        });
+        // A refusal that names what about a message caused it (404 "no exchange
+        // 'x'", 406 for its size or its user_id): the messages it names would
+        // cause it again, so they fail at once, alone.
+        let culprit = error.and_then(Culprit::of);
+        if let Some(Culprit::Size { max, .. }) = culprit {
+            self.max_message_size = Some(max);
+        }
+        let culprit_publish = culprit
+            .as_ref()
+            .is_some_and(|x| in_flight.iter().any(|&(_, id)| self.is_culprit(id, x)));
         match (step_in_flight, error) {
             // a reply the broker closes a channel with (not a connection's 320)
             (Some(step), Some(e))
@@ -427,9 +442,7 @@ impl Supervisor {
         };
         let mut back = Vec::with_capacity(ids.len());
         for id in ids {
-            let guilty = culprit
-                .as_deref()
-                .is_some_and(|x| self.outbox.is_for_exchange(id, x));
+            let guilty = culprit.as_ref().is_some_and(|x| self.is_culprit(id, x));
             match (guilty, error) {
                 (true, Some(e)) => self.resolve_publish(id, rejected(e)),
                 _ => back.push(id),
@@ -471,32 +484,105 @@ impl Flush {
     }
 }
 
-/// The exchange named in RabbitMQ's "NOT_FOUND - no exchange 'x' in vhost '/'".
-fn missing_exchange(error: &TransportError) -> Option<String> {
-    let TransportError::Reply { code: 404, text } = error else {
-        return None;
-    };
-    let start = text.find("no exchange '")? + "no exchange '".len();
-    let end = text[start..].find("' in vhost")? + start;
-    Some(text[start..end].to_string())
+impl Supervisor {
+    fn is_culprit(&self, id: u64, culprit: &Culprit) -> bool {
+        let Some(entry) = self.outbox.get(id) else {
+            return false;
+        };
+        let message = &entry.message;
+        match culprit {
+            Culprit::Exchange(x) => message.exchange == *x,
+            Culprit::Size { size, .. } => message.payload.len() == *size,
+            Culprit::UserId(user) => message.properties.user_id.as_deref() == Some(user),
+        }
+    }
+}
+
+/// What about a message a channel-closing refusal names, in RabbitMQ's texts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Culprit {
+    /// 404 "NOT_FOUND - no exchange 'x' in vhost '/'".
+    Exchange(String),
+    /// 406 "PRECONDITION_FAILED - message size 200 is larger than configured max
+    /// size 100".
+    Size { size: usize, max: usize },
+    /// 406 "PRECONDITION_FAILED - user_id property set to 'bob' but authenticated
+    /// user was 'guest'".
+    UserId(String),
+}
+
+impl Culprit {
+    fn of(error: &TransportError) -> Option<Culprit> {
+        let TransportError::Reply { code, text } = error else {
+            return None;
+        };
+        match code {
+            404 => between(text, "no exchange '", "' in vhost").map(Culprit::Exchange),
+            406 => {
+                if let Some(user) = between(text, "user_id property set to '", "' but") {
+                    return Some(Culprit::UserId(user));
+                }
+                let size = between(text, "message size ", " is larger")?.parse().ok()?;
+                let max = text
+                    .rsplit("max size ")
+                    .next()?
+                    .trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .ok()?;
+                Some(Culprit::Size { size, max })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The text between `start` and the next `end`.
+fn between(text: &str, start: &str, end: &str) -> Option<String> {
+    let from = text.find(start)? + start.len();
+    let to = text[from..].find(end)? + from;
+    Some(text[from..to].to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn reply(code: u16, text: &str) -> TransportError {
+        TransportError::Reply {
+            code,
+            text: text.into(),
+        }
+    }
+
     #[test]
-    fn parses_rabbitmq_missing_exchange_text() {
-        let e = TransportError::Reply {
-            code: 404,
-            text: "NOT_FOUND - no exchange 'orders-x' in vhost '/'".into(),
-        };
-        assert_eq!(missing_exchange(&e).as_deref(), Some("orders-x"));
-        let other = TransportError::Reply {
-            code: 404,
-            text: "NOT_FOUND - no queue 'q' in vhost '/'".into(),
-        };
-        assert_eq!(missing_exchange(&other), None);
-        assert_eq!(missing_exchange(&TransportError::Timeout), None);
+    fn parses_rabbitmq_refusals_that_name_a_message() {
+        let of = |code, text| Culprit::of(&reply(code, text));
+        assert_eq!(
+            of(404, "NOT_FOUND - no exchange 'orders-x' in vhost '/'"),
+            Some(Culprit::Exchange("orders-x".into()))
+        );
+        assert_eq!(of(404, "NOT_FOUND - no queue 'q' in vhost '/'"), None);
+        assert_eq!(
+            of(
+                406,
+                "PRECONDITION_FAILED - message size 200000 is larger than configured max size 131072"
+            ),
+            Some(Culprit::Size {
+                size: 200_000,
+                max: 131_072
+            })
+        );
+        assert_eq!(
+            of(
+                406,
+                "PRECONDITION_FAILED - user_id property set to 'bob' but authenticated user was 'guest'"
+            ),
+            Some(Culprit::UserId("bob".into()))
+        );
+        assert_eq!(
+            of(406, "PRECONDITION_FAILED - unknown delivery tag 7"),
+            None
+        );
+        assert_eq!(Culprit::of(&TransportError::Timeout), None);
     }
 }
