@@ -736,7 +736,7 @@ mod tests {
             ("w9@h", "***@h"),
             (
                 "amqps://h?certfile=c&password=kp&x",
-                "amqps://h?certfile=c&password=***&x",
+                "amqps://h?certfile=***&password=***&x",
             ),
             ("", ""),
             ("://", "://"),
