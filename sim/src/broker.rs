@@ -397,14 +397,14 @@ pub struct ConnectionInfo {
 /// lower case). What [`host_key`] gives for an [`Endpoint`]'s host and port.
 pub fn normalize_host(host: &str) -> String {
     let host = host.trim();
-    if let Some(rest) = host.strip_prefix('[') {
-        if let Some((name, after)) = rest.split_once(']') {
-            let port = after
-                .strip_prefix(':')
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(5672);
-            return host_key(name, port);
-        }
+    if let Some(rest) = host.strip_prefix('[')
+        && let Some((name, after)) = rest.split_once(']')
+    {
+        let port = after
+            .strip_prefix(':')
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(5672);
+        return host_key(name, port);
     }
     match host.matches(':').count() {
         1 => match host.rsplit_once(':') {

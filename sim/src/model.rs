@@ -522,10 +522,10 @@ impl State {
         if let Some(err) = &conn.client_closed {
             return Err(err.clone());
         }
-        if let Some(chan) = request.chan.and_then(|c| self.chans.get(&c)) {
-            if let Some(err) = &chan.client_closed {
-                return Err(err.clone());
-            }
+        if let Some(chan) = request.chan.and_then(|c| self.chans.get(&c))
+            && let Some(err) = &chan.client_closed
+        {
+            return Err(err.clone());
         }
         let due = (now + conn.latency).max(conn.up_tail);
         conn.up_tail = due;
@@ -1522,16 +1522,16 @@ impl State {
             .get(&conn_id)
             .map(|c| c.user.clone())
             .unwrap_or_default();
-        if let Some(claimed) = &message.properties.user_id {
-            if *claimed != user {
-                return Err(channel_fail(
-                    reply_code::PRECONDITION_FAILED,
-                    format!(
-                        "PRECONDITION_FAILED - user_id property set to '{claimed}' but \
+        if let Some(claimed) = &message.properties.user_id
+            && *claimed != user
+        {
+            return Err(channel_fail(
+                reply_code::PRECONDITION_FAILED,
+                format!(
+                    "PRECONDITION_FAILED - user_id property set to '{claimed}' but \
                          authenticated user was '{user}'"
-                    ),
-                ));
-            }
+                ),
+            ));
         }
         let seq = match self.chans.get_mut(&chan_id) {
             Some(chan) if chan.confirm => {
@@ -1718,28 +1718,26 @@ impl State {
             chan.consumers.remove(tag);
             conn = Some(chan.conn);
         }
-        if notify {
-            if let Some(conn) = conn {
-                self.send_down(
-                    conn,
-                    Down::chan(
-                        chan_id,
-                        ChannelEvent::ConsumerCancelled {
-                            consumer_tag: tag.to_owned(),
-                        },
-                    ),
-                );
-            }
+        if notify && let Some(conn) = conn {
+            self.send_down(
+                conn,
+                Down::chan(
+                    chan_id,
+                    ChannelEvent::ConsumerCancelled {
+                        consumer_tag: tag.to_owned(),
+                    },
+                ),
+            );
         }
         let mut delete = false;
-        if let Some(q) = self.queues.get_mut(&consumer.queue) {
-            if q.id == consumer.queue_id {
-                q.consumers.retain(|(c, t)| !(*c == chan_id && t == tag));
-                if q.next_consumer >= q.consumers.len() {
-                    q.next_consumer = 0;
-                }
-                delete = q.auto_delete && q.consumers.is_empty() && q.had_consumer;
+        if let Some(q) = self.queues.get_mut(&consumer.queue)
+            && q.id == consumer.queue_id
+        {
+            q.consumers.retain(|(c, t)| !(*c == chan_id && t == tag));
+            if q.next_consumer >= q.consumers.len() {
+                q.next_consumer = 0;
             }
+            delete = q.auto_delete && q.consumers.is_empty() && q.had_consumer;
         }
         if delete {
             let cause = self.drop_cause();

@@ -261,10 +261,10 @@ impl Cluster {
             if let Some(stdout) = child.stdout.take() {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
-                    if line.contains("Stopping") {
-                        if let Some(tx) = begun.take() {
-                            let _ = tx.send(());
-                        }
+                    if line.contains("Stopping")
+                        && let Some(tx) = begun.take()
+                    {
+                        let _ = tx.send(());
                     }
                 }
             }

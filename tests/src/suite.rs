@@ -369,11 +369,11 @@ impl Pace {
     }
 
     async fn wait(&self, start: tokio::time::Instant, id: u32) {
-        if let Some(rate) = self.rate {
-            if id % 64 == 0 {
-                let due = start + Duration::from_secs_f64(f64::from(id) / f64::from(rate));
-                tokio::time::sleep_until(due).await;
-            }
+        if let Some(rate) = self.rate
+            && id.is_multiple_of(64)
+        {
+            let due = start + Duration::from_secs_f64(f64::from(id) / f64::from(rate));
+            tokio::time::sleep_until(due).await;
         }
         let Some(opened) = &self.opened else {
             return;

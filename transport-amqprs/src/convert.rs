@@ -109,17 +109,17 @@ fn credentials(endpoint: &Endpoint) -> Result<SecurityCredentials, TransportErro
     }
 }
 
-/// A TLS adaptor with the *ring* provider chosen explicitly and the webpki roots:
-/// amqprs's own constructors use the process-wide default provider, which panics
-/// when more than one is compiled in and none was installed.
+/// A TLS adaptor with the webpki roots and [`crypto_provider`]'s provider: amqprs's
+/// own constructors use `ClientConfig::builder()`, which panics when more than one
+/// provider is compiled in and none was installed.
 fn tls_adaptor(host: &str) -> Result<amqprs::tls::TlsAdaptor, TransportError> {
     use std::sync::Arc;
     use tokio_rustls::TlsConnector;
-    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let config = ClientConfig::builder_with_provider(Arc::new(crypto::ring::default_provider()))
+    let config = ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TransportError::Protocol(format!("TLS configuration: {e}")))?
         .with_root_certificates(roots)
@@ -128,6 +128,24 @@ fn tls_adaptor(host: &str) -> Result<amqprs::tls::TlsAdaptor, TransportError> {
         TlsConnector::from(Arc::new(config)),
         host.to_owned(),
     ))
+}
+
+/// The process-level default provider when the application installed one (aws-lc-rs,
+/// for post-quantum key exchange, say), else *ring*, which this crate compiles in; the
+/// fallback is not installed as the default, so the application can still install its
+/// own later. lapin's TLS stack (rustls-connector) chooses the same way.
+fn crypto_provider() -> std::sync::Arc<tokio_rustls::rustls::crypto::CryptoProvider> {
+    use tokio_rustls::rustls::crypto::{self, CryptoProvider};
+
+    if let Some(installed) = CryptoProvider::get_default() {
+        return installed.clone();
+    }
+    // rustls 0.23.48 deprecates this constructor because *ring* has no post-quantum key
+    // exchange; it has no other way to build the *ring* provider, and an application
+    // that wants post-quantum installs its provider, which the branch above takes.
+    #[allow(deprecated)]
+    let ring = crypto::ring::default_provider();
+    std::sync::Arc::new(ring)
 }
 
 /// Maps an error from an amqprs call.

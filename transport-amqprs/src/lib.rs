@@ -160,9 +160,11 @@
 //!   the build can turn it on), amqprs logs every frame it sends at TRACE level,
 //!   `connection.start-ok` included, whose SASL response holds the password: keep
 //!   it off, or amqprs's TRACE level off, in production.
-//! - TLS (`amqps://`) uses rustls with the *ring* provider (chosen explicitly, so no
-//!   process-wide default is needed) and the webpki root certificates; client
-//!   certificates are not wired.
+//! - TLS (`amqps://`) uses rustls with the webpki root certificates and the
+//!   process-wide default provider if the application installed one
+//!   (`CryptoProvider::install_default`, e.g. aws-lc-rs for post-quantum key
+//!   exchange), else the *ring* provider, without installing it (so no default is
+//!   needed); client certificates are not wired.
 //!
 //! [amqprs]: https://docs.rs/amqprs
 //! [`ConnectionEvent::Blocked`]: amqp_rebound_core::ConnectionEvent::Blocked

@@ -172,10 +172,10 @@ impl LapinChannel {
     /// Maps a lapin error from a call on this channel. A call on a channel that is
     /// already closed reports why it closed, not lapin's "invalid state".
     fn error(&self, error: lapin::Error) -> TransportError {
-        if is_state_error(&error) {
-            if let Some(closed) = self.shared.closed_error() {
-                return closed;
-            }
+        if is_state_error(&error)
+            && let Some(closed) = self.shared.closed_error()
+        {
+            return closed;
         }
         map_error(&error)
     }

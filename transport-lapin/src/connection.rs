@@ -121,10 +121,10 @@ impl LapinConnection {
     }
 
     fn error(&self, error: lapin::Error) -> TransportError {
-        if is_state_error(&error) {
-            if let Some(closed) = lock(&self.shared.closed).clone() {
-                return closed;
-            }
+        if is_state_error(&error)
+            && let Some(closed) = lock(&self.shared.closed).clone()
+        {
+            return closed;
         }
         scrub(map_error(&error), &self.shared.password.0)
     }

@@ -140,8 +140,11 @@
 //!   before they reach lapin.
 //! - `ConsumeOptions::prefetch` is applied with `basic.qos` (`global = false`) right
 //!   before `basic.consume`.
-//! - TLS (`amqps://`) uses rustls with the *ring* provider and the webpki root
-//!   certificates; client certificates are not wired.
+//! - TLS (`amqps://`) uses rustls with the webpki root certificates and the
+//!   process-wide default provider if the application installed one
+//!   (`CryptoProvider::install_default`, e.g. aws-lc-rs for post-quantum key
+//!   exchange), else the *ring* provider, which lapin's TLS stack then installs as
+//!   the default; client certificates are not wired.
 //!
 //! [lapin]: https://docs.rs/lapin
 //! [`ConnectionEvent::Blocked`]: amqp_rebound_core::ConnectionEvent::Blocked

@@ -855,7 +855,7 @@ impl Supervisor {
         // tell from one) says little about the others. When a round over every
         // host ends in a refusal, the next round waits at the cap: retrying bad
         // credentials sooner only hammers the broker.
-        let delay = if retry == Retry::Now || conn.failures % hosts != 0 {
+        let delay = if retry == Retry::Now || !conn.failures.is_multiple_of(hosts) {
             std::time::Duration::ZERO
         } else if class == ErrorClass::Refused {
             conn.backoff.at_cap(&mut self.rng)

@@ -279,10 +279,10 @@ impl Supervisor {
             if let Some((_, id)) = in_flight.pop_front() {
                 done.push(id);
             }
-        } else if let Ok(pos) = in_flight.binary_search_by_key(&tag, |&(seq, _)| seq) {
-            if let Some((_, id)) = in_flight.remove(pos) {
-                done.push(id);
-            }
+        } else if let Ok(pos) = in_flight.binary_search_by_key(&tag, |&(seq, _)| seq)
+            && let Some((_, id)) = in_flight.remove(pos)
+        {
+            done.push(id);
         }
         for &id in &done {
             self.confirmed(id, ack);

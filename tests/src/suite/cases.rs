@@ -55,13 +55,13 @@ fn rich_properties(id: u32, user: &str) -> Properties {
         "label".into(),
         AMQPValue::LongString(format!("message {id} ✓").into()),
     );
-    headers.insert("even".into(), AMQPValue::Boolean(id % 2 == 0));
+    headers.insert("even".into(), AMQPValue::Boolean(id.is_multiple_of(2)));
     let mut p = Properties::default()
         .with_content_type("application/x-rebound-test")
         .with_message_id(id.to_string())
         .with_headers(headers);
     p.content_encoding = Some("identity".into());
-    p.delivery_mode = Some(if id % 2 == 0 { 2 } else { 1 });
+    p.delivery_mode = Some(if id.is_multiple_of(2) { 2 } else { 1 });
     p.priority = Some((id % 10) as u8);
     p.correlation_id = Some(format!("corr-{id}"));
     p.reply_to = Some("rebound-test.replies".into());
@@ -1167,10 +1167,10 @@ pub async fn bad_credentials_and_bad_config<T: Transport>(h: Harness<T>) {
     let mut failures = vec![first.clone()];
     while started.elapsed() < window {
         let left = window.saturating_sub(started.elapsed());
-        if let Ok(Some(e)) = tokio::time::timeout(left, events.next()).await {
-            if matches!(e, Event::RecoveryFailed { .. }) {
-                failures.push(e);
-            }
+        if let Ok(Some(e)) = tokio::time::timeout(left, events.next()).await
+            && matches!(e, Event::RecoveryFailed { .. })
+        {
+            failures.push(e);
         }
     }
     let dials = proxy.accepted() - dials_before;
