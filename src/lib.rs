@@ -44,6 +44,29 @@ pub fn connect(builder: ClientBuilder) -> Result<Client, ConfigError> {
     Ok(client)
 }
 
+/// [`connect`], then waits for the first contact with the brokers
+/// ([`Client::connected`]): the client once a channel is Ready, or the cause
+/// (bad credentials with the broker's text, unknown vhost, refused,
+/// unreachable, TLS) once a round of dials over every host failed. What
+/// aio-pika, the Java client and lapin do on a first connect; after it, the
+/// client reconnects by itself.
+///
+/// ```no_run
+/// # #[tokio::main] async fn main() {
+/// use amqp_rebound::Client;
+/// match amqp_rebound::connect_ready(Client::builder().from_env()).await {
+///     Ok(client) => client.close().await,
+///     Err(e) => eprintln!("cannot reach RabbitMQ: {e}"),
+/// }
+/// # }
+/// ```
+#[cfg(any(feature = "lapin", feature = "amqprs"))]
+pub async fn connect_ready(builder: ClientBuilder) -> Result<Client, ConnectError> {
+    let client = connect(builder)?;
+    client.connected().await?;
+    Ok(client)
+}
+
 /// Builds the client over amqprs and tokio's clock, and spawns its driver on the
 /// current tokio runtime. Must be called from within a tokio runtime.
 #[cfg(all(feature = "amqprs", not(feature = "lapin")))]

@@ -16,7 +16,7 @@ use crate::backoff::BackoffConfig;
 use crate::config::Config;
 use crate::driver::{Driver, Engine, TopologyReply, lock};
 use crate::endpoint::{Endpoint, parse_host_list, parse_hosts};
-use crate::error::ConfigError;
+use crate::error::{ConfigError, ConnectError, TransportError};
 use crate::event::Event;
 use crate::ids::ChannelId;
 use crate::message::{Delivery, FieldTable, Message, Properties};
@@ -275,6 +275,9 @@ pub(crate) enum Request {
     },
     Flush {
         reply: oneshot::Sender<Flushed>,
+    },
+    Connected {
+        reply: oneshot::Sender<Result<(), TransportError>>,
     },
 }
 
@@ -691,6 +694,32 @@ impl Client {
         let (done, rx) = oneshot::channel();
         if self.send(Request::Close { discard, done }) {
             let _ = rx.await;
+        }
+    }
+
+    /// Waits for the first contact with the brokers: `Ok` once a channel is (or
+    /// was) Ready; the cause when a full round of dials over every host failed
+    /// before that (bad credentials with the broker's text, unknown vhost,
+    /// connection refused, unreachable, TLS), without waiting for a publish
+    /// timeout. The client keeps dialling in the background either way; after
+    /// the first Ready it never reports an error here again.
+    ///
+    /// ```no_run
+    /// # async fn f(client: amqp_rebound_core::Client) {
+    /// if let Err(e) = client.connected().await {
+    ///     eprintln!("RabbitMQ is not reachable with this configuration: {e}");
+    /// }
+    /// # }
+    /// ```
+    pub async fn connected(&self) -> Result<(), ConnectError> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Request::Connected { reply }) {
+            return Err(ConnectError::Closed);
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ConnectError::Transport(e)),
+            Err(_) => Err(ConnectError::Closed),
         }
     }
 

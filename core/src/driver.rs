@@ -126,6 +126,7 @@ impl Driver {
             watchers: Vec::new(),
             parked: VecDeque::new(),
             close_waiters: Vec::new(),
+            contact_waiters: Vec::new(),
             consume_replies: BTreeMap::new(),
             flushes: BTreeMap::new(),
             batch_now: None,
@@ -385,6 +386,8 @@ pub(crate) struct State<T: Transport, K: Timer> {
     /// Publishes waiting for room in a full outbox (the caller chose to wait).
     parked: VecDeque<ParkedPublish>,
     close_waiters: Vec<oneshot::Sender<()>>,
+    /// Callers of `Client::connected` waiting for the first contact.
+    contact_waiters: Vec<oneshot::Sender<Result<(), TransportError>>>,
     /// Consumers whose caller waits for the broker's first answer.
     consume_replies: BTreeMap<ConsumerId, oneshot::Sender<Result<ConsumerId, ConsumeError>>>,
     flushes: BTreeMap<crate::outbox::FlushId, oneshot::Sender<crate::client::Flushed>>,
@@ -1089,6 +1092,15 @@ impl<T: Transport, K: Timer> State<T, K> {
                     self.close_draining(now);
                 }
             }
+            Request::Connected { reply } => match self.sup.first_contact() {
+                Ok(true) => {
+                    let _ = reply.send(Ok(()));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                Ok(false) => self.contact_waiters.push(reply),
+            },
             Request::Flush { reply } => {
                 let id = self.sup.flush(now);
                 self.flushes.insert(id, reply);
@@ -1188,6 +1200,12 @@ impl<T: Transport, K: Timer> State<T, K> {
                         let _ = self.sup.cancel(now, consumer);
                     }
                 }
+            }
+            Event::FirstContact { result } => {
+                for reply in self.contact_waiters.drain(..) {
+                    let _ = reply.send(result.clone());
+                }
+                self.broadcast(Event::FirstContact { result });
             }
             Event::ConsumeResolved { consumer, result } => {
                 if result.is_err() {

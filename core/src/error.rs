@@ -58,6 +58,26 @@ pub enum ConfigError {
     Zero(&'static str),
 }
 
+/// Why a first connection could not be made ([`Client::connected`] and the
+/// facade's `connect_ready`).
+///
+/// [`Client::connected`]: crate::Client::connected
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The configuration was refused before any I/O.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A full round of dials over every host failed; this is the last one's
+    /// error (its class says whether retrying can help: bad credentials and an
+    /// unknown vhost are [`ErrorClass::Refused`]). The client keeps dialling.
+    #[error("could not connect: {0}")]
+    Transport(TransportError),
+    /// The client closed first.
+    #[error("the client is closed")]
+    Closed,
+}
+
 /// AMQP reply codes the classification knows by name.
 pub mod reply_code {
     /// 320: the broker closed the connection (admin action, shutdown).

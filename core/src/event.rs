@@ -126,6 +126,14 @@ pub enum Event {
         /// The broker's first answer.
         result: Result<(), ConsumeError>,
     },
+    /// The client's first contact with the brokers ended: `Ok` when a channel
+    /// was Ready for the first time, or the error of a connection slot's first
+    /// round of dials over every host that all failed (the client keeps
+    /// dialling). At most one `Ok`; an `Err` at most once, before it.
+    FirstContact {
+        /// How it went.
+        result: Result<(), TransportError>,
+    },
     /// A consumer ended for good (it will receive nothing more).
     ConsumerEnded {
         /// The consumer.

@@ -112,7 +112,7 @@ pub use client::{
 pub use config::Config;
 pub use driver::Driver;
 pub use endpoint::Endpoint;
-pub use error::{ConfigError, ErrorClass, TransportError};
+pub use error::{ConfigError, ConnectError, ErrorClass, TransportError};
 pub use event::{Event, Reason};
 pub use ids::{ChannelId, ConnectionId, Object};
 pub use message::{Delivery, FieldTable, Message, Properties, Returned};

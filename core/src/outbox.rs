@@ -81,6 +81,12 @@ pub enum PublishError {
         /// The broker's reply text.
         text: String,
     },
+    /// Its deadline passed and the client has never had a Ready connection: the
+    /// last error of its dials (bad credentials, unknown vhost, refused,
+    /// unreachable, TLS). Like [`TimedOut`](Self::TimedOut) otherwise: nothing was
+    /// sent.
+    #[error("no connection was ever made before the publish deadline: {0}")]
+    Unreachable(crate::error::TransportError),
     /// The message can never be published (e.g. a name longer than 255 bytes).
     #[error("invalid message: {0}")]
     Invalid(String),

@@ -266,6 +266,10 @@ pub enum TopologyError {
     /// No channel became ready before the deadline.
     #[error("no channel became ready in time")]
     TimedOut,
+    /// No channel became ready before the deadline, and the client has never had
+    /// a Ready connection: the last error of its dials.
+    #[error("no connection was ever made before the deadline: {0}")]
+    Unreachable(crate::error::TransportError),
     /// The client is closed.
     #[error("the client is closed")]
     Closed,

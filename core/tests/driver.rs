@@ -612,6 +612,73 @@ fn flush_waits_for_what_was_accepted_before_it_and_counts_what_was_not_confirmed
 }
 
 #[test]
+fn first_contact_reports_the_cause_after_one_round_and_timeouts_carry_it() {
+    let (mut pool, clock, transport, client) = setup(1, 1);
+    transport.broker().refuse = Some(TransportError::Auth(
+        "ACCESS_REFUSED - Login was refused".into(),
+    ));
+    let contact = Rc::new(RefCell::new(None));
+    {
+        let (client, contact) = (client.clone(), Rc::clone(&contact));
+        pool.spawner()
+            .spawn_local(async move {
+                *contact.borrow_mut() = Some(client.connected().await);
+            })
+            .unwrap();
+    }
+    let start = clock_now(&clock);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || contact
+        .borrow()
+        .is_some()));
+    assert!(
+        clock_now(&clock) - start < Duration::from_millis(100),
+        "one round, no wait"
+    );
+    let got = contact.borrow().clone().unwrap();
+    assert!(
+        matches!(
+            &got,
+            Err(amqp_rebound_core::ConnectError::Transport(TransportError::Auth(text)))
+                if text.contains("ACCESS_REFUSED")
+        ),
+        "{got:?}"
+    );
+    let late = client.publish_message(
+        amqp_rebound_core::Message::new("", "q", b"x".to_vec()),
+        PublishOptions::default().timeout(Duration::from_secs(3)),
+    );
+    let results: Results = Rc::default();
+    collect(&pool, &results, 0, late);
+    drive(&mut pool, &clock, Duration::from_secs(4), || {
+        !results.borrow().is_empty()
+    });
+    assert!(
+        matches!(
+            &results.borrow()[0].1,
+            Err(PublishError::Unreachable(TransportError::Auth(_)))
+        ),
+        "{:?}",
+        results.borrow()
+    );
+    // once the broker lets us in, connected() is Ok and stays so
+    transport.broker().refuse = None;
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || client
+        .state()
+        .is_ready()));
+    let again = Rc::new(RefCell::new(None));
+    {
+        let (client, again) = (client.clone(), Rc::clone(&again));
+        pool.spawner()
+            .spawn_local(async move {
+                *again.borrow_mut() = Some(client.connected().await);
+            })
+            .unwrap();
+    }
+    pool.run_until_stalled();
+    assert_eq!(again.borrow().clone(), Some(Ok(())));
+}
+
+#[test]
 fn builder_errors_are_typed_and_never_show_the_password() {
     let build = |b: amqp_rebound_core::ClientBuilder| {
         b.build(MemoryTransport::default(), ManualClock::new())
@@ -738,7 +805,13 @@ fn per_publish_timeout_and_no_wait_backpressure() {
         == 2));
     let out = out.borrow();
     assert!(out.contains(&(1, Err(PublishError::Backpressure { capacity: 1 }))));
-    assert!(out.contains(&(0, Err(PublishError::TimedOut))));
+    // never connected: the timeout says why
+    assert!(out.contains(&(
+        0,
+        Err(PublishError::Unreachable(TransportError::Io(
+            "refused".into()
+        )))
+    )));
 }
 
 /// A tracing writer that keeps everything in memory.

@@ -282,7 +282,8 @@ fn outbox_capacity_gives_backpressure_and_memory_stays_bounded() {
 #[test]
 fn deadline_resolves_timed_out_and_the_message_is_never_sent_after() {
     let mut w = World::new(config(1, 1, 1));
-    w.broker_up = false;
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.broker_down();
     let id = w.publish(msg(1)).unwrap();
     w.run_for(Duration::from_secs(31));
     assert_eq!(result_of(&w, id), vec![Err(PublishError::TimedOut)]);

@@ -374,6 +374,12 @@ pub struct Supervisor {
     closed: bool,
     /// A close is draining the outbox until this deadline (then `closed`).
     draining: Option<Instant>,
+    /// Whether a channel was ever Ready (first contact made).
+    ever_ready: bool,
+    /// The last dial or connection error, while no channel was ever Ready.
+    first_error: Option<TransportError>,
+    /// Whether a failed first round was reported.
+    first_failure_reported: bool,
     /// The broker's message size limit, once a refusal told it: larger messages
     /// are refused at the call.
     max_message_size: Option<usize>,
@@ -451,6 +457,9 @@ impl Supervisor {
             ready_channels: 0,
             closed: false,
             draining: None,
+            ever_ready: false,
+            first_error: None,
+            first_failure_reported: false,
             max_message_size: None,
             flushes: Vec::new(),
             next_flush: 0,
@@ -534,6 +543,15 @@ impl Supervisor {
     /// [`Input::CloseNow`] came. Closed is terminal.
     pub fn is_closed(&self) -> bool {
         self.closed
+    }
+
+    /// Whether a channel was ever Ready, and if not, the last dial error.
+    pub fn first_contact(&self) -> Result<bool, &TransportError> {
+        match (&self.first_error, self.ever_ready) {
+            (_, true) => Ok(true),
+            (Some(e), false) if self.first_failure_reported => Err(e),
+            _ => Ok(false),
+        }
     }
 
     /// Whether a close was asked for ([`Input::Close`], draining or done, or
@@ -864,6 +882,16 @@ impl Supervisor {
         };
         let attempt = conn.backoff.attempt();
         let retry_at = deadline_after(self.now, delay);
+        let round_failed = retry != Retry::Now && conn.failures.is_multiple_of(hosts);
+        if !self.ever_ready {
+            self.first_error = Some(error.clone());
+            if round_failed && !self.first_failure_reported {
+                self.first_failure_reported = true;
+                self.events.push_back(Event::FirstContact {
+                    result: Err(error.clone()),
+                });
+            }
+        }
         self.events.push_back(Event::RecoveryFailed {
             connection: ConnectionId(c as u16),
             endpoint: failed_endpoint,
@@ -1072,6 +1100,12 @@ impl Supervisor {
 
     /// The channel is open and its topology replayed: it may be handed out.
     fn channel_ready(&mut self, c: usize, i: usize) {
+        if !self.ever_ready {
+            self.ever_ready = true;
+            self.first_error = None;
+            self.events
+                .push_back(Event::FirstContact { result: Ok(()) });
+        }
         let ch = &mut self.conns[c].channels[i];
         ch.replaying = false;
         ch.ready_since = Some(self.now);

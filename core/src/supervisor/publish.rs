@@ -353,7 +353,7 @@ impl Supervisor {
         };
         self.flush_count(entry.order, false);
         match error {
-            PublishError::TimedOut => self.stats.timed_out += 1,
+            PublishError::TimedOut | PublishError::Unreachable(_) => self.stats.timed_out += 1,
             PublishError::Closed => self.stats.closed += 1,
             PublishError::Rejected { .. } => self.stats.rejected += 1,
             PublishError::Nacked => self.stats.nacked += 1,
@@ -367,7 +367,11 @@ impl Supervisor {
 
     pub(super) fn expire_publishes(&mut self) {
         for id in self.outbox.expired(self.now) {
-            self.resolve_publish(id, PublishError::TimedOut);
+            let error = match &self.first_error {
+                Some(e) if !self.ever_ready => PublishError::Unreachable(e.clone()),
+                _ => PublishError::TimedOut,
+            };
+            self.resolve_publish(id, error);
         }
     }
 

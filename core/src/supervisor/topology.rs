@@ -661,7 +661,11 @@ impl Supervisor {
             if at > self.now {
                 break;
             }
-            self.resolve_user_op(id, Err(TopologyError::TimedOut));
+            let error = match &self.first_error {
+                Some(e) if !self.ever_ready => TopologyError::Unreachable(e.clone()),
+                _ => TopologyError::TimedOut,
+            };
+            self.resolve_user_op(id, Err(error));
         }
     }
 
