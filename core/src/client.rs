@@ -271,7 +271,7 @@ pub(crate) enum Request {
     Close {
         /// Discard what was not sent instead of draining.
         discard: bool,
-        done: oneshot::Sender<()>,
+        done: oneshot::Sender<CloseSummary>,
     },
     Flush {
         reply: oneshot::Sender<Flushed>,
@@ -279,6 +279,17 @@ pub(crate) enum Request {
     Connected {
         reply: oneshot::Sender<Result<(), TransportError>>,
     },
+}
+
+/// How a [`Client::close`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct CloseSummary {
+    /// Publishes the close resolved [`PublishError::Closed`]: not confirmed
+    /// when the close timeout ran out (or discarded by
+    /// [`Client::close_discarding`]). Zero: everything accepted was confirmed
+    /// (or had resolved otherwise) before the connections closed.
+    pub unresolved: u64,
 }
 
 /// What [`Client::flush`] waited for.
@@ -673,12 +684,13 @@ impl Client {
     /// until the close timeout ([`ClientBuilder::close_timeout`], default 5 s).
     /// Then the connections close cleanly; what is still unresolved resolves
     /// [`PublishError::Closed`] (if it was in flight, the broker may have it).
-    /// Returns when the driver is done.
+    /// Returns when the driver is done, with how many publishes the close
+    /// resolved that way.
     ///
     /// Dropping the last `Client` handle does the same, with nobody waiting: the
     /// driver drains within the close timeout and then ends.
-    pub async fn close(&self) {
-        self.close_with(false).await;
+    pub async fn close(&self) -> CloseSummary {
+        self.close_with(false).await
     }
 
     /// Closes the client **without draining: messages not yet sent are lost**
@@ -686,14 +698,17 @@ impl Client {
     /// flight get up to the close timeout for their confirms. For callers that
     /// must stop now (a second SIGTERM); [`close`](Self::close) keeps what was
     /// accepted.
-    pub async fn close_discarding(&self) {
-        self.close_with(true).await;
+    pub async fn close_discarding(&self) -> CloseSummary {
+        self.close_with(true).await
     }
 
-    async fn close_with(&self, discard: bool) {
+    async fn close_with(&self, discard: bool) -> CloseSummary {
         let (done, rx) = oneshot::channel();
         if self.send(Request::Close { discard, done }) {
-            let _ = rx.await;
+            // a second close (or one after the driver ended) learns nothing new
+            rx.await.unwrap_or_default()
+        } else {
+            CloseSummary::default()
         }
     }
 

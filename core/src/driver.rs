@@ -126,6 +126,7 @@ impl Driver {
             watchers: Vec::new(),
             parked: VecDeque::new(),
             close_waiters: Vec::new(),
+            closed_here: 0,
             contact_waiters: Vec::new(),
             consume_replies: BTreeMap::new(),
             flushes: BTreeMap::new(),
@@ -385,7 +386,12 @@ pub(crate) struct State<T: Transport, K: Timer> {
     watchers: Vec<mpsc::UnboundedSender<Event>>,
     /// Publishes waiting for room in a full outbox (the caller chose to wait).
     parked: VecDeque<ParkedPublish>,
-    close_waiters: Vec<oneshot::Sender<()>>,
+    /// Callers of `close`, each with the count of publishes resolved Closed
+    /// before it asked.
+    close_waiters: Vec<(oneshot::Sender<crate::client::CloseSummary>, u64)>,
+    /// Publishes resolved Closed by the driver itself (the supervisor counts
+    /// its own).
+    closed_here: u64,
     /// Callers of `Client::connected` waiting for the first contact.
     contact_waiters: Vec<oneshot::Sender<Result<(), TransportError>>>,
     /// Consumers whose caller waits for the broker's first answer.
@@ -1082,9 +1088,11 @@ impl<T: Transport, K: Timer> State<T, K> {
             }
             Request::Watch { events } => self.watchers.push(events),
             Request::Close { discard, done } => {
-                self.close_waiters.push(done);
+                let before = self.sup.stats().closed + self.closed_here;
+                self.close_waiters.push((done, before));
                 if discard {
                     for p in self.parked.drain(..) {
+                        self.closed_here += 1;
                         let _ = p.reply.send(Err(PublishError::Closed));
                     }
                     self.sup.handle(now, Input::CloseNow);
@@ -1255,9 +1263,11 @@ impl<T: Transport, K: Timer> State<T, K> {
         while self.requests.try_recv().is_ok() {}
         // slot order: the same every run, as the simulator needs
         for (_, reply) in std::mem::take(&mut self.publishes) {
+            self.closed_here += 1;
             let _ = reply.send(Err(PublishError::Closed));
         }
         for p in self.parked.drain(..) {
+            self.closed_here += 1;
             let _ = p.reply.send(Err(PublishError::Closed));
         }
         for (_, reply) in std::mem::take(&mut self.topology) {
@@ -1281,8 +1291,11 @@ impl<T: Transport, K: Timer> State<T, K> {
         self.shared
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        for done in self.close_waiters.drain(..) {
-            let _ = done.send(());
+        let closed = self.sup.stats().closed + self.closed_here;
+        for (done, before) in self.close_waiters.drain(..) {
+            let _ = done.send(crate::client::CloseSummary {
+                unresolved: closed.saturating_sub(before),
+            });
         }
         // watch streams end; the transport's objects go now, not when the last
         // client handle does

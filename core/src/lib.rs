@@ -106,8 +106,8 @@ pub mod transport;
 
 pub use backoff::{Backoff, BackoffConfig, Jitter};
 pub use client::{
-    Client, ClientBuilder, ClientState, Consumer, DEFAULT_URL, Flushed, PublishFuture,
-    PublishOptions, Queue, Received,
+    Client, ClientBuilder, ClientState, CloseSummary, Consumer, DEFAULT_URL, Flushed,
+    PublishFuture, PublishOptions, Queue, Received,
 };
 pub use config::Config;
 pub use driver::Driver;

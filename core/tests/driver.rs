@@ -447,7 +447,8 @@ fn close_drains_every_accepted_publish_across_a_recovery() {
         let (client, closed) = (client.clone(), Rc::clone(&closed));
         pool.spawner()
             .spawn_local(async move {
-                client.close().await;
+                let summary = client.close().await;
+                assert_eq!(summary.unresolved, 0, "every accepted message confirmed");
                 *closed.borrow_mut() = true;
             })
             .unwrap();
@@ -504,19 +505,21 @@ fn close_gives_up_at_its_timeout_and_close_discarding_at_once() {
             let (client, closed, clock) = (client.clone(), Rc::clone(&closed), clock.clone());
             pool.spawner()
                 .spawn_local(async move {
-                    if discard {
-                        client.close_discarding().await;
+                    let summary = if discard {
+                        client.close_discarding().await
                     } else {
-                        client.close().await;
-                    }
-                    *closed.borrow_mut() = Some(clock_now(&clock));
+                        client.close().await
+                    };
+                    *closed.borrow_mut() = Some((clock_now(&clock), summary.unresolved));
                 })
                 .unwrap();
         }
         assert!(drive(&mut pool, &clock, Duration::from_secs(10), || closed
             .borrow()
             .is_some()));
-        let took = closed.borrow().unwrap() - start;
+        let (at, unresolved) = closed.borrow().unwrap();
+        assert_eq!(unresolved, 10, "the close says what it gave up on");
+        let took = at - start;
         if discard {
             assert!(took < Duration::from_millis(10), "discarding took {took:?}");
         } else {
