@@ -60,6 +60,10 @@
 //!
 //! Errors are classified once, in [`TransportError::class`].
 //!
+//! What each publish outcome, ack and close guarantees (at-least-once,
+//! duplicates, deduplication, what the broker itself may drop) is in
+//! [`guarantees`].
+//!
 //! ## When a connection is dialled again
 //!
 //! The rule serves the user's stall first, and never loops hot:
@@ -93,6 +97,7 @@ pub mod driver;
 pub mod endpoint;
 pub mod error;
 pub mod event;
+pub mod guarantees;
 pub mod ids;
 pub mod message;
 pub mod outbox;
