@@ -827,8 +827,14 @@ impl<T: Transport, K: Timer> State<T, K> {
                         .map(move |e| (connection, epoch, e))
                         .boxed();
                     self.conn_events.push(events);
+                    let channel_max = conn.channel_max();
                     self.conns.insert(connection, (epoch, conn));
-                    tracing::info!(%connection, epoch, "connected");
+                    tracing::info!(%connection, epoch, channel_max, "connected");
+                    self.input(Input::Tuned {
+                        connection,
+                        epoch,
+                        channel_max,
+                    });
                     self.input(Input::Connected { connection, epoch });
                 }
                 Err(error) => {

@@ -128,6 +128,18 @@ pub enum TransportError {
     /// The connection or channel was closed on our own request.
     #[error("closed by the client")]
     ClosedByClient,
+    /// The broker allows fewer channels per connection (its negotiated
+    /// `channel_max`) than the pool asks for: a configuration error, refused.
+    #[error(
+        "the pool asks for {wanted} channels per connection; the broker allows {max} \
+         (its channel_max): lower the pool's channels or raise channel_max"
+    )]
+    ChannelLimit {
+        /// Channels per connection in the pool.
+        wanted: usize,
+        /// The broker's limit.
+        max: u16,
+    },
 }
 
 /// What the machines do about a failure. Decided once, in [`TransportError::class`].
@@ -157,7 +169,7 @@ impl TransportError {
             | TransportError::Timeout
             | TransportError::Protocol(_)
             | TransportError::ClosedByClient => ErrorClass::Transient,
-            TransportError::Auth(_) => ErrorClass::Refused,
+            TransportError::Auth(_) | TransportError::ChannelLimit { .. } => ErrorClass::Refused,
             TransportError::Reply { code, .. } => match *code {
                 NOT_FOUND | RESOURCE_LOCKED | PRECONDITION_FAILED => ErrorClass::ChannelLevel,
                 ACCESS_REFUSED | NOT_ALLOWED => ErrorClass::Refused,

@@ -149,6 +149,13 @@ pub trait Connection: Send + Sync + 'static {
     fn events(&self) -> BoxStream<'static, ConnectionEvent>;
     /// Closes the connection (200 reply), waiting for the broker's close-ok.
     async fn close(&self) -> Result<(), TransportError>;
+    /// How many channels this connection may open: the `channel_max` negotiated
+    /// with the broker (`u16::MAX` when it sets no limit, its 0). The core never
+    /// asks for more: a pool with more channels per connection fails the dial
+    /// with [`TransportError::ChannelLimit`]. `u16::MAX` by default.
+    fn channel_max(&self) -> u16 {
+        u16::MAX
+    }
 }
 
 /// What happens on a channel, as a stream (see [`Channel::events`]).

@@ -682,6 +682,55 @@ fn first_contact_reports_the_cause_after_one_round_and_timeouts_carry_it() {
 }
 
 #[test]
+fn a_pool_wider_than_the_brokers_channel_max_is_refused_at_first_contact() {
+    let pool = LocalPool::new();
+    let clock = ManualClock::new();
+    let transport = MemoryTransport::default();
+    transport.broker().channel_max = Some(3);
+    let (client, driver) = Client::builder()
+        .hosts([URL])
+        .pool(1, 4)
+        .build(transport.clone(), clock.clone())
+        .unwrap();
+    let mut pool = pool;
+    pool.spawner().spawn_local(driver).unwrap();
+    let contact = Rc::new(RefCell::new(None));
+    {
+        let (client, contact) = (client.clone(), Rc::clone(&contact));
+        pool.spawner()
+            .spawn_local(async move {
+                *contact.borrow_mut() = Some(client.connected().await);
+            })
+            .unwrap();
+    }
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || contact
+        .borrow()
+        .is_some()));
+    assert_eq!(
+        contact.borrow().clone().unwrap(),
+        Err(amqp_rebound_core::ConnectError::Transport(
+            TransportError::ChannelLimit { wanted: 4, max: 3 }
+        ))
+    );
+    // it keeps trying, at the backoff cap (refused), never opening a channel
+    drive(&mut pool, &clock, Duration::from_secs(30), || false);
+    let dials = transport.broker().dials;
+    assert!((10..=40).contains(&dials), "{dials} dials in 30 s");
+    assert_eq!(transport.broker().over_channel_max, 0);
+    assert_eq!(transport.open_channels(), 0);
+    assert_eq!(
+        transport.open_connections(),
+        0,
+        "refused connections are closed"
+    );
+    // within the limit it works
+    transport.broker().channel_max = Some(4);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || client
+        .state()
+        .is_ready()));
+}
+
+#[test]
 fn builder_errors_are_typed_and_never_show_the_password() {
     let build = |b: amqp_rebound_core::ClientBuilder| {
         b.build(MemoryTransport::default(), ManualClock::new())

@@ -206,6 +206,13 @@ impl AmqprsConnection {
 impl Connection for AmqprsConnection {
     type Channel = AmqprsChannel;
 
+    fn channel_max(&self) -> u16 {
+        match self.connection.get().channel_max() {
+            0 => u16::MAX,
+            max => max,
+        }
+    }
+
     async fn open_channel(&self) -> Result<AmqprsChannel, TransportError> {
         if let Some(closed) = self.shared.closed() {
             return Err(closed);

@@ -134,6 +134,13 @@ impl LapinConnection {
 impl Connection for LapinConnection {
     type Channel = LapinChannel;
 
+    fn channel_max(&self) -> u16 {
+        match self.connection.configuration().channel_max() {
+            0 => u16::MAX,
+            max => max,
+        }
+    }
+
     async fn open_channel(&self) -> Result<LapinChannel, TransportError> {
         let channel = self
             .connection

@@ -156,6 +156,18 @@ pub enum Input {
         /// The outcome.
         result: Result<Option<String>, TransportError>,
     },
+    /// What the broker allows on a connection about to be reported
+    /// [`Connected`](Input::Connected): its negotiated `channel_max`. Optional;
+    /// sent before `Connected` for the same epoch, it lets the supervisor refuse a
+    /// pool that asks for more channels than the broker allows.
+    Tuned {
+        /// The slot.
+        connection: ConnectionId,
+        /// The epoch of the dial.
+        epoch: u64,
+        /// The broker's limit of channels on this connection.
+        channel_max: u16,
+    },
     /// The application asks to close, draining first: nothing new is accepted;
     /// every message already accepted is published and its confirm awaited,
     /// across recoveries, until [`Config::close_timeout`]; then the connections
@@ -644,6 +656,28 @@ impl Supervisor {
             Input::CloseNow => {
                 self.draining = None;
                 self.close(deadline_after(self.now, self.config.close_timeout));
+            }
+            Input::Tuned {
+                connection,
+                epoch,
+                channel_max,
+            } => {
+                let wanted = self.config.channels_per_connection;
+                if let Some(c) = self.current(connection, epoch)
+                    && matches!(self.conns[c].state, ConnectionState::Connecting { .. })
+                    && wanted > usize::from(channel_max)
+                {
+                    // not one channel above the limit is opened: the dial fails
+                    // as refused (a configuration error), and the connection goes
+                    self.commands
+                        .push_back(Command::CloseConnection { connection, epoch });
+                    let error = TransportError::ChannelLimit {
+                        wanted,
+                        max: channel_max,
+                    };
+                    let class = error.class();
+                    self.connection_failed(c, error, Reason::DialFailed(class), Retry::AsFailure);
+                }
             }
             Input::Connected { connection, epoch } => self.on_connected(connection, epoch),
             Input::DialFailed {

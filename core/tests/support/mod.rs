@@ -132,6 +132,10 @@ pub struct Broker {
     pub fail_next_publish: Option<TransportError>,
     /// Do not confirm publishes (they stay pending).
     pub hold_confirms: bool,
+    /// The channel_max connections report (`None`: no limit).
+    pub channel_max: Option<u16>,
+    /// Channels opened beyond `channel_max` (a real client would panic or fail).
+    pub over_channel_max: usize,
     held: Vec<(u64, u64, u64)>,
     server_named: u64,
 }
@@ -261,8 +265,17 @@ fn closed() -> TransportError {
 #[async_trait]
 impl Connection for MemConnection {
     type Channel = MemChannel;
+    fn channel_max(&self) -> u16 {
+        self.broker.lock().unwrap().channel_max.unwrap_or(u16::MAX)
+    }
     async fn open_channel(&self) -> Result<MemChannel, TransportError> {
         let mut b = self.broker.lock().unwrap();
+        let open_here = b.chans.keys().filter(|(c, _)| *c == self.id).count();
+        if b.channel_max
+            .is_some_and(|max| open_here >= usize::from(max))
+        {
+            b.over_channel_max += 1;
+        }
         if !b.conns.contains_key(&self.id) {
             return Err(closed());
         }
