@@ -654,8 +654,8 @@ mod tests {
 
     #[test]
     fn long_endpoint_fields_are_refused() {
-        let ep = Endpoint::parse(&format!("amqp://u:p@localhost/{}", "v".repeat(256))).unwrap();
-        assert!(open_arguments(&ep, &ConnectOptions::default()).is_err());
+        // a vhost past 255 bytes is refused by Endpoint::parse already
+        assert!(Endpoint::parse(&format!("amqp://u:p@localhost/{}", "v".repeat(256))).is_err());
         let ep = Endpoint::parse(&format!(
             "amqp://{}:p@localhost/%2f?auth_mechanism=amqplain",
             "u".repeat(200)
