@@ -61,6 +61,67 @@ impl Properties {
         self.headers = Some(headers);
         self
     }
+
+    /// Sets the content encoding.
+    pub fn with_content_encoding(mut self, value: impl Into<String>) -> Self {
+        self.content_encoding = Some(value.into());
+        self
+    }
+
+    /// Sets the delivery mode (1 transient, 2 persistent).
+    pub fn with_delivery_mode(mut self, mode: u8) -> Self {
+        self.delivery_mode = Some(mode);
+        self
+    }
+
+    /// Sets the priority (0 to 9 for a priority queue).
+    pub fn with_priority(mut self, priority: u8) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// Sets the correlation id.
+    pub fn with_correlation_id(mut self, value: impl Into<String>) -> Self {
+        self.correlation_id = Some(value.into());
+        self
+    }
+
+    /// Sets the queue to reply to.
+    pub fn with_reply_to(mut self, value: impl Into<String>) -> Self {
+        self.reply_to = Some(value.into());
+        self
+    }
+
+    /// Sets the per-message TTL, in milliseconds (sent as the decimal string
+    /// AMQP wants).
+    pub fn with_expiration_ms(mut self, ms: u64) -> Self {
+        self.expiration = Some(ms.to_string());
+        self
+    }
+
+    /// Sets the timestamp, in seconds since the Unix epoch.
+    pub fn with_timestamp(mut self, seconds: u64) -> Self {
+        self.timestamp = Some(seconds);
+        self
+    }
+
+    /// Sets the message type name (the AMQP `type` property).
+    pub fn with_kind(mut self, value: impl Into<String>) -> Self {
+        self.kind = Some(value.into());
+        self
+    }
+
+    /// Sets the publishing user (RabbitMQ checks it against the connection's).
+    pub fn with_user_id(mut self, value: impl Into<String>) -> Self {
+        self.user_id = Some(value.into());
+        self
+    }
+
+    /// Sets the publishing application.
+    pub fn with_app_id(mut self, value: impl Into<String>) -> Self {
+        self.app_id = Some(value.into());
+        self
+    }
 }
 
 /// The longest AMQP short string (property values, header keys, names).

@@ -6,6 +6,7 @@
 //! turns them into `#[test]`s for a transport.
 
 pub mod cases;
+pub mod edges;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -1261,8 +1261,9 @@ fn is_known_upstream_leak(line: &str) -> bool {
 // 10. close during reconnect
 
 /// Case 10: `close()` while the client waits to redial, and while a dial hangs:
-/// it resolves promptly, pending publishes resolve `Closed`, and no dial
-/// follows (the proxy's accept count stays flat).
+/// it drains the pending publish until its close timeout (1 s here), then
+/// resolves it `Closed` and returns; with nothing owed it returns promptly; no
+/// dial follows (the proxy's accept count stays flat).
 pub async fn close_during_reconnect<T: Transport>(h: Harness<T>) {
     let quiet = Duration::from_millis(2_500);
 
@@ -1277,6 +1278,7 @@ pub async fn close_during_reconnect<T: Transport>(h: Harness<T>) {
     let client = h.start(
         h.builder([h.url.at(proxy.addr())])
             .backoff(backoff)
+            .close_timeout(SECOND)
             .pool(1, 1),
     );
     wait_ready(&client, 15 * SECOND).await;
@@ -1285,6 +1287,9 @@ pub async fn close_during_reconnect<T: Transport>(h: Harness<T>) {
         .declare_queue(test_queue(&name))
         .await
         .expect("declare");
+    // the lost connection is redialled at once (it was Ready long enough); that
+    // dial is refused, and the next one waits the backoff's 2 s
+    proxy.refuse(true);
     proxy.reset_all();
     eventually("Reconnecting", 5 * SECOND, || {
         client.state().connections == [Phase::Reconnecting]
@@ -1299,10 +1304,16 @@ pub async fn close_during_reconnect<T: Transport>(h: Harness<T>) {
                 .await
         })
     };
-    let dials = proxy.accepted();
-    let took = eventually_async("close() while reconnecting", 5 * SECOND, client.close()).await;
-    eprintln!("close() while waiting to redial took {took:?}");
-    assert!(took < SECOND, "close() took {took:?}");
+    let started = Instant::now();
+    let summary = within("close() while reconnecting", 5 * SECOND, client.close()).await;
+    let took = started.elapsed();
+    let dials = proxy.accepted() + proxy.refused();
+    eprintln!("close() while waiting to redial took {took:?}: {summary:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < 2 * SECOND,
+        "close() took {took:?}, its close timeout is 1 s"
+    );
+    assert_eq!(summary.unresolved, 1, "the pending publish was given up");
     assert_eq!(
         within("the pending publish", SECOND, pending)
             .await
@@ -1318,7 +1329,12 @@ pub async fn close_during_reconnect<T: Transport>(h: Harness<T>) {
     );
     // the redial would have come 2 s after the loss: watch past that
     tokio::time::sleep(quiet).await;
-    assert_eq!(proxy.accepted(), dials, "a dial after close()");
+    assert_eq!(
+        proxy.accepted() + proxy.refused(),
+        dials,
+        "a dial after close()"
+    );
+    proxy.refuse(false);
     drop(proxy);
 
     // b. a dial that hangs (the proxy accepts but forwards nothing)

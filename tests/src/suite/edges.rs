@@ -1,0 +1,553 @@
+//! Cases at the edges: shutdown that keeps what was accepted, and bad input that
+//! fails fast, alone, with a typed error. Generic over the transport like
+//! [`cases`](super::cases); registered by [`conformance_suite!`](crate::conformance_suite).
+
+use std::time::{Duration, Instant};
+
+use amqp_rebound_core::message::AMQPValue;
+use amqp_rebound_core::transport::Transport;
+use amqp_rebound_core::{
+    BackoffConfig, Client, Confirmation, ConnectError, ConsumeError, ErrorClass, FieldTable,
+    Message, Properties, PublishError, PublishFuture, PublishOptions, QueueDecl, TopologyError,
+    TransportError,
+};
+use futures::FutureExt;
+
+use super::{
+    Harness, assert_all_confirmed, close, delete_queues, drain_ids, eventually, plain, queue_name,
+    small_payload, test_queue, wait_ready, within,
+};
+use crate::broker::{self, BrokerUrl};
+use crate::proxy::FaultProxy;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Publishes ids `0..n` to `queue` and drops every future (fire and forget).
+fn fire_and_forget(client: &Client, queue: &str, n: u32) {
+    let make = plain(queue);
+    for id in 0..n {
+        drop(client.publish_message(make(id), PublishOptions::default()));
+    }
+}
+
+/// Reads `queue` back and asserts every id of `0..n` is there (duplicates
+/// allowed: at-least-once).
+async fn assert_all_in_queue<T: Transport>(h: &Harness<T>, queue: &str, n: u32) {
+    let reader = h.client().await;
+    let counts = drain_ids(&reader, queue, n as usize, 60 * SECOND).await;
+    let missing: Vec<u32> = (0..n).filter(|id| !counts.contains_key(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {n} accepted messages never reached the queue, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    reader
+        .delete_queue(queue)
+        .await
+        .expect("delete the test queue");
+    close(reader).await;
+}
+
+// ---------------------------------------------------------------------------
+// shutdown
+
+/// 20,000 publishes whose futures are dropped, then `close()`: every one of
+/// them is in the queue, and the close says nothing was left unresolved.
+pub async fn fire_and_forget_then_close_keeps_every_message<T: Transport>(h: Harness<T>) {
+    let name = queue_name(&h, "drain");
+    let client = h.client().await;
+    client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare");
+    fire_and_forget(&client, &name, 20_000);
+    let started = Instant::now();
+    let summary = within("close()", 30 * SECOND, client.close()).await;
+    eprintln!("close() drained in {:?}: {summary:?}", started.elapsed());
+    assert_eq!(summary.unresolved, 0, "the drain gave up on messages");
+    assert!(client.is_closed());
+    assert_all_in_queue(&h, &name, 20_000).await;
+}
+
+/// The same, with every connection of the broker closed while the close drains:
+/// the drain recovers and still publishes everything.
+pub async fn close_all_connections_during_the_drain<T: Transport>(h: Harness<T>) {
+    let name = queue_name(&h, "drain-kill");
+    let client = h.start(h.builder([h.url.url()]).close_timeout(30 * SECOND));
+    wait_ready(&client, 15 * SECOND).await;
+    client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare");
+    fire_and_forget(&client, &name, 20_000);
+    let closing = tokio::spawn({
+        let client = client.clone();
+        async move { client.close().await }
+    });
+    broker::close_all_connections("rebound-test: kill during the drain").await;
+    let summary = within("close() across a kill", 40 * SECOND, closing)
+        .await
+        .expect("the close task");
+    eprintln!(
+        "drain across a kill: {summary:?}, stats {:?}",
+        client.stats()
+    );
+    assert_eq!(summary.unresolved, 0, "the drain gave up on messages");
+    assert_all_in_queue(&h, &name, 20_000).await;
+}
+
+/// `close()` while the broker cannot be reached: it keeps trying until the close
+/// timeout, then returns with the count of what it gave up on.
+pub async fn close_with_the_broker_unreachable_returns_at_the_timeout<T: Transport>(h: Harness<T>) {
+    let proxy = FaultProxy::start(h.url.socket_addr()).expect("a fault proxy");
+    let timeout = 2 * SECOND;
+    let client = h.start(
+        h.builder([h.url.at(proxy.addr())])
+            .pool(1, 1)
+            .close_timeout(timeout),
+    );
+    wait_ready(&client, 15 * SECOND).await;
+    let name = queue_name(&h, "close-down");
+    client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare");
+    proxy.refuse(true);
+    proxy.reset_all();
+    eventually("the loss", 5 * SECOND, || !client.state().is_ready()).await;
+    let pending: Vec<PublishFuture> = (0..100u32)
+        .map(|id| client.publish("", &name, small_payload(id), Properties::default()))
+        .collect();
+    let started = Instant::now();
+    let summary = within("close() with the broker down", 10 * SECOND, client.close()).await;
+    let took = started.elapsed();
+    eprintln!("close() with the broker down took {took:?}: {summary:?}");
+    assert!(
+        took >= timeout - Duration::from_millis(100) && took < timeout + 2 * SECOND,
+        "close() took {took:?}, its timeout is {timeout:?}"
+    );
+    assert_eq!(summary.unresolved, 100);
+    for p in pending {
+        assert_eq!(
+            p.now_or_never(),
+            Some(Err(PublishError::Closed)),
+            "resolved by the close"
+        );
+    }
+    drop(proxy);
+    let cleanup = h.client().await;
+    let _ = cleanup.delete_queue(name.as_str()).await;
+    close(cleanup).await;
+}
+
+/// `flush()` waits for what was accepted before it and counts what was not
+/// confirmed (a mandatory message nobody routes comes back `Returned`).
+pub async fn flush_reports_what_was_not_confirmed<T: Transport>(h: Harness<T>) {
+    let name = queue_name(&h, "flush");
+    let client = h.client().await;
+    client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare");
+    fire_and_forget(&client, &name, 2_000);
+    let unroutable =
+        Message::new("", format!("{name}.nobody"), "lost?".as_bytes().to_vec()).mandatory(true);
+    drop(client.publish_message(unroutable, PublishOptions::default()));
+    let flushed = within("flush()", 30 * SECOND, client.flush())
+        .await
+        .expect("flush");
+    assert_eq!(flushed.not_confirmed, 1, "the returned one");
+    let stats = client.stats();
+    assert_eq!(stats.confirmed, 2_000, "{stats:?}");
+    assert_eq!(stats.returned, 1, "{stats:?}");
+    close(client).await;
+    assert_all_in_queue(&h, &name, 2_000).await;
+}
+
+// ---------------------------------------------------------------------------
+// bad input
+
+/// How each bad message must end, per transport.
+fn bad_messages(transport: &str, queue: &str) -> Vec<(&'static str, Message, bool)> {
+    let long = "x".repeat(256);
+    let with =
+        |p: Properties| Message::new("", queue, "bad".as_bytes().to_vec()).with_properties(p);
+    let mut not_utf8 = FieldTable::default();
+    not_utf8.insert("bin".into(), AMQPValue::LongString(vec![0xff, 0xfe].into()));
+    let mut short = FieldTable::default();
+    short.insert("s".into(), AMQPValue::ShortString("short".into()));
+    let mut cases = vec![
+        (
+            "message_id",
+            with(Properties::default().with_message_id(&*long)),
+            false,
+        ),
+        (
+            "content_type",
+            with(Properties::default().with_content_type(&*long)),
+            false,
+        ),
+        (
+            "reply_to",
+            with(Properties::default().with_reply_to(&*long)),
+            false,
+        ),
+        ("type", with(Properties::default().with_kind(&*long)), false),
+        (
+            "app_id",
+            with(Properties::default().with_app_id(&*long)),
+            false,
+        ),
+        (
+            "expiration",
+            with({
+                let mut p = Properties::default();
+                p.expiration = Some("soon".into());
+                p
+            }),
+            false,
+        ),
+        // a ShortString header value goes as a long string on both transports
+        (
+            "short string header",
+            with(Properties::default().with_headers(short)),
+            true,
+        ),
+    ];
+    // amqprs cannot send a long string that is not UTF-8; lapin can
+    cases.push((
+        "non-UTF-8 header",
+        with(Properties::default().with_headers(not_utf8)),
+        transport == "lapin",
+    ));
+    cases
+}
+
+/// The p99 of the good messages' publish-to-confirm latency, publishing ids
+/// `0..total` with `bad` messages slipped in at every `every`-th id.
+async fn run_with_bad(
+    client: &Client,
+    queue: &str,
+    total: u32,
+    bad: &[(&'static str, Message, bool)],
+    every: u32,
+) -> Duration {
+    let make = plain(queue);
+    let mut good = Vec::new();
+    let mut odd = Vec::new();
+    for id in 0..total {
+        let sent = Instant::now();
+        good.push((
+            sent,
+            client.publish_message(make(id), PublishOptions::default()),
+        ));
+        if every > 0 && id % every == every / 2 {
+            let k = (id / every) as usize;
+            if let Some((what, message, sendable)) = bad.get(k) {
+                let future = client.publish_message(message.clone(), PublishOptions::default());
+                odd.push((*what, *sendable, Instant::now(), future));
+            }
+        }
+    }
+    for (what, sendable, sent, future) in odd {
+        let result = within(what, 10 * SECOND, future).await;
+        if sendable {
+            assert_eq!(result, Ok(Confirmation::Confirmed), "{what}");
+        } else {
+            assert!(
+                matches!(result, Err(PublishError::Invalid(_))),
+                "{what}: {result:?}"
+            );
+            let took = sent.elapsed();
+            assert!(
+                took < 500 * Duration::from_millis(1),
+                "{what}: refused after {took:?}"
+            );
+        }
+    }
+    let mut latencies = Vec::new();
+    let mut results = Vec::new();
+    for (sent, future) in good {
+        let result = within("a good message", 30 * SECOND, future).await;
+        latencies.push(sent.elapsed());
+        results.push(result);
+    }
+    assert_all_confirmed(&results);
+    latencies.sort();
+    latencies[(latencies.len() * 99) / 100]
+}
+
+/// One bad message among good ones fails alone, at the call, with `Invalid`
+/// naming the field; the good ones around it are all confirmed, as fast as
+/// without it.
+pub async fn bad_messages_fail_alone_and_at_once<T: Transport>(h: Harness<T>) {
+    let name = queue_name(&h, "bad-msg");
+    let client = h.client().await;
+    client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare");
+    let bad = bad_messages(h.transport, &name);
+    let before = client.stats();
+    let clean = run_with_bad(&client, &name, 3_000, &[], 0).await;
+    let mixed = run_with_bad(&client, &name, 3_000, &bad, 3_000 / bad.len() as u32).await;
+    let stats = client.stats();
+    eprintln!(
+        "p99 publish-to-confirm of 3,000 good messages: {clean:?} alone, {mixed:?} with {} bad ones; \
+         re-sent {}",
+        bad.len(),
+        stats.republished - before.republished
+    );
+    assert_eq!(stats.republished, before.republished, "nothing was re-sent");
+    assert_eq!(
+        stats.recoveries, before.recoveries,
+        "no connection was lost"
+    );
+    assert!(
+        mixed <= (clean * 3).max(clean + 100 * Duration::from_millis(1)),
+        "the bad messages held the good ones up: p99 {mixed:?} against {clean:?}"
+    );
+    // names past the wire's limit
+    let long = "n".repeat(256);
+    assert!(matches!(
+        client.publish("", &long, "x", Properties::default()).await,
+        Err(PublishError::Invalid(_))
+    ));
+    assert!(matches!(
+        client.publish(&long, "k", "x", Properties::default()).await,
+        Err(PublishError::Invalid(_))
+    ));
+    assert!(matches!(
+        client
+            .declare_queue(QueueDecl::durable(long.as_str()))
+            .await,
+        Err(TopologyError::Invalid(_))
+    ));
+    client.delete_queue(name.as_str()).await.expect("delete");
+    close(client).await;
+}
+
+/// `consume` on a queue that does not exist returns the broker's 404, and the
+/// client stays whole (every channel Ready, nothing retried).
+pub async fn consume_on_a_missing_queue_is_refused<T: Transport>(h: Harness<T>) {
+    let client = h.client().await;
+    let missing = queue_name(&h, "missing");
+    let started = Instant::now();
+    let result = within(
+        "consume on a missing queue",
+        10 * SECOND,
+        client.consume(missing.as_str(), Default::default()),
+    )
+    .await;
+    match result {
+        Err(ConsumeError::Broker { code: 404, text }) => {
+            eprintln!("refused after {:?}: {text}", started.elapsed());
+        }
+        Err(other) => panic!("expected the broker's 404, got {other:?}"),
+        Ok(_) => panic!("a consumer of a queue that does not exist"),
+    }
+    wait_ready(&client, 10 * SECOND).await;
+    let replays = client.stats().replay_failures;
+    tokio::time::sleep(2 * SECOND).await;
+    assert_eq!(
+        client.stats().replay_failures,
+        replays,
+        "the refused consumer is retried"
+    );
+    close(client).await;
+}
+
+/// What a first-contact error must look like.
+type Expect = fn(&TransportError) -> bool;
+
+/// A server that accepts TCP and answers with something that is not AMQP.
+async fn not_amqp() -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let _ = socket
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    addr
+}
+
+/// First contact names the cause after one round of dials, well before a
+/// publish timeout: wrong password, unknown vhost, a refused port, a port that
+/// speaks no AMQP; and a publish on such a client says why when it times out.
+pub async fn first_contact_names_the_cause<T: Transport>(h: Harness<T>) {
+    let secret = format!("s3cret-{:016x}", fastrand::u64(..));
+    let mut vhost = BrokerUrl::from_env();
+    vhost.path = format!("/{}", queue_name(&h, "no-such-vhost"));
+    let refused = {
+        // a port nothing listens on: bind, note it, close
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let garbage = not_amqp().await;
+    let cases: Vec<(&str, String, Expect)> = vec![
+        ("wrong password", h.url.with_password(&secret), |e| {
+            e.class() == ErrorClass::Refused
+        }),
+        ("unknown vhost", vhost.url(), |e| {
+            e.class() == ErrorClass::Refused
+        }),
+        ("refused port", h.url.at(refused), |e| {
+            matches!(e, TransportError::Io(_))
+        }),
+        ("not AMQP", h.url.at(garbage), |_| true),
+    ];
+    for (what, url, expected) in cases {
+        let client = h.start(h.builder([url]).publish_timeout(3 * SECOND));
+        let started = Instant::now();
+        let result = within(what, 15 * SECOND, client.connected()).await;
+        let took = started.elapsed();
+        eprintln!("{what}: {result:?} after {took:?}");
+        let shown = format!("{result:?}");
+        assert!(!shown.contains(&secret), "{what}: the password in {shown}");
+        match &result {
+            Err(ConnectError::Transport(e)) => assert!(expected(e), "{what}: {e:?}"),
+            other => panic!("{what}: expected the cause, got {other:?}"),
+        }
+        assert!(took < 10 * SECOND, "{what}: {took:?}");
+        let publish = within(
+            "a publish on a client that never connected",
+            10 * SECOND,
+            client.publish("", "q", "x", Properties::default()),
+        )
+        .await;
+        assert!(
+            matches!(publish, Err(PublishError::Unreachable(_))),
+            "{what}: {publish:?}"
+        );
+        client.close().await;
+    }
+}
+
+/// The extremes a user can pass never panic nor stall: `Duration::MAX` for every
+/// timeout and the backoff cap, and a pool wider than the broker's channel_max
+/// (refused at first contact with a typed error, no channel opened past it).
+pub async fn extreme_settings_never_panic<T: Transport>(h: Harness<T>) {
+    let name = queue_name(&h, "extreme");
+    let client = h.start(
+        h.builder([h.url.url()])
+            .publish_timeout(Duration::MAX)
+            .connect_timeout(Duration::MAX)
+            .close_timeout(Duration::MAX)
+            .backoff(BackoffConfig {
+                cap: Duration::MAX,
+                ..BackoffConfig::default()
+            }),
+    );
+    within("first contact", 15 * SECOND, client.connected())
+        .await
+        .expect("connected");
+    client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare");
+    let results = futures::future::join_all((0..100u32).map(|id| {
+        client.publish_message(
+            Message::new("", name.as_str(), small_payload(id)),
+            PublishOptions::default().timeout(Duration::MAX),
+        )
+    }))
+    .await;
+    assert_all_confirmed(&results);
+    within("close() with no timeout", 15 * SECOND, client.close()).await;
+
+    let wide = h.start(h.builder([h.url.url()]).pool(1, 4_000));
+    let result = within(
+        "first contact of a wide pool",
+        15 * SECOND,
+        wide.connected(),
+    )
+    .await;
+    eprintln!("pool 1 x 4000: {result:?}");
+    assert!(
+        matches!(
+            result,
+            Err(ConnectError::Transport(TransportError::ChannelLimit {
+                wanted: 4_000,
+                ..
+            }))
+        ),
+        "{result:?}"
+    );
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(wide.state().ready_channels, 0);
+    wide.close().await;
+    delete_queues(&h, &[name.as_str()]).await;
+}
+
+/// A message above the broker's size limit fails alone with the broker's 406,
+/// at its first refusal; the next one that large fails at the call.
+pub async fn a_message_over_the_size_limit_fails_alone<T: Transport>(h: Harness<T>) {
+    let _limit = SizeLimit::set(1 << 20).await;
+    let name = queue_name(&h, "too-big");
+    let client = h.start(h.builder([h.url.url()]).pool(1, 1));
+    wait_ready(&client, 15 * SECOND).await;
+    client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare");
+    let make = plain(&name);
+    let good: Vec<PublishFuture> = (0..500u32)
+        .map(|id| client.publish_message(make(id), PublishOptions::default()))
+        .collect();
+    let big = client.publish("", &name, vec![7u8; 2 << 20], Properties::default());
+    let more: Vec<PublishFuture> = (500..1_000u32)
+        .map(|id| client.publish_message(make(id), PublishOptions::default()))
+        .collect();
+    let big = within("the big message", 20 * SECOND, big).await;
+    assert!(
+        matches!(big, Err(PublishError::Rejected { code: 406, .. })),
+        "{big:?}"
+    );
+    let mut results = Vec::new();
+    for f in good.into_iter().chain(more) {
+        results.push(within("a good message", 30 * SECOND, f).await);
+    }
+    assert_all_confirmed(&results);
+    let again = client.publish("", &name, vec![7u8; 2 << 20], Properties::default());
+    assert!(
+        matches!(again.now_or_never(), Some(Err(PublishError::Invalid(_)))),
+        "the second one fails at the call"
+    );
+    client.delete_queue(name.as_str()).await.expect("delete");
+    close(client).await;
+}
+
+/// The broker's `max_message_size`, restored when dropped.
+struct SizeLimit;
+
+impl SizeLimit {
+    const DEFAULT: u64 = 134_217_728;
+
+    async fn set(bytes: u64) -> SizeLimit {
+        broker::ctl(&[
+            "eval",
+            &format!("application:set_env(rabbit, max_message_size, {bytes})."),
+        ])
+        .await;
+        SizeLimit
+    }
+}
+
+impl Drop for SizeLimit {
+    fn drop(&mut self) {
+        let restore = format!(
+            "application:set_env(rabbit, max_message_size, {}).",
+            Self::DEFAULT
+        );
+        if let Err(e) = broker::rabbitmqctl(&["eval", &restore]) {
+            eprintln!("SizeLimit: could not restore max_message_size: {e}");
+        }
+    }
+}
