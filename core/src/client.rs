@@ -820,6 +820,24 @@ impl Consumer {
         self.id
     }
 
+    /// The next delivery, or the error that ended the consumer; `None` once it
+    /// ended. The same as [`StreamExt::next`](futures::StreamExt::next), without
+    /// importing a trait.
+    ///
+    /// ```no_run
+    /// # async fn f(client: amqp_rebound_core::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut consumer = client.consume("jobs", Default::default()).await?;
+    /// while let Some(received) = consumer.next().await {
+    ///     let received = received?;
+    ///     println!("{:?}: {:?}", received.properties().message_id, received.payload());
+    ///     received.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn next(&mut self) -> Option<Result<Received, ConsumeError>> {
+        futures::StreamExt::next(self).await
+    }
+
     /// Cancels the consumer (deliveries already received can still be acked).
     pub fn cancel(self) {
         self.client.send(Request::Cancel { consumer: self.id });
@@ -869,6 +887,32 @@ impl Received {
             generation,
             client: None,
         }
+    }
+
+    /// Its properties (content type, headers, message id, ...).
+    pub fn properties(&self) -> &Properties {
+        &self.delivery.properties
+    }
+
+    /// The exchange it was published to.
+    pub fn exchange(&self) -> &str {
+        &self.delivery.exchange
+    }
+
+    /// Its routing key.
+    pub fn routing_key(&self) -> &str {
+        &self.delivery.routing_key
+    }
+
+    /// Whether the broker delivered it before: a possible duplicate (see
+    /// [`guarantees`](crate::guarantees)).
+    pub fn redelivered(&self) -> bool {
+        self.delivery.redelivered
+    }
+
+    /// The consumer tag it was delivered to.
+    pub fn consumer_tag(&self) -> &str {
+        &self.delivery.consumer_tag
     }
 
     /// The body.
