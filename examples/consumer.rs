@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use amqp_rebound::{AckError, Client, ConsumeOptions, QueueDecl};
-use futures::StreamExt;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
