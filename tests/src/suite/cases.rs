@@ -1295,15 +1295,8 @@ pub async fn close_during_reconnect<T: Transport>(h: Harness<T>) {
         client.state().connections == [Phase::Reconnecting]
     })
     .await;
-    let pending = {
-        let client = client.clone();
-        let name = name.clone();
-        tokio::spawn(async move {
-            client
-                .publish("", &name, "never", Properties::default())
-                .await
-        })
-    };
+    // handed over by the call, before the close
+    let pending = tokio::spawn(client.publish("", &name, "never", Properties::default()));
     let started = Instant::now();
     let summary = within("close() while reconnecting", 5 * SECOND, client.close()).await;
     let took = started.elapsed();
