@@ -438,8 +438,8 @@ impl<T: Transport, K: Timer> State<T, K> {
         }
         self.wake_driver = false;
         for _ in 0..TRIPS {
-            // one reading of the clock per trip (it is a system call on some
-            // machines, and was ~1% of the CPU per message)
+            // one reading of the clock per trip: it is a system call on some
+            // machines, too dear for every input
             self.batch_now = Some(self.timer.now());
             self.flush();
             // Fully closed means every connection closed or its close timed out:

@@ -17,8 +17,8 @@
 //! - [`Scenario`]: a [`Workload`], a plan and [`Settings`], all named by one seed
 //!   ([`Scenario::from_seed`]); [`strategies`] generate them for proptest.
 //! - [`Simulation`]: the real `Client` and `Driver` on a `LocalPool` against the
-//!   simulated broker, in virtual time; its [`Outcome`] checks DESIGN.md's
-//!   invariants ([`Outcome::check_all`], [`check_same_trace`]) and prints the seed
+//!   simulated broker, in virtual time; its [`Outcome`] checks the
+//!   [`Invariant`]s ([`Outcome::check_all`], [`check_same_trace`]) and prints the seed
 //!   of a failure (`REBOUND_SEED=<n>` replays it).
 //! - [`InstrumentedTransport`]: counts dials and publishes, and plants a
 //!   [`ClientBug`] to show that the checks catch bugs.

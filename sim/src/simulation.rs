@@ -174,7 +174,9 @@ pub struct Outcome {
     pub unknown_tag_acks: u64,
 }
 
-/// One of DESIGN.md's invariants.
+/// One of the invariants every simulation is checked against. The numbers are
+/// the project's (6, "backoff delays stay within [0, cap]", is a property of
+/// `Backoff` itself, tested in the core).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Invariant {
@@ -197,7 +199,7 @@ pub enum Invariant {
 }
 
 impl Invariant {
-    /// DESIGN.md's number.
+    /// The invariant's number.
     pub fn number(self) -> u8 {
         match self {
             Invariant::OnlyReadyChannels => 1,

@@ -1,4 +1,4 @@
-//! DESIGN.md's invariants, each checked on 256 full-driver simulations (the real
+//! The simulator's [`Invariant`](amqp_rebound_sim::Invariant)s, each checked on 256 full-driver simulations (the real
 //! Client and Driver against the simulated broker, in virtual time, under 10 to 16
 //! random faults in 20 simulated seconds). A failure prints `REBOUND_SEED=<n>`;
 //! setting it replays that one scenario bit for bit and prints its trace.

@@ -127,7 +127,8 @@ enum Command {
 }
 
 impl LapinChannel {
-    /// Wraps a freshly opened lapin channel and starts its event task on `handle`.
+    /// Wraps a freshly opened lapin channel; its events are turned into
+    /// [`ChannelEvent`]s as the driver polls `events` (no task of its own).
     pub(crate) fn start(channel: lapin::Channel) -> LapinChannel {
         let shared = Arc::new(ChannelShared {
             status: channel.status().clone(),
