@@ -55,7 +55,7 @@ pub fn connect(builder: ClientBuilder) -> Result<Client, ConfigError> {
 /// # #[tokio::main] async fn main() {
 /// use amqp_rebound::Client;
 /// match amqp_rebound::connect_ready(Client::builder().from_env()).await {
-///     Ok(client) => client.close().await,
+///     Ok(client) => drop(client.close().await),
 ///     Err(e) => eprintln!("cannot reach RabbitMQ: {e}"),
 /// }
 /// # }
