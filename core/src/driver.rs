@@ -1297,6 +1297,10 @@ impl<T: Transport, K: Timer> State<T, K> {
         self.shared
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        // every publish future resolves before `close()` returns
+        for (reply, result) in self.resolved.drain(..) {
+            let _ = reply.send(result);
+        }
         let closed = self.sup.stats().closed + self.closed_here;
         for (done, before) in self.close_waiters.drain(..) {
             let _ = done.send(crate::client::CloseSummary {
