@@ -6,19 +6,31 @@
 //!    in a `FuturesUnordered`), through the adapter alone, and through
 //!    amqp-rebound (1 x 1, same window; then the default pool, 1 x 4), interleaved
 //!    rounds; rates, ratios (target >= 0.95) and CPU time per message.
-//! 2. **Recovery**: `kills` x `rabbitmqctl close_all_connections` under a steady
-//!    publisher: stall p50 / p99 (targets 100 ms / 300 ms), lost (must be 0) and
-//!    duplicates per kill.
+//! 2. **Recovery with the library's defaults**: `kills` x `rabbitmqctl
+//!    close_all_connections`, one every 1 s (dense) and one every 6 s (sparse),
+//!    under a publisher of 10,000 msg/s (at most 1,024 unresolved), for a 1 x 1
+//!    client and the default pool: per kill the longest confirm pause (targets
+//!    p50 50 ms / p99 200 ms), whether the loss met a Ready client, the publishes
+//!    in flight at the loss and the re-sends, lost (must be 0) and duplicates.
+//! 3. **Broker restart**: `restart` x `rabbitmqctl stop_app`, 5 s down,
+//!    `start_app`, per pool shape: from the broker accepting again to the first
+//!    confirm (targets p50 1 s / p99 2.5 s). The app is restarted even when the
+//!    bench fails.
 //!
 //! Then one JSON line with every figure. The rounds, the kill loop and the
 //! report are shared with `bench_amqprs` (`amqp_rebound_tests::bench`); this file
 //! holds only the raw lapin client. It takes the broker lock exclusively (it kills
-//! every connection), so it never overlaps the conformance suite.
+//! every connection and restarts the broker's app), so it never overlaps the
+//! conformance suite.
 //!
 //! ```text
 //! cargo run --release -p amqp-rebound-tests --bin bench_lapin -- \
-//!     [--messages 50000] [--window 1024] [--rounds 16] [--kills 20] [--payload 128]
+//!     [--messages 50000] [--window 1024] [--rounds 16] [--kills 20] [--payload 128] \
+//!     [--rhythm-ms 1000,6000] [--pool 1x1|default|both] [--restart 3] [--down-ms 5000] \
+//!     [--rate 10000] [--only recovery]
 //! ```
+//!
+//! `--only recovery` runs 2 and 3 alone; `--kills 0 --restart 0` runs 1 alone.
 
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
