@@ -35,7 +35,7 @@ ensure_broker() {
   fi
   if ! rabbitmqctl -q status >/dev/null 2>&1; then
     log "starting rabbitmq-server"
-    rabbitmq-server -detached || true
+    without_lock_fds rabbitmq-server -detached || true
     timeout 120 rabbitmqctl -q await_startup || { log "rabbitmq did not start"; return 1; }
   fi
   # A broker-fault test that died may have left the app stopped, listeners
@@ -66,6 +66,19 @@ with_broker_lock() {
   "$@" || rc=$?
   exec {fd}>&-
   return "$rc"
+}
+
+# Runs "$@" with every descriptor above 2 closed: a daemon started under a lock
+# (rabbitmq-server -detached) would inherit the lock's descriptor and hold the
+# lock for as long as it runs, and every later taker would wait forever.
+without_lock_fds() {
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec $fd>&-"; fi
+    done
+    exec "$@"
+  )
 }
 
 # Takes the lock that keeps the cluster sections of two runs (scripts/test's
