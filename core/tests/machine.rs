@@ -620,6 +620,63 @@ fn a_channel_closed_with_a_connection_error_is_the_connections_loss() {
 }
 
 #[test]
+fn a_channel_lost_without_a_reply_code_holds_its_siblings_until_the_connection_shows_its_fate() {
+    // lapin reports every channel's end without a code just before the
+    // connection's loss: the first channel's messages wait, then go out once
+    let mut w = World::new(config(1, 2, 24));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.auto_confirm = false;
+    for id in 0..10 {
+        w.publish(common::msg(id)).unwrap();
+    }
+    assert_eq!(w.sent_payloads().len(), 10);
+    w.channel_closed(ch(0, 0), io());
+    w.run_for(Duration::from_millis(5));
+    assert_eq!(
+        w.sent_payloads().len(),
+        10,
+        "nothing re-sent on the sibling yet"
+    );
+    w.channel_closed(ch(0, 1), io());
+    w.kill(C0, io());
+    w.auto_confirm = true;
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.run_for(Duration::from_millis(50));
+    assert_eq!(
+        w.sent_payloads().len(),
+        20,
+        "each re-sent once: {:?}",
+        w.sent_payloads()
+    );
+
+    // the connection lives on: after the grace, the sibling takes them
+    let mut w = World::new(config(1, 2, 25));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.auto_confirm = false;
+    for id in 0..10 {
+        w.publish(common::msg(id)).unwrap();
+    }
+    let lost = w.elapsed();
+    w.channel_closed(ch(0, 0), io());
+    w.run_for(Duration::from_millis(100));
+    let resent: Vec<_> = w
+        .commands
+        .iter()
+        .filter(|(t, c)| *t > lost && matches!(c, Command::Publish { .. }))
+        .collect();
+    assert!(
+        !resent.is_empty(),
+        "the messages of the lost channel went out again"
+    );
+    assert!(
+        resent
+            .iter()
+            .all(|(t, _)| *t >= lost + Duration::from_millis(50)),
+        "re-sent before the grace ended: {resent:?}"
+    );
+}
+
+#[test]
 fn supervisor_refuses_a_bad_config_without_panicking() {
     let mut c = config(1, 1, 1);
     c.channels_per_connection = 0;

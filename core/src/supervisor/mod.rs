@@ -294,6 +294,11 @@ pub(crate) fn deadline_after(now: Instant, timeout: std::time::Duration) -> Inst
     now.checked_add(timeout).unwrap_or_else(|| far_future(now))
 }
 
+/// How long a Ready connection's channels take no messages after one of them
+/// failed without a reply code (lapin reports its channels' ends within a
+/// millisecond of the connection's own).
+const SUSPECT_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// When a failed or lost connection is dialled again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Retry {
@@ -332,6 +337,10 @@ struct Conn {
     close_sent: bool,
     /// Whether this slot was Ready before (its next Ready is a recovery).
     was_ready: bool,
+    /// A channel of this Ready connection failed without a broker reply code:
+    /// nothing is placed on its channels until then, in case the connection is
+    /// going down with it.
+    suspect_until: Option<Instant>,
 }
 
 struct Chan {
@@ -434,6 +443,7 @@ impl Supervisor {
                 topology_ready: false,
                 close_sent: false,
                 was_ready: false,
+                suspect_until: None,
                 channels: (0..config.channels_per_connection)
                     .map(|_| Chan {
                         state: ChannelState::Opening,
@@ -816,6 +826,7 @@ impl Supervisor {
             let conn = &mut self.conns[c];
             conn.topology_ready = false;
             conn.close_sent = false;
+            conn.suspect_until = None;
             if conn.was_ready {
                 self.stats.recoveries += 1;
             }
@@ -1180,6 +1191,16 @@ impl Supervisor {
             self.on_connection_lost(id.connection, epoch, error);
             return;
         }
+        if error.reply_code().is_none() && self.conns[c].channels.len() > 1 {
+            // No broker verdict (an I/O error, a stream that ended): over lapin
+            // every channel reports this just before its connection's loss. Hold
+            // this connection's other channels for a moment, so what this channel
+            // carried is not sent on siblings about to die with it (and sent a
+            // third time after the reconnect).
+            let until = deadline_after(self.now, SUSPECT_GRACE);
+            self.conns[c].suspect_until = Some(until);
+            self.set_conn_timer(c, Some(until));
+        }
         self.channel_failed(c, i, error);
     }
 
@@ -1267,7 +1288,14 @@ impl Supervisor {
             }
             ConnectionState::Reconnecting { .. } => self.dial(c, Reason::RetryDue),
             ConnectionState::Closing { .. } => self.finish_close(c),
-            ConnectionState::Ready { .. } | ConnectionState::Closed => {}
+            ConnectionState::Ready { .. } => {
+                // the connection outlived the failure of its channel: its other
+                // channels take messages again
+                if self.conns[c].suspect_until.take().is_some() {
+                    self.room = true;
+                }
+            }
+            ConnectionState::Closed => {}
         }
     }
 

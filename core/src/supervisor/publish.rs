@@ -234,8 +234,10 @@ impl Supervisor {
         for _ in 0..total {
             let conn = &self.conns[c];
             let ch = &conn.channels[i];
-            let found =
-                conn.state.is_sendable() && ch.state.is_ready() && ch.in_flight.len() < window;
+            let found = conn.state.is_sendable()
+                && conn.suspect_until.is_none()
+                && ch.state.is_ready()
+                && ch.in_flight.len() < window;
             let here = (c, i);
             i += 1;
             if i == per {
