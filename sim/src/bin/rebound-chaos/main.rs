@@ -943,6 +943,47 @@ mod tests {
     }
 
     #[test]
+    fn metrics_show_every_name_a_client_registers_with_the_report_s_figures() {
+        use amqp_rebound_core::telemetry::{METRICS, MetricKind, names};
+
+        let collector = collector::Collector::default();
+        let scenario = Scenario::chaos(3, Duration::from_secs(20), 12);
+        let outcome = metrics::with_local_recorder(&collector, || Simulation::new(&scenario).run());
+        let values = collector.values();
+        let value = |name: &str| -> f64 {
+            values
+                .iter()
+                .filter(|v| v.name == name)
+                .filter_map(|v| v.value)
+                .sum()
+        };
+        // registered when the client is built, whatever happens
+        for m in METRICS.iter().filter(|m| m.kind != MetricKind::Histogram) {
+            if m.name != names::RECONNECTS && m.name != names::RECOVERIES {
+                assert!(
+                    values.iter().any(|v| v.name == m.name),
+                    "{} missing",
+                    m.name
+                );
+            }
+        }
+        let stats = &outcome.client;
+        assert_eq!(value(names::PUBLISHED), stats.published as f64);
+        assert_eq!(value(names::CONFIRMED), stats.confirmed as f64);
+        assert_eq!(value(names::RECONNECTS), stats.reconnects as f64);
+        assert_eq!(value(names::RECOVERIES), stats.recoveries as f64);
+        assert!(stats.reconnects > 0, "the faults caused reconnects");
+        let latencies = values
+            .iter()
+            .find(|v| v.name == names::CONFIRM_LATENCY)
+            .and_then(|v| v.count);
+        assert_eq!(latencies, Some(stats.confirmed as usize));
+        for v in &values {
+            assert_eq!(v.labels.get("client").map(String::as_str), Some("sim"));
+        }
+    }
+
+    #[test]
     fn a_short_chaos_run_loses_nothing() {
         let args = Args::parse_from(["rebound-chaos", "--seed", "5", "--duration", "5s", "--json"]);
         assert_eq!(chaos(&args), ExitCode::SUCCESS);
