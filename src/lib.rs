@@ -6,7 +6,10 @@
 //! had not confirmed.
 //!
 //! This facade re-exports the runtime-agnostic core ([`amqp_rebound_core`]) and,
-//! by Cargo feature, the transports: `lapin` (default) and `amqprs`.
+//! by Cargo feature, the transports: `lapin` (default) and `amqprs`. The
+//! `metrics` feature records counters, gauges and histograms through the
+//! `metrics` crate's facade (names and labels in [`telemetry`]; the example
+//! `prometheus` serves them), and `serde` makes [`Stats`] serializable.
 //!
 //! ```no_run
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -5,6 +5,13 @@
 //! Prints messages/s for both and the driver's overhead per message.
 //!
 //! `cargo bench -p amqp-rebound-core --bench driver`
+//!
+//! With `--features metrics` the client records its metrics into a Prometheus
+//! recorder (not scraped during the run); `BENCH_RECORDER=none` leaves the
+//! `metrics` facade without a recorder instead. Run both builds one after the
+//! other to compare:
+//!
+//! `cargo bench -p amqp-rebound-core --bench driver; cargo bench -p amqp-rebound-core --bench driver --features metrics`
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -101,7 +108,24 @@ fn client(n: usize) -> Duration {
     pool.run_until(run)
 }
 
+/// Which recorder the client's metrics go to (the `metrics` feature), for the
+/// printout.
+fn recorder() -> &'static str {
+    #[cfg(feature = "metrics")]
+    {
+        if std::env::var("BENCH_RECORDER").as_deref() == Ok("none") {
+            return "metrics feature on, no recorder";
+        }
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::set_global_recorder(recorder).expect("the first recorder");
+        "metrics feature on, Prometheus recorder"
+    }
+    #[cfg(not(feature = "metrics"))]
+    "metrics feature off"
+}
+
 fn main() {
+    let mode = recorder();
     let n: usize = std::env::var("BENCH_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -123,11 +147,11 @@ fn main() {
     };
     let (raw, client) = (median(&mut raw_rates), median(&mut client_rates));
     let overhead_ns = (1.0 / client - 1.0 / raw) * 1e9;
-    println!("messages per run: {n}, window {WINDOW}, median of 5 runs");
+    println!("messages per run: {n}, window {WINDOW}, median of 5 runs; {mode}");
     println!("raw in-memory transport: {raw:>12.0} msg/s");
     println!("client + driver:         {client:>12.0} msg/s");
     println!("driver overhead:         {overhead_ns:>12.0} ns/message");
     println!(
-        "{{\"raw_msgs_per_s\":{raw:.0},\"client_msgs_per_s\":{client:.0},\"overhead_ns_per_msg\":{overhead_ns:.0}}}"
+        "{{\"raw_msgs_per_s\":{raw:.0},\"client_msgs_per_s\":{client:.0},\"overhead_ns_per_msg\":{overhead_ns:.0},\"mode\":\"{mode}\"}}"
     );
 }

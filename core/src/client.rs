@@ -50,7 +50,12 @@ pub struct ClientBuilder {
     /// Every other setting, its hosts left empty until [`config`](Self::config).
     config: Config,
     connection_name: Option<String>,
+    watch_capacity: usize,
 }
+
+/// Events a [`Client::watch`] stream holds for a watcher that does not keep up,
+/// unless [`ClientBuilder::watch_capacity`] says otherwise.
+pub const DEFAULT_WATCH_CAPACITY: usize = 1024;
 
 impl Default for ClientBuilder {
     fn default() -> Self {
@@ -58,6 +63,7 @@ impl Default for ClientBuilder {
             hosts: Err(ConfigError::EmptyHostList),
             config: Config::new(Vec::new()),
             connection_name: None,
+            watch_capacity: DEFAULT_WATCH_CAPACITY,
         }
     }
 }
@@ -138,9 +144,18 @@ impl ClientBuilder {
         self
     }
 
-    /// The connection name the broker shows.
+    /// The connection name the broker shows; also the client's name in
+    /// tracing (`client` field) and metrics (`client` label).
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.connection_name = Some(name.into());
+        self
+    }
+
+    /// Events each [`Client::watch`] stream holds for a watcher that does not
+    /// keep up ([`DEFAULT_WATCH_CAPACITY`]): past it, the oldest are dropped and
+    /// the stream says how many with [`Event::Lagged`]. Zero is refused.
+    pub fn watch_capacity(mut self, capacity: usize) -> Self {
+        self.watch_capacity = capacity;
         self
     }
 
@@ -148,7 +163,11 @@ impl ClientBuilder {
     pub fn config(&self) -> Result<Config, ConfigError> {
         let mut config = self.config.clone();
         config.hosts = self.hosts.clone()?;
+        config.name.clone_from(&self.connection_name);
         config.validate()?;
+        if self.watch_capacity == 0 {
+            return Err(ConfigError::Zero("watch capacity"));
+        }
         Ok(config)
     }
 
@@ -182,6 +201,7 @@ impl ClientBuilder {
             shared,
             publish_timeout,
             reports_blocked,
+            watch_capacity: self.watch_capacity,
         };
         Ok((client, driver))
     }
@@ -266,7 +286,7 @@ pub(crate) enum Request {
         reply: oneshot::Sender<Result<(), AckError>>,
     },
     Watch {
-        events: mpsc::UnboundedSender<Event>,
+        events: crate::watch::Sender,
     },
     Close {
         /// Discard what was not sent instead of draining.
@@ -396,6 +416,7 @@ pub struct Client {
     shared: Arc<Shared>,
     publish_timeout: Duration,
     reports_blocked: bool,
+    watch_capacity: usize,
 }
 
 impl std::fmt::Debug for Client {
@@ -659,18 +680,42 @@ impl Client {
         lock(&self.shared.state).clone()
     }
 
-    /// Counters: reconnects, recoveries, published, confirmed, republished, ...
+    /// Counters (reconnects, recoveries, published, confirmed, republished,
+    /// ...), depths and latency summaries (see [`Stats`]).
     pub fn stats(&self) -> Stats {
         self.engine.stats()
     }
 
     /// A stream of what happens: state changes, blocked / unblocked, recovery
     /// failures, queue renames, consumer cancels. Publish results and deliveries
-    /// are not in it (they go to their callers and consumers).
+    /// are not in it (they go to their callers and consumers). It ends when the
+    /// client's driver does.
+    ///
+    /// Bounded: a watcher that falls more than
+    /// [`ClientBuilder::watch_capacity`] events behind (1024 by default) loses
+    /// the oldest ones, and its next item is [`Event::Lagged`] with how many
+    /// (then the events kept, in order), as with tokio's `broadcast`. A
+    /// forgotten watcher therefore holds at most that many events; dropping the
+    /// stream unsubscribes it.
+    ///
+    /// ```no_run
+    /// # async fn f(client: amqp_rebound_core::Client) {
+    /// use amqp_rebound_core::Event;
+    /// use futures::StreamExt;
+    ///
+    /// let mut events = client.watch();
+    /// while let Some(event) = events.next().await {
+    ///     match event {
+    ///         Event::Lagged { missed } => eprintln!("{missed} events were dropped"),
+    ///         other => println!("{other:?}"),
+    ///     }
+    /// }
+    /// # }
+    /// ```
     pub fn watch(&self) -> impl Stream<Item = Event> + Send + Unpin + 'static {
-        let (events, rx) = mpsc::unbounded();
+        let (events, stream) = crate::watch::channel(self.watch_capacity);
         self.send(Request::Watch { events });
-        rx
+        stream
     }
 
     /// Whether the client is closed (by `close` or because its driver ended).

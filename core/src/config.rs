@@ -50,6 +50,11 @@ pub struct Config {
     /// Re-publish a message the broker nacked (instead of resolving it as Nacked).
     /// Default false.
     pub retry_nacked: bool,
+    /// The client's name: the connection name the broker shows
+    /// ([`ClientBuilder::connection_name`](crate::ClientBuilder::connection_name)
+    /// sets it), the `client` field of tracing and the `client` label of
+    /// metrics. Default none (`unnamed` in metrics).
+    pub name: Option<String>,
 }
 
 impl Config {
@@ -67,6 +72,7 @@ impl Config {
             outbox_capacity: 10_000,
             confirm_window: 1024,
             retry_nacked: false,
+            name: None,
         }
     }
 

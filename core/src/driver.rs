@@ -54,6 +54,7 @@ use crate::message::Message;
 use crate::outbox::{Confirmation, PublishError, Slot};
 use crate::stream_set::StreamSet;
 use crate::supervisor::{Command, Input, Stats, Supervisor};
+use crate::telemetry::targets;
 use crate::topology::{
     AckKind, ConsumeError, ConsumerId, OpId, QueueHandle, TopologyError, TopologyOp,
 };
@@ -100,7 +101,11 @@ impl Driver {
         shared: Arc<Shared>,
         options: ConnectOptions,
     ) -> (Driver, Arc<dyn Engine>) {
-        let span = tracing::debug_span!("amqp_rebound", client = ?options.connection_name);
+        let span = tracing::debug_span!(
+            target: targets::CLIENT,
+            "client",
+            client = options.connection_name.as_deref().unwrap_or(""),
+        );
         let state = State {
             sup,
             transport: Arc::new(transport),
@@ -330,11 +335,17 @@ enum Done<C, H> {
         connection: ConnectionId,
         epoch: u64,
         result: Result<C, TransportError>,
+        /// The `dial` span and when the dial started, to record its outcome.
+        span: tracing::Span,
+        started: Instant,
     },
     Opened {
         channel: ChannelId,
         generation: u64,
         result: Result<H, TransportError>,
+        /// The `channel_open` span and when the open started.
+        span: tracing::Span,
+        started: Instant,
     },
     Topology {
         channel: ChannelId,
@@ -383,7 +394,7 @@ pub(crate) struct State<T: Transport, K: Timer> {
     publishes: SecondaryMap<Slot, Reply<Result<Confirmation, PublishError>>>,
     topology: BTreeMap<OpId, TopologyReply>,
     consumers: BTreeMap<ConsumerId, mpsc::UnboundedSender<ConsumerItem>>,
-    watchers: Vec<mpsc::UnboundedSender<Event>>,
+    watchers: Vec<crate::watch::Sender>,
     /// Publishes waiting for room in a full outbox (the caller chose to wait).
     parked: VecDeque<ParkedPublish>,
     /// Callers of `close`, each with the count of publishes resolved Closed
@@ -643,6 +654,15 @@ impl<T: Transport, K: Timer> State<T, K> {
                     return;
                 }
                 let conn = Arc::clone(conn);
+                let span = tracing::debug_span!(
+                    target: targets::CHANNEL,
+                    "channel_open",
+                    %channel,
+                    generation,
+                    outcome = tracing::field::Empty,
+                    duration_ms = tracing::field::Empty,
+                );
+                let started = self.now();
                 self.ops.push(
                     async move {
                         let result = async {
@@ -655,9 +675,11 @@ impl<T: Transport, K: Timer> State<T, K> {
                             channel,
                             generation,
                             result,
+                            span: tracing::Span::current(),
+                            started,
                         }
                     }
-                    .instrument(tracing::debug_span!("open_channel", %channel, generation))
+                    .instrument(span)
                     .boxed(),
                 );
                 self.wake_driver = true;
@@ -696,7 +718,12 @@ impl<T: Transport, K: Timer> State<T, K> {
                             result,
                         }
                     }
-                    .instrument(tracing::debug_span!("topology", %channel, generation))
+                    .instrument(tracing::debug_span!(
+                        target: targets::TOPOLOGY,
+                        "topology_op",
+                        %channel,
+                        generation
+                    ))
                     .boxed(),
                 );
                 self.wake_driver = true;
@@ -762,11 +789,19 @@ impl<T: Transport, K: Timer> State<T, K> {
     }
 
     fn dial(&mut self, connection: ConnectionId, epoch: u64, endpoint: Arc<Endpoint>) {
-        tracing::debug!(%connection, epoch, %endpoint, "dialling");
         let transport = Arc::clone(&self.transport);
         let options = self.options.clone();
         // Endpoint's Display redacts the password
-        let endpoint_shown = endpoint.to_string();
+        let span = tracing::debug_span!(
+            target: targets::CONNECTION,
+            "dial",
+            %connection,
+            epoch,
+            endpoint = %endpoint,
+            outcome = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+        );
+        let started = self.now();
         self.ops.push(
             async move {
                 let result = transport.connect(&endpoint, &options).await;
@@ -774,9 +809,11 @@ impl<T: Transport, K: Timer> State<T, K> {
                     connection,
                     epoch,
                     result,
+                    span: tracing::Span::current(),
+                    started,
                 }
             }
-            .instrument(tracing::debug_span!("dial", %connection, epoch, %endpoint_shown))
+            .instrument(span)
             .boxed(),
         );
         self.wake_driver = true;
@@ -814,73 +851,24 @@ impl<T: Transport, K: Timer> State<T, K> {
                 connection,
                 epoch,
                 result,
-            } => match result {
-                Ok(conn) => {
-                    let conn = Arc::new(conn);
-                    let events = conn
-                        .events()
-                        .chain(futures::stream::once(async {
-                            ConnectionEvent::Closed(TransportError::Io(
-                                "connection event stream ended".into(),
-                            ))
-                        }))
-                        .map(move |e| (connection, epoch, e))
-                        .boxed();
-                    self.conn_events.push(events);
-                    let channel_max = conn.channel_max();
-                    self.conns.insert(connection, (epoch, conn));
-                    tracing::info!(%connection, epoch, channel_max, "connected");
-                    self.input(Input::Tuned {
-                        connection,
-                        epoch,
-                        channel_max,
-                    });
-                    self.input(Input::Connected { connection, epoch });
-                }
-                Err(error) => {
-                    tracing::warn!(%connection, epoch, %error, "dial failed");
-                    self.input(Input::DialFailed {
-                        connection,
-                        epoch,
-                        error,
-                    });
-                }
-            },
+                span,
+                started,
+            } => {
+                span.record("outcome", if result.is_ok() { "ok" } else { "error" });
+                span.record("duration_ms", self.millis_since(started));
+                self.dialed(connection, epoch, result);
+            }
             Done::Opened {
                 channel,
                 generation,
                 result,
-            } => match result {
-                Ok(ch) => {
-                    let ch = Arc::new(ch);
-                    let events = ch
-                        .events()
-                        .chain(futures::stream::once(async {
-                            ChannelEvent::Closed(TransportError::Io(
-                                "channel event stream ended".into(),
-                            ))
-                        }))
-                        .map(move |e| (channel, generation, e))
-                        .boxed();
-                    self.chan_events.push(events);
-                    self.chans.insert(
-                        channel,
-                        ChanSlot {
-                            generation,
-                            writer: Writer::new(ch),
-                        },
-                    );
-                    self.input(Input::ChannelOpened {
-                        channel,
-                        generation,
-                    });
-                }
-                Err(error) => self.input(Input::ChannelOpenFailed {
-                    channel,
-                    generation,
-                    error,
-                }),
-            },
+                span,
+                started,
+            } => {
+                span.record("outcome", if result.is_ok() { "ok" } else { "error" });
+                span.record("duration_ms", self.millis_since(started));
+                self.opened(channel, generation, result);
+            }
             Done::Topology {
                 channel,
                 generation,
@@ -897,6 +885,108 @@ impl<T: Transport, K: Timer> State<T, K> {
         }
     }
 
+    fn millis_since(&self, started: Instant) -> f64 {
+        self.now().saturating_duration_since(started).as_secs_f64() * 1e3
+    }
+
+    fn dialed(
+        &mut self,
+        connection: ConnectionId,
+        epoch: u64,
+        result: Result<T::Connection, TransportError>,
+    ) {
+        match result {
+            Ok(conn) => {
+                let conn = Arc::new(conn);
+                let events = conn
+                    .events()
+                    .chain(futures::stream::once(async {
+                        ConnectionEvent::Closed(TransportError::Io(
+                            "connection event stream ended".into(),
+                        ))
+                    }))
+                    .map(move |e| (connection, epoch, e))
+                    .boxed();
+                self.conn_events.push(events);
+                let channel_max = conn.channel_max();
+                self.conns.insert(connection, (epoch, conn));
+                tracing::info!(
+                    target: targets::CONNECTION,
+                    client = self.client_name(),
+                    %connection,
+                    epoch,
+                    channel_max,
+                    "connected"
+                );
+                self.input(Input::Tuned {
+                    connection,
+                    epoch,
+                    channel_max,
+                });
+                self.input(Input::Connected { connection, epoch });
+            }
+            Err(error) => {
+                tracing::warn!(
+                    target: targets::CONNECTION,
+                    client = self.client_name(),
+                    %connection,
+                    epoch,
+                    %error,
+                    "dial failed"
+                );
+                self.input(Input::DialFailed {
+                    connection,
+                    epoch,
+                    error,
+                });
+            }
+        }
+    }
+
+    fn opened(
+        &mut self,
+        channel: ChannelId,
+        generation: u64,
+        result: Result<ChannelOf<T>, TransportError>,
+    ) {
+        match result {
+            Ok(ch) => {
+                let ch = Arc::new(ch);
+                let events = ch
+                    .events()
+                    .chain(futures::stream::once(async {
+                        ChannelEvent::Closed(TransportError::Io(
+                            "channel event stream ended".into(),
+                        ))
+                    }))
+                    .map(move |e| (channel, generation, e))
+                    .boxed();
+                self.chan_events.push(events);
+                self.chans.insert(
+                    channel,
+                    ChanSlot {
+                        generation,
+                        writer: Writer::new(ch),
+                    },
+                );
+                self.input(Input::ChannelOpened {
+                    channel,
+                    generation,
+                });
+            }
+            Err(error) => self.input(Input::ChannelOpenFailed {
+                channel,
+                generation,
+                error,
+            }),
+        }
+    }
+
+    /// The client's name, for tracing fields.
+    fn client_name(&self) -> &str {
+        self.options.connection_name.as_deref().unwrap_or("")
+    }
+
     fn on_connection_event(
         &mut self,
         connection: ConnectionId,
@@ -910,7 +1000,14 @@ impl<T: Transport, K: Timer> State<T, K> {
         match event {
             ConnectionEvent::Closed(error) => {
                 if current {
-                    tracing::warn!(%connection, epoch, %error, "connection lost");
+                    tracing::warn!(
+                        target: targets::CONNECTION,
+                        client = self.client_name(),
+                        %connection,
+                        epoch,
+                        %error,
+                        "connection lost"
+                    );
                     self.conns.remove(&connection);
                     self.chans.retain(|id, _| id.connection != connection);
                 }
@@ -1256,8 +1353,7 @@ impl<T: Transport, K: Timer> State<T, K> {
     }
 
     fn broadcast(&mut self, event: Event) {
-        self.watchers
-            .retain(|w| w.unbounded_send(event.clone()).is_ok());
+        self.watchers.retain(|w| w.send(&event));
     }
 
     /// Everything still waiting resolves; consumers end.
@@ -1317,7 +1413,7 @@ impl<T: Transport, K: Timer> State<T, K> {
         self.chan_events = StreamSet::default();
         self.sleep = Fuse::terminated();
         self.waker = None;
-        tracing::debug!("driver finished");
+        tracing::debug!(target: targets::CLIENT, "driver finished");
     }
 }
 

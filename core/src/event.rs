@@ -141,6 +141,14 @@ pub enum Event {
         /// Why.
         error: ConsumeError,
     },
+    /// Only in a [`Client::watch`](crate::Client::watch) stream (never from
+    /// [`Supervisor::poll_event`](crate::Supervisor::poll_event)): the watcher
+    /// fell more than its capacity behind, and the oldest `missed` events were
+    /// dropped. The events kept follow, in order.
+    Lagged {
+        /// How many events this watcher lost since it last heard of a loss.
+        missed: u64,
+    },
 }
 
 /// Why a state changed.

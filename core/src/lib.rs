@@ -89,6 +89,54 @@
 //! With the defaults, an outage ends for the user at most about 2 s after the
 //! broker accepts again (the longest delay), while each connection dials at most
 //! once per 1-2 s during it.
+//!
+//! ## Observability
+//!
+//! - [`Client::stats`] (or [`Supervisor::stats`]): counters, the outbox's
+//!   depths, confirm latency p50 / p99 and the last recovery's stall;
+//!   serializable with the `serde` feature.
+//! - [`Client::watch`]: a bounded stream of [`Event`]s (a watcher that falls
+//!   behind loses the oldest and gets [`Event::Lagged`]).
+//! - The `metrics` feature: counters, gauges and histograms through the
+//!   `metrics` crate's facade; names, types and labels in [`telemetry`].
+//! - Tracing, below.
+//!
+//! ## Tracing
+//!
+//! The client logs and opens spans through `tracing` under five stable targets
+//! (constants in [`telemetry::targets`]); filter on them, not on module paths:
+//! `RUST_LOG=amqp_rebound=info` shows every warning and recovery,
+//! `amqp_rebound::connection=debug` adds every dial. Spans carry their
+//! `outcome` and their duration (`duration_ms`, `stall_ms`, `latency_ms`, in
+//! milliseconds as `f64`) as fields recorded when they close (with
+//! `tracing-subscriber`'s fmt layer, `with_span_events(FmtSpan::CLOSE)` prints
+//! them). Durations come from the clock the driver is given.
+//!
+//! | target | level | kind and name | fields |
+//! |---|---|---|---|
+//! | `amqp_rebound::client` | DEBUG | span `client`: the driver, parent of the spans below | `client` |
+//! | | DEBUG | event "driver finished" | |
+//! | `amqp_rebound::connection` | DEBUG | span `dial`: one dial, to its result | `connection`, `epoch`, `endpoint`, `outcome` (`ok`, `error`), `duration_ms` |
+//! | | INFO | event "connected" | `client`, `connection`, `epoch`, `channel_max` |
+//! | | WARN | event "dial failed", "connection lost" | `client`, `connection`, `epoch`, `error` |
+//! | | INFO | span `recovery`: from the loss of a Ready connection to a channel of it Ready again | `client`, `connection`, `endpoint`, `cause` (error class), `error`, `outcome` (`recovered`, `closed`), `stall_ms`, `dials` |
+//! | | INFO | event "connection recovered" (in the `recovery` span) | `client`, `connection`, `stall_ms` |
+//! | | WARN / INFO | event "connection blocked by the broker" / "connection unblocked" | `client`, `connection`, `reason` |
+//! | | DEBUG | event "state changed" | `object`, `from`, `to`, `reason` |
+//! | `amqp_rebound::channel` | DEBUG | span `channel_open`: channel.open and confirm.select | `channel`, `generation`, `outcome` (`ok`, `error`), `duration_ms` |
+//! | | DEBUG | event "state changed" | `object`, `from`, `to`, `reason` |
+//! | `amqp_rebound::topology` | DEBUG | span `replay`: a channel's topology replay, to Ready | `channel`, `generation`, `steps`, `outcome` (`ok`, `failed`, `interrupted`), `duration_ms` |
+//! | | DEBUG | span `topology_op`: one declare, bind, qos, consume, ... | `channel`, `generation` |
+//! | | INFO | event "server-named queue re-created under a new name" | `client`, `old`, `new` |
+//! | | WARN | event "topology replay step failed" | `client`, `channel`, `step`, `error` |
+//! | | WARN | event "consumer refused by the broker: ended" | `client`, `consumer`, `error`, `started` |
+//! | | DEBUG | event "delivery for an unknown consumer dropped" | `consumer_tag` |
+//! | `amqp_rebound::publish` | TRACE | span `publish`: one message, from acceptance to resolution (only created at TRACE) | `exchange`, `routing_key`, `bytes`, `outcome` (`confirmed`, `returned`, `nacked`, `timed_out`, `rejected`, `closed`), `sends`, `latency_ms` |
+//!
+//! `client` is the [connection name](ClientBuilder::connection_name) (empty
+//! when none is set). Nothing secret is in any field: `endpoint` is the
+//! broker's URI with its password redacted, errors are the broker's or the
+//! socket's text, and no payload, header or property is ever logged.
 
 pub mod backoff;
 pub mod client;
@@ -104,15 +152,17 @@ pub mod outbox;
 pub mod state;
 mod stream_set;
 pub mod supervisor;
+pub mod telemetry;
 #[cfg(feature = "tokio")]
 pub mod tokio_timer;
 pub mod topology;
 pub mod transport;
+mod watch;
 
 pub use backoff::{Backoff, BackoffConfig, Jitter};
 pub use client::{
-    Client, ClientBuilder, ClientState, CloseSummary, Consumer, DEFAULT_URL, Flushed,
-    PublishFuture, PublishOptions, Queue, Received,
+    Client, ClientBuilder, ClientState, CloseSummary, Consumer, DEFAULT_URL,
+    DEFAULT_WATCH_CAPACITY, Flushed, PublishFuture, PublishOptions, Queue, Received,
 };
 pub use config::Config;
 pub use driver::Driver;

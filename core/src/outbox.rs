@@ -113,6 +113,10 @@ pub(crate) struct Entry {
     pub(crate) strikes: u8,
     /// Times it went out.
     pub(crate) sends: u32,
+    /// When it was accepted (for its confirm latency).
+    pub(crate) accepted: Instant,
+    /// Its `publish` span, at TRACE only.
+    pub(crate) span: Option<Box<tracing::Span>>,
 }
 
 slotmap::new_key_type! {
@@ -195,6 +199,8 @@ impl Outbox {
         message: Arc<Message>,
         deadline: Instant,
         default_deadline: bool,
+        accepted: Instant,
+        span: Option<Box<tracing::Span>>,
     ) -> PublishId {
         let order = self.next_order;
         self.next_order += 1;
@@ -206,6 +212,8 @@ impl Outbox {
             returned: None,
             strikes: 0,
             sends: 0,
+            accepted,
+            span,
         })))
         .0;
         self.live += 1;

@@ -479,6 +479,9 @@ impl<'a> Simulation<'a> {
             .publish_timeout(settings.publish_timeout)
             .seed(seed)
             .connection_name("sim")
+            // the trace keeps every event: a restart of a large pool emits a
+            // burst of state changes before the watcher's task runs again
+            .watch_capacity(1 << 20)
             .build(transport.clone(), clock.clone());
         let (client, driver) = match built {
             Ok(pair) => pair,

@@ -6,7 +6,7 @@ mod topology;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
@@ -17,6 +17,7 @@ use crate::ids::{ChannelId, ConnectionId, Object};
 use crate::message::{Delivery, Message, Returned};
 use crate::outbox::Outbox;
 use crate::state::{ChannelState, ConnectionState};
+use crate::telemetry::{LatencyHistogram, Metrics, class_label, targets};
 use crate::topology::{AckKind, Registry, TopologyOp};
 
 pub use publish::Stats;
@@ -341,6 +342,19 @@ struct Conn {
     /// nothing is placed on its channels until then, in case the connection is
     /// going down with it.
     suspect_until: Option<Instant>,
+    /// The loss of this slot's Ready connection, until a channel of it is Ready
+    /// again (the recovery's stall).
+    lost: Option<Lost>,
+}
+
+/// A Ready connection was lost: its recovery is under way.
+struct Lost {
+    at: Instant,
+    class: ErrorClass,
+    /// Dials since the loss.
+    dials: u32,
+    /// The `recovery` span (disabled unless INFO on the connection target).
+    span: tracing::Span,
 }
 
 struct Chan {
@@ -370,6 +384,9 @@ struct Chan {
     prev_epoch: u64,
     /// The connection epoch of the current generation.
     epoch: u64,
+    /// The `replay` span and its start, while a replay runs and DEBUG is on
+    /// for the topology target.
+    replay: Option<(tracing::Span, Instant)>,
 }
 
 /// N connection machines x M channel machines: the pool, its lifecycles, backoff
@@ -416,6 +433,12 @@ pub struct Supervisor {
     consume_waits: BTreeSet<(Instant, u64)>,
     user_ops: topology::UserOps,
     stats: Stats,
+    /// Publish-to-confirm latencies, for `Stats`' quantiles.
+    confirm_latency: LatencyHistogram,
+    /// The stall of the last recovery.
+    last_stall: Option<Duration>,
+    /// What the `metrics` feature records (nothing without it).
+    metrics: Metrics,
     /// Reused buffer for confirmed ids (keeps the confirm path allocation-free).
     scratch: Vec<u64>,
 }
@@ -444,6 +467,7 @@ impl Supervisor {
                 close_sent: false,
                 was_ready: false,
                 suspect_until: None,
+                lost: None,
                 channels: (0..config.channels_per_connection)
                     .map(|_| Chan {
                         state: ChannelState::Opening,
@@ -461,10 +485,12 @@ impl Supervisor {
                         waiting_topology: false,
                         prev_epoch: 0,
                         epoch: 0,
+                        replay: None,
                     })
                     .collect(),
             })
             .collect();
+        let metrics = Metrics::new(&config, &hosts);
         let mut sup = Supervisor {
             config,
             hosts,
@@ -491,6 +517,9 @@ impl Supervisor {
             consume_waits: BTreeSet::new(),
             user_ops: topology::UserOps::default(),
             stats: Stats::default(),
+            confirm_latency: LatencyHistogram::default(),
+            last_stall: None,
+            metrics,
             scratch: Vec::new(),
         };
         for c in 0..sup.conns.len() {
@@ -764,6 +793,24 @@ impl Supervisor {
         }
         self.pump();
         self.check_drained();
+        self.sync_metrics();
+    }
+
+    /// Brings the metrics' counters and depths up to date (nothing without the
+    /// `metrics` feature).
+    #[inline]
+    fn sync_metrics(&mut self) {
+        #[cfg(feature = "metrics")]
+        self.metrics.sync(
+            &self.stats,
+            self.outbox.len(),
+            self.outbox.len() - self.outbox.pending_len(),
+        );
+    }
+
+    /// The client's name, for tracing fields.
+    fn name(&self) -> &str {
+        self.config.name.as_deref().unwrap_or("")
     }
 
     /// Moves the clock (never backwards) and fires what is due.
@@ -797,6 +844,11 @@ impl Supervisor {
         let conn = &mut self.conns[c];
         conn.epoch = epoch;
         let endpoint = conn.host;
+        if let Some(lost) = &mut conn.lost {
+            lost.dials += 1;
+        }
+        self.metrics
+            .dial(c, endpoint, self.now, reason != Reason::Start);
         let deadline = deadline_after(self.now, self.config.connect_timeout);
         let attempt = conn.backoff.attempt();
         self.set_conn_timer(c, Some(deadline));
@@ -827,8 +879,14 @@ impl Supervisor {
             conn.topology_ready = false;
             conn.close_sent = false;
             conn.suspect_until = None;
+            self.metrics.dial_done(c, self.now, true);
             if conn.was_ready {
                 self.stats.recoveries += 1;
+                let class = conn
+                    .lost
+                    .as_ref()
+                    .map_or(ErrorClass::Transient, |l| l.class);
+                self.metrics.recovered(conn.host, class);
             }
             conn.was_ready = true;
             self.set_conn_timer(c, None);
@@ -861,6 +919,29 @@ impl Supervisor {
         match self.conns[c].state {
             ConnectionState::Ready { since, .. } => {
                 let class = error.class();
+                if self.conns[c].lost.is_none() {
+                    // a recovery runs from the first loss to a channel Ready
+                    // again, through any losses right after a handshake
+                    let endpoint = self.hosts[self.conns[c].host].redacted();
+                    let span = tracing::info_span!(
+                        target: targets::CONNECTION,
+                        "recovery",
+                        client = self.name(),
+                        connection = %id,
+                        %endpoint,
+                        cause = class_label(class),
+                        %error,
+                        outcome = tracing::field::Empty,
+                        stall_ms = tracing::field::Empty,
+                        dials = tracing::field::Empty,
+                    );
+                    self.conns[c].lost = Some(Lost {
+                        at: self.now,
+                        class,
+                        dials: 0,
+                        span,
+                    });
+                }
                 let retry = if self.now.saturating_duration_since(since)
                     >= self.config.backoff.reset_after
                 {
@@ -909,6 +990,8 @@ impl Supervisor {
         }
         let hosts = self.hosts.len();
         let class = error.class();
+        self.metrics.dial_done(c, self.now, false);
+        self.metrics.failed(c, class);
         let conn = &mut self.conns[c];
         let failed_endpoint = self.hosts[conn.host].redacted();
         conn.failures += 1;
@@ -971,7 +1054,22 @@ impl Supervisor {
             }
             *blocked = now_blocked;
             self.room |= !now_blocked;
-            tracing::debug!(connection = %id, blocked = now_blocked, "blocked flag changed");
+            self.metrics.blocked(now_blocked);
+            match &reason {
+                Some(reason) => tracing::warn!(
+                    target: targets::CONNECTION,
+                    client = self.name(),
+                    connection = %id,
+                    %reason,
+                    "connection blocked by the broker"
+                ),
+                None => tracing::info!(
+                    target: targets::CONNECTION,
+                    client = self.name(),
+                    connection = %id,
+                    "connection unblocked"
+                ),
+            }
             self.events.push_back(match reason {
                 Some(reason) => Event::Blocked {
                     connection: id,
@@ -1014,6 +1112,12 @@ impl Supervisor {
             return;
         }
         self.closed = true;
+        for conn in &mut self.conns {
+            if let Some(lost) = conn.lost.take() {
+                lost.span.record("outcome", "closed");
+                lost.span.record("dials", lost.dials);
+            }
+        }
         // Nothing new goes out: waiting publishes and topology requests end now;
         // publishes in flight get until the close timeout for their confirms.
         self.close_outbox_pending();
@@ -1155,6 +1259,24 @@ impl Supervisor {
         ch.replaying = false;
         ch.ready_since = Some(self.now);
         self.room = true;
+        if let Some(lost) = self.conns[c].lost.take() {
+            let stall = self.now.saturating_duration_since(lost.at);
+            self.last_stall = Some(stall);
+            self.metrics.stall(self.conns[c].host, stall);
+            let stall_ms = stall.as_secs_f64() * 1e3;
+            lost.span.record("outcome", "recovered");
+            lost.span.record("stall_ms", stall_ms);
+            lost.span.record("dials", lost.dials);
+            lost.span.in_scope(|| {
+                tracing::info!(
+                    target: targets::CONNECTION,
+                    client = self.name(),
+                    connection = %ConnectionId(c as u16),
+                    stall_ms,
+                    "connection recovered"
+                );
+            });
+        }
         self.set_chan_state(c, i, ChannelState::Ready, Reason::ChannelOpened);
     }
 
@@ -1324,9 +1446,14 @@ impl Supervisor {
     fn set_conn_state(&mut self, c: usize, new: ConnectionState, reason: Reason) {
         let from = self.conns[c].state.phase();
         let to = new.phase();
+        let was_blocked = matches!(
+            self.conns[c].state,
+            ConnectionState::Ready { blocked: true, .. }
+        );
+        self.metrics.connection_phase(from, to, was_blocked);
         self.conns[c].state = new;
         let object = Object::Connection(ConnectionId(c as u16));
-        tracing::debug!(%object, ?from, ?to, ?reason, "state changed");
+        tracing::debug!(target: targets::CONNECTION, %object, ?from, ?to, ?reason, "state changed");
         self.events.push_back(Event::StateChanged {
             object,
             from,
@@ -1351,7 +1478,8 @@ impl Supervisor {
             index: i as u16,
         });
         let (from, to) = (old.phase(), new.phase());
-        tracing::debug!(%object, ?from, ?to, ?reason, "state changed");
+        self.metrics.channel_phase(from, to);
+        tracing::debug!(target: targets::CHANNEL, %object, ?from, ?to, ?reason, "state changed");
         self.events.push_back(Event::StateChanged {
             object,
             from,

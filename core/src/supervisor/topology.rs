@@ -10,6 +10,7 @@ use crate::event::Event;
 use crate::ids::{ChannelId, ConnectionId};
 use crate::message::{Delivery, FieldTable};
 use crate::state::ChannelState;
+use crate::telemetry::targets;
 use crate::topology::{
     AckError, AckKind, ConsumeError, ConsumeOptions, ConsumerEntry, ConsumerId, ExchangeDecl, OpId,
     QueueDecl, QueueHandle, QueueRef, TopologyError, TopologyOp, UserOp, check_name,
@@ -124,10 +125,20 @@ impl Supervisor {
                 steps.push_back(Step::Consume(id));
             }
         }
+        let span = tracing::debug_span!(
+            target: targets::TOPOLOGY,
+            "replay",
+            channel = %chan_id(c, i),
+            generation = self.conns[c].channels[i].generation,
+            steps = steps.len(),
+            outcome = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+        );
         let ch = &mut self.conns[c].channels[i];
         ch.waiting_topology = false;
         ch.replaying = true;
         ch.steps = steps;
+        ch.replay = (!span.is_disabled()).then_some((span, self.now));
         self.kick(c, i);
     }
 
@@ -212,6 +223,13 @@ impl Supervisor {
     }
 
     fn replay_finished(&mut self, c: usize, i: usize) {
+        if let Some((span, started)) = self.conns[c].channels[i].replay.take() {
+            span.record("outcome", "ok");
+            span.record(
+                "duration_ms",
+                self.now.saturating_duration_since(started).as_secs_f64() * 1e3,
+            );
+        }
         self.channel_ready(c, i);
         if i == 0 {
             self.conns[c].topology_ready = true;
@@ -244,7 +262,13 @@ impl Supervisor {
                             && let Some((queue, old)) = self.registry.renamed(id, &new)
                             && !old.is_empty()
                         {
-                            tracing::info!(%old, %new, "server-named queue re-created under a new name");
+                            tracing::info!(
+                                target: targets::TOPOLOGY,
+                                client = self.name(),
+                                %old,
+                                %new,
+                                "server-named queue re-created under a new name"
+                            );
                             self.events
                                 .push_back(Event::QueueRenamed { queue, old, new });
                         }
@@ -312,7 +336,14 @@ impl Supervisor {
             _ => {
                 self.stats.replay_failures += 1;
                 let step = self.describe(step);
-                tracing::warn!(channel = %chan_id(c, i), %step, %error, "topology replay step failed");
+                tracing::warn!(
+                    target: targets::TOPOLOGY,
+                    client = self.name(),
+                    channel = %chan_id(c, i),
+                    %step,
+                    %error,
+                    "topology replay step failed"
+                );
                 self.events.push_back(Event::ReplayFailed {
                     channel: chan_id(c, i),
                     step,
@@ -361,7 +392,14 @@ impl Supervisor {
             self.registry.tags.remove(&k.tag);
         }
         self.consume_waits.retain(|&(_, w)| w != id);
-        tracing::warn!(consumer = id, %error, started, "consumer refused by the broker: ended");
+        tracing::warn!(
+            target: targets::TOPOLOGY,
+            client = self.name(),
+            consumer = id,
+            %error,
+            started,
+            "consumer refused by the broker: ended"
+        );
         self.events.push_back(if started {
             Event::ConsumerEnded {
                 consumer: ConsumerId(id),
@@ -821,7 +859,11 @@ impl Supervisor {
         let Some(&id) = self.registry.tags.get(&delivery.consumer_tag) else {
             // a consumer cancelled meanwhile: the broker redelivers what it leaves
             // unacked when the channel closes; acking blindly could close it (406)
-            tracing::debug!(tag = %delivery.consumer_tag, "delivery for an unknown consumer dropped");
+            tracing::debug!(
+                target: targets::TOPOLOGY,
+                consumer_tag = %delivery.consumer_tag,
+                "delivery for an unknown consumer dropped"
+            );
             return;
         };
         let no_ack = self
@@ -862,6 +904,7 @@ impl Supervisor {
         let Some((c, i)) = self.current_chan(channel, generation) else {
             if self.chan(channel).is_some() {
                 self.stats.stale_acks += 1;
+                self.sync_metrics();
                 return Err(AckError::Stale);
             }
             return Err(AckError::UnknownTag(delivery_tag));
@@ -870,6 +913,7 @@ impl Supervisor {
         let live = ch.state.is_ready() || ch.replaying || ch.waiting_topology;
         if !live {
             self.stats.stale_acks += 1;
+            self.sync_metrics();
             return Err(AckError::Stale);
         }
         let multiple = match kind {

@@ -5,7 +5,13 @@
 //! cargo run --release -p amqp-rebound-sim --bin rebound-chaos
 //! cargo run --release -p amqp-rebound-sim --bin rebound-chaos -- --seed 7 --duration 120s --json
 //! cargo run --release -p amqp-rebound-sim --bin rebound-chaos -- --bench-mode
+//! cargo run --release -p amqp-rebound-sim --bin rebound-chaos -- --metrics
 //! ```
+//!
+//! `--metrics` records the client's metrics (the core's `metrics` feature)
+//! and prints every name with its final values after the report (in the JSON
+//! report under `metrics`): the names a production client exports to
+//! Prometheus, so a simulated run and a dashboard speak one vocabulary.
 //!
 //! By default it runs against the embedded simulated broker, in virtual time: no
 //! server, no waiting. The exit code is 1 if a confirmed message was lost, 2 if
@@ -22,10 +28,12 @@
 //!     --broker amqp://guest:guest@127.0.0.1:5672/%2f --transport lapin --duration 30s
 //! ```
 
+mod collector;
 #[cfg(any(feature = "lapin", feature = "amqprs"))]
 mod real;
 
 use std::process::ExitCode;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use amqp_rebound_sim::{
@@ -63,6 +71,11 @@ struct Args {
     /// outcomes) on stderr.
     #[arg(long)]
     trace: bool,
+    /// Record the client's metrics and print every metric name with its final
+    /// values after the report (in the JSON report under `metrics`): the names
+    /// a client built with the `metrics` feature exports.
+    #[arg(long)]
+    metrics: bool,
     /// Measure the simulator instead: full-driver scenarios per minute and
     /// simulated seconds per wall second, and the 100 x 100 restart scale test.
     #[arg(long)]
@@ -196,6 +209,26 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     interrupted_after_seconds: Option<f64>,
     violations: Vec<String>,
+    /// `--metrics`: every series the client recorded, with its final value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<Vec<collector::Value>>,
+}
+
+/// The recorder `--metrics` installed.
+static COLLECTOR: OnceLock<collector::Collector> = OnceLock::new();
+
+/// `--metrics`: records the client's metrics from now on (before any client is
+/// built: it registers its metrics when it is).
+fn record_metrics() {
+    let collector = COLLECTOR.get_or_init(collector::Collector::default);
+    if metrics::set_global_recorder(collector.clone()).is_err() {
+        eprintln!("rebound-chaos: a metrics recorder was installed already");
+    }
+}
+
+/// What `--metrics` recorded, if it was given.
+fn recorded_metrics() -> Option<Vec<collector::Value>> {
+    COLLECTOR.get().map(collector::Collector::values)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Option<f64> {
@@ -267,6 +300,7 @@ fn report(
             / workload_time.as_secs_f64().max(1e-9),
         interrupted_after_seconds: None,
         violations,
+        metrics: recorded_metrics(),
     }
 }
 
@@ -333,6 +367,9 @@ fn print_report(r: &Report) {
     }
     for v in &r.violations {
         println!("  VIOLATION   {v}");
+    }
+    if let Some(collector) = COLLECTOR.get() {
+        collector.print();
     }
 }
 
@@ -722,6 +759,7 @@ fn real_run(
             / run.publishing.as_secs_f64().max(1e-3),
         interrupted_after_seconds: run.interrupted_at.map(|t| t.as_secs_f64()),
         violations: run.problems,
+        metrics: recorded_metrics(),
     };
     let code = finish(args, seed, &r);
     if run.interrupted_at.is_some() {
@@ -788,6 +826,9 @@ fn replay_line(args: &Args, seed: u64) -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.metrics {
+        record_metrics();
+    }
     if let Some(url) = args.broker.clone() {
         return real_broker(&args, &url);
     }
@@ -899,6 +940,47 @@ mod tests {
         assert!(
             replay_line(&args, 9).starts_with("replay with: rebound-chaos --seed 9 --duration 5s")
         );
+    }
+
+    #[test]
+    fn metrics_show_every_name_a_client_registers_with_the_report_s_figures() {
+        use amqp_rebound_core::telemetry::{METRICS, MetricKind, names};
+
+        let collector = collector::Collector::default();
+        let scenario = Scenario::chaos(3, Duration::from_secs(20), 12);
+        let outcome = metrics::with_local_recorder(&collector, || Simulation::new(&scenario).run());
+        let values = collector.values();
+        let value = |name: &str| -> f64 {
+            values
+                .iter()
+                .filter(|v| v.name == name)
+                .filter_map(|v| v.value)
+                .sum()
+        };
+        // registered when the client is built, whatever happens
+        for m in METRICS.iter().filter(|m| m.kind != MetricKind::Histogram) {
+            if m.name != names::RECONNECTS && m.name != names::RECOVERIES {
+                assert!(
+                    values.iter().any(|v| v.name == m.name),
+                    "{} missing",
+                    m.name
+                );
+            }
+        }
+        let stats = &outcome.client;
+        assert_eq!(value(names::PUBLISHED), stats.published as f64);
+        assert_eq!(value(names::CONFIRMED), stats.confirmed as f64);
+        assert_eq!(value(names::RECONNECTS), stats.reconnects as f64);
+        assert_eq!(value(names::RECOVERIES), stats.recoveries as f64);
+        assert!(stats.reconnects > 0, "the faults caused reconnects");
+        let latencies = values
+            .iter()
+            .find(|v| v.name == names::CONFIRM_LATENCY)
+            .and_then(|v| v.count);
+        assert_eq!(latencies, Some(stats.confirmed as usize));
+        for v in &values {
+            assert_eq!(v.labels.get("client").map(String::as_str), Some("sim"));
+        }
     }
 
     #[test]

@@ -522,7 +522,9 @@ async fn run_on_tokio(
         .connect_timeout(scenario.settings.connect_timeout)
         .publish_timeout(scenario.settings.publish_timeout)
         .seed(seed)
-        .connection_name(name.clone());
+        .connection_name(name.clone())
+        // the trace keeps every event, as in the simulated mode
+        .watch_capacity(1 << 20);
     let connect_timeout = scenario.settings.connect_timeout;
     let (client, driver) = match kind {
         #[cfg(feature = "lapin")]
