@@ -1363,7 +1363,7 @@ struct Issued {
 /// `kills` times, one every `rhythm`: the broker closes every connection
 /// (`rabbitmqctl close_all_connections`) while a client over `transport()`,
 /// built with the library's defaults but for its `pool` shape, publishes
-/// numbered messages at `rate` per second (see [`Publisher`]), each kill's turn
+/// numbered messages at `rate` per second (see the `Publisher` type in this module), each kill's turn
 /// to its own queue; then the queues are read back to count what was lost and
 /// duplicated per kill. The kills come
 /// on a fixed schedule, whatever the client's state (a kill starts late only
