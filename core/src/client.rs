@@ -23,6 +23,7 @@ use crate::message::{Delivery, FieldTable, Message, Properties};
 use crate::outbox::{Confirmation, PublishError};
 use crate::state::Phase;
 use crate::supervisor::{Stats, Supervisor};
+use crate::tls::TlsConfig;
 use crate::topology::{
     AckError, AckKind, ConsumeError, ConsumeOptions, ConsumerId, ExchangeDecl, OpId, QueueDecl,
     QueueHandle, QueueRef, TopologyError,
@@ -50,6 +51,7 @@ pub struct ClientBuilder {
     /// Every other setting, its hosts left empty until [`config`](Self::config).
     config: Config,
     connection_name: Option<String>,
+    tls: Option<TlsConfig>,
 }
 
 impl Default for ClientBuilder {
@@ -58,6 +60,7 @@ impl Default for ClientBuilder {
             hosts: Err(ConfigError::EmptyHostList),
             config: Config::new(Vec::new()),
             connection_name: None,
+            tls: None,
         }
     }
 }
@@ -144,11 +147,35 @@ impl ClientBuilder {
         self
     }
 
+    /// How to make TLS connections to the `amqps://` hosts: a private CA, a
+    /// client certificate (mutual TLS, EXTERNAL authentication), native roots, a
+    /// server name override. Without it they trust the public webpki roots.
+    ///
+    /// ```no_run
+    /// use amqp_rebound_core::{Client, TlsConfig};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let tls = TlsConfig::new()
+    ///     .ca_pem(std::fs::read("ca.pem")?)?
+    ///     .client_cert_pem(std::fs::read("client.pem")?, std::fs::read("client.key")?)?;
+    /// let builder = Client::builder()
+    ///     .hosts(["amqps://rabbit.internal/%2f?auth_mechanism=external"])
+    ///     .tls(tls);
+    /// # let _ = builder;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// The validated configuration.
     pub fn config(&self) -> Result<Config, ConfigError> {
         let mut config = self.config.clone();
         config.hosts = self.hosts.clone()?;
         config.validate()?;
+        TlsConfig::check(self.tls.as_ref(), &config.hosts)?;
         Ok(config)
     }
 
@@ -174,6 +201,7 @@ impl ClientBuilder {
         let (tx, rx) = async_channel::unbounded();
         let options = ConnectOptions {
             connection_name: self.connection_name,
+            tls: self.tls,
         };
         let (driver, engine) = Driver::new(sup, transport, timer, rx, Arc::clone(&shared), options);
         let client = Client {

@@ -78,6 +78,7 @@ pub mod capture;
 pub mod cluster;
 pub mod proxy;
 pub mod suite;
+pub mod tls;
 
 pub use amqp_rebound_core as core;
 
@@ -124,6 +125,66 @@ macro_rules! conformance_suite {
                 $crate::__conformance_case!($name, Exclusive, broker_restart_recovers_topology);
                 $crate::__conformance_case!($name, Exclusive, memory_alarm_blocks_and_unblocks);
             }
+
+            /// Over the broker's TLS listener (see [`tls`](mod@$crate::tls)): the
+            /// TLS cases, and recovery cases of the others unchanged.
+            mod tls {
+                /// Cases that hurt only their own connections.
+                mod shared {
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Shared,
+                        tls_cases,
+                        tls_errors_are_typed_and_fail_fast
+                    );
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Shared,
+                        tls_cases,
+                        external_auth_with_a_client_certificate
+                    );
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Shared,
+                        tls_cases,
+                        failover_between_tls_and_plain
+                    );
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Shared,
+                        tls_cases,
+                        tls_error_after_ready_is_reported_at_every_dial
+                    );
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Shared,
+                        cases,
+                        proxy_reset_while_publishing
+                    );
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Shared,
+                        tls_cases,
+                        server_name_override_and_insecure_switch
+                    );
+                }
+
+                /// Cases that hurt the whole broker: they run alone.
+                mod exclusive {
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Exclusive,
+                        cases,
+                        close_all_connections_while_publishing
+                    );
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Exclusive,
+                        cases,
+                        broker_restart_recovers_topology
+                    );
+                }
+            }
         }
     };
 }
@@ -140,6 +201,23 @@ macro_rules! __conformance_case {
                 $crate::broker::Access::$access,
                 super::make,
                 $crate::suite::cases::$case,
+            );
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_tls_case {
+    ($name:ident, $access:ident, $module:ident, $case:ident) => {
+        #[test]
+        fn $case() {
+            $crate::suite::run_tls(
+                stringify!($name),
+                stringify!($case),
+                $crate::broker::Access::$access,
+                super::super::make,
+                $crate::suite::$module::$case,
             );
         }
     };
