@@ -407,6 +407,13 @@ rt/pVPUXgfym6bKf42KHxvoNbSWhRANCAAR7Ng5xtg7SJR8YSaAq/1mJMNMo7dd5
             "{shown}"
         );
         assert!(shown.contains("private key hidden"), "{shown}");
+        let builder = crate::Client::builder().tls(tls.clone());
+        let options = crate::transport::ConnectOptions::default().with_tls(tls.clone());
+        let shown = format!("{builder:?} {options:?}");
+        assert!(
+            !shown.contains("MIGH") && shown.contains("private key hidden"),
+            "{shown}"
+        );
         assert_eq!(tls.server_name_for("10.0.0.1"), "rabbit.internal");
         assert_eq!(TlsConfig::new().server_name_for("10.0.0.1"), "10.0.0.1");
         assert_eq!(tls.clone(), tls);

@@ -6,13 +6,18 @@
 #   tls_setup     generates the test PKI into $tls_dir when it is missing or
 #                 about to expire, and makes the broker serve it on port 5671
 #                 with client certificates verified and EXTERNAL authentication
-#                 on; restarts the broker only when it does not serve that
-#                 already. Returns 1 when it cannot.
-#   tls_restore   puts the broker's configuration files back as they were
-#                 (call it from an EXIT trap). The running broker keeps its TLS
-#                 listener until its next restart (a restart costs 10-20 s and
-#                 other test runs may be using the listener); the next tls_setup
-#                 finds it serving and does not restart again.
+#                 on (advanced.config, written only when no other one exists;
+#                 the rabbitmq_auth_mechanism_ssl plugin in enabled_plugins; the
+#                 user rebound-tls-client, without a password); restarts the
+#                 broker only when it does not serve that already (10-20 s).
+#                 Takes the broker lock exclusively. Exports AMQPS_URL and
+#                 REBOUND_TLS_DIR. Returns 1 when it cannot.
+#   tls_restore   puts the broker's configuration files (advanced.config,
+#                 enabled_plugins) back as they were; call it from an EXIT trap.
+#                 The running broker keeps its TLS listener, and the plugin, until
+#                 its next restart: another restart would cost 10-20 s more, and
+#                 another test run may be using them; the next tls_setup finds
+#                 the broker serving and does not restart it again.
 #
 # The PKI, all of it test material with no secret worth keeping (keys are left
 # readable so the broker, running as another user, can read its own):
@@ -108,8 +113,8 @@ tls_serving() {
 
 # The broker offers EXTERNAL: the mechanism is configured and its plugin runs.
 # (`rabbitmqctl start_app`, which the broker-restart tests use, keeps the
-# listeners and mechanisms the node booted with, but re-reads the enabled
-# plugins file.)
+# listeners and mechanisms the node booted with, but starts only the plugins
+# the enabled plugins file lists then.)
 tls_external_on() {
   [ "$(rabbitmqctl -q eval "lists:member('EXTERNAL', element(2, application:get_env(rabbit, auth_mechanisms))) andalso lists:keymember(rabbitmq_auth_mechanism_ssl, 1, application:which_applications())." 2>/dev/null)" = true ]
 }
@@ -181,7 +186,13 @@ tls_setup_locked() {
       { log "could not write the broker's TLS configuration"; return 1; }
     tls_restart_broker || { log "the broker did not come back"; return 1; }
     tls_serving || { log "the broker does not serve TLS on $tls_port"; return 1; }
-  elif ! tls_external_on; then
+  fi
+  # The plugin must be in the file for as long as the tests run, running or not:
+  # the broker-restart cases' start_app drops a plugin the file does not list.
+  if ! grep -qs rabbitmq_auth_mechanism_ssl "$tls_plugins"; then
+    tls_enable_plugin || { log "could not enable rabbitmq_auth_mechanism_ssl"; return 1; }
+  fi
+  if ! tls_external_on; then
     log "enabling the EXTERNAL authentication plugin"
     tls_enable_plugin online || { log "could not enable rabbitmq_auth_mechanism_ssl"; return 1; }
   fi

@@ -28,6 +28,20 @@
 //! REBOUND_SEED=42 cargo test -p amqp-rebound-tests lapin::shared::failover  # replay a client seed
 //! ```
 //!
+//! # TLS
+//!
+//! Each transport's module has a `tls` submodule: the TLS cases
+//! ([`suite::tls_cases`]) and recovery cases of the others, over the broker's TLS
+//! listener (`AMQPS_URL`, the test PKI in `REBOUND_TLS_DIR`; see [`tls`](mod@tls)).
+//! `scripts/test` sets that listener up (`scripts/lib/tls.sh`); without it the
+//! TLS cases skip, except under `CI=true` (or with `REBOUND_TLS_DIR` set), where
+//! a missing listener fails them.
+//!
+//! ```text
+//! AMQPS_URL=amqps://guest:guest@localhost:5671/%2f REBOUND_TLS_DIR=/tmp/amqp-rebound-tls \
+//!     cargo nextest run -p amqp-rebound-tests -E 'test(/::tls::/)'
+//! ```
+//!
 //! # Serialisation
 //!
 //! The cases share one broker. Each is either *shared* (module `shared`: it hurts
