@@ -171,11 +171,11 @@
 //!   (`?auth_mechanism=external` and a client certificate) works. amqprs passes
 //!   rustls's errors on as text: they are recognised by it
 //!   ([`error_kind_from_text`], tested against rustls's own wording). A dial
-//!   that dies under the handshake without a word is explained by asking the
-//!   port again ([`explain_dead_handshake`]): this tells a plain dial to a TLS
-//!   port, and a refused client certificate whose alert RabbitMQ's reset hid,
-//!   from a refused login; for a refused login over TLS with a client
-//!   certificate, that question waits up to 1 s for the broker's verdict.
+//!   that dies under the handshake without a word within 2 s is explained by
+//!   asking the port again ([`explain_dead_handshake`]): this tells a plain
+//!   dial to a TLS port, and a refused client certificate whose alert
+//!   RabbitMQ's reset hid, from a refused login (which RabbitMQ closes only
+//!   after 3 s, and is not asked about).
 //!
 //! [`error_kind_from_text`]: amqp_rebound_core::tls::rustls::error_kind_from_text
 //! [`explain_dead_handshake`]: amqp_rebound_core::tls::rustls::explain_dead_handshake
@@ -253,6 +253,13 @@ impl AmqprsTransport {
     }
 }
 
+/// A dial that dies without a word sooner than this may hide a TLS error and is
+/// explained by asking the port again; a later one is a refused login, which
+/// RabbitMQ answers (amqprs not advertising `authentication_failure_close`) by
+/// closing the socket only after its 3 s delay against password guessing, and
+/// asking the port again would only add a connection per refusal.
+const QUICK_DEATH: Duration = Duration::from_secs(2);
+
 #[async_trait]
 impl Transport for AmqprsTransport {
     type Connection = AmqprsConnection;
@@ -280,6 +287,7 @@ impl Transport for AmqprsTransport {
             let handle = handle.clone();
             let password = password.clone();
             async move {
+                let started = std::time::Instant::now();
                 let open = amqprs::connection::Connection::open(&arguments);
                 let opened = match timeout {
                     Some(limit) => match tokio::time::timeout(limit, open).await {
@@ -290,7 +298,10 @@ impl Transport for AmqprsTransport {
                 };
                 match opened {
                     Ok(connection) => AmqprsConnection::start(connection, handle, password).await,
-                    Err(error) if convert::died_without_a_word(&error) => {
+                    Err(error)
+                        if convert::died_without_a_word(&error)
+                            && started.elapsed() < QUICK_DEATH =>
+                    {
                         // maybe a TLS error that RabbitMQ's reset hid
                         let mapped = convert::map_open_error(&error, &password);
                         let explained = tokio::task::spawn_blocking(move || {
