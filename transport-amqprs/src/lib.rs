@@ -253,13 +253,6 @@ impl AmqprsTransport {
     }
 }
 
-/// A dial that dies without a word sooner than this may hide a TLS error and is
-/// explained by asking the port again; a later one is a refused login, which
-/// RabbitMQ answers (amqprs not advertising `authentication_failure_close`) by
-/// closing the socket only after its 3 s delay against password guessing, and
-/// asking the port again would only add a connection per refusal.
-const QUICK_DEATH: Duration = Duration::from_secs(2);
-
 #[async_trait]
 impl Transport for AmqprsTransport {
     type Connection = AmqprsConnection;
@@ -300,7 +293,7 @@ impl Transport for AmqprsTransport {
                     Ok(connection) => AmqprsConnection::start(connection, handle, password).await,
                     Err(error)
                         if convert::died_without_a_word(&error)
-                            && started.elapsed() < QUICK_DEATH =>
+                            && started.elapsed() < rustls::EXPLAIN_WITHIN =>
                     {
                         // maybe a TLS error that RabbitMQ's reset hid
                         let mapped = convert::map_open_error(&error, &password);

@@ -149,10 +149,10 @@
 //!   *ring*. lapin's own TLS configuration (`OwnedTLSConfig`, PEM strings and
 //!   PKCS#12 only, no control of the roots) is not used. EXTERNAL
 //!   authentication (`?auth_mechanism=external` and a client certificate)
-//!   works. A dial that dies under the handshake without a word is explained
-//!   by asking the port again (see [`explain_dead_handshake`]): RabbitMQ's
-//!   reset can hide a refused client certificate's alert, or that a plain
-//!   dial reached a TLS port.
+//!   works. A dial that dies under the handshake without a word within 2 s is
+//!   explained by asking the port again (see [`explain_dead_handshake`]):
+//!   RabbitMQ's reset can hide a refused client certificate's alert, or that a
+//!   plain dial reached a TLS port.
 //!
 //! [`explain_dead_handshake`]: amqp_rebound_core::tls::rustls::explain_dead_handshake
 //!
@@ -265,6 +265,7 @@ impl Transport for LapinTransport {
         };
         let runtime = async_rs::Runtime::tokio_with_handle(handle.clone());
         let timeout = self.connect_timeout;
+        let started = std::time::Instant::now();
         // Run the dial on the runtime itself, so that the timeout's timer works
         // whichever executor polls this future.
         let dial = handle.spawn(async move {
@@ -302,7 +303,7 @@ impl Transport for LapinTransport {
                 (error, died)
             }
         };
-        if !died {
+        if !died || started.elapsed() >= rustls::EXPLAIN_WITHIN {
             return Err(convert::scrub(error, password));
         }
         // maybe a TLS error that RabbitMQ's reset hid

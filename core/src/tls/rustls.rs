@@ -300,6 +300,14 @@ pub fn looks_like_tls_record(bytes: &[u8]) -> bool {
 /// take.
 pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A dial that died without a word is worth [explaining](explain_dead_handshake)
+/// only if it died sooner than this after it started: a port that speaks the
+/// other protocol, and a broker refusing a client certificate, close at once,
+/// while RabbitMQ closes a refused login (for a client that does not advertise
+/// `authentication_failure_close`) only after its 3 s delay against password
+/// guessing. Each explanation costs one more short connection to the port.
+pub const EXPLAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A dial that died without a word (a reset or a close under the TLS or AMQP
 /// handshake, or bytes that are neither, once the socket was open) may hide a
 /// TLS error: RabbitMQ closes a connection that speaks the wrong protocol to its
