@@ -23,6 +23,7 @@ use crate::message::{Delivery, FieldTable, Message, Properties};
 use crate::outbox::{Confirmation, PublishError};
 use crate::state::Phase;
 use crate::supervisor::{Stats, Supervisor};
+use crate::tls::TlsConfig;
 use crate::topology::{
     AckError, AckKind, ConsumeError, ConsumeOptions, ConsumerId, ExchangeDecl, OpId, QueueDecl,
     QueueHandle, QueueRef, TopologyError,
@@ -51,6 +52,7 @@ pub struct ClientBuilder {
     config: Config,
     connection_name: Option<String>,
     watch_capacity: usize,
+    tls: Option<TlsConfig>,
 }
 
 /// Events a [`Client::watch`] stream holds for a watcher that does not keep up,
@@ -64,6 +66,7 @@ impl Default for ClientBuilder {
             config: Config::new(Vec::new()),
             connection_name: None,
             watch_capacity: DEFAULT_WATCH_CAPACITY,
+            tls: None,
         }
     }
 }
@@ -159,6 +162,29 @@ impl ClientBuilder {
         self
     }
 
+    /// How to make TLS connections to the `amqps://` hosts: a private CA, a
+    /// client certificate (mutual TLS, EXTERNAL authentication), native roots, a
+    /// server name override. Without it they trust the public webpki roots.
+    ///
+    /// ```no_run
+    /// use amqp_rebound_core::{Client, TlsConfig};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let tls = TlsConfig::new()
+    ///     .ca_pem(std::fs::read("ca.pem")?)?
+    ///     .client_cert_pem(std::fs::read("client.pem")?, std::fs::read("client.key")?)?;
+    /// let builder = Client::builder()
+    ///     .hosts(["amqps://rabbit.internal/%2f?auth_mechanism=external"])
+    ///     .tls(tls);
+    /// # let _ = builder;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// The validated configuration.
     pub fn config(&self) -> Result<Config, ConfigError> {
         let mut config = self.config.clone();
@@ -168,6 +194,7 @@ impl ClientBuilder {
         if self.watch_capacity == 0 {
             return Err(ConfigError::Zero("watch capacity"));
         }
+        TlsConfig::check(self.tls.as_ref(), &config.hosts)?;
         Ok(config)
     }
 
@@ -193,6 +220,7 @@ impl ClientBuilder {
         let (tx, rx) = async_channel::unbounded();
         let options = ConnectOptions {
             connection_name: self.connection_name,
+            tls: self.tls,
         };
         let (driver, engine) = Driver::new(sup, transport, timer, rx, Arc::clone(&shared), options);
         let client = Client {

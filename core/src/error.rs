@@ -56,6 +56,11 @@ pub enum ConfigError {
     /// A size that must be positive is zero.
     #[error("{0} must be above zero")]
     Zero(&'static str),
+    /// The TLS configuration cannot be used (PEM without a certificate or a
+    /// key, a bad server name, EXTERNAL authentication without TLS or a client
+    /// certificate). Never quotes key material.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
 }
 
 /// Why a first connection could not be made ([`Client::connected`] and the
@@ -125,6 +130,15 @@ pub enum TransportError {
     /// The transport broke a protocol rule or failed in a way it cannot classify.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The TLS handshake failed (or a plain dial reached a TLS port): a matter of
+    /// certificates, names or ports, so [`ErrorClass::Refused`].
+    #[error("TLS: {kind}: {detail}")]
+    Tls {
+        /// What went wrong.
+        kind: crate::tls::TlsErrorKind,
+        /// The TLS library's own words (never key material or a password).
+        detail: String,
+    },
     /// The connection or channel was closed on our own request.
     #[error("closed by the client")]
     ClosedByClient,
@@ -150,7 +164,8 @@ pub enum ErrorClass {
     Transient,
     /// Only the channel is affected (404, 405, 406): reopen that channel alone.
     ChannelLevel,
-    /// The broker refuses us (403, 530, bad credentials). Retrying will likely fail
+    /// The broker refuses us (403, 530, bad credentials, a TLS handshake that
+    /// fails on certificates, names or ports). Retrying will likely fail
     /// again: the next host of the list is still tried at once, but when a round
     /// over every host ends in a refusal, the next round waits at the backoff cap
     /// (a round ending in another error waits the ordinary backoff delay); the
@@ -169,7 +184,9 @@ impl TransportError {
             | TransportError::Timeout
             | TransportError::Protocol(_)
             | TransportError::ClosedByClient => ErrorClass::Transient,
-            TransportError::Auth(_) | TransportError::ChannelLimit { .. } => ErrorClass::Refused,
+            TransportError::Auth(_)
+            | TransportError::ChannelLimit { .. }
+            | TransportError::Tls { .. } => ErrorClass::Refused,
             TransportError::Reply { code, .. } => match *code {
                 NOT_FOUND | RESOURCE_LOCKED | PRECONDITION_FAILED => ErrorClass::ChannelLevel,
                 ACCESS_REFUSED | NOT_ALLOWED => ErrorClass::Refused,
@@ -254,6 +271,14 @@ mod tests {
         );
         assert_eq!(
             TransportError::Auth("bad".into()).class(),
+            ErrorClass::Refused
+        );
+        assert_eq!(
+            TransportError::Tls {
+                kind: crate::tls::TlsErrorKind::UnknownIssuer,
+                detail: String::new(),
+            }
+            .class(),
             ErrorClass::Refused
         );
         assert_eq!(reply(404).reply_code(), Some(404));

@@ -153,6 +153,7 @@ pub mod state;
 mod stream_set;
 pub mod supervisor;
 pub mod telemetry;
+pub mod tls;
 #[cfg(feature = "tokio")]
 pub mod tokio_timer;
 pub mod topology;
@@ -174,6 +175,7 @@ pub use message::{Delivery, FieldTable, Message, Properties, Returned};
 pub use outbox::{Confirmation, FlushId, PublishError, PublishId};
 pub use state::{ChannelState, ConnectionState, Phase};
 pub use supervisor::{Checkout, Command, Input, NotReady, Stats, Supervisor};
+pub use tls::{TlsConfig, TlsErrorKind};
 #[cfg(feature = "tokio")]
 pub use tokio_timer::TokioTimer;
 pub use topology::{

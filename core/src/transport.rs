@@ -51,6 +51,7 @@ use futures::stream::BoxStream;
 use crate::endpoint::Endpoint;
 use crate::error::TransportError;
 use crate::message::{Delivery, FieldTable, Message, Returned};
+use crate::tls::TlsConfig;
 use crate::topology::{ConsumeOptions, ExchangeDecl, QueueDecl};
 
 /// A future that completes at a deadline; what [`Timer::sleep_until`] returns.
@@ -73,6 +74,9 @@ pub trait Timer: Send + Sync + 'static {
 pub struct ConnectOptions {
     /// Shown in the broker's management UI and `rabbitmqctl list_connections`.
     pub connection_name: Option<String>,
+    /// How to make TLS connections to `amqps://` endpoints (`None`: the public
+    /// webpki roots, no client certificate). Plain endpoints ignore it.
+    pub tls: Option<TlsConfig>,
 }
 
 impl ConnectOptions {
@@ -80,7 +84,14 @@ impl ConnectOptions {
     pub fn named(name: impl Into<String>) -> Self {
         ConnectOptions {
             connection_name: Some(name.into()),
+            tls: None,
         }
+    }
+
+    /// These options with a TLS configuration.
+    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
     }
 }
 
@@ -90,9 +101,10 @@ pub trait Transport: Send + Sync + 'static {
     /// The connection type.
     type Connection: Connection;
 
-    /// Opens a connection (TCP, TLS for `amqps://`, AMQP handshake) to `endpoint`.
-    /// Fails with [`TransportError::Auth`] for bad credentials, so the core can
-    /// classify them as refused.
+    /// Opens a connection (TCP, TLS for `amqps://` with `options.tls`, AMQP
+    /// handshake) to `endpoint`. Fails with [`TransportError::Auth`] for bad
+    /// credentials and [`TransportError::Tls`] for a TLS handshake that fails on
+    /// certificates, names or ports, so the core can classify them as refused.
     async fn connect(
         &self,
         endpoint: &Endpoint,

@@ -28,6 +28,20 @@
 //! REBOUND_SEED=42 cargo test -p amqp-rebound-tests lapin::shared::failover  # replay a client seed
 //! ```
 //!
+//! # TLS
+//!
+//! Each transport's module has a `tls` submodule: the TLS cases
+//! ([`suite::tls_cases`]) and recovery cases of the others, over the broker's TLS
+//! listener (`AMQPS_URL`, the test PKI in `REBOUND_TLS_DIR`; see [`tls`](mod@tls)).
+//! `scripts/test` sets that listener up (`scripts/lib/tls.sh`); without it the
+//! TLS cases skip, except under `CI=true` (or with `REBOUND_TLS_DIR` set), where
+//! a missing listener fails them.
+//!
+//! ```text
+//! AMQPS_URL=amqps://guest:guest@localhost:5671/%2f REBOUND_TLS_DIR=/tmp/amqp-rebound-tls \
+//!     cargo nextest run -p amqp-rebound-tests -E 'test(/::tls::/)'
+//! ```
+//!
 //! # Serialisation
 //!
 //! The cases share one broker. Each is either *shared* (module `shared`: it hurts
@@ -78,6 +92,7 @@ pub mod capture;
 pub mod cluster;
 pub mod proxy;
 pub mod suite;
+pub mod tls;
 
 pub use amqp_rebound_core as core;
 
@@ -141,6 +156,66 @@ macro_rules! conformance_suite {
                 $crate::__edge_case!($name, Exclusive, close_all_connections_during_the_drain);
                 $crate::__edge_case!($name, Exclusive, a_message_over_the_size_limit_fails_alone);
             }
+
+            /// Over the broker's TLS listener (see [`tls`](mod@$crate::tls)): the
+            /// TLS cases, and recovery cases of the others unchanged.
+            mod tls {
+                /// Cases that hurt only their own connections.
+                mod shared {
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Shared,
+                        tls_cases,
+                        tls_errors_are_typed_and_fail_fast
+                    );
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Shared,
+                        tls_cases,
+                        external_auth_with_a_client_certificate
+                    );
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Shared,
+                        tls_cases,
+                        failover_between_tls_and_plain
+                    );
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Shared,
+                        tls_cases,
+                        tls_error_after_ready_is_reported_at_every_dial
+                    );
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Shared,
+                        cases,
+                        proxy_reset_while_publishing
+                    );
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Shared,
+                        tls_cases,
+                        server_name_override_and_insecure_switch
+                    );
+                }
+
+                /// Cases that hurt the whole broker: they run alone.
+                mod exclusive {
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Exclusive,
+                        cases,
+                        close_all_connections_while_publishing
+                    );
+                    $crate::__conformance_tls_case!(
+                        $name,
+                        Exclusive,
+                        cases,
+                        broker_restart_recovers_topology
+                    );
+                }
+            }
         }
     };
 }
@@ -174,6 +249,23 @@ macro_rules! __conformance_case {
                 $crate::broker::Access::$access,
                 super::make,
                 $crate::suite::cases::$case,
+            );
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_tls_case {
+    ($name:ident, $access:ident, $module:ident, $case:ident) => {
+        #[test]
+        fn $case() {
+            $crate::suite::run_tls(
+                stringify!($name),
+                stringify!($case),
+                $crate::broker::Access::$access,
+                super::super::make,
+                $crate::suite::$module::$case,
             );
         }
     };

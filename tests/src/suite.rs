@@ -7,6 +7,7 @@
 
 pub mod cases;
 pub mod edges;
+pub mod tls_cases;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,11 +18,12 @@ use amqp_rebound_core::message::AMQPValue;
 use amqp_rebound_core::transport::{Channel, ConnectOptions, Connection, Transport};
 use amqp_rebound_core::{
     Client, ClientBuilder, Confirmation, ConsumeOptions, Endpoint, Event, FieldTable, Message,
-    Properties, PublishError, PublishOptions, QueueDecl, TokioTimer,
+    Properties, PublishError, PublishOptions, QueueDecl, TlsConfig, TokioTimer,
 };
 use futures::{Stream, StreamExt};
 
 use crate::broker::{Access, BrokerLock, BrokerUrl, require_broker, unique};
+use crate::tls::{TlsBroker, require_tls};
 
 /// No case may take longer than this (it then fails, and its guards restore the
 /// broker).
@@ -46,6 +48,48 @@ pub fn run<T, M, C, F>(
     if !require_broker(&test) {
         return;
     }
+    run_with(test, transport, case, access, make, body, None);
+}
+
+/// [`run`], over the broker's TLS listener (see [`crate::tls`]): the harness's
+/// URL is `AMQPS_URL`, and its clients and inspector trust the test CA. Skipped
+/// (or failed, under `CI=true`) when there is no listener.
+pub fn run_tls<T, M, C, F>(
+    transport: &'static str,
+    case: &'static str,
+    access: Access,
+    make: M,
+    body: C,
+) where
+    T: Transport,
+    M: Fn() -> T + Send + Sync + 'static,
+    C: FnOnce(Harness<T>) -> F,
+    F: Future<Output = ()>,
+{
+    let test = format!("{transport}::tls::{case}");
+    if !require_broker(&test) {
+        return;
+    }
+    let Some(tls) = require_tls(&test) else {
+        return;
+    };
+    run_with(test, transport, case, access, make, body, Some(tls));
+}
+
+fn run_with<T, M, C, F>(
+    test: String,
+    transport: &'static str,
+    case: &'static str,
+    access: Access,
+    make: M,
+    body: C,
+    tls: Option<TlsBroker>,
+) where
+    T: Transport,
+    M: Fn() -> T + Send + Sync + 'static,
+    C: FnOnce(Harness<T>) -> F,
+    F: Future<Output = ()>,
+{
     let lock_wait = Instant::now();
     let _lock = BrokerLock::acquire(access);
     let waited = lock_wait.elapsed();
@@ -69,7 +113,11 @@ pub fn run<T, M, C, F>(
         make: Arc::new(make),
         transport,
         case,
-        url: BrokerUrl::from_env(),
+        url: tls
+            .as_ref()
+            .map_or_else(BrokerUrl::from_env, |tls| tls.url.clone()),
+        tls_config: tls.as_ref().map(TlsBroker::trusting_ca),
+        tls,
     };
     let started = Instant::now();
     runtime.block_on(async {
@@ -91,8 +139,13 @@ pub struct Harness<T> {
     pub transport: &'static str,
     /// The case's name.
     pub case: &'static str,
-    /// The broker (`AMQP_URL`).
+    /// The broker (`AMQP_URL`; `AMQPS_URL` for the TLS cases).
     pub url: BrokerUrl,
+    /// The TLS listener, for the TLS cases.
+    pub tls: Option<TlsBroker>,
+    /// What the clients and the inspector use for `amqps://` (the test CA, for
+    /// the TLS cases).
+    pub tls_config: Option<TlsConfig>,
 }
 
 impl<T: Transport> Harness<T> {
@@ -109,10 +162,14 @@ impl<T: Transport> Harness<T> {
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| fastrand::u64(..));
         eprintln!("{}::{}: client seed {seed}", self.transport, self.case);
-        Client::builder()
+        let builder = Client::builder()
             .hosts(urls)
             .seed(seed)
-            .connection_name(self.connection_name())
+            .connection_name(self.connection_name());
+        match &self.tls_config {
+            Some(tls) => builder.tls(tls.clone()),
+            None => builder,
+        }
     }
 
     /// The connection-name prefix of this case's clients (see
@@ -151,7 +208,8 @@ impl<T: Transport> Harness<T> {
     /// from outside the client under test.
     pub async fn inspector(&self) -> Inspector<T> {
         let endpoint = Endpoint::parse(&self.url.url()).expect("AMQP_URL parses");
-        let options = ConnectOptions::named(format!("{}.inspector", self.connection_prefix()));
+        let mut options = ConnectOptions::named(format!("{}.inspector", self.connection_prefix()));
+        options.tls = self.tls_config.clone();
         let connection = self
             .transport()
             .connect(&endpoint, &options)

@@ -5,11 +5,13 @@
 //! amqprs turns names into AMQP short strings with `try_into().unwrap()`, so every
 //! string that ends up as one is checked here first.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use amqp_rebound_core::TransportError;
 use amqp_rebound_core::endpoint::Endpoint;
 use amqp_rebound_core::message::{AMQPValue, Delivery, FieldTable, Properties, Returned};
+use amqp_rebound_core::tls::rustls;
 use amqp_rebound_core::topology::ExchangeKind;
 use amqp_rebound_core::transport::ConnectOptions;
 use amqprs::channel::ConsumerMessage;
@@ -19,6 +21,7 @@ use amqprs::security::SecurityCredentials;
 use amqprs::{
     BasicProperties, ByteArray, DecimalValue, FieldArray, FieldValue, LongStr, Return, ShortStr,
 };
+use tokio_rustls::rustls::ClientConfig;
 
 /// The longest AMQP short string, in bytes.
 const SHORT_STRING_MAX: usize = 255;
@@ -32,6 +35,7 @@ const DEFAULT_HEARTBEAT: u16 = 60;
 pub(crate) fn open_arguments(
     endpoint: &Endpoint,
     options: &ConnectOptions,
+    tls: Option<Arc<ClientConfig>>,
 ) -> Result<OpenConnectionArguments, TransportError> {
     let uri = endpoint.amqp_uri();
     // amqprs dials `format!("{host}:{port}")`, which needs an IPv6 literal bracketed.
@@ -54,8 +58,8 @@ pub(crate) fn open_arguments(
     if let Some(name) = &options.connection_name {
         args.connection_name(name);
     }
-    if endpoint.is_tls() {
-        args.tls_adaptor(tls_adaptor(endpoint.host())?);
+    if let Some(config) = tls {
+        args.tls_adaptor(tls_adaptor(endpoint, options, config)?);
     }
     Ok(args)
 }
@@ -109,43 +113,22 @@ fn credentials(endpoint: &Endpoint) -> Result<SecurityCredentials, TransportErro
     }
 }
 
-/// A TLS adaptor with the webpki roots and [`crypto_provider`]'s provider: amqprs's
-/// own constructors use `ClientConfig::builder()`, which panics when more than one
-/// provider is compiled in and none was installed.
-fn tls_adaptor(host: &str) -> Result<amqprs::tls::TlsAdaptor, TransportError> {
-    use std::sync::Arc;
-    use tokio_rustls::TlsConnector;
-    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
-
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let config = ClientConfig::builder_with_provider(crypto_provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TransportError::Protocol(format!("TLS configuration: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+/// A TLS adaptor with the core's rustls configuration for `options.tls` and its
+/// server name (amqprs's own constructors know no client certificate from
+/// memory, and use `ClientConfig::builder()`, which panics when more than one
+/// crypto provider is compiled in and none was installed).
+fn tls_adaptor(
+    endpoint: &Endpoint,
+    options: &ConnectOptions,
+    config: Arc<ClientConfig>,
+) -> Result<amqprs::tls::TlsAdaptor, TransportError> {
+    // amqprs parses the name itself and reports a bad one as a network error;
+    // checked here, it is a configuration error
+    let name = rustls::server_name(options.tls.as_ref(), endpoint.host())?;
     Ok(amqprs::tls::TlsAdaptor::new(
-        TlsConnector::from(Arc::new(config)),
-        host.to_owned(),
+        tokio_rustls::TlsConnector::from(config),
+        name.to_str().into_owned(),
     ))
-}
-
-/// The process-level default provider when the application installed one (aws-lc-rs,
-/// for post-quantum key exchange, say), else *ring*, which this crate compiles in; the
-/// fallback is not installed as the default, so the application can still install its
-/// own later. lapin's TLS stack (rustls-connector) chooses the same way.
-fn crypto_provider() -> std::sync::Arc<tokio_rustls::rustls::crypto::CryptoProvider> {
-    use tokio_rustls::rustls::crypto::{self, CryptoProvider};
-
-    if let Some(installed) = CryptoProvider::get_default() {
-        return installed.clone();
-    }
-    // rustls 0.23.48 deprecates this constructor because *ring* has no post-quantum key
-    // exchange; it has no other way to build the *ring* provider, and an application
-    // that wants post-quantum installs its provider, which the branch above takes.
-    #[allow(deprecated)]
-    let ring = crypto::ring::default_provider();
-    std::sync::Arc::new(ring)
 }
 
 /// Maps an error from an amqprs call.
@@ -160,7 +143,13 @@ fn crypto_provider() -> std::sync::Arc<tokio_rustls::rustls::crypto::CryptoProvi
 /// error; the callers replace it with the reason the object closed.
 pub(crate) fn map_error(error: &AmqprsError) -> TransportError {
     match error {
-        AmqprsError::NetworkError(text) => TransportError::Io(text.clone()),
+        AmqprsError::NetworkError(text) => match rustls::error_kind_from_text(text) {
+            Some(kind) => TransportError::Tls {
+                kind,
+                detail: text.clone(),
+            },
+            None => TransportError::Io(text.clone()),
+        },
         AmqprsError::ConnectionOpenError(text) => match parse_close(text) {
             Some((code, text)) => TransportError::Reply { code, text },
             None => TransportError::Protocol(error.to_string()),
@@ -197,6 +186,22 @@ pub(crate) fn map_open_error(error: &AmqprsError, password: &str) -> TransportEr
         },
     };
     scrub(mapped, password)
+}
+
+/// Whether a failed `Connection::open` died without a word: the socket was
+/// closed or reset under the handshake, or what came back was not AMQP (a
+/// refused or unreachable port, a TLS error or a broker's `connection.close`
+/// say what they are). Such a failure may hide a TLS error (see
+/// [`explain_dead_handshake`](rustls::explain_dead_handshake)).
+pub(crate) fn died_without_a_word(error: &AmqprsError) -> bool {
+    match error {
+        AmqprsError::NetworkError(text) => {
+            is_peer_close(text)
+                || text.starts_with("framing error")
+                || text.starts_with("serde error")
+        }
+        _ => false,
+    }
 }
 
 /// Whether an amqprs network error says the peer closed or reset the socket
@@ -266,6 +271,10 @@ pub(crate) fn scrub(error: TransportError, password: &str) -> TransportError {
         TransportError::Io(text) => TransportError::Io(clean(text)),
         TransportError::Auth(text) => TransportError::Auth(clean(text)),
         TransportError::Protocol(text) => TransportError::Protocol(clean(text)),
+        TransportError::Tls { kind, detail } => TransportError::Tls {
+            kind,
+            detail: clean(detail),
+        },
         TransportError::Reply { code, text } => TransportError::Reply {
             code,
             text: clean(text),
@@ -661,9 +670,9 @@ mod tests {
             "u".repeat(200)
         ))
         .unwrap();
-        assert!(open_arguments(&ep, &ConnectOptions::default()).is_err());
+        assert!(open_arguments(&ep, &ConnectOptions::default(), None).is_err());
         let ep = Endpoint::parse("amqp://u:p@[::1]:5673/%2f?heartbeat=1").unwrap();
-        let args = open_arguments(&ep, &ConnectOptions::named("n")).unwrap();
+        let args = open_arguments(&ep, &ConnectOptions::named("n"), None).unwrap();
         assert_eq!(args.get_host(), "[::1]");
         assert_eq!(args.get_port(), 5673);
         assert_eq!(args.get_heartbeat(), 2);
@@ -674,7 +683,8 @@ mod tests {
     #[test]
     fn tls_endpoints_get_an_adaptor() {
         let ep = Endpoint::parse("amqps://u:p@rabbit.example/%2f").unwrap();
-        let args = open_arguments(&ep, &ConnectOptions::default()).unwrap();
+        let config = rustls::client_config(None).unwrap();
+        let args = open_arguments(&ep, &ConnectOptions::default(), Some(config)).unwrap();
         assert!(args.get_tls_adaptor().is_some());
         assert_eq!(args.get_port(), 5671);
     }

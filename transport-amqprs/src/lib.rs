@@ -55,7 +55,9 @@
 //!
 //! | amqprs                                  | core                                                  |
 //! |-----------------------------------------|-------------------------------------------------------|
-//! | `NetworkError` (refused, reset, TLS)    | `Io`                                                  |
+//! | `NetworkError` (refused, reset)         | `Io`                                                  |
+//! | `NetworkError` with a rustls error's text | `Tls { kind, .. }`                                  |
+//! | a plain dial reset under the handshake, to a port that answers TLS | `Tls { kind: TlsPort, .. }` |
 //! | network failure or missed heartbeats on an open connection | `Io` (amqprs reports both as one flag) |
 //! | `connection.close` / `channel.close` from the broker | `Reply { code, text }`; during `connect`, 403 is `Auth` |
 //! | the socket closed or reset by the broker during the handshake | `Auth` (see the limits)          |
@@ -160,11 +162,23 @@
 //!   the build can turn it on), amqprs logs every frame it sends at TRACE level,
 //!   `connection.start-ok` included, whose SASL response holds the password: keep
 //!   it off, or amqprs's TRACE level off, in production.
-//! - TLS (`amqps://`) uses rustls with the webpki root certificates and the
-//!   process-wide default provider if the application installed one
-//!   (`CryptoProvider::install_default`, e.g. aws-lc-rs for post-quantum key
-//!   exchange), else the *ring* provider, without installing it (so no default is
-//!   needed); client certificates are not wired.
+//! - **TLS** (`amqps://`): amqprs's `TlsAdaptor` gets the rustls client
+//!   configuration the core builds from [`ConnectOptions::tls`]
+//!   (`amqp_rebound_core::tls::rustls`: private CA, client certificate, native
+//!   roots, server name; the public webpki roots without one) and the
+//!   process-wide default provider if the application installed one, else
+//!   *ring*, without installing it. EXTERNAL authentication
+//!   (`?auth_mechanism=external` and a client certificate) works. amqprs passes
+//!   rustls's errors on as text: they are recognised by it
+//!   ([`error_kind_from_text`], tested against rustls's own wording). A dial
+//!   that dies under the handshake without a word within 2 s is explained by
+//!   asking the port again ([`explain_dead_handshake`]): this tells a plain
+//!   dial to a TLS port, and a refused client certificate whose alert
+//!   RabbitMQ's reset hid, from a refused login (which RabbitMQ closes only
+//!   after 3 s, and is not asked about).
+//!
+//! [`error_kind_from_text`]: amqp_rebound_core::tls::rustls::error_kind_from_text
+//! [`explain_dead_handshake`]: amqp_rebound_core::tls::rustls::explain_dead_handshake
 //!
 //! [amqprs]: https://docs.rs/amqprs
 //! [`ConnectionEvent::Blocked`]: amqp_rebound_core::ConnectionEvent::Blocked
@@ -184,6 +198,7 @@ use std::time::Duration;
 
 use amqp_rebound_core::TransportError;
 use amqp_rebound_core::endpoint::Endpoint;
+use amqp_rebound_core::tls::rustls::{self, ClientConfigCache};
 use amqp_rebound_core::transport::{ConnectOptions, Transport};
 use async_trait::async_trait;
 use tokio::runtime::Handle;
@@ -199,6 +214,7 @@ pub use connection::AmqprsConnection;
 pub struct AmqprsTransport {
     handle: Option<Handle>,
     connect_timeout: Option<Duration>,
+    tls: ClientConfigCache,
 }
 
 impl AmqprsTransport {
@@ -247,11 +263,16 @@ impl Transport for AmqprsTransport {
         options: &ConnectOptions,
     ) -> Result<AmqprsConnection, TransportError> {
         let handle = self.handle()?;
-        let arguments = convert::open_arguments(endpoint, options)?;
+        let config = match endpoint.is_tls() {
+            true => Some(self.tls.get(options.tls.as_ref())?),
+            false => None,
+        };
+        let arguments = convert::open_arguments(endpoint, options, config.clone())?;
         let timeout = self
             .connect_timeout
             .or_else(|| convert::uri_connect_timeout(endpoint));
         let password = endpoint.password().to_owned();
+        let (endpoint, tls) = (endpoint.clone(), options.tls.clone());
         // On the runtime: amqprs spawns its tasks with `tokio::spawn`, the timeout
         // needs tokio's timer, and a panic in amqprs's handshake code (it unwraps
         // what the broker sends) ends this task instead of the caller.
@@ -259,6 +280,7 @@ impl Transport for AmqprsTransport {
             let handle = handle.clone();
             let password = password.clone();
             async move {
+                let started = std::time::Instant::now();
                 let open = amqprs::connection::Connection::open(&arguments);
                 let opened = match timeout {
                     Some(limit) => match tokio::time::timeout(limit, open).await {
@@ -269,6 +291,23 @@ impl Transport for AmqprsTransport {
                 };
                 match opened {
                     Ok(connection) => AmqprsConnection::start(connection, handle, password).await,
+                    Err(error)
+                        if convert::died_without_a_word(&error)
+                            && started.elapsed() < rustls::EXPLAIN_WITHIN =>
+                    {
+                        // maybe a TLS error that RabbitMQ's reset hid
+                        let mapped = convert::map_open_error(&error, &password);
+                        let explained = tokio::task::spawn_blocking(move || {
+                            rustls::explain_dead_handshake(&endpoint, tls.as_ref(), config, mapped)
+                        })
+                        .await;
+                        match explained {
+                            Ok(error) => Err(convert::scrub(error, &password)),
+                            Err(join) => Err(TransportError::Protocol(format!(
+                                "amqprs failed while connecting: {join}"
+                            ))),
+                        }
+                    }
                     Err(error) => Err(convert::map_open_error(&error, &password)),
                 }
             }

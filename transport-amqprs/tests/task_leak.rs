@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use amqp_rebound_amqprs::AmqprsTransport;
 use amqp_rebound_core::transport::{ConnectOptions, Transport};
-use amqp_rebound_core::{Endpoint, TransportError};
+use amqp_rebound_core::{Endpoint, TlsErrorKind, TransportError};
 use amqp_rebound_tests::broker::{Access, BrokerLock, BrokerUrl, broker_reachable};
 use futures::stream::{self, StreamExt};
 
@@ -127,5 +127,14 @@ async fn failed_tls_handshakes_leave_no_tasks() {
         ep.host().to_owned()
     };
     let tls = Endpoint::parse(&format!("amqps://guest:guest@{host}:{}/%2f", ep.port())).unwrap();
-    dials_leave_no_tasks(&tls, |e| matches!(e, TransportError::Io(_))).await;
+    dials_leave_no_tasks(&tls, |e| {
+        matches!(
+            e,
+            TransportError::Tls {
+                kind: TlsErrorKind::NotTlsPort,
+                ..
+            }
+        )
+    })
+    .await;
 }

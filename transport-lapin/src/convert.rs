@@ -4,6 +4,7 @@
 
 use amqp_rebound_core::TransportError;
 use amqp_rebound_core::message::{AMQPValue, Delivery, FieldTable, Properties, Returned};
+use amqp_rebound_core::tls::rustls;
 use amqp_rebound_core::topology::ExchangeKind;
 use lapin::message::BasicReturnMessage;
 use lapin::types::ShortString;
@@ -16,7 +17,7 @@ const SHORT_STRING_MAX: usize = 255;
 ///
 /// | lapin                                   | core                          |
 /// |-----------------------------------------|-------------------------------|
-/// | `IOError`, `RuntimeShutdownError`       | `Io`                          |
+/// | `IOError`, `RuntimeShutdownError`       | `Io`; `Tls` when it wraps a rustls error |
 /// | `MissingHeartbeatError`                 | `HeartbeatTimeout`            |
 /// | `ProtocolError` (AMQP reply code)       | `Reply { code, text }`        |
 /// | `AuthProviderError`                     | `Auth`                        |
@@ -24,7 +25,7 @@ const SHORT_STRING_MAX: usize = 255;
 pub(crate) fn map_error(error: &lapin::Error) -> TransportError {
     match error.kind() {
         ErrorKind::IOError(io) | ErrorKind::RuntimeShutdownError(io) => {
-            TransportError::Io(io.to_string())
+            rustls::from_io_error(io).unwrap_or_else(|| TransportError::Io(io.to_string()))
         }
         ErrorKind::MissingHeartbeatError => TransportError::HeartbeatTimeout,
         ErrorKind::ProtocolError(amqp) => TransportError::Reply {
@@ -63,6 +64,10 @@ pub(crate) fn scrub(error: TransportError, password: &str) -> TransportError {
         TransportError::Io(text) => TransportError::Io(clean(text)),
         TransportError::Auth(text) => TransportError::Auth(clean(text)),
         TransportError::Protocol(text) => TransportError::Protocol(clean(text)),
+        TransportError::Tls { kind, detail } => TransportError::Tls {
+            kind,
+            detail: clean(detail),
+        },
         TransportError::Reply { code, text } => TransportError::Reply {
             code,
             text: clean(text),

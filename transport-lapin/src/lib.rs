@@ -58,7 +58,8 @@
 //!
 //! | lapin `ErrorKind`                   | core                                                  |
 //! |-------------------------------------|-------------------------------------------------------|
-//! | `IOError`, `RuntimeShutdownError`   | `Io` (refused, reset, TLS failures)                   |
+//! | `IOError`, `RuntimeShutdownError`   | `Io` (refused, reset); `Tls` when it holds a rustls error |
+//! | the socket's TCP connect or TLS handshake (before lapin) | `Io`; `Tls { kind, .. }` for a rustls error, or for what the port answers when asked again |
 //! | `MissingHeartbeatError`             | `HeartbeatTimeout`                                    |
 //! | `ProtocolError` (reply code)        | `Reply { code, text }`; during `connect`, 403 is `Auth` |
 //! | `AuthProviderError`                 | `Auth`                                                |
@@ -140,11 +141,20 @@
 //!   before they reach lapin.
 //! - `ConsumeOptions::prefetch` is applied with `basic.qos` (`global = false`) right
 //!   before `basic.consume`.
-//! - TLS (`amqps://`) uses rustls with the webpki root certificates and the
-//!   process-wide default provider if the application installed one
-//!   (`CryptoProvider::install_default`, e.g. aws-lc-rs for post-quantum key
-//!   exchange), else the *ring* provider, which lapin's TLS stack then installs as
-//!   the default; client certificates are not wired.
+//! - **TLS** (`amqps://`): the socket's TLS is rustls with the client
+//!   configuration the core builds from [`ConnectOptions::tls`]
+//!   (`amqp_rebound_core::tls::rustls`: private CA, client certificate, native
+//!   roots, server name; the public webpki roots without one) and the
+//!   process-wide default provider if the application installed one, else
+//!   *ring*. lapin's own TLS configuration (`OwnedTLSConfig`, PEM strings and
+//!   PKCS#12 only, no control of the roots) is not used. EXTERNAL
+//!   authentication (`?auth_mechanism=external` and a client certificate)
+//!   works. A dial that dies under the handshake without a word within 2 s is
+//!   explained by asking the port again (see [`explain_dead_handshake`]):
+//!   RabbitMQ's reset can hide a refused client certificate's alert, or that a
+//!   plain dial reached a TLS port.
+//!
+//! [`explain_dead_handshake`]: amqp_rebound_core::tls::rustls::explain_dead_handshake
 //!
 //! [lapin]: https://docs.rs/lapin
 //! [`ConnectionEvent::Blocked`]: amqp_rebound_core::ConnectionEvent::Blocked
@@ -160,17 +170,19 @@ mod channel;
 mod connection;
 mod convert;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amqp_rebound_core::TransportError;
 use amqp_rebound_core::endpoint::Endpoint;
+use amqp_rebound_core::tls::rustls::{self, ClientConfigCache};
 use amqp_rebound_core::transport::{ConnectOptions, Transport};
 use async_rs::TokioRuntime;
+use async_rs::traits::Reactor;
 use async_trait::async_trait;
 use lapin::ConnectionProperties;
-use lapin::tcp::AMQPUriTcpExt;
-use lapin::uri::AMQPUri;
+use lapin::tcp::{AMQPUriTcpExt, AsyncTcpStream, RustlsConnector};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use tokio::runtime::Handle;
 
 pub use amqp_rebound_core as core;
@@ -184,6 +196,7 @@ pub use connection::LapinConnection;
 pub struct LapinTransport {
     handle: Option<Handle>,
     connect_timeout: Option<Duration>,
+    tls: ClientConfigCache,
 }
 
 impl LapinTransport {
@@ -236,33 +249,88 @@ impl Transport for LapinTransport {
             properties = properties.with_connection_name(name.as_str().into());
         }
         let uri = endpoint.amqp_uri().clone();
+        let config = match endpoint.is_tls() {
+            true => Some(self.tls.get(options.tls.as_ref())?),
+            false => None,
+        };
+        let tls = match &config {
+            Some(config) => {
+                let name = rustls::server_name(options.tls.as_ref(), endpoint.host())?;
+                Some((
+                    RustlsConnector::from(Arc::clone(config)),
+                    name.to_str().into_owned(),
+                ))
+            }
+            None => None,
+        };
         let runtime = async_rs::Runtime::tokio_with_handle(handle.clone());
         let timeout = self.connect_timeout;
+        let started = std::time::Instant::now();
         // Run the dial on the runtime itself, so that the timeout's timer works
         // whichever executor polls this future.
         let dial = handle.spawn(async move {
-            let dial = dial(uri, properties, runtime);
+            let dial = dial(uri, tls, properties, runtime);
             match timeout {
                 Some(limit) => tokio::time::timeout(limit, dial).await.ok(),
                 None => Some(dial.await),
             }
         });
         let password = endpoint.password();
-        match dial.await {
-            Ok(Some(Ok(connection))) => Ok(LapinConnection::start(connection, handle, password)),
-            Ok(Some(Err(DialError::Socket(error)))) => Err(convert::scrub(
-                TransportError::Io(error.to_string()),
-                password,
-            )),
-            Ok(Some(Err(DialError::Lapin(error)))) => {
-                Err(convert::map_connect_error(&error, password))
+        let error = match dial.await {
+            Ok(Some(Ok(connection))) => {
+                return Ok(LapinConnection::start(connection, handle, password));
             }
-            Ok(None) => Err(TransportError::Timeout),
+            Ok(Some(Err(error))) => error,
+            Ok(None) => return Err(TransportError::Timeout),
+            Err(join) => {
+                return Err(TransportError::Protocol(format!(
+                    "the dial task failed: {join}"
+                )));
+            }
+        };
+        let (error, died) = match error {
+            DialError::Socket(error) => match rustls::from_io_error(&error) {
+                Some(tls) => (tls, false),
+                None => (
+                    TransportError::Io(error.to_string()),
+                    died_without_a_word(&error),
+                ),
+            },
+            DialError::Lapin(error) => {
+                let error = convert::map_connect_error(&error, password);
+                // the socket was open: an I/O or parsing error is the handshake dying
+                let died = matches!(error, TransportError::Io(_) | TransportError::Protocol(_));
+                (error, died)
+            }
+        };
+        if !died || started.elapsed() >= rustls::EXPLAIN_WITHIN {
+            return Err(convert::scrub(error, password));
+        }
+        // maybe a TLS error that RabbitMQ's reset hid
+        let (endpoint, tls) = (endpoint.clone(), options.tls.clone());
+        let explain = handle.spawn_blocking(move || {
+            rustls::explain_dead_handshake(&endpoint, tls.as_ref(), config, error)
+        });
+        match explain.await {
+            Ok(error) => Err(convert::scrub(error, password)),
             Err(join) => Err(TransportError::Protocol(format!(
                 "the dial task failed: {join}"
             ))),
         }
     }
+}
+
+/// Whether a socket error is the peer closing or resetting the connection (under
+/// the TLS handshake), rather than a refused or unreachable port.
+fn died_without_a_word(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::UnexpectedEof
+            | ErrorKind::BrokenPipe
+    )
 }
 
 enum DialError {
@@ -282,11 +350,12 @@ enum DialError {
 /// socket thread blocked in it.
 async fn dial(
     uri: AMQPUri,
+    tls: Option<(RustlsConnector, String)>,
     properties: ConnectionProperties,
     runtime: TokioRuntime,
 ) -> Result<lapin::Connection, DialError> {
-    let stream = uri
-        .connect_async(&runtime)
+    let tls = Arc::new(tls);
+    let stream = open_socket(&uri, tls.as_ref().as_ref(), &runtime)
         .await
         .map_err(DialError::Socket)?;
     let opened = Mutex::new(Some(stream));
@@ -296,8 +365,7 @@ async fn dial(
         let stream = opened.lock().unwrap_or_else(|e| e.into_inner()).take();
         match stream {
             Some(stream) => Ok(stream),
-            None => uri
-                .connect_async(&runtime)
+            None => open_socket(&uri, tls.as_ref().as_ref(), &runtime)
                 .await
                 .map_err(lapin::Error::from),
         }
@@ -305,4 +373,23 @@ async fn dial(
     lapin::Connection::connector(uri, runtime, connect, properties)
         .await
         .map_err(DialError::Lapin)
+}
+
+/// TCP as lapin would open it (the URI's host and port), then TLS with this
+/// crate's rustls configuration (the core's [`TlsConfig`] rather than lapin's
+/// own, which knows no private CA or client certificate) and server name.
+///
+/// [`TlsConfig`]: amqp_rebound_core::TlsConfig
+async fn open_socket(
+    uri: &AMQPUri,
+    tls: Option<&(RustlsConnector, String)>,
+    runtime: &TokioRuntime,
+) -> std::io::Result<AsyncTcpStream<<async_rs::Tokio as Reactor>::TcpStream>> {
+    let mut tcp = uri.clone();
+    tcp.scheme = AMQPScheme::AMQP;
+    let stream = tcp.connect_async(runtime).await?;
+    match tls {
+        Some((connector, name)) => stream.into_rustls(connector, name).await,
+        None => Ok(stream),
+    }
 }

@@ -14,7 +14,7 @@ use amqp_rebound_core::topology::{ConsumeOptions, ExchangeDecl, ExchangeKind, Qu
 use amqp_rebound_core::transport::{
     Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, Transport,
 };
-use amqp_rebound_core::{Endpoint, TransportError};
+use amqp_rebound_core::{Endpoint, TlsErrorKind, TransportError};
 use amqp_rebound_lapin::{LapinChannel, LapinConnection, LapinTransport};
 use amqp_rebound_tests::broker::{Access, BrokerLock};
 use futures::StreamExt;
@@ -521,7 +521,8 @@ async fn a_refused_dial_is_an_io_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_a_plain_port_fails_cleanly() {
     // Exercises the rustls path (ring provider, webpki roots) without a TLS broker:
-    // the handshake meets an AMQP server and must fail with an error, not a panic.
+    // the handshake meets an AMQP server and must fail with a typed error, not a
+    // panic.
     let ep = endpoint();
     let tls = rewrite("amqps", &authority(&ep), "");
     let error = within(
@@ -530,7 +531,16 @@ async fn tls_to_a_plain_port_fails_cleanly() {
     )
     .await
     .unwrap_err();
-    assert!(matches!(error, TransportError::Io(_)), "got {error:?}");
+    assert!(
+        matches!(
+            error,
+            TransportError::Tls {
+                kind: TlsErrorKind::NotTlsPort,
+                ..
+            }
+        ),
+        "got {error:?}"
+    );
     eprintln!("TLS to a plain AMQP port: {error}");
 }
 
