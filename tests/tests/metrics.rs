@@ -121,9 +121,17 @@ fn the_prometheus_example_shows_the_counters_moving_through_kills() {
                 first.with(published, client).is_some(),
                 "labelled by client"
             );
-            let second = scrape_until(addr, Duration::from_secs(5), "more confirms", |s| {
-                s.sum(confirmed) > first.sum(confirmed)
-            })
+            // both counters move (a scrape can fall between a batch of confirms
+            // and the publishes they make room for: wait for both)
+            let second = scrape_until(
+                addr,
+                Duration::from_secs(10),
+                "more publishes and confirms",
+                |s| {
+                    s.sum(confirmed) > first.sum(confirmed)
+                        && s.sum(published) > first.sum(published)
+                },
+            )
             .await;
             assert!(second.sum(published) > first.sum(published));
             // the relay cuts every connection 2.5 s after the start
