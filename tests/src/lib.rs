@@ -126,21 +126,38 @@ macro_rules! conformance_suite {
                 $crate::__conformance_case!($name, Shared, ack_after_recovery_is_stale);
                 $crate::__conformance_case!($name, Shared, bad_credentials_and_bad_config);
                 $crate::__conformance_case!($name, Shared, close_during_reconnect);
-                $crate::__edge_case!(
+                $crate::__conformance_case!(
                     $name,
                     Shared,
+                    edges,
                     fire_and_forget_then_close_keeps_every_message
                 );
-                $crate::__edge_case!(
+                $crate::__conformance_case!(
                     $name,
                     Shared,
+                    edges,
                     close_with_the_broker_unreachable_returns_at_the_timeout
                 );
-                $crate::__edge_case!($name, Shared, flush_reports_what_was_not_confirmed);
-                $crate::__edge_case!($name, Shared, bad_messages_fail_alone_and_at_once);
-                $crate::__edge_case!($name, Shared, consume_on_a_missing_queue_is_refused);
-                $crate::__edge_case!($name, Shared, first_contact_names_the_cause);
-                $crate::__edge_case!($name, Shared, extreme_settings_never_panic);
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    flush_reports_what_was_not_confirmed
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    bad_messages_fail_alone_and_at_once
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    consume_on_a_missing_queue_is_refused
+                );
+                $crate::__conformance_case!($name, Shared, edges, first_contact_names_the_cause);
+                $crate::__conformance_case!($name, Shared, edges, extreme_settings_never_panic);
             }
 
             /// Cases that hurt the whole broker: they run alone.
@@ -153,8 +170,18 @@ macro_rules! conformance_suite {
                 $crate::__conformance_case!($name, Exclusive, suspend_and_resume_listeners);
                 $crate::__conformance_case!($name, Exclusive, broker_restart_recovers_topology);
                 $crate::__conformance_case!($name, Exclusive, memory_alarm_blocks_and_unblocks);
-                $crate::__edge_case!($name, Exclusive, close_all_connections_during_the_drain);
-                $crate::__edge_case!($name, Exclusive, a_message_over_the_size_limit_fails_alone);
+                $crate::__conformance_case!(
+                    $name,
+                    Exclusive,
+                    edges,
+                    close_all_connections_during_the_drain
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Exclusive,
+                    edges,
+                    a_message_over_the_size_limit_fails_alone
+                );
             }
 
             /// Over the broker's TLS listener (see [`tls`](mod@$crate::tls)): the
@@ -222,25 +249,13 @@ macro_rules! conformance_suite {
 
 #[doc(hidden)]
 #[macro_export]
-macro_rules! __edge_case {
-    ($name:ident, $access:ident, $case:ident) => {
-        #[test]
-        fn $case() {
-            $crate::suite::run(
-                stringify!($name),
-                stringify!($case),
-                $crate::broker::Access::$access,
-                super::make,
-                $crate::suite::edges::$case,
-            );
-        }
-    };
-}
-
-#[doc(hidden)]
-#[macro_export]
 macro_rules! __conformance_case {
+    // a case of `suite::cases`
     ($name:ident, $access:ident, $case:ident) => {
+        $crate::__conformance_case!($name, $access, cases, $case);
+    };
+    // a case of another module of `suite`
+    ($name:ident, $access:ident, $module:ident, $case:ident) => {
         #[test]
         fn $case() {
             $crate::suite::run(
@@ -248,7 +263,7 @@ macro_rules! __conformance_case {
                 stringify!($case),
                 $crate::broker::Access::$access,
                 super::make,
-                $crate::suite::cases::$case,
+                $crate::suite::$module::$case,
             );
         }
     };
