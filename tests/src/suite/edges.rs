@@ -30,11 +30,18 @@ fn fire_and_forget(client: &Client, queue: &str, n: u32) {
     }
 }
 
-/// Reads `queue` back and asserts every id of `0..n` is there (duplicates
-/// allowed: at-least-once).
+/// Reads `queue` back, every message in it (duplicates included:
+/// at-least-once), and asserts every id of `0..n` is there.
 async fn assert_all_in_queue<T: Transport>(h: &Harness<T>, queue: &str, n: u32) {
+    let inspector = h.inspector().await;
+    let in_queue = inspector.ready_messages(&test_queue(queue)).await;
+    inspector.close().await;
+    assert!(
+        in_queue >= n,
+        "{in_queue} messages in the queue for {n} accepted"
+    );
     let reader = h.client().await;
-    let counts = drain_ids(&reader, queue, n as usize, 60 * SECOND).await;
+    let counts = drain_ids(&reader, queue, in_queue as usize, 60 * SECOND).await;
     let missing: Vec<u32> = (0..n).filter(|id| !counts.contains_key(id)).collect();
     assert!(
         missing.is_empty(),
