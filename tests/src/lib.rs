@@ -92,6 +92,7 @@ pub mod capture;
 pub mod cluster;
 pub mod proxy;
 pub mod suite;
+pub mod task_leak;
 pub mod tls;
 
 pub use amqp_rebound_core as core;
