@@ -77,6 +77,21 @@ fn close_within(
     drive(pool, clock, limit, || *closed.borrow())
 }
 
+/// Spawns `future` on `pool`; its output lands in the returned cell when it ends.
+fn spawn_output<T: 'static>(
+    pool: &LocalPool,
+    future: impl std::future::Future<Output = T> + 'static,
+) -> Rc<RefCell<Option<T>>> {
+    let out = Rc::new(RefCell::new(None));
+    let cell = Rc::clone(&out);
+    pool.spawner()
+        .spawn_local(async move {
+            *cell.borrow_mut() = Some(future.await);
+        })
+        .expect("spawn");
+    out
+}
+
 fn all_confirmed(results: &Results) -> bool {
     results
         .borrow()
@@ -579,14 +594,8 @@ fn flush_waits_for_what_was_accepted_before_it_and_counts_what_was_not_confirmed
         .state()
         .is_ready()));
     let flushed = |pool: &LocalPool| {
-        let out = Rc::new(RefCell::new(None));
-        let (client, out2) = (client.clone(), Rc::clone(&out));
-        pool.spawner()
-            .spawn_local(async move {
-                *out2.borrow_mut() = Some(client.flush().await);
-            })
-            .unwrap();
-        out
+        let client = client.clone();
+        spawn_output(pool, async move { client.flush().await })
     };
     // nothing accepted: at once
     let none = flushed(&pool);
@@ -620,15 +629,10 @@ fn first_contact_reports_the_cause_after_one_round_and_timeouts_carry_it() {
     transport.broker().refuse = Some(TransportError::Auth(
         "ACCESS_REFUSED - Login was refused".into(),
     ));
-    let contact = Rc::new(RefCell::new(None));
-    {
-        let (client, contact) = (client.clone(), Rc::clone(&contact));
-        pool.spawner()
-            .spawn_local(async move {
-                *contact.borrow_mut() = Some(client.connected().await);
-            })
-            .unwrap();
-    }
+    let contact = {
+        let client = client.clone();
+        spawn_output(&pool, async move { client.connected().await })
+    };
     let start = clock_now(&clock);
     assert!(drive(&mut pool, &clock, Duration::from_secs(1), || contact
         .borrow()
@@ -668,15 +672,10 @@ fn first_contact_reports_the_cause_after_one_round_and_timeouts_carry_it() {
     assert!(drive(&mut pool, &clock, Duration::from_secs(5), || client
         .state()
         .is_ready()));
-    let again = Rc::new(RefCell::new(None));
-    {
-        let (client, again) = (client.clone(), Rc::clone(&again));
-        pool.spawner()
-            .spawn_local(async move {
-                *again.borrow_mut() = Some(client.connected().await);
-            })
-            .unwrap();
-    }
+    let again = {
+        let client = client.clone();
+        spawn_output(&pool, async move { client.connected().await })
+    };
     pool.run_until_stalled();
     assert_eq!(again.borrow().clone(), Some(Ok(())));
 }
@@ -694,15 +693,10 @@ fn a_pool_wider_than_the_brokers_channel_max_is_refused_at_first_contact() {
         .unwrap();
     let mut pool = pool;
     pool.spawner().spawn_local(driver).unwrap();
-    let contact = Rc::new(RefCell::new(None));
-    {
-        let (client, contact) = (client.clone(), Rc::clone(&contact));
-        pool.spawner()
-            .spawn_local(async move {
-                *contact.borrow_mut() = Some(client.connected().await);
-            })
-            .unwrap();
-    }
+    let contact = {
+        let client = client.clone();
+        spawn_output(&pool, async move { client.connected().await })
+    };
     assert!(drive(&mut pool, &clock, Duration::from_secs(1), || contact
         .borrow()
         .is_some()));
