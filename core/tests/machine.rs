@@ -724,6 +724,7 @@ fn channel_states_name_what_the_open_waits_for() {
             },
         );
     }
+    #[allow(clippy::disallowed_methods)] // the test owns the clock, not the machine
     let t0 = std::time::Instant::now();
     let mut sup = Supervisor::new(config(1, 2, 1), t0).unwrap();
     let (c0, c1) = (ch(0, 0), ch(0, 1));
