@@ -129,7 +129,6 @@ impl Driver {
             topology: BTreeMap::new(),
             consumers: BTreeMap::new(),
             watchers: Vec::new(),
-            parked: VecDeque::new(),
             close_waiters: Vec::new(),
             closed_here: 0,
             contact_waiters: Vec::new(),
@@ -395,8 +394,6 @@ pub(crate) struct State<T: Transport, K: Timer> {
     topology: BTreeMap<OpId, TopologyReply>,
     consumers: BTreeMap<ConsumerId, mpsc::UnboundedSender<ConsumerItem>>,
     watchers: Vec<crate::watch::Sender>,
-    /// Publishes waiting for room in a full outbox (the caller chose to wait).
-    parked: VecDeque<ParkedPublish>,
     /// Callers of `close`, each with the count of publishes resolved Closed
     /// before it asked.
     close_waiters: Vec<(oneshot::Sender<crate::client::CloseSummary>, u64)>,
@@ -428,12 +425,6 @@ pub(crate) enum TopologyReply {
         QueueHandle,
         Reply<Result<(QueueHandle, String), TopologyError>>,
     ),
-}
-
-pub(crate) struct ParkedPublish {
-    pub(crate) message: Arc<Message>,
-    pub(crate) deadline: Instant,
-    pub(crate) reply: Reply<Result<Confirmation, PublishError>>,
 }
 
 impl<T: Transport, K: Timer> State<T, K> {
@@ -513,8 +504,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                         // every Client handle is gone: nobody can use us; what
                         // they published is owed, so drain it
                         self.requests_open = false;
-                        let now = self.now();
-                        self.close_draining(now);
+                        self.input(Input::Close);
                     }
                     Poll::Pending => break,
                 }
@@ -609,17 +599,12 @@ impl<T: Transport, K: Timer> State<T, K> {
     }
 
     fn next_wake(&self) -> Option<Instant> {
-        let parked = self.parked.iter().map(|p| p.deadline).min();
-        match (self.sup.poll_timeout(), parked) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.sup.poll_timeout()
     }
 
     /// Executes every command and routes every event the supervisor has.
     fn flush(&mut self) {
         loop {
-            self.retry_parked();
             let mut any = false;
             while let Some(command) = self.sup.poll_command() {
                 any = true;
@@ -1084,8 +1069,6 @@ impl<T: Transport, K: Timer> State<T, K> {
     fn on_request(&mut self, request: Request) {
         let now = self.now();
         match request {
-            // behind publishes already waiting for room: it waits too, so that a
-            // caller's messages keep their order
             Request::Publish { reply, .. } if self.sup.is_closing() => {
                 let _ = reply.send(Err(PublishError::Closed));
             }
@@ -1097,47 +1080,24 @@ impl<T: Transport, K: Timer> State<T, K> {
             Request::Publish {
                 message,
                 timeout,
-                wait: true,
-                reply,
-            } if !self.parked.is_empty() => {
-                let deadline = crate::supervisor::deadline_after(
-                    now,
-                    timeout.unwrap_or(self.sup.config().publish_timeout),
-                );
-                self.parked.push_back(ParkedPublish {
-                    message,
-                    deadline,
-                    reply,
-                });
-            }
-            Request::Publish {
-                message,
-                timeout,
                 wait,
                 reply,
-            } => match self.sup.publish(
-                now,
-                Arc::clone(&message),
-                timeout.map(|t| crate::supervisor::deadline_after(now, t)),
-            ) {
-                Ok(id) => {
-                    self.publishes.insert(id.slot(), reply);
+            } => {
+                let deadline = timeout.map(|t| crate::supervisor::deadline_after(now, t));
+                let accepted = if wait {
+                    self.sup.publish_or_wait(now, message, deadline)
+                } else {
+                    self.sup.publish(now, message, deadline)
+                };
+                match accepted {
+                    Ok(id) => {
+                        self.publishes.insert(id.slot(), reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
                 }
-                Err(PublishError::Backpressure { .. }) if wait => {
-                    let deadline = crate::supervisor::deadline_after(
-                        now,
-                        timeout.unwrap_or(self.sup.config().publish_timeout),
-                    );
-                    self.parked.push_back(ParkedPublish {
-                        message,
-                        deadline,
-                        reply,
-                    });
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
+            }
             Request::Topology { op, reply } => match op(&mut self.sup, now) {
                 Ok(id) => {
                     self.topology.insert(id, reply);
@@ -1193,15 +1153,12 @@ impl<T: Transport, K: Timer> State<T, K> {
             Request::Close { discard, done } => {
                 let before = self.sup.stats().closed + self.closed_here;
                 self.close_waiters.push((done, before));
-                if discard {
-                    for p in self.parked.drain(..) {
-                        self.closed_here += 1;
-                        let _ = p.reply.send(Err(PublishError::Closed));
-                    }
-                    self.sup.handle(now, Input::CloseNow);
+                let close = if discard {
+                    Input::CloseNow
                 } else {
-                    self.close_draining(now);
-                }
+                    Input::Close
+                };
+                self.sup.handle(now, close);
             }
             Request::Connected { reply } => match self.sup.first_contact() {
                 Ok(true) => {
@@ -1215,57 +1172,6 @@ impl<T: Transport, K: Timer> State<T, K> {
             Request::Flush { reply } => {
                 let id = self.sup.flush(now);
                 self.flushes.insert(id, reply);
-            }
-        }
-    }
-
-    /// A draining close: publishes waiting for room were accepted, so they go
-    /// into the outbox beyond its capacity, and the close drains them too.
-    fn close_draining(&mut self, now: Instant) {
-        if !self.sup.is_closing() {
-            for p in self.parked.drain(..) {
-                match self
-                    .sup
-                    .publish_over_capacity(now, p.message, Some(p.deadline))
-                {
-                    Ok(id) => {
-                        self.publishes.insert(id.slot(), p.reply);
-                    }
-                    Err(e) => {
-                        let _ = p.reply.send(Err(e));
-                    }
-                }
-            }
-        }
-        self.sup.handle(now, Input::Close);
-    }
-
-    /// Parked publishes go in as soon as the outbox has room, oldest first; past
-    /// their deadline they resolve as timed out.
-    fn retry_parked(&mut self) {
-        let capacity = self.sup.config().outbox_capacity;
-        while !self.parked.is_empty() {
-            let now = self.now();
-            if self.sup.is_closed() {
-                for p in self.parked.drain(..) {
-                    let _ = p.reply.send(Err(PublishError::Closed));
-                }
-                return;
-            }
-            let expired = self.parked.front().is_some_and(|p| p.deadline <= now);
-            if !expired && self.sup.outbox_pending() >= capacity {
-                return;
-            }
-            let Some(p) = self.parked.pop_front() else {
-                return;
-            };
-            match self.sup.publish(now, p.message, Some(p.deadline)) {
-                Ok(id) => {
-                    self.publishes.insert(id.slot(), p.reply);
-                }
-                Err(e) => {
-                    let _ = p.reply.send(Err(e));
-                }
             }
         }
     }
@@ -1367,10 +1273,6 @@ impl<T: Transport, K: Timer> State<T, K> {
         for (_, reply) in std::mem::take(&mut self.publishes) {
             self.closed_here += 1;
             let _ = reply.send(Err(PublishError::Closed));
-        }
-        for p in self.parked.drain(..) {
-            self.closed_here += 1;
-            let _ = p.reply.send(Err(PublishError::Closed));
         }
         for (_, reply) in std::mem::take(&mut self.topology) {
             match reply {
