@@ -45,7 +45,10 @@ use futures::stream::{BoxStream, FuturesUnordered, Stream, StreamExt};
 use slotmap::SecondaryMap;
 use tracing::Instrument;
 
-use crate::client::{ClientState, ConsumerItem, Received, Request, Shared};
+use crate::contract::{
+    ClientState, CloseSummary, ConsumerItem, Engine, Flushed, Reply, Request, Shared,
+    TopologyReply, lock,
+};
 use crate::endpoint::Endpoint;
 use crate::error::TransportError;
 use crate::event::Event;
@@ -55,9 +58,7 @@ use crate::outbox::{Confirmation, PublishError, Slot};
 use crate::stream_set::StreamSet;
 use crate::supervisor::{Command, Input, Stats, Supervisor};
 use crate::telemetry::targets;
-use crate::topology::{
-    AckKind, ConsumeError, ConsumerId, OpId, QueueHandle, TopologyError, TopologyOp,
-};
+use crate::topology::{AckKind, ConsumeError, ConsumerId, OpId, TopologyError, TopologyOp};
 use crate::transport::{
     Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, Sleep, Timer, Transport,
 };
@@ -76,20 +77,6 @@ const TRIPS: usize = 32;
 #[must_use = "the client does nothing unless its driver is spawned or awaited"]
 pub struct Driver {
     engine: Arc<dyn Engine>,
-}
-
-/// The client's state as the driver and the client handles see it, without its
-/// transport's types.
-pub(crate) trait Engine: Send + Sync + 'static {
-    /// One poll of the driver.
-    fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<()>;
-    /// Runs a publish request on the caller's thread, if the state is free;
-    /// gives it back otherwise (the caller then sends it as a request).
-    fn try_publish(&self, request: Request) -> Result<(), Request>;
-    /// The driver was dropped: everything pending resolves `Closed`.
-    fn abandon(&self);
-    /// The supervisor's counters now.
-    fn stats(&self) -> Stats;
 }
 
 impl Driver {
@@ -358,8 +345,6 @@ enum Done<C, H> {
     Nothing,
 }
 
-type Reply<T> = oneshot::Sender<T>;
-
 struct ChanSlot<H> {
     generation: u64,
     writer: Writer<H>,
@@ -396,7 +381,7 @@ pub(crate) struct State<T: Transport, K: Timer> {
     watchers: Vec<crate::watch::Sender>,
     /// Callers of `close`, each with the count of publishes resolved Closed
     /// before it asked.
-    close_waiters: Vec<(oneshot::Sender<crate::client::CloseSummary>, u64)>,
+    close_waiters: Vec<(oneshot::Sender<CloseSummary>, u64)>,
     /// Publishes resolved Closed by the driver itself (the supervisor counts
     /// its own).
     closed_here: u64,
@@ -404,7 +389,7 @@ pub(crate) struct State<T: Transport, K: Timer> {
     contact_waiters: Vec<oneshot::Sender<Result<(), TransportError>>>,
     /// Consumers whose caller waits for the broker's first answer.
     consume_replies: BTreeMap<ConsumerId, oneshot::Sender<Result<ConsumerId, ConsumeError>>>,
-    flushes: BTreeMap<crate::outbox::FlushId, oneshot::Sender<crate::client::Flushed>>,
+    flushes: BTreeMap<crate::outbox::FlushId, oneshot::Sender<Flushed>>,
     /// The time of the batch being taken, if one is.
     batch_now: Option<Instant>,
     /// Publish results to send once the lock is released: the publisher they
@@ -418,14 +403,6 @@ type Resolved = (
 );
 
 type ChannelOf<T> = <<T as Transport>::Connection as Connection>::Channel;
-
-pub(crate) enum TopologyReply {
-    Unit(Reply<Result<(), TopologyError>>),
-    Queue(
-        QueueHandle,
-        Reply<Result<(QueueHandle, String), TopologyError>>,
-    ),
-}
 
 impl<T: Transport, K: Timer> State<T, K> {
     /// One poll of the driver: trips of (flush, re-arm the timer, take what is
@@ -1188,7 +1165,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                 not_confirmed,
             } => {
                 if let Some(reply) = self.flushes.remove(&flush) {
-                    let _ = reply.send(crate::client::Flushed { not_confirmed });
+                    let _ = reply.send(Flushed { not_confirmed });
                 }
             }
             Event::TopologyResolved { op, result } => match self.topology.remove(&op) {
@@ -1207,9 +1184,11 @@ impl<T: Transport, K: Timer> State<T, K> {
                 delivery,
             } => {
                 if let Some(items) = self.consumers.get(&consumer) {
-                    let item = ConsumerItem::Delivery(Box::new(Received::new(
-                        *delivery, channel, generation,
-                    )));
+                    let item = ConsumerItem::Delivery {
+                        delivery,
+                        channel,
+                        generation,
+                    };
                     if items.unbounded_send(item).is_err() {
                         // the application dropped the Consumer: stop it
                         self.consumers.remove(&consumer);
@@ -1301,7 +1280,7 @@ impl<T: Transport, K: Timer> State<T, K> {
         }
         let closed = self.sup.stats().closed + self.closed_here;
         for (done, before) in self.close_waiters.drain(..) {
-            let _ = done.send(crate::client::CloseSummary {
+            let _ = done.send(CloseSummary {
                 unresolved: closed.saturating_sub(before),
             });
         }
@@ -1377,11 +1356,6 @@ async fn run_topology<C: Channel>(
     }
 }
 
-/// Locks a mutex, ignoring poisoning: the data are plain snapshots.
-pub(crate) fn lock<V>(m: &Mutex<V>) -> std::sync::MutexGuard<'_, V> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use std::mem::size_of;
@@ -1396,6 +1370,6 @@ mod tests {
         assert!(size_of::<crate::supervisor::Input>() <= 64);
         assert!(size_of::<super::Outbound>() <= 16);
         assert!(size_of::<crate::event::Event>() <= 96);
-        assert!(size_of::<crate::client::Request>() <= 112);
+        assert!(size_of::<crate::contract::Request>() <= 112);
     }
 }
