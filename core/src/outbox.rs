@@ -26,7 +26,7 @@ use crate::message::Message;
 /// for a later publish only after its slot has been reused 2^31 times (slot
 /// versions are 32-bit and wrap).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PublishId(pub u64);
+pub struct PublishId(pub(crate) u64);
 
 /// Identifies one [`Supervisor::flush`](crate::Supervisor::flush) until its
 /// [`Event::Flushed`](crate::Event::Flushed). Opaque.
@@ -401,5 +401,27 @@ impl fmt::Debug for Outbox {
             .field("pending", &self.pending_live)
             .field("waiting", &self.waiting_live)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resolved publish's slot is reused (memory stays flat), under a new id.
+    #[test]
+    fn a_released_slot_is_reused_under_a_new_id() {
+        #[allow(clippy::disallowed_methods)] // a test's clock
+        let now = Instant::now();
+        let mut outbox = Outbox::default();
+        let message = Arc::new(Message::new("", "q", "x"));
+        let a = outbox.push(Arc::clone(&message), now, true, now, None, false);
+        assert!(outbox.take(a.0).is_some());
+        let b = outbox.push(Arc::clone(&message), now, true, now, None, false);
+        assert_ne!(a.slot(), b.slot(), "not reused before the id is released");
+        outbox.release(a.0);
+        let c = outbox.push(message, now, true, now, None, false);
+        assert_eq!(c.0 as u32, a.0 as u32, "the slot is reused");
+        assert_ne!(c, a, "under a new id");
     }
 }

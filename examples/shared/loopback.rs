@@ -4,13 +4,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use amqp_rebound::transport::{
+use amqp_rebound::engine::Endpoint;
+use amqp_rebound::engine::{
     Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Sleep, Timer,
     Transport,
 };
-use amqp_rebound::{
-    ConsumeOptions, Endpoint, ExchangeDecl, FieldTable, Message, QueueDecl, TransportError,
-};
+use amqp_rebound::{ConsumeOptions, ExchangeDecl, FieldTable, Message, QueueDecl, TransportError};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::channel::mpsc;
