@@ -1362,8 +1362,8 @@ mod tests {
 
     /// What the driver moves once or more per confirm and per publish stays
     /// small: the large, rare payloads (deliveries, returns, properties) are
-    /// boxed or behind the message's `Arc`. (A 392-byte `ChannelEvent` was moved
-    /// through five stream adaptors per confirm before.)
+    /// boxed or behind the message's `Arc`: a confirm's `ChannelEvent` passes
+    /// through several stream adaptors, so each byte of it is copied many times.
     #[test]
     fn the_hot_path_types_stay_small() {
         assert!(size_of::<crate::transport::ChannelEvent>() <= 40);
