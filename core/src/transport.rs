@@ -182,6 +182,11 @@ pub struct Capabilities {
     /// after `close-ok`, and RabbitMQ then closes the whole connection (504
     /// CHANNEL_ERROR); the core recovers it like any connection loss.
     pub fences_channel_close: bool,
+    /// Publisher confirms come in publish order: each [`ChannelEvent::Ack`] or
+    /// [`ChannelEvent::Nack`] settles the lowest numbers still open. `false`: a
+    /// confirm can come before those of earlier messages (each number is still
+    /// confirmed once).
+    pub confirms_in_order: bool,
     /// Header long strings that are not UTF-8 can be sent. `false`: the
     /// transport refuses such a message in [`Transport::check_message`].
     pub non_utf8_long_strings: bool,
@@ -197,6 +202,7 @@ impl Default for Capabilities {
             reports_heartbeat_timeout: true,
             authentication_failure_close: true,
             fences_channel_close: true,
+            confirms_in_order: true,
             non_utf8_long_strings: true,
             keeps_credentials_out_of_logs: true,
         }

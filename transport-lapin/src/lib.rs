@@ -106,7 +106,8 @@
 //!   (its properties or headers), not by sequence number. Returns are reported in
 //!   confirm mode only (lapin keeps the others for `wait_for_confirms`).
 //! - **Acks are reported one by one** (`multiple: false`): lapin resolves each
-//!   publish's confirm separately even when the broker acks many at once.
+//!   publish's confirm separately even when the broker acks many at once, and
+//!   not always in publish order (each number is still confirmed once).
 //! - **Missed heartbeats** are detected by lapin after about twice the negotiated
 //!   interval (the `heartbeat` query option of the URI) and reported as
 //!   [`TransportError::HeartbeatTimeout`].
@@ -318,11 +319,12 @@ impl Transport for LapinTransport {
     }
 
     /// A publish racing the broker's `channel.close` can cost the connection,
-    /// and lapin's TRACE log shows the login frame (see the limits in the crate
-    /// docs).
+    /// confirms can come out of publish order, and lapin's TRACE log shows the
+    /// login frame (see the limits in the crate docs).
     fn capabilities(&self) -> Capabilities {
         let mut capabilities = Capabilities::default();
         capabilities.fences_channel_close = false;
+        capabilities.confirms_in_order = false;
         capabilities.keeps_credentials_out_of_logs = false;
         capabilities
     }
