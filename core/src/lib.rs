@@ -141,6 +141,7 @@
 pub mod backoff;
 pub mod client;
 pub mod config;
+mod contract;
 pub mod driver;
 pub mod endpoint;
 pub mod error;

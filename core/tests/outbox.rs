@@ -279,6 +279,75 @@ fn outbox_capacity_gives_backpressure_and_memory_stays_bounded() {
     );
 }
 
+/// A caller that waits for room is accepted at once: its message enters the
+/// outbox, in order, when there is room; it times out where it waits; a close
+/// drains it, a close without draining resolves it Closed.
+#[test]
+fn a_full_outbox_keeps_waiting_publishes_in_order_until_there_is_room() {
+    let mut cfg = config(1, 1, 1);
+    cfg.outbox_capacity = 2;
+    let mut w = World::new(cfg);
+    let wait = |w: &mut World, n: u64| {
+        w.app(|s, now| s.publish_or_wait(now, msg(n), None))
+            .unwrap()
+    };
+    let ids: Vec<PublishId> = (1..=5).map(|n| wait(&mut w, n)).collect();
+    assert_eq!(w.sup.outbox_pending(), 2, "only the capacity is pending");
+    assert_eq!(
+        w.publish(msg(99)),
+        Err(PublishError::Backpressure { capacity: 2 }),
+        "a caller that does not wait hears the outbox is full"
+    );
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.run_for(Duration::from_millis(50));
+    assert_eq!(w.sent_payloads(), vec!["1", "2", "3", "4", "5"]);
+    for id in &ids {
+        assert_eq!(result_of(&w, *id), vec![Ok(Confirmation::Confirmed)]);
+    }
+
+    // nothing is Ready: waiting ones time out where they wait
+    w.broker_down();
+    w.kill(C0, TransportError::Io("reset".into()));
+    let late: Vec<PublishId> = (6..=9).map(|n| wait(&mut w, n)).collect();
+    w.run_for(Duration::from_secs(31));
+    for id in &late {
+        assert_eq!(result_of(&w, *id), vec![Err(PublishError::TimedOut)]);
+    }
+
+    // a draining close sends the waiting ones too, beyond the capacity, once a
+    // channel is back
+    let sent = w.sent_payloads().len();
+    let drained: Vec<PublishId> = (10..=14).map(|n| wait(&mut w, n)).collect();
+    assert_eq!(w.sup.outbox_pending(), 2);
+    w.input(Input::Close);
+    w.broker_up = true;
+    w.run_for(Duration::from_secs(5));
+    assert_eq!(
+        w.sent_payloads()[sent..].to_vec(),
+        vec!["10", "11", "12", "13", "14"]
+    );
+    for id in &drained {
+        assert_eq!(result_of(&w, *id), vec![Ok(Confirmation::Confirmed)]);
+    }
+}
+
+#[test]
+fn a_close_without_draining_resolves_waiting_publishes_closed() {
+    let mut cfg = config(1, 1, 1);
+    cfg.outbox_capacity = 1;
+    let mut w = World::new(cfg);
+    let ids: Vec<PublishId> = (1..=3)
+        .map(|n| {
+            w.app(|s, now| s.publish_or_wait(now, msg(n), None))
+                .unwrap()
+        })
+        .collect();
+    w.input(Input::CloseNow);
+    for id in &ids {
+        assert_eq!(result_of(&w, *id), vec![Err(PublishError::Closed)]);
+    }
+}
+
 #[test]
 fn deadline_resolves_timed_out_and_the_message_is_never_sent_after() {
     let mut w = World::new(config(1, 1, 1));
