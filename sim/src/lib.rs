@@ -118,6 +118,8 @@ pub mod clock;
 pub mod fault;
 pub mod instrument;
 mod model;
+#[cfg(feature = "proxy")]
+pub mod proxy;
 pub mod routing;
 pub mod scenario;
 pub mod simulation;
