@@ -12,8 +12,9 @@
 //! - **getters** ([`Supervisor::connection_state`], [`Supervisor::channel_state`], ...);
 //! - **input**: [`Supervisor::handle`]`(now, input)` for every transport result,
 //!   transport notification, application request and timer expiry;
-//! - **application commands**: [`Supervisor::checkout`] (a Ready channel) and
-//!   [`Input::Close`];
+//! - **application commands**: [`Supervisor::publish`], the topology requests
+//!   ([`Supervisor::declare_queue`], ...), [`Supervisor::ack`],
+//!   [`Supervisor::flush`], and [`Input::Close`];
 //! - **outputs**: [`Supervisor::poll_command`], [`Supervisor::poll_event`],
 //!   [`Supervisor::poll_timeout`].
 //!
@@ -45,7 +46,7 @@
 //!     }
 //! }
 //! assert!(sup.is_all_ready());
-//! assert!(sup.checkout().is_ok());
+//! assert_eq!(sup.ready_channels(), 4); // one connection of four channels
 //! ```
 //!
 //! ## Lifecycles
@@ -175,7 +176,7 @@ pub use ids::{ChannelId, ConnectionId, Object};
 pub use message::{AMQPValue, Delivery, FieldTable, Message, Properties, Returned};
 pub use outbox::{Confirmation, FlushId, PublishError, PublishId};
 pub use state::{ChannelState, ConnectionState, Phase};
-pub use supervisor::{ChannelInput, Checkout, Command, Input, NotReady, Stats, Supervisor};
+pub use supervisor::{ChannelInput, Command, Input, Stats, Supervisor};
 pub use tls::{TlsConfig, TlsErrorKind};
 #[cfg(feature = "tokio")]
 pub use tokio_timer::TokioTimer;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use amqp_rebound_core::{
     ChannelId, ChannelInput, ChannelState, Command, ConnectionId, ConnectionState, Event, Input,
-    NotReady, Object, Phase, Reason, TransportError,
+    Object, Phase, Reason, TransportError,
 };
 use common::{World, config};
 
@@ -27,8 +27,9 @@ fn io() -> TransportError {
 fn starts_dials_every_connection_and_opens_every_channel() {
     let mut w = World::new(config(3, 4, 1));
     assert_eq!(w.dials(), 3, "one dial per connection slot at start");
-    assert!(
-        w.sup.checkout().is_err(),
+    assert_eq!(
+        w.sup.ready_channels(),
+        0,
         "nothing is ready before the dials answer"
     );
     let took = w.run_until_ready(Duration::from_secs(1)).expect("ready");
@@ -39,32 +40,51 @@ fn starts_dials_every_connection_and_opens_every_channel() {
     }
 }
 
+/// The channels that carried `n` publishes made now, in order.
+fn placements(w: &mut World, n: u64) -> Vec<ChannelId> {
+    let before = w.commands.len();
+    for k in 0..n {
+        w.publish(common::msg(k)).unwrap();
+    }
+    w.commands[before..]
+        .iter()
+        .filter_map(|(_, c)| match c {
+            Command::Publish { channel, .. } => Some(*channel),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn checkout_is_round_robin_over_ready_channels_only() {
+fn publishes_go_round_robin_over_ready_channels_only() {
     let mut w = World::new(config(2, 2, 7));
     w.run_until_ready(Duration::from_secs(1)).unwrap();
-    let picks: Vec<_> = (0..4).map(|_| w.sup.checkout().unwrap().channel).collect();
-    assert_eq!(picks, vec![ch(0, 0), ch(0, 1), ch(1, 0), ch(1, 1)]);
+    w.auto_confirm = false;
+    assert_eq!(
+        placements(&mut w, 4),
+        vec![ch(0, 0), ch(0, 1), ch(1, 0), ch(1, 1)]
+    );
     // a channel-level error takes one channel out of rotation
     w.channel_error(ch(0, 1), 404);
     assert_eq!(
         w.sup.channel_state(ch(0, 1)).unwrap().phase(),
         Phase::Reopening
     );
-    for _ in 0..9 {
-        let c = w.sup.checkout().unwrap();
-        assert_ne!(c.channel, ch(0, 1), "a Reopening channel was handed out");
-        assert_eq!(w.sup.channel_state(c.channel), Some(ChannelState::Ready));
-    }
+    let picks = placements(&mut w, 9);
+    assert!(!picks.contains(&ch(0, 1)), "a Reopening channel was used");
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
 }
 
 #[test]
-fn no_ready_channel_is_a_clear_answer() {
+fn no_ready_channel_holds_publishes_and_a_close_refuses_them() {
     let mut w = World::new(config(1, 2, 1));
-    assert_eq!(w.sup.checkout(), Err(NotReady::Recovering));
+    assert!(placements(&mut w, 1).is_empty(), "nothing is Ready yet");
     w.run_until_ready(Duration::from_secs(1)).unwrap();
     w.input(Input::Close);
-    assert_eq!(w.sup.checkout(), Err(NotReady::Closed));
+    assert_eq!(
+        w.publish(common::msg(9)),
+        Err(amqp_rebound_core::PublishError::Closed)
+    );
 }
 
 #[test]
@@ -259,9 +279,10 @@ fn late_dial_after_timeout_is_closed_not_used() {
 }
 
 #[test]
-fn blocked_connection_is_skipped_by_checkout() {
+fn publishes_skip_a_blocked_connection() {
     let mut w = World::new(config(2, 1, 1));
     w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.auto_confirm = false;
     let epoch = w.sup.connection_epoch(C0).unwrap();
     w.input(Input::Blocked {
         connection: C0,
@@ -269,15 +290,13 @@ fn blocked_connection_is_skipped_by_checkout() {
         reason: "low on memory".into(),
     });
     assert!(matches!(w.events.last(), Some((_, Event::Blocked { .. }))));
-    for _ in 0..4 {
-        assert_eq!(w.sup.checkout().unwrap().channel, ch(1, 0));
-    }
+    assert_eq!(placements(&mut w, 4), vec![ch(1, 0); 4]);
     w.input(Input::Unblocked {
         connection: C0,
         epoch,
     });
-    let picks: Vec<_> = (0..2).map(|_| w.sup.checkout().unwrap().channel).collect();
-    assert!(picks.contains(&ch(0, 0)));
+    assert!(placements(&mut w, 2).contains(&ch(0, 0)));
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
 }
 
 #[test]

@@ -230,29 +230,6 @@ pub enum Command {
     },
 }
 
-/// The pool has no channel to hand out. Nothing is wrong with the request: wait for
-/// the next [`Event::StateChanged`] to Ready.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum NotReady {
-    /// No channel is Ready (connections are recovering), or all Ready ones are on
-    /// blocked connections.
-    #[error("no channel is ready")]
-    Recovering,
-    /// The supervisor is closed.
-    #[error("the client is closed")]
-    Closed,
-}
-
-/// A Ready channel handed out by [`Supervisor::checkout`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Checkout {
-    /// The channel slot.
-    pub channel: ChannelId,
-    /// Its current generation: work tagged with it is stale once this changes.
-    pub generation: u64,
-}
-
 /// A deadline for a timeout too long to represent (`Duration::MAX`): a century
 /// away, or `now` on a clock that cannot even count that far.
 pub(crate) fn far_future(now: Instant) -> Instant {
@@ -331,8 +308,9 @@ struct Lost {
 /// and host rotation, as one sans-IO state machine.
 ///
 /// Four kinds of methods (as in quinn-proto): getters; [`handle`](Self::handle) for
-/// inputs; application commands ([`checkout`](Self::checkout), and
-/// [`Input::Close`]); and the `poll_*` outputs. See the crate docs for the drain
+/// inputs; application commands ([`publish`](Self::publish), the topology
+/// requests, [`ack`](Self::ack), [`flush`](Self::flush), and [`Input::Close`]);
+/// and the `poll_*` outputs. See the crate docs for the drain
 /// rule.
 pub struct Supervisor {
     config: Config,
@@ -571,37 +549,6 @@ impl Supervisor {
         .into_iter()
         .flatten()
         .min()
-    }
-
-    // ----- application commands -----
-
-    /// Hands out a Ready channel, round-robin, skipping channels on blocked
-    /// connections. Never a channel in any other state.
-    pub fn checkout(&mut self) -> Result<Checkout, NotReady> {
-        if self.closed {
-            return Err(NotReady::Closed);
-        }
-        if self.ready_channels == 0 {
-            return Err(NotReady::Recovering);
-        }
-        let per = self.config.channels_per_connection;
-        let total = self.conns.len() * per;
-        for step in 0..total {
-            let flat = (self.cursor + step) % total;
-            let (c, i) = (flat / per, flat % per);
-            let conn = &self.conns[c];
-            if conn.state.is_sendable() && conn.channels[i].state.is_ready() {
-                self.cursor = (flat + 1) % total;
-                return Ok(Checkout {
-                    channel: ChannelId {
-                        connection: ConnectionId(c as u16),
-                        index: i as u16,
-                    },
-                    generation: conn.channels[i].generation,
-                });
-            }
-        }
-        Err(NotReady::Recovering)
     }
 
     // ----- input -----

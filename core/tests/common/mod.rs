@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqp_rebound_core::{
-    AckKind, ChannelId, ChannelInput, Command, Config, ConnectionId, Delivery, Event, Input,
-    Message, Properties, Supervisor, TopologyOp, TransportError, endpoint::parse_hosts,
+    AckKind, ChannelId, ChannelInput, ChannelState, Command, Config, ConnectionId, ConnectionState,
+    Delivery, Event, Input, Message, Properties, Supervisor, TopologyOp, TransportError,
+    endpoint::parse_hosts,
 };
 
 /// How long every simulated transport operation takes.
@@ -285,6 +286,19 @@ impl World {
         seq: u64,
         message: &Arc<Message>,
     ) -> Option<Pending> {
+        // only Ready channels of unblocked connections carry messages
+        if !self.sup.is_closed() {
+            let state = self.sup.channel_state(channel);
+            let conn = self.sup.connection_state(channel.connection);
+            if state != Some(ChannelState::Ready)
+                || !conn.is_some_and(ConnectionState::is_sendable)
+                || self.sup.channel_generation(channel) != Some(generation)
+            {
+                self.violations.push(format!(
+                    "{channel} gen {generation}: published while {state:?} on {conn:?}"
+                ));
+            }
+        }
         if self.live_chans.get(&channel) != Some(&generation) {
             return None; // the channel is gone: the transport would fail the call
         }
