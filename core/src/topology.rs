@@ -263,6 +263,10 @@ pub enum TopologyError {
         /// The broker's reply text.
         text: String,
     },
+    /// The transport failed it without a broker reply (the channel broke, or the
+    /// client library refused the frame).
+    #[error("the transport failed it: {0}")]
+    Transport(crate::error::TransportError),
     /// No channel became ready before the deadline.
     #[error("no channel became ready in time")]
     TimedOut,
@@ -303,6 +307,9 @@ pub enum ConsumeError {
         /// The broker's reply text.
         text: String,
     },
+    /// The transport failed basic.consume without a broker reply.
+    #[error("the transport failed basic.consume: {0}")]
+    Transport(crate::error::TransportError),
     /// No broker answer to the first basic.consume within the publish timeout
     /// (no channel came up); the consumer is not kept.
     #[error("no answer to basic.consume before the deadline")]

@@ -475,34 +475,33 @@ impl Supervisor {
             }
             return;
         }
+        // only a broker reply can name a culprit or strike a message
+        let reply = match error {
+            Some(TransportError::Reply { code, text }) => Some((*code, text.as_str())),
+            _ => None,
+        };
         let channel_level = error.is_some_and(|e| e.class() == ErrorClass::ChannelLevel);
-        let rejected = |e: &TransportError| match e {
-            TransportError::Reply { code, text } => PublishError::Rejected {
-                code: *code,
-                text: text.clone(),
-            },
-            other => PublishError::Rejected {
-                code: 0,
-                text: other.to_string(),
-            },
+        let rejected = |(code, text): (u16, &str)| PublishError::Rejected {
+            code,
+            text: text.to_string(),
         };
         let mut back = Vec::with_capacity(ids.len());
         for id in ids {
             let guilty = culprit.as_ref().is_some_and(|x| self.is_culprit(id, x));
-            match (guilty, error) {
-                (true, Some(e)) => self.resolve_publish(id, rejected(e)),
+            match (guilty, reply) {
+                (true, Some(r)) => self.resolve_publish(id, rejected(r)),
                 _ => back.push(id),
             }
         }
         self.outbox.requeue(back.clone(), channel_level);
-        if let (true, Some(e)) = (channel_level, error) {
+        if let (true, Some(r)) = (channel_level, reply) {
             for id in back {
                 if self
                     .outbox
                     .get(id)
                     .is_some_and(|entry| entry.strikes >= MAX_STRIKES)
                 {
-                    self.resolve_publish(id, rejected(e));
+                    self.resolve_publish(id, rejected(r));
                 }
             }
         }

@@ -82,10 +82,7 @@ fn broker_error(e: &TransportError) -> TopologyError {
             code: *code,
             text: text.clone(),
         },
-        other => TopologyError::Broker {
-            code: 0,
-            text: other.to_string(),
-        },
+        other => TopologyError::Transport(other.clone()),
     }
 }
 
@@ -378,10 +375,7 @@ impl Supervisor {
                 code: *code,
                 text: text.clone(),
             },
-            other => ConsumeError::Broker {
-                code: 0,
-                text: other.to_string(),
-            },
+            other => ConsumeError::Transport(other.clone()),
         };
         if started && refusals < MAX_CONSUME_REFUSALS {
             let step = self.describe(&Step::Consume(id));
