@@ -714,6 +714,8 @@ impl<T: Transport, K: Timer> State<T, K> {
                 }
             }
             Command::CloseConnection { connection, epoch } => {
+                // only the slot's adopted connection of this epoch is here (a dial
+                // the supervisor no longer wanted was closed when it answered)
                 let conn = match self.conns.get(&connection) {
                     Some((e, _)) if *e == epoch => self.conns.remove(&connection).map(|(_, c)| c),
                     _ => None,
@@ -721,17 +723,20 @@ impl<T: Transport, K: Timer> State<T, K> {
                 // Acks (and publishes) already queued on this connection's channels
                 // go out before connection.close: otherwise the broker requeues
                 // deliveries the application acked.
-                let ids: Vec<ChannelId> = self
-                    .chans
-                    .keys()
-                    .filter(|id| id.connection == connection)
-                    .copied()
-                    .collect();
-                let writers: Vec<Writer<ChannelOf<T>>> = ids
-                    .iter()
-                    .filter_map(|id| self.chans.remove(id))
-                    .map(|slot| slot.writer)
-                    .collect();
+                let writers: Vec<Writer<ChannelOf<T>>> = if conn.is_some() {
+                    let ids: Vec<ChannelId> = self
+                        .chans
+                        .keys()
+                        .filter(|id| id.connection == connection)
+                        .copied()
+                        .collect();
+                    ids.iter()
+                        .filter_map(|id| self.chans.remove(id))
+                        .map(|slot| slot.writer)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 if let Some(conn) = conn {
                     self.ops.push(
                         async move {
@@ -860,6 +865,34 @@ impl<T: Transport, K: Timer> State<T, K> {
         match result {
             Ok(conn) => {
                 let conn = Arc::new(conn);
+                let channel_max = conn.channel_max();
+                self.input(Input::Tuned {
+                    connection,
+                    epoch,
+                    channel_max,
+                });
+                self.input(Input::Connected { connection, epoch });
+                if self.sup.connection_epoch(connection) != Some(epoch) {
+                    // A dial the supervisor gave up on (timed out, superseded,
+                    // closing) answered after all: close it here, and leave the
+                    // slot's live connection and its channels alone.
+                    tracing::debug!(
+                        target: targets::CONNECTION,
+                        client = self.client_name(),
+                        %connection,
+                        epoch,
+                        "a dial given up on answered late: closed"
+                    );
+                    self.ops.push(
+                        async move {
+                            let _ = conn.close().await;
+                            Done::Nothing
+                        }
+                        .boxed(),
+                    );
+                    self.wake_driver = true;
+                    return;
+                }
                 let events = conn
                     .events()
                     .chain(futures::stream::once(async {
@@ -870,8 +903,6 @@ impl<T: Transport, K: Timer> State<T, K> {
                     .map(move |e| (connection, epoch, e))
                     .boxed();
                 self.conn_events.push(events);
-                let channel_max = conn.channel_max();
-                self.conns.insert(connection, (epoch, conn));
                 tracing::info!(
                     target: targets::CONNECTION,
                     client = self.client_name(),
@@ -880,12 +911,8 @@ impl<T: Transport, K: Timer> State<T, K> {
                     channel_max,
                     "connected"
                 );
-                self.input(Input::Tuned {
-                    connection,
-                    epoch,
-                    channel_max,
-                });
-                self.input(Input::Connected { connection, epoch });
+                // adopted before the commands of its Connected (channel opens) run
+                self.conns.insert(connection, (epoch, conn));
             }
             Err(error) => {
                 tracing::warn!(

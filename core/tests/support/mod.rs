@@ -138,6 +138,11 @@ pub struct Broker {
     pub over_channel_max: usize,
     held: Vec<(u64, u64, u64)>,
     server_named: u64,
+    /// The next this many dials hang until [`MemoryTransport::release_dials`]
+    /// (a broker that accepts TCP and says nothing).
+    pub hang_dials: usize,
+    hung: Vec<Waker>,
+    released: bool,
 }
 
 struct ChanState {
@@ -153,6 +158,15 @@ pub struct MemoryTransport(pub Arc<Mutex<Broker>>);
 impl MemoryTransport {
     pub fn broker(&self) -> std::sync::MutexGuard<'_, Broker> {
         self.0.lock().unwrap()
+    }
+
+    /// Dials hanging since [`Broker::hang_dials`] complete now.
+    pub fn release_dials(&self) {
+        let mut b = self.broker();
+        b.released = true;
+        for w in b.hung.drain(..) {
+            w.wake();
+        }
     }
 
     /// The broker drops every connection (as `close_all_connections`).
@@ -241,8 +255,27 @@ impl Transport for MemoryTransport {
         _endpoint: &Endpoint,
         _options: &ConnectOptions,
     ) -> Result<MemConnection, TransportError> {
+        let hang = {
+            let mut b = self.broker();
+            b.dials += 1;
+            let hang = b.hang_dials > 0;
+            b.hang_dials = b.hang_dials.saturating_sub(1);
+            hang
+        };
+        if hang {
+            let broker = Arc::clone(&self.0);
+            std::future::poll_fn(move |cx| {
+                let mut b = broker.lock().unwrap();
+                if b.released {
+                    Poll::Ready(())
+                } else {
+                    b.hung.push(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+            .await;
+        }
         let mut b = self.broker();
-        b.dials += 1;
         if let Some(e) = b.refuse.clone() {
             return Err(e);
         }
