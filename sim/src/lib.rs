@@ -118,7 +118,8 @@ pub mod clock;
 pub mod fault;
 pub mod instrument;
 mod model;
-pub mod routing;
+pub use model::routing;
+
 pub mod scenario;
 pub mod simulation;
 pub mod trace;
