@@ -684,3 +684,122 @@ fn supervisor_refuses_a_bad_config_without_panicking() {
     let err = amqp_rebound_core::Supervisor::new(c, std::time::Instant::now()).unwrap_err();
     assert_eq!(err, amqp_rebound_core::ConfigError::ZeroChannels);
 }
+
+/// Each step of an open is its own state, named for what the channel waits for;
+/// the application hears of one change only (Opening -> Ready).
+#[test]
+fn channel_states_name_what_the_open_waits_for() {
+    use amqp_rebound_core::{ExchangeDecl, ExchangeKind, Supervisor};
+    fn drain(sup: &mut Supervisor) -> Vec<Command> {
+        std::iter::from_fn(|| sup.poll_command()).collect()
+    }
+    fn connect(sup: &mut Supervisor, at: std::time::Instant) {
+        let epoch = sup.connection_epoch(C0).unwrap();
+        sup.handle(
+            at,
+            Input::Connected {
+                connection: C0,
+                epoch,
+            },
+        );
+    }
+    fn opened(sup: &mut Supervisor, at: std::time::Instant, channel: ChannelId) {
+        let generation = sup.channel_generation(channel).unwrap();
+        sup.handle(
+            at,
+            Input::ChannelOpened {
+                channel,
+                generation,
+            },
+        );
+    }
+    fn topology_done(sup: &mut Supervisor, at: std::time::Instant, channel: ChannelId) {
+        let generation = sup.channel_generation(channel).unwrap();
+        sup.handle(
+            at,
+            Input::TopologyDone {
+                channel,
+                generation,
+                result: Ok(None),
+            },
+        );
+    }
+    #[allow(clippy::disallowed_methods)] // the test owns the clock, not the machine
+    let t0 = std::time::Instant::now();
+    let mut sup = Supervisor::new(config(1, 2, 1), t0).unwrap();
+    let (c0, c1) = (ch(0, 0), ch(0, 1));
+    assert_eq!(sup.channel_state(c0), Some(ChannelState::Idle));
+    connect(&mut sup, t0);
+    assert_eq!(sup.channel_state(c0), Some(ChannelState::AwaitingOpenOk));
+    assert_eq!(sup.channel_state(c1), Some(ChannelState::AwaitingOpenOk));
+    opened(&mut sup, t0, c0);
+    opened(&mut sup, t0, c1);
+    assert_eq!(sup.channel_state(c0), Some(ChannelState::Ready));
+    // an exchange the broker accepted: each new connection's channel 0 replays it
+    let _ = sup.declare_exchange(t0, ExchangeDecl::new("x", ExchangeKind::Topic));
+    let on = drain(&mut sup)
+        .iter()
+        .find_map(|c| match c {
+            Command::Topology { channel, .. } => Some(*channel),
+            _ => None,
+        })
+        .expect("the declaration went out");
+    topology_done(&mut sup, t0, on);
+    // lost after useful work: redialled at once
+    let t1 = t0 + Duration::from_secs(1);
+    let epoch = sup.connection_epoch(C0).unwrap();
+    sup.handle(
+        t1,
+        Input::ConnectionLost {
+            connection: C0,
+            epoch,
+            error: io(),
+        },
+    );
+    assert_eq!(
+        sup.channel_state(c0),
+        Some(ChannelState::Reopening { retry_at: None })
+    );
+    while sup.poll_event().is_some() {}
+    connect(&mut sup, t1);
+    assert_eq!(sup.channel_state(c1), Some(ChannelState::AwaitingOpenOk));
+    // channel 1 opens first: it waits for channel 0 to declare the entities
+    opened(&mut sup, t1, c1);
+    assert_eq!(sup.channel_state(c1), Some(ChannelState::AwaitingTopology));
+    opened(&mut sup, t1, c0);
+    assert_eq!(
+        sup.channel_state(c0),
+        Some(ChannelState::Replaying { done: 0, total: 1 })
+    );
+    assert_eq!(sup.channel_state(c1), Some(ChannelState::AwaitingTopology));
+    assert!(
+        drain(&mut sup)
+            .iter()
+            .any(|c| matches!(c, Command::Topology { channel, .. } if *channel == c0)),
+        "the replay step went out"
+    );
+    topology_done(&mut sup, t1, c0);
+    assert_eq!(sup.channel_state(c0), Some(ChannelState::Ready));
+    assert_eq!(sup.channel_state(c1), Some(ChannelState::Ready));
+    let mut changes = Vec::new();
+    while let Some(e) = sup.poll_event() {
+        if let Event::StateChanged {
+            object: Object::Channel(id),
+            from,
+            to,
+            ..
+        } = e
+        {
+            changes.push((id, from, to));
+        }
+    }
+    assert_eq!(
+        changes,
+        vec![
+            (c0, Phase::Reopening, Phase::Opening),
+            (c1, Phase::Reopening, Phase::Opening),
+            (c0, Phase::Opening, Phase::Ready),
+            (c1, Phase::Opening, Phase::Ready)
+        ]
+    );
+}

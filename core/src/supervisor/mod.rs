@@ -1,6 +1,7 @@
 //! The [`Supervisor`]: N connection machines x M channel machines, one sans-IO state
 //! machine. See the crate docs for how to drive it.
 
+mod channel;
 mod publish;
 mod topology;
 
@@ -19,6 +20,7 @@ use crate::outbox::Outbox;
 use crate::state::{ChannelState, ConnectionState};
 use crate::telemetry::{LatencyHistogram, Metrics, class_label, targets};
 use crate::topology::{AckKind, Registry, TopologyOp};
+use channel::Chan;
 
 pub use publish::Stats;
 pub use topology::MAX_CONSUME_REFUSALS;
@@ -357,38 +359,6 @@ struct Lost {
     span: tracing::Span,
 }
 
-struct Chan {
-    state: ChannelState,
-    generation: u64,
-    /// Whether an OpenChannel for `generation` is outstanding.
-    open_pending: bool,
-    ready_since: Option<Instant>,
-    backoff: Backoff,
-    timer: Option<Instant>,
-    /// Publishes on this generation awaiting a confirm: `(seq, publish id)`, by seq.
-    in_flight: VecDeque<(u64, u64)>,
-    /// Sequence number of the last publish on this generation.
-    next_seq: u64,
-    /// Delivery tags of this generation not yet acked, nacked or rejected.
-    unacked: BTreeSet<u64>,
-    /// Topology steps still to run on this generation (replay, then user ops).
-    steps: VecDeque<topology::Step>,
-    /// The step whose Command::Topology is in flight.
-    step_in_flight: Option<topology::Step>,
-    /// Opened, replaying its topology (Ready when `steps` drain).
-    replaying: bool,
-    /// Opened, but waiting for channel 0 to replay the connection's entities.
-    waiting_topology: bool,
-    /// The connection epoch of the previous generation: equal to the current
-    /// epoch when only the channel was reopened (the connection lived on).
-    prev_epoch: u64,
-    /// The connection epoch of the current generation.
-    epoch: u64,
-    /// The `replay` span and its start, while a replay runs and DEBUG is on
-    /// for the topology target.
-    replay: Option<(tracing::Span, Instant)>,
-}
-
 /// N connection machines x M channel machines: the pool, its lifecycles, backoff
 /// and host rotation, as one sans-IO state machine.
 ///
@@ -469,24 +439,7 @@ impl Supervisor {
                 suspect_until: None,
                 lost: None,
                 channels: (0..config.channels_per_connection)
-                    .map(|_| Chan {
-                        state: ChannelState::Opening,
-                        generation: 0,
-                        open_pending: false,
-                        ready_since: None,
-                        backoff: Backoff::new(config.backoff.clone()),
-                        timer: None,
-                        in_flight: VecDeque::new(),
-                        next_seq: 0,
-                        unacked: BTreeSet::new(),
-                        steps: VecDeque::new(),
-                        step_in_flight: None,
-                        replaying: false,
-                        waiting_topology: false,
-                        prev_epoch: 0,
-                        epoch: 0,
-                        replay: None,
-                    })
+                    .map(|_| Chan::new(Backoff::new(config.backoff.clone())))
                     .collect(),
             })
             .collect();
@@ -976,17 +929,7 @@ impl Supervisor {
     fn connection_failed(&mut self, c: usize, error: TransportError, reason: Reason, retry: Retry) {
         self.conns[c].topology_ready = false;
         for i in 0..self.conns[c].channels.len() {
-            self.channel_down(c, i, None);
-            if self.conns[c].channels[i].state != ChannelState::Closed {
-                self.set_chan_timer(c, i, None);
-                self.conns[c].channels[i].open_pending = false;
-                self.set_chan_state(
-                    c,
-                    i,
-                    ChannelState::Reopening { retry_at: None },
-                    Reason::ConnectionDown,
-                );
-            }
+            self.channel_waits_for_connection(c, i);
         }
         let hosts = self.hosts.len();
         let class = error.class();
@@ -1126,8 +1069,8 @@ impl Supervisor {
             for i in 0..self.conns[c].channels.len() {
                 self.set_chan_timer(c, i, None);
                 let ch = &mut self.conns[c].channels[i];
-                ch.steps.clear();
-                ch.step_in_flight = None;
+                ch.current.steps.clear();
+                ch.current.step_in_flight = None;
                 self.set_chan_state(c, i, ChannelState::Closed, Reason::CloseRequested);
             }
             self.set_conn_timer(c, None);
@@ -1162,7 +1105,10 @@ impl Supervisor {
         let conn = &self.conns[c];
         if conn.close_sent
             || !matches!(conn.state, ConnectionState::Closing { .. })
-            || conn.channels.iter().any(|ch| !ch.in_flight.is_empty())
+            || conn
+                .channels
+                .iter()
+                .any(|ch| !ch.current.in_flight.is_empty())
         {
             return;
         }
@@ -1188,178 +1134,6 @@ impl Supervisor {
         }
         self.set_conn_timer(c, None);
         self.set_conn_state(c, ConnectionState::Closed, Reason::CloseFinished);
-    }
-
-    // ----- channel machines -----
-
-    fn chan(&self, id: ChannelId) -> Option<&Chan> {
-        self.conns
-            .get(usize::from(id.connection.0))?
-            .channels
-            .get(usize::from(id.index))
-    }
-
-    fn open_channel(&mut self, c: usize, i: usize, reason: Reason) {
-        let epoch = self.conns[c].epoch;
-        let ch = &mut self.conns[c].channels[i];
-        if ch.state == ChannelState::Closed {
-            return;
-        }
-        ch.generation += 1;
-        ch.open_pending = true;
-        ch.prev_epoch = std::mem::replace(&mut ch.epoch, epoch);
-        let generation = ch.generation;
-        self.set_chan_timer(c, i, None);
-        self.set_chan_state(c, i, ChannelState::Opening, reason);
-        self.commands.push_back(Command::OpenChannel {
-            channel: ChannelId {
-                connection: ConnectionId(c as u16),
-                index: i as u16,
-            },
-            epoch,
-            generation,
-        });
-    }
-
-    /// `(connection index, channel index)` if `generation` is the slot's current one.
-    fn current_chan(&self, id: ChannelId, generation: u64) -> Option<(usize, usize)> {
-        (self.chan(id)?.generation == generation)
-            .then_some((usize::from(id.connection.0), usize::from(id.index)))
-    }
-
-    fn on_channel_opened(&mut self, id: ChannelId, generation: u64) {
-        let Some((c, i)) = self.current_chan(id, generation) else {
-            // An open we no longer wait for: do not leave it open on the broker.
-            if self.chan(id).is_some_and(|ch| generation < ch.generation) {
-                self.commands.push_back(Command::CloseChannel {
-                    channel: id,
-                    generation,
-                });
-            }
-            return;
-        };
-        let ch = &mut self.conns[c].channels[i];
-        if ch.state != ChannelState::Opening || !ch.open_pending {
-            return;
-        }
-        ch.open_pending = false;
-        ch.next_seq = 0;
-        self.start_replay(c, i);
-    }
-
-    /// The channel is open and its topology replayed: it may be handed out.
-    fn channel_ready(&mut self, c: usize, i: usize) {
-        if !self.ever_ready {
-            self.ever_ready = true;
-            self.first_error = None;
-            self.events
-                .push_back(Event::FirstContact { result: Ok(()) });
-        }
-        let ch = &mut self.conns[c].channels[i];
-        ch.replaying = false;
-        ch.ready_since = Some(self.now);
-        self.room = true;
-        if let Some(lost) = self.conns[c].lost.take() {
-            let stall = self.now.saturating_duration_since(lost.at);
-            self.last_stall = Some(stall);
-            self.metrics.stall(self.conns[c].host, stall);
-            let stall_ms = stall.as_secs_f64() * 1e3;
-            lost.span.record("outcome", "recovered");
-            lost.span.record("stall_ms", stall_ms);
-            lost.span.record("dials", lost.dials);
-            lost.span.in_scope(|| {
-                tracing::info!(
-                    target: targets::CONNECTION,
-                    client = self.name(),
-                    connection = %ConnectionId(c as u16),
-                    stall_ms,
-                    "connection recovered"
-                );
-            });
-        }
-        self.set_chan_state(c, i, ChannelState::Ready, Reason::ChannelOpened);
-    }
-
-    fn on_channel_failed(&mut self, id: ChannelId, generation: u64, error: TransportError) {
-        let Some((c, i)) = self.current_chan(id, generation) else {
-            return;
-        };
-        if self.closed {
-            // no reopen while closing: what it carried resolves as Closed
-            self.channel_down(c, i, None);
-            self.close_when_drained(c);
-            return;
-        }
-        let ch = &self.conns[c].channels[i];
-        let live = match ch.state {
-            ChannelState::Opening => ch.open_pending || ch.replaying || ch.waiting_topology,
-            ChannelState::Ready => true,
-            ChannelState::Reopening { .. } | ChannelState::Closed => false,
-        };
-        if !live || !self.conns[c].state.is_ready() {
-            // The connection's own loss (reported separately) reopens it.
-            return;
-        }
-        if error.is_connection_level() {
-            // The broker is closing the whole connection (lapin reports it on each
-            // channel before the connection itself): handle it as the connection's
-            // loss now, so what this channel carried is not re-sent on siblings
-            // that die with it. The transport's own report comes for an old epoch.
-            let epoch = self.conns[c].epoch;
-            self.commands.push_back(Command::CloseConnection {
-                connection: id.connection,
-                epoch,
-            });
-            self.on_connection_lost(id.connection, epoch, error);
-            return;
-        }
-        if error.reply_code().is_none() && self.conns[c].channels.len() > 1 {
-            // No broker verdict (an I/O error, a stream that ended): over lapin
-            // every channel reports this just before its connection's loss. Hold
-            // this connection's other channels for a moment, so what this channel
-            // carried is not sent on siblings about to die with it (and sent a
-            // third time after the reconnect).
-            let until = deadline_after(self.now, SUSPECT_GRACE);
-            self.conns[c].suspect_until = Some(until);
-            self.set_conn_timer(c, Some(until));
-        }
-        self.channel_failed(c, i, error);
-    }
-
-    /// A live channel of a Ready connection failed: what it carried goes back to
-    /// the outbox, and it reopens after its backoff.
-    fn channel_failed(&mut self, c: usize, i: usize, error: TransportError) {
-        // The connection lives on, and so do the entities its channel 0 replayed:
-        // the other channels keep going (topology_ready stays as it is).
-        self.channel_down(c, i, Some(&error));
-        self.commands.push_back(Command::CloseChannel {
-            channel: ChannelId {
-                connection: ConnectionId(c as u16),
-                index: i as u16,
-            },
-            generation: self.conns[c].channels[i].generation,
-        });
-        let now = self.now;
-        let ch = &mut self.conns[c].channels[i];
-        ch.open_pending = false;
-        ch.replaying = false;
-        ch.waiting_topology = false;
-        if ch.ready_since.is_some_and(|since| {
-            now.saturating_duration_since(since) >= self.config.backoff.reset_after
-        }) {
-            ch.backoff.reset();
-        }
-        ch.ready_since = None;
-        let retry_at = deadline_after(now, ch.backoff.next_delay(&mut self.rng));
-        self.set_chan_timer(c, i, Some(retry_at));
-        self.set_chan_state(
-            c,
-            i,
-            ChannelState::Reopening {
-                retry_at: Some(retry_at),
-            },
-            Reason::ChannelFailed(error.reply_code()),
-        );
     }
 
     // ----- timers -----
@@ -1431,16 +1205,6 @@ impl Supervisor {
         }
     }
 
-    fn set_chan_timer(&mut self, c: usize, i: usize, at: Option<Instant>) {
-        let key = TimerKey::Channel(c as u16, i as u16);
-        if let Some(old) = std::mem::replace(&mut self.conns[c].channels[i].timer, at) {
-            self.timers.remove(&(old, key));
-        }
-        if let Some(at) = at {
-            self.timers.insert((at, key));
-        }
-    }
-
     // ----- the one place each kind of state changes -----
 
     fn set_conn_state(&mut self, c: usize, new: ConnectionState, reason: Reason) {
@@ -1454,32 +1218,6 @@ impl Supervisor {
         self.conns[c].state = new;
         let object = Object::Connection(ConnectionId(c as u16));
         tracing::debug!(target: targets::CONNECTION, %object, ?from, ?to, ?reason, "state changed");
-        self.events.push_back(Event::StateChanged {
-            object,
-            from,
-            to,
-            reason,
-        });
-    }
-
-    fn set_chan_state(&mut self, c: usize, i: usize, new: ChannelState, reason: Reason) {
-        let old = self.conns[c].channels[i].state;
-        if old == new {
-            return;
-        }
-        match (old.is_ready(), new.is_ready()) {
-            (false, true) => self.ready_channels += 1,
-            (true, false) => self.ready_channels -= 1,
-            _ => {}
-        }
-        self.conns[c].channels[i].state = new;
-        let object = Object::Channel(ChannelId {
-            connection: ConnectionId(c as u16),
-            index: i as u16,
-        });
-        let (from, to) = (old.phase(), new.phase());
-        self.metrics.channel_phase(from, to);
-        tracing::debug!(target: targets::CHANNEL, %object, ?from, ?to, ?reason, "state changed");
         self.events.push_back(Event::StateChanged {
             object,
             from,

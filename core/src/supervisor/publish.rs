@@ -237,9 +237,9 @@ impl Supervisor {
                 return;
             };
             let ch = &mut self.conns[c].channels[i];
-            ch.next_seq += 1;
-            let (seq, generation) = (ch.next_seq, ch.generation);
-            ch.in_flight.push_back((seq, id));
+            ch.current.next_seq += 1;
+            let (seq, generation) = (ch.current.next_seq, ch.generation);
+            ch.current.in_flight.push_back((seq, id));
             let (message, sends) = self.outbox.place(
                 id,
                 Placement {
@@ -281,7 +281,7 @@ impl Supervisor {
             let found = conn.state.is_sendable()
                 && conn.suspect_until.is_none()
                 && ch.state.is_ready()
-                && ch.in_flight.len() < window;
+                && ch.current.in_flight.len() < window;
             let here = (c, i);
             i += 1;
             if i == per {
@@ -311,7 +311,7 @@ impl Supervisor {
             return;
         };
         let mut done = std::mem::take(&mut self.scratch);
-        let in_flight = &mut self.conns[c].channels[i].in_flight;
+        let in_flight = &mut self.conns[c].channels[i].current.in_flight;
         if multiple {
             while let Some(&(seq, id)) = in_flight.front() {
                 if seq > tag {
@@ -384,7 +384,7 @@ impl Supervisor {
         let Some((c, i)) = self.current_chan(channel, generation) else {
             return;
         };
-        for &(_, id) in &self.conns[c].channels[i].in_flight {
+        for &(_, id) in &self.conns[c].channels[i].current.in_flight {
             if let Some(entry) = self.outbox.get_mut(id)
                 && entry.message.mandatory
                 && entry.returned.is_none()
@@ -435,63 +435,21 @@ impl Supervisor {
         }
     }
 
-    /// The channel's current generation is gone: its in-flight messages go back to
-    /// the front of the outbox (or resolve, when closing or when they caused the
-    /// error), and what it tracked for consumers and topology is dropped.
-    pub(super) fn channel_down(&mut self, c: usize, i: usize, error: Option<&TransportError>) {
-        let ch = &mut self.conns[c].channels[i];
-        if let Some((span, started)) = ch.replay.take() {
-            span.record(
-                "outcome",
-                if error.is_some() {
-                    "failed"
-                } else {
-                    "interrupted"
-                },
-            );
-            span.record(
-                "duration_ms",
-                self.now.saturating_duration_since(started).as_secs_f64() * 1e3,
-            );
-        }
-        let in_flight: Vec<(u64, u64)> = ch.in_flight.drain(..).collect();
-        ch.unacked.clear();
-        ch.next_seq = 0;
-        let mut steps: Vec<_> = ch.steps.drain(..).collect();
-        let step_in_flight = ch.step_in_flight.take();
-        // The broker's channel-level refusal of the step in flight (a 404 for a
-        // queue whose node is down, say) can reach us as the channel's end before
-        // the step's own failed reply, which then comes for a generation that is
-        // gone: it is that step's failure (unless an in-flight publish to a
-        // missing exchange explains it), answered or reported as such.
-        // A refusal that names what about a message caused it (404 "no exchange
-        // 'x'", 406 for its size or its user_id): the messages it names would
-        // cause it again, so they fail at once, alone.
-        let culprit = error.and_then(Culprit::of);
+    /// The publishes a lost channel generation carried (`ids`, in publish order):
+    /// they go back to the front of the outbox, or resolve when closing or when
+    /// `culprit` (read from `error`) names them as the cause.
+    pub(super) fn publishes_lost(
+        &mut self,
+        ids: Vec<u64>,
+        error: Option<&TransportError>,
+        culprit: Option<Culprit>,
+    ) {
         if let Some(Culprit::Size { max, .. }) = culprit {
             self.max_message_size = Some(max);
         }
-        let culprit_publish = culprit
-            .as_ref()
-            .is_some_and(|x| in_flight.iter().any(|&(_, id)| self.is_culprit(id, x)));
-        match (step_in_flight, error) {
-            // a reply the broker closes a channel with (not a connection's 320)
-            (Some(step), Some(e))
-                if e.reply_code().is_some()
-                    && e.class() != ErrorClass::Transient
-                    && !culprit_publish =>
-            {
-                self.step_failed(c, i, &step, e);
-            }
-            (Some(step), _) => steps.insert(0, step),
-            (None, _) => {}
-        }
-        self.user_ops_back(&steps);
-        self.redeclarations_dropped(c, i, &steps);
-        if in_flight.is_empty() {
+        if ids.is_empty() {
             return;
         }
-        let ids: Vec<u64> = in_flight.into_iter().map(|(_, id)| id).collect();
         if self.closed {
             for id in ids {
                 self.resolve_publish(id, PublishError::Closed);
@@ -579,7 +537,7 @@ impl Supervisor {
         );
     }
 
-    fn is_culprit(&self, id: u64, culprit: &Culprit) -> bool {
+    pub(super) fn is_culprit(&self, id: u64, culprit: &Culprit) -> bool {
         let Some(entry) = self.outbox.get(id) else {
             return false;
         };
@@ -594,7 +552,7 @@ impl Supervisor {
 
 /// What about a message a channel-closing refusal names, in RabbitMQ's texts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Culprit {
+pub(super) enum Culprit {
     /// 404 "NOT_FOUND - no exchange 'x' in vhost '/'".
     Exchange(String),
     /// 406 "PRECONDITION_FAILED - message size 200 is larger than configured max
@@ -606,7 +564,7 @@ enum Culprit {
 }
 
 impl Culprit {
-    fn of(error: &TransportError) -> Option<Culprit> {
+    pub(super) fn of(error: &TransportError) -> Option<Culprit> {
         let TransportError::Reply { code, text } = error else {
             return None;
         };
