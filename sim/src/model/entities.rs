@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use amqp_rebound_core::error::reply_code;
 use amqp_rebound_core::message::{FieldTable, Properties};
-use amqp_rebound_core::topology::{ExchangeDecl, ExchangeKind, QueueDecl};
-use amqp_rebound_core::transport::{ChannelEvent, QueueInfo};
+use amqp_rebound_core::topology::{ExchangeDecl, ExchangeKind, QueueDecl, TopologyOp};
+use amqp_rebound_core::transport::{ChannelEvent, QueueInfo, TopologyOutcome};
 use bytes::Bytes;
 
 use super::{
@@ -405,11 +405,96 @@ impl Entities {
 }
 
 impl State {
-    pub(super) fn declare_queue(
+    /// A declare, delete, bind or unbind from a client on `conn_id`.
+    pub(super) fn run_topology(
         &mut self,
         conn_id: u64,
-        decl: &QueueDecl,
-    ) -> Result<QueueInfo, Fail> {
+        op: TopologyOp,
+    ) -> Result<TopologyOutcome, Fail> {
+        match op {
+            TopologyOp::DeclareExchange(decl) => self.entities.declare_exchange(&decl)?,
+            TopologyOp::DeleteExchange { name } => self.entities.delete_exchange(&name)?,
+            TopologyOp::DeclareQueue(decl) => {
+                return self
+                    .declare_queue(conn_id, &decl)
+                    .map(TopologyOutcome::Queue);
+            }
+            TopologyOp::DeleteQueue { name } => {
+                return self
+                    .delete_queue(conn_id, &name)
+                    .map(|message_count| TopologyOutcome::QueueDeleted { message_count });
+            }
+            TopologyOp::BindQueue {
+                queue,
+                exchange,
+                routing_key,
+                arguments,
+            } => {
+                let binding = self.entities.check_queue_binding(
+                    conn_id,
+                    queue,
+                    exchange,
+                    routing_key,
+                    arguments,
+                )?;
+                self.entities.add_binding(binding);
+            }
+            TopologyOp::UnbindQueue {
+                queue,
+                exchange,
+                routing_key,
+                arguments,
+            } => {
+                let binding = self.entities.check_queue_binding(
+                    conn_id,
+                    queue,
+                    exchange,
+                    routing_key,
+                    arguments,
+                )?;
+                self.entities.remove_binding(&binding);
+            }
+            TopologyOp::BindExchange {
+                destination,
+                source,
+                routing_key,
+                arguments,
+            } => {
+                let binding = self.entities.check_exchange_binding(
+                    destination,
+                    source,
+                    routing_key,
+                    arguments,
+                )?;
+                self.entities.add_binding(binding);
+            }
+            TopologyOp::UnbindExchange {
+                destination,
+                source,
+                routing_key,
+                arguments,
+            } => {
+                let binding = self.entities.check_exchange_binding(
+                    destination,
+                    source,
+                    routing_key,
+                    arguments,
+                )?;
+                self.entities.remove_binding(&binding);
+            }
+            // basic.qos / consume / cancel have methods of their own: as a broker
+            // would, treat one arriving here as a method out of place.
+            _ => {
+                return Err(Fail::Connection(reply(
+                    reply_code_command_invalid(),
+                    "COMMAND_INVALID - unexpected method",
+                )));
+            }
+        }
+        Ok(TopologyOutcome::Done)
+    }
+
+    fn declare_queue(&mut self, conn_id: u64, decl: &QueueDecl) -> Result<QueueInfo, Fail> {
         let (info, created) = self.entities.declare_queue(conn_id, decl, &mut self.rng)?;
         if created {
             self.log(|| format!("queue '{}' declared", info.name));

@@ -20,9 +20,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use amqp_rebound_core::TransportError;
 use amqp_rebound_core::error::reply_code;
-use amqp_rebound_core::message::{FieldTable, Message};
-use amqp_rebound_core::topology::{ConsumeOptions, ExchangeDecl, QueueDecl};
-use amqp_rebound_core::transport::{ChannelEvent, ConnectionEvent, QueueInfo};
+use amqp_rebound_core::message::Message;
+use amqp_rebound_core::topology::{ConsumeOptions, TopologyOp};
+use amqp_rebound_core::transport::{ChannelEvent, ConnectionEvent, TopologyOutcome};
 use futures::channel::{mpsc, oneshot};
 
 use super::{Action, Chan, Fail, Settle, State, reply, reply_code_command_invalid};
@@ -44,34 +44,8 @@ pub(crate) enum Op {
     CloseChannel,
     ConfirmSelect,
     Qos(u16),
-    DeclareExchange(Box<ExchangeDecl>),
-    DeleteExchange(String),
-    DeclareQueue(Box<QueueDecl>),
-    DeleteQueue(String),
-    BindQueue {
-        queue: String,
-        exchange: String,
-        routing_key: String,
-        arguments: FieldTable,
-    },
-    UnbindQueue {
-        queue: String,
-        exchange: String,
-        routing_key: String,
-        arguments: FieldTable,
-    },
-    BindExchange {
-        destination: String,
-        source: String,
-        routing_key: String,
-        arguments: FieldTable,
-    },
-    UnbindExchange {
-        destination: String,
-        source: String,
-        routing_key: String,
-        arguments: FieldTable,
-    },
+    /// A declare, delete, bind or unbind.
+    Topology(Box<TopologyOp>),
     Publish(Box<Message>),
     Consume {
         queue: String,
@@ -102,8 +76,7 @@ pub(crate) enum Reply {
         number: u16,
         events: mpsc::UnboundedReceiver<ChannelEvent>,
     },
-    Queue(QueueInfo),
-    Count(u32),
+    Topology(TopologyOutcome),
 }
 
 /// One item travelling down the wire.
@@ -421,74 +394,7 @@ impl State {
                 }
                 Ok(Reply::Done)
             }
-            Op::DeclareExchange(decl) => {
-                self.entities.declare_exchange(&decl).map(|()| Reply::Done)
-            }
-            Op::DeleteExchange(name) => self.entities.delete_exchange(&name).map(|()| Reply::Done),
-            Op::DeclareQueue(decl) => self.declare_queue(conn_id, &decl).map(Reply::Queue),
-            Op::DeleteQueue(name) => self.delete_queue(conn_id, &name).map(Reply::Count),
-            Op::BindQueue {
-                queue,
-                exchange,
-                routing_key,
-                arguments,
-            } => {
-                let binding = self.entities.check_queue_binding(
-                    conn_id,
-                    queue,
-                    exchange,
-                    routing_key,
-                    arguments,
-                )?;
-                self.entities.add_binding(binding);
-                Ok(Reply::Done)
-            }
-            Op::UnbindQueue {
-                queue,
-                exchange,
-                routing_key,
-                arguments,
-            } => {
-                let binding = self.entities.check_queue_binding(
-                    conn_id,
-                    queue,
-                    exchange,
-                    routing_key,
-                    arguments,
-                )?;
-                self.entities.remove_binding(&binding);
-                Ok(Reply::Done)
-            }
-            Op::BindExchange {
-                destination,
-                source,
-                routing_key,
-                arguments,
-            } => {
-                let binding = self.entities.check_exchange_binding(
-                    destination,
-                    source,
-                    routing_key,
-                    arguments,
-                )?;
-                self.entities.add_binding(binding);
-                Ok(Reply::Done)
-            }
-            Op::UnbindExchange {
-                destination,
-                source,
-                routing_key,
-                arguments,
-            } => {
-                let binding = self.entities.check_exchange_binding(
-                    destination,
-                    source,
-                    routing_key,
-                    arguments,
-                )?;
-                self.entities.remove_binding(&binding);
-                Ok(Reply::Done)
-            }
+            Op::Topology(op) => self.run_topology(conn_id, *op).map(Reply::Topology),
             Op::Publish(message) => self
                 .publish(conn_id, chan_id, *message)
                 .map(|()| Reply::Done),
