@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use amqp_rebound::{Command, Config, Input, Supervisor, TransportError, endpoint::parse_hosts};
+use amqp_rebound::TransportError;
+use amqp_rebound::engine::{Command, Config, Input, Supervisor, parse_hosts};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hosts = parse_hosts([

@@ -220,7 +220,7 @@ impl TopologyOp {
 /// on every recovery; the handle does not. See
 /// [`Supervisor::queue_name`](crate::Supervisor::queue_name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct QueueHandle(pub u64);
+pub struct QueueHandle(pub(crate) u64);
 
 /// A queue, by name or by the handle its declaration returned (which follows
 /// renames of server-named queues).
@@ -252,12 +252,12 @@ impl From<String> for QueueRef {
 
 /// Identifies a consumer across recoveries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConsumerId(pub u64);
+pub struct ConsumerId(pub(crate) u64);
 
 /// Identifies a topology operation the application asked for, until its
 /// [`Event::TopologyResolved`](crate::Event::TopologyResolved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct OpId(pub u64);
+pub struct OpId(pub(crate) u64);
 
 /// Why a topology operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -247,7 +247,17 @@ fn invalid_topology_requests_are_typed_errors() {
     for r in bad {
         assert!(matches!(r, Err(TopologyError::Invalid(_))), "{r:?}");
     }
-    let unknown = amqp_rebound_core::QueueHandle(999);
+    // a handle this client never gave out (another client's 50th)
+    let mut other = World::new(config(1, 1, 2));
+    let unknown = (0..50)
+        .map(|_| {
+            other
+                .app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+                .unwrap()
+                .1
+        })
+        .last()
+        .unwrap();
     assert_eq!(
         w.app(|s, now| s.bind_queue(now, unknown.into(), "x", "k", FieldTable::default())),
         Err(TopologyError::UnknownQueue(unknown))

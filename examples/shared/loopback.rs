@@ -4,11 +4,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use amqp_rebound::transport::{
-    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Sleep, Timer,
-    TopologyOutcome, Transport,
+use amqp_rebound::engine::{
+    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, Endpoint, QueueInfo, Sleep,
+    Timer, TopologyOp, Transport,
 };
-use amqp_rebound::{ConsumeOptions, Endpoint, Message, TopologyOp, TransportError};
+use amqp_rebound::{ConsumeOptions, Message, TransportError};
+// Not among `amqp_rebound::engine`'s re-exports: the core crate's path.
+use amqp_rebound_core::transport::TopologyOutcome;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::channel::mpsc;

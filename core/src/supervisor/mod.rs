@@ -1031,6 +1031,8 @@ impl Supervisor {
         }
         // a timeout too far to represent is no timeout: drain until done
         self.draining = Some(deadline_after(self.now, self.config.close_timeout));
+        // what waits for room was accepted: it drains too, beyond the capacity
+        self.outbox.admit(usize::MAX);
         self.check_drained();
     }
 

@@ -122,20 +122,23 @@ impl Supervisor {
         message: Arc<Message>,
         deadline: Option<Instant>,
     ) -> Result<PublishId, PublishError> {
-        self.accept(now, message, deadline, true)
+        self.accept(now, message, deadline, false)
     }
 
-    /// [`publish`](Self::publish) without the outbox capacity check: for a message
-    /// the caller already accepted and held while the outbox was full (a driver's
-    /// waiting publishes, handed over before [`Input::Close`](super::Input::Close)
-    /// so that the close drains them too).
-    pub fn publish_over_capacity(
+    /// [`publish`](Self::publish) for a caller that waits for room: when the
+    /// outbox holds its capacity of waiting messages (or others already wait for
+    /// room), the message is accepted all the same and enters the outbox, in
+    /// order, as soon as there is room. Its deadline runs from now: past it, it
+    /// resolves [`PublishError::TimedOut`] wherever it is. A close drains it like
+    /// any accepted message; a close without draining resolves it
+    /// [`PublishError::Closed`].
+    pub fn publish_or_wait(
         &mut self,
         now: Instant,
         message: Arc<Message>,
         deadline: Option<Instant>,
     ) -> Result<PublishId, PublishError> {
-        self.accept(now, message, deadline, false)
+        self.accept(now, message, deadline, true)
     }
 
     fn accept(
@@ -143,7 +146,7 @@ impl Supervisor {
         now: Instant,
         message: Arc<Message>,
         deadline: Option<Instant>,
-        bounded: bool,
+        wait: bool,
     ) -> Result<PublishId, PublishError> {
         self.advance(now);
         if self.is_closing() {
@@ -169,15 +172,19 @@ impl Supervisor {
         if deadline <= self.now {
             return Err(PublishError::TimedOut);
         }
-        if bounded && self.outbox.pending_len() >= self.config.outbox_capacity {
+        let full = self.outbox.pending_len() >= self.config.outbox_capacity;
+        if full && !wait {
             return Err(PublishError::Backpressure {
                 capacity: self.config.outbox_capacity,
             });
         }
+        // behind messages already waiting for room: it waits too, so that a
+        // caller's messages keep their order
+        let waits = full || self.outbox.waiting_len() > 0;
         let span = publish_span(&message);
         let id = self
             .outbox
-            .push(message, deadline, default_deadline, self.now, span);
+            .push(message, deadline, default_deadline, self.now, span, waits);
         self.stats.published += 1;
         self.pump();
         self.sync_metrics();
@@ -228,12 +235,24 @@ impl Supervisor {
 
     /// Sends waiting messages while some Ready channel has room.
     pub(super) fn pump(&mut self) {
-        if !self.room || self.closed {
+        if self.closed {
             return;
         }
-        while let Some(id) = self.outbox.peek_pending() {
+        let capacity = self.config.outbox_capacity;
+        self.outbox.admit(capacity);
+        if !self.room {
+            return;
+        }
+        loop {
+            let Some(id) = self.outbox.peek_pending() else {
+                if self.outbox.admit(capacity) == 0 {
+                    return;
+                }
+                continue;
+            };
             let Some((c, i)) = self.publish_channel() else {
                 self.room = false;
+                self.outbox.admit(capacity);
                 return;
             };
             let ch = &mut self.conns[c].channels[i];
