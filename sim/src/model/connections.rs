@@ -10,7 +10,7 @@ use amqp_rebound_core::endpoint::Endpoint;
 use amqp_rebound_core::transport::{ChannelEvent, ConnectOptions, ConnectionEvent};
 use futures::channel::mpsc;
 
-use super::{Down, Request, State, Unacked};
+use super::{Down, HostCheck, Request, State, Unacked};
 
 /// A connection's identity in the simulated broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -99,20 +99,15 @@ pub(crate) enum DialCheck {
 
 impl State {
     pub(crate) fn dial_check(&mut self, host: &str, endpoint: &Endpoint) -> DialCheck {
-        let now = self.now();
-        let Some(h) = self.hosts.get(host) else {
-            return DialCheck::Refused;
-        };
-        if h.partition.is_some() {
-            return DialCheck::Hang;
-        }
-        let refused = h.refuse_forever
-            || h.refuse_until.is_some_and(|t| now < t)
-            || self.down_until.is_some_and(|t| now < t);
-        if refused {
-            self.stats.dials_refused += 1;
-            self.log(|| format!("dial {host}: refused"));
-            return DialCheck::Refused;
+        match self.hosts.check_dial(host, self.now()) {
+            HostCheck::Unknown => return DialCheck::Refused,
+            HostCheck::Blackholed => return DialCheck::Hang,
+            HostCheck::Refusing => {
+                self.stats.dials_refused += 1;
+                self.log(|| format!("dial {host}: refused"));
+                return DialCheck::Refused;
+            }
+            HostCheck::Open => {}
         }
         if endpoint.username() != self.config.username
             || endpoint.password() != self.config.password

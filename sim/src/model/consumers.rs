@@ -47,7 +47,7 @@ impl State {
                     self.dirty.insert(entry.queue);
                 }
                 _ => {
-                    self.note_dropped(entry.message.id, 1);
+                    self.ledger.dropped(entry.message.id, 1);
                     match self.drop_cause() {
                         DropCause::Delete => self.stats.dropped_by_delete += 1,
                         DropCause::Restart => self.stats.dropped_by_restart += 1,
@@ -223,12 +223,10 @@ impl State {
             }
         }
         for entry in &entries {
-            if let Some(l) = self.ledger.get_mut(&entry.message.id) {
-                match how {
-                    Settle::Ack => l.acked += 1,
-                    Settle::Reject { requeue: false } => l.discarded += 1,
-                    Settle::Reject { requeue: true } => {}
-                }
+            match how {
+                Settle::Ack => self.ledger.acked(entry.message.id),
+                Settle::Reject { requeue: false } => self.ledger.discarded(entry.message.id),
+                Settle::Reject { requeue: true } => {}
             }
         }
         match how {
@@ -291,9 +289,7 @@ impl State {
         }
         if consumer.no_ack {
             self.stats.acked += 1;
-            if let Some(l) = self.ledger.get_mut(&message.id) {
-                l.acked += 1;
-            }
+            self.ledger.acked(message.id);
         } else {
             consumer.unacked += 1;
             chan.unacked.insert(

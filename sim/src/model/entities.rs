@@ -518,7 +518,7 @@ impl State {
         };
         let dropped = q.ready.len() as u64;
         for m in &q.ready {
-            self.note_dropped(m.id, 1);
+            self.ledger.dropped(m.id, 1);
         }
         match cause {
             DropCause::Delete => self.stats.dropped_by_delete += dropped,

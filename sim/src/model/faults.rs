@@ -1,6 +1,7 @@
 //! Faults: hosts that refuse or partition, kills and broker closes, restarts,
 //! confirm trouble, flow control, administrative deletes.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use amqp_rebound_core::TransportError;
@@ -9,27 +10,102 @@ use amqp_rebound_core::transport::{ChannelEvent, ConnectionEvent};
 
 use super::{Action, ConfirmMode, Down, DropCause, State, reply};
 
+/// The addresses the broker answers on, and what the tests did to them.
+pub(super) struct Hosts {
+    by_key: BTreeMap<String, HostState>,
+    next_partition_epoch: u64,
+    /// Every dial is refused before this (a restart's downtime).
+    down_until: Option<Instant>,
+}
+
 #[derive(Debug, Default)]
-pub(super) struct HostState {
-    pub(super) refuse_until: Option<Instant>,
-    pub(super) refuse_forever: bool,
-    /// The epoch of the partition in force, if any.
-    pub(super) partition: Option<u64>,
+struct HostState {
+    refuse_until: Option<Instant>,
+    refuse_forever: bool,
+    /// The epoch of the partition in force, if any: a heartbeat check scheduled
+    /// in one partition must not fire in a later one.
+    partition: Option<u64>,
+}
+
+/// What a dial to a host meets, before any credential is checked.
+pub(super) enum HostCheck {
+    /// Not one of this broker's hosts.
+    Unknown,
+    /// Partitioned: the dial never completes.
+    Blackholed,
+    /// Refusing dials, or the broker is down.
+    Refusing,
+    Open,
+}
+
+impl Hosts {
+    pub(super) fn new() -> Hosts {
+        Hosts {
+            by_key: BTreeMap::new(),
+            next_partition_epoch: 1,
+            down_until: None,
+        }
+    }
+
+    pub(super) fn check_dial(&self, host: &str, now: Instant) -> HostCheck {
+        let Some(h) = self.by_key.get(host) else {
+            return HostCheck::Unknown;
+        };
+        if h.partition.is_some() {
+            return HostCheck::Blackholed;
+        }
+        let refused = h.refuse_forever
+            || h.refuse_until.is_some_and(|t| now < t)
+            || self.down_until.is_some_and(|t| now < t);
+        if refused {
+            HostCheck::Refusing
+        } else {
+            HostCheck::Open
+        }
+    }
+
+    pub(super) fn is_partitioned(&self, host: &str) -> bool {
+        self.partition_epoch(host).is_some()
+    }
+
+    pub(super) fn partition_epoch(&self, host: &str) -> Option<u64> {
+        self.by_key.get(host).and_then(|h| h.partition)
+    }
+
+    /// Starts a partition of a served host: its epoch, or `None` if one is in
+    /// force already.
+    fn partition(&mut self, host: &str) -> Option<u64> {
+        let h = self.by_key.get_mut(host)?;
+        if h.partition.is_some() {
+            return None;
+        }
+        let epoch = self.next_partition_epoch;
+        self.next_partition_epoch += 1;
+        h.partition = Some(epoch);
+        Some(epoch)
+    }
+
+    /// Ends the partition of a host; whether there was one.
+    fn heal(&mut self, host: &str) -> bool {
+        self.by_key
+            .get_mut(host)
+            .is_some_and(|h| h.partition.take().is_some())
+    }
 }
 
 impl State {
     // ---- hosts and dials -------------------------------------------------------
 
     pub(crate) fn add_host(&mut self, host: String) {
-        self.hosts.entry(host).or_default();
+        self.hosts.by_key.entry(host).or_default();
     }
 
     pub(crate) fn serves(&self, host: &str) -> bool {
-        self.hosts.contains_key(host)
+        self.hosts.by_key.contains_key(host)
     }
 
     pub(crate) fn hosts(&self) -> Vec<String> {
-        self.hosts.keys().cloned().collect()
+        self.hosts.by_key.keys().cloned().collect()
     }
 
     // ---- faults ----------------------------------------------------------------
@@ -89,7 +165,7 @@ impl State {
     }
 
     pub(crate) fn refuse_dials(&mut self, host: &str, until: Option<Instant>) -> bool {
-        let Some(h) = self.hosts.get_mut(host) else {
+        let Some(h) = self.hosts.by_key.get_mut(host) else {
             return false;
         };
         match until {
@@ -100,7 +176,7 @@ impl State {
     }
 
     pub(crate) fn accept_dials(&mut self, host: &str) -> bool {
-        let Some(h) = self.hosts.get_mut(host) else {
+        let Some(h) = self.hosts.by_key.get_mut(host) else {
             return false;
         };
         h.refuse_until = None;
@@ -109,15 +185,12 @@ impl State {
     }
 
     pub(crate) fn partition(&mut self, host: &str) -> bool {
-        let epoch = self.next_partition_epoch;
-        let Some(h) = self.hosts.get_mut(host) else {
+        if !self.serves(host) {
             return false;
-        };
-        if h.partition.is_some() {
-            return true;
         }
-        self.next_partition_epoch += 1;
-        h.partition = Some(epoch);
+        let Some(epoch) = self.hosts.partition(host) else {
+            return true;
+        };
         let now = self.now();
         for conn in self.live_conn_ids_on(host) {
             if let Some(hb) = self.conns.get(&conn).and_then(|c| c.heartbeat) {
@@ -136,10 +209,10 @@ impl State {
     }
 
     pub(crate) fn heal(&mut self, host: &str) -> bool {
-        let Some(h) = self.hosts.get_mut(host) else {
+        if !self.serves(host) {
             return false;
-        };
-        if h.partition.take().is_none() {
+        }
+        if !self.hosts.heal(host) {
             return true;
         }
         let now = self.now();
@@ -186,7 +259,7 @@ impl State {
                 dropped += (before - q.ready.len()) as u64;
             }
             for id in ids {
-                self.note_dropped(id, 1);
+                self.ledger.dropped(id, 1);
             }
             self.stats.dropped_by_restart += dropped;
         }
@@ -208,7 +281,7 @@ impl State {
         self.restarting = false;
         self.stats.restarts += 1;
         let now = self.now();
-        self.down_until = Some(now + downtime);
+        self.hosts.down_until = Some(now + downtime);
     }
 
     pub(crate) fn set_confirm_mode(&mut self, mode: ConfirmMode) {

@@ -37,7 +37,8 @@ pub use connections::{ConnectionStats, SimConnectionId};
 use consumers::{Consumer, Settle, Unacked};
 pub use entities::{BindingDestination, StoredMessage};
 use entities::{Entities, Queue};
-use faults::HostState;
+use faults::{HostCheck, Hosts};
+use publish::Ledger;
 pub use publish::LedgerEntry;
 pub use snapshot::{BindingSnapshot, BrokerStats, ConnectionInfo, ExchangeSnapshot, QueueSnapshot};
 use wire::Down;
@@ -115,9 +116,7 @@ pub(crate) struct State {
     pub(crate) clock: VirtualClock,
     pub(crate) config: BrokerConfig,
     rng: fastrand::Rng,
-    hosts: BTreeMap<String, HostState>,
-    next_partition_epoch: u64,
-    down_until: Option<Instant>,
+    hosts: Hosts,
     alarm: Option<String>,
     confirm_mode: ConfirmMode,
     entities: Entities,
@@ -128,12 +127,11 @@ pub(crate) struct State {
     dirty: BTreeSet<String>,
     next_conn: u64,
     next_chan: u64,
-    next_message_id: u64,
     restarting: bool,
     stats: BrokerStats,
     trace: Vec<String>,
     /// The fate of every message published through a connection, by id.
-    ledger: BTreeMap<u64, LedgerEntry>,
+    ledger: Ledger,
     /// Clock actions asked for and not yet handed to the owner of the clock (see
     /// [`State::take_timers`]).
     timers: Vec<(Instant, Action)>,
@@ -146,9 +144,7 @@ impl State {
             clock,
             config,
             rng,
-            hosts: BTreeMap::new(),
-            next_partition_epoch: 1,
-            down_until: None,
+            hosts: Hosts::new(),
             alarm: None,
             confirm_mode: ConfirmMode::Normal,
             entities: Entities::with_builtin_exchanges(),
@@ -158,11 +154,10 @@ impl State {
             dirty: BTreeSet::new(),
             next_conn: 1,
             next_chan: 1,
-            next_message_id: 1,
             restarting: false,
             stats: BrokerStats::default(),
             trace: Vec::new(),
-            ledger: BTreeMap::new(),
+            ledger: Ledger::new(),
             timers: Vec::new(),
         }
     }
@@ -207,10 +202,7 @@ impl State {
             Action::FlushUp(conn) => self.flush_up(conn),
             Action::FlushDown(conn) => self.flush_down(conn),
             Action::HeartbeatCheck { conn, host, epoch } => {
-                let same_partition = self
-                    .hosts
-                    .get(&host)
-                    .is_some_and(|h| h.partition == Some(epoch));
+                let same_partition = self.hosts.partition_epoch(&host) == Some(epoch);
                 let alive = self
                     .conns
                     .get(&conn)

@@ -1,6 +1,7 @@
 //! Publishing: routing into queues, publisher confirms, returns, and the ledger of
 //! what became of every routed message.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use amqp_rebound_core::TransportError;
@@ -37,6 +38,53 @@ pub struct LedgerEntry {
     pub dropped: u32,
 }
 
+/// What became of every message routed so far, by the broker's number for it.
+pub(super) struct Ledger {
+    entries: BTreeMap<u64, LedgerEntry>,
+    next_id: u64,
+}
+
+impl Ledger {
+    pub(super) fn new() -> Ledger {
+        Ledger {
+            entries: BTreeMap::new(),
+            next_id: 1,
+        }
+    }
+
+    /// The number for the next message that reaches the broker.
+    fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn record(&mut self, entry: LedgerEntry) {
+        self.entries.insert(entry.id, entry);
+    }
+
+    /// `n` copies of message `id` were lost with their queue.
+    pub(super) fn dropped(&mut self, id: u64, n: u32) {
+        if let Some(l) = self.entries.get_mut(&id) {
+            l.dropped += n;
+        }
+    }
+
+    /// A copy of message `id` was acked (or delivered with `no_ack`).
+    pub(super) fn acked(&mut self, id: u64) {
+        if let Some(l) = self.entries.get_mut(&id) {
+            l.acked += 1;
+        }
+    }
+
+    /// A copy of message `id` was nacked or rejected without requeue.
+    pub(super) fn discarded(&mut self, id: u64) {
+        if let Some(l) = self.entries.get_mut(&id) {
+            l.discarded += 1;
+        }
+    }
+}
+
 impl State {
     /// Routes a message into its queues; returns how many took it.
     pub(super) fn enqueue(&mut self, message: &Message) -> usize {
@@ -45,8 +93,7 @@ impl State {
             &message.routing_key,
             message.properties.headers.as_ref(),
         );
-        let id = self.next_message_id;
-        self.next_message_id += 1;
+        let id = self.ledger.next_id();
         self.stats.published += 1;
         for name in &queues {
             if let Some(q) = self.entities.queues.get_mut(name) {
@@ -65,30 +112,20 @@ impl State {
         if queues.is_empty() {
             self.stats.unroutable += 1;
         }
-        self.ledger.insert(
+        self.ledger.record(LedgerEntry {
             id,
-            LedgerEntry {
-                id,
-                payload: message.payload.clone(),
-                at: self.clock.now(),
-                routed: count_u32(queues.len()),
-                acked: 0,
-                discarded: 0,
-                dropped: 0,
-            },
-        );
+            payload: message.payload.clone(),
+            at: self.clock.now(),
+            routed: count_u32(queues.len()),
+            acked: 0,
+            discarded: 0,
+            dropped: 0,
+        });
         queues.len()
     }
 
-    /// Records that `n` copies of message `id` were lost with their queue.
-    pub(super) fn note_dropped(&mut self, id: u64, n: u32) {
-        if let Some(l) = self.ledger.get_mut(&id) {
-            l.dropped += n;
-        }
-    }
-
     pub(crate) fn ledger(&self) -> Vec<LedgerEntry> {
-        self.ledger.values().cloned().collect()
+        self.ledger.entries.values().cloned().collect()
     }
 
     pub(super) fn check_publish(&self, message: &Message) -> Result<(), Fail> {

@@ -141,8 +141,7 @@ impl State {
     pub(super) fn partitioned(&self, conn_id: u64) -> bool {
         self.conns
             .get(&conn_id)
-            .and_then(|c| self.hosts.get(&c.host))
-            .is_some_and(|h| h.partition.is_some())
+            .is_some_and(|c| self.hosts.is_partitioned(&c.host))
     }
 
     pub(super) fn blocked(&self, conn_id: u64) -> Option<String> {
