@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use amqp_rebound::TransportError;
-use amqp_rebound::engine::{Command, Config, Input, Supervisor, parse_hosts};
+use amqp_rebound::engine::{ChannelInput, Command, Config, Input, Supervisor, parse_hosts};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hosts = parse_hosts([
@@ -54,9 +54,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     ..
                 } => queue.push((
                     at,
-                    Input::ChannelOpened {
+                    Input::Channel {
                         channel,
                         generation,
+                        event: ChannelInput::Opened,
                     },
                 )),
                 _ => {}

@@ -48,9 +48,9 @@ pub use amqp_rebound_core::{guarantees, telemetry};
 pub mod engine {
     pub use amqp_rebound_core::endpoint::{parse_host_list, parse_hosts};
     pub use amqp_rebound_core::{
-        Backoff, ChannelEvent, ChannelState, Checkout, Command, Config, ConnectOptions,
-        ConnectionEvent, ConnectionState, Endpoint, FlushId, Input, NotReady, OpId, QueueInfo,
-        Sleep, Supervisor, TopologyOp,
+        Backoff, ChannelEvent, ChannelInput, ChannelState, Checkout, Command, Config,
+        ConnectOptions, ConnectionEvent, ConnectionState, Endpoint, FlushId, Input, NotReady, OpId,
+        QueueInfo, Sleep, Supervisor, TopologyOp,
     };
     pub use amqp_rebound_core::{Channel, Connection, Timer, Transport};
 }

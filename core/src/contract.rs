@@ -173,7 +173,4 @@ pub(crate) trait Engine: Send + Sync + 'static {
     fn stats(&self) -> Stats;
 }
 
-/// Locks a mutex, ignoring poisoning: the data are plain snapshots.
-pub(crate) fn lock<V>(m: &Mutex<V>) -> std::sync::MutexGuard<'_, V> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+pub(crate) use crate::transport::support::lock;

@@ -56,7 +56,7 @@ use crate::ids::{ChannelId, ConnectionId};
 use crate::message::Message;
 use crate::outbox::{Confirmation, PublishError, Slot};
 use crate::stream_set::StreamSet;
-use crate::supervisor::{Command, Input, Stats, Supervisor};
+use crate::supervisor::{ChannelInput, Command, Input, Stats, Supervisor};
 use crate::telemetry::targets;
 use crate::topology::{AckKind, ConsumeError, ConsumerId, OpId, TopologyError, TopologyOp};
 use crate::transport::{
@@ -527,10 +527,10 @@ impl<T: Transport, K: Timer> State<T, K> {
         }
         let n = lost.len();
         for (channel, generation, error) in lost {
-            self.input(Input::ChannelLost {
+            self.input(Input::Channel {
                 channel,
                 generation,
-                error,
+                event: ChannelInput::Lost(error),
             });
         }
         n
@@ -800,10 +800,10 @@ impl<T: Transport, K: Timer> State<T, K> {
         match slot.writer.pump(&mut Context::from_waker(waker)) {
             Poll::Ready(Ok(())) => {}
             Poll::Pending => self.wake_driver = true,
-            Poll::Ready(Err(error)) => self.input(Input::ChannelLost {
+            Poll::Ready(Err(error)) => self.input(Input::Channel {
                 channel,
                 generation,
-                error,
+                event: ChannelInput::Lost(error),
             }),
         }
     }
@@ -836,10 +836,10 @@ impl<T: Transport, K: Timer> State<T, K> {
                 channel,
                 generation,
                 result,
-            } => self.input(Input::TopologyDone {
+            } => self.input(Input::Channel {
                 channel,
                 generation,
-                result,
+                event: ChannelInput::TopologyDone(result),
             }),
             Done::ConnectionClosed { connection, epoch } => {
                 self.input(Input::ConnectionClosed { connection, epoch })
@@ -932,15 +932,16 @@ impl<T: Transport, K: Timer> State<T, K> {
                         writer: Writer::new(ch),
                     },
                 );
-                self.input(Input::ChannelOpened {
+                self.input(Input::Channel {
                     channel,
                     generation,
+                    event: ChannelInput::Opened,
                 });
             }
-            Err(error) => self.input(Input::ChannelOpenFailed {
+            Err(error) => self.input(Input::Channel {
                 channel,
                 generation,
-                error,
+                event: ChannelInput::OpenFailed(error),
             }),
         }
     }
@@ -999,46 +1000,50 @@ impl<T: Transport, K: Timer> State<T, K> {
                 {
                     self.chans.remove(&channel);
                 }
-                Input::ChannelLost {
+                Input::Channel {
                     channel,
                     generation,
-                    error,
+                    event: ChannelInput::Lost(error),
                 }
             }
             ChannelEvent::Ack {
                 delivery_tag,
                 multiple,
-            } => Input::Confirm {
+            } => Input::Channel {
                 channel,
                 generation,
-                delivery_tag,
-                multiple,
-                ack: true,
+                event: ChannelInput::Confirm {
+                    delivery_tag,
+                    multiple,
+                    ack: true,
+                },
             },
             ChannelEvent::Nack {
                 delivery_tag,
                 multiple,
-            } => Input::Confirm {
+            } => Input::Channel {
                 channel,
                 generation,
-                delivery_tag,
-                multiple,
-                ack: false,
+                event: ChannelInput::Confirm {
+                    delivery_tag,
+                    multiple,
+                    ack: false,
+                },
             },
-            ChannelEvent::Delivery(delivery) => Input::Delivery {
+            ChannelEvent::Delivery(delivery) => Input::Channel {
                 channel,
                 generation,
-                delivery,
+                event: ChannelInput::Delivery(delivery),
             },
-            ChannelEvent::Return(returned) => Input::Returned {
+            ChannelEvent::Return(returned) => Input::Channel {
                 channel,
                 generation,
-                returned,
+                event: ChannelInput::Returned(returned),
             },
-            ChannelEvent::ConsumerCancelled { consumer_tag } => Input::ConsumerCancelled {
+            ChannelEvent::ConsumerCancelled { consumer_tag } => Input::Channel {
                 channel,
                 generation,
-                consumer_tag,
+                event: ChannelInput::ConsumerCancelled { consumer_tag },
             },
         };
         self.input(input);

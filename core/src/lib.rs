@@ -29,7 +29,7 @@
 //!
 //! ```
 //! use std::time::{Duration, Instant};
-//! use amqp_rebound_core::{Command, Config, Input, Supervisor, endpoint::parse_hosts};
+//! use amqp_rebound_core::{ChannelInput, Command, Config, Input, Supervisor, endpoint::parse_hosts};
 //!
 //! let hosts = parse_hosts(["amqp://guest:guest@127.0.0.1:5672/%2f"]).unwrap();
 //! let clock: fn() -> Instant = Instant::now; // the caller owns the clock
@@ -41,7 +41,7 @@
 //! sup.handle(start + Duration::from_millis(3), Input::Connected { connection, epoch });
 //! while let Some(command) = sup.poll_command() {
 //!     if let Command::OpenChannel { channel, generation, .. } = command {
-//!         sup.handle(start + Duration::from_millis(4), Input::ChannelOpened { channel, generation });
+//!         sup.handle(start + Duration::from_millis(4), Input::Channel { channel, generation, event: ChannelInput::Opened });
 //!     }
 //! }
 //! assert!(sup.is_all_ready());
@@ -175,7 +175,7 @@ pub use ids::{ChannelId, ConnectionId, Object};
 pub use message::{AMQPValue, Delivery, FieldTable, Message, Properties, Returned};
 pub use outbox::{Confirmation, FlushId, PublishError, PublishId};
 pub use state::{ChannelState, ConnectionState, Phase};
-pub use supervisor::{Checkout, Command, Input, NotReady, Stats, Supervisor};
+pub use supervisor::{ChannelInput, Checkout, Command, Input, NotReady, Stats, Supervisor};
 pub use tls::{TlsConfig, TlsErrorKind};
 #[cfg(feature = "tokio")]
 pub use tokio_timer::TokioTimer;

@@ -54,6 +54,8 @@ use crate::message::{Delivery, FieldTable, Message, Returned};
 use crate::tls::TlsConfig;
 use crate::topology::{ConsumeOptions, ExchangeDecl, QueueDecl, TopologyOp};
 
+pub mod support;
+
 /// A future that completes at a deadline; what [`Timer::sleep_until`] returns.
 pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
@@ -134,6 +136,76 @@ pub trait Transport: Send + Sync + 'static {
     fn check_message(&self, message: &crate::Message) -> Result<(), String> {
         let _ = message;
         Ok(())
+    }
+
+    /// What this transport's client does where clients differ, beyond
+    /// [`reports_blocked`](Self::reports_blocked): see [`Capabilities`]. The
+    /// full set by default; a transport turns off what its client cannot do, and
+    /// its crate docs say why. Constant for a transport value.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+}
+
+/// What a transport's client does where AMQP clients differ, and the core copes
+/// either way: what [`Transport::capabilities`] returns.
+///
+/// Every flag is `true` by default, for a client that does all of it; a
+/// transport sets `false` where its client falls short. The core's behaviour does
+/// not depend on them; they say which of two documented outcomes to expect (the
+/// conformance suite and the adapter suite in `amqp-rebound-tests` branch on
+/// them, never on a transport's name). Non-exhaustive: start from `default()`.
+///
+/// ```
+/// use amqp_rebound_core::transport::Capabilities;
+///
+/// let mut caps = Capabilities::default();
+/// caps.reports_heartbeat_timeout = false;
+/// assert!(caps.authentication_failure_close);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Missed heartbeats end the connection with
+    /// [`TransportError::HeartbeatTimeout`]. `false`: with
+    /// [`TransportError::Io`], as a socket error (both are transient).
+    pub reports_heartbeat_timeout: bool,
+    /// The client advertises the `authentication_failure_close` capability, so
+    /// RabbitMQ refuses a bad login at once with `connection.close` 403. `false`:
+    /// RabbitMQ closes the socket without a word, and only after a delay (3 s,
+    /// against password guessing); the transport still reports
+    /// [`TransportError::Auth`].
+    pub authentication_failure_close: bool,
+    /// Nothing is written on a channel after the client's `channel.close-ok`, so a
+    /// publish racing the broker's `channel.close` costs only that channel.
+    /// `false`: a publish queued before the broker's close can reach the wire
+    /// after `close-ok`, and RabbitMQ then closes the whole connection (504
+    /// CHANNEL_ERROR); the core recovers it like any connection loss.
+    pub fences_channel_close: bool,
+    /// Publisher confirms come in publish order: each [`ChannelEvent::Ack`] or
+    /// [`ChannelEvent::Nack`] settles the lowest numbers still open. `false`: a
+    /// confirm can come before those of earlier messages (each number is still
+    /// confirmed once).
+    pub confirms_in_order: bool,
+    /// Header long strings that are not UTF-8 can be sent. `false`: the
+    /// transport refuses such a message in [`Transport::check_message`].
+    pub non_utf8_long_strings: bool,
+    /// The client never logs the credentials. `false`: one of its log levels
+    /// (named in the transport's crate docs, TRACE so far) shows the login
+    /// frame, password included.
+    pub keeps_credentials_out_of_logs: bool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            reports_heartbeat_timeout: true,
+            authentication_failure_close: true,
+            fences_channel_close: true,
+            confirms_in_order: true,
+            non_utf8_long_strings: true,
+            keeps_credentials_out_of_logs: true,
+        }
     }
 }
 

@@ -5,8 +5,8 @@ mod common;
 use std::time::Duration;
 
 use amqp_rebound_core::{
-    ChannelId, ChannelState, Command, ConnectionId, ConnectionState, Event, Input, NotReady,
-    Object, Phase, Reason, TransportError,
+    ChannelId, ChannelInput, ChannelState, Command, ConnectionId, ConnectionState, Event, Input,
+    NotReady, Object, Phase, Reason, TransportError,
 };
 use common::{World, config};
 
@@ -331,15 +331,15 @@ fn stale_and_unknown_inputs_change_nothing() {
             epoch: 999,
             error: io(),
         },
-        Input::ChannelLost {
+        Input::Channel {
             channel: ch(0, 7),
             generation: 1,
-            error: io(),
+            event: ChannelInput::Lost(io()),
         },
-        Input::ChannelLost {
+        Input::Channel {
             channel: ch(0, 0),
             generation: 0,
-            error: io(),
+            event: ChannelInput::Lost(io()),
         },
         Input::DialFailed {
             connection: C0,
@@ -707,9 +707,10 @@ fn channel_states_name_what_the_open_waits_for() {
         let generation = sup.channel_generation(channel).unwrap();
         sup.handle(
             at,
-            Input::ChannelOpened {
+            Input::Channel {
                 channel,
                 generation,
+                event: ChannelInput::Opened,
             },
         );
     }
@@ -717,10 +718,10 @@ fn channel_states_name_what_the_open_waits_for() {
         let generation = sup.channel_generation(channel).unwrap();
         sup.handle(
             at,
-            Input::TopologyDone {
+            Input::Channel {
                 channel,
                 generation,
-                result: Ok(None),
+                event: ChannelInput::TopologyDone(Ok(None)),
             },
         );
     }

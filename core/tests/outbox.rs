@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amqp_rebound_core::{
-    ChannelId, Command, Confirmation, ConnectionId, Event, Input, Message, PublishError, PublishId,
-    Returned, TransportError,
+    ChannelId, ChannelInput, Command, Confirmation, ConnectionId, Event, Input, Message,
+    PublishError, PublishId, Returned, TransportError,
 };
 use common::{World, config, msg};
 
@@ -117,17 +117,17 @@ fn mandatory_unroutable_resolves_as_returned() {
         .publish(Arc::new(Message::new("x", "b", "2").mandatory(true)))
         .unwrap();
     let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
-    w.input(Input::Returned {
+    w.input(Input::Channel {
         channel: ch(0, 0),
         generation,
-        returned: Box::new(Returned {
+        event: ChannelInput::Returned(Box::new(Returned {
             reply_code: 312,
             reply_text: "NO_ROUTE".into(),
             exchange: "x".into(),
             routing_key: "b".into(),
             properties: Default::default(),
             payload: "2".into(),
-        }),
+        })),
     });
     w.confirm(ch(0, 0), 2, true, true);
     assert_eq!(result_of(&w, routed), vec![Ok(Confirmation::Confirmed)]);
@@ -151,12 +151,14 @@ fn a_resolved_id_is_not_given_to_a_new_publish_before_its_event_is_polled_nor_af
     let b = w.app(|sup, now| {
         sup.handle(
             now,
-            Input::Confirm {
+            Input::Channel {
                 channel,
                 generation,
-                delivery_tag,
-                multiple: false,
-                ack: true,
+                event: ChannelInput::Confirm {
+                    delivery_tag,
+                    multiple: false,
+                    ack: true,
+                },
             },
         );
         sup.publish(now, msg(2), None).unwrap()
@@ -449,13 +451,13 @@ fn publish_to_a_missing_exchange_fails_that_publish_only() {
         .unwrap();
     let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
     w.live_chans.remove(&ch(0, 0));
-    w.input(Input::ChannelLost {
+    w.input(Input::Channel {
         channel: ch(0, 0),
         generation,
-        error: TransportError::Reply {
+        event: ChannelInput::Lost(TransportError::Reply {
             code: 404,
             text: "NOT_FOUND - no exchange 'missing-x' in vhost '/'".into(),
-        },
+        }),
     });
     assert!(matches!(
         result_of(&w, bad).as_slice(),

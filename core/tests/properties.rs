@@ -15,8 +15,9 @@ use std::time::Duration;
 use std::collections::{BTreeMap, BTreeSet};
 
 use amqp_rebound_core::{
-    AckKind, ChannelId, ChannelState, Command, Confirmation, ConnectionId, ConnectionState,
-    ConsumeOptions, ConsumerId, Event, Input, PublishError, PublishId, TransportError,
+    AckKind, ChannelId, ChannelInput, ChannelState, Command, Confirmation, ConnectionId,
+    ConnectionState, ConsumeOptions, ConsumerId, Event, Input, PublishError, PublishId,
+    TransportError,
 };
 use common::{LATENCY, World, config, msg};
 use proptest::prelude::*;
@@ -209,24 +210,25 @@ fn apply(w: &mut World, action: &Action, model: &mut Model) -> Result<(), TestCa
                     epoch: epoch + 1000,
                     error: TransportError::Timeout,
                 },
-                1 => Input::ChannelLost {
+                1 => Input::Channel {
                     channel: ChannelId {
                         connection: c,
                         index: 0,
                     },
                     generation: generation + 7,
-                    error: TransportError::Timeout,
+                    event: ChannelInput::Lost(TransportError::Timeout),
                 },
                 2 => Input::Connected {
                     connection: ConnectionId(900),
                     epoch,
                 },
-                _ => Input::ChannelOpened {
+                _ => Input::Channel {
                     channel: ChannelId {
                         connection: ConnectionId(900),
                         index: 3,
                     },
                     generation,
+                    event: ChannelInput::Opened,
                 },
             };
             let before = w.events.len();

@@ -5,9 +5,9 @@ mod common;
 use std::time::Duration;
 
 use amqp_rebound_core::{
-    AckError, AckKind, ChannelId, ChannelState, ConnectionId, ConsumeError, ConsumeOptions, Event,
-    ExchangeDecl, ExchangeKind, FieldTable, QueueDecl, QueueRef, TopologyError, TopologyOp,
-    TransportError,
+    AckError, AckKind, ChannelId, ChannelInput, ChannelState, ConnectionId, ConsumeError,
+    ConsumeOptions, Event, ExchangeDecl, ExchangeKind, FieldTable, QueueDecl, QueueRef,
+    TopologyError, TopologyOp, TransportError,
 };
 use common::{World, config};
 
@@ -530,10 +530,12 @@ fn broker_cancel_resubscribes_a_registered_queue_and_ends_an_unknown_one() {
     w.topology_log.clear();
     let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
     for tag in ["k", "u"] {
-        w.input(amqp_rebound_core::Input::ConsumerCancelled {
+        w.input(amqp_rebound_core::Input::Channel {
             channel: ch(0, 0),
             generation,
-            consumer_tag: tag.into(),
+            event: ChannelInput::ConsumerCancelled {
+                consumer_tag: tag.into(),
+            },
         });
     }
     w.run_for(Duration::from_millis(20));
@@ -666,10 +668,12 @@ fn a_deleted_queue_with_two_consumers_is_declared_once_and_both_follow() {
     for (consumer, tag) in consumers.iter().zip(["a", "b"]) {
         let channel = w.sup.consumer_channel(*consumer).unwrap();
         let generation = w.sup.channel_generation(channel).unwrap();
-        w.input(amqp_rebound_core::Input::ConsumerCancelled {
+        w.input(amqp_rebound_core::Input::Channel {
             channel,
             generation,
-            consumer_tag: tag.into(),
+            event: ChannelInput::ConsumerCancelled {
+                consumer_tag: tag.into(),
+            },
         });
     }
     w.run_for(Duration::from_millis(50));

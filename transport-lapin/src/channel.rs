@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use amqp_rebound_core::TransportError;
@@ -800,11 +800,7 @@ impl Pump {
 
 /// Locks a mutex, ignoring poisoning: every value guarded here stays valid even if
 /// a holder panicked.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+pub(crate) use amqp_rebound_core::transport::support::lock;
 
 #[cfg(test)]
 mod tests {

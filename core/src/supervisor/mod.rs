@@ -82,82 +82,14 @@ pub enum Input {
         /// The epoch of the connection.
         epoch: u64,
     },
-    /// A [`Command::OpenChannel`] succeeded (channel open, confirms selected).
-    ChannelOpened {
+    /// Something happened on one generation of a channel.
+    Channel {
         /// The slot.
         channel: ChannelId,
-        /// The generation of the open.
+        /// The generation of the open or of the channel; older ones are stale.
         generation: u64,
-    },
-    /// A [`Command::OpenChannel`] failed.
-    ChannelOpenFailed {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the open.
-        generation: u64,
-        /// Why.
-        error: TransportError,
-    },
-    /// An open channel was closed by the broker or failed.
-    ChannelLost {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the channel.
-        generation: u64,
-        /// Why.
-        error: TransportError,
-    },
-    /// A publisher confirm on a channel (see [`ChannelEvent::Ack`]).
-    ///
-    /// [`ChannelEvent::Ack`]: crate::ChannelEvent::Ack
-    Confirm {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the channel.
-        generation: u64,
-        /// The publish sequence number confirmed.
-        delivery_tag: u64,
-        /// Covers every earlier number too.
-        multiple: bool,
-        /// `true` for basic.ack, `false` for basic.nack.
-        ack: bool,
-    },
-    /// A mandatory message came back unroutable (basic.return).
-    Returned {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the channel.
-        generation: u64,
-        /// What came back.
-        returned: Box<Returned>,
-    },
-    /// A delivery to a consumer.
-    Delivery {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the channel.
-        generation: u64,
-        /// The delivery (boxed: it is ten times the size of a confirm).
-        delivery: Box<Delivery>,
-    },
-    /// The broker cancelled a consumer (basic.cancel, e.g. its queue was deleted).
-    ConsumerCancelled {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the channel.
-        generation: u64,
-        /// The consumer's tag.
-        consumer_tag: String,
-    },
-    /// The [`Command::Topology`] in flight on this channel finished. `Ok` carries
-    /// the real queue name for a queue declaration.
-    TopologyDone {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the channel.
-        generation: u64,
-        /// The outcome.
-        result: Result<Option<String>, TransportError>,
+        /// What happened.
+        event: ChannelInput,
     },
     /// What the broker allows on a connection about to be reported
     /// [`Connected`](Input::Connected): its negotiated `channel_max`. Optional;
@@ -186,6 +118,41 @@ pub enum Input {
     Timeout,
 }
 
+/// What happened on a channel: the payload of [`Input::Channel`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ChannelInput {
+    /// A [`Command::OpenChannel`] succeeded (channel open, confirms selected).
+    Opened,
+    /// A [`Command::OpenChannel`] failed.
+    OpenFailed(TransportError),
+    /// The open channel was closed by the broker or failed.
+    Lost(TransportError),
+    /// A publisher confirm (see [`ChannelEvent::Ack`]).
+    ///
+    /// [`ChannelEvent::Ack`]: crate::ChannelEvent::Ack
+    Confirm {
+        /// The publish sequence number confirmed.
+        delivery_tag: u64,
+        /// Covers every earlier number too.
+        multiple: bool,
+        /// `true` for basic.ack, `false` for basic.nack.
+        ack: bool,
+    },
+    /// A mandatory message came back unroutable (basic.return).
+    Returned(Box<Returned>),
+    /// A delivery to a consumer (boxed: it is ten times the size of a confirm).
+    Delivery(Box<Delivery>),
+    /// The broker cancelled a consumer (basic.cancel, e.g. its queue was deleted).
+    ConsumerCancelled {
+        /// The consumer's tag.
+        consumer_tag: String,
+    },
+    /// The [`Command::Topology`] in flight on this channel finished. `Ok` carries
+    /// the real queue name for a queue declaration.
+    TopologyDone(Result<Option<String>, TransportError>),
+}
+
 /// Work for the driver, drained with [`Supervisor::poll_command`].
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -202,7 +169,8 @@ pub enum Command {
         endpoint: Arc<Endpoint>,
     },
     /// Open a channel (and select confirms) on the connection of `epoch`; answer
-    /// with [`Input::ChannelOpened`] or [`Input::ChannelOpenFailed`].
+    /// with an [`Input::Channel`] carrying [`ChannelInput::Opened`] or
+    /// [`ChannelInput::OpenFailed`].
     OpenChannel {
         /// The slot.
         channel: ChannelId,
@@ -224,7 +192,7 @@ pub enum Command {
         message: Arc<Message>,
     },
     /// Run one topology operation on the channel; answer with
-    /// [`Input::TopologyDone`]. At most one is in flight per channel.
+    /// [`ChannelInput::TopologyDone`]. At most one is in flight per channel.
     Topology {
         /// The slot.
         channel: ChannelId,
@@ -702,51 +670,37 @@ impl Supervisor {
                 reason,
             } => self.set_blocked(connection, epoch, Some(reason)),
             Input::Unblocked { connection, epoch } => self.set_blocked(connection, epoch, None),
-            Input::ChannelOpened {
+            Input::Channel {
                 channel,
                 generation,
-            } => self.on_channel_opened(channel, generation),
-            Input::ChannelOpenFailed {
-                channel,
-                generation,
-                error,
-            }
-            | Input::ChannelLost {
-                channel,
-                generation,
-                error,
-            } => self.on_channel_failed(channel, generation, error),
-            Input::Confirm {
-                channel,
-                generation,
-                delivery_tag,
-                multiple,
-                ack,
-            } => self.on_confirm(channel, generation, delivery_tag, multiple, ack),
-            Input::Returned {
-                channel,
-                generation,
-                returned,
-            } => self.on_returned(channel, generation, &returned),
-            Input::Delivery {
-                channel,
-                generation,
-                delivery,
-            } => self.on_delivery(channel, generation, delivery),
-            Input::ConsumerCancelled {
-                channel,
-                generation,
-                consumer_tag,
-            } => self.on_consumer_cancelled(channel, generation, &consumer_tag),
-            Input::TopologyDone {
-                channel,
-                generation,
-                result,
-            } => self.on_topology_done(channel, generation, result),
+                event,
+            } => self.on_channel_input(channel, generation, event),
         }
         self.pump();
         self.check_drained();
         self.sync_metrics();
+    }
+
+    fn on_channel_input(&mut self, channel: ChannelId, generation: u64, event: ChannelInput) {
+        match event {
+            ChannelInput::Opened => self.on_channel_opened(channel, generation),
+            ChannelInput::OpenFailed(error) | ChannelInput::Lost(error) => {
+                self.on_channel_failed(channel, generation, error);
+            }
+            ChannelInput::Confirm {
+                delivery_tag,
+                multiple,
+                ack,
+            } => self.on_confirm(channel, generation, delivery_tag, multiple, ack),
+            ChannelInput::Returned(returned) => self.on_returned(channel, generation, &returned),
+            ChannelInput::Delivery(delivery) => self.on_delivery(channel, generation, delivery),
+            ChannelInput::ConsumerCancelled { consumer_tag } => {
+                self.on_consumer_cancelled(channel, generation, &consumer_tag);
+            }
+            ChannelInput::TopologyDone(result) => {
+                self.on_topology_done(channel, generation, result);
+            }
+        }
     }
 
     /// Brings the metrics' counters and depths up to date (nothing without the

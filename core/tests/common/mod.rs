@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqp_rebound_core::{
-    AckKind, ChannelId, Command, Config, ConnectionId, Delivery, Event, Input, Message, Properties,
-    Supervisor, TopologyOp, TransportError, endpoint::parse_hosts,
+    AckKind, ChannelId, ChannelInput, Command, Config, ConnectionId, Delivery, Event, Input,
+    Message, Properties, Supervisor, TopologyOp, TransportError, endpoint::parse_hosts,
 };
 
 /// How long every simulated transport operation takes.
@@ -347,21 +347,25 @@ impl World {
         }
         if multiple {
             let delivery_tag = taken[n - 1].0;
-            self.input(Input::Confirm {
+            self.input(Input::Channel {
                 channel,
                 generation,
-                delivery_tag,
-                multiple: true,
-                ack,
+                event: ChannelInput::Confirm {
+                    delivery_tag,
+                    multiple: true,
+                    ack,
+                },
             });
         } else {
             for (seq, _) in taken {
-                self.input(Input::Confirm {
+                self.input(Input::Channel {
                     channel,
                     generation,
-                    delivery_tag: seq,
-                    multiple: false,
-                    ack,
+                    event: ChannelInput::Confirm {
+                        delivery_tag: seq,
+                        multiple: false,
+                        ack,
+                    },
                 });
             }
         }
@@ -382,10 +386,10 @@ impl World {
             .entry((channel, generation))
             .or_default()
             .insert(tag);
-        self.input(Input::Delivery {
+        self.input(Input::Channel {
             channel,
             generation,
-            delivery: Box::new(Delivery {
+            event: ChannelInput::Delivery(Box::new(Delivery {
                 consumer_tag: consumer_tag.to_string(),
                 delivery_tag: tag,
                 redelivered: false,
@@ -393,7 +397,7 @@ impl World {
                 routing_key: "q".into(),
                 properties: Properties::default(),
                 payload: payload.to_string().into_bytes().into(),
-            }),
+            })),
         });
         Some(tag)
     }
@@ -412,12 +416,14 @@ impl World {
                 if let Some(pos) = list.iter().position(|(s, _)| *s == seq) {
                     let (_, message) = list.remove(pos);
                     self.stored.push(message.payload.clone());
-                    self.input(Input::Confirm {
+                    self.input(Input::Channel {
                         channel,
                         generation,
-                        delivery_tag: seq,
-                        multiple: false,
-                        ack: true,
+                        event: ChannelInput::Confirm {
+                            delivery_tag: seq,
+                            multiple: false,
+                            ack: true,
+                        },
                     });
                 }
             }
@@ -435,10 +441,10 @@ impl World {
                 };
                 if let Some(error) = consume_error.or_else(|| self.fail_topology.take()) {
                     self.live_chans.remove(&channel);
-                    self.input(Input::TopologyDone {
+                    self.input(Input::Channel {
                         channel,
                         generation,
-                        result: Err(error),
+                        event: ChannelInput::TopologyDone(Err(error)),
                     });
                     return;
                 }
@@ -451,10 +457,10 @@ impl World {
                     _ => None,
                 };
                 self.topology_log.push((channel, op));
-                self.input(Input::TopologyDone {
+                self.input(Input::Channel {
                     channel,
                     generation,
-                    result: Ok(name),
+                    event: ChannelInput::TopologyDone(Ok(name)),
                 });
             }
 
@@ -486,15 +492,18 @@ impl World {
             } => {
                 if self.live.get(&channel.connection) == Some(&epoch) {
                     self.live_chans.insert(channel, generation);
-                    self.input(Input::ChannelOpened {
+                    self.input(Input::Channel {
                         channel,
                         generation,
+                        event: ChannelInput::Opened,
                     });
                 } else {
-                    self.input(Input::ChannelOpenFailed {
+                    self.input(Input::Channel {
                         channel,
                         generation,
-                        error: TransportError::Io("connection gone".into()),
+                        event: ChannelInput::OpenFailed(TransportError::Io(
+                            "connection gone".into(),
+                        )),
                     });
                 }
             }
@@ -556,10 +565,10 @@ impl World {
         };
         if self.live.contains_key(&channel.connection) && self.live_chans.remove(&channel).is_some()
         {
-            self.input(Input::ChannelLost {
+            self.input(Input::Channel {
                 channel,
                 generation,
-                error,
+                event: ChannelInput::Lost(error),
             });
         }
     }

@@ -316,12 +316,14 @@ pub async fn proxy_blackhole_detected_by_heartbeat<T: Transport>(h: Harness<T>) 
     .await;
     let detected = start.elapsed();
     eprintln!("blackhole: the transport reported {loss:?}");
-    if h.transport == "amqprs" {
-        // amqprs signals missed heartbeats like a socket error (see the limits in
-        // amqp-rebound-amqprs's crate docs): Io, never HeartbeatTimeout.
+    if !h.transport().capabilities().reports_heartbeat_timeout {
+        // a client that signals missed heartbeats like a socket error (amqprs: see
+        // the limits in amqp-rebound-amqprs's crate docs): Io, never
+        // HeartbeatTimeout.
         assert!(
             matches!(&loss, Some(TransportError::Io(text)) if text.contains("missed heartbeats")),
-            "amqprs: the loss is an I/O error: {loss:?}"
+            "{}: the loss is an I/O error: {loss:?}",
+            h.transport
         );
     }
     eventually("a second dial", 10 * SECOND, || proxy.accepted() >= 2).await;
@@ -696,10 +698,11 @@ pub async fn publish_to_missing_exchange_is_rejected<T: Transport>(h: Harness<T>
             "the connection stayed"
         );
     } else {
-        // (lapin only: the amqprs adapter refuses writes on a channel the broker
-        // has closed, so over amqprs the connection always stays)
+        // (only where the client does not fence the broker's channel.close: the
+        // amqprs adapter refuses writes on a channel the broker has closed, so
+        // over amqprs the connection always stays)
         assert!(
-            h.transport == "lapin" && lost.iter().all(upstream_race),
+            !h.transport().capabilities().fences_channel_close && lost.iter().all(upstream_race),
             "the connection was lost: {lost:#?}"
         );
         eprintln!(
@@ -1148,15 +1151,18 @@ pub async fn bad_credentials_and_bad_config<T: Transport>(h: Harness<T>) {
     assert!(*retry_in >= cap / 2 && *retry_in <= cap, "{retry_in:?}");
 
     // Count the dials over a window. Normally a refusal is immediate and the
-    // dials come at the cap (250-500 ms apart): 5 to 13 in 3 s. amqprs does not
-    // advertise `authentication_failure_close`, so RabbitMQ refuses its login by
-    // closing the socket only after a 3 s delay (its SILENT_CLOSE_DELAY, against
-    // password guessing; see amqp-rebound-amqprs's crate docs): each dial takes
-    // 3 s and then waits 250-500 ms, so 3 (2 to 4) in 8 s.
-    let (window, expected) = if h.transport == "amqprs" {
+    // dials come at the cap (250-500 ms apart): 5 to 13 in 3 s. A client that does
+    // not advertise `authentication_failure_close` (amqprs) has its login refused
+    // by RabbitMQ closing the socket only after a 3 s delay (its
+    // SILENT_CLOSE_DELAY, against password guessing; see amqp-rebound-amqprs's
+    // crate docs): each dial takes 3 s and then waits 250-500 ms, so 3 (2 to 4)
+    // in 8 s.
+    let capabilities = h.transport().capabilities();
+    let (window, expected) = if !capabilities.authentication_failure_close {
         assert!(
             refused_after >= Duration::from_millis(2_500),
-            "amqprs: RabbitMQ refused the login after {refused_after:?}, not after its 3 s delay"
+            "{}: RabbitMQ refused the login after {refused_after:?}, not after its 3 s delay",
+            h.transport
         );
         (8 * SECOND, 2..=4)
     } else {
@@ -1216,7 +1222,9 @@ pub async fn bad_credentials_and_bad_config<T: Transport>(h: Harness<T>) {
     let (known, leaks): (Vec<&str>, Vec<&str>) = output
         .lines()
         .filter(|line| reveals(line, &secret))
-        .partition(|line| h.transport == "lapin" && is_known_upstream_leak(line));
+        .partition(|line| {
+            !capabilities.keeps_credentials_out_of_logs && is_known_upstream_leak(line)
+        });
     assert!(
         leaks.is_empty(),
         "the password is in {} log lines, e.g.:\n{}",
