@@ -60,7 +60,8 @@ use crate::supervisor::{ChannelInput, Command, Input, Stats, Supervisor};
 use crate::telemetry::targets;
 use crate::topology::{AckKind, ConsumeError, ConsumerId, OpId, TopologyError, TopologyOp};
 use crate::transport::{
-    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, Sleep, Timer, Transport,
+    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, Sleep, Timer,
+    TopologyOutcome, Transport,
 };
 
 /// Items one trip through the driver's loop takes before it flushes and looks at
@@ -1330,51 +1331,14 @@ impl<T: Transport, K: Timer> State<T, K> {
     }
 }
 
+/// One topology step on a channel: `basic.qos`, `basic.consume` and `basic.cancel`
+/// through their own methods, every declare, delete, bind and unbind through
+/// [`Channel::run`]. Answers a declared queue's real name.
 async fn run_topology<C: Channel>(
     ch: &C,
     op: &TopologyOp,
 ) -> Result<Option<String>, TransportError> {
     match op {
-        TopologyOp::DeclareExchange(decl) => ch.declare_exchange(decl).await.map(|()| None),
-        TopologyOp::DeleteExchange { name } => ch.delete_exchange(name).await.map(|()| None),
-        TopologyOp::DeclareQueue(decl) => ch.declare_queue(decl).await.map(|q| Some(q.name)),
-        TopologyOp::DeleteQueue { name } => ch.delete_queue(name).await.map(|_| None),
-        TopologyOp::BindQueue {
-            queue,
-            exchange,
-            routing_key,
-            arguments,
-        } => ch
-            .bind_queue(queue, exchange, routing_key, arguments)
-            .await
-            .map(|()| None),
-        TopologyOp::UnbindQueue {
-            queue,
-            exchange,
-            routing_key,
-            arguments,
-        } => ch
-            .unbind_queue(queue, exchange, routing_key, arguments)
-            .await
-            .map(|()| None),
-        TopologyOp::BindExchange {
-            destination,
-            source,
-            routing_key,
-            arguments,
-        } => ch
-            .bind_exchange(destination, source, routing_key, arguments)
-            .await
-            .map(|()| None),
-        TopologyOp::UnbindExchange {
-            destination,
-            source,
-            routing_key,
-            arguments,
-        } => ch
-            .unbind_exchange(destination, source, routing_key, arguments)
-            .await
-            .map(|()| None),
         TopologyOp::Qos { prefetch_count } => ch.qos(*prefetch_count).await.map(|()| None),
         TopologyOp::Consume {
             queue,
@@ -1385,6 +1349,11 @@ async fn run_topology<C: Channel>(
             .await
             .map(|()| None),
         TopologyOp::Cancel { consumer_tag } => ch.cancel(consumer_tag).await.map(|()| None),
+        op => match (op, ch.run(op).await?) {
+            (_, TopologyOutcome::Queue(info)) => Ok(Some(info.name)),
+            (TopologyOp::DeclareQueue(_), other) => Err(other.unexpected("queue.declare")),
+            _ => Ok(None),
+        },
     }
 }
 

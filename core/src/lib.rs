@@ -186,5 +186,5 @@ pub use topology::{
 };
 pub use transport::{
     Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Sleep, Timer,
-    Transport,
+    TopologyOutcome, Transport,
 };

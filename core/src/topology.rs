@@ -119,7 +119,10 @@ pub struct ConsumeOptions {
     pub arguments: FieldTable,
 }
 
-/// One topology operation with resolved names: what a transport executes.
+/// One topology operation with resolved names: what a transport executes. The
+/// declare, delete, bind and unbind ops go to
+/// [`Channel::run`](crate::transport::Channel::run); `Qos`, `Consume` and `Cancel`
+/// to the channel's methods of the same names.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum TopologyOp {
@@ -200,6 +203,17 @@ pub enum TopologyOp {
         /// Consumer tag.
         consumer_tag: String,
     },
+}
+
+impl TopologyOp {
+    /// What a transport answers, from [`Channel::run`](crate::transport::Channel::run),
+    /// to an op that is not a declare, delete, bind or unbind, or that it does not
+    /// know.
+    pub fn unsupported(&self) -> crate::error::TransportError {
+        crate::error::TransportError::Protocol(format!(
+            "not a declare, delete, bind or unbind: {self:?}"
+        ))
+    }
 }
 
 /// A stable handle to a declared queue. For a server-named queue the name changes

@@ -28,10 +28,10 @@
 //!   [`ChannelEvent::Nack`] carry those numbers (`multiple` = every number up to
 //!   and including it). Awaiting `publish` means "handed to the client", not
 //!   "confirmed".
-//! - Topology calls are awaited one at a time per channel. An error that closes
-//!   the channel (404, 406, ...) is returned from the call; the channel's `Closed`
-//!   event with the same reply may come first (the core takes either as the call's
-//!   answer).
+//! - Topology calls ([`Channel::run`], `qos`, `consume`, `cancel`) are awaited one
+//!   at a time per channel. An error that closes the channel (404, 406, ...) is
+//!   returned from the call; the channel's `Closed` event with the same reply may
+//!   come first (the core takes either as the call's answer).
 //! - Nothing a broker sends may panic the transport.
 //! - A transport whose client cannot hear of `connection.blocked` (it does not
 //!   advertise the capability, so the broker never sends it) says so with
@@ -52,7 +52,7 @@ use crate::endpoint::Endpoint;
 use crate::error::TransportError;
 use crate::message::{Delivery, FieldTable, Message, Returned};
 use crate::tls::TlsConfig;
-use crate::topology::{ConsumeOptions, ExchangeDecl, QueueDecl};
+use crate::topology::{ConsumeOptions, ExchangeDecl, QueueDecl, TopologyOp};
 
 pub mod support;
 
@@ -288,7 +288,34 @@ pub struct QueueInfo {
     pub consumer_count: u32,
 }
 
+/// What the broker answered to a [`TopologyOp`] (see [`Channel::run`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TopologyOutcome {
+    /// `declare-ok`, `delete-ok` of an exchange, `bind-ok`, `unbind-ok`: nothing
+    /// to read in it.
+    Done,
+    /// `queue.declare-ok`: the queue's real name and counts.
+    Queue(QueueInfo),
+    /// `queue.delete-ok`.
+    QueueDeleted {
+        /// Messages deleted with the queue.
+        message_count: u32,
+    },
+}
+
+impl TopologyOutcome {
+    /// A transport answered `method` with the wrong kind of outcome.
+    pub(crate) fn unexpected(&self, method: &str) -> TransportError {
+        TransportError::Protocol(format!("{method} answered with {self:?}"))
+    }
+}
+
 /// One AMQP channel.
+///
+/// A transport implements [`run`](Channel::run) for every topology change; the
+/// named declare, delete, bind and unbind methods are written once, here, on top
+/// of it.
 #[async_trait]
 pub trait Channel: Send + Sync + 'static {
     /// The channel's events; called once.
@@ -297,46 +324,108 @@ pub trait Channel: Send + Sync + 'static {
     async fn confirm_select(&self) -> Result<(), TransportError>;
     /// `basic.qos` with `global = false` (applies to consumers started after it).
     async fn qos(&self, prefetch_count: u16) -> Result<(), TransportError>;
-    /// `exchange.declare`.
-    async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError>;
-    /// `exchange.delete`.
-    async fn delete_exchange(&self, name: &str) -> Result<(), TransportError>;
-    /// `queue.declare`: returns the queue's real name.
-    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError>;
-    /// `queue.delete`: returns how many messages were deleted with it.
-    async fn delete_queue(&self, name: &str) -> Result<u32, TransportError>;
-    /// `queue.bind`.
+    /// Runs one declare, delete, bind or unbind (`exchange.*`, `queue.*`): every
+    /// topology change goes through here, so a transport implements it once. The
+    /// answer says what the broker sent back ([`TopologyOutcome`]). `basic.qos`,
+    /// `basic.consume` and `basic.cancel` have methods of their own
+    /// ([`qos`](Channel::qos), [`consume`](Channel::consume),
+    /// [`cancel`](Channel::cancel)) and never come here; a transport answers such an
+    /// op, or one it does not know, with [`TopologyOp::unsupported`].
+    async fn run(&self, op: &TopologyOp) -> Result<TopologyOutcome, TransportError>;
+    /// `exchange.declare`, through [`run`](Channel::run).
+    async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError> {
+        self.run(&TopologyOp::DeclareExchange(decl.clone()))
+            .await
+            .map(drop)
+    }
+    /// `exchange.delete`, through [`run`](Channel::run).
+    async fn delete_exchange(&self, name: &str) -> Result<(), TransportError> {
+        let name = name.to_owned();
+        self.run(&TopologyOp::DeleteExchange { name })
+            .await
+            .map(drop)
+    }
+    /// `queue.declare`, through [`run`](Channel::run): returns the queue's real
+    /// name.
+    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError> {
+        match self.run(&TopologyOp::DeclareQueue(decl.clone())).await? {
+            TopologyOutcome::Queue(info) => Ok(info),
+            other => Err(other.unexpected("queue.declare")),
+        }
+    }
+    /// `queue.delete`, through [`run`](Channel::run): returns how many messages
+    /// were deleted with it.
+    async fn delete_queue(&self, name: &str) -> Result<u32, TransportError> {
+        let name = name.to_owned();
+        match self.run(&TopologyOp::DeleteQueue { name }).await? {
+            TopologyOutcome::QueueDeleted { message_count } => Ok(message_count),
+            other => Err(other.unexpected("queue.delete")),
+        }
+    }
+    /// `queue.bind`, through [`run`](Channel::run).
     async fn bind_queue(
         &self,
         queue: &str,
         exchange: &str,
         routing_key: &str,
         arguments: &FieldTable,
-    ) -> Result<(), TransportError>;
-    /// `queue.unbind`.
+    ) -> Result<(), TransportError> {
+        let op = TopologyOp::BindQueue {
+            queue: queue.to_owned(),
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
+        };
+        self.run(&op).await.map(drop)
+    }
+    /// `queue.unbind`, through [`run`](Channel::run).
     async fn unbind_queue(
         &self,
         queue: &str,
         exchange: &str,
         routing_key: &str,
         arguments: &FieldTable,
-    ) -> Result<(), TransportError>;
-    /// `exchange.bind`.
+    ) -> Result<(), TransportError> {
+        let op = TopologyOp::UnbindQueue {
+            queue: queue.to_owned(),
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
+        };
+        self.run(&op).await.map(drop)
+    }
+    /// `exchange.bind`, through [`run`](Channel::run).
     async fn bind_exchange(
         &self,
         destination: &str,
         source: &str,
         routing_key: &str,
         arguments: &FieldTable,
-    ) -> Result<(), TransportError>;
-    /// `exchange.unbind`.
+    ) -> Result<(), TransportError> {
+        let op = TopologyOp::BindExchange {
+            destination: destination.to_owned(),
+            source: source.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
+        };
+        self.run(&op).await.map(drop)
+    }
+    /// `exchange.unbind`, through [`run`](Channel::run).
     async fn unbind_exchange(
         &self,
         destination: &str,
         source: &str,
         routing_key: &str,
         arguments: &FieldTable,
-    ) -> Result<(), TransportError>;
+    ) -> Result<(), TransportError> {
+        let op = TopologyOp::UnbindExchange {
+            destination: destination.to_owned(),
+            source: source.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
+        };
+        self.run(&op).await.map(drop)
+    }
     /// `basic.publish`. Returns once the client took the message; the confirm
     /// arrives later as an event.
     async fn publish(&self, message: &Message) -> Result<(), TransportError>;

@@ -120,7 +120,7 @@ pub mod instrument;
 mod model;
 #[cfg(feature = "proxy")]
 pub mod proxy;
-pub mod routing;
+pub use model::routing;
 pub mod scenario;
 pub mod simulation;
 pub mod trace;
