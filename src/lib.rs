@@ -50,7 +50,7 @@ pub mod engine {
     pub use amqp_rebound_core::{
         Backoff, ChannelEvent, ChannelInput, ChannelState, Command, Config, ConnectOptions,
         ConnectionEvent, ConnectionState, Endpoint, FlushId, Input, OpId, QueueInfo, Sleep,
-        Supervisor, TopologyOp,
+        Supervisor, TopologyOp, TopologyOutcome,
     };
     pub use amqp_rebound_core::{Channel, Connection, Timer, Transport};
 }

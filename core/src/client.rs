@@ -117,6 +117,14 @@ impl ClientBuilder {
         self
     }
 
+    /// With more than one host, how long a dial may go unanswered before the next
+    /// host is dialled beside it; the first to connect is kept. Default 1 s;
+    /// `Duration::MAX` turns it off.
+    pub fn parallel_dial_after(mut self, after: Duration) -> Self {
+        self.config.parallel_dial_after = after;
+        self
+    }
+
     /// How long [`Client::close`] (or dropping the last handle) drains
     /// accepted messages before it closes anyway (5 s).
     pub fn close_timeout(mut self, timeout: Duration) -> Self {

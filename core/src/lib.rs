@@ -86,6 +86,11 @@
 //!   which lapin reports on each channel before the connection itself) is handled
 //!   as its connection's loss, so its unconfirmed messages are re-sent once, on the
 //!   new connection, not on siblings that die with it.
+//! - **A dial that goes unanswered** (a paused node, a black-holed route: TCP
+//!   accepted, then silence) gets a second dial, to the next host, after
+//!   [`Config::parallel_dial_after`] (default 1 s) when there is more than one
+//!   host. The first of the two to connect is kept; the other is closed if it
+//!   connects later. Each still ends at the connect timeout (default 5 s).
 //!
 //! With the defaults, an outage ends for the user at most about 2 s after the
 //! broker accepts again (the longest delay), while each connection dials at most

@@ -823,3 +823,84 @@ fn channel_states_name_what_the_open_waits_for() {
         ]
     );
 }
+
+fn dialled_hosts(w: &World, from: usize) -> Vec<String> {
+    w.commands[from..]
+        .iter()
+        .filter_map(|(_, c)| match c {
+            Command::Dial { endpoint, .. } => Some(endpoint.host().to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A dial into a host that accepts and says nothing (a paused node) does not hold
+/// the slot for the whole connect timeout: after `parallel_dial_after` the next
+/// host is dialled beside it, and the first to connect is kept.
+#[test]
+fn an_unanswered_dial_gets_a_parallel_one_to_the_next_host() {
+    let mut w = World::new(config(1, 2, 3));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let first = dialled_hosts(&w, 0)[0].clone();
+    let other = if first == "127.0.0.1" {
+        "127.0.0.2"
+    } else {
+        "127.0.0.1"
+    };
+    // the redial goes to the other host, which is silent
+    w.silent_hosts.insert(other.to_string());
+    let from = w.commands.len();
+    w.run_for(Duration::from_secs(1));
+    w.kill(C0, io());
+    let took = w
+        .run_until_ready(Duration::from_secs(10))
+        .expect("ready again");
+    assert_eq!(dialled_hosts(&w, from), vec![other.to_string(), first]);
+    assert!(
+        took <= Duration::from_secs(1) + 3 * common::LATENCY,
+        "ready {took:?} after the loss; the connect timeout is 5 s"
+    );
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
+}
+
+/// With every host silent, at most two dials per slot are in flight, each ends
+/// at its connect timeout, and the backoff still paces the rounds.
+#[test]
+fn parallel_dials_into_silent_hosts_stay_bounded() {
+    let mut w = World::new(config(1, 1, 3));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.silent_hosts.insert("127.0.0.1".into());
+    w.silent_hosts.insert("127.0.0.2".into());
+    let from = w.commands.len();
+    w.run_for(Duration::from_secs(1));
+    w.kill(C0, io());
+    w.run_for(Duration::from_secs(60));
+    let dials = dialled_hosts(&w, from).len();
+    // a round (two hosts) takes at least the 5 s connect timeout plus up to the
+    // 2 s backoff cap
+    assert!(
+        (8..=26).contains(&dials),
+        "{dials} dials in 60 s into silent hosts"
+    );
+    w.silent_hosts.clear();
+    w.run_until_ready(Duration::from_secs(10))
+        .expect("ready once a host answers");
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
+}
+
+/// One host: nothing to dial beside it; the dial runs to its connect timeout.
+#[test]
+fn one_host_has_no_parallel_dial() {
+    let hosts = amqp_rebound_core::endpoint::parse_hosts(["amqp://guest:guest@127.0.0.9:5672/%2f"])
+        .unwrap();
+    let mut cfg = amqp_rebound_core::Config::new(hosts);
+    cfg.connections = 1;
+    cfg.channels_per_connection = 1;
+    let mut w = World::new(cfg);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.silent_hosts.insert("127.0.0.9".into());
+    let from = w.commands.len();
+    w.kill(C0, io());
+    w.run_for(Duration::from_millis(4_900));
+    assert_eq!(dialled_hosts(&w, from).len(), 1);
+}

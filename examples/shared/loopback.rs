@@ -6,11 +6,10 @@ use std::time::Instant;
 
 use amqp_rebound::engine::{
     Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, Endpoint, QueueInfo, Sleep,
-    Timer, TopologyOp, Transport,
+    Timer, TopologyOp, TopologyOutcome, Transport,
 };
 use amqp_rebound::{ConsumeOptions, Message, TransportError};
 // Not among `amqp_rebound::engine`'s re-exports: the core crate's path.
-use amqp_rebound_core::transport::TopologyOutcome;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::channel::mpsc;

@@ -263,6 +263,8 @@ enum Retry {
 enum TimerKey {
     Connection(u16),
     Channel(u16, u16),
+    /// When a slot's unanswered dial gets a second one, to the next host.
+    ParallelDial(u16),
 }
 
 struct Conn {
@@ -292,6 +294,19 @@ struct Conn {
     /// The loss of this slot's Ready connection, until a channel of it is Ready
     /// again (the recovery's stall).
     lost: Option<Lost>,
+    /// A second dial, to the next host, made while the slot's own dial went
+    /// unanswered ([`Config::parallel_dial_after`]).
+    parallel: Option<ParallelDial>,
+    /// When the slot's dial gets its parallel one, if it is still unanswered.
+    parallel_timer: Option<Instant>,
+}
+
+/// A dial made beside the slot's own. The first to connect becomes the slot's
+/// connection (its epoch the slot's); the other is stale, closed if it connects.
+struct ParallelDial {
+    epoch: u64,
+    host: usize,
+    started: Instant,
 }
 
 /// A Ready connection was lost: its recovery is under way.
@@ -384,6 +399,8 @@ impl Supervisor {
                 was_ready: false,
                 suspect_until: None,
                 lost: None,
+                parallel: None,
+                parallel_timer: None,
                 channels: (0..config.channels_per_connection)
                     .map(|_| Chan::new(Backoff::new(config.backoff.clone())))
                     .collect(),
@@ -569,6 +586,7 @@ impl Supervisor {
                 epoch,
                 channel_max,
             } => {
+                self.parallel_connected(connection, epoch);
                 let wanted = self.config.channels_per_connection;
                 if let Some(c) = self.current(connection, epoch)
                     && matches!(self.conns[c].state, ConnectionState::Connecting { .. })
@@ -586,13 +604,26 @@ impl Supervisor {
                     self.connection_failed(c, error, Reason::DialFailed(class), Retry::AsFailure);
                 }
             }
-            Input::Connected { connection, epoch } => self.on_connected(connection, epoch),
+            Input::Connected { connection, epoch } => {
+                self.parallel_connected(connection, epoch);
+                self.on_connected(connection, epoch);
+            }
             Input::DialFailed {
                 connection,
                 epoch,
                 error,
             } => {
-                if let Some(c) = self.current(connection, epoch)
+                if let Some(conn) = self.conns.get_mut(usize::from(connection.0))
+                    && conn.parallel.as_ref().is_some_and(|p| p.epoch == epoch)
+                {
+                    // the parallel dial failed: the slot's own goes on alone
+                    conn.parallel = None;
+                } else if let Some(c) = self.current(connection, epoch)
+                    && matches!(self.conns[c].state, ConnectionState::Connecting { .. })
+                    && self.hand_over_to_parallel(c, &error)
+                {
+                    // counted; the parallel dial is the slot's now
+                } else if let Some(c) = self.current(connection, epoch)
                     && matches!(self.conns[c].state, ConnectionState::Connecting { .. })
                 {
                     let class = error.class();
@@ -647,6 +678,15 @@ impl Supervisor {
             ChannelInput::TopologyDone(result) => {
                 self.on_topology_done(channel, generation, result);
             }
+        }
+    }
+
+    /// A dial of `epoch` on slot `id` answered: if it is the slot's parallel
+    /// dial, it wins the race and becomes the slot's dial.
+    fn parallel_connected(&mut self, id: ConnectionId, epoch: u64) {
+        let c = usize::from(id.0);
+        if self.conns.get(c).is_some_and(|conn| conn.epoch != epoch) {
+            self.adopt_parallel(c, epoch);
         }
     }
 
@@ -720,6 +760,109 @@ impl Supervisor {
             epoch,
             endpoint: Arc::clone(&self.hosts[endpoint]),
         });
+        // a parallel dial from an earlier round is stale now
+        self.conns[c].parallel = None;
+        let parallel_at = (self.hosts.len() > 1)
+            .then(|| deadline_after(self.now, self.config.parallel_dial_after))
+            .filter(|&at| at < deadline);
+        self.set_parallel_timer(c, parallel_at);
+    }
+
+    /// The slot's dial is still unanswered: dial the next host beside it.
+    fn dial_in_parallel(&mut self, c: usize) {
+        let conn = &self.conns[c];
+        if self.closed
+            || conn.parallel.is_some()
+            || !matches!(conn.state, ConnectionState::Connecting { .. })
+        {
+            return;
+        }
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let host = (conn.host + 1) % self.hosts.len();
+        let conn = &mut self.conns[c];
+        conn.parallel = Some(ParallelDial {
+            epoch,
+            host,
+            started: self.now,
+        });
+        if let Some(lost) = &mut conn.lost {
+            lost.dials += 1;
+        }
+        tracing::debug!(
+            target: targets::CONNECTION,
+            client = self.name(),
+            connection = %ConnectionId(c as u16),
+            epoch,
+            endpoint = %self.hosts[host].redacted(),
+            "dial unanswered: dialling the next host beside it"
+        );
+        self.commands.push_back(Command::Dial {
+            connection: ConnectionId(c as u16),
+            epoch,
+            endpoint: Arc::clone(&self.hosts[host]),
+        });
+    }
+
+    /// The slot's parallel dial of `epoch` connected first, or the slot's own
+    /// dial failed or timed out while it runs: it becomes the slot's dial (the
+    /// other one is stale from now on). `false` when `epoch` is not the
+    /// parallel dial of a Connecting slot.
+    fn adopt_parallel(&mut self, c: usize, epoch: u64) -> bool {
+        let conn = &mut self.conns[c];
+        let Some(p) = conn.parallel.take_if(|p| p.epoch == epoch) else {
+            return false;
+        };
+        let ConnectionState::Connecting {
+            endpoint, deadline, ..
+        } = &mut conn.state
+        else {
+            return false;
+        };
+        *endpoint = p.host;
+        *deadline = deadline_after(p.started, self.config.connect_timeout);
+        let deadline = *deadline;
+        conn.epoch = p.epoch;
+        conn.host = p.host;
+        self.set_conn_timer(c, Some(deadline));
+        self.set_parallel_timer(c, None);
+        true
+    }
+
+    /// The slot's own dial failed or timed out with a parallel one running: the
+    /// failure is counted and the parallel dial carries on as the slot's.
+    fn hand_over_to_parallel(&mut self, c: usize, error: &TransportError) -> bool {
+        let Some(epoch) = self.conns[c].parallel.as_ref().map(|p| p.epoch) else {
+            return false;
+        };
+        let failed_endpoint = self.hosts[self.conns[c].host].redacted();
+        if !self.adopt_parallel(c, epoch) {
+            return false;
+        }
+        let class = error.class();
+        self.conns[c].failures += 1;
+        self.metrics.failed(c, class);
+        if !self.ever_ready {
+            self.first_error = Some(error.clone());
+        }
+        self.events.push_back(Event::RecoveryFailed {
+            connection: ConnectionId(c as u16),
+            endpoint: failed_endpoint,
+            error: error.clone(),
+            class,
+            retry_in: Duration::ZERO,
+        });
+        true
+    }
+
+    fn set_parallel_timer(&mut self, c: usize, at: Option<Instant>) {
+        let key = TimerKey::ParallelDial(c as u16);
+        if let Some(old) = std::mem::replace(&mut self.conns[c].parallel_timer, at) {
+            self.timers.remove(&(old, key));
+        }
+        if let Some(at) = at {
+            self.timers.insert((at, key));
+        }
     }
 
     fn on_connected(&mut self, id: ConnectionId, epoch: u64) {
@@ -729,6 +872,9 @@ impl Supervisor {
         let current = conn.epoch == epoch;
         if current && matches!(conn.state, ConnectionState::Connecting { .. }) {
             let c = usize::from(id.0);
+            // the other dial of a race, if one runs, lost it
+            self.conns[c].parallel = None;
+            self.set_parallel_timer(c, None);
             let conn = &mut self.conns[c];
             conn.topology_ready = false;
             conn.close_sent = false;
@@ -829,6 +975,9 @@ impl Supervisor {
     /// (by its backoff) only once every host has failed since it was last stable.
     fn connection_failed(&mut self, c: usize, error: TransportError, reason: Reason, retry: Retry) {
         self.conns[c].topology_ready = false;
+        // a parallel dial still running is stale: closed if it connects
+        self.conns[c].parallel = None;
+        self.set_parallel_timer(c, None);
         for i in 0..self.conns[c].channels.len() {
             self.channel_waits_for_connection(c, i);
         }
@@ -977,6 +1126,8 @@ impl Supervisor {
                 self.set_chan_state(c, i, ChannelState::Closed, Reason::CloseRequested);
             }
             self.set_conn_timer(c, None);
+            self.set_parallel_timer(c, None);
+            self.conns[c].parallel = None;
             match self.conns[c].state {
                 ConnectionState::Ready { .. } => {
                     self.set_conn_timer(c, Some(deadline));
@@ -1056,6 +1207,11 @@ impl Supervisor {
                     self.conns[c].timer = None;
                     self.connection_timer(c);
                 }
+                TimerKey::ParallelDial(c) => {
+                    let c = usize::from(c);
+                    self.conns[c].parallel_timer = None;
+                    self.dial_in_parallel(c);
+                }
                 TimerKey::Channel(c, i) => {
                     let (c, i) = (usize::from(c), usize::from(i));
                     self.conns[c].channels[i].timer = None;
@@ -1075,6 +1231,9 @@ impl Supervisor {
     fn connection_timer(&mut self, c: usize) {
         match self.conns[c].state {
             ConnectionState::Connecting { .. } => {
+                if self.hand_over_to_parallel(c, &TransportError::Timeout) {
+                    return;
+                }
                 // Orphan the late dial: a success after this is closed on arrival.
                 self.conns[c].epoch = self.next_epoch;
                 self.next_epoch += 1;

@@ -69,6 +69,8 @@ pub struct World {
     pub refuse_with: Option<TransportError>,
     /// Dials never answer while set (a blackholed host).
     pub blackhole: bool,
+    /// Dials to these hosts never answer (a paused node among good ones).
+    pub silent_hosts: BTreeSet<String>,
     /// Live transport connections: slot -> epoch.
     pub live: BTreeMap<ConnectionId, u64>,
     /// Live transport channels: slot -> generation.
@@ -124,6 +126,7 @@ impl World {
             broker_up: true,
             refuse_with: None,
             blackhole: false,
+            silent_hosts: BTreeSet::new(),
             live: BTreeMap::new(),
             live_chans: BTreeMap::new(),
             unconfirmed: BTreeMap::new(),
@@ -160,6 +163,9 @@ impl World {
             let _ = writeln!(self.trace, "{at:>8?} > {command:?}");
             let due = self.now + LATENCY;
             let pending = match &command {
+                Command::Dial { endpoint, .. } if self.silent_hosts.contains(endpoint.host()) => {
+                    None
+                }
                 Command::Dial {
                     connection, epoch, ..
                 } => Some(Pending::Dial {
