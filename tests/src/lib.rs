@@ -176,6 +176,7 @@ macro_rules! conformance_suite {
                     close_all_connections_while_publishing
                 );
                 $crate::__conformance_case!($name, Exclusive, suspend_and_resume_listeners);
+                $crate::__conformance_case!($name, Exclusive, paused_broker_resumes_without_a_flap);
                 $crate::__conformance_case!($name, Exclusive, broker_restart_recovers_topology);
                 $crate::__conformance_case!($name, Exclusive, memory_alarm_blocks_and_unblocks);
                 $crate::__conformance_case!(

@@ -467,6 +467,97 @@ pub async fn suspend_and_resume_listeners<T: Transport>(h: Harness<T>) {
     delete_queues(&h, &[&name]).await;
 }
 
+/// Case 3d: the broker's VM is paused (SIGSTOP: sockets open, nothing answers)
+/// for 12 s with `heartbeat=2`. The loss is reported (lapin: missed heartbeats;
+/// amqprs: its I/O error), the dials made during the pause hang until the
+/// connect timeout, and once the broker resumes the client is Ready and stays
+/// so: a dial given up on that completes late is closed without touching the
+/// live connection (no extra flap). A publish made during the pause is
+/// confirmed. (Exclusive.)
+pub async fn paused_broker_resumes_without_a_flap<T: Transport>(h: Harness<T>) {
+    let url = broker::BrokerUrl::with_query(&h.url.url(), "heartbeat=2");
+    let client = h.start(h.builder([url]).pool(1, 1));
+    wait_ready(&client, 15 * SECOND).await;
+    let name = queue_name(&h, "paused");
+    client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare");
+    let mut events = client.watch();
+
+    let paused = Instant::now();
+    let pause = broker::pause_broker(60 * SECOND).await;
+    let publish = {
+        let client = client.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            client
+                .publish("", &name, "during the pause", Properties::default())
+                .await
+        })
+    };
+    next_event(&mut events, "the loss", 12 * SECOND, |e| {
+        matches!(
+            e,
+            Event::StateChanged {
+                object: amqp_rebound_core::Object::Connection(_),
+                from: Phase::Ready,
+                ..
+            }
+        )
+    })
+    .await;
+    let detected = paused.elapsed();
+    // the pause itself is the fault: dials made during it hang, and one of them
+    // times out (the connect timeout is 5 s)
+    tokio::time::sleep((12 * SECOND).saturating_sub(paused.elapsed())).await;
+    pause.resume();
+    let resumed = Instant::now();
+    wait_ready(&client, 20 * SECOND).await;
+    let ready_after = resumed.elapsed();
+    let confirmed = within("the publish made during the pause", 10 * SECOND, publish)
+        .await
+        .expect("the publish task");
+    assert_eq!(confirmed, Ok(Confirmation::Confirmed));
+    let reconnects = client.stats().reconnects;
+    let _ = drain_events(&mut events);
+    // no flap: the connection stays up while late dials answer and are closed
+    let quiet = 4 * SECOND;
+    tokio::time::sleep(quiet).await;
+    let after = drain_events(&mut events);
+    let flaps: Vec<&Event> = after
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::StateChanged {
+                    object: amqp_rebound_core::Object::Connection(_),
+                    from: Phase::Ready,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert!(
+        flaps.is_empty(),
+        "the connection flapped after the resume: {flaps:?}"
+    );
+    assert_eq!(client.stats().reconnects, reconnects, "a dial after Ready");
+    assert!(client.state().is_ready());
+    eprintln!(
+        "{}: loss reported {detected:?} after the pause (heartbeat 2 s); Ready {ready_after:?} after the resume",
+        h.transport
+    );
+    assert_eq!(
+        client
+            .publish("", &name, "after", Properties::default())
+            .await,
+        Ok(Confirmation::Confirmed)
+    );
+    close(client).await;
+    delete_queues(&h, &[&name]).await;
+}
+
 // ---------------------------------------------------------------------------
 // 4. broker restart
 
