@@ -429,7 +429,7 @@ pub async fn pause_broker(at_most: Duration) -> PauseGuard {
         .trim_matches('"')
         .parse()
         .unwrap_or_else(|_| panic!("the broker's pid from {out:?}"));
-    Command::new("sh")
+    let mut watchdog = Command::new("sh")
         .arg("-c")
         .arg(format!(
             "sleep {}; kill -CONT {pid}",
@@ -440,6 +440,8 @@ pub async fn pause_broker(at_most: Duration) -> PauseGuard {
         .stderr(Stdio::null())
         .spawn()
         .expect("the resume watchdog");
+    // reaped here while this process lives; it outlives a process that dies
+    std::thread::spawn(move || watchdog.wait());
     let guard = PauseGuard { pid };
     signal(pid, "-STOP");
     guard
