@@ -354,6 +354,13 @@ impl Outbox {
         }
         if entry.waiting {
             self.waiting_live -= 1;
+            // drop resolved ids from the front so the queue stays near its live size
+            while let Some(&front) = self.waiting.front() {
+                if self.get(front).is_some_and(|e| e.waiting) {
+                    break;
+                }
+                self.waiting.pop_front();
+            }
         } else if entry.placed.is_none() {
             self.pending_live -= 1;
         }

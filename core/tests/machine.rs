@@ -904,3 +904,90 @@ fn one_host_has_no_parallel_dial() {
     w.run_for(Duration::from_millis(4_900));
     assert_eq!(dialled_hosts(&w, from).len(), 1);
 }
+
+/// One host silent, the other refusing 2 s into each dial: the parallel dial's
+/// refusal and the silent dial's timeout both count, so every round over both
+/// hosts fails, is waited out by the backoff, and (before a first contact) is
+/// reported as the first contact's failure.
+#[test]
+fn a_refused_parallel_dial_counts_toward_the_round() {
+    let mut cfg = config(1, 1, 3);
+    cfg.backoff.reset_after = Duration::from_secs(3600);
+    let mut w = World::new(cfg);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let first = dialled_hosts(&w, 0)[0].clone();
+    let other = if first == "127.0.0.1" {
+        "127.0.0.2"
+    } else {
+        "127.0.0.1"
+    };
+    w.silent_hosts.insert(other.to_string());
+    w.refusing_hosts.insert(
+        first,
+        (
+            TransportError::Io("connection reset".into()),
+            Duration::from_secs(2),
+        ),
+    );
+    let from = w.events.len();
+    w.kill(C0, io());
+    w.run_for(Duration::from_secs(120));
+    let failures: Vec<Duration> = w.events[from..]
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::RecoveryFailed { retry_in, .. } => Some(*retry_in),
+            _ => None,
+        })
+        .collect();
+    let waits = failures.iter().filter(|d| !d.is_zero()).count();
+    // every host fails once per round: a round is two failures, and each ends
+    // in a backoff wait
+    assert!(
+        waits * 2 + 2 >= failures.len(),
+        "{waits} backoff waits for {} failures: {failures:?}",
+        failures.len()
+    );
+}
+
+/// Before any first contact (one host silent, the other refusing 2 s into each
+/// dial): the parallel dial's refusal counts, so the first contact's failure is
+/// reported after the first round, and every round waits its backoff.
+#[test]
+fn a_first_contact_through_a_silent_and_a_slowly_refusing_host_fails_after_a_round() {
+    let w = &mut World::new_with(config(1, 1, 3), |w| {
+        w.silent_hosts.insert("127.0.0.1".into());
+        w.refusing_hosts.insert(
+            "127.0.0.2".into(),
+            (
+                TransportError::Io("connection reset".into()),
+                Duration::from_secs(2),
+            ),
+        );
+    });
+    w.run_for(Duration::from_secs(120));
+    let contacts: Vec<Duration> = w
+        .events
+        .iter()
+        .filter_map(|(at, e)| matches!(e, Event::FirstContact { result: Err(_) }).then_some(*at))
+        .collect();
+    assert_eq!(contacts.len(), 1, "reported once: {contacts:?}");
+    assert!(
+        contacts[0] <= Duration::from_secs(7),
+        "reported at {:?}",
+        contacts[0]
+    );
+    let failures: Vec<Duration> = w
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::RecoveryFailed { retry_in, .. } => Some(*retry_in),
+            _ => None,
+        })
+        .collect();
+    let waits = failures.iter().filter(|d| !d.is_zero()).count();
+    assert!(
+        waits * 2 + 2 >= failures.len(),
+        "{waits} backoff waits for {} failures: {failures:?}",
+        failures.len()
+    );
+}

@@ -519,7 +519,10 @@ fn a_confirm_beyond_what_was_published_fails_the_channel_and_resends() {
             ack: true,
         },
     });
-    assert!(result_of(&w, id).is_empty(), "not confirmed by a wrong number");
+    assert!(
+        result_of(&w, id).is_empty(),
+        "not confirmed by a wrong number"
+    );
     w.auto_confirm = true;
     w.run_until_ready(Duration::from_secs(5))
         .expect("the channel reopens");

@@ -616,11 +616,23 @@ impl Supervisor {
                 epoch,
                 error,
             } => {
-                if let Some(conn) = self.conns.get_mut(usize::from(connection.0))
-                    && conn.parallel.as_ref().is_some_and(|p| p.epoch == epoch)
+                if let Some(host) = self
+                    .conns
+                    .get_mut(usize::from(connection.0))
+                    .and_then(|conn| conn.parallel.take_if(|p| p.epoch == epoch))
+                    .map(|p| p.host)
                 {
-                    // the parallel dial failed: the slot's own goes on alone
-                    conn.parallel = None;
+                    // the parallel dial failed: counted, and the slot's own dial
+                    // goes on alone
+                    let c = usize::from(connection.0);
+                    self.note_failure(c, &error, true);
+                    self.events.push_back(Event::RecoveryFailed {
+                        connection,
+                        endpoint: self.hosts[host].redacted(),
+                        class: error.class(),
+                        error,
+                        retry_in: Duration::ZERO,
+                    });
                 } else if let Some(c) = self.current(connection, epoch)
                     && matches!(self.conns[c].state, ConnectionState::Connecting { .. })
                     && self.hand_over_to_parallel(c, &error)
@@ -701,7 +713,7 @@ impl Supervisor {
         self.metrics.sync(
             &self.stats,
             self.outbox.len(),
-            self.outbox.len() - self.outbox.pending_len(),
+            self.outbox.len() - self.outbox.pending_len() - self.outbox.waiting_len(),
         );
     }
 
@@ -813,13 +825,13 @@ impl Supervisor {
     /// parallel dial of a Connecting slot.
     fn adopt_parallel(&mut self, c: usize, epoch: u64) -> bool {
         let conn = &mut self.conns[c];
-        let Some(p) = conn.parallel.take_if(|p| p.epoch == epoch) else {
-            return false;
-        };
         let ConnectionState::Connecting {
             endpoint, deadline, ..
         } = &mut conn.state
         else {
+            return false;
+        };
+        let Some(p) = conn.parallel.take_if(|p| p.epoch == epoch) else {
             return false;
         };
         *endpoint = p.host;
@@ -843,11 +855,9 @@ impl Supervisor {
             return false;
         }
         let class = error.class();
-        self.conns[c].failures += 1;
-        self.metrics.failed(c, class);
-        if !self.ever_ready {
-            self.first_error = Some(error.clone());
-        }
+        // a round that ends here is reported; its backoff comes with the next
+        // failure, the parallel dial being under way
+        self.note_failure(c, error, true);
         self.events.push_back(Event::RecoveryFailed {
             connection: ConnectionId(c as u16),
             endpoint: failed_endpoint,
@@ -987,35 +997,27 @@ impl Supervisor {
         let hosts = self.hosts.len();
         let class = error.class();
         self.metrics.dial_done(c, self.now, false);
-        self.metrics.failed(c, class);
+        let failed_endpoint = self.hosts[self.conns[c].host].redacted();
+        let round_failed = self.note_failure(c, &error, retry != Retry::Now);
         let conn = &mut self.conns[c];
-        let failed_endpoint = self.hosts[conn.host].redacted();
-        conn.failures += 1;
         conn.host = (conn.host + 1) % hosts;
         // The next host is tried at once, whatever the error: a refusal by one
         // node (or a proxy that drops the handshake, which some clients cannot
         // tell from one) says little about the others. When a round over every
         // host ends in a refusal, the next round waits at the cap: retrying bad
         // credentials sooner only hammers the broker.
-        let delay = if retry == Retry::Now || !conn.failures.is_multiple_of(hosts) {
+        let delay = if !round_failed {
             std::time::Duration::ZERO
-        } else if class == ErrorClass::Refused {
-            conn.backoff.at_cap(&mut self.rng)
         } else {
-            conn.backoff.next_delay(&mut self.rng)
+            conn.failures = 0;
+            if class == ErrorClass::Refused {
+                conn.backoff.at_cap(&mut self.rng)
+            } else {
+                conn.backoff.next_delay(&mut self.rng)
+            }
         };
         let attempt = conn.backoff.attempt();
         let retry_at = deadline_after(self.now, delay);
-        let round_failed = retry != Retry::Now && conn.failures.is_multiple_of(hosts);
-        if !self.ever_ready {
-            self.first_error = Some(error.clone());
-            if round_failed && !self.first_failure_reported {
-                self.first_failure_reported = true;
-                self.events.push_back(Event::FirstContact {
-                    result: Err(error.clone()),
-                });
-            }
-        }
         self.events.push_back(Event::RecoveryFailed {
             connection: ConnectionId(c as u16),
             endpoint: failed_endpoint,
@@ -1037,6 +1039,30 @@ impl Supervisor {
         } else {
             self.set_conn_timer(c, Some(retry_at));
         }
+    }
+
+    /// Counts a failure of slot `c` (a dial, or a connection lost before it was
+    /// stable): remembered as the first contact's error until one is made, and
+    /// reported as the first contact's failure when it completes a round over
+    /// every host. `may_end_round: false` for a loss that is redialled at once
+    /// whatever the count. Returns whether a round over every host failed since
+    /// the slot last waited its backoff (the backoff is due).
+    fn note_failure(&mut self, c: usize, error: &TransportError, may_end_round: bool) -> bool {
+        let hosts = self.hosts.len();
+        self.metrics.failed(c, error.class());
+        let conn = &mut self.conns[c];
+        conn.failures += 1;
+        let round_failed = may_end_round && conn.failures >= hosts;
+        if !self.ever_ready {
+            self.first_error = Some(error.clone());
+            if round_failed && !self.first_failure_reported {
+                self.first_failure_reported = true;
+                self.events.push_back(Event::FirstContact {
+                    result: Err(error.clone()),
+                });
+            }
+        }
+        round_failed
     }
 
     fn set_blocked(&mut self, id: ConnectionId, epoch: u64, reason: Option<String>) {

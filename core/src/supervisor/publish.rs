@@ -96,7 +96,7 @@ impl Supervisor {
     pub fn stats(&self) -> Stats {
         let mut stats = self.stats.clone();
         stats.outbox_depth = self.outbox.len();
-        stats.in_flight = self.outbox.len() - self.outbox.pending_len();
+        stats.in_flight = self.outbox.len() - self.outbox.pending_len() - self.outbox.waiting_len();
         stats.confirm_latency_p50 = self.confirm_latency.quantile(0.5);
         stats.confirm_latency_p99 = self.confirm_latency.quantile(0.99);
         stats.last_recovery_stall = self.last_stall;
@@ -329,6 +329,9 @@ impl Supervisor {
         let Some((c, i)) = self.current_chan(channel, generation) else {
             return;
         };
+        if !self.conns[c].channels[i].state.is_open() {
+            return; // lost: what it carried went back to the outbox
+        }
         let published = self.conns[c].channels[i].current.next_seq;
         if tag > published {
             // The transport confirmed a number this generation never published:
@@ -338,7 +341,7 @@ impl Supervisor {
                 "confirm for publish {tag}, but {published} were published on this channel"
             ));
             tracing::error!(target: targets::CHANNEL, %channel, generation, %error, "confirm out of sequence");
-            if self.conns[c].channels[i].state.is_live() && self.conns[c].state.is_ready() {
+            if self.conns[c].state.is_ready() {
                 self.channel_failed(c, i, error);
             }
             return;

@@ -28,6 +28,8 @@ enum Pending {
     Dial {
         connection: ConnectionId,
         epoch: u64,
+        /// The host's refusal, if it refuses.
+        refusal: Option<TransportError>,
     },
     Open {
         channel: ChannelId,
@@ -71,6 +73,9 @@ pub struct World {
     pub blackhole: bool,
     /// Dials to these hosts never answer (a paused node among good ones).
     pub silent_hosts: BTreeSet<String>,
+    /// Dials to these hosts fail with the error, after the delay (a slow refusal:
+    /// a handshake that fails late).
+    pub refusing_hosts: BTreeMap<String, (TransportError, Duration)>,
     /// Live transport connections: slot -> epoch.
     pub live: BTreeMap<ConnectionId, u64>,
     /// Live transport channels: slot -> generation.
@@ -112,6 +117,11 @@ pub fn config(connections: usize, channels: usize, seed: u64) -> Config {
 
 impl World {
     pub fn new(config: Config) -> World {
+        World::new_with(config, |_| {})
+    }
+
+    /// A world that `setup` configures before the first dials go out.
+    pub fn new_with(config: Config, setup: impl FnOnce(&mut World)) -> World {
         #[allow(clippy::disallowed_methods)] // the harness owns the clock, not the machine
         let start = Instant::now();
         let sup = Supervisor::new(config, start).expect("valid config");
@@ -127,6 +137,7 @@ impl World {
             refuse_with: None,
             blackhole: false,
             silent_hosts: BTreeSet::new(),
+            refusing_hosts: BTreeMap::new(),
             live: BTreeMap::new(),
             live_chans: BTreeMap::new(),
             unconfirmed: BTreeMap::new(),
@@ -142,6 +153,7 @@ impl World {
             pending: Vec::new(),
             seq: 0,
         };
+        setup(&mut world);
         world.drain();
         world
     }
@@ -161,16 +173,27 @@ impl World {
         let at = self.elapsed();
         while let Some(command) = self.sup.poll_command() {
             let _ = writeln!(self.trace, "{at:>8?} > {command:?}");
-            let due = self.now + LATENCY;
+            let mut due = self.now + LATENCY;
+            if let Command::Dial { endpoint, .. } = &command
+                && let Some((_, delay)) = self.refusing_hosts.get(endpoint.host())
+            {
+                due = self.now + *delay;
+            }
             let pending = match &command {
                 Command::Dial { endpoint, .. } if self.silent_hosts.contains(endpoint.host()) => {
                     None
                 }
                 Command::Dial {
-                    connection, epoch, ..
+                    connection,
+                    epoch,
+                    endpoint,
                 } => Some(Pending::Dial {
                     connection: *connection,
                     epoch: *epoch,
+                    refusal: self
+                        .refusing_hosts
+                        .get(endpoint.host())
+                        .map(|(error, _)| error.clone()),
                 }),
                 Command::OpenChannel {
                     channel,
@@ -484,11 +507,15 @@ impl World {
                 });
             }
 
-            Pending::Dial { connection, epoch } => {
+            Pending::Dial {
+                connection,
+                epoch,
+                refusal,
+            } => {
                 if self.blackhole {
                     return; // never answers; the connect timeout must fire
                 }
-                if let Some(error) = self.refuse_with.clone() {
+                if let Some(error) = refusal.or_else(|| self.refuse_with.clone()) {
                     self.input(Input::DialFailed {
                         connection,
                         epoch,
