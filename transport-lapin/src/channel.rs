@@ -13,7 +13,7 @@ use amqp_rebound_core::transport::{Channel, ChannelEvent, QueueInfo};
 use async_trait::async_trait;
 use futures::channel::mpsc;
 use futures::future::{self, BoxFuture};
-use futures::stream::{self, BoxStream, FuturesUnordered, SelectAll};
+use futures::stream::{self, BoxStream, SelectAll};
 use futures::task::AtomicWaker;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
@@ -86,11 +86,10 @@ pub(crate) struct ChannelShared {
 
 /// Confirms handed from `publish` to the events stream without waking it: the
 /// publish polls lapin's future once with the stream's waker, so lapin wakes the
-/// task when that confirm resolves, whenever that is (RabbitMQ may ack out of
-/// order across queues); the stream takes the list on every turn. Only a confirm
-/// already resolved, or a task that has not run yet, costs a wake-up. Waking the
-/// task once per publish was the adapter's largest cost against raw lapin (about
-/// twice its CPU per message).
+/// task when its write is done; the stream takes the list on every turn. Only a
+/// confirm already resolved, or a task that has not run yet, costs a wake-up.
+/// Waking the task once per publish was the adapter's largest cost against raw
+/// lapin (about twice its CPU per message).
 #[derive(Default)]
 struct Incoming {
     confirms: Vec<ConfirmFuture>,
@@ -98,7 +97,7 @@ struct Incoming {
     task: Option<std::task::Waker>,
 }
 
-type ConfirmFuture = BoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
+type ConfirmFuture = BoxFuture<'static, Resolved>;
 
 impl ChannelShared {
     /// Asks the events stream to report `Closed(error)` (first request wins).
@@ -143,7 +142,8 @@ impl LapinChannel {
         let pump = Pump {
             shared: shared.clone(),
             commands: command_rx,
-            confirms: FuturesUnordered::new(),
+            confirms: VecDeque::new(),
+            resolved: Vec::new(),
             consumers: SelectAll::new(),
             ready: VecDeque::new(),
             ended: false,
@@ -199,8 +199,15 @@ impl LapinChannel {
     ) -> Result<(), TransportError> {
         let channel = Arc::clone(&self.channel);
         let payload = message.payload.clone();
-        let mut sending = async move {
-            channel
+        let number = *seq + 1;
+        // One boxed future per publish: the write, then the confirm. lapin's
+        // first poll of basic_publish queues the frames and numbers the confirm;
+        // the rest of it waits until lapin's I/O loop has written them. That
+        // wait goes to the events stream with the confirm, so the next publish
+        // need not wait for it: one wake-up of the caller per written frame was
+        // the 1x1 client's largest cost against raw lapin.
+        let mut confirm: ConfirmFuture = Box::pin(async move {
+            match channel
                 .basic_publish(
                     parts.exchange,
                     parts.routing_key,
@@ -209,66 +216,47 @@ impl LapinChannel {
                     parts.properties,
                 )
                 .await
-        }
-        .boxed();
-        // lapin's first poll of basic_publish queues the frames and numbers the
-        // confirm; the rest of it waits until lapin's I/O loop has written them.
-        // That wait goes to the events stream with the confirm, so the next
-        // publish need not wait for it: one wake-up of the caller per written
-        // frame was the 1x1 client's largest cost against raw lapin. The task takes
-        // the list on every turn; only a confirm already resolved, or a task that
-        // has not run yet, costs it a wake-up.
+            {
+                Ok(confirm) => Resolved {
+                    seq: number,
+                    queued: true,
+                    result: confirm.await,
+                },
+                Err(e) => Resolved {
+                    seq: number,
+                    queued: false,
+                    result: Err(e),
+                },
+            }
+        });
+        // The first poll is made with the stream's waker, so that lapin wakes
+        // the stream's reader when the write (then the confirm) is done. The
+        // task takes the list on every turn; only a confirm already resolved,
+        // or a task that has not run yet, costs it a wake-up.
         let mut incoming = lock(&self.shared.incoming);
-        let task = incoming.task.clone();
-        let first = match &task {
-            Some(task) => sending.poll_unpin(&mut Context::from_waker(task)),
-            None => sending.poll_unpin(&mut Context::from_waker(futures::task::noop_waker_ref())),
+        let first = match &incoming.task {
+            Some(task) => confirm.poll_unpin(&mut Context::from_waker(task)),
+            None => confirm.poll_unpin(&mut Context::from_waker(futures::task::noop_waker_ref())),
         };
         let wake = match first {
             // not queued: nothing was numbered
-            Poll::Ready(Err(e)) => {
+            Poll::Ready(Resolved {
+                queued: false,
+                result: Err(e),
+                ..
+            }) => {
                 drop(incoming);
                 return Err(self.error(e));
             }
-            // written already: the confirm is polled once with the stream's waker,
-            // so that lapin wakes the stream's reader when it resolves (whenever that is:
-            // RabbitMQ may ack out of order across queues)
-            Poll::Ready(Ok(confirm)) => {
-                *seq += 1;
-                let seq = *seq;
-                let mut confirm: ConfirmFuture = confirm.map(move |r| (seq, r)).boxed();
-                match &task {
-                    Some(task) => match confirm.poll_unpin(&mut Context::from_waker(task)) {
-                        Poll::Pending => {
-                            incoming.confirms.push(confirm);
-                            false
-                        }
-                        Poll::Ready(resolved) => {
-                            incoming.confirms.push(future::ready(resolved).boxed());
-                            true
-                        }
-                    },
-                    None => {
-                        incoming.confirms.push(confirm);
-                        true
-                    }
-                }
+            Poll::Ready(resolved) => {
+                *seq = number;
+                incoming.confirms.push(Box::pin(future::ready(resolved)));
+                true
             }
-            // queued: the first poll left the stream's waker with lapin already
             Poll::Pending => {
-                *seq += 1;
-                let seq = *seq;
-                incoming.confirms.push(
-                    sending
-                        .then(move |sent| async move {
-                            match sent {
-                                Ok(confirm) => (seq, confirm.await),
-                                Err(e) => (seq, Err(e)),
-                            }
-                        })
-                        .boxed(),
-                );
-                task.is_none()
+                *seq = number;
+                incoming.confirms.push(confirm);
+                incoming.task.is_none()
             }
         };
         drop(incoming);
@@ -277,6 +265,14 @@ impl LapinChannel {
         }
         Ok(())
     }
+}
+
+/// A publish's end: its number, whether lapin queued it, and its confirm (or
+/// why there is none).
+struct Resolved {
+    seq: u64,
+    queued: bool,
+    result: lapin::Result<Confirmation>,
 }
 
 /// What lapin's `basic_publish` takes for a message; names and properties checked.
@@ -590,7 +586,11 @@ enum ConsumerItem {
 struct Pump {
     shared: Arc<ChannelShared>,
     commands: mpsc::UnboundedReceiver<Command>,
-    confirms: FuturesUnordered<BoxFuture<'static, (u64, lapin::Result<Confirmation>)>>,
+    /// Every publish not resolved yet, in publish order. Only the oldest is
+    /// polled (see `drain_confirms`).
+    confirms: VecDeque<ConfirmFuture>,
+    /// The confirms of a turn, kept for their capacity.
+    resolved: Vec<(u64, bool)>,
     consumers: SelectAll<BoxStream<'static, ConsumerItem>>,
     /// Events taken from lapin, not yet yielded.
     ready: VecDeque<ChannelEvent>,
@@ -731,9 +731,7 @@ impl Pump {
             }
             std::mem::take(&mut incoming.confirms)
         };
-        for confirm in confirms {
-            self.confirms.push(confirm);
-        }
+        self.confirms.extend(confirms);
     }
 
     fn add(&mut self, command: Command) {
@@ -748,9 +746,19 @@ impl Pump {
         }
     }
 
-    /// Emits every confirm lapin has resolved: returns first, then acks and nacks in
-    /// sequence order. Returns the error that failed a confirm, if any (lapin fails
-    /// pending confirms only when the channel or connection dies).
+    /// Emits every confirm lapin has resolved, oldest first: returns first, then
+    /// acks and nacks in sequence order. Returns the error that failed a
+    /// confirm, if any (lapin fails pending confirms only when the channel or
+    /// connection dies).
+    ///
+    /// Only the oldest unresolved publish is polled, until one is pending: the
+    /// broker confirms a channel's publishes in order (a multiple ack covers a
+    /// run of them) and lapin resolves them in that order, so the oldest is the
+    /// one to wait for, and each later one was polled with this task's waker
+    /// when it was published (a write done wakes the task, which then polls the
+    /// oldest). A confirm that came out of order waits for the older ones; no
+    /// future needs a task of its own (a `FuturesUnordered` allocated one per
+    /// publish and woke the task once per confirm).
     ///
     /// lapin hands a returned message to the first confirm it resolves after the
     /// `basic.return`; with a multiple ack that may be any of the covered numbers.
@@ -759,8 +767,12 @@ impl Pump {
     fn drain_confirms(&mut self, cx: &mut Context<'_>) -> Option<TransportError> {
         let mut failure = None;
         let mut returns = Vec::new();
-        let mut confirms = Vec::new();
-        while let Poll::Ready(Some((seq, result))) = self.confirms.poll_next_unpin(cx) {
+        let mut confirms = std::mem::take(&mut self.resolved);
+        while let Some(oldest) = self.confirms.front_mut() {
+            let Poll::Ready(Resolved { seq, result, .. }) = oldest.poll_unpin(cx) else {
+                break;
+            };
+            self.confirms.pop_front();
             match result {
                 Ok(Confirmation::Ack(returned)) => {
                     returns.extend(returned);
@@ -776,11 +788,12 @@ impl Pump {
                 }
             }
         }
-        confirms.sort_unstable();
         for r in returns {
             self.emit(ChannelEvent::Return(Box::new(convert::returned(r))));
         }
         self.confirm_events.events(&confirms, &mut self.ready);
+        confirms.clear();
+        self.resolved = confirms;
         failure
     }
 
