@@ -171,7 +171,7 @@ pub use endpoint::Endpoint;
 pub use error::{ConfigError, ConnectError, ErrorClass, TransportError};
 pub use event::{Event, Reason};
 pub use ids::{ChannelId, ConnectionId, Object};
-pub use message::{Delivery, FieldTable, Message, Properties, Returned};
+pub use message::{Delivery, FieldTable, Message, MessageProperties, Properties, Returned};
 pub use outbox::{Confirmation, FlushId, PublishError, PublishId};
 pub use state::{ChannelState, ConnectionState, Phase};
 pub use supervisor::{Checkout, Command, Input, NotReady, Stats, Supervisor};
