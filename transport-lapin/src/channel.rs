@@ -144,7 +144,7 @@ impl LapinChannel {
             commands: command_rx,
             confirms: VecDeque::new(),
             resolved: Vec::new(),
-            consumers: SelectAll::new(),
+            consumers: None,
             ready: VecDeque::new(),
             ended: false,
             confirm_events: ConfirmEvents::default(),
@@ -591,7 +591,9 @@ struct Pump {
     confirms: VecDeque<ConfirmFuture>,
     /// The confirms of a turn, kept for their capacity.
     resolved: Vec<(u64, bool)>,
-    consumers: SelectAll<BoxStream<'static, ConsumerItem>>,
+    /// Made with the first consumer (an empty `SelectAll` allocates: a
+    /// publishing channel needs none).
+    consumers: Option<SelectAll<BoxStream<'static, ConsumerItem>>>,
     /// Events taken from lapin, not yet yielded.
     ready: VecDeque<ChannelEvent>,
     /// `Closed` is queued (or the owner is gone): nothing more comes.
@@ -688,7 +690,9 @@ impl Pump {
         }
         self.take_incoming(cx);
         let mut failure = self.drain_confirms(cx);
-        while let Poll::Ready(Some(item)) = self.consumers.poll_next_unpin(cx) {
+        while let Some(Poll::Ready(Some(item))) =
+            self.consumers.as_mut().map(|c| c.poll_next_unpin(cx))
+        {
             match item {
                 ConsumerItem::Delivery(tag, result) => match *result {
                     Ok(d) => self.emit(ChannelEvent::Delivery(Box::new(convert::delivery(tag, d)))),
@@ -741,7 +745,9 @@ impl Pump {
                 let items = consumer
                     .map(move |r| ConsumerItem::Delivery(tag.clone(), Box::new(r)))
                     .chain(stream::once(async move { ConsumerItem::End(end) }));
-                self.consumers.push(items.boxed());
+                self.consumers
+                    .get_or_insert_with(SelectAll::new)
+                    .push(items.boxed());
             }
         }
     }
