@@ -22,8 +22,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use amqp_rebound::message::AMQPValue;
-use amqp_rebound::{Client, FieldTable, Properties, QueueDecl, Stats};
+use amqp_rebound::{AMQPValue, Client, FieldTable, Properties, QueueDecl, Stats};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};

@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use amqp_rebound::{Command, Config, Input, Supervisor, TransportError, endpoint::parse_hosts};
+use amqp_rebound::TransportError;
+use amqp_rebound::engine::{ChannelInput, Command, Config, Input, Supervisor, parse_hosts};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hosts = parse_hosts([
@@ -53,9 +54,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     ..
                 } => queue.push((
                     at,
-                    Input::ChannelOpened {
+                    Input::Channel {
                         channel,
                         generation,
+                        event: ChannelInput::Opened,
                     },
                 )),
                 _ => {}
@@ -104,10 +106,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             sup.handle(now, Input::Timeout);
         }
     }
-    println!(
-        "ready channels: {} of 4; a checkout: {:?}",
-        sup.ready_channels(),
-        sup.checkout()
-    );
+    println!("ready channels: {} of 4", sup.ready_channels());
     Ok(())
 }

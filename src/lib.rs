@@ -5,8 +5,12 @@
 //! replay topology, re-subscribe consumers and re-publish every message the broker
 //! had not confirmed.
 //!
-//! This facade re-exports the runtime-agnostic core ([`amqp_rebound_core`]) and,
-//! by Cargo feature, the transports: `lapin` (default) and `amqprs`. The
+//! The top level holds what an application uses: [`Client`] and its builder,
+//! messages and properties, topology declarations, consumers, events, stats and
+//! errors, and the transports by Cargo feature: `lapin` (default) and `amqprs`.
+//! The sans-IO engine under it (the supervisor, its inputs and commands, the
+//! transport contract for writing an adapter) is in [`engine`]. The
+//! guarantees of each outcome are in [`guarantees`]. The
 //! `metrics` feature records counters, gauges and histograms through the
 //! `metrics` crate's facade (names and labels in [`telemetry`]; the example
 //! `prometheus` serves them), and `serde` makes [`Stats`] serializable.
@@ -22,7 +26,34 @@
 //! # Ok(()) }
 //! ```
 
-pub use amqp_rebound_core::*;
+#[cfg(any(feature = "lapin", feature = "amqprs"))]
+pub use amqp_rebound_core::TokioTimer;
+pub use amqp_rebound_core::{
+    AMQPValue, AckError, AckKind, BackoffConfig, ChannelId, Client, ClientBuilder, ClientState,
+    CloseSummary, ConfigError, Confirmation, ConnectError, ConnectionId, ConsumeError,
+    ConsumeOptions, Consumer, ConsumerId, DEFAULT_URL, DEFAULT_WATCH_CAPACITY, Delivery, Driver,
+    ErrorClass, Event, ExchangeDecl, ExchangeKind, FieldTable, Flushed, Jitter, Message,
+    MessageProperties, Object, Phase, Properties, PublishError, PublishFuture, PublishId,
+    PublishOptions, Queue, QueueDecl, QueueHandle, QueueRef, Reason, Received, Returned, Stats,
+    TlsConfig, TlsErrorKind, TopologyError, TransportError,
+};
+pub use amqp_rebound_core::{guarantees, telemetry};
+
+/// The sans-IO engine under [`Client`], for embedding it in another runtime or
+/// writing a transport adapter: the [`Supervisor`](engine::Supervisor) state
+/// machine with its [`Input`](engine::Input)s and [`Command`](engine::Command)s,
+/// the lifecycle states, the backoff, host parsing, and the transport contract
+/// ([`Transport`](engine::Transport), [`Connection`](engine::Connection),
+/// [`Channel`](engine::Channel), [`Timer`](engine::Timer)).
+pub mod engine {
+    pub use amqp_rebound_core::endpoint::{parse_host_list, parse_hosts};
+    pub use amqp_rebound_core::{
+        Backoff, ChannelEvent, ChannelInput, ChannelState, Command, Config, ConnectOptions,
+        ConnectionEvent, ConnectionState, Endpoint, FlushId, Input, OpId, QueueInfo, Sleep,
+        Supervisor, TopologyOp, TopologyOutcome,
+    };
+    pub use amqp_rebound_core::{Channel, Connection, Timer, Transport};
+}
 
 // The README's Rust snippets compile as doc tests, so the quick start stays true.
 #[cfg(all(doctest, feature = "lapin"))]

@@ -9,7 +9,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use amqp_rebound_core::{
-    Command, Config, ConnectionId, Input, Supervisor, TransportError, endpoint::parse_hosts,
+    ChannelInput, Command, Config, ConnectionId, Input, Supervisor, TransportError,
+    endpoint::parse_hosts,
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -68,9 +69,10 @@ impl Bench {
         inputs += 1;
         let opens = std::mem::take(&mut self.opens);
         for &(channel, generation) in &opens {
-            self.step(Input::ChannelOpened {
+            self.step(Input::Channel {
                 channel,
                 generation,
+                event: ChannelInput::Opened,
             });
         }
         inputs += opens.len() as u64;
@@ -108,9 +110,10 @@ fn setup() -> Bench {
         b.step(Input::Connected { connection, epoch });
     }
     for (channel, generation) in std::mem::take(&mut b.opens) {
-        b.step(Input::ChannelOpened {
+        b.step(Input::Channel {
             channel,
             generation,
+            event: ChannelInput::Opened,
         });
     }
     assert!(b.sup.is_all_ready());

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqp_rebound_core::{
-    ChannelId, Command, Config, Input, Message, Supervisor, endpoint::parse_hosts,
+    ChannelId, ChannelInput, Command, Config, Input, Message, Supervisor, endpoint::parse_hosts,
 };
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -40,9 +40,10 @@ fn ready(window: usize) -> (Supervisor, Instant, ChannelId, u64) {
     };
     sup.handle(
         now,
-        Input::ChannelOpened {
+        Input::Channel {
             channel,
             generation,
+            event: ChannelInput::Opened,
         },
     );
     while sup.poll_event().is_some() {}
@@ -73,12 +74,14 @@ fn outbox(c: &mut Criterion) {
                     for seq in seqs.drain(..) {
                         sup.handle(
                             now,
-                            Input::Confirm {
+                            Input::Channel {
                                 channel,
                                 generation,
-                                delivery_tag: seq,
-                                multiple: false,
-                                ack: true,
+                                event: ChannelInput::Confirm {
+                                    delivery_tag: seq,
+                                    multiple: false,
+                                    ack: true,
+                                },
                             },
                         );
                         while let Some(command) = sup.poll_command() {

@@ -14,14 +14,15 @@ use futures::channel::{mpsc, oneshot};
 
 use crate::backoff::BackoffConfig;
 use crate::config::Config;
-use crate::driver::{Driver, Engine, TopologyReply, lock};
+pub use crate::contract::{ClientState, CloseSummary, Flushed};
+use crate::contract::{ConsumerItem, Engine, Request, Shared, TopologyReply, lock};
+use crate::driver::Driver;
 use crate::endpoint::{Endpoint, parse_host_list, parse_hosts};
-use crate::error::{ConfigError, ConnectError, TransportError};
+use crate::error::{ConfigError, ConnectError};
 use crate::event::Event;
 use crate::ids::ChannelId;
 use crate::message::{Delivery, FieldTable, Message, Properties};
 use crate::outbox::{Confirmation, PublishError};
-use crate::state::Phase;
 use crate::supervisor::{Stats, Supervisor};
 use crate::tls::TlsConfig;
 use crate::topology::{
@@ -113,6 +114,14 @@ impl ClientBuilder {
     /// How long one dial may take (5 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// With more than one host, how long a dial may go unanswered before the next
+    /// host is dialled beside it; the first to connect is kept. Default 1 s;
+    /// `Duration::MAX` turns it off.
+    pub fn parallel_dial_after(mut self, after: Duration) -> Self {
+        self.config.parallel_dial_after = after;
         self
     }
 
@@ -233,121 +242,6 @@ impl ClientBuilder {
         };
         Ok((client, driver))
     }
-}
-
-/// What the driver and every client handle share.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) state: Mutex<ClientState>,
-    pub(crate) queue_names: Mutex<HashMap<QueueHandle, String>>,
-    pub(crate) closed: AtomicBool,
-}
-
-/// A snapshot of the pool's state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ClientState {
-    /// Each connection slot's state.
-    pub connections: Vec<Phase>,
-    /// Channels Ready now.
-    pub ready_channels: usize,
-    /// Channels in the pool.
-    pub channels: usize,
-    /// `close()` was called (or every handle dropped).
-    pub closed: bool,
-}
-
-impl ClientState {
-    pub(crate) fn of(sup: &Supervisor) -> ClientState {
-        ClientState {
-            connections: sup
-                .connection_ids()
-                .filter_map(|id| sup.connection_state(id).map(|s| s.phase()))
-                .collect(),
-            ready_channels: sup.ready_channels(),
-            channels: sup.channel_ids().count(),
-            closed: sup.is_closing(),
-        }
-    }
-
-    /// Every connection and channel is Ready.
-    pub fn is_ready(&self) -> bool {
-        !self.closed && self.ready_channels == self.channels
-    }
-}
-
-type TopologyOpFn =
-    Box<dyn FnOnce(&mut Supervisor, Instant) -> Result<OpId, TopologyError> + Send + 'static>;
-
-/// What a client handle asks of the driver.
-pub(crate) enum Request {
-    Publish {
-        message: Arc<Message>,
-        /// Measured from when the driver accepts it, on the driver's clock.
-        timeout: Option<Duration>,
-        wait: bool,
-        reply: oneshot::Sender<Result<Confirmation, PublishError>>,
-    },
-    Topology {
-        op: TopologyOpFn,
-        reply: TopologyReply,
-    },
-    DeclareQueue {
-        decl: QueueDecl,
-        reply: oneshot::Sender<Result<(QueueHandle, String), TopologyError>>,
-    },
-    Consume {
-        queue: QueueRef,
-        tag: Option<String>,
-        options: ConsumeOptions,
-        items: mpsc::UnboundedSender<ConsumerItem>,
-        reply: oneshot::Sender<Result<ConsumerId, ConsumeError>>,
-    },
-    Cancel {
-        consumer: ConsumerId,
-    },
-    Ack {
-        channel: ChannelId,
-        generation: u64,
-        delivery_tag: u64,
-        kind: AckKind,
-        reply: oneshot::Sender<Result<(), AckError>>,
-    },
-    Watch {
-        events: crate::watch::Sender,
-    },
-    Close {
-        /// Discard what was not sent instead of draining.
-        discard: bool,
-        done: oneshot::Sender<CloseSummary>,
-    },
-    Flush {
-        reply: oneshot::Sender<Flushed>,
-    },
-    Connected {
-        reply: oneshot::Sender<Result<(), TransportError>>,
-    },
-}
-
-/// How a [`Client::close`] ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub struct CloseSummary {
-    /// Publishes the close resolved [`PublishError::Closed`]: not confirmed
-    /// when the close timeout ran out (or discarded by
-    /// [`Client::close_discarding`]). Zero: everything accepted was confirmed
-    /// (or had resolved otherwise) before the connections closed.
-    pub unresolved: u64,
-}
-
-/// What [`Client::flush`] waited for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Flushed {
-    /// How many of the messages accepted before the flush resolved other than
-    /// [`Confirmation::Confirmed`] (returned, nacked, timed out, rejected,
-    /// closed). Zero: every one of them is confirmed by the broker.
-    pub not_confirmed: u64,
 }
 
 /// Options of one publish.
@@ -870,13 +764,6 @@ impl From<Queue> for QueueRef {
     }
 }
 
-/// What the driver sends a consumer.
-#[derive(Debug)]
-pub(crate) enum ConsumerItem {
-    Delivery(Box<Received>),
-    Ended(ConsumeError),
-}
-
 /// A stream of [`Received`] messages that survives recovery. It ends (with an
 /// error item) when the broker cancels it for good or the client closes. Dropping
 /// it cancels the consumer.
@@ -922,11 +809,16 @@ impl Stream for Consumer {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match Pin::new(&mut self.items).poll_next(cx) {
-            Poll::Ready(Some(ConsumerItem::Delivery(received))) => {
-                let mut received = *received;
-                received.client = Some(self.client.clone());
-                Poll::Ready(Some(Ok(received)))
-            }
+            Poll::Ready(Some(ConsumerItem::Delivery {
+                delivery,
+                channel,
+                generation,
+            })) => Poll::Ready(Some(Ok(Received {
+                delivery: *delivery,
+                channel,
+                generation,
+                client: Some(self.client.clone()),
+            }))),
             Poll::Ready(Some(ConsumerItem::Ended(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
@@ -953,15 +845,6 @@ pub struct Received {
 }
 
 impl Received {
-    pub(crate) fn new(delivery: Delivery, channel: ChannelId, generation: u64) -> Received {
-        Received {
-            delivery,
-            channel,
-            generation,
-            client: None,
-        }
-    }
-
     /// Its properties (content type, headers, message id, ...).
     pub fn properties(&self) -> &Properties {
         &self.delivery.properties

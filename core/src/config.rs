@@ -35,6 +35,12 @@ pub struct Config {
     /// How long a dial (TCP + TLS + AMQP handshake) may take before it counts as
     /// failed. Default 5 s.
     pub connect_timeout: Duration,
+    /// With more than one host: how long a dial may go unanswered before the next
+    /// host is dialled beside it (a broker that accepts TCP and then says
+    /// nothing, a paused node, a black-holed route). The first of the two to
+    /// connect is kept, the other closed. `Duration::MAX` never dials in
+    /// parallel. Default 1 s.
+    pub parallel_dial_after: Duration,
     /// How long `close` waits for the transport before calling a connection closed.
     /// Default 5 s.
     pub close_timeout: Duration,
@@ -66,6 +72,7 @@ impl Config {
             channels_per_connection: 4,
             backoff: BackoffConfig::default(),
             connect_timeout: Duration::from_secs(5),
+            parallel_dial_after: Duration::from_secs(1),
             close_timeout: Duration::from_secs(5),
             seed: 0,
             publish_timeout: Duration::from_secs(30),

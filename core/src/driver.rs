@@ -45,7 +45,10 @@ use futures::stream::{BoxStream, FuturesUnordered, Stream, StreamExt};
 use slotmap::SecondaryMap;
 use tracing::Instrument;
 
-use crate::client::{ClientState, ConsumerItem, Received, Request, Shared};
+use crate::contract::{
+    ClientState, CloseSummary, ConsumerItem, Engine, Flushed, Reply, Request, Shared,
+    TopologyReply, lock,
+};
 use crate::endpoint::Endpoint;
 use crate::error::TransportError;
 use crate::event::Event;
@@ -53,13 +56,12 @@ use crate::ids::{ChannelId, ConnectionId};
 use crate::message::Message;
 use crate::outbox::{Confirmation, PublishError, Slot};
 use crate::stream_set::StreamSet;
-use crate::supervisor::{Command, Input, Stats, Supervisor};
+use crate::supervisor::{ChannelInput, Command, Input, Stats, Supervisor};
 use crate::telemetry::targets;
-use crate::topology::{
-    AckKind, ConsumeError, ConsumerId, OpId, QueueHandle, TopologyError, TopologyOp,
-};
+use crate::topology::{AckKind, ConsumeError, ConsumerId, OpId, TopologyError, TopologyOp};
 use crate::transport::{
-    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, Sleep, Timer, Transport,
+    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, Sleep, Timer,
+    TopologyOutcome, Transport,
 };
 
 /// Items one trip through the driver's loop takes before it flushes and looks at
@@ -76,20 +78,6 @@ const TRIPS: usize = 32;
 #[must_use = "the client does nothing unless its driver is spawned or awaited"]
 pub struct Driver {
     engine: Arc<dyn Engine>,
-}
-
-/// The client's state as the driver and the client handles see it, without its
-/// transport's types.
-pub(crate) trait Engine: Send + Sync + 'static {
-    /// One poll of the driver.
-    fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<()>;
-    /// Runs a publish request on the caller's thread, if the state is free;
-    /// gives it back otherwise (the caller then sends it as a request).
-    fn try_publish(&self, request: Request) -> Result<(), Request>;
-    /// The driver was dropped: everything pending resolves `Closed`.
-    fn abandon(&self);
-    /// The supervisor's counters now.
-    fn stats(&self) -> Stats;
 }
 
 impl Driver {
@@ -129,7 +117,6 @@ impl Driver {
             topology: BTreeMap::new(),
             consumers: BTreeMap::new(),
             watchers: Vec::new(),
-            parked: VecDeque::new(),
             close_waiters: Vec::new(),
             closed_here: 0,
             contact_waiters: Vec::new(),
@@ -359,8 +346,6 @@ enum Done<C, H> {
     Nothing,
 }
 
-type Reply<T> = oneshot::Sender<T>;
-
 struct ChanSlot<H> {
     generation: u64,
     writer: Writer<H>,
@@ -395,11 +380,9 @@ pub(crate) struct State<T: Transport, K: Timer> {
     topology: BTreeMap<OpId, TopologyReply>,
     consumers: BTreeMap<ConsumerId, mpsc::UnboundedSender<ConsumerItem>>,
     watchers: Vec<crate::watch::Sender>,
-    /// Publishes waiting for room in a full outbox (the caller chose to wait).
-    parked: VecDeque<ParkedPublish>,
     /// Callers of `close`, each with the count of publishes resolved Closed
     /// before it asked.
-    close_waiters: Vec<(oneshot::Sender<crate::client::CloseSummary>, u64)>,
+    close_waiters: Vec<(oneshot::Sender<CloseSummary>, u64)>,
     /// Publishes resolved Closed by the driver itself (the supervisor counts
     /// its own).
     closed_here: u64,
@@ -407,7 +390,7 @@ pub(crate) struct State<T: Transport, K: Timer> {
     contact_waiters: Vec<oneshot::Sender<Result<(), TransportError>>>,
     /// Consumers whose caller waits for the broker's first answer.
     consume_replies: BTreeMap<ConsumerId, oneshot::Sender<Result<ConsumerId, ConsumeError>>>,
-    flushes: BTreeMap<crate::outbox::FlushId, oneshot::Sender<crate::client::Flushed>>,
+    flushes: BTreeMap<crate::outbox::FlushId, oneshot::Sender<Flushed>>,
     /// The time of the batch being taken, if one is.
     batch_now: Option<Instant>,
     /// Publish results to send once the lock is released: the publisher they
@@ -421,20 +404,6 @@ type Resolved = (
 );
 
 type ChannelOf<T> = <<T as Transport>::Connection as Connection>::Channel;
-
-pub(crate) enum TopologyReply {
-    Unit(Reply<Result<(), TopologyError>>),
-    Queue(
-        QueueHandle,
-        Reply<Result<(QueueHandle, String), TopologyError>>,
-    ),
-}
-
-pub(crate) struct ParkedPublish {
-    pub(crate) message: Arc<Message>,
-    pub(crate) deadline: Instant,
-    pub(crate) reply: Reply<Result<Confirmation, PublishError>>,
-}
 
 impl<T: Transport, K: Timer> State<T, K> {
     /// One poll of the driver: trips of (flush, re-arm the timer, take what is
@@ -513,8 +482,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                         // every Client handle is gone: nobody can use us; what
                         // they published is owed, so drain it
                         self.requests_open = false;
-                        let now = self.now();
-                        self.close_draining(now);
+                        self.input(Input::Close);
                     }
                     Poll::Pending => break,
                 }
@@ -559,10 +527,10 @@ impl<T: Transport, K: Timer> State<T, K> {
         }
         let n = lost.len();
         for (channel, generation, error) in lost {
-            self.input(Input::ChannelLost {
+            self.input(Input::Channel {
                 channel,
                 generation,
-                error,
+                event: ChannelInput::Lost(error),
             });
         }
         n
@@ -609,17 +577,12 @@ impl<T: Transport, K: Timer> State<T, K> {
     }
 
     fn next_wake(&self) -> Option<Instant> {
-        let parked = self.parked.iter().map(|p| p.deadline).min();
-        match (self.sup.poll_timeout(), parked) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.sup.poll_timeout()
     }
 
     /// Executes every command and routes every event the supervisor has.
     fn flush(&mut self) {
         loop {
-            self.retry_parked();
             let mut any = false;
             while let Some(command) = self.sup.poll_command() {
                 any = true;
@@ -752,6 +715,8 @@ impl<T: Transport, K: Timer> State<T, K> {
                 }
             }
             Command::CloseConnection { connection, epoch } => {
+                // only the slot's adopted connection of this epoch is here (a dial
+                // the supervisor no longer wanted was closed when it answered)
                 let conn = match self.conns.get(&connection) {
                     Some((e, _)) if *e == epoch => self.conns.remove(&connection).map(|(_, c)| c),
                     _ => None,
@@ -759,17 +724,20 @@ impl<T: Transport, K: Timer> State<T, K> {
                 // Acks (and publishes) already queued on this connection's channels
                 // go out before connection.close: otherwise the broker requeues
                 // deliveries the application acked.
-                let ids: Vec<ChannelId> = self
-                    .chans
-                    .keys()
-                    .filter(|id| id.connection == connection)
-                    .copied()
-                    .collect();
-                let writers: Vec<Writer<ChannelOf<T>>> = ids
-                    .iter()
-                    .filter_map(|id| self.chans.remove(id))
-                    .map(|slot| slot.writer)
-                    .collect();
+                let writers: Vec<Writer<ChannelOf<T>>> = if conn.is_some() {
+                    let ids: Vec<ChannelId> = self
+                        .chans
+                        .keys()
+                        .filter(|id| id.connection == connection)
+                        .copied()
+                        .collect();
+                    ids.iter()
+                        .filter_map(|id| self.chans.remove(id))
+                        .map(|slot| slot.writer)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 if let Some(conn) = conn {
                     self.ops.push(
                         async move {
@@ -837,10 +805,10 @@ impl<T: Transport, K: Timer> State<T, K> {
         match slot.writer.pump(&mut Context::from_waker(waker)) {
             Poll::Ready(Ok(())) => {}
             Poll::Pending => self.wake_driver = true,
-            Poll::Ready(Err(error)) => self.input(Input::ChannelLost {
+            Poll::Ready(Err(error)) => self.input(Input::Channel {
                 channel,
                 generation,
-                error,
+                event: ChannelInput::Lost(error),
             }),
         }
     }
@@ -873,10 +841,10 @@ impl<T: Transport, K: Timer> State<T, K> {
                 channel,
                 generation,
                 result,
-            } => self.input(Input::TopologyDone {
+            } => self.input(Input::Channel {
                 channel,
                 generation,
-                result,
+                event: ChannelInput::TopologyDone(result),
             }),
             Done::ConnectionClosed { connection, epoch } => {
                 self.input(Input::ConnectionClosed { connection, epoch })
@@ -898,6 +866,34 @@ impl<T: Transport, K: Timer> State<T, K> {
         match result {
             Ok(conn) => {
                 let conn = Arc::new(conn);
+                let channel_max = conn.channel_max();
+                self.input(Input::Tuned {
+                    connection,
+                    epoch,
+                    channel_max,
+                });
+                self.input(Input::Connected { connection, epoch });
+                if self.sup.connection_epoch(connection) != Some(epoch) {
+                    // A dial the supervisor gave up on (timed out, superseded,
+                    // closing) answered after all: close it here, and leave the
+                    // slot's live connection and its channels alone.
+                    tracing::debug!(
+                        target: targets::CONNECTION,
+                        client = self.client_name(),
+                        %connection,
+                        epoch,
+                        "a dial given up on answered late: closed"
+                    );
+                    self.ops.push(
+                        async move {
+                            let _ = conn.close().await;
+                            Done::Nothing
+                        }
+                        .boxed(),
+                    );
+                    self.wake_driver = true;
+                    return;
+                }
                 let events = conn
                     .events()
                     .chain(futures::stream::once(async {
@@ -908,8 +904,6 @@ impl<T: Transport, K: Timer> State<T, K> {
                     .map(move |e| (connection, epoch, e))
                     .boxed();
                 self.conn_events.push(events);
-                let channel_max = conn.channel_max();
-                self.conns.insert(connection, (epoch, conn));
                 tracing::info!(
                     target: targets::CONNECTION,
                     client = self.client_name(),
@@ -918,12 +912,8 @@ impl<T: Transport, K: Timer> State<T, K> {
                     channel_max,
                     "connected"
                 );
-                self.input(Input::Tuned {
-                    connection,
-                    epoch,
-                    channel_max,
-                });
-                self.input(Input::Connected { connection, epoch });
+                // adopted before the commands of its Connected (channel opens) run
+                self.conns.insert(connection, (epoch, conn));
             }
             Err(error) => {
                 tracing::warn!(
@@ -969,15 +959,16 @@ impl<T: Transport, K: Timer> State<T, K> {
                         writer: Writer::new(ch),
                     },
                 );
-                self.input(Input::ChannelOpened {
+                self.input(Input::Channel {
                     channel,
                     generation,
+                    event: ChannelInput::Opened,
                 });
             }
-            Err(error) => self.input(Input::ChannelOpenFailed {
+            Err(error) => self.input(Input::Channel {
                 channel,
                 generation,
-                error,
+                event: ChannelInput::OpenFailed(error),
             }),
         }
     }
@@ -1036,46 +1027,50 @@ impl<T: Transport, K: Timer> State<T, K> {
                 {
                     self.chans.remove(&channel);
                 }
-                Input::ChannelLost {
+                Input::Channel {
                     channel,
                     generation,
-                    error,
+                    event: ChannelInput::Lost(error),
                 }
             }
             ChannelEvent::Ack {
                 delivery_tag,
                 multiple,
-            } => Input::Confirm {
+            } => Input::Channel {
                 channel,
                 generation,
-                delivery_tag,
-                multiple,
-                ack: true,
+                event: ChannelInput::Confirm {
+                    delivery_tag,
+                    multiple,
+                    ack: true,
+                },
             },
             ChannelEvent::Nack {
                 delivery_tag,
                 multiple,
-            } => Input::Confirm {
+            } => Input::Channel {
                 channel,
                 generation,
-                delivery_tag,
-                multiple,
-                ack: false,
+                event: ChannelInput::Confirm {
+                    delivery_tag,
+                    multiple,
+                    ack: false,
+                },
             },
-            ChannelEvent::Delivery(delivery) => Input::Delivery {
+            ChannelEvent::Delivery(delivery) => Input::Channel {
                 channel,
                 generation,
-                delivery,
+                event: ChannelInput::Delivery(delivery),
             },
-            ChannelEvent::Return(returned) => Input::Returned {
+            ChannelEvent::Return(returned) => Input::Channel {
                 channel,
                 generation,
-                returned,
+                event: ChannelInput::Returned(returned),
             },
-            ChannelEvent::ConsumerCancelled { consumer_tag } => Input::ConsumerCancelled {
+            ChannelEvent::ConsumerCancelled { consumer_tag } => Input::Channel {
                 channel,
                 generation,
-                consumer_tag,
+                event: ChannelInput::ConsumerCancelled { consumer_tag },
             },
         };
         self.input(input);
@@ -1084,8 +1079,6 @@ impl<T: Transport, K: Timer> State<T, K> {
     fn on_request(&mut self, request: Request) {
         let now = self.now();
         match request {
-            // behind publishes already waiting for room: it waits too, so that a
-            // caller's messages keep their order
             Request::Publish { reply, .. } if self.sup.is_closing() => {
                 let _ = reply.send(Err(PublishError::Closed));
             }
@@ -1097,47 +1090,24 @@ impl<T: Transport, K: Timer> State<T, K> {
             Request::Publish {
                 message,
                 timeout,
-                wait: true,
-                reply,
-            } if !self.parked.is_empty() => {
-                let deadline = crate::supervisor::deadline_after(
-                    now,
-                    timeout.unwrap_or(self.sup.config().publish_timeout),
-                );
-                self.parked.push_back(ParkedPublish {
-                    message,
-                    deadline,
-                    reply,
-                });
-            }
-            Request::Publish {
-                message,
-                timeout,
                 wait,
                 reply,
-            } => match self.sup.publish(
-                now,
-                Arc::clone(&message),
-                timeout.map(|t| crate::supervisor::deadline_after(now, t)),
-            ) {
-                Ok(id) => {
-                    self.publishes.insert(id.slot(), reply);
+            } => {
+                let deadline = timeout.map(|t| crate::supervisor::deadline_after(now, t));
+                let accepted = if wait {
+                    self.sup.publish_or_wait(now, message, deadline)
+                } else {
+                    self.sup.publish(now, message, deadline)
+                };
+                match accepted {
+                    Ok(id) => {
+                        self.publishes.insert(id.slot(), reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
                 }
-                Err(PublishError::Backpressure { .. }) if wait => {
-                    let deadline = crate::supervisor::deadline_after(
-                        now,
-                        timeout.unwrap_or(self.sup.config().publish_timeout),
-                    );
-                    self.parked.push_back(ParkedPublish {
-                        message,
-                        deadline,
-                        reply,
-                    });
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
+            }
             Request::Topology { op, reply } => match op(&mut self.sup, now) {
                 Ok(id) => {
                     self.topology.insert(id, reply);
@@ -1193,15 +1163,12 @@ impl<T: Transport, K: Timer> State<T, K> {
             Request::Close { discard, done } => {
                 let before = self.sup.stats().closed + self.closed_here;
                 self.close_waiters.push((done, before));
-                if discard {
-                    for p in self.parked.drain(..) {
-                        self.closed_here += 1;
-                        let _ = p.reply.send(Err(PublishError::Closed));
-                    }
-                    self.sup.handle(now, Input::CloseNow);
+                let close = if discard {
+                    Input::CloseNow
                 } else {
-                    self.close_draining(now);
-                }
+                    Input::Close
+                };
+                self.sup.handle(now, close);
             }
             Request::Connected { reply } => match self.sup.first_contact() {
                 Ok(true) => {
@@ -1219,57 +1186,6 @@ impl<T: Transport, K: Timer> State<T, K> {
         }
     }
 
-    /// A draining close: publishes waiting for room were accepted, so they go
-    /// into the outbox beyond its capacity, and the close drains them too.
-    fn close_draining(&mut self, now: Instant) {
-        if !self.sup.is_closing() {
-            for p in self.parked.drain(..) {
-                match self
-                    .sup
-                    .publish_over_capacity(now, p.message, Some(p.deadline))
-                {
-                    Ok(id) => {
-                        self.publishes.insert(id.slot(), p.reply);
-                    }
-                    Err(e) => {
-                        let _ = p.reply.send(Err(e));
-                    }
-                }
-            }
-        }
-        self.sup.handle(now, Input::Close);
-    }
-
-    /// Parked publishes go in as soon as the outbox has room, oldest first; past
-    /// their deadline they resolve as timed out.
-    fn retry_parked(&mut self) {
-        let capacity = self.sup.config().outbox_capacity;
-        while !self.parked.is_empty() {
-            let now = self.now();
-            if self.sup.is_closed() {
-                for p in self.parked.drain(..) {
-                    let _ = p.reply.send(Err(PublishError::Closed));
-                }
-                return;
-            }
-            let expired = self.parked.front().is_some_and(|p| p.deadline <= now);
-            if !expired && self.sup.outbox_pending() >= capacity {
-                return;
-            }
-            let Some(p) = self.parked.pop_front() else {
-                return;
-            };
-            match self.sup.publish(now, p.message, Some(p.deadline)) {
-                Ok(id) => {
-                    self.publishes.insert(id.slot(), p.reply);
-                }
-                Err(e) => {
-                    let _ = p.reply.send(Err(e));
-                }
-            }
-        }
-    }
-
     fn route(&mut self, event: Event) {
         match event {
             Event::PublishResolved { id, result } => {
@@ -1282,7 +1198,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                 not_confirmed,
             } => {
                 if let Some(reply) = self.flushes.remove(&flush) {
-                    let _ = reply.send(crate::client::Flushed { not_confirmed });
+                    let _ = reply.send(Flushed { not_confirmed });
                 }
             }
             Event::TopologyResolved { op, result } => match self.topology.remove(&op) {
@@ -1301,9 +1217,11 @@ impl<T: Transport, K: Timer> State<T, K> {
                 delivery,
             } => {
                 if let Some(items) = self.consumers.get(&consumer) {
-                    let item = ConsumerItem::Delivery(Box::new(Received::new(
-                        *delivery, channel, generation,
-                    )));
+                    let item = ConsumerItem::Delivery {
+                        delivery,
+                        channel,
+                        generation,
+                    };
                     if items.unbounded_send(item).is_err() {
                         // the application dropped the Consumer: stop it
                         self.consumers.remove(&consumer);
@@ -1368,10 +1286,6 @@ impl<T: Transport, K: Timer> State<T, K> {
             self.closed_here += 1;
             let _ = reply.send(Err(PublishError::Closed));
         }
-        for p in self.parked.drain(..) {
-            self.closed_here += 1;
-            let _ = p.reply.send(Err(PublishError::Closed));
-        }
         for (_, reply) in std::mem::take(&mut self.topology) {
             match reply {
                 TopologyReply::Unit(r) => {
@@ -1399,7 +1313,7 @@ impl<T: Transport, K: Timer> State<T, K> {
         }
         let closed = self.sup.stats().closed + self.closed_here;
         for (done, before) in self.close_waiters.drain(..) {
-            let _ = done.send(crate::client::CloseSummary {
+            let _ = done.send(CloseSummary {
                 unresolved: closed.saturating_sub(before),
             });
         }
@@ -1417,51 +1331,14 @@ impl<T: Transport, K: Timer> State<T, K> {
     }
 }
 
+/// One topology step on a channel: `basic.qos`, `basic.consume` and `basic.cancel`
+/// through their own methods, every declare, delete, bind and unbind through
+/// [`Channel::run`]. Answers a declared queue's real name.
 async fn run_topology<C: Channel>(
     ch: &C,
     op: &TopologyOp,
 ) -> Result<Option<String>, TransportError> {
     match op {
-        TopologyOp::DeclareExchange(decl) => ch.declare_exchange(decl).await.map(|()| None),
-        TopologyOp::DeleteExchange { name } => ch.delete_exchange(name).await.map(|()| None),
-        TopologyOp::DeclareQueue(decl) => ch.declare_queue(decl).await.map(|q| Some(q.name)),
-        TopologyOp::DeleteQueue { name } => ch.delete_queue(name).await.map(|_| None),
-        TopologyOp::BindQueue {
-            queue,
-            exchange,
-            routing_key,
-            arguments,
-        } => ch
-            .bind_queue(queue, exchange, routing_key, arguments)
-            .await
-            .map(|()| None),
-        TopologyOp::UnbindQueue {
-            queue,
-            exchange,
-            routing_key,
-            arguments,
-        } => ch
-            .unbind_queue(queue, exchange, routing_key, arguments)
-            .await
-            .map(|()| None),
-        TopologyOp::BindExchange {
-            destination,
-            source,
-            routing_key,
-            arguments,
-        } => ch
-            .bind_exchange(destination, source, routing_key, arguments)
-            .await
-            .map(|()| None),
-        TopologyOp::UnbindExchange {
-            destination,
-            source,
-            routing_key,
-            arguments,
-        } => ch
-            .unbind_exchange(destination, source, routing_key, arguments)
-            .await
-            .map(|()| None),
         TopologyOp::Qos { prefetch_count } => ch.qos(*prefetch_count).await.map(|()| None),
         TopologyOp::Consume {
             queue,
@@ -1472,12 +1349,12 @@ async fn run_topology<C: Channel>(
             .await
             .map(|()| None),
         TopologyOp::Cancel { consumer_tag } => ch.cancel(consumer_tag).await.map(|()| None),
+        op => match (op, ch.run(op).await?) {
+            (_, TopologyOutcome::Queue(info)) => Ok(Some(info.name)),
+            (TopologyOp::DeclareQueue(_), other) => Err(other.unexpected("queue.declare")),
+            _ => Ok(None),
+        },
     }
-}
-
-/// Locks a mutex, ignoring poisoning: the data are plain snapshots.
-pub(crate) fn lock<V>(m: &Mutex<V>) -> std::sync::MutexGuard<'_, V> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -1486,14 +1363,14 @@ mod tests {
 
     /// What the driver moves once or more per confirm and per publish stays
     /// small: the large, rare payloads (deliveries, returns, properties) are
-    /// boxed or behind the message's `Arc`. (A 392-byte `ChannelEvent` was moved
-    /// through five stream adaptors per confirm before.)
+    /// boxed or behind the message's `Arc`: a confirm's `ChannelEvent` passes
+    /// through several stream adaptors, so each byte of it is copied many times.
     #[test]
     fn the_hot_path_types_stay_small() {
         assert!(size_of::<crate::transport::ChannelEvent>() <= 40);
         assert!(size_of::<crate::supervisor::Input>() <= 64);
         assert!(size_of::<super::Outbound>() <= 16);
         assert!(size_of::<crate::event::Event>() <= 96);
-        assert!(size_of::<crate::client::Request>() <= 112);
+        assert!(size_of::<crate::contract::Request>() <= 112);
     }
 }

@@ -12,8 +12,9 @@
 //! - **getters** ([`Supervisor::connection_state`], [`Supervisor::channel_state`], ...);
 //! - **input**: [`Supervisor::handle`]`(now, input)` for every transport result,
 //!   transport notification, application request and timer expiry;
-//! - **application commands**: [`Supervisor::checkout`] (a Ready channel) and
-//!   [`Input::Close`];
+//! - **application commands**: [`Supervisor::publish`], the topology requests
+//!   ([`Supervisor::declare_queue`], ...), [`Supervisor::ack`],
+//!   [`Supervisor::flush`], and [`Input::Close`];
 //! - **outputs**: [`Supervisor::poll_command`], [`Supervisor::poll_event`],
 //!   [`Supervisor::poll_timeout`].
 //!
@@ -29,7 +30,7 @@
 //!
 //! ```
 //! use std::time::{Duration, Instant};
-//! use amqp_rebound_core::{Command, Config, Input, Supervisor, endpoint::parse_hosts};
+//! use amqp_rebound_core::{ChannelInput, Command, Config, Input, Supervisor, endpoint::parse_hosts};
 //!
 //! let hosts = parse_hosts(["amqp://guest:guest@127.0.0.1:5672/%2f"]).unwrap();
 //! let clock: fn() -> Instant = Instant::now; // the caller owns the clock
@@ -41,11 +42,11 @@
 //! sup.handle(start + Duration::from_millis(3), Input::Connected { connection, epoch });
 //! while let Some(command) = sup.poll_command() {
 //!     if let Command::OpenChannel { channel, generation, .. } = command {
-//!         sup.handle(start + Duration::from_millis(4), Input::ChannelOpened { channel, generation });
+//!         sup.handle(start + Duration::from_millis(4), Input::Channel { channel, generation, event: ChannelInput::Opened });
 //!     }
 //! }
 //! assert!(sup.is_all_ready());
-//! assert!(sup.checkout().is_ok());
+//! assert_eq!(sup.ready_channels(), 4); // one connection of four channels
 //! ```
 //!
 //! ## Lifecycles
@@ -85,6 +86,11 @@
 //!   which lapin reports on each channel before the connection itself) is handled
 //!   as its connection's loss, so its unconfirmed messages are re-sent once, on the
 //!   new connection, not on siblings that die with it.
+//! - **A dial that goes unanswered** (a paused node, a black-holed route: TCP
+//!   accepted, then silence) gets a second dial, to the next host, after
+//!   [`Config::parallel_dial_after`] (default 1 s) when there is more than one
+//!   host. The first of the two to connect is kept; the other is closed if it
+//!   connects later. Each still ends at the connect timeout (default 5 s).
 //!
 //! With the defaults, an outage ends for the user at most about 2 s after the
 //! broker accepts again (the longest delay), while each connection dials at most
@@ -141,6 +147,7 @@
 pub mod backoff;
 pub mod client;
 pub mod config;
+mod contract;
 pub mod driver;
 pub mod endpoint;
 pub mod error;
@@ -171,10 +178,12 @@ pub use endpoint::Endpoint;
 pub use error::{ConfigError, ConnectError, ErrorClass, TransportError};
 pub use event::{Event, Reason};
 pub use ids::{ChannelId, ConnectionId, Object};
-pub use message::{Delivery, FieldTable, Message, MessageProperties, Properties, Returned};
+pub use message::{
+    AMQPValue, Delivery, FieldTable, Message, MessageProperties, Properties, Returned,
+};
 pub use outbox::{Confirmation, FlushId, PublishError, PublishId};
 pub use state::{ChannelState, ConnectionState, Phase};
-pub use supervisor::{Checkout, Command, Input, NotReady, Stats, Supervisor};
+pub use supervisor::{ChannelInput, Command, Input, Stats, Supervisor};
 pub use tls::{TlsConfig, TlsErrorKind};
 #[cfg(feature = "tokio")]
 pub use tokio_timer::TokioTimer;
@@ -184,5 +193,5 @@ pub use topology::{
 };
 pub use transport::{
     Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Sleep, Timer,
-    Transport,
+    TopologyOutcome, Transport,
 };

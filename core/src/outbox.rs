@@ -26,7 +26,7 @@ use crate::message::Message;
 /// for a later publish only after its slot has been reused 2^31 times (slot
 /// versions are 32-bit and wrap).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PublishId(pub u64);
+pub struct PublishId(pub(crate) u64);
 
 /// Identifies one [`Supervisor::flush`](crate::Supervisor::flush) until its
 /// [`Event::Flushed`](crate::Event::Flushed). Opaque.
@@ -117,6 +117,8 @@ pub(crate) struct Entry {
     pub(crate) accepted: Instant,
     /// Its `publish` span, at TRACE only.
     pub(crate) span: Option<Box<tracing::Span>>,
+    /// Accepted while the outbox was full: it enters `pending` when there is room.
+    pub(crate) waiting: bool,
 }
 
 slotmap::new_key_type! {
@@ -155,6 +157,9 @@ pub(crate) struct Outbox {
     /// Ids waiting for a channel, oldest first; ids already resolved are skipped.
     pending: VecDeque<u64>,
     pending_live: usize,
+    /// Accepted over capacity (the caller waits for room), oldest first.
+    waiting: VecDeque<u64>,
+    waiting_live: usize,
     /// Deadlines of publishes that took the default timeout: with a constant
     /// timeout and a clock that never goes back they come in order, so a FIFO
     /// replaces a sorted set on the hot path. Resolved ids are skipped lazily.
@@ -167,6 +172,11 @@ pub(crate) struct Outbox {
 impl Outbox {
     pub(crate) fn pending_len(&self) -> usize {
         self.pending_live
+    }
+
+    /// Messages accepted while the outbox was full, not yet in `pending`.
+    pub(crate) fn waiting_len(&self) -> usize {
+        self.waiting_live
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -201,6 +211,7 @@ impl Outbox {
         default_deadline: bool,
         accepted: Instant,
         span: Option<Box<tracing::Span>>,
+        waiting: bool,
     ) -> PublishId {
         let order = self.next_order;
         self.next_order += 1;
@@ -214,6 +225,7 @@ impl Outbox {
             sends: 0,
             accepted,
             span,
+            waiting,
         })))
         .0;
         self.live += 1;
@@ -227,8 +239,13 @@ impl Outbox {
         } else {
             self.custom_deadlines.insert((deadline, id));
         }
-        self.pending.push_back(id);
-        self.pending_live += 1;
+        if waiting {
+            self.waiting.push_back(id);
+            self.waiting_live += 1;
+        } else {
+            self.pending.push_back(id);
+            self.pending_live += 1;
+        }
         PublishId(id)
     }
 
@@ -250,7 +267,28 @@ impl Outbox {
         }
     }
 
-    /// The oldest waiting message, without taking it.
+    /// Moves messages accepted over capacity into `pending`, oldest first, while
+    /// `pending` holds fewer than `capacity`. Returns how many moved.
+    pub(crate) fn admit(&mut self, capacity: usize) -> usize {
+        let mut moved = 0;
+        while self.waiting_live > 0 && self.pending_live < capacity {
+            let Some(id) = self.waiting.pop_front() else {
+                break;
+            };
+            if let Some(entry) = self.get_mut(id)
+                && entry.waiting
+            {
+                entry.waiting = false;
+                self.waiting_live -= 1;
+                self.pending.push_back(id);
+                self.pending_live += 1;
+                moved += 1;
+            }
+        }
+        moved
+    }
+
+    /// The oldest message waiting for a channel, without taking it.
     pub(crate) fn peek_pending(&mut self) -> Option<u64> {
         while let Some(&id) = self.pending.front() {
             if self.get(id).is_some_and(|e| e.placed.is_none()) {
@@ -314,7 +352,9 @@ impl Outbox {
                 self.default_deadlines.pop_front();
             }
         }
-        if entry.placed.is_none() {
+        if entry.waiting {
+            self.waiting_live -= 1;
+        } else if entry.placed.is_none() {
             self.pending_live -= 1;
         }
         Some(entry)
@@ -359,6 +399,29 @@ impl fmt::Debug for Outbox {
         f.debug_struct("Outbox")
             .field("unresolved", &self.live)
             .field("pending", &self.pending_live)
+            .field("waiting", &self.waiting_live)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resolved publish's slot is reused (memory stays flat), under a new id.
+    #[test]
+    fn a_released_slot_is_reused_under_a_new_id() {
+        #[allow(clippy::disallowed_methods)] // a test's clock
+        let now = Instant::now();
+        let mut outbox = Outbox::default();
+        let message = Arc::new(Message::new("", "q", "x"));
+        let a = outbox.push(Arc::clone(&message), now, true, now, None, false);
+        assert!(outbox.take(a.0).is_some());
+        let b = outbox.push(Arc::clone(&message), now, true, now, None, false);
+        assert_ne!(a.slot(), b.slot(), "not reused before the id is released");
+        outbox.release(a.0);
+        let c = outbox.push(message, now, true, now, None, false);
+        assert_eq!(c.0 as u32, a.0 as u32, "the slot is reused");
+        assert_ne!(c, a, "under a new id");
     }
 }

@@ -49,15 +49,32 @@ pub enum ConnectionState {
     Closed,
 }
 
-/// Lifecycle of one channel slot.
+/// Lifecycle of one channel slot: each state is named for what the channel waits for.
 ///
-/// `Opening -> Ready -> Reopening -> Opening -> ... -> Closed`. `Closed` is terminal.
-/// Every open gets a higher generation number.
+/// `Idle -> AwaitingOpenOk -> [AwaitingTopology ->] Replaying -> Ready -> Reopening ->
+/// AwaitingOpenOk -> ... -> Closed`. `Closed` is terminal. Every open gets a higher
+/// generation number; what a generation carries (messages awaiting confirms,
+/// unacked deliveries, topology steps) is dropped with it.
+///
+/// The states from `Idle` to `Replaying` are all [`Phase::Opening`]: moving between
+/// them is progress within the open, not a state change the application is told of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelState {
-    /// Being opened (channel.open, confirm.select, topology replay), or waiting for
-    /// its connection to be Ready before that.
-    Opening,
+    /// Not opened yet: waiting for its connection to be Ready the first time.
+    Idle,
+    /// `channel.open` (and `confirm.select`) sent: waiting for the broker's answers.
+    AwaitingOpenOk,
+    /// Open, but waiting for its connection's first channel to declare the
+    /// connection's entities again (its consumers need their queues).
+    AwaitingTopology,
+    /// Open, replaying its topology (the connection's entities on the first channel,
+    /// then the consumers that live on this one): `done` of `total` steps answered.
+    Replaying {
+        /// Steps answered.
+        done: u32,
+        /// Steps in this replay so far (consumers started meanwhile add to it).
+        total: u32,
+    },
     /// Open and usable: the only state in which the pool hands the channel out.
     Ready,
     /// Lost; waiting for its connection (`retry_at: None`) or for its own backoff
@@ -81,7 +98,9 @@ pub enum Phase {
     Ready,
     /// [`ConnectionState::Reconnecting`].
     Reconnecting,
-    /// [`ChannelState::Opening`].
+    /// [`ChannelState::Idle`], [`AwaitingOpenOk`](ChannelState::AwaitingOpenOk),
+    /// [`AwaitingTopology`](ChannelState::AwaitingTopology) or
+    /// [`Replaying`](ChannelState::Replaying).
     Opening,
     /// [`ChannelState::Reopening`].
     Reopening,
@@ -126,7 +145,10 @@ impl ChannelState {
     /// The state's name.
     pub fn phase(&self) -> Phase {
         match self {
-            ChannelState::Opening => Phase::Opening,
+            ChannelState::Idle
+            | ChannelState::AwaitingOpenOk
+            | ChannelState::AwaitingTopology
+            | ChannelState::Replaying { .. } => Phase::Opening,
             ChannelState::Ready => Phase::Ready,
             ChannelState::Reopening { .. } => Phase::Reopening,
             ChannelState::Closed => Phase::Closed,
@@ -136,5 +158,24 @@ impl ChannelState {
     /// Open and usable.
     pub fn is_ready(&self) -> bool {
         matches!(self, ChannelState::Ready)
+    }
+
+    /// Open on the broker (its open-ok came): deliveries and topology answers
+    /// may arrive on it.
+    pub fn is_open(&self) -> bool {
+        matches!(
+            self,
+            ChannelState::AwaitingTopology | ChannelState::Replaying { .. } | ChannelState::Ready
+        )
+    }
+
+    /// Open or being opened: its failure is news (later ones are not).
+    pub fn is_live(&self) -> bool {
+        *self == ChannelState::AwaitingOpenOk || self.is_open()
+    }
+
+    /// Runs topology steps: replaying or Ready.
+    pub fn runs_steps(&self) -> bool {
+        matches!(self, ChannelState::Replaying { .. } | ChannelState::Ready)
     }
 }

@@ -119,7 +119,10 @@ pub struct ConsumeOptions {
     pub arguments: FieldTable,
 }
 
-/// One topology operation with resolved names: what a transport executes.
+/// One topology operation with resolved names: what a transport executes. The
+/// declare, delete, bind and unbind ops go to
+/// [`Channel::run`](crate::transport::Channel::run); `Qos`, `Consume` and `Cancel`
+/// to the channel's methods of the same names.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum TopologyOp {
@@ -202,11 +205,22 @@ pub enum TopologyOp {
     },
 }
 
+impl TopologyOp {
+    /// What a transport answers, from [`Channel::run`](crate::transport::Channel::run),
+    /// to an op that is not a declare, delete, bind or unbind, or that it does not
+    /// know.
+    pub fn unsupported(&self) -> crate::error::TransportError {
+        crate::error::TransportError::Protocol(format!(
+            "not a declare, delete, bind or unbind: {self:?}"
+        ))
+    }
+}
+
 /// A stable handle to a declared queue. For a server-named queue the name changes
 /// on every recovery; the handle does not. See
 /// [`Supervisor::queue_name`](crate::Supervisor::queue_name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct QueueHandle(pub u64);
+pub struct QueueHandle(pub(crate) u64);
 
 /// A queue, by name or by the handle its declaration returned (which follows
 /// renames of server-named queues).
@@ -238,12 +252,12 @@ impl From<String> for QueueRef {
 
 /// Identifies a consumer across recoveries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConsumerId(pub u64);
+pub struct ConsumerId(pub(crate) u64);
 
 /// Identifies a topology operation the application asked for, until its
 /// [`Event::TopologyResolved`](crate::Event::TopologyResolved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct OpId(pub u64);
+pub struct OpId(pub(crate) u64);
 
 /// Why a topology operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -263,6 +277,10 @@ pub enum TopologyError {
         /// The broker's reply text.
         text: String,
     },
+    /// The transport failed it without a broker reply (the channel broke, or the
+    /// client library refused the frame).
+    #[error("the transport failed it: {0}")]
+    Transport(crate::error::TransportError),
     /// No channel became ready before the deadline.
     #[error("no channel became ready in time")]
     TimedOut,
@@ -303,6 +321,9 @@ pub enum ConsumeError {
         /// The broker's reply text.
         text: String,
     },
+    /// The transport failed basic.consume without a broker reply.
+    #[error("the transport failed basic.consume: {0}")]
+    Transport(crate::error::TransportError),
     /// No broker answer to the first basic.consume within the publish timeout
     /// (no channel came up); the consumer is not kept.
     #[error("no answer to basic.consume before the deadline")]

@@ -28,10 +28,10 @@
 //!   [`ChannelEvent::Nack`] carry those numbers (`multiple` = every number up to
 //!   and including it). Awaiting `publish` means "handed to the client", not
 //!   "confirmed".
-//! - Topology calls are awaited one at a time per channel. An error that closes
-//!   the channel (404, 406, ...) is returned from the call; the channel's `Closed`
-//!   event with the same reply may come first (the core takes either as the call's
-//!   answer).
+//! - Topology calls ([`Channel::run`], `qos`, `consume`, `cancel`) are awaited one
+//!   at a time per channel. An error that closes the channel (404, 406, ...) is
+//!   returned from the call; the channel's `Closed` event with the same reply may
+//!   come first (the core takes either as the call's answer).
 //! - Nothing a broker sends may panic the transport.
 //! - A transport whose client cannot hear of `connection.blocked` (it does not
 //!   advertise the capability, so the broker never sends it) says so with
@@ -52,7 +52,9 @@ use crate::endpoint::Endpoint;
 use crate::error::TransportError;
 use crate::message::{Delivery, FieldTable, Message, Returned};
 use crate::tls::TlsConfig;
-use crate::topology::{ConsumeOptions, ExchangeDecl, QueueDecl};
+use crate::topology::{ConsumeOptions, ExchangeDecl, QueueDecl, TopologyOp};
+
+pub mod support;
 
 /// A future that completes at a deadline; what [`Timer::sleep_until`] returns.
 pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -135,6 +137,76 @@ pub trait Transport: Send + Sync + 'static {
         let _ = message;
         Ok(())
     }
+
+    /// What this transport's client does where clients differ, beyond
+    /// [`reports_blocked`](Self::reports_blocked): see [`Capabilities`]. The
+    /// full set by default; a transport turns off what its client cannot do, and
+    /// its crate docs say why. Constant for a transport value.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+}
+
+/// What a transport's client does where AMQP clients differ, and the core copes
+/// either way: what [`Transport::capabilities`] returns.
+///
+/// Every flag is `true` by default, for a client that does all of it; a
+/// transport sets `false` where its client falls short. The core's behaviour does
+/// not depend on them; they say which of two documented outcomes to expect (the
+/// conformance suite and the adapter suite in `amqp-rebound-tests` branch on
+/// them, never on a transport's name). Non-exhaustive: start from `default()`.
+///
+/// ```
+/// use amqp_rebound_core::transport::Capabilities;
+///
+/// let mut caps = Capabilities::default();
+/// caps.reports_heartbeat_timeout = false;
+/// assert!(caps.authentication_failure_close);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Missed heartbeats end the connection with
+    /// [`TransportError::HeartbeatTimeout`]. `false`: with
+    /// [`TransportError::Io`], as a socket error (both are transient).
+    pub reports_heartbeat_timeout: bool,
+    /// The client advertises the `authentication_failure_close` capability, so
+    /// RabbitMQ refuses a bad login at once with `connection.close` 403. `false`:
+    /// RabbitMQ closes the socket without a word, and only after a delay (3 s,
+    /// against password guessing); the transport still reports
+    /// [`TransportError::Auth`].
+    pub authentication_failure_close: bool,
+    /// Nothing is written on a channel after the client's `channel.close-ok`, so a
+    /// publish racing the broker's `channel.close` costs only that channel.
+    /// `false`: a publish queued before the broker's close can reach the wire
+    /// after `close-ok`, and RabbitMQ then closes the whole connection (504
+    /// CHANNEL_ERROR); the core recovers it like any connection loss.
+    pub fences_channel_close: bool,
+    /// Publisher confirms come in publish order: each [`ChannelEvent::Ack`] or
+    /// [`ChannelEvent::Nack`] settles the lowest numbers still open. `false`: a
+    /// confirm can come before those of earlier messages (each number is still
+    /// confirmed once).
+    pub confirms_in_order: bool,
+    /// Header long strings that are not UTF-8 can be sent. `false`: the
+    /// transport refuses such a message in [`Transport::check_message`].
+    pub non_utf8_long_strings: bool,
+    /// The client never logs the credentials. `false`: one of its log levels
+    /// (named in the transport's crate docs, TRACE so far) shows the login
+    /// frame, password included.
+    pub keeps_credentials_out_of_logs: bool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            reports_heartbeat_timeout: true,
+            authentication_failure_close: true,
+            fences_channel_close: true,
+            confirms_in_order: true,
+            non_utf8_long_strings: true,
+            keeps_credentials_out_of_logs: true,
+        }
+    }
 }
 
 /// What happens to a connection, as a stream (see [`Connection::events`]).
@@ -216,7 +288,34 @@ pub struct QueueInfo {
     pub consumer_count: u32,
 }
 
+/// What the broker answered to a [`TopologyOp`] (see [`Channel::run`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TopologyOutcome {
+    /// `declare-ok`, `delete-ok` of an exchange, `bind-ok`, `unbind-ok`: nothing
+    /// to read in it.
+    Done,
+    /// `queue.declare-ok`: the queue's real name and counts.
+    Queue(QueueInfo),
+    /// `queue.delete-ok`.
+    QueueDeleted {
+        /// Messages deleted with the queue.
+        message_count: u32,
+    },
+}
+
+impl TopologyOutcome {
+    /// A transport answered `method` with the wrong kind of outcome.
+    pub(crate) fn unexpected(&self, method: &str) -> TransportError {
+        TransportError::Protocol(format!("{method} answered with {self:?}"))
+    }
+}
+
 /// One AMQP channel.
+///
+/// A transport implements [`run`](Channel::run) for every topology change; the
+/// named declare, delete, bind and unbind methods are written once, here, on top
+/// of it.
 #[async_trait]
 pub trait Channel: Send + Sync + 'static {
     /// The channel's events; called once.
@@ -225,46 +324,108 @@ pub trait Channel: Send + Sync + 'static {
     async fn confirm_select(&self) -> Result<(), TransportError>;
     /// `basic.qos` with `global = false` (applies to consumers started after it).
     async fn qos(&self, prefetch_count: u16) -> Result<(), TransportError>;
-    /// `exchange.declare`.
-    async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError>;
-    /// `exchange.delete`.
-    async fn delete_exchange(&self, name: &str) -> Result<(), TransportError>;
-    /// `queue.declare`: returns the queue's real name.
-    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError>;
-    /// `queue.delete`: returns how many messages were deleted with it.
-    async fn delete_queue(&self, name: &str) -> Result<u32, TransportError>;
-    /// `queue.bind`.
+    /// Runs one declare, delete, bind or unbind (`exchange.*`, `queue.*`): every
+    /// topology change goes through here, so a transport implements it once. The
+    /// answer says what the broker sent back ([`TopologyOutcome`]). `basic.qos`,
+    /// `basic.consume` and `basic.cancel` have methods of their own
+    /// ([`qos`](Channel::qos), [`consume`](Channel::consume),
+    /// [`cancel`](Channel::cancel)) and never come here; a transport answers such an
+    /// op, or one it does not know, with [`TopologyOp::unsupported`].
+    async fn run(&self, op: &TopologyOp) -> Result<TopologyOutcome, TransportError>;
+    /// `exchange.declare`, through [`run`](Channel::run).
+    async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError> {
+        self.run(&TopologyOp::DeclareExchange(decl.clone()))
+            .await
+            .map(drop)
+    }
+    /// `exchange.delete`, through [`run`](Channel::run).
+    async fn delete_exchange(&self, name: &str) -> Result<(), TransportError> {
+        let name = name.to_owned();
+        self.run(&TopologyOp::DeleteExchange { name })
+            .await
+            .map(drop)
+    }
+    /// `queue.declare`, through [`run`](Channel::run): returns the queue's real
+    /// name.
+    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError> {
+        match self.run(&TopologyOp::DeclareQueue(decl.clone())).await? {
+            TopologyOutcome::Queue(info) => Ok(info),
+            other => Err(other.unexpected("queue.declare")),
+        }
+    }
+    /// `queue.delete`, through [`run`](Channel::run): returns how many messages
+    /// were deleted with it.
+    async fn delete_queue(&self, name: &str) -> Result<u32, TransportError> {
+        let name = name.to_owned();
+        match self.run(&TopologyOp::DeleteQueue { name }).await? {
+            TopologyOutcome::QueueDeleted { message_count } => Ok(message_count),
+            other => Err(other.unexpected("queue.delete")),
+        }
+    }
+    /// `queue.bind`, through [`run`](Channel::run).
     async fn bind_queue(
         &self,
         queue: &str,
         exchange: &str,
         routing_key: &str,
         arguments: &FieldTable,
-    ) -> Result<(), TransportError>;
-    /// `queue.unbind`.
+    ) -> Result<(), TransportError> {
+        let op = TopologyOp::BindQueue {
+            queue: queue.to_owned(),
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
+        };
+        self.run(&op).await.map(drop)
+    }
+    /// `queue.unbind`, through [`run`](Channel::run).
     async fn unbind_queue(
         &self,
         queue: &str,
         exchange: &str,
         routing_key: &str,
         arguments: &FieldTable,
-    ) -> Result<(), TransportError>;
-    /// `exchange.bind`.
+    ) -> Result<(), TransportError> {
+        let op = TopologyOp::UnbindQueue {
+            queue: queue.to_owned(),
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
+        };
+        self.run(&op).await.map(drop)
+    }
+    /// `exchange.bind`, through [`run`](Channel::run).
     async fn bind_exchange(
         &self,
         destination: &str,
         source: &str,
         routing_key: &str,
         arguments: &FieldTable,
-    ) -> Result<(), TransportError>;
-    /// `exchange.unbind`.
+    ) -> Result<(), TransportError> {
+        let op = TopologyOp::BindExchange {
+            destination: destination.to_owned(),
+            source: source.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
+        };
+        self.run(&op).await.map(drop)
+    }
+    /// `exchange.unbind`, through [`run`](Channel::run).
     async fn unbind_exchange(
         &self,
         destination: &str,
         source: &str,
         routing_key: &str,
         arguments: &FieldTable,
-    ) -> Result<(), TransportError>;
+    ) -> Result<(), TransportError> {
+        let op = TopologyOp::UnbindExchange {
+            destination: destination.to_owned(),
+            source: source.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
+        };
+        self.run(&op).await.map(drop)
+    }
     /// `basic.publish`. Returns once the client took the message; the confirm
     /// arrives later as an event.
     async fn publish(&self, message: &Message) -> Result<(), TransportError>;

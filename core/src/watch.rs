@@ -9,7 +9,7 @@ use std::task::{Context, Poll, Waker};
 
 use futures::Stream;
 
-use crate::driver::lock;
+use crate::contract::lock;
 use crate::event::Event;
 
 struct Ring {

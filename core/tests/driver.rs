@@ -941,3 +941,34 @@ fn the_client_tells_whether_its_transport_reports_blocking() {
         .expect("valid config");
     assert!(!client.reports_blocked());
 }
+
+/// A dial given up at the connect timeout that answers later (a broker that was
+/// paused and resumes) is closed, and the connection dialled meanwhile goes on
+/// untouched: no reconnect, every publish confirmed.
+#[test]
+fn a_dial_answering_after_its_timeout_is_closed_and_the_live_connection_goes_on() {
+    let (mut pool, clock, transport, client) = setup(1, 2);
+    transport.broker().hang_dials = 1;
+    assert!(
+        drive(&mut pool, &clock, Duration::from_secs(10), || client
+            .state()
+            .is_ready()),
+        "the second dial connects once the first times out"
+    );
+    assert_eq!(transport.broker().dials, 2);
+    let reconnects = client.stats().reconnects;
+    transport.release_dials();
+    pool.run_until_stalled();
+    assert_eq!(
+        transport.open_connections(),
+        1,
+        "the late connection is closed"
+    );
+    let results = spawn_publishes(&pool, &client, 0..10);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || {
+        results.borrow().len() == 10
+    }));
+    assert!(all_confirmed(&results), "{:?}", results.borrow());
+    assert_eq!(client.stats().reconnects, reconnects, "no reconnect");
+    assert!(client.state().is_ready());
+}

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use amqp_rebound_core::{
-    ChannelId, ChannelState, Command, ConnectionId, ConnectionState, Event, Input, NotReady,
+    ChannelId, ChannelInput, ChannelState, Command, ConnectionId, ConnectionState, Event, Input,
     Object, Phase, Reason, TransportError,
 };
 use common::{World, config};
@@ -27,8 +27,9 @@ fn io() -> TransportError {
 fn starts_dials_every_connection_and_opens_every_channel() {
     let mut w = World::new(config(3, 4, 1));
     assert_eq!(w.dials(), 3, "one dial per connection slot at start");
-    assert!(
-        w.sup.checkout().is_err(),
+    assert_eq!(
+        w.sup.ready_channels(),
+        0,
         "nothing is ready before the dials answer"
     );
     let took = w.run_until_ready(Duration::from_secs(1)).expect("ready");
@@ -39,32 +40,51 @@ fn starts_dials_every_connection_and_opens_every_channel() {
     }
 }
 
+/// The channels that carried `n` publishes made now, in order.
+fn placements(w: &mut World, n: u64) -> Vec<ChannelId> {
+    let before = w.commands.len();
+    for k in 0..n {
+        w.publish(common::msg(k)).unwrap();
+    }
+    w.commands[before..]
+        .iter()
+        .filter_map(|(_, c)| match c {
+            Command::Publish { channel, .. } => Some(*channel),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn checkout_is_round_robin_over_ready_channels_only() {
+fn publishes_go_round_robin_over_ready_channels_only() {
     let mut w = World::new(config(2, 2, 7));
     w.run_until_ready(Duration::from_secs(1)).unwrap();
-    let picks: Vec<_> = (0..4).map(|_| w.sup.checkout().unwrap().channel).collect();
-    assert_eq!(picks, vec![ch(0, 0), ch(0, 1), ch(1, 0), ch(1, 1)]);
+    w.auto_confirm = false;
+    assert_eq!(
+        placements(&mut w, 4),
+        vec![ch(0, 0), ch(0, 1), ch(1, 0), ch(1, 1)]
+    );
     // a channel-level error takes one channel out of rotation
     w.channel_error(ch(0, 1), 404);
     assert_eq!(
         w.sup.channel_state(ch(0, 1)).unwrap().phase(),
         Phase::Reopening
     );
-    for _ in 0..9 {
-        let c = w.sup.checkout().unwrap();
-        assert_ne!(c.channel, ch(0, 1), "a Reopening channel was handed out");
-        assert_eq!(w.sup.channel_state(c.channel), Some(ChannelState::Ready));
-    }
+    let picks = placements(&mut w, 9);
+    assert!(!picks.contains(&ch(0, 1)), "a Reopening channel was used");
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
 }
 
 #[test]
-fn no_ready_channel_is_a_clear_answer() {
+fn no_ready_channel_holds_publishes_and_a_close_refuses_them() {
     let mut w = World::new(config(1, 2, 1));
-    assert_eq!(w.sup.checkout(), Err(NotReady::Recovering));
+    assert!(placements(&mut w, 1).is_empty(), "nothing is Ready yet");
     w.run_until_ready(Duration::from_secs(1)).unwrap();
     w.input(Input::Close);
-    assert_eq!(w.sup.checkout(), Err(NotReady::Closed));
+    assert_eq!(
+        w.publish(common::msg(9)),
+        Err(amqp_rebound_core::PublishError::Closed)
+    );
 }
 
 #[test]
@@ -259,9 +279,10 @@ fn late_dial_after_timeout_is_closed_not_used() {
 }
 
 #[test]
-fn blocked_connection_is_skipped_by_checkout() {
+fn publishes_skip_a_blocked_connection() {
     let mut w = World::new(config(2, 1, 1));
     w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.auto_confirm = false;
     let epoch = w.sup.connection_epoch(C0).unwrap();
     w.input(Input::Blocked {
         connection: C0,
@@ -269,15 +290,13 @@ fn blocked_connection_is_skipped_by_checkout() {
         reason: "low on memory".into(),
     });
     assert!(matches!(w.events.last(), Some((_, Event::Blocked { .. }))));
-    for _ in 0..4 {
-        assert_eq!(w.sup.checkout().unwrap().channel, ch(1, 0));
-    }
+    assert_eq!(placements(&mut w, 4), vec![ch(1, 0); 4]);
     w.input(Input::Unblocked {
         connection: C0,
         epoch,
     });
-    let picks: Vec<_> = (0..2).map(|_| w.sup.checkout().unwrap().channel).collect();
-    assert!(picks.contains(&ch(0, 0)));
+    assert!(placements(&mut w, 2).contains(&ch(0, 0)));
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
 }
 
 #[test]
@@ -331,15 +350,15 @@ fn stale_and_unknown_inputs_change_nothing() {
             epoch: 999,
             error: io(),
         },
-        Input::ChannelLost {
+        Input::Channel {
             channel: ch(0, 7),
             generation: 1,
-            error: io(),
+            event: ChannelInput::Lost(io()),
         },
-        Input::ChannelLost {
+        Input::Channel {
             channel: ch(0, 0),
             generation: 0,
-            error: io(),
+            event: ChannelInput::Lost(io()),
         },
         Input::DialFailed {
             connection: C0,
@@ -683,4 +702,205 @@ fn supervisor_refuses_a_bad_config_without_panicking() {
     #[allow(clippy::disallowed_methods)] // the test owns the clock
     let err = amqp_rebound_core::Supervisor::new(c, std::time::Instant::now()).unwrap_err();
     assert_eq!(err, amqp_rebound_core::ConfigError::ZeroChannels);
+}
+
+/// Each step of an open is its own state, named for what the channel waits for;
+/// the application hears of one change only (Opening -> Ready).
+#[test]
+fn channel_states_name_what_the_open_waits_for() {
+    use amqp_rebound_core::{ExchangeDecl, ExchangeKind, Supervisor};
+    fn drain(sup: &mut Supervisor) -> Vec<Command> {
+        std::iter::from_fn(|| sup.poll_command()).collect()
+    }
+    fn connect(sup: &mut Supervisor, at: std::time::Instant) {
+        let epoch = sup.connection_epoch(C0).unwrap();
+        sup.handle(
+            at,
+            Input::Connected {
+                connection: C0,
+                epoch,
+            },
+        );
+    }
+    fn opened(sup: &mut Supervisor, at: std::time::Instant, channel: ChannelId) {
+        let generation = sup.channel_generation(channel).unwrap();
+        sup.handle(
+            at,
+            Input::Channel {
+                channel,
+                generation,
+                event: ChannelInput::Opened,
+            },
+        );
+    }
+    fn topology_done(sup: &mut Supervisor, at: std::time::Instant, channel: ChannelId) {
+        let generation = sup.channel_generation(channel).unwrap();
+        sup.handle(
+            at,
+            Input::Channel {
+                channel,
+                generation,
+                event: ChannelInput::TopologyDone(Ok(None)),
+            },
+        );
+    }
+    #[allow(clippy::disallowed_methods)] // the test owns the clock, not the machine
+    let t0 = std::time::Instant::now();
+    let mut sup = Supervisor::new(config(1, 2, 1), t0).unwrap();
+    let (c0, c1) = (ch(0, 0), ch(0, 1));
+    assert_eq!(sup.channel_state(c0), Some(ChannelState::Idle));
+    connect(&mut sup, t0);
+    assert_eq!(sup.channel_state(c0), Some(ChannelState::AwaitingOpenOk));
+    assert_eq!(sup.channel_state(c1), Some(ChannelState::AwaitingOpenOk));
+    opened(&mut sup, t0, c0);
+    opened(&mut sup, t0, c1);
+    assert_eq!(sup.channel_state(c0), Some(ChannelState::Ready));
+    // an exchange the broker accepted: each new connection's channel 0 replays it
+    let _ = sup.declare_exchange(t0, ExchangeDecl::new("x", ExchangeKind::Topic));
+    let on = drain(&mut sup)
+        .iter()
+        .find_map(|c| match c {
+            Command::Topology { channel, .. } => Some(*channel),
+            _ => None,
+        })
+        .expect("the declaration went out");
+    topology_done(&mut sup, t0, on);
+    // lost after useful work: redialled at once
+    let t1 = t0 + Duration::from_secs(1);
+    let epoch = sup.connection_epoch(C0).unwrap();
+    sup.handle(
+        t1,
+        Input::ConnectionLost {
+            connection: C0,
+            epoch,
+            error: io(),
+        },
+    );
+    assert_eq!(
+        sup.channel_state(c0),
+        Some(ChannelState::Reopening { retry_at: None })
+    );
+    while sup.poll_event().is_some() {}
+    connect(&mut sup, t1);
+    assert_eq!(sup.channel_state(c1), Some(ChannelState::AwaitingOpenOk));
+    // channel 1 opens first: it waits for channel 0 to declare the entities
+    opened(&mut sup, t1, c1);
+    assert_eq!(sup.channel_state(c1), Some(ChannelState::AwaitingTopology));
+    opened(&mut sup, t1, c0);
+    assert_eq!(
+        sup.channel_state(c0),
+        Some(ChannelState::Replaying { done: 0, total: 1 })
+    );
+    assert_eq!(sup.channel_state(c1), Some(ChannelState::AwaitingTopology));
+    assert!(
+        drain(&mut sup)
+            .iter()
+            .any(|c| matches!(c, Command::Topology { channel, .. } if *channel == c0)),
+        "the replay step went out"
+    );
+    topology_done(&mut sup, t1, c0);
+    assert_eq!(sup.channel_state(c0), Some(ChannelState::Ready));
+    assert_eq!(sup.channel_state(c1), Some(ChannelState::Ready));
+    let mut changes = Vec::new();
+    while let Some(e) = sup.poll_event() {
+        if let Event::StateChanged {
+            object: Object::Channel(id),
+            from,
+            to,
+            ..
+        } = e
+        {
+            changes.push((id, from, to));
+        }
+    }
+    assert_eq!(
+        changes,
+        vec![
+            (c0, Phase::Reopening, Phase::Opening),
+            (c1, Phase::Reopening, Phase::Opening),
+            (c0, Phase::Opening, Phase::Ready),
+            (c1, Phase::Opening, Phase::Ready)
+        ]
+    );
+}
+
+fn dialled_hosts(w: &World, from: usize) -> Vec<String> {
+    w.commands[from..]
+        .iter()
+        .filter_map(|(_, c)| match c {
+            Command::Dial { endpoint, .. } => Some(endpoint.host().to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A dial into a host that accepts and says nothing (a paused node) does not hold
+/// the slot for the whole connect timeout: after `parallel_dial_after` the next
+/// host is dialled beside it, and the first to connect is kept.
+#[test]
+fn an_unanswered_dial_gets_a_parallel_one_to_the_next_host() {
+    let mut w = World::new(config(1, 2, 3));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let first = dialled_hosts(&w, 0)[0].clone();
+    let other = if first == "127.0.0.1" {
+        "127.0.0.2"
+    } else {
+        "127.0.0.1"
+    };
+    // the redial goes to the other host, which is silent
+    w.silent_hosts.insert(other.to_string());
+    let from = w.commands.len();
+    w.run_for(Duration::from_secs(1));
+    w.kill(C0, io());
+    let took = w
+        .run_until_ready(Duration::from_secs(10))
+        .expect("ready again");
+    assert_eq!(dialled_hosts(&w, from), vec![other.to_string(), first]);
+    assert!(
+        took <= Duration::from_secs(1) + 3 * common::LATENCY,
+        "ready {took:?} after the loss; the connect timeout is 5 s"
+    );
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
+}
+
+/// With every host silent, at most two dials per slot are in flight, each ends
+/// at its connect timeout, and the backoff still paces the rounds.
+#[test]
+fn parallel_dials_into_silent_hosts_stay_bounded() {
+    let mut w = World::new(config(1, 1, 3));
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.silent_hosts.insert("127.0.0.1".into());
+    w.silent_hosts.insert("127.0.0.2".into());
+    let from = w.commands.len();
+    w.run_for(Duration::from_secs(1));
+    w.kill(C0, io());
+    w.run_for(Duration::from_secs(60));
+    let dials = dialled_hosts(&w, from).len();
+    // a round (two hosts) takes at least the 5 s connect timeout plus up to the
+    // 2 s backoff cap
+    assert!(
+        (8..=26).contains(&dials),
+        "{dials} dials in 60 s into silent hosts"
+    );
+    w.silent_hosts.clear();
+    w.run_until_ready(Duration::from_secs(10))
+        .expect("ready once a host answers");
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
+}
+
+/// One host: nothing to dial beside it; the dial runs to its connect timeout.
+#[test]
+fn one_host_has_no_parallel_dial() {
+    let hosts = amqp_rebound_core::endpoint::parse_hosts(["amqp://guest:guest@127.0.0.9:5672/%2f"])
+        .unwrap();
+    let mut cfg = amqp_rebound_core::Config::new(hosts);
+    cfg.connections = 1;
+    cfg.channels_per_connection = 1;
+    let mut w = World::new(cfg);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.silent_hosts.insert("127.0.0.9".into());
+    let from = w.commands.len();
+    w.kill(C0, io());
+    w.run_for(Duration::from_millis(4_900));
+    assert_eq!(dialled_hosts(&w, from).len(), 1);
 }

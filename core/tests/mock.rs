@@ -8,11 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use amqp_rebound_core::transport::{
-    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Transport,
+    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, TopologyOutcome, Transport,
 };
-use amqp_rebound_core::{
-    Client, ConsumeOptions, Endpoint, ExchangeDecl, FieldTable, Message, QueueDecl, TransportError,
-};
+use amqp_rebound_core::{Client, ConsumeOptions, Endpoint, Message, TopologyOp, TransportError};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::executor::LocalPool;
@@ -28,14 +26,7 @@ mock! {
         fn events(&self) -> BoxStream<'static, ChannelEvent>;
         async fn confirm_select(&self) -> Result<(), TransportError>;
         async fn qos(&self, prefetch_count: u16) -> Result<(), TransportError>;
-        async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError>;
-        async fn delete_exchange(&self, name: &str) -> Result<(), TransportError>;
-        async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError>;
-        async fn delete_queue(&self, name: &str) -> Result<u32, TransportError>;
-        async fn bind_queue(&self, queue: &str, exchange: &str, routing_key: &str, arguments: &FieldTable) -> Result<(), TransportError>;
-        async fn unbind_queue(&self, queue: &str, exchange: &str, routing_key: &str, arguments: &FieldTable) -> Result<(), TransportError>;
-        async fn bind_exchange(&self, destination: &str, source: &str, routing_key: &str, arguments: &FieldTable) -> Result<(), TransportError>;
-        async fn unbind_exchange(&self, destination: &str, source: &str, routing_key: &str, arguments: &FieldTable) -> Result<(), TransportError>;
+        async fn run(&self, op: &TopologyOp) -> Result<TopologyOutcome, TransportError>;
         async fn publish(&self, message: &Message) -> Result<(), TransportError>;
         async fn consume(&self, queue: &str, consumer_tag: &str, options: &ConsumeOptions) -> Result<(), TransportError>;
         async fn cancel(&self, consumer_tag: &str) -> Result<(), TransportError>;

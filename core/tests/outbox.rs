@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amqp_rebound_core::{
-    ChannelId, Command, Confirmation, ConnectionId, Event, Input, Message, PublishError, PublishId,
-    Returned, TransportError,
+    ChannelId, ChannelInput, Command, Confirmation, ConnectionId, Event, Input, Message,
+    PublishError, PublishId, Returned, TransportError,
 };
 use common::{World, config, msg};
 
@@ -117,17 +117,17 @@ fn mandatory_unroutable_resolves_as_returned() {
         .publish(Arc::new(Message::new("x", "b", "2").mandatory(true)))
         .unwrap();
     let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
-    w.input(Input::Returned {
+    w.input(Input::Channel {
         channel: ch(0, 0),
         generation,
-        returned: Box::new(Returned {
+        event: ChannelInput::Returned(Box::new(Returned {
             reply_code: 312,
             reply_text: "NO_ROUTE".into(),
             exchange: "x".into(),
             routing_key: "b".into(),
             properties: Default::default(),
             payload: "2".into(),
-        }),
+        })),
     });
     w.confirm(ch(0, 0), 2, true, true);
     assert_eq!(result_of(&w, routed), vec![Ok(Confirmation::Confirmed)]);
@@ -151,28 +151,22 @@ fn a_resolved_id_is_not_given_to_a_new_publish_before_its_event_is_polled_nor_af
     let b = w.app(|sup, now| {
         sup.handle(
             now,
-            Input::Confirm {
+            Input::Channel {
                 channel,
                 generation,
-                delivery_tag,
-                multiple: false,
-                ack: true,
+                event: ChannelInput::Confirm {
+                    delivery_tag,
+                    multiple: false,
+                    ack: true,
+                },
             },
         );
         sup.publish(now, msg(2), None).unwrap()
     });
-    // a PublishId is the FFI form of the outbox's slot key: the slot in its low
-    // 32 bits, the slot's version above them
-    let slot = |id: PublishId| id.0 as u32;
-    assert_ne!(
-        slot(a),
-        slot(b),
-        "the slot is kept until the event is polled"
-    );
+    assert_ne!(a, b, "the id is kept until the event is polled");
     assert_eq!(result_of(&w, a), vec![Ok(Confirmation::Confirmed)]);
-    // polled now: the slot is free again (and taken first), its id is not
+    // polled now: the slot is free again, its id is not
     let c = w.publish(msg(3)).unwrap();
-    assert_eq!(slot(c), slot(a));
     assert!(c != a && c != b, "{a:?} {b:?} {c:?}");
     // the broker side of the world still holds message 1 (confirmed by hand)
     w.confirm(ch(0, 0), 3, true, true);
@@ -277,6 +271,75 @@ fn outbox_capacity_gives_backpressure_and_memory_stays_bounded() {
         w.publish(msg(100)).is_ok(),
         "room again once the outbox drains"
     );
+}
+
+/// A caller that waits for room is accepted at once: its message enters the
+/// outbox, in order, when there is room; it times out where it waits; a close
+/// drains it, a close without draining resolves it Closed.
+#[test]
+fn a_full_outbox_keeps_waiting_publishes_in_order_until_there_is_room() {
+    let mut cfg = config(1, 1, 1);
+    cfg.outbox_capacity = 2;
+    let mut w = World::new(cfg);
+    let wait = |w: &mut World, n: u64| {
+        w.app(|s, now| s.publish_or_wait(now, msg(n), None))
+            .unwrap()
+    };
+    let ids: Vec<PublishId> = (1..=5).map(|n| wait(&mut w, n)).collect();
+    assert_eq!(w.sup.outbox_pending(), 2, "only the capacity is pending");
+    assert_eq!(
+        w.publish(msg(99)),
+        Err(PublishError::Backpressure { capacity: 2 }),
+        "a caller that does not wait hears the outbox is full"
+    );
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.run_for(Duration::from_millis(50));
+    assert_eq!(w.sent_payloads(), vec!["1", "2", "3", "4", "5"]);
+    for id in &ids {
+        assert_eq!(result_of(&w, *id), vec![Ok(Confirmation::Confirmed)]);
+    }
+
+    // nothing is Ready: waiting ones time out where they wait
+    w.broker_down();
+    w.kill(C0, TransportError::Io("reset".into()));
+    let late: Vec<PublishId> = (6..=9).map(|n| wait(&mut w, n)).collect();
+    w.run_for(Duration::from_secs(31));
+    for id in &late {
+        assert_eq!(result_of(&w, *id), vec![Err(PublishError::TimedOut)]);
+    }
+
+    // a draining close sends the waiting ones too, beyond the capacity, once a
+    // channel is back
+    let sent = w.sent_payloads().len();
+    let drained: Vec<PublishId> = (10..=14).map(|n| wait(&mut w, n)).collect();
+    assert_eq!(w.sup.outbox_pending(), 2);
+    w.input(Input::Close);
+    w.broker_up = true;
+    w.run_for(Duration::from_secs(5));
+    assert_eq!(
+        w.sent_payloads()[sent..].to_vec(),
+        vec!["10", "11", "12", "13", "14"]
+    );
+    for id in &drained {
+        assert_eq!(result_of(&w, *id), vec![Ok(Confirmation::Confirmed)]);
+    }
+}
+
+#[test]
+fn a_close_without_draining_resolves_waiting_publishes_closed() {
+    let mut cfg = config(1, 1, 1);
+    cfg.outbox_capacity = 1;
+    let mut w = World::new(cfg);
+    let ids: Vec<PublishId> = (1..=3)
+        .map(|n| {
+            w.app(|s, now| s.publish_or_wait(now, msg(n), None))
+                .unwrap()
+        })
+        .collect();
+    w.input(Input::CloseNow);
+    for id in &ids {
+        assert_eq!(result_of(&w, *id), vec![Err(PublishError::Closed)]);
+    }
 }
 
 #[test]
@@ -388,13 +451,13 @@ fn publish_to_a_missing_exchange_fails_that_publish_only() {
         .unwrap();
     let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
     w.live_chans.remove(&ch(0, 0));
-    w.input(Input::ChannelLost {
+    w.input(Input::Channel {
         channel: ch(0, 0),
         generation,
-        error: TransportError::Reply {
+        event: ChannelInput::Lost(TransportError::Reply {
             code: 404,
             text: "NOT_FOUND - no exchange 'missing-x' in vhost '/'".into(),
-        },
+        }),
     });
     assert!(matches!(
         result_of(&w, bad).as_slice(),

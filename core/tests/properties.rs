@@ -15,8 +15,9 @@ use std::time::Duration;
 use std::collections::{BTreeMap, BTreeSet};
 
 use amqp_rebound_core::{
-    AckKind, ChannelId, ChannelState, Command, Confirmation, ConnectionId, ConnectionState,
-    ConsumeOptions, ConsumerId, Event, Input, PublishError, PublishId, TransportError,
+    AckKind, ChannelId, ChannelInput, ChannelState, Command, Confirmation, ConnectionId,
+    ConnectionState, ConsumeOptions, ConsumerId, Event, Input, PublishError, PublishId,
+    TransportError,
 };
 use common::{LATENCY, World, config, msg};
 use proptest::prelude::*;
@@ -32,7 +33,6 @@ enum Action {
     Refuse(bool),
     Blackhole(bool),
     Block(u8, bool),
-    Checkout(u8),
     TimeBackwards(u16),
     Stale(u8),
     Close,
@@ -53,7 +53,6 @@ fn action() -> impl Strategy<Value = Action> {
         1 => any::<bool>().prop_map(Action::Refuse),
         1 => any::<bool>().prop_map(Action::Blackhole),
         1 => (any::<u8>(), any::<bool>()).prop_map(|(c, b)| Action::Block(c, b)),
-        3 => (1u8..8).prop_map(Action::Checkout),
         1 => (1u16..5_000).prop_map(Action::TimeBackwards),
         1 => any::<u8>().prop_map(Action::Stale),
         1 => Just(Action::Close),
@@ -159,23 +158,6 @@ fn apply(w: &mut World, action: &Action, model: &mut Model) -> Result<(), TestCa
                 });
             }
         }
-        Action::Checkout(n) => {
-            for _ in 0..n {
-                if let Ok(out) = w.sup.checkout() {
-                    // Property: only Ready channels on live, unblocked connections.
-                    let state = w.sup.channel_state(out.channel);
-                    prop_assert_eq!(state, Some(ChannelState::Ready));
-                    prop_assert_eq!(w.sup.channel_generation(out.channel), Some(out.generation));
-                    let conn = w.sup.connection_state(out.channel.connection).unwrap();
-                    prop_assert!(conn.is_sendable(), "handed out on {:?}", conn);
-                    prop_assert_eq!(
-                        w.live.get(&out.channel.connection).copied(),
-                        w.sup.connection_epoch(out.channel.connection),
-                        "handed out a channel whose transport connection is dead"
-                    );
-                }
-            }
-        }
         Action::TimeBackwards(ms) => {
             // flush timers due now, then step back: nothing may happen
             w.input(Input::Timeout);
@@ -209,24 +191,25 @@ fn apply(w: &mut World, action: &Action, model: &mut Model) -> Result<(), TestCa
                     epoch: epoch + 1000,
                     error: TransportError::Timeout,
                 },
-                1 => Input::ChannelLost {
+                1 => Input::Channel {
                     channel: ChannelId {
                         connection: c,
                         index: 0,
                     },
                     generation: generation + 7,
-                    error: TransportError::Timeout,
+                    event: ChannelInput::Lost(TransportError::Timeout),
                 },
                 2 => Input::Connected {
                     connection: ConnectionId(900),
                     epoch,
                 },
-                _ => Input::ChannelOpened {
+                _ => Input::Channel {
                     channel: ChannelId {
                         connection: ConnectionId(900),
                         index: 3,
                     },
                     generation,
+                    event: ChannelInput::Opened,
                 },
             };
             let before = w.events.len();
@@ -382,7 +365,7 @@ fn check_always(w: &mut World, closed_at: Option<usize>) -> Result<(), TestCaseE
             .iter()
             .any(|(_, c)| matches!(c, Command::Dial { .. }));
         prop_assert!(!dial_after, "dial after close");
-        prop_assert!(w.sup.checkout().is_err());
+        prop_assert_eq!(w.sup.ready_channels(), 0);
     }
     Ok(())
 }
@@ -443,7 +426,7 @@ fn run_case(case: &Case) -> Result<World, TestCaseError> {
             "not Ready within {:?} after the last fault",
             bound
         );
-        prop_assert!(w.sup.checkout().is_ok());
+        prop_assert!(w.sup.ready_channels() > 0);
         // the broker confirms everything from now on: every waiting or in-flight
         // publish must then resolve (re-sent or timed out), none may vanish
         w.auto_confirm = true;

@@ -5,9 +5,9 @@ mod common;
 use std::time::Duration;
 
 use amqp_rebound_core::{
-    AckError, AckKind, ChannelId, ChannelState, ConnectionId, ConsumeError, ConsumeOptions, Event,
-    ExchangeDecl, ExchangeKind, FieldTable, QueueDecl, QueueRef, TopologyError, TopologyOp,
-    TransportError,
+    AckError, AckKind, ChannelId, ChannelInput, ChannelState, ConnectionId, ConsumeError,
+    ConsumeOptions, Event, ExchangeDecl, ExchangeKind, FieldTable, QueueDecl, QueueRef,
+    TopologyError, TopologyOp, TransportError,
 };
 use common::{World, config};
 
@@ -247,7 +247,17 @@ fn invalid_topology_requests_are_typed_errors() {
     for r in bad {
         assert!(matches!(r, Err(TopologyError::Invalid(_))), "{r:?}");
     }
-    let unknown = amqp_rebound_core::QueueHandle(999);
+    // a handle this client never gave out (another client's 50th)
+    let mut other = World::new(config(1, 1, 2));
+    let unknown = (0..50)
+        .map(|_| {
+            other
+                .app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+                .unwrap()
+                .1
+        })
+        .last()
+        .unwrap();
     assert_eq!(
         w.app(|s, now| s.bind_queue(now, unknown.into(), "x", "k", FieldTable::default())),
         Err(TopologyError::UnknownQueue(unknown))
@@ -520,10 +530,12 @@ fn broker_cancel_resubscribes_a_registered_queue_and_ends_an_unknown_one() {
     w.topology_log.clear();
     let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
     for tag in ["k", "u"] {
-        w.input(amqp_rebound_core::Input::ConsumerCancelled {
+        w.input(amqp_rebound_core::Input::Channel {
             channel: ch(0, 0),
             generation,
-            consumer_tag: tag.into(),
+            event: ChannelInput::ConsumerCancelled {
+                consumer_tag: tag.into(),
+            },
         });
     }
     w.run_for(Duration::from_millis(20));
@@ -656,10 +668,12 @@ fn a_deleted_queue_with_two_consumers_is_declared_once_and_both_follow() {
     for (consumer, tag) in consumers.iter().zip(["a", "b"]) {
         let channel = w.sup.consumer_channel(*consumer).unwrap();
         let generation = w.sup.channel_generation(channel).unwrap();
-        w.input(amqp_rebound_core::Input::ConsumerCancelled {
+        w.input(amqp_rebound_core::Input::Channel {
             channel,
             generation,
-            consumer_tag: tag.into(),
+            event: ChannelInput::ConsumerCancelled {
+                consumer_tag: tag.into(),
+            },
         });
     }
     w.run_for(Duration::from_millis(50));

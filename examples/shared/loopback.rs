@@ -4,13 +4,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use amqp_rebound::transport::{
-    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Sleep, Timer,
-    Transport,
+use amqp_rebound::engine::{
+    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, Endpoint, QueueInfo, Sleep,
+    Timer, TopologyOp, TopologyOutcome, Transport,
 };
-use amqp_rebound::{
-    ConsumeOptions, Endpoint, ExchangeDecl, FieldTable, Message, QueueDecl, TransportError,
-};
+use amqp_rebound::{ConsumeOptions, Message, TransportError};
+// Not among `amqp_rebound::engine`'s re-exports: the core crate's path.
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::channel::mpsc;
@@ -84,57 +83,25 @@ impl Channel for LoopbackChannel {
     async fn qos(&self, _: u16) -> Result<(), TransportError> {
         Ok(())
     }
-    async fn declare_exchange(&self, _: &ExchangeDecl) -> Result<(), TransportError> {
-        Ok(())
-    }
-    async fn delete_exchange(&self, _: &str) -> Result<(), TransportError> {
-        Ok(())
-    }
-    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError> {
-        Ok(QueueInfo {
-            name: decl.name.clone(),
-            message_count: 0,
-            consumer_count: 0,
-        })
-    }
-    async fn delete_queue(&self, _: &str) -> Result<u32, TransportError> {
-        Ok(0)
-    }
-    async fn bind_queue(
-        &self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: &FieldTable,
-    ) -> Result<(), TransportError> {
-        Ok(())
-    }
-    async fn unbind_queue(
-        &self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: &FieldTable,
-    ) -> Result<(), TransportError> {
-        Ok(())
-    }
-    async fn bind_exchange(
-        &self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: &FieldTable,
-    ) -> Result<(), TransportError> {
-        Ok(())
-    }
-    async fn unbind_exchange(
-        &self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: &FieldTable,
-    ) -> Result<(), TransportError> {
-        Ok(())
+    async fn run(&self, op: &TopologyOp) -> Result<TopologyOutcome, TransportError> {
+        match op {
+            TopologyOp::DeclareQueue(decl) => Ok(TopologyOutcome::Queue(QueueInfo {
+                name: decl.name.clone(),
+                message_count: 0,
+                consumer_count: 0,
+            })),
+            TopologyOp::DeleteQueue { .. } => {
+                Ok(TopologyOutcome::QueueDeleted { message_count: 0 })
+            }
+            TopologyOp::DeclareExchange(_)
+            | TopologyOp::DeleteExchange { .. }
+            | TopologyOp::BindQueue { .. }
+            | TopologyOp::UnbindQueue { .. }
+            | TopologyOp::BindExchange { .. }
+            | TopologyOp::UnbindExchange { .. } => Ok(TopologyOutcome::Done),
+            // basic.qos / consume / cancel come through their own methods
+            op => Err(op.unsupported()),
+        }
     }
     async fn publish(&self, message: &Message) -> Result<(), TransportError> {
         self.published.lock().unwrap().push(message.clone());

@@ -1,396 +1,22 @@
 //! [`SimBroker`]: the in-memory broker, its fault injection and its inspection API.
 
 use std::fmt;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use amqp_rebound_core::TransportError;
 use amqp_rebound_core::endpoint::Endpoint;
-use amqp_rebound_core::message::{FieldTable, Message, Properties};
-use amqp_rebound_core::topology::ExchangeKind;
+use amqp_rebound_core::message::Message;
 use amqp_rebound_core::transport::ConnectOptions;
-use bytes::Bytes;
 
 use crate::clock::VirtualClock;
-use crate::model::{Action, DialCheck, State};
+pub use crate::model::{
+    BindingDestination, BindingSnapshot, BrokerConfig, BrokerStats, ConfirmMode, ConnectionInfo,
+    ConnectionStats, ExchangeSnapshot, LedgerEntry, QueueSnapshot, SimConnectionId, StoredMessage,
+};
+use crate::model::{DialCheck, State};
 use crate::transport::{SimConnection, SimTransport};
-
-/// How the simulated broker is set up. Build it with struct update syntax or the
-/// `with_*` methods:
-///
-/// ```
-/// use std::time::Duration;
-/// use amqp_rebound_sim::BrokerConfig;
-///
-/// let config = BrokerConfig::default()
-///     .with_seed(7)
-///     .with_latency(Duration::from_millis(2))
-///     .with_credentials("app", "s3cr3t");
-/// assert_eq!(config.username, "app");
-/// assert!(!format!("{config:?}").contains("s3cr3t"), "the password is redacted");
-/// ```
-#[derive(Clone)]
-pub struct BrokerConfig {
-    /// Seeds the broker's one random generator (server-named queue and consumer
-    /// tag suffixes). Same seed, same names.
-    pub seed: u64,
-    /// The only user the broker accepts (default `guest`).
-    pub username: String,
-    /// That user's password (default `guest`). Never printed.
-    pub password: String,
-    /// One-way latency of new connections, each direction (default 1 ms): a call
-    /// takes two latencies, a confirm arrives one latency after its publish is
-    /// routed, which is one latency after it was sent.
-    pub latency: Duration,
-    /// The heartbeat interval used when the endpoint asks for none (default 10 s).
-    /// A partitioned connection is declared dead after twice its interval. An
-    /// endpoint `?heartbeat=0`, or zero here, disables heartbeats: a partitioned
-    /// connection then hangs until the partition heals.
-    pub default_heartbeat: Duration,
-    /// Channels per connection (default 2047, RabbitMQ's). Opening one more closes
-    /// the connection with 530 NOT_ALLOWED.
-    pub channel_max: u16,
-    /// Whether a restart keeps transient (delivery mode 1) messages in durable
-    /// queues (default true: "durable queues keep their messages"). False models
-    /// classic queues, which keep only persistent messages.
-    pub restart_keeps_transient_messages: bool,
-    /// Record a human-readable trace of broker activity, stamped with virtual time
-    /// (see [`SimBroker::trace`]). Off by default. Independently of this, the same
-    /// lines go to `tracing` at DEBUG level.
-    pub trace: bool,
-}
-
-impl Default for BrokerConfig {
-    fn default() -> Self {
-        BrokerConfig {
-            seed: 0,
-            username: "guest".to_owned(),
-            password: "guest".to_owned(),
-            latency: Duration::from_millis(1),
-            default_heartbeat: Duration::from_secs(10),
-            channel_max: 2047,
-            restart_keeps_transient_messages: true,
-            trace: false,
-        }
-    }
-}
-
-impl BrokerConfig {
-    /// Sets the seed.
-    pub fn with_seed(mut self, seed: u64) -> Self {
-        self.seed = seed;
-        self
-    }
-
-    /// Sets the accepted user and password.
-    pub fn with_credentials(
-        mut self,
-        username: impl Into<String>,
-        password: impl Into<String>,
-    ) -> Self {
-        self.username = username.into();
-        self.password = password.into();
-        self
-    }
-
-    /// Sets the one-way latency of new connections.
-    pub fn with_latency(mut self, latency: Duration) -> Self {
-        self.latency = latency;
-        self
-    }
-
-    /// Sets the default heartbeat interval.
-    pub fn with_default_heartbeat(mut self, heartbeat: Duration) -> Self {
-        self.default_heartbeat = heartbeat;
-        self
-    }
-
-    /// Turns the trace on or off.
-    pub fn with_trace(mut self, trace: bool) -> Self {
-        self.trace = trace;
-        self
-    }
-}
-
-impl fmt::Debug for BrokerConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BrokerConfig")
-            .field("seed", &self.seed)
-            .field("username", &self.username)
-            .field("password", &"***")
-            .field("latency", &self.latency)
-            .field("default_heartbeat", &self.default_heartbeat)
-            .field("channel_max", &self.channel_max)
-            .field(
-                "restart_keeps_transient_messages",
-                &self.restart_keeps_transient_messages,
-            )
-            .field("trace", &self.trace)
-            .finish()
-    }
-}
-
-/// What the broker does with publisher confirms (a fault knob; see
-/// [`SimBroker::set_confirm_mode`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum ConfirmMode {
-    /// Ack every routed (or unroutable) message at once.
-    #[default]
-    Normal,
-    /// Route at once, but send the ack this much later (a slow disk). Acks of
-    /// messages published after switching back to `Normal` may overtake delayed
-    /// ones, as RabbitMQ's out-of-order confirms can.
-    Delay(Duration),
-    /// Route, but never send the ack (a lost confirm: the client must time out or
-    /// recover, and re-publish).
-    Drop,
-    /// Refuse the message: not routed, nacked (like an overflow `reject-publish`).
-    Nack,
-}
-
-/// A connection's identity in the simulated broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SimConnectionId(pub u64);
-
-impl fmt::Display for SimConnectionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "conn#{}", self.0)
-    }
-}
-
-/// A message held by the broker (ready in a queue or delivered and unacked).
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredMessage {
-    /// The broker's number for the publish; every queue copy of one publish shares
-    /// it.
-    pub id: u64,
-    /// The exchange it was published to.
-    pub exchange: String,
-    /// Its routing key.
-    pub routing_key: String,
-    /// Its properties.
-    pub properties: Properties,
-    /// Its body.
-    pub payload: Bytes,
-    /// It was delivered before and came back.
-    pub redelivered: bool,
-}
-
-/// What became of one message the broker routed, for loss accounting (see
-/// [`SimBroker::ledger`]). Every routed copy ends up in exactly one place: still in
-/// a queue (ready or unacked), `acked`, `discarded` or `dropped`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct LedgerEntry {
-    /// The broker's number for the publish ([`StoredMessage::id`]).
-    pub id: u64,
-    /// Its body.
-    pub payload: Bytes,
-    /// When it was routed.
-    pub at: Instant,
-    /// Queues it was routed to (0: unroutable).
-    pub routed: u32,
-    /// Copies acked by a consumer (or delivered with `no_ack`).
-    pub acked: u32,
-    /// Copies nacked or rejected without requeue.
-    pub discarded: u32,
-    /// Copies lost with their queue (deleted, exclusive owner gone, auto-delete,
-    /// restart).
-    pub dropped: u32,
-}
-
-/// A queue's state, for tests.
-#[derive(Debug, Clone, PartialEq)]
-pub struct QueueSnapshot {
-    /// Name.
-    pub name: String,
-    /// Survives a restart.
-    pub durable: bool,
-    /// The owning connection of an exclusive queue.
-    pub exclusive_owner: Option<SimConnectionId>,
-    /// Deleted when its last consumer goes.
-    pub auto_delete: bool,
-    /// Messages waiting, head first.
-    pub ready: Vec<StoredMessage>,
-    /// Messages delivered and not yet acked.
-    pub unacked: Vec<StoredMessage>,
-    /// Consumer tags, in registration order.
-    pub consumers: Vec<String>,
-}
-
-impl QueueSnapshot {
-    /// Every message the queue holds: ready, then unacked.
-    pub fn messages(&self) -> impl Iterator<Item = &StoredMessage> {
-        self.ready.iter().chain(self.unacked.iter())
-    }
-}
-
-/// An exchange, for tests.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExchangeSnapshot {
-    /// Name (`""` is the default exchange).
-    pub name: String,
-    /// Type.
-    pub kind: ExchangeKind,
-    /// Survives a restart.
-    pub durable: bool,
-    /// Deleted when its last binding goes.
-    pub auto_delete: bool,
-    /// Cannot be published to.
-    pub internal: bool,
-    /// One of the exchanges every broker has (`""`, `amq.*`).
-    pub builtin: bool,
-}
-
-/// Where a binding leads.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum BindingDestination {
-    /// A queue.
-    Queue(String),
-    /// An exchange (exchange-to-exchange binding).
-    Exchange(String),
-}
-
-/// A binding, for tests. The default exchange's implicit bindings are not listed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BindingSnapshot {
-    /// The exchange messages come from.
-    pub source: String,
-    /// Where they go.
-    pub destination: BindingDestination,
-    /// Binding key.
-    pub routing_key: String,
-    /// Binding arguments.
-    pub arguments: FieldTable,
-}
-
-/// Counters of one connection, as the broker saw it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ConnectionStats {
-    /// Channels opened.
-    pub channels_opened: u64,
-    /// Messages published (that reached the broker).
-    pub published: u64,
-    /// Publisher confirms sent as acks (or due, when delayed).
-    pub confirms_acked: u64,
-    /// Publisher confirms sent as nacks.
-    pub confirms_nacked: u64,
-    /// Publisher confirms withheld by [`ConfirmMode::Drop`].
-    pub confirms_dropped: u64,
-    /// Mandatory messages returned.
-    pub returned: u64,
-    /// Deliveries sent.
-    pub delivered: u64,
-    /// Deliveries acked by the client.
-    pub acked: u64,
-    /// Deliveries nacked or rejected by the client.
-    pub rejected: u64,
-    /// ack / nack / reject with a delivery tag the channel did not know (each one
-    /// closed a channel with 406). Zero in a good run.
-    pub unknown_tag_acks: u64,
-}
-
-/// Broker-wide counters, and the current totals they must balance with.
-///
-/// Every routed copy of a message is in exactly one place; see
-/// [`is_conserved`](BrokerStats::is_conserved).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct BrokerStats {
-    /// Connections accepted.
-    pub connections_opened: u64,
-    /// Connections open now (broker side).
-    pub open_connections: u64,
-    /// Dials refused (host refusing, broker down, bad credentials).
-    pub dials_refused: u64,
-    /// Messages that reached the broker.
-    pub published: u64,
-    /// Queue copies made by routing (a message routed to 3 queues counts 3).
-    pub routed: u64,
-    /// Messages no queue took.
-    pub unroutable: u64,
-    /// Messages refused under [`ConfirmMode::Nack`] (never routed).
-    pub nacked_publishes: u64,
-    /// Mandatory messages returned.
-    pub returned: u64,
-    /// Confirm acks sent (or due).
-    pub confirms_acked: u64,
-    /// Confirm nacks sent.
-    pub confirms_nacked: u64,
-    /// Confirms withheld.
-    pub confirms_dropped: u64,
-    /// Deliveries.
-    pub delivered: u64,
-    /// Deliveries flagged redelivered.
-    pub redelivered: u64,
-    /// Copies acked by a consumer (including `no_ack` deliveries).
-    pub acked: u64,
-    /// Copies put back in their queue (nack / reject with requeue, channel or
-    /// connection closed with unacked messages).
-    pub requeued: u64,
-    /// Copies nacked or rejected without requeue (no dead-lettering is modelled).
-    pub discarded: u64,
-    /// Copies lost because their queue was deleted (queue.delete, exclusive owner
-    /// gone, auto-delete).
-    pub dropped_by_delete: u64,
-    /// Copies lost in a broker restart.
-    pub dropped_by_restart: u64,
-    /// Acks with an unknown delivery tag (must stay zero in a good run).
-    pub unknown_tag_acks: u64,
-    /// Broker restarts.
-    pub restarts: u64,
-    /// Publishes that arrived on a channel not in confirm mode (a client that
-    /// publishes before `confirm.select` completed: zero for amqp-rebound).
-    pub publishes_outside_confirm_mode: u64,
-    /// Publishes to an exchange that does not exist (each one closed its channel
-    /// with 404: a client that publishes before its topology is replayed).
-    pub publishes_to_missing_exchange: u64,
-    /// Copies ready in queues now.
-    pub ready: u64,
-    /// Copies delivered and unacked now.
-    pub unacked: u64,
-    /// Consumers now.
-    pub consumers: u64,
-}
-
-impl BrokerStats {
-    /// Conservation of messages: `routed == ready + unacked + acked + discarded +
-    /// dropped_by_delete + dropped_by_restart`.
-    pub fn is_conserved(&self) -> bool {
-        self.routed
-            == self.ready
-                + self.unacked
-                + self.acked
-                + self.discarded
-                + self.dropped_by_delete
-                + self.dropped_by_restart
-    }
-}
-
-/// A connection as the broker sees it, for tests.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ConnectionInfo {
-    /// Identity, for the fault methods.
-    pub id: SimConnectionId,
-    /// The `host:port` it was dialled at.
-    pub host: String,
-    /// The name from [`ConnectOptions`].
-    pub name: Option<String>,
-    /// The authenticated user.
-    pub user: String,
-    /// Open on the broker side.
-    pub open: bool,
-    /// Why the client was told it closed, once it was.
-    pub closed: Option<TransportError>,
-    /// The client was last told it is blocked.
-    pub blocked: bool,
-    /// Open channel numbers.
-    pub channels: Vec<u16>,
-    /// Counters.
-    pub stats: ConnectionStats,
-}
 
 /// Turns `host`, `host:port`, `[v6]:port` or a bare IPv6 literal into the key the
 /// simulator uses for a host (`host:port`, IPv6 in brackets, port 5672 by default,
@@ -437,6 +63,46 @@ pub fn host_key(host: &str, port: u16) -> String {
     }
 }
 
+/// The locked model. Dropping it puts the clock actions the model asked for on
+/// the clock, in the order asked, each to run on the model when it falls due.
+pub(crate) struct StateGuard<'a> {
+    state: MutexGuard<'a, State>,
+    inner: &'a Arc<Mutex<State>>,
+}
+
+impl Deref for StateGuard<'_> {
+    type Target = State;
+
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        let timers = self.state.take_timers();
+        if timers.is_empty() {
+            return;
+        }
+        let clock = self.state.clock.clone();
+        for (at, action) in timers {
+            // Weak: a pending timer must not keep a dropped broker alive.
+            let model = Arc::downgrade(self.inner);
+            clock.schedule_at(at, move || {
+                if let Some(inner) = model.upgrade() {
+                    SimBroker { inner }.lock().run_action(action);
+                }
+            });
+        }
+    }
+}
+
 /// An in-memory AMQP 0-9-1 broker (see the [crate docs](crate) for the model).
 ///
 /// A cheap, shared handle: clones are the same broker. Its API is synchronous; the
@@ -475,22 +141,20 @@ impl SimBroker {
     /// `amq.topic`, `amq.headers`, `amq.match`), serving no host yet.
     pub fn new(clock: VirtualClock, config: BrokerConfig) -> SimBroker {
         SimBroker {
-            inner: Arc::new_cyclic(|me| Mutex::new(State::new(me.clone(), clock, config))),
+            inner: Arc::new(Mutex::new(State::new(clock, config))),
         }
     }
 
-    pub(crate) fn from_inner(inner: Arc<Mutex<State>>) -> SimBroker {
-        SimBroker { inner }
-    }
-
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        // The state stays consistent between statements; a panic elsewhere (a failed
-        // test assertion) must not turn every later call into a second panic.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(crate) fn run_action(&self, action: Action) {
-        self.lock().run_action(action);
+    /// The model, locked. Every timer the model asks for while locked goes on the
+    /// clock when the guard drops.
+    pub(crate) fn lock(&self) -> StateGuard<'_> {
+        StateGuard {
+            // The state stays consistent between statements; a panic elsewhere (a
+            // failed test assertion) must not turn every later call into a second
+            // panic.
+            state: self.inner.lock().unwrap_or_else(PoisonError::into_inner),
+            inner: &self.inner,
+        }
     }
 
     /// The broker's clock.

@@ -9,10 +9,11 @@ use std::time::Instant;
 
 use amqp_rebound_core::TransportError;
 use amqp_rebound_core::endpoint::Endpoint;
-use amqp_rebound_core::message::{FieldTable, Message};
-use amqp_rebound_core::topology::{ConsumeOptions, ExchangeDecl, QueueDecl};
+use amqp_rebound_core::message::Message;
+use amqp_rebound_core::topology::{ConsumeOptions, TopologyOp};
 use amqp_rebound_core::transport::{
-    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Timer, Transport,
+    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Timer,
+    TopologyOutcome, Transport,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -250,89 +251,30 @@ impl<H: Channel> Channel for InstrumentedChannel<H> {
         self.inner.qos(prefetch_count).await
     }
 
-    async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError> {
+    async fn run(&self, op: &TopologyOp) -> Result<TopologyOutcome, TransportError> {
         if self.faked() {
-            return Ok(());
+            // Declares and binds answer without reaching the broker; deletes and
+            // unbinds still go.
+            match op {
+                TopologyOp::DeclareQueue(decl) => {
+                    let name = if decl.name.is_empty() {
+                        "amq.gen-never-declared".to_owned()
+                    } else {
+                        decl.name.clone()
+                    };
+                    return Ok(TopologyOutcome::Queue(QueueInfo {
+                        name,
+                        message_count: 0,
+                        consumer_count: 0,
+                    }));
+                }
+                TopologyOp::DeclareExchange(_)
+                | TopologyOp::BindQueue { .. }
+                | TopologyOp::BindExchange { .. } => return Ok(TopologyOutcome::Done),
+                _ => {}
+            }
         }
-        self.inner.declare_exchange(decl).await
-    }
-
-    async fn delete_exchange(&self, name: &str) -> Result<(), TransportError> {
-        self.inner.delete_exchange(name).await
-    }
-
-    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError> {
-        if self.faked() {
-            let name = if decl.name.is_empty() {
-                "amq.gen-never-declared".to_owned()
-            } else {
-                decl.name.clone()
-            };
-            return Ok(QueueInfo {
-                name,
-                message_count: 0,
-                consumer_count: 0,
-            });
-        }
-        self.inner.declare_queue(decl).await
-    }
-
-    async fn delete_queue(&self, name: &str) -> Result<u32, TransportError> {
-        self.inner.delete_queue(name).await
-    }
-
-    async fn bind_queue(
-        &self,
-        queue: &str,
-        exchange: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        if self.faked() {
-            return Ok(());
-        }
-        self.inner
-            .bind_queue(queue, exchange, routing_key, arguments)
-            .await
-    }
-
-    async fn unbind_queue(
-        &self,
-        queue: &str,
-        exchange: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        self.inner
-            .unbind_queue(queue, exchange, routing_key, arguments)
-            .await
-    }
-
-    async fn bind_exchange(
-        &self,
-        destination: &str,
-        source: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        if self.faked() {
-            return Ok(());
-        }
-        self.inner
-            .bind_exchange(destination, source, routing_key, arguments)
-            .await
-    }
-
-    async fn unbind_exchange(
-        &self,
-        destination: &str,
-        source: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        self.inner
-            .unbind_exchange(destination, source, routing_key, arguments)
-            .await
+        self.inner.run(op).await
     }
 
     async fn publish(&self, message: &Message) -> Result<(), TransportError> {

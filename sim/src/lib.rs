@@ -118,7 +118,9 @@ pub mod clock;
 pub mod fault;
 pub mod instrument;
 mod model;
-pub mod routing;
+#[cfg(feature = "proxy")]
+pub mod proxy;
+pub use model::routing;
 pub mod scenario;
 pub mod simulation;
 pub mod trace;

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use amqp_rebound_core::TransportError;
 use amqp_rebound_core::endpoint::Endpoint;
-use amqp_rebound_core::message::{FieldTable, Message};
-use amqp_rebound_core::topology::{ConsumeOptions, ExchangeDecl, QueueDecl};
+use amqp_rebound_core::message::Message;
+use amqp_rebound_core::topology::{ConsumeOptions, TopologyOp};
 use amqp_rebound_core::transport::{
-    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Transport,
+    Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, TopologyOutcome, Transport,
 };
 use async_trait::async_trait;
 use futures::channel::{mpsc, oneshot};
@@ -357,90 +357,25 @@ impl Channel for SimChannel {
         self.done(Op::Qos(prefetch_count)).await
     }
 
-    async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError> {
-        self.done(Op::DeclareExchange(Box::new(decl.clone()))).await
-    }
-
-    async fn delete_exchange(&self, name: &str) -> Result<(), TransportError> {
-        self.done(Op::DeleteExchange(name.to_owned())).await
-    }
-
-    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError> {
-        match self.call(Op::DeclareQueue(Box::new(decl.clone()))).await? {
-            Reply::Queue(info) => Ok(info),
+    async fn run(&self, op: &TopologyOp) -> Result<TopologyOutcome, TransportError> {
+        let topology = matches!(
+            op,
+            TopologyOp::DeclareExchange(_)
+                | TopologyOp::DeleteExchange { .. }
+                | TopologyOp::DeclareQueue(_)
+                | TopologyOp::DeleteQueue { .. }
+                | TopologyOp::BindQueue { .. }
+                | TopologyOp::UnbindQueue { .. }
+                | TopologyOp::BindExchange { .. }
+                | TopologyOp::UnbindExchange { .. }
+        );
+        if !topology {
+            return Err(op.unsupported());
+        }
+        match self.call(Op::Topology(Box::new(op.clone()))).await? {
+            Reply::Topology(outcome) => Ok(outcome),
             _ => Err(unexpected()),
         }
-    }
-
-    async fn delete_queue(&self, name: &str) -> Result<u32, TransportError> {
-        match self.call(Op::DeleteQueue(name.to_owned())).await? {
-            Reply::Count(n) => Ok(n),
-            _ => Err(unexpected()),
-        }
-    }
-
-    async fn bind_queue(
-        &self,
-        queue: &str,
-        exchange: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        self.done(Op::BindQueue {
-            queue: queue.to_owned(),
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
-            arguments: arguments.clone(),
-        })
-        .await
-    }
-
-    async fn unbind_queue(
-        &self,
-        queue: &str,
-        exchange: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        self.done(Op::UnbindQueue {
-            queue: queue.to_owned(),
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
-            arguments: arguments.clone(),
-        })
-        .await
-    }
-
-    async fn bind_exchange(
-        &self,
-        destination: &str,
-        source: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        self.done(Op::BindExchange {
-            destination: destination.to_owned(),
-            source: source.to_owned(),
-            routing_key: routing_key.to_owned(),
-            arguments: arguments.clone(),
-        })
-        .await
-    }
-
-    async fn unbind_exchange(
-        &self,
-        destination: &str,
-        source: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        self.done(Op::UnbindExchange {
-            destination: destination.to_owned(),
-            source: source.to_owned(),
-            routing_key: routing_key.to_owned(),
-            arguments: arguments.clone(),
-        })
-        .await
     }
 
     /// Queues the message on the wire and returns at once (no virtual time passes).

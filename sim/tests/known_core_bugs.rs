@@ -1,5 +1,5 @@
 //! Bugs of core that this simulator found, one reproducer each, kept as
-//! regression tests now that core is fixed (all about server-named queues: a
+//! regression tests (all about server-named queues: a
 //! channel-only reopen re-declaring a live queue, an auto-delete queue gone with
 //! its only consumers' channel, and one broker cancel per consumer re-declaring
 //! the queue once each). `Scenario::avoid_known_core_bugs` is off by default.

@@ -418,6 +418,66 @@ impl Drop for AlarmGuard {
     }
 }
 
+/// Pauses the broker's Erlang VM (SIGSTOP): its sockets stay open and nothing
+/// answers, as a node that hangs. [`PauseGuard::resume`] (or dropping the guard)
+/// sends SIGCONT; a detached watchdog also resumes it after `at_most`, should
+/// this process die before it can.
+pub async fn pause_broker(at_most: Duration) -> PauseGuard {
+    let out = ctl(&["eval", "os:getpid()."]).await;
+    let pid: u32 = out
+        .trim()
+        .trim_matches('"')
+        .parse()
+        .unwrap_or_else(|_| panic!("the broker's pid from {out:?}"));
+    let mut watchdog = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "sleep {}; kill -CONT {pid}",
+            at_most.as_secs().max(1)
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the resume watchdog");
+    // reaped here while this process lives; it outlives a process that dies
+    std::thread::spawn(move || watchdog.wait());
+    let guard = PauseGuard { pid };
+    signal(pid, "-STOP");
+    guard
+}
+
+fn signal(pid: u32, which: &str) {
+    match Command::new("kill")
+        .arg(which)
+        .arg(pid.to_string())
+        .status()
+    {
+        Ok(status) if status.success() => {}
+        other => eprintln!("kill {which} {pid}: {other:?}"),
+    }
+}
+
+/// Resumes the paused broker when dropped, even during a panic.
+#[derive(Debug)]
+#[must_use = "dropping the guard resumes the broker"]
+pub struct PauseGuard {
+    pid: u32,
+}
+
+impl PauseGuard {
+    /// SIGCONT now.
+    pub fn resume(self) {
+        drop(self);
+    }
+}
+
+impl Drop for PauseGuard {
+    fn drop(&mut self) {
+        signal(self.pid, "-CONT");
+    }
+}
+
 /// `rabbitmqctl stop_app`: the broker closes every connection and stops; durable
 /// queues and their persistent messages survive. Restart with [`AppGuard::start`].
 pub async fn stop_app() -> AppGuard {

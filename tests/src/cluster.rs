@@ -30,7 +30,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amqp_rebound_core::{Client, ClientBuilder, Event, Object, Phase, TokioTimer, Transport};
@@ -127,9 +127,7 @@ pub async fn rabbitmqctl_async(node: Node, args: &[&str]) -> Result<String, Stri
 }
 
 /// Locks a mutex whose holder may have panicked (the data stays usable here).
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+pub use amqp_rebound_core::transport::support::lock;
 
 /// The lock file that keeps cluster tests from running side by side.
 #[derive(Debug)]

@@ -1,12 +1,17 @@
 //! `amqp-rebound-tests`: cross-crate tests for amqp-rebound (not published).
 //!
 //! - [`proxy`]: [`FaultProxy`](proxy::FaultProxy), a TCP proxy that resets,
-//!   blackholes or refuses connections on command;
+//!   closes, blackholes or refuses connections, or slips frames to the client,
+//!   on command (`amqp_rebound_sim::proxy`, shared with `rebound-chaos`);
 //! - [`broker`]: the broker at `AMQP_URL`, `rabbitmqctl` wrappers (kill every
 //!   connection, restart, memory alarm, suspend listeners) with guards that undo
 //!   them even when a test panics, the broker lock, unique names;
 //! - [`suite`]: the transport conformance suite, the same cases for every
 //!   transport, instantiated with [`conformance_suite!`];
+//! - [`adapter`]: the adapter suite, each transport's traits against the broker
+//!   without the client on top, instantiated with [`adapter_suite!`] from each
+//!   adapter's `tests/broker.rs`; [`task_leak`]: failed dials leave no tasks,
+//!   instantiated with [`task_leak_suite!`];
 //! - [`capture`]: tracing output captured in memory, to check that no password
 //!   is logged;
 //! - [`bench`](mod@bench) and `src/bin/bench_{lapin,amqprs}.rs`: the side-by-side figures
@@ -79,13 +84,15 @@
 //!
 //! The cases are the same for every transport. Where a transport's client cannot
 //! do what the others do, the case asserts that transport's documented behaviour
-//! instead of skipping: through a capability of the transport traits
-//! ([`Transport::reports_blocked`](amqp_rebound_core::transport::Transport::reports_blocked):
-//! case 6 checks the unannounced fallback), or by the transport's name for what
-//! only its crate docs state (amqprs: missed heartbeats are an I/O error, case
-//! 3b; RabbitMQ refuses its logins after 3 s, case 9; lapin: a known race and a
-//! known log leak, cases 5 and 9).
+//! instead of skipping, through what the transport says of itself, never its
+//! name: [`Transport::reports_blocked`](amqp_rebound_core::transport::Transport::reports_blocked)
+//! (case 6 checks the unannounced fallback) and the flags of
+//! [`Transport::capabilities`](amqp_rebound_core::transport::Transport::capabilities)
+//! (missed heartbeats as an I/O error, case 3b; logins refused after 3 s, case 9;
+//! the channel-close race, case 5; a known log leak, case 9; non-UTF-8 headers,
+//! the bad-input edge case).
 
+pub mod adapter;
 pub mod bench;
 pub mod broker;
 pub mod capture;
@@ -169,6 +176,7 @@ macro_rules! conformance_suite {
                     close_all_connections_while_publishing
                 );
                 $crate::__conformance_case!($name, Exclusive, suspend_and_resume_listeners);
+                $crate::__conformance_case!($name, Exclusive, paused_broker_resumes_without_a_flap);
                 $crate::__conformance_case!($name, Exclusive, broker_restart_recovers_topology);
                 $crate::__conformance_case!($name, Exclusive, memory_alarm_blocks_and_unblocks);
                 $crate::__conformance_case!(

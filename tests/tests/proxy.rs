@@ -174,3 +174,83 @@ async fn an_unreachable_upstream_closes_the_client() {
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     wait_for("no active connection", || proxy.active() == 0).await;
 }
+
+#[tokio::test]
+async fn close_all_ends_open_connections_in_order() {
+    let proxy = FaultProxy::start(echo_server().await).expect("proxy");
+    let mut old = TcpStream::connect(proxy.addr()).await.expect("connect");
+    roundtrip(&mut old, b"x").await.expect("echo");
+    assert_eq!(proxy.close_all(), 1);
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(DEADLINE, old.read(&mut buf))
+        .await
+        .expect("the close arrives");
+    assert_eq!(read.expect("EOF, not a reset"), 0);
+    let mut new = TcpStream::connect(proxy.addr()).await.expect("connect");
+    assert_eq!(roundtrip(&mut new, b"y").await.expect("echo"), b"y");
+    wait_for("the closed connection to go", || proxy.active() == 1).await;
+}
+
+#[tokio::test]
+async fn reset_and_close_one_pick_a_single_connection() {
+    let proxy = FaultProxy::start(echo_server().await).expect("proxy");
+    assert_eq!(proxy.reset(0), None, "nothing open");
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+        roundtrip(&mut s, b"x").await.expect("echo");
+        streams.push(s);
+    }
+    assert_eq!(proxy.open().into_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
+    // picks wrap around the open connections: 4 is the second of three
+    assert_eq!(proxy.reset(4), Some(1));
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(DEADLINE, streams[1].read(&mut buf))
+        .await
+        .expect("the reset arrives");
+    assert_eq!(
+        read.expect_err("a reset").kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
+    wait_for("two open", || proxy.open().len() == 2).await;
+    assert_eq!(proxy.close(0), Some(0));
+    let read = tokio::time::timeout(DEADLINE, streams[0].read(&mut buf))
+        .await
+        .expect("the close arrives");
+    assert_eq!(read.expect("EOF"), 0);
+    assert_eq!(roundtrip(&mut streams[2], b"z").await.expect("echo"), b"z");
+    wait_for("one open", || proxy.open().len() == 1).await;
+}
+
+#[tokio::test]
+async fn inject_reaches_every_open_client() {
+    // an upstream that accepts and stays silent: whatever a client reads came
+    // from the proxy
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let proxy = FaultProxy::start(upstream).expect("proxy");
+    let mut a = TcpStream::connect(proxy.addr()).await.expect("connect");
+    let mut b = TcpStream::connect(proxy.addr()).await.expect("connect");
+    wait_for("both forwarded", || proxy.open().len() == 2).await;
+    let frame = FaultProxy::connection_method(61, &[]);
+    assert_eq!(
+        frame,
+        [1, 0, 0, 0, 0, 0, 4, 0, 10, 0, 61, 0xCE],
+        "connection.unblocked on channel 0"
+    );
+    assert_eq!(proxy.inject(&frame), 2);
+    for client in [&mut a, &mut b] {
+        let mut got = vec![0u8; frame.len()];
+        tokio::time::timeout(DEADLINE, client.read_exact(&mut got))
+            .await
+            .expect("the injected bytes arrive")
+            .expect("read");
+        assert_eq!(got, frame);
+    }
+}

@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use amqp_rebound_core::TransportError;
-use amqp_rebound_core::message::{FieldTable, Message};
-use amqp_rebound_core::topology::{ConsumeOptions, ExchangeDecl, QueueDecl};
-use amqp_rebound_core::transport::{Channel, ChannelEvent, QueueInfo};
+use amqp_rebound_core::message::Message;
+use amqp_rebound_core::topology::{ConsumeOptions, TopologyOp};
+use amqp_rebound_core::transport::{Channel, ChannelEvent, QueueInfo, TopologyOutcome};
 use amqprs::callbacks::ChannelCallback;
 use amqprs::channel::{
     BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicNackArguments,
@@ -340,119 +340,120 @@ impl Channel for AmqprsChannel {
         self.call(self.channel().basic_qos(args)).await
     }
 
-    async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError> {
-        let args = ExchangeDeclareArguments {
-            exchange: short("exchange name", &decl.name)?,
-            exchange_type: convert::exchange_kind(&decl.kind)?,
-            passive: false,
-            durable: decl.durable,
-            auto_delete: decl.auto_delete,
-            internal: decl.internal,
-            no_wait: false,
-            arguments: to_table("an exchange argument", &decl.arguments)?,
-        };
-        self.call(self.channel().exchange_declare(args)).await
-    }
-
-    async fn delete_exchange(&self, name: &str) -> Result<(), TransportError> {
-        let args = ExchangeDeleteArguments::new(checked("exchange name", name)?);
-        self.call(self.channel().exchange_delete(args)).await
-    }
-
-    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError> {
-        let name = short("queue name", &decl.name)?;
-        let arguments = to_table("a queue argument", &decl.arguments)?;
-        let args = QueueDeclareArguments::new(&name)
-            .durable(decl.durable)
-            .exclusive(decl.exclusive)
-            .auto_delete(decl.auto_delete)
-            .arguments(arguments)
-            .finish();
-        match self.call(self.channel().queue_declare(args)).await? {
-            Some((name, message_count, consumer_count)) => Ok(QueueInfo {
-                name,
-                message_count,
-                consumer_count,
-            }),
-            // Only with no-wait, which this adapter never asks for.
-            None => Err(TransportError::Protocol(
-                "amqprs returned no queue.declare-ok".into(),
-            )),
+    async fn run(&self, op: &TopologyOp) -> Result<TopologyOutcome, TransportError> {
+        match op {
+            TopologyOp::DeclareExchange(decl) => {
+                let args = ExchangeDeclareArguments {
+                    exchange: short("exchange name", &decl.name)?,
+                    exchange_type: convert::exchange_kind(&decl.kind)?,
+                    passive: false,
+                    durable: decl.durable,
+                    auto_delete: decl.auto_delete,
+                    internal: decl.internal,
+                    no_wait: false,
+                    arguments: to_table("an exchange argument", &decl.arguments)?,
+                };
+                self.call(self.channel().exchange_declare(args)).await?;
+            }
+            TopologyOp::DeleteExchange { name } => {
+                let args = ExchangeDeleteArguments::new(checked("exchange name", name)?);
+                self.call(self.channel().exchange_delete(args)).await?;
+            }
+            TopologyOp::DeclareQueue(decl) => {
+                let name = short("queue name", &decl.name)?;
+                let arguments = to_table("a queue argument", &decl.arguments)?;
+                let args = QueueDeclareArguments::new(&name)
+                    .durable(decl.durable)
+                    .exclusive(decl.exclusive)
+                    .auto_delete(decl.auto_delete)
+                    .arguments(arguments)
+                    .finish();
+                return match self.call(self.channel().queue_declare(args)).await? {
+                    Some((name, message_count, consumer_count)) => {
+                        Ok(TopologyOutcome::Queue(QueueInfo {
+                            name,
+                            message_count,
+                            consumer_count,
+                        }))
+                    }
+                    // Only with no-wait, which this adapter never asks for.
+                    None => Err(TransportError::Protocol(
+                        "amqprs returned no queue.declare-ok".into(),
+                    )),
+                };
+            }
+            TopologyOp::DeleteQueue { name } => {
+                let args = QueueDeleteArguments::new(checked("queue name", name)?);
+                let message_count = self
+                    .call(self.channel().queue_delete(args))
+                    .await?
+                    .ok_or_else(|| {
+                        TransportError::Protocol("amqprs returned no queue.delete-ok".into())
+                    })?;
+                return Ok(TopologyOutcome::QueueDeleted { message_count });
+            }
+            TopologyOp::BindQueue {
+                queue,
+                exchange,
+                routing_key,
+                arguments,
+            } => {
+                let args = QueueBindArguments {
+                    queue: short("queue name", queue)?,
+                    exchange: short("exchange name", exchange)?,
+                    routing_key: short("routing key", routing_key)?,
+                    no_wait: false,
+                    arguments: to_table("a binding argument", arguments)?,
+                };
+                self.call(self.channel().queue_bind(args)).await?;
+            }
+            TopologyOp::UnbindQueue {
+                queue,
+                exchange,
+                routing_key,
+                arguments,
+            } => {
+                let args = QueueUnbindArguments {
+                    queue: short("queue name", queue)?,
+                    exchange: short("exchange name", exchange)?,
+                    routing_key: short("routing key", routing_key)?,
+                    arguments: to_table("a binding argument", arguments)?,
+                };
+                self.call(self.channel().queue_unbind(args)).await?;
+            }
+            TopologyOp::BindExchange {
+                destination,
+                source,
+                routing_key,
+                arguments,
+            } => {
+                let args = ExchangeBindArguments {
+                    destination: short("exchange name", destination)?,
+                    source: short("exchange name", source)?,
+                    routing_key: short("routing key", routing_key)?,
+                    no_wait: false,
+                    arguments: to_table("a binding argument", arguments)?,
+                };
+                self.call(self.channel().exchange_bind(args)).await?;
+            }
+            TopologyOp::UnbindExchange {
+                destination,
+                source,
+                routing_key,
+                arguments,
+            } => {
+                let args = ExchangeUnbindArguments {
+                    destination: short("exchange name", destination)?,
+                    source: short("exchange name", source)?,
+                    routing_key: short("routing key", routing_key)?,
+                    no_wait: false,
+                    arguments: to_table("a binding argument", arguments)?,
+                };
+                self.call(self.channel().exchange_unbind(args)).await?;
+            }
+            op => return Err(op.unsupported()),
         }
-    }
-
-    async fn delete_queue(&self, name: &str) -> Result<u32, TransportError> {
-        let args = QueueDeleteArguments::new(checked("queue name", name)?);
-        self.call(self.channel().queue_delete(args))
-            .await?
-            .ok_or_else(|| TransportError::Protocol("amqprs returned no queue.delete-ok".into()))
-    }
-
-    async fn bind_queue(
-        &self,
-        queue: &str,
-        exchange: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        let args = QueueBindArguments {
-            queue: short("queue name", queue)?,
-            exchange: short("exchange name", exchange)?,
-            routing_key: short("routing key", routing_key)?,
-            no_wait: false,
-            arguments: to_table("a binding argument", arguments)?,
-        };
-        self.call(self.channel().queue_bind(args)).await
-    }
-
-    async fn unbind_queue(
-        &self,
-        queue: &str,
-        exchange: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        let args = QueueUnbindArguments {
-            queue: short("queue name", queue)?,
-            exchange: short("exchange name", exchange)?,
-            routing_key: short("routing key", routing_key)?,
-            arguments: to_table("a binding argument", arguments)?,
-        };
-        self.call(self.channel().queue_unbind(args)).await
-    }
-
-    async fn bind_exchange(
-        &self,
-        destination: &str,
-        source: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        let args = ExchangeBindArguments {
-            destination: short("exchange name", destination)?,
-            source: short("exchange name", source)?,
-            routing_key: short("routing key", routing_key)?,
-            no_wait: false,
-            arguments: to_table("a binding argument", arguments)?,
-        };
-        self.call(self.channel().exchange_bind(args)).await
-    }
-
-    async fn unbind_exchange(
-        &self,
-        destination: &str,
-        source: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        let args = ExchangeUnbindArguments {
-            destination: short("exchange name", destination)?,
-            source: short("exchange name", source)?,
-            routing_key: short("routing key", routing_key)?,
-            no_wait: false,
-            arguments: to_table("a binding argument", arguments)?,
-        };
-        self.call(self.channel().exchange_unbind(args)).await
+        Ok(TopologyOutcome::Done)
     }
 
     async fn publish(&self, message: &Message) -> Result<(), TransportError> {

@@ -2,7 +2,7 @@
 //! task that turns what amqprs reports into [`ConnectionEvent`]s.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use amqp_rebound_core::TransportError;
 use amqp_rebound_core::transport::{Connection, ConnectionEvent};
@@ -400,8 +400,4 @@ impl<T> Drop for InRuntime<T> {
 
 /// Locks a mutex, ignoring poisoning: every value guarded here stays valid even if
 /// a holder panicked.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+pub(crate) use amqp_rebound_core::transport::support::lock;

@@ -6,7 +6,6 @@
 //! string that ends up as one is checked here first.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use amqp_rebound_core::TransportError;
 use amqp_rebound_core::endpoint::Endpoint;
@@ -23,8 +22,10 @@ use amqprs::{
 };
 use tokio_rustls::rustls::ClientConfig;
 
-/// The longest AMQP short string, in bytes.
-const SHORT_STRING_MAX: usize = 255;
+use amqp_rebound_core::transport::support::too_long;
+pub(crate) use amqp_rebound_core::transport::support::{
+    check_short as checked, scrub, uri_connect_timeout,
+};
 
 /// The heartbeat amqprs asks for when the URI names none (and when it names 0:
 /// see [`heartbeat`]).
@@ -76,16 +77,6 @@ pub(crate) fn heartbeat(asked: Option<u16>) -> u16 {
         Some(1) => 2,
         Some(seconds) => seconds,
     }
-}
-
-/// The dial timeout the URI asks for (`connection_timeout`, milliseconds).
-pub(crate) fn uri_connect_timeout(endpoint: &Endpoint) -> Option<Duration> {
-    endpoint
-        .amqp_uri()
-        .query
-        .connection_timeout
-        .filter(|&ms| ms > 0)
-        .map(Duration::from_millis)
 }
 
 fn credentials(endpoint: &Endpoint) -> Result<SecurityCredentials, TransportError> {
@@ -257,50 +248,10 @@ pub(crate) fn parse_close(text: &str) -> Option<(u16, String)> {
     None
 }
 
-/// Removes `password` from the text of `error`.
-///
-/// Neither amqprs nor RabbitMQ is known to put it there; this makes sure of it.
-pub(crate) fn scrub(error: TransportError, password: &str) -> TransportError {
-    // A one- or two-character password would blank out ordinary words; it cannot be
-    // told apart from the text around it anyway.
-    if password.len() < 3 {
-        return error;
-    }
-    let clean = |text: String| text.replace(password, "***");
-    match error {
-        TransportError::Io(text) => TransportError::Io(clean(text)),
-        TransportError::Auth(text) => TransportError::Auth(clean(text)),
-        TransportError::Protocol(text) => TransportError::Protocol(clean(text)),
-        TransportError::Tls { kind, detail } => TransportError::Tls {
-            kind,
-            detail: clean(detail),
-        },
-        TransportError::Reply { code, text } => TransportError::Reply {
-            code,
-            text: clean(text),
-        },
-        other => other,
-    }
-}
-
 /// An AMQP short string, refused (rather than panicking in amqprs) when longer
 /// than 255 bytes.
 pub(crate) fn short(what: &'static str, value: &str) -> Result<String, TransportError> {
     checked(what, value).map(str::to_owned)
-}
-
-/// [`short`] without the copy, for amqprs calls that copy the name themselves.
-pub(crate) fn checked<'a>(what: &'static str, value: &'a str) -> Result<&'a str, TransportError> {
-    if value.len() > SHORT_STRING_MAX {
-        return Err(too_long(what, value.len()));
-    }
-    Ok(value)
-}
-
-fn too_long(what: &'static str, len: usize) -> TransportError {
-    TransportError::Protocol(format!(
-        "{what} is {len} bytes long; AMQP allows at most {SHORT_STRING_MAX}"
-    ))
 }
 
 /// Core's exchange kind as the type name amqprs sends.

@@ -199,7 +199,7 @@ use std::time::Duration;
 use amqp_rebound_core::TransportError;
 use amqp_rebound_core::endpoint::Endpoint;
 use amqp_rebound_core::tls::rustls::{self, ClientConfigCache};
-use amqp_rebound_core::transport::{ConnectOptions, Transport};
+use amqp_rebound_core::transport::{Capabilities, ConnectOptions, Transport, support};
 use async_trait::async_trait;
 use tokio::runtime::Handle;
 
@@ -240,16 +240,11 @@ impl AmqprsTransport {
     }
 
     fn handle(&self) -> Result<Handle, TransportError> {
-        self.handle
-            .clone()
-            .or_else(|| Handle::try_current().ok())
-            .ok_or_else(|| {
-                TransportError::Protocol(
-                    "amqp-rebound-amqprs needs a tokio runtime: connect from one, \
-                     or give one with AmqprsTransport::with_handle"
-                        .into(),
-                )
-            })
+        support::runtime_handle(
+            self.handle.as_ref(),
+            "amqp-rebound-amqprs",
+            "AmqprsTransport::with_handle",
+        )
     }
 }
 
@@ -326,6 +321,17 @@ impl Transport for AmqprsTransport {
     /// docs).
     fn reports_blocked(&self) -> bool {
         false
+    }
+
+    /// amqprs reports missed heartbeats as a socket error, does not advertise
+    /// `authentication_failure_close`, and cannot send header long strings that
+    /// are not UTF-8 (see the limits in the crate docs).
+    fn capabilities(&self) -> Capabilities {
+        let mut capabilities = Capabilities::default();
+        capabilities.reports_heartbeat_timeout = false;
+        capabilities.authentication_failure_close = false;
+        capabilities.non_utf8_long_strings = false;
+        capabilities
     }
 
     /// amqprs keeps header long strings as Rust `String`s: a long string that is

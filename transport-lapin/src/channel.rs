@@ -3,13 +3,13 @@
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use amqp_rebound_core::TransportError;
-use amqp_rebound_core::message::{FieldTable, Message};
-use amqp_rebound_core::topology::{ConsumeOptions, ExchangeDecl, QueueDecl};
-use amqp_rebound_core::transport::{Channel, ChannelEvent, QueueInfo};
+use amqp_rebound_core::message::Message;
+use amqp_rebound_core::topology::{ConsumeOptions, TopologyOp};
+use amqp_rebound_core::transport::{Channel, ChannelEvent, QueueInfo, TopologyOutcome};
 use async_trait::async_trait;
 use futures::channel::mpsc;
 use futures::future::{self, BoxFuture};
@@ -320,149 +320,146 @@ impl Channel for LapinChannel {
             .map_err(|e| self.error(e))
     }
 
-    async fn declare_exchange(&self, decl: &ExchangeDecl) -> Result<(), TransportError> {
-        let name = short("exchange name", &decl.name)?;
-        let kind = convert::exchange_kind(&decl.kind)?;
-        check_table("an exchange argument", &decl.arguments)?;
-        let options = ExchangeDeclareOptions {
-            passive: false,
-            durable: decl.durable,
-            auto_delete: decl.auto_delete,
-            internal: decl.internal,
-            nowait: false,
-        };
-        self.channel
-            .exchange_declare(name, kind, options, decl.arguments.clone())
-            .await
-            .map_err(|e| self.error(e))
-    }
-
-    async fn delete_exchange(&self, name: &str) -> Result<(), TransportError> {
-        let name = short("exchange name", name)?;
-        self.channel
-            .exchange_delete(name, ExchangeDeleteOptions::default())
-            .await
-            .map_err(|e| self.error(e))
-    }
-
-    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError> {
-        let name = short("queue name", &decl.name)?;
-        check_table("a queue argument", &decl.arguments)?;
-        let options = QueueDeclareOptions {
-            passive: false,
-            durable: decl.durable,
-            exclusive: decl.exclusive,
-            auto_delete: decl.auto_delete,
-            nowait: false,
-        };
-        let queue = self
-            .channel
-            .queue_declare(name, options, decl.arguments.clone())
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(QueueInfo {
-            name: queue.name().to_string(),
-            message_count: queue.message_count(),
-            consumer_count: queue.consumer_count(),
-        })
-    }
-
-    async fn delete_queue(&self, name: &str) -> Result<u32, TransportError> {
-        let name = short("queue name", name)?;
-        self.channel
-            .queue_delete(name, QueueDeleteOptions::default())
-            .await
-            .map_err(|e| self.error(e))
-    }
-
-    async fn bind_queue(
-        &self,
-        queue: &str,
-        exchange: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        let (queue, exchange) = (
-            short("queue name", queue)?,
-            short("exchange name", exchange)?,
-        );
-        let routing_key = short("routing key", routing_key)?;
-        check_table("a binding argument", arguments)?;
-        self.channel
-            .queue_bind(
+    async fn run(&self, op: &TopologyOp) -> Result<TopologyOutcome, TransportError> {
+        match op {
+            TopologyOp::DeclareExchange(decl) => {
+                let name = short("exchange name", &decl.name)?;
+                let kind = convert::exchange_kind(&decl.kind)?;
+                check_table("an exchange argument", &decl.arguments)?;
+                let options = ExchangeDeclareOptions {
+                    passive: false,
+                    durable: decl.durable,
+                    auto_delete: decl.auto_delete,
+                    internal: decl.internal,
+                    nowait: false,
+                };
+                self.channel
+                    .exchange_declare(name, kind, options, decl.arguments.clone())
+                    .await
+                    .map_err(|e| self.error(e))?;
+            }
+            TopologyOp::DeleteExchange { name } => {
+                let name = short("exchange name", name)?;
+                self.channel
+                    .exchange_delete(name, ExchangeDeleteOptions::default())
+                    .await
+                    .map_err(|e| self.error(e))?;
+            }
+            TopologyOp::DeclareQueue(decl) => {
+                let name = short("queue name", &decl.name)?;
+                check_table("a queue argument", &decl.arguments)?;
+                let options = QueueDeclareOptions {
+                    passive: false,
+                    durable: decl.durable,
+                    exclusive: decl.exclusive,
+                    auto_delete: decl.auto_delete,
+                    nowait: false,
+                };
+                let queue = self
+                    .channel
+                    .queue_declare(name, options, decl.arguments.clone())
+                    .await
+                    .map_err(|e| self.error(e))?;
+                return Ok(TopologyOutcome::Queue(QueueInfo {
+                    name: queue.name().to_string(),
+                    message_count: queue.message_count(),
+                    consumer_count: queue.consumer_count(),
+                }));
+            }
+            TopologyOp::DeleteQueue { name } => {
+                let name = short("queue name", name)?;
+                let message_count = self
+                    .channel
+                    .queue_delete(name, QueueDeleteOptions::default())
+                    .await
+                    .map_err(|e| self.error(e))?;
+                return Ok(TopologyOutcome::QueueDeleted { message_count });
+            }
+            TopologyOp::BindQueue {
                 queue,
                 exchange,
                 routing_key,
-                QueueBindOptions::default(),
-                arguments.clone(),
-            )
-            .await
-            .map_err(|e| self.error(e))
-    }
-
-    async fn unbind_queue(
-        &self,
-        queue: &str,
-        exchange: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        let (queue, exchange) = (
-            short("queue name", queue)?,
-            short("exchange name", exchange)?,
-        );
-        let routing_key = short("routing key", routing_key)?;
-        check_table("a binding argument", arguments)?;
-        self.channel
-            .queue_unbind(queue, exchange, routing_key, arguments.clone())
-            .await
-            .map_err(|e| self.error(e))
-    }
-
-    async fn bind_exchange(
-        &self,
-        destination: &str,
-        source: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        let destination = short("exchange name", destination)?;
-        let source = short("exchange name", source)?;
-        let routing_key = short("routing key", routing_key)?;
-        check_table("a binding argument", arguments)?;
-        self.channel
-            .exchange_bind(
+                arguments,
+            } => {
+                let (queue, exchange) = (
+                    short("queue name", queue)?,
+                    short("exchange name", exchange)?,
+                );
+                let routing_key = short("routing key", routing_key)?;
+                check_table("a binding argument", arguments)?;
+                self.channel
+                    .queue_bind(
+                        queue,
+                        exchange,
+                        routing_key,
+                        QueueBindOptions::default(),
+                        arguments.clone(),
+                    )
+                    .await
+                    .map_err(|e| self.error(e))?;
+            }
+            TopologyOp::UnbindQueue {
+                queue,
+                exchange,
+                routing_key,
+                arguments,
+            } => {
+                let (queue, exchange) = (
+                    short("queue name", queue)?,
+                    short("exchange name", exchange)?,
+                );
+                let routing_key = short("routing key", routing_key)?;
+                check_table("a binding argument", arguments)?;
+                self.channel
+                    .queue_unbind(queue, exchange, routing_key, arguments.clone())
+                    .await
+                    .map_err(|e| self.error(e))?;
+            }
+            TopologyOp::BindExchange {
                 destination,
                 source,
                 routing_key,
-                ExchangeBindOptions::default(),
-                arguments.clone(),
-            )
-            .await
-            .map_err(|e| self.error(e))
-    }
-
-    async fn unbind_exchange(
-        &self,
-        destination: &str,
-        source: &str,
-        routing_key: &str,
-        arguments: &FieldTable,
-    ) -> Result<(), TransportError> {
-        let destination = short("exchange name", destination)?;
-        let source = short("exchange name", source)?;
-        let routing_key = short("routing key", routing_key)?;
-        check_table("a binding argument", arguments)?;
-        self.channel
-            .exchange_unbind(
+                arguments,
+            } => {
+                let destination = short("exchange name", destination)?;
+                let source = short("exchange name", source)?;
+                let routing_key = short("routing key", routing_key)?;
+                check_table("a binding argument", arguments)?;
+                self.channel
+                    .exchange_bind(
+                        destination,
+                        source,
+                        routing_key,
+                        ExchangeBindOptions::default(),
+                        arguments.clone(),
+                    )
+                    .await
+                    .map_err(|e| self.error(e))?;
+            }
+            TopologyOp::UnbindExchange {
                 destination,
                 source,
                 routing_key,
-                ExchangeUnbindOptions::default(),
-                arguments.clone(),
-            )
-            .await
-            .map_err(|e| self.error(e))
+                arguments,
+            } => {
+                let destination = short("exchange name", destination)?;
+                let source = short("exchange name", source)?;
+                let routing_key = short("routing key", routing_key)?;
+                check_table("a binding argument", arguments)?;
+                self.channel
+                    .exchange_unbind(
+                        destination,
+                        source,
+                        routing_key,
+                        ExchangeUnbindOptions::default(),
+                        arguments.clone(),
+                    )
+                    .await
+                    .map_err(|e| self.error(e))?;
+            }
+            op => return Err(op.unsupported()),
+        }
+        Ok(TopologyOutcome::Done)
     }
 
     async fn publish(&self, message: &Message) -> Result<(), TransportError> {
@@ -822,11 +819,7 @@ impl Pump {
 
 /// Locks a mutex, ignoring poisoning: every value guarded here stays valid even if
 /// a holder panicked.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+pub(crate) use amqp_rebound_core::transport::support::lock;
 
 #[cfg(test)]
 mod tests {

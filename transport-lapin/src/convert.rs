@@ -10,8 +10,8 @@ use lapin::message::BasicReturnMessage;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, ErrorKind};
 
-/// The longest AMQP short string, in bytes.
-const SHORT_STRING_MAX: usize = 255;
+pub(crate) use amqp_rebound_core::transport::support::scrub;
+use amqp_rebound_core::transport::support::{SHORT_STRING_MAX, too_long};
 
 /// Maps a lapin error to core's classified error.
 ///
@@ -50,32 +50,6 @@ pub(crate) fn map_connect_error(error: &lapin::Error, password: &str) -> Transpo
     scrub(mapped, password)
 }
 
-/// Removes `password` from the text of `error`.
-///
-/// Neither lapin nor RabbitMQ is known to put it there; this makes sure of it.
-pub(crate) fn scrub(error: TransportError, password: &str) -> TransportError {
-    // A one- or two-character password would blank out ordinary words; it cannot be
-    // told apart from the text around it anyway.
-    if password.len() < 3 {
-        return error;
-    }
-    let clean = |text: String| text.replace(password, "***");
-    match error {
-        TransportError::Io(text) => TransportError::Io(clean(text)),
-        TransportError::Auth(text) => TransportError::Auth(clean(text)),
-        TransportError::Protocol(text) => TransportError::Protocol(clean(text)),
-        TransportError::Tls { kind, detail } => TransportError::Tls {
-            kind,
-            detail: clean(detail),
-        },
-        TransportError::Reply { code, text } => TransportError::Reply {
-            code,
-            text: clean(text),
-        },
-        other => other,
-    }
-}
-
 /// Whether `error` says "the object was already closed" rather than why it closed.
 pub(crate) fn is_state_error(error: &lapin::Error) -> bool {
     matches!(
@@ -96,12 +70,6 @@ pub(crate) fn is_channel_level(error: &lapin::Error) -> bool {
 /// `ShortString::from` does) when longer than 255 bytes.
 pub(crate) fn short(what: &'static str, value: &str) -> Result<ShortString, TransportError> {
     ShortString::try_new(value).map_err(|_| too_long(what, value.len()))
-}
-
-fn too_long(what: &'static str, len: usize) -> TransportError {
-    TransportError::Protocol(format!(
-        "{what} is {len} bytes long; AMQP allows at most {SHORT_STRING_MAX}"
-    ))
 }
 
 /// Checks a field table before it reaches the encoder. Keys and `ShortString` values

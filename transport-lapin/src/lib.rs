@@ -106,7 +106,8 @@
 //!   (its properties or headers), not by sequence number. Returns are reported in
 //!   confirm mode only (lapin keeps the others for `wait_for_confirms`).
 //! - **Acks are reported one by one** (`multiple: false`): lapin resolves each
-//!   publish's confirm separately even when the broker acks many at once.
+//!   publish's confirm separately even when the broker acks many at once, and
+//!   not always in publish order (each number is still confirmed once).
 //! - **Missed heartbeats** are detected by lapin after about twice the negotiated
 //!   interval (the `heartbeat` query option of the URI) and reported as
 //!   [`TransportError::HeartbeatTimeout`].
@@ -141,6 +142,9 @@
 //!   before they reach lapin.
 //! - `ConsumeOptions::prefetch` is applied with `basic.qos` (`global = false`) right
 //!   before `basic.consume`.
+//! - **Logging.** lapin's `io_loop` logs the frames it sends at TRACE level,
+//!   `connection.start-ok` included, whose SASL PLAIN response holds the password
+//!   (as bytes): keep lapin's TRACE level off in production.
 //! - **TLS** (`amqps://`): the socket's TLS is rustls with the client
 //!   configuration the core builds from [`ConnectOptions::tls`]
 //!   (`amqp_rebound_core::tls::rustls`: private CA, client certificate, native
@@ -176,7 +180,7 @@ use std::time::Duration;
 use amqp_rebound_core::TransportError;
 use amqp_rebound_core::endpoint::Endpoint;
 use amqp_rebound_core::tls::rustls::{self, ClientConfigCache};
-use amqp_rebound_core::transport::{ConnectOptions, Transport};
+use amqp_rebound_core::transport::{Capabilities, ConnectOptions, Transport, support};
 use async_rs::TokioRuntime;
 use async_rs::traits::Reactor;
 use async_trait::async_trait;
@@ -221,16 +225,11 @@ impl LapinTransport {
     }
 
     fn handle(&self) -> Result<Handle, TransportError> {
-        self.handle
-            .clone()
-            .or_else(|| Handle::try_current().ok())
-            .ok_or_else(|| {
-                TransportError::Protocol(
-                    "amqp-rebound-lapin needs a tokio runtime: connect from one, \
-                     or give one with LapinTransport::with_handle"
-                        .into(),
-                )
-            })
+        support::runtime_handle(
+            self.handle.as_ref(),
+            "amqp-rebound-lapin",
+            "LapinTransport::with_handle",
+        )
     }
 }
 
@@ -317,6 +316,17 @@ impl Transport for LapinTransport {
                 "the dial task failed: {join}"
             ))),
         }
+    }
+
+    /// A publish racing the broker's `channel.close` can cost the connection,
+    /// confirms can come out of publish order, and lapin's TRACE log shows the
+    /// login frame (see the limits in the crate docs).
+    fn capabilities(&self) -> Capabilities {
+        let mut capabilities = Capabilities::default();
+        capabilities.fences_channel_close = false;
+        capabilities.confirms_in_order = false;
+        capabilities.keeps_credentials_out_of_logs = false;
+        capabilities
     }
 }
 

@@ -1,6 +1,7 @@
 //! The [`Supervisor`]: N connection machines x M channel machines, one sans-IO state
 //! machine. See the crate docs for how to drive it.
 
+mod channel;
 mod publish;
 mod topology;
 
@@ -19,6 +20,7 @@ use crate::outbox::Outbox;
 use crate::state::{ChannelState, ConnectionState};
 use crate::telemetry::{LatencyHistogram, Metrics, class_label, targets};
 use crate::topology::{AckKind, Registry, TopologyOp};
+use channel::Chan;
 
 pub use publish::Stats;
 pub use topology::MAX_CONSUME_REFUSALS;
@@ -80,82 +82,14 @@ pub enum Input {
         /// The epoch of the connection.
         epoch: u64,
     },
-    /// A [`Command::OpenChannel`] succeeded (channel open, confirms selected).
-    ChannelOpened {
+    /// Something happened on one generation of a channel.
+    Channel {
         /// The slot.
         channel: ChannelId,
-        /// The generation of the open.
+        /// The generation of the open or of the channel; older ones are stale.
         generation: u64,
-    },
-    /// A [`Command::OpenChannel`] failed.
-    ChannelOpenFailed {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the open.
-        generation: u64,
-        /// Why.
-        error: TransportError,
-    },
-    /// An open channel was closed by the broker or failed.
-    ChannelLost {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the channel.
-        generation: u64,
-        /// Why.
-        error: TransportError,
-    },
-    /// A publisher confirm on a channel (see [`ChannelEvent::Ack`]).
-    ///
-    /// [`ChannelEvent::Ack`]: crate::ChannelEvent::Ack
-    Confirm {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the channel.
-        generation: u64,
-        /// The publish sequence number confirmed.
-        delivery_tag: u64,
-        /// Covers every earlier number too.
-        multiple: bool,
-        /// `true` for basic.ack, `false` for basic.nack.
-        ack: bool,
-    },
-    /// A mandatory message came back unroutable (basic.return).
-    Returned {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the channel.
-        generation: u64,
-        /// What came back.
-        returned: Box<Returned>,
-    },
-    /// A delivery to a consumer.
-    Delivery {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the channel.
-        generation: u64,
-        /// The delivery (boxed: it is ten times the size of a confirm).
-        delivery: Box<Delivery>,
-    },
-    /// The broker cancelled a consumer (basic.cancel, e.g. its queue was deleted).
-    ConsumerCancelled {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the channel.
-        generation: u64,
-        /// The consumer's tag.
-        consumer_tag: String,
-    },
-    /// The [`Command::Topology`] in flight on this channel finished. `Ok` carries
-    /// the real queue name for a queue declaration.
-    TopologyDone {
-        /// The slot.
-        channel: ChannelId,
-        /// The generation of the channel.
-        generation: u64,
-        /// The outcome.
-        result: Result<Option<String>, TransportError>,
+        /// What happened.
+        event: ChannelInput,
     },
     /// What the broker allows on a connection about to be reported
     /// [`Connected`](Input::Connected): its negotiated `channel_max`. Optional;
@@ -184,6 +118,41 @@ pub enum Input {
     Timeout,
 }
 
+/// What happened on a channel: the payload of [`Input::Channel`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ChannelInput {
+    /// A [`Command::OpenChannel`] succeeded (channel open, confirms selected).
+    Opened,
+    /// A [`Command::OpenChannel`] failed.
+    OpenFailed(TransportError),
+    /// The open channel was closed by the broker or failed.
+    Lost(TransportError),
+    /// A publisher confirm (see [`ChannelEvent::Ack`]).
+    ///
+    /// [`ChannelEvent::Ack`]: crate::ChannelEvent::Ack
+    Confirm {
+        /// The publish sequence number confirmed.
+        delivery_tag: u64,
+        /// Covers every earlier number too.
+        multiple: bool,
+        /// `true` for basic.ack, `false` for basic.nack.
+        ack: bool,
+    },
+    /// A mandatory message came back unroutable (basic.return).
+    Returned(Box<Returned>),
+    /// A delivery to a consumer (boxed: it is ten times the size of a confirm).
+    Delivery(Box<Delivery>),
+    /// The broker cancelled a consumer (basic.cancel, e.g. its queue was deleted).
+    ConsumerCancelled {
+        /// The consumer's tag.
+        consumer_tag: String,
+    },
+    /// The [`Command::Topology`] in flight on this channel finished. `Ok` carries
+    /// the real queue name for a queue declaration.
+    TopologyDone(Result<Option<String>, TransportError>),
+}
+
 /// Work for the driver, drained with [`Supervisor::poll_command`].
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -200,7 +169,8 @@ pub enum Command {
         endpoint: Arc<Endpoint>,
     },
     /// Open a channel (and select confirms) on the connection of `epoch`; answer
-    /// with [`Input::ChannelOpened`] or [`Input::ChannelOpenFailed`].
+    /// with an [`Input::Channel`] carrying [`ChannelInput::Opened`] or
+    /// [`ChannelInput::OpenFailed`].
     OpenChannel {
         /// The slot.
         channel: ChannelId,
@@ -222,7 +192,7 @@ pub enum Command {
         message: Arc<Message>,
     },
     /// Run one topology operation on the channel; answer with
-    /// [`Input::TopologyDone`]. At most one is in flight per channel.
+    /// [`ChannelInput::TopologyDone`]. At most one is in flight per channel.
     Topology {
         /// The slot.
         channel: ChannelId,
@@ -260,29 +230,6 @@ pub enum Command {
     },
 }
 
-/// The pool has no channel to hand out. Nothing is wrong with the request: wait for
-/// the next [`Event::StateChanged`] to Ready.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum NotReady {
-    /// No channel is Ready (connections are recovering), or all Ready ones are on
-    /// blocked connections.
-    #[error("no channel is ready")]
-    Recovering,
-    /// The supervisor is closed.
-    #[error("the client is closed")]
-    Closed,
-}
-
-/// A Ready channel handed out by [`Supervisor::checkout`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Checkout {
-    /// The channel slot.
-    pub channel: ChannelId,
-    /// Its current generation: work tagged with it is stale once this changes.
-    pub generation: u64,
-}
-
 /// A deadline for a timeout too long to represent (`Duration::MAX`): a century
 /// away, or `now` on a clock that cannot even count that far.
 pub(crate) fn far_future(now: Instant) -> Instant {
@@ -316,6 +263,8 @@ enum Retry {
 enum TimerKey {
     Connection(u16),
     Channel(u16, u16),
+    /// When a slot's unanswered dial gets a second one, to the next host.
+    ParallelDial(u16),
 }
 
 struct Conn {
@@ -345,6 +294,19 @@ struct Conn {
     /// The loss of this slot's Ready connection, until a channel of it is Ready
     /// again (the recovery's stall).
     lost: Option<Lost>,
+    /// A second dial, to the next host, made while the slot's own dial went
+    /// unanswered ([`Config::parallel_dial_after`]).
+    parallel: Option<ParallelDial>,
+    /// When the slot's dial gets its parallel one, if it is still unanswered.
+    parallel_timer: Option<Instant>,
+}
+
+/// A dial made beside the slot's own. The first to connect becomes the slot's
+/// connection (its epoch the slot's); the other is stale, closed if it connects.
+struct ParallelDial {
+    epoch: u64,
+    host: usize,
+    started: Instant,
 }
 
 /// A Ready connection was lost: its recovery is under way.
@@ -357,44 +319,13 @@ struct Lost {
     span: tracing::Span,
 }
 
-struct Chan {
-    state: ChannelState,
-    generation: u64,
-    /// Whether an OpenChannel for `generation` is outstanding.
-    open_pending: bool,
-    ready_since: Option<Instant>,
-    backoff: Backoff,
-    timer: Option<Instant>,
-    /// Publishes on this generation awaiting a confirm: `(seq, publish id)`, by seq.
-    in_flight: VecDeque<(u64, u64)>,
-    /// Sequence number of the last publish on this generation.
-    next_seq: u64,
-    /// Delivery tags of this generation not yet acked, nacked or rejected.
-    unacked: BTreeSet<u64>,
-    /// Topology steps still to run on this generation (replay, then user ops).
-    steps: VecDeque<topology::Step>,
-    /// The step whose Command::Topology is in flight.
-    step_in_flight: Option<topology::Step>,
-    /// Opened, replaying its topology (Ready when `steps` drain).
-    replaying: bool,
-    /// Opened, but waiting for channel 0 to replay the connection's entities.
-    waiting_topology: bool,
-    /// The connection epoch of the previous generation: equal to the current
-    /// epoch when only the channel was reopened (the connection lived on).
-    prev_epoch: u64,
-    /// The connection epoch of the current generation.
-    epoch: u64,
-    /// The `replay` span and its start, while a replay runs and DEBUG is on
-    /// for the topology target.
-    replay: Option<(tracing::Span, Instant)>,
-}
-
 /// N connection machines x M channel machines: the pool, its lifecycles, backoff
 /// and host rotation, as one sans-IO state machine.
 ///
 /// Four kinds of methods (as in quinn-proto): getters; [`handle`](Self::handle) for
-/// inputs; application commands ([`checkout`](Self::checkout), and
-/// [`Input::Close`]); and the `poll_*` outputs. See the crate docs for the drain
+/// inputs; application commands ([`publish`](Self::publish), the topology
+/// requests, [`ack`](Self::ack), [`flush`](Self::flush), and [`Input::Close`]);
+/// and the `poll_*` outputs. See the crate docs for the drain
 /// rule.
 pub struct Supervisor {
     config: Config,
@@ -468,25 +399,10 @@ impl Supervisor {
                 was_ready: false,
                 suspect_until: None,
                 lost: None,
+                parallel: None,
+                parallel_timer: None,
                 channels: (0..config.channels_per_connection)
-                    .map(|_| Chan {
-                        state: ChannelState::Opening,
-                        generation: 0,
-                        open_pending: false,
-                        ready_since: None,
-                        backoff: Backoff::new(config.backoff.clone()),
-                        timer: None,
-                        in_flight: VecDeque::new(),
-                        next_seq: 0,
-                        unacked: BTreeSet::new(),
-                        steps: VecDeque::new(),
-                        step_in_flight: None,
-                        replaying: false,
-                        waiting_topology: false,
-                        prev_epoch: 0,
-                        epoch: 0,
-                        replay: None,
-                    })
+                    .map(|_| Chan::new(Backoff::new(config.backoff.clone())))
                     .collect(),
             })
             .collect();
@@ -652,37 +568,6 @@ impl Supervisor {
         .min()
     }
 
-    // ----- application commands -----
-
-    /// Hands out a Ready channel, round-robin, skipping channels on blocked
-    /// connections. Never a channel in any other state.
-    pub fn checkout(&mut self) -> Result<Checkout, NotReady> {
-        if self.closed {
-            return Err(NotReady::Closed);
-        }
-        if self.ready_channels == 0 {
-            return Err(NotReady::Recovering);
-        }
-        let per = self.config.channels_per_connection;
-        let total = self.conns.len() * per;
-        for step in 0..total {
-            let flat = (self.cursor + step) % total;
-            let (c, i) = (flat / per, flat % per);
-            let conn = &self.conns[c];
-            if conn.state.is_sendable() && conn.channels[i].state.is_ready() {
-                self.cursor = (flat + 1) % total;
-                return Ok(Checkout {
-                    channel: ChannelId {
-                        connection: ConnectionId(c as u16),
-                        index: i as u16,
-                    },
-                    generation: conn.channels[i].generation,
-                });
-            }
-        }
-        Err(NotReady::Recovering)
-    }
-
     // ----- input -----
 
     /// Feeds one input at time `now`. Time that goes backwards is clamped to the
@@ -701,6 +586,7 @@ impl Supervisor {
                 epoch,
                 channel_max,
             } => {
+                self.parallel_connected(connection, epoch);
                 let wanted = self.config.channels_per_connection;
                 if let Some(c) = self.current(connection, epoch)
                     && matches!(self.conns[c].state, ConnectionState::Connecting { .. })
@@ -718,13 +604,26 @@ impl Supervisor {
                     self.connection_failed(c, error, Reason::DialFailed(class), Retry::AsFailure);
                 }
             }
-            Input::Connected { connection, epoch } => self.on_connected(connection, epoch),
+            Input::Connected { connection, epoch } => {
+                self.parallel_connected(connection, epoch);
+                self.on_connected(connection, epoch);
+            }
             Input::DialFailed {
                 connection,
                 epoch,
                 error,
             } => {
-                if let Some(c) = self.current(connection, epoch)
+                if let Some(conn) = self.conns.get_mut(usize::from(connection.0))
+                    && conn.parallel.as_ref().is_some_and(|p| p.epoch == epoch)
+                {
+                    // the parallel dial failed: the slot's own goes on alone
+                    conn.parallel = None;
+                } else if let Some(c) = self.current(connection, epoch)
+                    && matches!(self.conns[c].state, ConnectionState::Connecting { .. })
+                    && self.hand_over_to_parallel(c, &error)
+                {
+                    // counted; the parallel dial is the slot's now
+                } else if let Some(c) = self.current(connection, epoch)
                     && matches!(self.conns[c].state, ConnectionState::Connecting { .. })
                 {
                     let class = error.class();
@@ -749,51 +648,46 @@ impl Supervisor {
                 reason,
             } => self.set_blocked(connection, epoch, Some(reason)),
             Input::Unblocked { connection, epoch } => self.set_blocked(connection, epoch, None),
-            Input::ChannelOpened {
+            Input::Channel {
                 channel,
                 generation,
-            } => self.on_channel_opened(channel, generation),
-            Input::ChannelOpenFailed {
-                channel,
-                generation,
-                error,
-            }
-            | Input::ChannelLost {
-                channel,
-                generation,
-                error,
-            } => self.on_channel_failed(channel, generation, error),
-            Input::Confirm {
-                channel,
-                generation,
-                delivery_tag,
-                multiple,
-                ack,
-            } => self.on_confirm(channel, generation, delivery_tag, multiple, ack),
-            Input::Returned {
-                channel,
-                generation,
-                returned,
-            } => self.on_returned(channel, generation, &returned),
-            Input::Delivery {
-                channel,
-                generation,
-                delivery,
-            } => self.on_delivery(channel, generation, delivery),
-            Input::ConsumerCancelled {
-                channel,
-                generation,
-                consumer_tag,
-            } => self.on_consumer_cancelled(channel, generation, &consumer_tag),
-            Input::TopologyDone {
-                channel,
-                generation,
-                result,
-            } => self.on_topology_done(channel, generation, result),
+                event,
+            } => self.on_channel_input(channel, generation, event),
         }
         self.pump();
         self.check_drained();
         self.sync_metrics();
+    }
+
+    fn on_channel_input(&mut self, channel: ChannelId, generation: u64, event: ChannelInput) {
+        match event {
+            ChannelInput::Opened => self.on_channel_opened(channel, generation),
+            ChannelInput::OpenFailed(error) | ChannelInput::Lost(error) => {
+                self.on_channel_failed(channel, generation, error);
+            }
+            ChannelInput::Confirm {
+                delivery_tag,
+                multiple,
+                ack,
+            } => self.on_confirm(channel, generation, delivery_tag, multiple, ack),
+            ChannelInput::Returned(returned) => self.on_returned(channel, generation, &returned),
+            ChannelInput::Delivery(delivery) => self.on_delivery(channel, generation, delivery),
+            ChannelInput::ConsumerCancelled { consumer_tag } => {
+                self.on_consumer_cancelled(channel, generation, &consumer_tag);
+            }
+            ChannelInput::TopologyDone(result) => {
+                self.on_topology_done(channel, generation, result);
+            }
+        }
+    }
+
+    /// A dial of `epoch` on slot `id` answered: if it is the slot's parallel
+    /// dial, it wins the race and becomes the slot's dial.
+    fn parallel_connected(&mut self, id: ConnectionId, epoch: u64) {
+        let c = usize::from(id.0);
+        if self.conns.get(c).is_some_and(|conn| conn.epoch != epoch) {
+            self.adopt_parallel(c, epoch);
+        }
     }
 
     /// Brings the metrics' counters and depths up to date (nothing without the
@@ -866,6 +760,109 @@ impl Supervisor {
             epoch,
             endpoint: Arc::clone(&self.hosts[endpoint]),
         });
+        // a parallel dial from an earlier round is stale now
+        self.conns[c].parallel = None;
+        let parallel_at = (self.hosts.len() > 1)
+            .then(|| deadline_after(self.now, self.config.parallel_dial_after))
+            .filter(|&at| at < deadline);
+        self.set_parallel_timer(c, parallel_at);
+    }
+
+    /// The slot's dial is still unanswered: dial the next host beside it.
+    fn dial_in_parallel(&mut self, c: usize) {
+        let conn = &self.conns[c];
+        if self.closed
+            || conn.parallel.is_some()
+            || !matches!(conn.state, ConnectionState::Connecting { .. })
+        {
+            return;
+        }
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let host = (conn.host + 1) % self.hosts.len();
+        let conn = &mut self.conns[c];
+        conn.parallel = Some(ParallelDial {
+            epoch,
+            host,
+            started: self.now,
+        });
+        if let Some(lost) = &mut conn.lost {
+            lost.dials += 1;
+        }
+        tracing::debug!(
+            target: targets::CONNECTION,
+            client = self.name(),
+            connection = %ConnectionId(c as u16),
+            epoch,
+            endpoint = %self.hosts[host].redacted(),
+            "dial unanswered: dialling the next host beside it"
+        );
+        self.commands.push_back(Command::Dial {
+            connection: ConnectionId(c as u16),
+            epoch,
+            endpoint: Arc::clone(&self.hosts[host]),
+        });
+    }
+
+    /// The slot's parallel dial of `epoch` connected first, or the slot's own
+    /// dial failed or timed out while it runs: it becomes the slot's dial (the
+    /// other one is stale from now on). `false` when `epoch` is not the
+    /// parallel dial of a Connecting slot.
+    fn adopt_parallel(&mut self, c: usize, epoch: u64) -> bool {
+        let conn = &mut self.conns[c];
+        let Some(p) = conn.parallel.take_if(|p| p.epoch == epoch) else {
+            return false;
+        };
+        let ConnectionState::Connecting {
+            endpoint, deadline, ..
+        } = &mut conn.state
+        else {
+            return false;
+        };
+        *endpoint = p.host;
+        *deadline = deadline_after(p.started, self.config.connect_timeout);
+        let deadline = *deadline;
+        conn.epoch = p.epoch;
+        conn.host = p.host;
+        self.set_conn_timer(c, Some(deadline));
+        self.set_parallel_timer(c, None);
+        true
+    }
+
+    /// The slot's own dial failed or timed out with a parallel one running: the
+    /// failure is counted and the parallel dial carries on as the slot's.
+    fn hand_over_to_parallel(&mut self, c: usize, error: &TransportError) -> bool {
+        let Some(epoch) = self.conns[c].parallel.as_ref().map(|p| p.epoch) else {
+            return false;
+        };
+        let failed_endpoint = self.hosts[self.conns[c].host].redacted();
+        if !self.adopt_parallel(c, epoch) {
+            return false;
+        }
+        let class = error.class();
+        self.conns[c].failures += 1;
+        self.metrics.failed(c, class);
+        if !self.ever_ready {
+            self.first_error = Some(error.clone());
+        }
+        self.events.push_back(Event::RecoveryFailed {
+            connection: ConnectionId(c as u16),
+            endpoint: failed_endpoint,
+            error: error.clone(),
+            class,
+            retry_in: Duration::ZERO,
+        });
+        true
+    }
+
+    fn set_parallel_timer(&mut self, c: usize, at: Option<Instant>) {
+        let key = TimerKey::ParallelDial(c as u16);
+        if let Some(old) = std::mem::replace(&mut self.conns[c].parallel_timer, at) {
+            self.timers.remove(&(old, key));
+        }
+        if let Some(at) = at {
+            self.timers.insert((at, key));
+        }
     }
 
     fn on_connected(&mut self, id: ConnectionId, epoch: u64) {
@@ -875,6 +872,9 @@ impl Supervisor {
         let current = conn.epoch == epoch;
         if current && matches!(conn.state, ConnectionState::Connecting { .. }) {
             let c = usize::from(id.0);
+            // the other dial of a race, if one runs, lost it
+            self.conns[c].parallel = None;
+            self.set_parallel_timer(c, None);
             let conn = &mut self.conns[c];
             conn.topology_ready = false;
             conn.close_sent = false;
@@ -975,18 +975,11 @@ impl Supervisor {
     /// (by its backoff) only once every host has failed since it was last stable.
     fn connection_failed(&mut self, c: usize, error: TransportError, reason: Reason, retry: Retry) {
         self.conns[c].topology_ready = false;
+        // a parallel dial still running is stale: closed if it connects
+        self.conns[c].parallel = None;
+        self.set_parallel_timer(c, None);
         for i in 0..self.conns[c].channels.len() {
-            self.channel_down(c, i, None);
-            if self.conns[c].channels[i].state != ChannelState::Closed {
-                self.set_chan_timer(c, i, None);
-                self.conns[c].channels[i].open_pending = false;
-                self.set_chan_state(
-                    c,
-                    i,
-                    ChannelState::Reopening { retry_at: None },
-                    Reason::ConnectionDown,
-                );
-            }
+            self.channel_waits_for_connection(c, i);
         }
         let hosts = self.hosts.len();
         let class = error.class();
@@ -1088,6 +1081,8 @@ impl Supervisor {
         }
         // a timeout too far to represent is no timeout: drain until done
         self.draining = Some(deadline_after(self.now, self.config.close_timeout));
+        // what waits for room was accepted: it drains too, beyond the capacity
+        self.outbox.admit(usize::MAX);
         self.check_drained();
     }
 
@@ -1126,11 +1121,13 @@ impl Supervisor {
             for i in 0..self.conns[c].channels.len() {
                 self.set_chan_timer(c, i, None);
                 let ch = &mut self.conns[c].channels[i];
-                ch.steps.clear();
-                ch.step_in_flight = None;
+                ch.current.steps.clear();
+                ch.current.step_in_flight = None;
                 self.set_chan_state(c, i, ChannelState::Closed, Reason::CloseRequested);
             }
             self.set_conn_timer(c, None);
+            self.set_parallel_timer(c, None);
+            self.conns[c].parallel = None;
             match self.conns[c].state {
                 ConnectionState::Ready { .. } => {
                     self.set_conn_timer(c, Some(deadline));
@@ -1162,7 +1159,10 @@ impl Supervisor {
         let conn = &self.conns[c];
         if conn.close_sent
             || !matches!(conn.state, ConnectionState::Closing { .. })
-            || conn.channels.iter().any(|ch| !ch.in_flight.is_empty())
+            || conn
+                .channels
+                .iter()
+                .any(|ch| !ch.current.in_flight.is_empty())
         {
             return;
         }
@@ -1190,178 +1190,6 @@ impl Supervisor {
         self.set_conn_state(c, ConnectionState::Closed, Reason::CloseFinished);
     }
 
-    // ----- channel machines -----
-
-    fn chan(&self, id: ChannelId) -> Option<&Chan> {
-        self.conns
-            .get(usize::from(id.connection.0))?
-            .channels
-            .get(usize::from(id.index))
-    }
-
-    fn open_channel(&mut self, c: usize, i: usize, reason: Reason) {
-        let epoch = self.conns[c].epoch;
-        let ch = &mut self.conns[c].channels[i];
-        if ch.state == ChannelState::Closed {
-            return;
-        }
-        ch.generation += 1;
-        ch.open_pending = true;
-        ch.prev_epoch = std::mem::replace(&mut ch.epoch, epoch);
-        let generation = ch.generation;
-        self.set_chan_timer(c, i, None);
-        self.set_chan_state(c, i, ChannelState::Opening, reason);
-        self.commands.push_back(Command::OpenChannel {
-            channel: ChannelId {
-                connection: ConnectionId(c as u16),
-                index: i as u16,
-            },
-            epoch,
-            generation,
-        });
-    }
-
-    /// `(connection index, channel index)` if `generation` is the slot's current one.
-    fn current_chan(&self, id: ChannelId, generation: u64) -> Option<(usize, usize)> {
-        (self.chan(id)?.generation == generation)
-            .then_some((usize::from(id.connection.0), usize::from(id.index)))
-    }
-
-    fn on_channel_opened(&mut self, id: ChannelId, generation: u64) {
-        let Some((c, i)) = self.current_chan(id, generation) else {
-            // An open we no longer wait for: do not leave it open on the broker.
-            if self.chan(id).is_some_and(|ch| generation < ch.generation) {
-                self.commands.push_back(Command::CloseChannel {
-                    channel: id,
-                    generation,
-                });
-            }
-            return;
-        };
-        let ch = &mut self.conns[c].channels[i];
-        if ch.state != ChannelState::Opening || !ch.open_pending {
-            return;
-        }
-        ch.open_pending = false;
-        ch.next_seq = 0;
-        self.start_replay(c, i);
-    }
-
-    /// The channel is open and its topology replayed: it may be handed out.
-    fn channel_ready(&mut self, c: usize, i: usize) {
-        if !self.ever_ready {
-            self.ever_ready = true;
-            self.first_error = None;
-            self.events
-                .push_back(Event::FirstContact { result: Ok(()) });
-        }
-        let ch = &mut self.conns[c].channels[i];
-        ch.replaying = false;
-        ch.ready_since = Some(self.now);
-        self.room = true;
-        if let Some(lost) = self.conns[c].lost.take() {
-            let stall = self.now.saturating_duration_since(lost.at);
-            self.last_stall = Some(stall);
-            self.metrics.stall(self.conns[c].host, stall);
-            let stall_ms = stall.as_secs_f64() * 1e3;
-            lost.span.record("outcome", "recovered");
-            lost.span.record("stall_ms", stall_ms);
-            lost.span.record("dials", lost.dials);
-            lost.span.in_scope(|| {
-                tracing::info!(
-                    target: targets::CONNECTION,
-                    client = self.name(),
-                    connection = %ConnectionId(c as u16),
-                    stall_ms,
-                    "connection recovered"
-                );
-            });
-        }
-        self.set_chan_state(c, i, ChannelState::Ready, Reason::ChannelOpened);
-    }
-
-    fn on_channel_failed(&mut self, id: ChannelId, generation: u64, error: TransportError) {
-        let Some((c, i)) = self.current_chan(id, generation) else {
-            return;
-        };
-        if self.closed {
-            // no reopen while closing: what it carried resolves as Closed
-            self.channel_down(c, i, None);
-            self.close_when_drained(c);
-            return;
-        }
-        let ch = &self.conns[c].channels[i];
-        let live = match ch.state {
-            ChannelState::Opening => ch.open_pending || ch.replaying || ch.waiting_topology,
-            ChannelState::Ready => true,
-            ChannelState::Reopening { .. } | ChannelState::Closed => false,
-        };
-        if !live || !self.conns[c].state.is_ready() {
-            // The connection's own loss (reported separately) reopens it.
-            return;
-        }
-        if error.is_connection_level() {
-            // The broker is closing the whole connection (lapin reports it on each
-            // channel before the connection itself): handle it as the connection's
-            // loss now, so what this channel carried is not re-sent on siblings
-            // that die with it. The transport's own report comes for an old epoch.
-            let epoch = self.conns[c].epoch;
-            self.commands.push_back(Command::CloseConnection {
-                connection: id.connection,
-                epoch,
-            });
-            self.on_connection_lost(id.connection, epoch, error);
-            return;
-        }
-        if error.reply_code().is_none() && self.conns[c].channels.len() > 1 {
-            // No broker verdict (an I/O error, a stream that ended): over lapin
-            // every channel reports this just before its connection's loss. Hold
-            // this connection's other channels for a moment, so what this channel
-            // carried is not sent on siblings about to die with it (and sent a
-            // third time after the reconnect).
-            let until = deadline_after(self.now, SUSPECT_GRACE);
-            self.conns[c].suspect_until = Some(until);
-            self.set_conn_timer(c, Some(until));
-        }
-        self.channel_failed(c, i, error);
-    }
-
-    /// A live channel of a Ready connection failed: what it carried goes back to
-    /// the outbox, and it reopens after its backoff.
-    fn channel_failed(&mut self, c: usize, i: usize, error: TransportError) {
-        // The connection lives on, and so do the entities its channel 0 replayed:
-        // the other channels keep going (topology_ready stays as it is).
-        self.channel_down(c, i, Some(&error));
-        self.commands.push_back(Command::CloseChannel {
-            channel: ChannelId {
-                connection: ConnectionId(c as u16),
-                index: i as u16,
-            },
-            generation: self.conns[c].channels[i].generation,
-        });
-        let now = self.now;
-        let ch = &mut self.conns[c].channels[i];
-        ch.open_pending = false;
-        ch.replaying = false;
-        ch.waiting_topology = false;
-        if ch.ready_since.is_some_and(|since| {
-            now.saturating_duration_since(since) >= self.config.backoff.reset_after
-        }) {
-            ch.backoff.reset();
-        }
-        ch.ready_since = None;
-        let retry_at = deadline_after(now, ch.backoff.next_delay(&mut self.rng));
-        self.set_chan_timer(c, i, Some(retry_at));
-        self.set_chan_state(
-            c,
-            i,
-            ChannelState::Reopening {
-                retry_at: Some(retry_at),
-            },
-            Reason::ChannelFailed(error.reply_code()),
-        );
-    }
-
     // ----- timers -----
 
     fn fire_timers(&mut self) {
@@ -1378,6 +1206,11 @@ impl Supervisor {
                     let c = usize::from(c);
                     self.conns[c].timer = None;
                     self.connection_timer(c);
+                }
+                TimerKey::ParallelDial(c) => {
+                    let c = usize::from(c);
+                    self.conns[c].parallel_timer = None;
+                    self.dial_in_parallel(c);
                 }
                 TimerKey::Channel(c, i) => {
                     let (c, i) = (usize::from(c), usize::from(i));
@@ -1398,6 +1231,9 @@ impl Supervisor {
     fn connection_timer(&mut self, c: usize) {
         match self.conns[c].state {
             ConnectionState::Connecting { .. } => {
+                if self.hand_over_to_parallel(c, &TransportError::Timeout) {
+                    return;
+                }
                 // Orphan the late dial: a success after this is closed on arrival.
                 self.conns[c].epoch = self.next_epoch;
                 self.next_epoch += 1;
@@ -1431,16 +1267,6 @@ impl Supervisor {
         }
     }
 
-    fn set_chan_timer(&mut self, c: usize, i: usize, at: Option<Instant>) {
-        let key = TimerKey::Channel(c as u16, i as u16);
-        if let Some(old) = std::mem::replace(&mut self.conns[c].channels[i].timer, at) {
-            self.timers.remove(&(old, key));
-        }
-        if let Some(at) = at {
-            self.timers.insert((at, key));
-        }
-    }
-
     // ----- the one place each kind of state changes -----
 
     fn set_conn_state(&mut self, c: usize, new: ConnectionState, reason: Reason) {
@@ -1454,32 +1280,6 @@ impl Supervisor {
         self.conns[c].state = new;
         let object = Object::Connection(ConnectionId(c as u16));
         tracing::debug!(target: targets::CONNECTION, %object, ?from, ?to, ?reason, "state changed");
-        self.events.push_back(Event::StateChanged {
-            object,
-            from,
-            to,
-            reason,
-        });
-    }
-
-    fn set_chan_state(&mut self, c: usize, i: usize, new: ChannelState, reason: Reason) {
-        let old = self.conns[c].channels[i].state;
-        if old == new {
-            return;
-        }
-        match (old.is_ready(), new.is_ready()) {
-            (false, true) => self.ready_channels += 1,
-            (true, false) => self.ready_channels -= 1,
-            _ => {}
-        }
-        self.conns[c].channels[i].state = new;
-        let object = Object::Channel(ChannelId {
-            connection: ConnectionId(c as u16),
-            index: i as u16,
-        });
-        let (from, to) = (old.phase(), new.phase());
-        self.metrics.channel_phase(from, to);
-        tracing::debug!(target: targets::CHANNEL, %object, ?from, ?to, ?reason, "state changed");
         self.events.push_back(Event::StateChanged {
             object,
             from,

@@ -122,20 +122,23 @@ impl Supervisor {
         message: Arc<Message>,
         deadline: Option<Instant>,
     ) -> Result<PublishId, PublishError> {
-        self.accept(now, message, deadline, true)
+        self.accept(now, message, deadline, false)
     }
 
-    /// [`publish`](Self::publish) without the outbox capacity check: for a message
-    /// the caller already accepted and held while the outbox was full (a driver's
-    /// waiting publishes, handed over before [`Input::Close`](super::Input::Close)
-    /// so that the close drains them too).
-    pub fn publish_over_capacity(
+    /// [`publish`](Self::publish) for a caller that waits for room: when the
+    /// outbox holds its capacity of waiting messages (or others already wait for
+    /// room), the message is accepted all the same and enters the outbox, in
+    /// order, as soon as there is room. Its deadline runs from now: past it, it
+    /// resolves [`PublishError::TimedOut`] wherever it is. A close drains it like
+    /// any accepted message; a close without draining resolves it
+    /// [`PublishError::Closed`].
+    pub fn publish_or_wait(
         &mut self,
         now: Instant,
         message: Arc<Message>,
         deadline: Option<Instant>,
     ) -> Result<PublishId, PublishError> {
-        self.accept(now, message, deadline, false)
+        self.accept(now, message, deadline, true)
     }
 
     fn accept(
@@ -143,7 +146,7 @@ impl Supervisor {
         now: Instant,
         message: Arc<Message>,
         deadline: Option<Instant>,
-        bounded: bool,
+        wait: bool,
     ) -> Result<PublishId, PublishError> {
         self.advance(now);
         if self.is_closing() {
@@ -169,15 +172,19 @@ impl Supervisor {
         if deadline <= self.now {
             return Err(PublishError::TimedOut);
         }
-        if bounded && self.outbox.pending_len() >= self.config.outbox_capacity {
+        let full = self.outbox.pending_len() >= self.config.outbox_capacity;
+        if full && !wait {
             return Err(PublishError::Backpressure {
                 capacity: self.config.outbox_capacity,
             });
         }
+        // behind messages already waiting for room: it waits too, so that a
+        // caller's messages keep their order
+        let waits = full || self.outbox.waiting_len() > 0;
         let span = publish_span(&message);
         let id = self
             .outbox
-            .push(message, deadline, default_deadline, self.now, span);
+            .push(message, deadline, default_deadline, self.now, span, waits);
         self.stats.published += 1;
         self.pump();
         self.sync_metrics();
@@ -228,18 +235,30 @@ impl Supervisor {
 
     /// Sends waiting messages while some Ready channel has room.
     pub(super) fn pump(&mut self) {
-        if !self.room || self.closed {
+        if self.closed {
             return;
         }
-        while let Some(id) = self.outbox.peek_pending() {
+        let capacity = self.config.outbox_capacity;
+        self.outbox.admit(capacity);
+        if !self.room {
+            return;
+        }
+        loop {
+            let Some(id) = self.outbox.peek_pending() else {
+                if self.outbox.admit(capacity) == 0 {
+                    return;
+                }
+                continue;
+            };
             let Some((c, i)) = self.publish_channel() else {
                 self.room = false;
+                self.outbox.admit(capacity);
                 return;
             };
             let ch = &mut self.conns[c].channels[i];
-            ch.next_seq += 1;
-            let (seq, generation) = (ch.next_seq, ch.generation);
-            ch.in_flight.push_back((seq, id));
+            ch.current.next_seq += 1;
+            let (seq, generation) = (ch.current.next_seq, ch.generation);
+            ch.current.in_flight.push_back((seq, id));
             let (message, sends) = self.outbox.place(
                 id,
                 Placement {
@@ -281,7 +300,7 @@ impl Supervisor {
             let found = conn.state.is_sendable()
                 && conn.suspect_until.is_none()
                 && ch.state.is_ready()
-                && ch.in_flight.len() < window;
+                && ch.current.in_flight.len() < window;
             let here = (c, i);
             i += 1;
             if i == per {
@@ -311,7 +330,7 @@ impl Supervisor {
             return;
         };
         let mut done = std::mem::take(&mut self.scratch);
-        let in_flight = &mut self.conns[c].channels[i].in_flight;
+        let in_flight = &mut self.conns[c].channels[i].current.in_flight;
         if multiple {
             while let Some(&(seq, id)) = in_flight.front() {
                 if seq > tag {
@@ -384,7 +403,7 @@ impl Supervisor {
         let Some((c, i)) = self.current_chan(channel, generation) else {
             return;
         };
-        for &(_, id) in &self.conns[c].channels[i].in_flight {
+        for &(_, id) in &self.conns[c].channels[i].current.in_flight {
             if let Some(entry) = self.outbox.get_mut(id)
                 && entry.message.mandatory
                 && entry.returned.is_none()
@@ -435,97 +454,54 @@ impl Supervisor {
         }
     }
 
-    /// The channel's current generation is gone: its in-flight messages go back to
-    /// the front of the outbox (or resolve, when closing or when they caused the
-    /// error), and what it tracked for consumers and topology is dropped.
-    pub(super) fn channel_down(&mut self, c: usize, i: usize, error: Option<&TransportError>) {
-        let ch = &mut self.conns[c].channels[i];
-        if let Some((span, started)) = ch.replay.take() {
-            span.record(
-                "outcome",
-                if error.is_some() {
-                    "failed"
-                } else {
-                    "interrupted"
-                },
-            );
-            span.record(
-                "duration_ms",
-                self.now.saturating_duration_since(started).as_secs_f64() * 1e3,
-            );
-        }
-        let in_flight: Vec<(u64, u64)> = ch.in_flight.drain(..).collect();
-        ch.unacked.clear();
-        ch.next_seq = 0;
-        let mut steps: Vec<_> = ch.steps.drain(..).collect();
-        let step_in_flight = ch.step_in_flight.take();
-        // The broker's channel-level refusal of the step in flight (a 404 for a
-        // queue whose node is down, say) can reach us as the channel's end before
-        // the step's own failed reply, which then comes for a generation that is
-        // gone: it is that step's failure (unless an in-flight publish to a
-        // missing exchange explains it), answered or reported as such.
-        // A refusal that names what about a message caused it (404 "no exchange
-        // 'x'", 406 for its size or its user_id): the messages it names would
-        // cause it again, so they fail at once, alone.
-        let culprit = error.and_then(Culprit::of);
+    /// The publishes a lost channel generation carried (`ids`, in publish order):
+    /// they go back to the front of the outbox, or resolve when closing or when
+    /// `culprit` (read from `error`) names them as the cause.
+    pub(super) fn publishes_lost(
+        &mut self,
+        ids: Vec<u64>,
+        error: Option<&TransportError>,
+        culprit: Option<Culprit>,
+    ) {
         if let Some(Culprit::Size { max, .. }) = culprit {
             self.max_message_size = Some(max);
         }
-        let culprit_publish = culprit
-            .as_ref()
-            .is_some_and(|x| in_flight.iter().any(|&(_, id)| self.is_culprit(id, x)));
-        match (step_in_flight, error) {
-            // a reply the broker closes a channel with (not a connection's 320)
-            (Some(step), Some(e))
-                if e.reply_code().is_some()
-                    && e.class() != ErrorClass::Transient
-                    && !culprit_publish =>
-            {
-                self.step_failed(c, i, &step, e);
-            }
-            (Some(step), _) => steps.insert(0, step),
-            (None, _) => {}
-        }
-        self.user_ops_back(&steps);
-        self.redeclarations_dropped(c, i, &steps);
-        if in_flight.is_empty() {
+        if ids.is_empty() {
             return;
         }
-        let ids: Vec<u64> = in_flight.into_iter().map(|(_, id)| id).collect();
         if self.closed {
             for id in ids {
                 self.resolve_publish(id, PublishError::Closed);
             }
             return;
         }
+        // only a broker reply can name a culprit or strike a message
+        let reply = match error {
+            Some(TransportError::Reply { code, text }) => Some((*code, text.as_str())),
+            _ => None,
+        };
         let channel_level = error.is_some_and(|e| e.class() == ErrorClass::ChannelLevel);
-        let rejected = |e: &TransportError| match e {
-            TransportError::Reply { code, text } => PublishError::Rejected {
-                code: *code,
-                text: text.clone(),
-            },
-            other => PublishError::Rejected {
-                code: 0,
-                text: other.to_string(),
-            },
+        let rejected = |(code, text): (u16, &str)| PublishError::Rejected {
+            code,
+            text: text.to_string(),
         };
         let mut back = Vec::with_capacity(ids.len());
         for id in ids {
             let guilty = culprit.as_ref().is_some_and(|x| self.is_culprit(id, x));
-            match (guilty, error) {
-                (true, Some(e)) => self.resolve_publish(id, rejected(e)),
+            match (guilty, reply) {
+                (true, Some(r)) => self.resolve_publish(id, rejected(r)),
                 _ => back.push(id),
             }
         }
         self.outbox.requeue(back.clone(), channel_level);
-        if let (true, Some(e)) = (channel_level, error) {
+        if let (true, Some(r)) = (channel_level, reply) {
             for id in back {
                 if self
                     .outbox
                     .get(id)
                     .is_some_and(|entry| entry.strikes >= MAX_STRIKES)
                 {
-                    self.resolve_publish(id, rejected(e));
+                    self.resolve_publish(id, rejected(r));
                 }
             }
         }
@@ -579,7 +555,7 @@ impl Supervisor {
         );
     }
 
-    fn is_culprit(&self, id: u64, culprit: &Culprit) -> bool {
+    pub(super) fn is_culprit(&self, id: u64, culprit: &Culprit) -> bool {
         let Some(entry) = self.outbox.get(id) else {
             return false;
         };
@@ -594,7 +570,7 @@ impl Supervisor {
 
 /// What about a message a channel-closing refusal names, in RabbitMQ's texts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Culprit {
+pub(super) enum Culprit {
     /// 404 "NOT_FOUND - no exchange 'x' in vhost '/'".
     Exchange(String),
     /// 406 "PRECONDITION_FAILED - message size 200 is larger than configured max
@@ -606,7 +582,7 @@ enum Culprit {
 }
 
 impl Culprit {
-    fn of(error: &TransportError) -> Option<Culprit> {
+    pub(super) fn of(error: &TransportError) -> Option<Culprit> {
         let TransportError::Reply { code, text } = error else {
             return None;
         };

@@ -4,10 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
+use super::channel::chan_id;
 use super::{Command, Supervisor};
 use crate::error::{ErrorClass, TransportError};
-use crate::event::Event;
-use crate::ids::{ChannelId, ConnectionId};
+use crate::event::{Event, Reason};
+use crate::ids::ChannelId;
 use crate::message::{Delivery, FieldTable};
 use crate::state::ChannelState;
 use crate::telemetry::targets;
@@ -81,10 +82,7 @@ fn broker_error(e: &TransportError) -> TopologyError {
             code: *code,
             text: text.clone(),
         },
-        other => TopologyError::Broker {
-            code: 0,
-            text: other.to_string(),
-        },
+        other => TopologyError::Transport(other.clone()),
     }
 }
 
@@ -95,7 +93,7 @@ impl Supervisor {
     /// consumers that live on it) and run it; Ready when it drains.
     pub(super) fn start_replay(&mut self, c: usize, i: usize) {
         if i != 0 && !self.conns[c].topology_ready {
-            self.conns[c].channels[i].waiting_topology = true;
+            self.set_chan_state(c, i, ChannelState::AwaitingTopology, Reason::ChannelOpened);
             return;
         }
         let mut steps = VecDeque::new();
@@ -134,11 +132,16 @@ impl Supervisor {
             outcome = tracing::field::Empty,
             duration_ms = tracing::field::Empty,
         );
+        let total = u32::try_from(steps.len()).unwrap_or(u32::MAX);
         let ch = &mut self.conns[c].channels[i];
-        ch.waiting_topology = false;
-        ch.replaying = true;
-        ch.steps = steps;
-        ch.replay = (!span.is_disabled()).then_some((span, self.now));
+        ch.current.steps = steps;
+        ch.current.replay = (!span.is_disabled()).then_some((span, self.now));
+        self.set_chan_state(
+            c,
+            i,
+            ChannelState::Replaying { done: 0, total },
+            Reason::ChannelOpened,
+        );
         self.kick(c, i);
     }
 
@@ -167,11 +170,11 @@ impl Supervisor {
     pub(super) fn kick(&mut self, c: usize, i: usize) {
         loop {
             let ch = &mut self.conns[c].channels[i];
-            if ch.step_in_flight.is_some() || !(ch.replaying || ch.state.is_ready()) {
+            if ch.current.step_in_flight.is_some() || !ch.state.runs_steps() {
                 return;
             }
-            let Some(step) = ch.steps.pop_front() else {
-                if ch.replaying {
+            let Some(step) = ch.current.steps.pop_front() else {
+                if matches!(ch.state, ChannelState::Replaying { .. }) {
                     self.replay_finished(c, i);
                 }
                 return;
@@ -211,19 +214,20 @@ impl Supervisor {
                 continue; // its subject is gone: nothing to do for it
             };
             let ch = &mut self.conns[c].channels[i];
-            ch.step_in_flight = Some(step);
+            ch.current.step_in_flight = Some(step);
             let generation = ch.generation;
             self.commands.push_back(Command::Topology {
                 channel: chan_id(c, i),
                 generation,
                 op,
             });
+            self.replay_progress(c, i);
             return;
         }
     }
 
     fn replay_finished(&mut self, c: usize, i: usize) {
-        if let Some((span, started)) = self.conns[c].channels[i].replay.take() {
+        if let Some((span, started)) = self.conns[c].channels[i].current.replay.take() {
             span.record("outcome", "ok");
             span.record(
                 "duration_ms",
@@ -234,7 +238,7 @@ impl Supervisor {
         if i == 0 {
             self.conns[c].topology_ready = true;
             for j in 1..self.conns[c].channels.len() {
-                if self.conns[c].channels[j].waiting_topology {
+                if self.conns[c].channels[j].state == ChannelState::AwaitingTopology {
                     self.start_replay(c, j);
                 }
             }
@@ -251,9 +255,11 @@ impl Supervisor {
         let Some((c, i)) = self.current_chan(channel, generation) else {
             return;
         };
-        let Some(step) = self.conns[c].channels[i].step_in_flight.take() else {
+        let Some(step) = self.conns[c].channels[i].current.step_in_flight.take() else {
             return;
         };
+        self.conns[c].channels[i].current.steps_done += 1;
+        self.replay_progress(c, i);
         match result {
             Ok(name) => {
                 match step {
@@ -369,10 +375,7 @@ impl Supervisor {
                 code: *code,
                 text: text.clone(),
             },
-            other => ConsumeError::Broker {
-                code: 0,
-                text: other.to_string(),
-            },
+            other => ConsumeError::Transport(other.clone()),
         };
         if started && refusals < MAX_CONSUME_REFUSALS {
             let step = self.describe(&Step::Consume(id));
@@ -665,7 +668,10 @@ impl Supervisor {
         };
         self.user_ops.queue.pop_front();
         self.user_ops.in_flight = Some(id);
-        self.conns[c].channels[i].steps.push_back(Step::User(id));
+        self.conns[c].channels[i]
+            .current
+            .steps
+            .push_back(Step::User(id));
         self.kick(c, i);
     }
 
@@ -787,12 +793,13 @@ impl Supervisor {
         if let (Some(c), Some(i)) = (entry.conn, entry.chan) {
             let ch = &mut self.conns[c].channels[i];
             // it may still sit in the replay queue: then it never started
-            let before = ch.steps.len();
-            ch.steps
+            let before = ch.current.steps.len();
+            ch.current
+                .steps
                 .retain(|s| !matches!(s, Step::Qos(id) | Step::Consume(id) if *id == consumer.0));
-            let started = before == ch.steps.len();
+            let started = before == ch.current.steps.len();
             if started && ch.state.is_ready() {
-                ch.steps.push_back(Step::Cancel(entry.tag));
+                ch.current.steps.push_back(Step::Cancel(entry.tag));
                 self.kick(c, i);
             }
         }
@@ -839,9 +846,9 @@ impl Supervisor {
                 k.chan = Some(i);
             }
             let ch = &mut self.conns[c].channels[i];
-            if ch.state.is_ready() || ch.replaying {
-                ch.steps.push_back(Step::Qos(id));
-                ch.steps.push_back(Step::Consume(id));
+            if ch.state.runs_steps() {
+                ch.current.steps.push_back(Step::Qos(id));
+                ch.current.steps.push_back(Step::Consume(id));
                 self.kick(c, i);
             }
         }
@@ -873,6 +880,7 @@ impl Supervisor {
             .is_some_and(|k| k.options.no_ack);
         if !no_ack {
             self.conns[c].channels[i]
+                .current
                 .unacked
                 .insert(delivery.delivery_tag);
         }
@@ -910,7 +918,7 @@ impl Supervisor {
             return Err(AckError::UnknownTag(delivery_tag));
         };
         let ch = &mut self.conns[c].channels[i];
-        let live = ch.state.is_ready() || ch.replaying || ch.waiting_topology;
+        let live = ch.state.is_open();
         if !live {
             self.stats.stale_acks += 1;
             self.sync_metrics();
@@ -922,14 +930,14 @@ impl Supervisor {
         };
         // RabbitMQ closes the channel (406) unless the tag itself is outstanding,
         // with `multiple` too.
-        if !ch.unacked.contains(&delivery_tag) {
+        if !ch.current.unacked.contains(&delivery_tag) {
             return Err(AckError::UnknownTag(delivery_tag));
         }
         if multiple {
-            let rest = ch.unacked.split_off(&(delivery_tag + 1));
-            ch.unacked = rest;
+            let rest = ch.current.unacked.split_off(&(delivery_tag + 1));
+            ch.current.unacked = rest;
         } else {
-            ch.unacked.remove(&delivery_tag);
+            ch.current.unacked.remove(&delivery_tag);
         }
         self.commands.push_back(Command::Ack {
             channel,
@@ -1000,8 +1008,10 @@ impl Supervisor {
             self.registry.redeclaring.insert(entity, waiting);
             let bindings = self.registry.bindings_of(entity);
             let ch = &mut self.conns[c].channels[i];
-            ch.steps.push_back(Step::Entity(entity));
-            ch.steps.extend(bindings.into_iter().map(Step::Entity));
+            ch.current.steps.push_back(Step::Entity(entity));
+            ch.current
+                .steps
+                .extend(bindings.into_iter().map(Step::Entity));
             self.kick(c, i);
         }
     }
@@ -1040,12 +1050,12 @@ impl Supervisor {
         };
         let tag = k.tag.clone();
         let ch = &mut self.conns[c].channels[i];
-        if ch.state.is_ready() || ch.replaying {
+        if ch.state.runs_steps() {
             if cancel_first {
-                ch.steps.push_back(Step::Cancel(tag));
+                ch.current.steps.push_back(Step::Cancel(tag));
             }
-            ch.steps.push_back(Step::Qos(consumer));
-            ch.steps.push_back(Step::Consume(consumer));
+            ch.current.steps.push_back(Step::Qos(consumer));
+            ch.current.steps.push_back(Step::Consume(consumer));
             self.kick(c, i);
         }
     }
@@ -1054,12 +1064,5 @@ impl Supervisor {
     pub fn consumer_channel(&self, consumer: ConsumerId) -> Option<ChannelId> {
         let k = self.registry.consumers.get(&consumer.0)?;
         Some(chan_id(k.conn?, k.chan?))
-    }
-}
-
-fn chan_id(c: usize, i: usize) -> ChannelId {
-    ChannelId {
-        connection: ConnectionId(c as u16),
-        index: i as u16,
     }
 }

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqp_rebound_core::{
-    AckKind, ChannelId, Command, Config, ConnectionId, Delivery, Event, Input, Message, Properties,
-    Supervisor, TopologyOp, TransportError, endpoint::parse_hosts,
+    AckKind, ChannelId, ChannelInput, ChannelState, Command, Config, ConnectionId, ConnectionState,
+    Delivery, Event, Input, Message, Properties, Supervisor, TopologyOp, TransportError,
+    endpoint::parse_hosts,
 };
 
 /// How long every simulated transport operation takes.
@@ -68,6 +69,8 @@ pub struct World {
     pub refuse_with: Option<TransportError>,
     /// Dials never answer while set (a blackholed host).
     pub blackhole: bool,
+    /// Dials to these hosts never answer (a paused node among good ones).
+    pub silent_hosts: BTreeSet<String>,
     /// Live transport connections: slot -> epoch.
     pub live: BTreeMap<ConnectionId, u64>,
     /// Live transport channels: slot -> generation.
@@ -123,6 +126,7 @@ impl World {
             broker_up: true,
             refuse_with: None,
             blackhole: false,
+            silent_hosts: BTreeSet::new(),
             live: BTreeMap::new(),
             live_chans: BTreeMap::new(),
             unconfirmed: BTreeMap::new(),
@@ -159,6 +163,9 @@ impl World {
             let _ = writeln!(self.trace, "{at:>8?} > {command:?}");
             let due = self.now + LATENCY;
             let pending = match &command {
+                Command::Dial { endpoint, .. } if self.silent_hosts.contains(endpoint.host()) => {
+                    None
+                }
                 Command::Dial {
                     connection, epoch, ..
                 } => Some(Pending::Dial {
@@ -285,6 +292,19 @@ impl World {
         seq: u64,
         message: &Arc<Message>,
     ) -> Option<Pending> {
+        // only Ready channels of unblocked connections carry messages
+        if !self.sup.is_closed() {
+            let state = self.sup.channel_state(channel);
+            let conn = self.sup.connection_state(channel.connection);
+            if state != Some(ChannelState::Ready)
+                || !conn.is_some_and(ConnectionState::is_sendable)
+                || self.sup.channel_generation(channel) != Some(generation)
+            {
+                self.violations.push(format!(
+                    "{channel} gen {generation}: published while {state:?} on {conn:?}"
+                ));
+            }
+        }
         if self.live_chans.get(&channel) != Some(&generation) {
             return None; // the channel is gone: the transport would fail the call
         }
@@ -347,21 +367,25 @@ impl World {
         }
         if multiple {
             let delivery_tag = taken[n - 1].0;
-            self.input(Input::Confirm {
+            self.input(Input::Channel {
                 channel,
                 generation,
-                delivery_tag,
-                multiple: true,
-                ack,
+                event: ChannelInput::Confirm {
+                    delivery_tag,
+                    multiple: true,
+                    ack,
+                },
             });
         } else {
             for (seq, _) in taken {
-                self.input(Input::Confirm {
+                self.input(Input::Channel {
                     channel,
                     generation,
-                    delivery_tag: seq,
-                    multiple: false,
-                    ack,
+                    event: ChannelInput::Confirm {
+                        delivery_tag: seq,
+                        multiple: false,
+                        ack,
+                    },
                 });
             }
         }
@@ -382,10 +406,10 @@ impl World {
             .entry((channel, generation))
             .or_default()
             .insert(tag);
-        self.input(Input::Delivery {
+        self.input(Input::Channel {
             channel,
             generation,
-            delivery: Box::new(Delivery {
+            event: ChannelInput::Delivery(Box::new(Delivery {
                 consumer_tag: consumer_tag.to_string(),
                 delivery_tag: tag,
                 redelivered: false,
@@ -393,7 +417,7 @@ impl World {
                 routing_key: "q".into(),
                 properties: Properties::default(),
                 payload: payload.to_string().into_bytes().into(),
-            }),
+            })),
         });
         Some(tag)
     }
@@ -412,12 +436,14 @@ impl World {
                 if let Some(pos) = list.iter().position(|(s, _)| *s == seq) {
                     let (_, message) = list.remove(pos);
                     self.stored.push(message.payload.clone());
-                    self.input(Input::Confirm {
+                    self.input(Input::Channel {
                         channel,
                         generation,
-                        delivery_tag: seq,
-                        multiple: false,
-                        ack: true,
+                        event: ChannelInput::Confirm {
+                            delivery_tag: seq,
+                            multiple: false,
+                            ack: true,
+                        },
                     });
                 }
             }
@@ -435,10 +461,10 @@ impl World {
                 };
                 if let Some(error) = consume_error.or_else(|| self.fail_topology.take()) {
                     self.live_chans.remove(&channel);
-                    self.input(Input::TopologyDone {
+                    self.input(Input::Channel {
                         channel,
                         generation,
-                        result: Err(error),
+                        event: ChannelInput::TopologyDone(Err(error)),
                     });
                     return;
                 }
@@ -451,10 +477,10 @@ impl World {
                     _ => None,
                 };
                 self.topology_log.push((channel, op));
-                self.input(Input::TopologyDone {
+                self.input(Input::Channel {
                     channel,
                     generation,
-                    result: Ok(name),
+                    event: ChannelInput::TopologyDone(Ok(name)),
                 });
             }
 
@@ -486,15 +512,18 @@ impl World {
             } => {
                 if self.live.get(&channel.connection) == Some(&epoch) {
                     self.live_chans.insert(channel, generation);
-                    self.input(Input::ChannelOpened {
+                    self.input(Input::Channel {
                         channel,
                         generation,
+                        event: ChannelInput::Opened,
                     });
                 } else {
-                    self.input(Input::ChannelOpenFailed {
+                    self.input(Input::Channel {
                         channel,
                         generation,
-                        error: TransportError::Io("connection gone".into()),
+                        event: ChannelInput::OpenFailed(TransportError::Io(
+                            "connection gone".into(),
+                        )),
                     });
                 }
             }
@@ -556,10 +585,10 @@ impl World {
         };
         if self.live.contains_key(&channel.connection) && self.live_chans.remove(&channel).is_some()
         {
-            self.input(Input::ChannelLost {
+            self.input(Input::Channel {
                 channel,
                 generation,
-                error,
+                event: ChannelInput::Lost(error),
             });
         }
     }

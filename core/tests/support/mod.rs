@@ -17,12 +17,9 @@ use std::time::{Duration, Instant};
 
 use amqp_rebound_core::transport::{
     Channel, ChannelEvent, ConnectOptions, Connection, ConnectionEvent, QueueInfo, Sleep, Timer,
-    Transport,
+    TopologyOutcome, Transport,
 };
-use amqp_rebound_core::{
-    ConsumeOptions, Delivery, Endpoint, ExchangeDecl, FieldTable, Message, QueueDecl,
-    TransportError,
-};
+use amqp_rebound_core::{ConsumeOptions, Delivery, Endpoint, Message, TopologyOp, TransportError};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::channel::mpsc;
@@ -138,6 +135,11 @@ pub struct Broker {
     pub over_channel_max: usize,
     held: Vec<(u64, u64, u64)>,
     server_named: u64,
+    /// The next this many dials hang until [`MemoryTransport::release_dials`]
+    /// (a broker that accepts TCP and says nothing).
+    pub hang_dials: usize,
+    hung: Vec<Waker>,
+    released: bool,
 }
 
 struct ChanState {
@@ -153,6 +155,15 @@ pub struct MemoryTransport(pub Arc<Mutex<Broker>>);
 impl MemoryTransport {
     pub fn broker(&self) -> std::sync::MutexGuard<'_, Broker> {
         self.0.lock().unwrap()
+    }
+
+    /// Dials hanging since [`Broker::hang_dials`] complete now.
+    pub fn release_dials(&self) {
+        let mut b = self.broker();
+        b.released = true;
+        for w in b.hung.drain(..) {
+            w.wake();
+        }
     }
 
     /// The broker drops every connection (as `close_all_connections`).
@@ -241,8 +252,27 @@ impl Transport for MemoryTransport {
         _endpoint: &Endpoint,
         _options: &ConnectOptions,
     ) -> Result<MemConnection, TransportError> {
+        let hang = {
+            let mut b = self.broker();
+            b.dials += 1;
+            let hang = b.hang_dials > 0;
+            b.hang_dials = b.hang_dials.saturating_sub(1);
+            hang
+        };
+        if hang {
+            let broker = Arc::clone(&self.0);
+            std::future::poll_fn(move |cx| {
+                let mut b = broker.lock().unwrap();
+                if b.released {
+                    Poll::Ready(())
+                } else {
+                    b.hung.push(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+            .await;
+        }
         let mut b = self.broker();
-        b.dials += 1;
         if let Some(e) = b.refuse.clone() {
             return Err(e);
         }
@@ -398,66 +428,34 @@ impl Channel for MemChannel {
     async fn qos(&self, _prefetch_count: u16) -> Result<(), TransportError> {
         self.with(|_| Ok(()))
     }
-    async fn declare_exchange(&self, _decl: &ExchangeDecl) -> Result<(), TransportError> {
-        self.with(|_| Ok(()))
-    }
-    async fn delete_exchange(&self, _name: &str) -> Result<(), TransportError> {
-        self.with(|_| Ok(()))
-    }
-    async fn declare_queue(&self, decl: &QueueDecl) -> Result<QueueInfo, TransportError> {
-        self.with(|b| {
-            let name = if decl.name.is_empty() {
-                b.server_named += 1;
-                format!("amq.gen-{}", b.server_named)
-            } else {
-                decl.name.clone()
-            };
-            let len = b.queues.entry(name.clone()).or_default().len() as u32;
-            Ok(QueueInfo {
-                name,
-                message_count: len,
-                consumer_count: 0,
-            })
-        })
-    }
-    async fn delete_queue(&self, name: &str) -> Result<u32, TransportError> {
-        self.with(|b| Ok(b.queues.remove(name).map_or(0, |q| q.len() as u32)))
-    }
-    async fn bind_queue(
-        &self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: &FieldTable,
-    ) -> Result<(), TransportError> {
-        self.with(|_| Ok(()))
-    }
-    async fn unbind_queue(
-        &self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: &FieldTable,
-    ) -> Result<(), TransportError> {
-        self.with(|_| Ok(()))
-    }
-    async fn bind_exchange(
-        &self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: &FieldTable,
-    ) -> Result<(), TransportError> {
-        self.with(|_| Ok(()))
-    }
-    async fn unbind_exchange(
-        &self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: &FieldTable,
-    ) -> Result<(), TransportError> {
-        self.with(|_| Ok(()))
+    async fn run(&self, op: &TopologyOp) -> Result<TopologyOutcome, TransportError> {
+        match op {
+            TopologyOp::DeclareQueue(decl) => self.with(|b| {
+                let name = if decl.name.is_empty() {
+                    b.server_named += 1;
+                    format!("amq.gen-{}", b.server_named)
+                } else {
+                    decl.name.clone()
+                };
+                let len = b.queues.entry(name.clone()).or_default().len() as u32;
+                Ok(TopologyOutcome::Queue(QueueInfo {
+                    name,
+                    message_count: len,
+                    consumer_count: 0,
+                }))
+            }),
+            TopologyOp::DeleteQueue { name } => self.with(|b| {
+                let message_count = b.queues.remove(name).map_or(0, |q| q.len() as u32);
+                Ok(TopologyOutcome::QueueDeleted { message_count })
+            }),
+            TopologyOp::DeclareExchange(_)
+            | TopologyOp::DeleteExchange { .. }
+            | TopologyOp::BindQueue { .. }
+            | TopologyOp::UnbindQueue { .. }
+            | TopologyOp::BindExchange { .. }
+            | TopologyOp::UnbindExchange { .. } => self.with(|_| Ok(TopologyOutcome::Done)),
+            op => Err(op.unsupported()),
+        }
     }
     async fn publish(&self, message: &Message) -> Result<(), TransportError> {
         self.publish_now(message)

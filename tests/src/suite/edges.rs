@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use amqp_rebound_core::message::AMQPValue;
-use amqp_rebound_core::transport::Transport;
+use amqp_rebound_core::transport::{Capabilities, Transport};
 use amqp_rebound_core::{
     BackoffConfig, Client, Confirmation, ConnectError, ConsumeError, ErrorClass, FieldTable,
     Message, Properties, PublishError, PublishFuture, PublishOptions, QueueDecl, TopologyError,
@@ -175,8 +175,8 @@ pub async fn flush_reports_what_was_not_confirmed<T: Transport>(h: Harness<T>) {
 // ---------------------------------------------------------------------------
 // bad input
 
-/// How each bad message must end, per transport.
-fn bad_messages(transport: &str, queue: &str) -> Vec<(&'static str, Message, bool)> {
+/// How each bad message must end, for a transport with `capabilities`.
+fn bad_messages(capabilities: &Capabilities, queue: &str) -> Vec<(&'static str, Message, bool)> {
     let long = "x".repeat(256);
     let with =
         |p: Properties| Message::new("", queue, "bad".as_bytes().to_vec()).with_properties(p);
@@ -222,11 +222,12 @@ fn bad_messages(transport: &str, queue: &str) -> Vec<(&'static str, Message, boo
             true,
         ),
     ];
-    // amqprs cannot send a long string that is not UTF-8; lapin can
+    // some clients cannot send a long string that is not UTF-8 (amqprs); the
+    // others can
     cases.push((
         "non-UTF-8 header",
         with(Properties::default().with_headers(not_utf8)),
-        transport == "lapin",
+        capabilities.non_utf8_long_strings,
     ));
     cases
 }
@@ -295,7 +296,7 @@ pub async fn bad_messages_fail_alone_and_at_once<T: Transport>(h: Harness<T>) {
         .declare_queue(test_queue(&name))
         .await
         .expect("declare");
-    let bad = bad_messages(h.transport, &name);
+    let bad = bad_messages(&h.transport().capabilities(), &name);
     let before = client.stats();
     let clean = run_with_bad(&client, &name, 3_000, &[], 0).await;
     let mixed = run_with_bad(&client, &name, 3_000, &bad, 3_000 / bad.len() as u32).await;

@@ -15,12 +15,10 @@
 //! returns.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[cfg(feature = "amqprs")]
 use amqp_rebound_amqprs::AmqprsTransport;
@@ -38,14 +36,12 @@ pub enum RealTransport {
     #[cfg(feature = "amqprs")]
     Amqprs,
 }
+use amqp_rebound_sim::proxy::FaultProxy;
 use amqp_rebound_sim::{
     ClientBug, Fault, InstrumentedTransport, PublishOutcome, Scenario, Spawner, Trace, Workload,
     start_workload,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::AbortHandle;
 
 /// What the real-broker run measured.
 pub struct RealRun {
@@ -71,126 +67,6 @@ pub struct RealRun {
     pub interrupted_at: Option<Duration>,
     pub trace: String,
     pub problems: Vec<String>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// An in-process TCP proxy between the client and the broker that can reset its
-/// connections, blackhole them, or refuse new ones.
-struct FaultProxy {
-    addr: SocketAddr,
-    refuse_until: Arc<Mutex<Option<Instant>>>,
-    blackhole: watch::Sender<bool>,
-    conns: Arc<Mutex<BTreeMap<u64, AbortHandle>>>,
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut hole: watch::Receiver<bool>,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        while *hole.borrow() {
-            if hole.changed().await.is_err() {
-                return;
-            }
-        }
-        let n = tokio::select! {
-            n = from.read(&mut buf) => match n {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            },
-            changed = hole.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        // Blackholed meanwhile: hold the bytes until the heal.
-        while *hole.borrow() {
-            if hole.changed().await.is_err() {
-                return;
-            }
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
-impl FaultProxy {
-    async fn start(upstream: SocketAddr) -> std::io::Result<FaultProxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let refuse_until: Arc<Mutex<Option<Instant>>> = Arc::default();
-        let (blackhole, _) = watch::channel(false);
-        let conns: Arc<Mutex<BTreeMap<u64, AbortHandle>>> = Arc::default();
-        let next = Arc::new(AtomicU64::new(0));
-        {
-            let refuse_until = Arc::clone(&refuse_until);
-            let blackhole = blackhole.clone();
-            let conns = Arc::clone(&conns);
-            tokio::spawn(async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    let refusing = lock(&refuse_until).is_some_and(|t| Instant::now() < t);
-                    if refusing {
-                        drop(client);
-                        continue;
-                    }
-                    let hole = blackhole.subscribe();
-                    let id = next.fetch_add(1, Ordering::SeqCst);
-                    let conns_done = Arc::clone(&conns);
-                    let task = tokio::spawn(async move {
-                        if let Ok(server) = TcpStream::connect(upstream).await {
-                            let (cr, cw) = client.into_split();
-                            let (sr, sw) = server.into_split();
-                            tokio::select! {
-                                () = pump(cr, sw, hole.clone()) => {}
-                                () = pump(sr, cw, hole) => {}
-                            }
-                        }
-                        lock(&conns_done).remove(&id);
-                    });
-                    lock(&conns).insert(id, task.abort_handle());
-                }
-            });
-        }
-        Ok(FaultProxy {
-            addr,
-            refuse_until,
-            blackhole,
-            conns,
-        })
-    }
-
-    /// Drops one proxied connection (the `pick`-th open one); its sockets close.
-    fn reset(&self, pick: usize) -> Option<String> {
-        let conns = lock(&self.conns);
-        let n = conns.len();
-        let (id, handle) = conns.iter().nth(pick % n.max(1))?;
-        handle.abort();
-        Some(format!("proxied connection {id}"))
-    }
-
-    fn reset_all(&self) -> Option<String> {
-        let conns = lock(&self.conns);
-        for handle in conns.values() {
-            handle.abort();
-        }
-        (!conns.is_empty()).then(|| format!("{} proxied connections", conns.len()))
-    }
-
-    fn refuse(&self, duration: Duration) {
-        *lock(&self.refuse_until) = Some(Instant::now() + duration);
-    }
-
-    fn set_blackhole(&self, on: bool) {
-        self.blackhole.send_replace(on);
-    }
 }
 
 /// `rabbitmqctl`, aimed at one node: `-n NODE`, or rabbitmqctl's default node.
@@ -505,9 +381,7 @@ async fn run_on_tokio(
         broker,
     } = setup;
     let proxy = Rc::new(
-        FaultProxy::start(upstream)
-            .await
-            .map_err(|e| format!("cannot start the fault proxy: {e}"))?,
+        FaultProxy::start(upstream).map_err(|e| format!("cannot start the fault proxy: {e}"))?,
     );
     let seed = scenario.seed;
     let name = format!("rebound-chaos-{seed}");
@@ -516,7 +390,7 @@ async fn run_on_tokio(
     let trace = Trace::with_timer(Arc::clone(&timer), origin);
     trace.set_enabled(scenario.settings.trace);
     let builder = Client::builder()
-        .hosts([through_proxy(url, proxy.addr)])
+        .hosts([through_proxy(url, proxy.addr())])
         .pool(scenario.settings.connections, scenario.settings.channels)
         .backoff(scenario.settings.backoff.clone())
         .connect_timeout(scenario.settings.connect_timeout)
@@ -814,20 +688,27 @@ async fn apply(
     let ctl = &broker.ctl;
     let now = trace.elapsed();
     match fault {
-        Fault::KillConnection { pick } => proxy.reset(*pick).ok_or_else(none).map(|t| (t, now)),
-        Fault::KillAll => proxy.reset_all().ok_or_else(none).map(|t| (t, now)),
+        // an orderly close (FIN) of the proxied sockets, both ways
+        Fault::KillConnection { pick } => proxy
+            .close(*pick)
+            .map(|id| (format!("proxied connection {id}"), now))
+            .ok_or_else(none),
+        Fault::KillAll => match proxy.close_all() {
+            0 => Err(none()),
+            n => Ok((format!("{n} proxied connections"), now)),
+        },
         Fault::CloseConnection { pick, .. } => {
             let pid = close_own_connection(ctl, name, *pick).await?;
             Ok((pid, trace.elapsed()))
         }
         Fault::RefuseDials { duration, .. } => {
-            proxy.refuse(*duration);
+            proxy.refuse_for(*duration);
             Ok(("the proxy".to_owned(), now))
         }
         Fault::Partition { duration, .. } => {
-            proxy.set_blackhole(true);
+            proxy.blackhole_all(true);
             hold(*duration, stop).await;
-            proxy.set_blackhole(false);
+            proxy.blackhole_all(false);
             Ok(("the proxy (healed)".to_owned(), now))
         }
         Fault::Restart { downtime } if allow_broker_faults => {
@@ -853,8 +734,8 @@ async fn apply(
         }
         Fault::Restart { downtime } => {
             // Seen from the client: every connection drops, dials fail a while.
-            proxy.refuse(*downtime);
-            proxy.reset_all();
+            proxy.refuse_for(*downtime);
+            proxy.close_all();
             Ok(("the proxy (restart as the client sees it)".to_owned(), now))
         }
         Fault::Alarm { duration } => {

@@ -1,6 +1,11 @@
 //! Binding matchers for the exchange types the simulated broker knows.
 
+use std::collections::BTreeSet;
+
 use amqp_rebound_core::message::{AMQPValue, FieldTable};
+use amqp_rebound_core::topology::ExchangeKind;
+
+use super::{BindingDestination, Entities};
 
 /// Whether a topic binding `pattern` matches a routing `key`.
 ///
@@ -113,6 +118,58 @@ fn values_equal(a: &AMQPValue, b: &AMQPValue) -> bool {
     match (string_value(a), string_value(b)) {
         (Some(x), Some(y)) => x == y,
         _ => a == b,
+    }
+}
+
+impl Entities {
+    // ---- publishing ------------------------------------------------------------
+
+    /// The queues a message published to `exchange` with `routing_key` reaches,
+    /// following exchange-to-exchange bindings, each queue once.
+    pub(super) fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+    ) -> BTreeSet<String> {
+        let mut queues = BTreeSet::new();
+        if exchange.is_empty() {
+            if self.queues.contains_key(routing_key) {
+                queues.insert(routing_key.to_owned());
+            }
+            return queues;
+        }
+        let mut visited = BTreeSet::new();
+        let mut stack = vec![exchange.to_owned()];
+        while let Some(name) = stack.pop() {
+            if !visited.insert(name.clone()) {
+                continue;
+            }
+            let Some(ex) = self.exchanges.get(&name) else {
+                continue;
+            };
+            for b in self.bindings.iter().filter(|b| b.source == name) {
+                let hit = match &ex.kind {
+                    ExchangeKind::Direct => b.routing_key == routing_key,
+                    ExchangeKind::Fanout => true,
+                    ExchangeKind::Topic => topic_matches(&b.routing_key, routing_key),
+                    ExchangeKind::Headers => headers_match(&b.arguments, headers),
+                    _ => false,
+                };
+                if !hit {
+                    continue;
+                }
+                match &b.destination {
+                    BindingDestination::Queue(q) => {
+                        if self.queues.contains_key(q) {
+                            queues.insert(q.clone());
+                        }
+                    }
+                    BindingDestination::Exchange(e) => stack.push(e.clone()),
+                }
+            }
+        }
+        queues
     }
 }
 
