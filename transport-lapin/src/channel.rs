@@ -11,7 +11,6 @@ use amqp_rebound_core::message::Message;
 use amqp_rebound_core::topology::{ConsumeOptions, TopologyOp};
 use amqp_rebound_core::transport::{Channel, ChannelEvent, QueueInfo, TopologyOutcome};
 use async_trait::async_trait;
-use futures::channel::mpsc;
 use futures::future::{self, BoxFuture};
 use futures::stream::{self, BoxStream, SelectAll};
 use futures::task::AtomicWaker;
@@ -49,7 +48,6 @@ pub struct LapinChannel {
     // the channel (cloning a lapin::Channel costs a dozen reference counts).
     channel: Arc<lapin::Channel>,
     shared: Arc<ChannelShared>,
-    commands: mpsc::UnboundedSender<Command>,
     // Publishes are numbered in the order they reach lapin; the lock keeps that order
     // equal to lapin's (and so the broker's) even if calls overlap.
     publish_seq: futures::lock::Mutex<u64>,
@@ -81,6 +79,13 @@ pub(crate) struct ChannelShared {
     cancelled: Mutex<HashSet<String>>,
     /// Confirms of publishes the events stream has not taken yet.
     incoming: Mutex<Incoming>,
+    /// Consumers started and not yet taken by the events stream (a `Vec` here,
+    /// not a channel: an idle channel then holds nothing for them).
+    commands: Mutex<Vec<Command>>,
+    /// The `LapinChannel` was dropped: nobody is listening for the rest.
+    owner_gone: AtomicBool,
+    /// The events stream was dropped: nothing takes the commands.
+    pump_gone: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -136,12 +141,13 @@ impl LapinChannel {
             client_closing: AtomicBool::new(false),
             cancelled: Mutex::new(HashSet::new()),
             incoming: Mutex::new(Incoming::default()),
+            commands: Mutex::new(Vec::new()),
+            owner_gone: AtomicBool::new(false),
+            pump_gone: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
-        let (command_tx, command_rx) = mpsc::unbounded();
         let pump = Pump {
             shared: shared.clone(),
-            commands: command_rx,
             confirms: VecDeque::new(),
             resolved: Vec::new(),
             consumers: None,
@@ -152,7 +158,6 @@ impl LapinChannel {
         LapinChannel {
             channel: Arc::new(channel),
             shared,
-            commands: command_tx,
             publish_seq: futures::lock::Mutex::new(0),
             pump: Mutex::new(Some(pump)),
         }
@@ -182,11 +187,14 @@ impl LapinChannel {
     }
 
     fn send(&self, command: Command) -> Result<(), TransportError> {
-        self.commands.unbounded_send(command).map_err(|_| {
-            self.shared.closed_error().unwrap_or_else(|| {
+        if self.shared.pump_gone.load(Ordering::SeqCst) {
+            return Err(self.shared.closed_error().unwrap_or_else(|| {
                 TransportError::Protocol("the channel's event task has stopped".into())
-            })
-        })
+            }));
+        }
+        lock(&self.shared.commands).push(command);
+        self.shared.waker.wake();
+        Ok(())
     }
     /// Numbers and queues a publish on a channel in confirm mode (`seq` is the
     /// held sequence lock): the frames are queued by lapin's first poll, the rest
@@ -273,6 +281,19 @@ struct Resolved {
     seq: u64,
     queued: bool,
     result: lapin::Result<Confirmation>,
+}
+
+impl Drop for LapinChannel {
+    fn drop(&mut self) {
+        self.shared.owner_gone.store(true, Ordering::SeqCst);
+        self.shared.waker.wake();
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.shared.pump_gone.store(true, Ordering::SeqCst);
+    }
 }
 
 /// What lapin's `basic_publish` takes for a message; names and properties checked.
@@ -582,7 +603,6 @@ enum ConsumerItem {
 /// The channel's bookkeeping, run by whoever polls its events stream.
 struct Pump {
     shared: Arc<ChannelShared>,
-    commands: mpsc::UnboundedReceiver<Command>,
     /// Every publish not resolved yet, in publish order. Only the oldest is
     /// polled (see `drain_confirms`).
     confirms: VecDeque<ConfirmFuture>,
@@ -677,13 +697,13 @@ impl Pump {
     /// due. Ready once the channel's last event is queued (or its owner is gone).
     fn poll_lapin(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.shared.waker.register(cx.waker());
-        loop {
-            match self.commands.poll_next_unpin(cx) {
-                Poll::Ready(Some(command)) => self.add(command),
-                // The LapinChannel was dropped: nobody is listening for the rest.
-                Poll::Ready(None) => return Poll::Ready(()),
-                Poll::Pending => break,
-            }
+        let commands = std::mem::take(&mut *lock(&self.shared.commands));
+        for command in commands {
+            self.add(command);
+        }
+        // The LapinChannel was dropped: nobody is listening for the rest.
+        if self.shared.owner_gone.load(Ordering::SeqCst) {
+            return Poll::Ready(());
         }
         self.take_incoming(cx);
         let mut failure = self.drain_confirms(cx);
