@@ -349,6 +349,10 @@ enum Done<C, H> {
 struct ChanSlot<H> {
     generation: u64,
     writer: Writer<H>,
+    /// Publishes handed to this generation's writer: the supervisor numbers
+    /// them 1, 2, ... and the transport's confirms use the same numbers, so a
+    /// gap would pair confirms with the wrong messages.
+    published: u64,
 }
 
 pub(crate) struct State<T: Transport, K: Timer> {
@@ -650,9 +654,33 @@ impl<T: Transport, K: Timer> State<T, K> {
             Command::Publish {
                 channel,
                 generation,
+                seq,
                 message,
-                ..
-            } => self.outbound(channel, generation, Outbound::Publish(message)),
+            } => {
+                if let Some(slot) = self
+                    .chans
+                    .get_mut(&channel)
+                    .filter(|s| s.generation == generation && !s.writer.failed)
+                {
+                    if seq != slot.published + 1 {
+                        // never expected: fail the channel so its messages are
+                        // re-sent, rather than pair confirms with the wrong ones
+                        let error = TransportError::Protocol(format!(
+                            "publish number {seq} after {} on this channel",
+                            slot.published
+                        ));
+                        tracing::error!(target: targets::CHANNEL, %channel, generation, %error, "publish out of sequence");
+                        self.input(Input::Channel {
+                            channel,
+                            generation,
+                            event: ChannelInput::Lost(error),
+                        });
+                        return;
+                    }
+                    slot.published = seq;
+                }
+                self.outbound(channel, generation, Outbound::Publish(message));
+            }
             Command::Ack {
                 channel,
                 generation,
@@ -957,6 +985,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                     ChanSlot {
                         generation,
                         writer: Writer::new(ch),
+                        published: 0,
                     },
                 );
                 self.input(Input::Channel {

@@ -500,3 +500,31 @@ fn events_report_every_resolution_once() {
             .all(|(_, e)| !matches!(e, Event::PublishResolved { result: Err(_), .. }))
     );
 }
+
+/// A confirm for a number the channel never published means the transport's
+/// count and the supervisor's disagree: every later confirm would resolve the
+/// wrong message, so the channel goes and its messages are sent again.
+#[test]
+fn a_confirm_beyond_what_was_published_fails_the_channel_and_resends() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    let id = w.publish(msg(1)).unwrap();
+    let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
+    w.input(Input::Channel {
+        channel: ch(0, 0),
+        generation,
+        event: ChannelInput::Confirm {
+            delivery_tag: 7,
+            multiple: true,
+            ack: true,
+        },
+    });
+    assert!(result_of(&w, id).is_empty(), "not confirmed by a wrong number");
+    w.auto_confirm = true;
+    w.run_until_ready(Duration::from_secs(5))
+        .expect("the channel reopens");
+    w.run_for(Duration::from_millis(20));
+    assert_eq!(w.sup.channel_generation(ch(0, 0)), Some(generation + 1));
+    assert_eq!(w.sent_payloads(), vec!["1", "1"]);
+    assert_eq!(result_of(&w, id), vec![Ok(Confirmation::Confirmed)]);
+}

@@ -179,8 +179,11 @@ pub enum Command {
         /// Identifies this open; echo it in the answer and later channel events.
         generation: u64,
     },
-    /// Publish `message` on the channel; it is number `seq` of this generation (the
-    /// driver publishes a channel's messages one at a time, in `seq` order).
+    /// Publish `message` on the channel; it is number `seq` of this generation,
+    /// counting from 1: the number the broker's confirm for it carries. The
+    /// driver hands a channel's messages to the transport one at a time, in
+    /// `seq` order, and fails the channel on a gap; a confirm for a number above
+    /// the last `seq` fails it too (the transport's count and this one differ).
     Publish {
         /// The slot.
         channel: ChannelId,

@@ -329,6 +329,20 @@ impl Supervisor {
         let Some((c, i)) = self.current_chan(channel, generation) else {
             return;
         };
+        let published = self.conns[c].channels[i].current.next_seq;
+        if tag > published {
+            // The transport confirmed a number this generation never published:
+            // its count and ours disagree, and every later confirm would resolve
+            // the wrong message. The channel goes; its messages are re-sent.
+            let error = TransportError::Protocol(format!(
+                "confirm for publish {tag}, but {published} were published on this channel"
+            ));
+            tracing::error!(target: targets::CHANNEL, %channel, generation, %error, "confirm out of sequence");
+            if self.conns[c].channels[i].state.is_live() && self.conns[c].state.is_ready() {
+                self.channel_failed(c, i, error);
+            }
+            return;
+        }
         let mut done = std::mem::take(&mut self.scratch);
         let in_flight = &mut self.conns[c].channels[i].current.in_flight;
         if multiple {
