@@ -32,10 +32,10 @@ pub use amqp_rebound_core::{
     AMQPValue, AckError, AckKind, BackoffConfig, ChannelId, Client, ClientBuilder, ClientState,
     CloseSummary, ConfigError, Confirmation, ConnectError, ConnectionId, ConsumeError,
     ConsumeOptions, Consumer, ConsumerId, DEFAULT_URL, DEFAULT_WATCH_CAPACITY, Delivery, Driver,
-    ErrorClass, Event, ExchangeDecl, ExchangeKind, FieldTable, Flushed, Jitter, Message, Object,
-    Phase, Properties, PublishError, PublishFuture, PublishId, PublishOptions, Queue, QueueDecl,
-    QueueHandle, QueueRef, Reason, Received, Returned, Stats, TlsConfig, TlsErrorKind,
-    TopologyError, TransportError,
+    ErrorClass, Event, ExchangeDecl, ExchangeKind, FieldTable, Flushed, Jitter, Message,
+    MessageProperties, Object, Phase, Properties, PublishError, PublishFuture, PublishId,
+    PublishOptions, Queue, QueueDecl, QueueHandle, QueueRef, Reason, Received, Returned, Stats,
+    TlsConfig, TlsErrorKind, TopologyError, TransportError,
 };
 pub use amqp_rebound_core::{guarantees, telemetry};
 

@@ -384,7 +384,7 @@ impl Client {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
             payload: payload.into(),
-            properties,
+            properties: properties.into(),
             mandatory: false,
         };
         self.submit(Arc::new(message), PublishOptions::default())

@@ -178,7 +178,9 @@ pub use endpoint::Endpoint;
 pub use error::{ConfigError, ConnectError, ErrorClass, TransportError};
 pub use event::{Event, Reason};
 pub use ids::{ChannelId, ConnectionId, Object};
-pub use message::{AMQPValue, Delivery, FieldTable, Message, Properties, Returned};
+pub use message::{
+    AMQPValue, Delivery, FieldTable, Message, MessageProperties, Properties, Returned,
+};
 pub use outbox::{Confirmation, FlushId, PublishError, PublishId};
 pub use state::{ChannelState, ConnectionState, Phase};
 pub use supervisor::{ChannelInput, Command, Input, Stats, Supervisor};

@@ -4,18 +4,18 @@
 //! One run of a binary measures, against the broker at `AMQP_URL`:
 //!
 //! 1. **Throughput with confirms** ([`throughput`]): N messages through the raw
-//!    client (one channel, pipelined: at most `window` unconfirmed), through
-//!    amqp-rebound's adapter for that client alone (its `Transport` trait, no
-//!    `Client`: where the adapter's cost shows) and through amqp-rebound over it
-//!    (1 connection x 1 channel, same confirm window; then the default pool,
-//!    1 x 4). Each is run `rounds` times, interleaved, the order of the sides
-//!    changing from round to round (use a multiple of 4 rounds: every side then
-//!    runs in every position, and after every other side, equally often); the
-//!    medians and
-//!    the median of the rounds' ratios rebound / raw are printed (target >= 0.95),
-//!    with this process's CPU time per message (user + system, every thread): the
-//!    machine is shared, so the rates move with other people's load, the CPU cost
-//!    much less.
+//!    client (one channel, pipelined: at most `window` unconfirmed; for lapin
+//!    also a second, labelled baseline), through amqp-rebound's adapter for that
+//!    client alone (its `Transport` trait, no `Client`: where the adapter's cost
+//!    shows) and through amqp-rebound over it (1 connection x 1 channel, same
+//!    confirm window; then the default pool, 1 x 4). Each is run `rounds` times,
+//!    interleaved, the order of the sides changing from round to round (a
+//!    Williams design: use a multiple of 4 rounds for four sides, of 10 for five;
+//!    every side then runs in every position, and after every other side, equally
+//!    often); the medians and the median of the rounds' ratios side / raw, with
+//!    95% intervals, are printed with this process's CPU time per message (user +
+//!    system, every thread): the machine is shared, so the rates move with other
+//!    people's load, the CPU cost much less.
 //! 2. **Recovery with the library's defaults** ([`recovery`]): a client built
 //!    with `Client::builder()`'s defaults (1 x 1, then the default pool)
 //!    publishing numbered messages steadily (10,000/s, at most 1,024 unresolved)
@@ -103,15 +103,16 @@ pub struct Args {
     /// tell the sides of a full run apart. No ratios, no kills, no JSON. (`--only
     /// recovery` is the other way round: see `recovery_only`.)
     pub only: Option<Only>,
-    /// `--raw-queued`: see [`RawJob::queued`].
-    pub raw_queued: bool,
 }
 
 /// A side of the throughput comparison, for `--only`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Only {
-    /// The raw client.
+    /// The raw client (the baseline).
     Raw,
+    /// The raw client's second baseline, where it has one (lapin: each
+    /// `basic_publish` awaited; see [`RawJob::second`]).
+    Raw2,
     /// The transport adapter alone.
     Adapter,
     /// amqp-rebound 1x1.
@@ -136,7 +137,6 @@ impl Default for Args {
             control: false,
             payload: 128,
             only: None,
-            raw_queued: false,
         }
     }
 }
@@ -192,7 +192,6 @@ impl Args {
                     };
                 }
                 "--payload" => parsed.payload = value()?,
-                "--raw-queued" => parsed.raw_queued = true,
                 "--control" => parsed.control = true,
                 "--only" => {
                     let side = it.next();
@@ -202,12 +201,13 @@ impl Args {
                     }
                     parsed.only = Some(match side.as_deref() {
                         Some("raw") => Only::Raw,
+                        Some("raw2") => Only::Raw2,
                         Some("adapter") => Only::Adapter,
                         Some("single") => Only::Single,
                         Some("pool") => Only::Pool,
                         other => {
                             return Err(format!(
-                                "--only takes raw, adapter, single, pool or recovery, not {other:?}"
+                                "--only takes raw, raw2, adapter, single, pool or recovery, not {other:?}"
                             ));
                         }
                     });
@@ -217,8 +217,7 @@ impl Args {
                         "usage: {program} [--messages N] [--window W] [--rounds R] \
                          [--kills K] [--rhythm-ms MS[,MS...]] [--pool 1x1|default|both] \
                          [--restart N] [--down-ms MS] [--rate MSGS_PER_S] [--control] \
-                         [--payload BYTES] [--only raw|adapter|single|pool|recovery] \
-                         [--raw-queued]"
+                         [--payload BYTES] [--only raw|raw2|adapter|single|pool|recovery]"
                     ));
                 }
                 other => return Err(format!("unknown argument {other}")),
@@ -263,8 +262,14 @@ where
 // ---------------------------------------------------------------------------
 // statistics
 
-/// CPU time of this process so far (user + system, every thread).
+/// CPU time of this process so far (user + system, every thread, as
+/// `getrusage` counts it). Zero with `BENCH_NO_CPU_CLOCK` set: rustix's vDSO
+/// lookup crashes under valgrind, which a callgrind profile needs.
 pub fn process_cpu() -> Duration {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var_os("BENCH_NO_CPU_CLOCK").is_some()) {
+        return Duration::ZERO;
+    }
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
@@ -373,12 +378,12 @@ pub struct RawJob {
     pub window: usize,
     /// The payload of every message.
     pub payload: Bytes,
-    /// `--raw-queued`: the raw client does not wait for each publish to be
-    /// written before the next (for lapin: `basic_publish` polled once, which
-    /// queues the frames, and awaited later with its confirm), as the lapin
-    /// adapter does. Without it the raw client is used as its documentation
-    /// shows. amqprs's `basic_publish` never waits for the write: no difference.
-    pub queued: bool,
+    /// Run the raw client's second baseline instead of its first (see
+    /// [`run`]'s `second`): for lapin, each `basic_publish` awaited before the
+    /// next, its confirm kept in the window, as lapin's documentation shows;
+    /// the first is pipelined lapin, `buffered(window)` over
+    /// publish-then-await-confirm futures.
+    pub second: bool,
 }
 
 /// One side's runs and their medians.
@@ -416,13 +421,20 @@ impl Side {
     fn json(&self) -> serde_json::Value {
         serde_json::Value::Array(self.runs.iter().map(|r| number(r.rate, 0)).collect())
     }
+
+    fn cpu_json(&self) -> serde_json::Value {
+        serde_json::Value::Array(self.runs.iter().map(|r| number(r.cpu_us, 2)).collect())
+    }
 }
 
 /// The throughput figures of one run of a bench binary.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Throughput {
-    /// The raw client.
+    /// The raw client (its first baseline: the one the ratios are against).
     pub raw: Side,
+    /// The raw client's second baseline, labelled, where it has one (lapin:
+    /// each `basic_publish` awaited); its ratio is against `raw` too.
+    pub raw2: Option<(&'static str, Side)>,
     /// The transport adapter alone (amqp-rebound's `Transport` over the raw
     /// client, no `Client` or driver): one channel, the same window, acks read
     /// from its events stream. Splits the gap between raw and 1x1 into the
@@ -435,16 +447,17 @@ pub struct Throughput {
 }
 
 /// The throughput part: `args.rounds` rounds of raw (`raw`, given a [`RawJob`],
-/// returns the time from the first publish to the last confirm), the adapter
-/// alone, amqp-rebound 1x1 and amqp-rebound with the default pool over
-/// `transport()`, each into a fresh queue that is checked to hold every message
-/// afterwards.
+/// returns the time from the first publish to the last confirm; with `second`,
+/// its second baseline too, under that label), the adapter alone, amqp-rebound
+/// 1x1 and amqp-rebound with the default pool over `transport()`, each into a
+/// fresh queue that is checked to hold every message afterwards.
 pub async fn throughput<T, M, R, Fut>(
     name: &str,
     args: &Args,
     url: &BrokerUrl,
     transport: &M,
     raw: R,
+    second: Option<&'static str>,
 ) -> Result<Throughput, BoxError>
 where
     T: Transport,
@@ -453,92 +466,170 @@ where
     Fut: Future<Output = Result<Duration, BoxError>>,
 {
     let sides = Sides::open(args, url, transport, raw).await?;
-    println!(
-        "throughput: {} messages of {} B with confirms, window {}, {} rounds (median)",
-        args.messages, args.payload, args.window, args.rounds
-    );
-    let (mut raws, mut adapters, mut singles, mut pooleds) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 1..=args.rounds {
-        // The side order of round k is row k of a Williams square: over four
-        // rounds every side runs in every position once and right after every
-        // other side once, so neither a position nor what the run before left the
-        // broker doing (the clean-up of the queue just deleted, say), nor a drift
-        // in the machine's load (it is shared), favours a side. (With raw first
-        // in odd rounds and last in even ones, as before, 52 rounds of
-        // bench_amqprs gave the adapter a median ratio of 0.990 when it ran
-        // first, 0.968 when it ran second, and amqp-rebound 1x1 0.943 / 0.970 as
-        // it ran second or third.)
-        let (mut r, mut a, mut s, mut p) = (None, None, None, None);
-        for &index in &ORDERS[(round - 1) % ORDERS.len()] {
-            let side = SIDES[index];
-            let run = Some(sides.run(side).await?);
-            match side {
-                Only::Raw => r = run,
-                Only::Adapter => a = run,
-                Only::Single => s = run,
-                Only::Pool => p = run,
-            }
-        }
-        let (Some(r), Some(a), Some(s), Some(p)) = (r, a, s, p) else {
-            return Err("a side did not run".into());
-        };
-        println!(
-            "  round {round}: raw {name} {:>7.0}/s {:>5.1} us   adapter {:>7.0}/s {:>5.1} us ({:.3})   \
-             rebound 1x1 {:>7.0}/s {:>5.1} us ({:.3})   rebound 1x4 {:>7.0}/s {:>5.1} us ({:.3})",
-            r.rate,
-            r.cpu_us,
-            a.rate,
-            a.cpu_us,
-            a.rate / r.rate,
-            s.rate,
-            s.cpu_us,
-            s.rate / r.rate,
-            p.rate,
-            p.cpu_us,
-            p.rate / r.rate
-        );
-        raws.push(r);
-        adapters.push(a);
-        singles.push(s);
-        pooleds.push(p);
-    }
-    let result = Throughput {
-        adapter: Side::of(adapters, &raws),
-        single: Side::of(singles, &raws),
-        pooled: Side::of(pooleds, &raws),
-        raw: Side::of(raws.clone(), &raws),
+    let kinds: Vec<Only> = if second.is_some() {
+        vec![
+            Only::Raw,
+            Only::Raw2,
+            Only::Adapter,
+            Only::Single,
+            Only::Pool,
+        ]
+    } else {
+        vec![Only::Raw, Only::Adapter, Only::Single, Only::Pool]
     };
-    let (raw, adapter, single, pooled) =
-        (&result.raw, &result.adapter, &result.single, &result.pooled);
-    let label = format!("raw {name}");
+    let orders = williams(kinds.len());
     println!(
-        "  medians: {label:<22}{:>8.0} msg/s   {:>5.1} us CPU/msg",
-        raw.rate, raw.cpu_us
+        "throughput: {} messages of {} B with confirms, window {}, {} rounds (median); \
+         side order: a balanced design of {} rounds{}",
+        args.messages,
+        args.payload,
+        args.window,
+        args.rounds,
+        orders.len(),
+        if args.rounds.is_multiple_of(orders.len()) {
+            ""
+        } else {
+            " (the rounds are not a multiple of it: not balanced)"
+        }
     );
-    println!(
-        "           adapter alone         {:>8.0} msg/s   {:>5.1} us CPU/msg   ratio {:.3}",
-        adapter.rate, adapter.cpu_us, adapter.ratio
-    );
-    println!(
-        "           amqp-rebound 1x1      {:>8.0} msg/s   {:>5.1} us CPU/msg   \
-         ratio {:.3} (median of the rounds' ratios, 95% interval {:.3}-{:.3}; target >= 0.95)",
-        single.rate, single.cpu_us, single.ratio, single.ratio_ci.0, single.ratio_ci.1
-    );
-    println!(
-        "           amqp-rebound pool 1x4 {:>8.0} msg/s   {:>5.1} us CPU/msg   ratio {:.3}",
-        pooled.rate, pooled.cpu_us, pooled.ratio
-    );
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); kinds.len()];
+    for round in 1..=args.rounds {
+        // The side order of round k is row k of a Williams design: over its rows
+        // every side runs in every position equally often and right after every
+        // other side equally often, so neither a position nor what the run
+        // before left the broker doing (the clean-up of the queue just deleted,
+        // say), nor a drift in the machine's load (it is shared), favours a side.
+        // (With raw first in odd rounds and last in even ones, as before, 52
+        // rounds of bench_amqprs gave the adapter a median ratio of 0.990 when
+        // it ran first, 0.968 when it ran second.)
+        for &index in &orders[(round - 1) % orders.len()] {
+            let run = sides.run(kinds[index]).await?;
+            runs[index].push(run);
+        }
+        let raw = runs[0][round - 1];
+        let mut line = format!(
+            "  round {round}: raw {name} {:>7.0}/s {:>5.1} us",
+            raw.rate, raw.cpu_us
+        );
+        for (kind, side) in kinds.iter().zip(&runs).skip(1) {
+            let run = side[round - 1];
+            let label = match kind {
+                Only::Raw2 => second.unwrap_or("raw2"),
+                other => other.label(),
+            };
+            line += &format!(
+                "   {label} {:>7.0}/s {:>5.1} us ({:.3})",
+                run.rate,
+                run.cpu_us,
+                run.rate / raw.rate
+            );
+        }
+        println!("{line}");
+    }
+    let raws = runs[0].clone();
+    let mut of = |kind: Only| {
+        let index = kinds.iter().position(|&k| k == kind)?;
+        Some(Side::of(std::mem::take(&mut runs[index]), &raws))
+    };
+    let (Some(raw), raw2, Some(adapter), Some(single), Some(pooled)) = (
+        of(Only::Raw),
+        of(Only::Raw2),
+        of(Only::Adapter),
+        of(Only::Single),
+        of(Only::Pool),
+    ) else {
+        return Err("a side did not run".into());
+    };
+    let result = Throughput {
+        raw,
+        raw2: second.zip(raw2),
+        adapter,
+        single,
+        pooled,
+    };
+    print_throughput(name, &result);
     sides.close().await;
     Ok(result)
 }
 
-/// The sides of a throughput round.
-const SIDES: [Only; 4] = [Only::Raw, Only::Adapter, Only::Single, Only::Pool];
+/// The medians of a throughput run, each side against the raw client's first
+/// baseline.
+fn print_throughput(name: &str, t: &Throughput) {
+    let raw = &t.raw;
+    println!(
+        "  medians: {:<28}{:>8.0} msg/s   {:>5.1} us CPU/msg",
+        format!("raw {name}"),
+        raw.rate,
+        raw.cpu_us
+    );
+    let mut rows: Vec<(String, &Side)> = Vec::new();
+    if let Some((label, side)) = &t.raw2 {
+        rows.push((format!("raw {name}, {label}"), side));
+    }
+    rows.push(("adapter alone".into(), &t.adapter));
+    rows.push(("amqp-rebound 1x1".into(), &t.single));
+    rows.push(("amqp-rebound default pool".into(), &t.pooled));
+    for (label, side) in rows {
+        println!(
+            "           {label:<28}{:>8.0} msg/s   {:>5.1} us CPU/msg ({:+.1})   ratio {:.3} \
+             (95% interval {:.3}-{:.3})",
+            side.rate,
+            side.cpu_us,
+            side.cpu_us - raw.cpu_us,
+            side.ratio,
+            side.ratio_ci.0,
+            side.ratio_ci.1
+        );
+    }
+    println!(
+        "           (ratio: the median of the rounds' rate ratios to raw {name}, with a 95% \
+         bootstrap interval; CPU: this process's user + system time per confirmed message, the \
+         median of the rounds, and its difference to raw {name}'s)"
+    );
+}
 
-/// The order of the sides in rounds 1, 2, 3, 4 (then again): a Williams square,
-/// balanced for position and for the side run just before.
-const ORDERS: [[usize; 4]; 4] = [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]];
+impl Only {
+    /// The side's name in a round's line.
+    fn label(self) -> &'static str {
+        match self {
+            Only::Raw => "raw",
+            Only::Raw2 => "raw2",
+            Only::Adapter => "adapter",
+            Only::Single => "rebound 1x1",
+            Only::Pool => "rebound pool",
+        }
+    }
+}
+
+/// The side orders of a Williams design for `n` sides: over its rows every side
+/// runs in every position equally often and right after every other side equally
+/// often. For an even `n`, one Latin square (`n` rows: 0, 1, n-1, 2, n-2, ...
+/// shifted by the row); for an odd `n` that square and its rows reversed (`2n`
+/// rows).
+fn williams(n: usize) -> Vec<Vec<usize>> {
+    let mut first = vec![0];
+    let (mut low, mut high) = (1, n);
+    for i in 1..n {
+        if i % 2 == 1 {
+            first.push(low);
+            low += 1;
+        } else {
+            high -= 1;
+            first.push(high);
+        }
+    }
+    let mut rows: Vec<Vec<usize>> = (0..n)
+        .map(|shift| first.iter().map(|&s| (s + shift) % n).collect())
+        .collect();
+    if !n.is_multiple_of(2) {
+        let reversed: Vec<Vec<usize>> = rows
+            .iter()
+            .map(|row| row.iter().rev().copied().collect())
+            .collect();
+        rows.extend(reversed);
+    }
+    rows
+}
 
 /// `--only`: one side, `args.rounds` times, rate and CPU per message printed.
 async fn one_side<T, M, R, Fut>(
@@ -599,7 +690,7 @@ where
             messages: args.messages,
             window: args.window,
             payload: Bytes::from(vec![b'x'; args.payload]),
-            queued: args.raw_queued,
+            second: false,
         };
         Ok(Sides {
             admin,
@@ -617,6 +708,13 @@ where
         let transport = self.transport;
         match side {
             Only::Raw => timed(admin, decl, messages, || (self.raw)(job.clone())).await,
+            Only::Raw2 => {
+                let job = RawJob {
+                    second: true,
+                    ..job.clone()
+                };
+                timed(admin, decl, messages, || (self.raw)(job)).await
+            }
             Only::Adapter => timed(admin, decl, messages, || adapter(transport(), job)).await,
             Only::Single => {
                 timed(admin, decl, messages, || {
@@ -2054,7 +2152,6 @@ pub fn report(
     put("payload_bytes".into(), args.payload.into());
     put("window".into(), args.window.into());
     put("rounds".into(), args.rounds.into());
-    put("raw_queued".into(), args.raw_queued.into());
     if let Some(throughput) = throughput {
         let (raw, adapter, single, pooled) = (
             &throughput.raw,
@@ -2069,30 +2166,49 @@ pub fn report(
             "rebound_default_pool_msgs_per_s".into(),
             number(pooled.rate, 0),
         );
+        let ci = |side: &Side| {
+            serde_json::json!([number(side.ratio_ci.0, 3), number(side.ratio_ci.1, 3)])
+        };
         put("ratio_adapter".into(), number(adapter.ratio, 3));
+        put("ratio_adapter_ci95".into(), ci(adapter));
         put("ratio_1x1".into(), number(single.ratio, 3));
-        put(
-            "ratio_1x1_ci95".into(),
-            serde_json::json!([number(single.ratio_ci.0, 3), number(single.ratio_ci.1, 3)]),
-        );
+        put("ratio_1x1_ci95".into(), ci(single));
         put("ratio_default_pool".into(), number(pooled.ratio, 3));
-        put(format!("raw_{name}_cpu_us_per_msg"), number(raw.cpu_us, 1));
-        put("adapter_cpu_us_per_msg".into(), number(adapter.cpu_us, 1));
+        put("ratio_default_pool_ci95".into(), ci(pooled));
+        if let Some((label, raw2)) = &throughput.raw2 {
+            put(format!("raw2_{name}"), (*label).into());
+            put(format!("raw2_{name}_msgs_per_s"), number(raw2.rate, 0));
+            put(format!("ratio_raw2_{name}"), number(raw2.ratio, 3));
+            put(format!("ratio_raw2_{name}_ci95"), ci(raw2));
+            put(
+                format!("raw2_{name}_cpu_us_per_msg"),
+                number(raw2.cpu_us, 2),
+            );
+            put(format!("rounds_raw2_{name}_msgs_per_s"), raw2.json());
+            put(
+                format!("rounds_raw2_{name}_cpu_us_per_msg"),
+                raw2.cpu_json(),
+            );
+        }
+        put(format!("raw_{name}_cpu_us_per_msg"), number(raw.cpu_us, 2));
+        put("adapter_cpu_us_per_msg".into(), number(adapter.cpu_us, 2));
         put(
             "rebound_1x1_cpu_us_per_msg".into(),
-            number(single.cpu_us, 1),
+            number(single.cpu_us, 2),
         );
         put(
             "rebound_default_pool_cpu_us_per_msg".into(),
-            number(pooled.cpu_us, 1),
+            number(pooled.cpu_us, 2),
         );
-        put(format!("rounds_raw_{name}_msgs_per_s"), raw.json());
-        put("rounds_adapter_msgs_per_s".into(), adapter.json());
-        put("rounds_rebound_1x1_msgs_per_s".into(), single.json());
-        put(
-            "rounds_rebound_default_pool_msgs_per_s".into(),
-            pooled.json(),
-        );
+        for (key, side) in [
+            (format!("raw_{name}"), raw),
+            ("adapter".into(), adapter),
+            ("rebound_1x1".into(), single),
+            ("rebound_default_pool".into(), pooled),
+        ] {
+            put(format!("rounds_{key}_msgs_per_s"), side.json());
+            put(format!("rounds_{key}_cpu_us_per_msg"), side.cpu_json());
+        }
     }
     put("recovery_rate_msgs_per_s".into(), args.rate.into());
     put("recovery_in_flight_cap".into(), IN_FLIGHT_CAP.into());
@@ -2156,13 +2272,15 @@ fn summary(name: &str, recoveries: &[Recovery], restarts: &[Restarts]) {
 /// The whole of a bench binary after [`main`]'s set-up: [`throughput`] (unless
 /// `--only recovery`), then [`recovery`] for every rhythm and pool shape
 /// (unless `--kills 0`), then [`restarts`] for every pool shape (unless
-/// `--restart 0`), then [`report`].
+/// `--restart 0`), then [`report`]. `second` labels the raw client's second
+/// baseline (the raw function is then also called with [`RawJob::second`]).
 pub async fn run<T, M, R, Fut>(
     name: &str,
     args: Args,
     url: BrokerUrl,
     transport: M,
     raw: R,
+    second: Option<&'static str>,
 ) -> Result<(), BoxError>
 where
     T: Transport,
@@ -2176,7 +2294,7 @@ where
     let throughput = if args.recovery_only {
         None
     } else {
-        Some(throughput(name, &args, &url, &transport, raw).await?)
+        Some(throughput(name, &args, &url, &transport, raw, second).await?)
     };
     let mut recoveries = Vec::new();
     if args.kills > 0 {
@@ -2250,7 +2368,7 @@ mod tests {
         );
         assert!(args(&["--only", "both"]).is_err());
         assert!(args(&["--only"]).is_err());
-        assert!(args(&["--raw-queued"]).unwrap().raw_queued);
+        assert_eq!(args(&["--only", "raw2"]).unwrap().only, Some(Only::Raw2));
     }
 
     #[test]
@@ -2341,23 +2459,36 @@ mod tests {
 
     #[test]
     fn the_side_orders_balance_position_and_predecessor() {
-        let mut at = [[0; 4]; 4];
-        let mut after = [[0; 4]; 4];
-        for order in ORDERS {
-            let mut seen = order;
-            seen.sort_unstable();
-            assert_eq!(seen, [0, 1, 2, 3], "every side once per round");
-            for (position, &side) in order.iter().enumerate() {
-                at[side][position] += 1;
+        assert_eq!(
+            williams(4),
+            vec![[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]]
+        );
+        for n in 2..=6 {
+            let orders = williams(n);
+            assert_eq!(orders.len(), if n.is_multiple_of(2) { n } else { 2 * n });
+            let each = orders.len() / n;
+            let mut at = vec![vec![0; n]; n];
+            let mut after = vec![vec![0; n]; n];
+            for order in &orders {
+                let mut seen = order.clone();
+                seen.sort_unstable();
+                assert_eq!(
+                    seen,
+                    (0..n).collect::<Vec<_>>(),
+                    "every side once per round"
+                );
+                for (position, &side) in order.iter().enumerate() {
+                    at[side][position] += 1;
+                }
+                for pair in order.windows(2) {
+                    after[pair[1]][pair[0]] += 1;
+                }
             }
-            for pair in order.windows(2) {
-                after[pair[1]][pair[0]] += 1;
-            }
-        }
-        assert!(at.iter().flatten().all(|&n| n == 1), "{at:?}");
-        for (side, before) in after.iter().enumerate() {
-            for (other, &n) in before.iter().enumerate() {
-                assert_eq!(n, usize::from(side != other), "{after:?}");
+            assert!(at.iter().flatten().all(|&k| k == each), "{n}: {at:?}");
+            for (side, before) in after.iter().enumerate() {
+                for (other, &k) in before.iter().enumerate() {
+                    assert_eq!(k, usize::from(side != other) * each, "{n}: {after:?}");
+                }
             }
         }
     }

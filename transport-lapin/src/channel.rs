@@ -11,9 +11,8 @@ use amqp_rebound_core::message::Message;
 use amqp_rebound_core::topology::{ConsumeOptions, TopologyOp};
 use amqp_rebound_core::transport::{Channel, ChannelEvent, QueueInfo, TopologyOutcome};
 use async_trait::async_trait;
-use futures::channel::mpsc;
 use futures::future::{self, BoxFuture};
-use futures::stream::{self, BoxStream, FuturesUnordered, SelectAll};
+use futures::stream::{self, BoxStream, SelectAll};
 use futures::task::AtomicWaker;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
@@ -49,7 +48,6 @@ pub struct LapinChannel {
     // the channel (cloning a lapin::Channel costs a dozen reference counts).
     channel: Arc<lapin::Channel>,
     shared: Arc<ChannelShared>,
-    commands: mpsc::UnboundedSender<Command>,
     // Publishes are numbered in the order they reach lapin; the lock keeps that order
     // equal to lapin's (and so the broker's) even if calls overlap.
     publish_seq: futures::lock::Mutex<u64>,
@@ -81,16 +79,22 @@ pub(crate) struct ChannelShared {
     cancelled: Mutex<HashSet<String>>,
     /// Confirms of publishes the events stream has not taken yet.
     incoming: Mutex<Incoming>,
+    /// Consumers started and not yet taken by the events stream (a `Vec` here,
+    /// not a channel: an idle channel then holds nothing for them).
+    commands: Mutex<Vec<Command>>,
+    /// The `LapinChannel` was dropped: nobody is listening for the rest.
+    owner_gone: AtomicBool,
+    /// The events stream was dropped: nothing takes the commands.
+    pump_gone: AtomicBool,
     waker: AtomicWaker,
 }
 
 /// Confirms handed from `publish` to the events stream without waking it: the
 /// publish polls lapin's future once with the stream's waker, so lapin wakes the
-/// task when that confirm resolves, whenever that is (RabbitMQ may ack out of
-/// order across queues); the stream takes the list on every turn. Only a confirm
-/// already resolved, or a task that has not run yet, costs a wake-up. Waking the
-/// task once per publish was the adapter's largest cost against raw lapin (about
-/// twice its CPU per message).
+/// task when its write is done; the stream takes the list on every turn. Only a
+/// confirm already resolved, or a task that has not run yet, costs a wake-up.
+/// Waking the task once per publish was the adapter's largest cost against raw
+/// lapin (about twice its CPU per message).
 #[derive(Default)]
 struct Incoming {
     confirms: Vec<ConfirmFuture>,
@@ -98,7 +102,7 @@ struct Incoming {
     task: Option<std::task::Waker>,
 }
 
-type ConfirmFuture = BoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
+type ConfirmFuture = BoxFuture<'static, Resolved>;
 
 impl ChannelShared {
     /// Asks the events stream to report `Closed(error)` (first request wins).
@@ -137,14 +141,16 @@ impl LapinChannel {
             client_closing: AtomicBool::new(false),
             cancelled: Mutex::new(HashSet::new()),
             incoming: Mutex::new(Incoming::default()),
+            commands: Mutex::new(Vec::new()),
+            owner_gone: AtomicBool::new(false),
+            pump_gone: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
-        let (command_tx, command_rx) = mpsc::unbounded();
         let pump = Pump {
             shared: shared.clone(),
-            commands: command_rx,
-            confirms: FuturesUnordered::new(),
-            consumers: SelectAll::new(),
+            confirms: VecDeque::new(),
+            resolved: Vec::new(),
+            consumers: None,
             ready: VecDeque::new(),
             ended: false,
             confirm_events: ConfirmEvents::default(),
@@ -152,7 +158,6 @@ impl LapinChannel {
         LapinChannel {
             channel: Arc::new(channel),
             shared,
-            commands: command_tx,
             publish_seq: futures::lock::Mutex::new(0),
             pump: Mutex::new(Some(pump)),
         }
@@ -182,11 +187,14 @@ impl LapinChannel {
     }
 
     fn send(&self, command: Command) -> Result<(), TransportError> {
-        self.commands.unbounded_send(command).map_err(|_| {
-            self.shared.closed_error().unwrap_or_else(|| {
+        if self.shared.pump_gone.load(Ordering::SeqCst) {
+            return Err(self.shared.closed_error().unwrap_or_else(|| {
                 TransportError::Protocol("the channel's event task has stopped".into())
-            })
-        })
+            }));
+        }
+        lock(&self.shared.commands).push(command);
+        self.shared.waker.wake();
+        Ok(())
     }
     /// Numbers and queues a publish on a channel in confirm mode (`seq` is the
     /// held sequence lock): the frames are queued by lapin's first poll, the rest
@@ -199,8 +207,15 @@ impl LapinChannel {
     ) -> Result<(), TransportError> {
         let channel = Arc::clone(&self.channel);
         let payload = message.payload.clone();
-        let mut sending = async move {
-            channel
+        let number = *seq + 1;
+        // One boxed future per publish: the write, then the confirm. lapin's
+        // first poll of basic_publish queues the frames and numbers the confirm;
+        // the rest of it waits until lapin's I/O loop has written them. That
+        // wait goes to the events stream with the confirm, so the next publish
+        // need not wait for it: one wake-up of the caller per written frame was
+        // the 1x1 client's largest cost against raw lapin.
+        let mut confirm: ConfirmFuture = Box::pin(async move {
+            match channel
                 .basic_publish(
                     parts.exchange,
                     parts.routing_key,
@@ -209,66 +224,47 @@ impl LapinChannel {
                     parts.properties,
                 )
                 .await
-        }
-        .boxed();
-        // lapin's first poll of basic_publish queues the frames and numbers the
-        // confirm; the rest of it waits until lapin's I/O loop has written them.
-        // That wait goes to the events stream with the confirm, so the next
-        // publish need not wait for it: one wake-up of the caller per written
-        // frame was the 1x1 client's largest cost against raw lapin. The task takes
-        // the list on every turn; only a confirm already resolved, or a task that
-        // has not run yet, costs it a wake-up.
+            {
+                Ok(confirm) => Resolved {
+                    seq: number,
+                    queued: true,
+                    result: confirm.await,
+                },
+                Err(e) => Resolved {
+                    seq: number,
+                    queued: false,
+                    result: Err(e),
+                },
+            }
+        });
+        // The first poll is made with the stream's waker, so that lapin wakes
+        // the stream's reader when the write (then the confirm) is done. The
+        // task takes the list on every turn; only a confirm already resolved,
+        // or a task that has not run yet, costs it a wake-up.
         let mut incoming = lock(&self.shared.incoming);
-        let task = incoming.task.clone();
-        let first = match &task {
-            Some(task) => sending.poll_unpin(&mut Context::from_waker(task)),
-            None => sending.poll_unpin(&mut Context::from_waker(futures::task::noop_waker_ref())),
+        let first = match &incoming.task {
+            Some(task) => confirm.poll_unpin(&mut Context::from_waker(task)),
+            None => confirm.poll_unpin(&mut Context::from_waker(futures::task::noop_waker_ref())),
         };
         let wake = match first {
             // not queued: nothing was numbered
-            Poll::Ready(Err(e)) => {
+            Poll::Ready(Resolved {
+                queued: false,
+                result: Err(e),
+                ..
+            }) => {
                 drop(incoming);
                 return Err(self.error(e));
             }
-            // written already: the confirm is polled once with the stream's waker,
-            // so that lapin wakes the stream's reader when it resolves (whenever that is:
-            // RabbitMQ may ack out of order across queues)
-            Poll::Ready(Ok(confirm)) => {
-                *seq += 1;
-                let seq = *seq;
-                let mut confirm: ConfirmFuture = confirm.map(move |r| (seq, r)).boxed();
-                match &task {
-                    Some(task) => match confirm.poll_unpin(&mut Context::from_waker(task)) {
-                        Poll::Pending => {
-                            incoming.confirms.push(confirm);
-                            false
-                        }
-                        Poll::Ready(resolved) => {
-                            incoming.confirms.push(future::ready(resolved).boxed());
-                            true
-                        }
-                    },
-                    None => {
-                        incoming.confirms.push(confirm);
-                        true
-                    }
-                }
+            Poll::Ready(resolved) => {
+                *seq = number;
+                incoming.confirms.push(Box::pin(future::ready(resolved)));
+                true
             }
-            // queued: the first poll left the stream's waker with lapin already
             Poll::Pending => {
-                *seq += 1;
-                let seq = *seq;
-                incoming.confirms.push(
-                    sending
-                        .then(move |sent| async move {
-                            match sent {
-                                Ok(confirm) => (seq, confirm.await),
-                                Err(e) => (seq, Err(e)),
-                            }
-                        })
-                        .boxed(),
-                );
-                task.is_none()
+                *seq = number;
+                incoming.confirms.push(confirm);
+                incoming.task.is_none()
             }
         };
         drop(incoming);
@@ -276,6 +272,27 @@ impl LapinChannel {
             self.shared.waker.wake();
         }
         Ok(())
+    }
+}
+
+/// A publish's end: its number, whether lapin queued it, and its confirm (or
+/// why there is none).
+struct Resolved {
+    seq: u64,
+    queued: bool,
+    result: lapin::Result<Confirmation>,
+}
+
+impl Drop for LapinChannel {
+    fn drop(&mut self) {
+        self.shared.owner_gone.store(true, Ordering::SeqCst);
+        self.shared.waker.wake();
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.shared.pump_gone.store(true, Ordering::SeqCst);
     }
 }
 
@@ -586,9 +603,14 @@ enum ConsumerItem {
 /// The channel's bookkeeping, run by whoever polls its events stream.
 struct Pump {
     shared: Arc<ChannelShared>,
-    commands: mpsc::UnboundedReceiver<Command>,
-    confirms: FuturesUnordered<BoxFuture<'static, (u64, lapin::Result<Confirmation>)>>,
-    consumers: SelectAll<BoxStream<'static, ConsumerItem>>,
+    /// Every publish not resolved yet, in publish order. Only the oldest is
+    /// polled (see `drain_confirms`).
+    confirms: VecDeque<ConfirmFuture>,
+    /// The confirms of a turn, kept for their capacity.
+    resolved: Vec<(u64, bool)>,
+    /// Made with the first consumer (an empty `SelectAll` allocates: a
+    /// publishing channel needs none).
+    consumers: Option<SelectAll<BoxStream<'static, ConsumerItem>>>,
     /// Events taken from lapin, not yet yielded.
     ready: VecDeque<ChannelEvent>,
     /// `Closed` is queued (or the owner is gone): nothing more comes.
@@ -675,17 +697,19 @@ impl Pump {
     /// due. Ready once the channel's last event is queued (or its owner is gone).
     fn poll_lapin(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.shared.waker.register(cx.waker());
-        loop {
-            match self.commands.poll_next_unpin(cx) {
-                Poll::Ready(Some(command)) => self.add(command),
-                // The LapinChannel was dropped: nobody is listening for the rest.
-                Poll::Ready(None) => return Poll::Ready(()),
-                Poll::Pending => break,
-            }
+        let commands = std::mem::take(&mut *lock(&self.shared.commands));
+        for command in commands {
+            self.add(command);
+        }
+        // The LapinChannel was dropped: nobody is listening for the rest.
+        if self.shared.owner_gone.load(Ordering::SeqCst) {
+            return Poll::Ready(());
         }
         self.take_incoming(cx);
         let mut failure = self.drain_confirms(cx);
-        while let Poll::Ready(Some(item)) = self.consumers.poll_next_unpin(cx) {
+        while let Some(Poll::Ready(Some(item))) =
+            self.consumers.as_mut().map(|c| c.poll_next_unpin(cx))
+        {
             match item {
                 ConsumerItem::Delivery(tag, result) => match *result {
                     Ok(d) => self.emit(ChannelEvent::Delivery(Box::new(convert::delivery(tag, d)))),
@@ -728,9 +752,7 @@ impl Pump {
             }
             std::mem::take(&mut incoming.confirms)
         };
-        for confirm in confirms {
-            self.confirms.push(confirm);
-        }
+        self.confirms.extend(confirms);
     }
 
     fn add(&mut self, command: Command) {
@@ -740,14 +762,26 @@ impl Pump {
                 let items = consumer
                     .map(move |r| ConsumerItem::Delivery(tag.clone(), Box::new(r)))
                     .chain(stream::once(async move { ConsumerItem::End(end) }));
-                self.consumers.push(items.boxed());
+                self.consumers
+                    .get_or_insert_with(SelectAll::new)
+                    .push(items.boxed());
             }
         }
     }
 
-    /// Emits every confirm lapin has resolved: returns first, then acks and nacks in
-    /// sequence order. Returns the error that failed a confirm, if any (lapin fails
-    /// pending confirms only when the channel or connection dies).
+    /// Emits every confirm lapin has resolved, oldest first: returns first, then
+    /// acks and nacks in sequence order. Returns the error that failed a
+    /// confirm, if any (lapin fails pending confirms only when the channel or
+    /// connection dies).
+    ///
+    /// Only the oldest unresolved publish is polled, until one is pending: the
+    /// broker confirms a channel's publishes in order (a multiple ack covers a
+    /// run of them) and lapin resolves them in that order, so the oldest is the
+    /// one to wait for, and each later one was polled with this task's waker
+    /// when it was published (a write done wakes the task, which then polls the
+    /// oldest). A confirm that came out of order waits for the older ones; no
+    /// future needs a task of its own (a `FuturesUnordered` allocated one per
+    /// publish and woke the task once per confirm).
     ///
     /// lapin hands a returned message to the first confirm it resolves after the
     /// `basic.return`; with a multiple ack that may be any of the covered numbers.
@@ -756,8 +790,12 @@ impl Pump {
     fn drain_confirms(&mut self, cx: &mut Context<'_>) -> Option<TransportError> {
         let mut failure = None;
         let mut returns = Vec::new();
-        let mut confirms = Vec::new();
-        while let Poll::Ready(Some((seq, result))) = self.confirms.poll_next_unpin(cx) {
+        let mut confirms = std::mem::take(&mut self.resolved);
+        while let Some(oldest) = self.confirms.front_mut() {
+            let Poll::Ready(Resolved { seq, result, .. }) = oldest.poll_unpin(cx) else {
+                break;
+            };
+            self.confirms.pop_front();
             match result {
                 Ok(Confirmation::Ack(returned)) => {
                     returns.extend(returned);
@@ -773,11 +811,12 @@ impl Pump {
                 }
             }
         }
-        confirms.sort_unstable();
         for r in returns {
             self.emit(ChannelEvent::Return(Box::new(convert::returned(r))));
         }
         self.confirm_events.events(&confirms, &mut self.ready);
+        confirms.clear();
+        self.resolved = confirms;
         failure
     }
 

@@ -46,7 +46,7 @@ use tokio::sync::mpsc;
 
 fn main() {
     bench::main("bench_amqprs", |args, url| {
-        bench::run("amqprs", args, url, AmqprsTransport::new, raw_amqprs)
+        bench::run("amqprs", args, url, AmqprsTransport::new, raw_amqprs, None)
     });
 }
 
