@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
-use futures::channel::{mpsc, oneshot};
+use futures::channel::oneshot;
 
 use crate::backoff::BackoffConfig;
 use crate::config::Config;
 pub use crate::contract::{ClientState, CloseSummary, Flushed};
-use crate::contract::{ConsumerItem, Engine, Request, Shared, TopologyReply, lock};
+use crate::contract::{
+    ConsumerItem, ConsumerReceiver, Engine, Request, Shared, TopologyReply, consumer_stream, lock,
+};
 use crate::driver::Driver;
 use crate::endpoint::{Endpoint, parse_host_list, parse_hosts};
 use crate::error::{ConfigError, ConnectError};
@@ -556,7 +558,12 @@ impl Client {
         tag: Option<String>,
         options: ConsumeOptions,
     ) -> Result<Consumer, ConsumeError> {
-        let (items, rx) = mpsc::unbounded();
+        // bounded by the prefetch when the broker bounds the unacked deliveries
+        let bound = options
+            .prefetch
+            .filter(|&n| n > 0 && !options.no_ack)
+            .map(usize::from);
+        let (items, rx) = consumer_stream(bound);
         let (reply, id) = oneshot::channel();
         let request = Request::Consume {
             queue: queue.into(),
@@ -770,7 +777,7 @@ impl From<Queue> for QueueRef {
 #[derive(Debug)]
 pub struct Consumer {
     id: ConsumerId,
-    items: mpsc::UnboundedReceiver<ConsumerItem>,
+    items: ConsumerReceiver,
     client: Client,
 }
 
@@ -807,8 +814,8 @@ impl Consumer {
 impl Stream for Consumer {
     type Item = Result<Received, ConsumeError>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match Pin::new(&mut self.items).poll_next(cx) {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.items.poll_next(cx) {
             Poll::Ready(Some(ConsumerItem::Delivery {
                 delivery,
                 channel,

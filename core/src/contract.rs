@@ -3,13 +3,13 @@
 //! replies and consumer items the driver sends back, and the results both name.
 //! Neither side imports the other's internals; both import this.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use futures::channel::{mpsc, oneshot};
+use futures::channel::oneshot;
 
 use crate::error::TransportError;
 use crate::ids::ChannelId;
@@ -87,7 +87,7 @@ pub(crate) enum Request {
         queue: QueueRef,
         tag: Option<String>,
         options: ConsumeOptions,
-        items: mpsc::UnboundedSender<ConsumerItem>,
+        items: ConsumerSender,
         reply: oneshot::Sender<Result<ConsumerId, ConsumeError>>,
     },
     Cancel {
@@ -137,6 +137,129 @@ pub struct Flushed {
     pub not_confirmed: u64,
 }
 
+/// The stream of one consumer's items, from the driver to its [`Consumer`].
+///
+/// Bounded by the consumer's prefetch (when it acks and has one): the broker sends
+/// no more unacked deliveries than that on the consumer's current channel, and
+/// the stream holds only deliveries the application has not taken (so not acked).
+/// What can push it past the bound is deliveries of a channel generation that is
+/// gone: the broker requeued them when the channel closed and delivers them
+/// again, and their acks would be refused as stale, so the oldest of them is
+/// dropped to make room. Without a prefetch (or with `no_ack`) the broker bounds
+/// nothing and neither does the stream.
+///
+/// [`Consumer`]: crate::Consumer
+pub(crate) fn consumer_stream(bound: Option<usize>) -> (ConsumerSender, ConsumerReceiver) {
+    let shared = Arc::new(Mutex::new(StreamInner {
+        items: VecDeque::new(),
+        waker: None,
+        sender_gone: false,
+        receiver_gone: false,
+    }));
+    (
+        ConsumerSender {
+            shared: Arc::clone(&shared),
+            bound,
+        },
+        ConsumerReceiver { shared },
+    )
+}
+
+#[derive(Debug)]
+struct StreamInner {
+    items: VecDeque<ConsumerItem>,
+    waker: Option<Waker>,
+    sender_gone: bool,
+    receiver_gone: bool,
+}
+
+/// The driver's end of a consumer's stream.
+#[derive(Debug)]
+pub(crate) struct ConsumerSender {
+    shared: Arc<Mutex<StreamInner>>,
+    bound: Option<usize>,
+}
+
+/// The application's end of a consumer's stream.
+#[derive(Debug)]
+pub(crate) struct ConsumerReceiver {
+    shared: Arc<Mutex<StreamInner>>,
+}
+
+/// The [`Consumer`](crate::Consumer) was dropped: nobody takes the items.
+#[derive(Debug)]
+pub(crate) struct ReceiverGone;
+
+impl ConsumerSender {
+    /// Queues `item`. At the bound, the oldest delivery for which `stale` is
+    /// true makes room; an `Ended` item always goes in.
+    pub(crate) fn send(
+        &self,
+        item: ConsumerItem,
+        stale: impl Fn(ChannelId, u64) -> bool,
+    ) -> Result<(), ReceiverGone> {
+        let mut inner = lock(&self.shared);
+        if inner.receiver_gone {
+            return Err(ReceiverGone);
+        }
+        if let (Some(bound), ConsumerItem::Delivery { .. }) = (self.bound, &item)
+            && inner.items.len() >= bound
+            && let Some(at) = inner.items.iter().position(|i| {
+                matches!(i, ConsumerItem::Delivery { channel, generation, .. }
+                    if stale(*channel, *generation))
+            })
+        {
+            inner.items.remove(at);
+        }
+        inner.items.push_back(item);
+        if let Some(waker) = inner.waker.take() {
+            drop(inner);
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Items waiting for the application.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.shared).items.len()
+    }
+}
+
+impl Drop for ConsumerSender {
+    fn drop(&mut self) {
+        let mut inner = lock(&self.shared);
+        inner.sender_gone = true;
+        if let Some(waker) = inner.waker.take() {
+            drop(inner);
+            waker.wake();
+        }
+    }
+}
+
+impl ConsumerReceiver {
+    /// The next item; `None` once the driver's end is gone and nothing is left.
+    pub(crate) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<ConsumerItem>> {
+        let mut inner = lock(&self.shared);
+        if let Some(item) = inner.items.pop_front() {
+            return Poll::Ready(Some(item));
+        }
+        if inner.sender_gone {
+            return Poll::Ready(None);
+        }
+        inner.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for ConsumerReceiver {
+    fn drop(&mut self) {
+        let mut inner = lock(&self.shared);
+        inner.receiver_gone = true;
+        inner.items.clear();
+    }
+}
+
 /// What the driver sends a consumer.
 #[derive(Debug)]
 pub(crate) enum ConsumerItem {
@@ -174,3 +297,66 @@ pub(crate) trait Engine: Send + Sync + 'static {
 }
 
 pub(crate) use crate::transport::support::lock;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(generation: u64) -> ConsumerItem {
+        ConsumerItem::Delivery {
+            delivery: Box::new(Delivery {
+                consumer_tag: "c".into(),
+                delivery_tag: 1,
+                redelivered: false,
+                exchange: String::new(),
+                routing_key: "q".into(),
+                properties: Default::default(),
+                payload: Default::default(),
+            }),
+            channel: ChannelId {
+                connection: crate::ids::ConnectionId(0),
+                index: 0,
+            },
+            generation,
+        }
+    }
+
+    /// At the bound, a delivery of a lost generation makes room (the broker
+    /// delivers it again); deliveries of the live one never go.
+    #[test]
+    fn the_stream_stays_at_the_prefetch_by_dropping_stale_deliveries() {
+        let (tx, rx) = consumer_stream(Some(3));
+        let stale = |_: ChannelId, generation: u64| generation < 2;
+        for generation in [1, 1, 1] {
+            tx.send(delivery(generation), stale).unwrap();
+        }
+        for _ in 0..3 {
+            tx.send(delivery(2), stale).unwrap();
+        }
+        assert_eq!(tx.len(), 3, "bounded by the prefetch");
+        tx.send(delivery(2), stale).unwrap();
+        assert_eq!(tx.len(), 4, "live deliveries are never dropped");
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut generations = Vec::new();
+        while let Poll::Ready(Some(ConsumerItem::Delivery { generation, .. })) =
+            rx.poll_next(&mut cx)
+        {
+            generations.push(generation);
+        }
+        assert_eq!(generations, vec![2, 2, 2, 2]);
+        drop(tx);
+        assert!(matches!(rx.poll_next(&mut cx), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn a_dropped_receiver_is_reported_and_an_unbounded_stream_takes_everything() {
+        let (tx, rx) = consumer_stream(None);
+        for _ in 0..100 {
+            tx.send(delivery(1), |_, _| true).unwrap();
+        }
+        assert_eq!(tx.len(), 100);
+        drop(rx);
+        assert!(tx.send(delivery(1), |_, _| true).is_err());
+    }
+}

@@ -39,15 +39,15 @@ use std::sync::{Arc, Mutex, TryLockError};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-use futures::channel::{mpsc, oneshot};
+use futures::channel::oneshot;
 use futures::future::{BoxFuture, Fuse, FutureExt};
 use futures::stream::{BoxStream, FuturesUnordered, Stream, StreamExt};
 use slotmap::SecondaryMap;
 use tracing::Instrument;
 
 use crate::contract::{
-    ClientState, CloseSummary, ConsumerItem, Engine, Flushed, Reply, Request, Shared,
-    TopologyReply, lock,
+    ClientState, CloseSummary, ConsumerItem, ConsumerSender, Engine, Flushed, Reply, Request,
+    Shared, TopologyReply, lock,
 };
 use crate::endpoint::Endpoint;
 use crate::error::TransportError;
@@ -382,7 +382,7 @@ pub(crate) struct State<T: Transport, K: Timer> {
     /// Keyed by the outbox's own slots: no hashing, and as compact as the outbox.
     publishes: SecondaryMap<Slot, Reply<Result<Confirmation, PublishError>>>,
     topology: BTreeMap<OpId, TopologyReply>,
-    consumers: BTreeMap<ConsumerId, mpsc::UnboundedSender<ConsumerItem>>,
+    consumers: BTreeMap<ConsumerId, ConsumerSender>,
     watchers: Vec<crate::watch::Sender>,
     /// Callers of `close`, each with the count of publishes resolved Closed
     /// before it asked.
@@ -1251,7 +1251,10 @@ impl<T: Transport, K: Timer> State<T, K> {
                         channel,
                         generation,
                     };
-                    if items.unbounded_send(item).is_err() {
+                    let sup = &self.sup;
+                    let stale =
+                        |channel, generation| sup.channel_generation(channel) != Some(generation);
+                    if items.send(item, stale).is_err() {
                         // the application dropped the Consumer: stop it
                         self.consumers.remove(&consumer);
                         let now = self.now();
@@ -1276,7 +1279,7 @@ impl<T: Transport, K: Timer> State<T, K> {
             }
             Event::ConsumerEnded { consumer, error } => {
                 if let Some(items) = self.consumers.remove(&consumer) {
-                    let _ = items.unbounded_send(ConsumerItem::Ended(error.clone()));
+                    let _ = items.send(ConsumerItem::Ended(error.clone()), |_, _| false);
                 }
                 self.broadcast(Event::ConsumerEnded { consumer, error });
             }
@@ -1329,8 +1332,10 @@ impl<T: Transport, K: Timer> State<T, K> {
             let _ = reply.send(Err(ConsumeError::Closed));
         }
         for (_, items) in std::mem::take(&mut self.consumers) {
-            let _ =
-                items.unbounded_send(ConsumerItem::Ended(crate::topology::ConsumeError::Closed));
+            let _ = items.send(
+                ConsumerItem::Ended(crate::topology::ConsumeError::Closed),
+                |_, _| false,
+            );
         }
         *lock(&self.shared.state) = ClientState::of(&self.sup);
         self.shared

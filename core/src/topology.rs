@@ -113,7 +113,9 @@ pub struct ConsumeOptions {
     /// No other consumer on the queue.
     pub exclusive: bool,
     /// Unacknowledged deliveries allowed to this consumer (basic.qos before
-    /// basic.consume). `None`: no limit.
+    /// basic.consume). `None`: no limit. It also bounds the consumer's stream
+    /// (unless `no_ack`): deliveries wait there for the application up to this
+    /// many, the broker sending no more until some are acked.
     pub prefetch: Option<u16>,
     /// Extra arguments (`x-priority`, ...).
     pub arguments: FieldTable,
