@@ -12,7 +12,7 @@ use amqp_rebound_core::topology::{ConsumeOptions, TopologyOp};
 use amqp_rebound_core::transport::{Channel, ChannelEvent, QueueInfo, TopologyOutcome};
 use async_trait::async_trait;
 use futures::future::{self, BoxFuture};
-use futures::stream::{self, BoxStream, SelectAll};
+use futures::stream::{self, BoxStream, FuturesUnordered, SelectAll};
 use futures::task::AtomicWaker;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
@@ -148,7 +148,7 @@ impl LapinChannel {
         });
         let pump = Pump {
             shared: shared.clone(),
-            confirms: VecDeque::new(),
+            confirms: FuturesUnordered::new(),
             resolved: Vec::new(),
             consumers: None,
             ready: VecDeque::new(),
@@ -603,9 +603,10 @@ enum ConsumerItem {
 /// The channel's bookkeeping, run by whoever polls its events stream.
 struct Pump {
     shared: Arc<ChannelShared>,
-    /// Every publish not resolved yet, in publish order. Only the oldest is
-    /// polled (see `drain_confirms`).
-    confirms: VecDeque<ConfirmFuture>,
+    /// Every publish not resolved yet. Polled as a set: the broker may confirm
+    /// a channel's publishes out of order (a message held by a quorum queue
+    /// whose node is down must not hold the confirms of later ones).
+    confirms: FuturesUnordered<ConfirmFuture>,
     /// The confirms of a turn, kept for their capacity.
     resolved: Vec<(u64, bool)>,
     /// Made with the first consumer (an empty `SelectAll` allocates: a
@@ -774,14 +775,9 @@ impl Pump {
     /// confirm, if any (lapin fails pending confirms only when the channel or
     /// connection dies).
     ///
-    /// Only the oldest unresolved publish is polled, until one is pending: the
-    /// broker confirms a channel's publishes in order (a multiple ack covers a
-    /// run of them) and lapin resolves them in that order, so the oldest is the
-    /// one to wait for, and each later one was polled with this task's waker
-    /// when it was published (a write done wakes the task, which then polls the
-    /// oldest). A confirm that came out of order waits for the older ones; no
-    /// future needs a task of its own (a `FuturesUnordered` allocated one per
-    /// publish and woke the task once per confirm).
+    /// Every resolved publish is taken, in the order lapin resolved them (the
+    /// broker's, which is not always publish order); `ConfirmEvents` sorts
+    /// what one turn took.
     ///
     /// lapin hands a returned message to the first confirm it resolves after the
     /// `basic.return`; with a multiple ack that may be any of the covered numbers.
@@ -791,11 +787,9 @@ impl Pump {
         let mut failure = None;
         let mut returns = Vec::new();
         let mut confirms = std::mem::take(&mut self.resolved);
-        while let Some(oldest) = self.confirms.front_mut() {
-            let Poll::Ready(Resolved { seq, result, .. }) = oldest.poll_unpin(cx) else {
-                break;
-            };
-            self.confirms.pop_front();
+        while let Poll::Ready(Some(Resolved { seq, result, .. })) =
+            self.confirms.poll_next_unpin(cx)
+        {
             match result {
                 Ok(Confirmation::Ack(returned)) => {
                     returns.extend(returned);
@@ -814,6 +808,7 @@ impl Pump {
         for r in returns {
             self.emit(ChannelEvent::Return(Box::new(convert::returned(r))));
         }
+        confirms.sort_unstable();
         self.confirm_events.events(&confirms, &mut self.ready);
         confirms.clear();
         self.resolved = confirms;
