@@ -410,25 +410,3 @@ impl fmt::Debug for Outbox {
             .finish()
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A resolved publish's slot is reused (memory stays flat), under a new id.
-    #[test]
-    fn a_released_slot_is_reused_under_a_new_id() {
-        #[allow(clippy::disallowed_methods)] // a test's clock
-        let now = Instant::now();
-        let mut outbox = Outbox::default();
-        let message = Arc::new(Message::new("", "q", "x"));
-        let a = outbox.push(Arc::clone(&message), now, true, now, None, false);
-        assert!(outbox.take(a.0).is_some());
-        let b = outbox.push(Arc::clone(&message), now, true, now, None, false);
-        assert_ne!(a.slot(), b.slot(), "not reused before the id is released");
-        outbox.release(a.0);
-        let c = outbox.push(message, now, true, now, None, false);
-        assert_eq!(c.0 as u32, a.0 as u32, "the slot is reused");
-        assert_ne!(c, a, "under a new id");
-    }
-}

@@ -163,10 +163,22 @@ fn a_resolved_id_is_not_given_to_a_new_publish_before_its_event_is_polled_nor_af
         );
         sup.publish(now, msg(2), None).unwrap()
     });
-    assert_ne!(a, b, "the id is kept until the event is polled");
+    // an id shows the outbox's slot key: the slot in its low 32 bits, the
+    // slot's version above them (memory stays flat: resolved slots are reused)
+    let slot = |id: PublishId| {
+        let text = format!("{id:?}");
+        let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+        digits.parse::<u64>().expect("a number in the id's Debug") as u32
+    };
+    assert_ne!(
+        slot(a),
+        slot(b),
+        "the slot is kept until the event is polled"
+    );
     assert_eq!(result_of(&w, a), vec![Ok(Confirmation::Confirmed)]);
-    // polled now: the slot is free again, its id is not
+    // polled now: the slot is free again (and taken first), its id is not
     let c = w.publish(msg(3)).unwrap();
+    assert_eq!(slot(c), slot(a));
     assert!(c != a && c != b, "{a:?} {b:?} {c:?}");
     // the broker side of the world still holds message 1 (confirmed by hand)
     w.confirm(ch(0, 0), 3, true, true);
