@@ -656,37 +656,13 @@ impl<T: Transport, K: Timer> State<T, K> {
                 generation,
                 seq,
                 message,
-            } => {
-                if let Some(slot) = self
-                    .chans
-                    .get_mut(&channel)
-                    .filter(|s| s.generation == generation && !s.writer.failed)
-                {
-                    if seq != slot.published + 1 {
-                        // never expected: fail the channel so its messages are
-                        // re-sent, rather than pair confirms with the wrong ones
-                        let error = TransportError::Protocol(format!(
-                            "publish number {seq} after {} on this channel",
-                            slot.published
-                        ));
-                        tracing::error!(target: targets::CHANNEL, %channel, generation, %error, "publish out of sequence");
-                        self.input(Input::Channel {
-                            channel,
-                            generation,
-                            event: ChannelInput::Lost(error),
-                        });
-                        return;
-                    }
-                    slot.published = seq;
-                }
-                self.outbound(channel, generation, Outbound::Publish(message));
-            }
+            } => self.outbound(channel, generation, Outbound::Publish(message), Some(seq)),
             Command::Ack {
                 channel,
                 generation,
                 delivery_tag,
                 kind,
-            } => self.outbound(channel, generation, Outbound::Ack(delivery_tag, kind)),
+            } => self.outbound(channel, generation, Outbound::Ack(delivery_tag, kind), None),
             Command::Topology {
                 channel,
                 generation,
@@ -817,7 +793,9 @@ impl<T: Transport, K: Timer> State<T, K> {
 
     /// Queues a write on its channel and starts it at once; one that does not
     /// complete is polled with the driver's waker (and the driver is woken).
-    fn outbound(&mut self, channel: ChannelId, generation: u64, item: Outbound) {
+    /// Queues `item` on the channel's writer; `seq` is a publish's number (from 1),
+    /// checked against the publishes the writer took.
+    fn outbound(&mut self, channel: ChannelId, generation: u64, item: Outbound, seq: Option<u64>) {
         let Some(slot) = self
             .chans
             .get_mut(&channel)
@@ -825,6 +803,24 @@ impl<T: Transport, K: Timer> State<T, K> {
         else {
             return; // a lost channel: the supervisor hears of it
         };
+        if let Some(seq) = seq {
+            if seq != slot.published + 1 {
+                // never expected: fail the channel so its messages are re-sent,
+                // rather than pair confirms with the wrong ones
+                let error = TransportError::Protocol(format!(
+                    "publish number {seq} after {} on this channel",
+                    slot.published
+                ));
+                tracing::error!(target: targets::CHANNEL, %channel, generation, %error, "publish out of sequence");
+                self.input(Input::Channel {
+                    channel,
+                    generation,
+                    event: ChannelInput::Lost(error),
+                });
+                return;
+            }
+            slot.published = seq;
+        }
         slot.writer.queue.push_back(item);
         if slot.writer.current.is_some() {
             return; // behind a pending write: the driver polls it

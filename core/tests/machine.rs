@@ -824,6 +824,15 @@ fn channel_states_name_what_the_open_waits_for() {
     );
 }
 
+/// The config's other host (it has two).
+fn other_host(host: &str) -> &'static str {
+    if host == "127.0.0.1" {
+        "127.0.0.2"
+    } else {
+        "127.0.0.1"
+    }
+}
+
 fn dialled_hosts(w: &World, from: usize) -> Vec<String> {
     w.commands[from..]
         .iter()
@@ -842,11 +851,7 @@ fn an_unanswered_dial_gets_a_parallel_one_to_the_next_host() {
     let mut w = World::new(config(1, 2, 3));
     w.run_until_ready(Duration::from_secs(1)).unwrap();
     let first = dialled_hosts(&w, 0)[0].clone();
-    let other = if first == "127.0.0.1" {
-        "127.0.0.2"
-    } else {
-        "127.0.0.1"
-    };
+    let other = other_host(&first);
     // the redial goes to the other host, which is silent
     w.silent_hosts.insert(other.to_string());
     let from = w.commands.len();
@@ -916,11 +921,7 @@ fn a_refused_parallel_dial_counts_toward_the_round() {
     let mut w = World::new(cfg);
     w.run_until_ready(Duration::from_secs(1)).unwrap();
     let first = dialled_hosts(&w, 0)[0].clone();
-    let other = if first == "127.0.0.1" {
-        "127.0.0.2"
-    } else {
-        "127.0.0.1"
-    };
+    let other = other_host(&first);
     w.silent_hosts.insert(other.to_string());
     w.refusing_hosts.insert(
         first,
