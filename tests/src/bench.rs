@@ -19,7 +19,8 @@
 //! 2. **Recovery with the library's defaults** ([`recovery`]): a client built
 //!    with `Client::builder()`'s defaults (1 x 1, then the default pool)
 //!    publishing numbered messages steadily (10,000/s, at most 1,024 unresolved)
-//!    while `rabbitmqctl close_all_connections` kills its connection `kills`
+//!    while `close_all_connections` (through a standing Erlang node connected
+//!    to the broker's, or `rabbitmqctl` where none starts) kills its connection `kills`
 //!    times, one kill every `rhythm` (1 s, dense, and 6 s, sparse, by default),
 //!    on a fixed schedule whatever the client's state. Per kill: whether the loss
 //!    met a client with every channel Ready, the publishes in flight at the loss,
@@ -31,8 +32,8 @@
 //!    twice or more counts its extra copies as *duplicates* (at-least-once: a
 //!    message re-published after a loss that had in fact reached the queue). Both
 //!    per kill: each kill owns the numbers published from the start of its turn to
-//!    the start of the next. `--control` adds the same schedule of `rabbitmqctl`
-//!    runs without the kills, and `BENCH_TRACE_EVENTS=1` prints the client's
+//!    the start of the next. `--control` adds the same schedule of calls
+//!    to the broker's node without the kills, and `BENCH_TRACE_EVENTS=1` prints the client's
 //!    events to stderr.
 //! 3. **Broker restart** ([`restarts`]): `rabbitmqctl stop_app`, 5 s down,
 //!    `start_app`, `restart` times per pool shape under the same publisher; the
@@ -91,9 +92,9 @@ pub struct Args {
     pub rate: u32,
     /// `--only recovery`: the kills and restarts only, no throughput rounds.
     pub recovery_only: bool,
-    /// `--control`: after each series of kills, the same series of `rabbitmqctl`
-    /// runs without the kills (`eval ok.`), for the pauses the tool and the
-    /// machine cause alone.
+    /// `--control`: after each series of kills, the same series of calls to the
+    /// broker's node without the kills, for the pauses the tool and the machine
+    /// cause alone.
     pub control: bool,
     /// Payload size in bytes (`--payload`, 128; at least 8 in the kill part,
     /// which numbers each message in its first 8 bytes).
@@ -975,12 +976,11 @@ pub struct Kill {
     /// Every connection and channel of the client was Ready when its loss came
     /// (tracked from the client's state events up to the loss).
     pub met_ready: bool,
-    /// `Client::state().is_ready()` when `rabbitmqctl` was started (the broker
-    /// acts ~0.5 s later).
+    /// `Client::state().is_ready()` when the kill was called.
     pub ready_at_issue: bool,
     /// From the previous kill's start (zero for the first): the rhythm as run.
     pub since_previous: Duration,
-    /// From starting `rabbitmqctl` to the client seeing its connection lost
+    /// From calling the kill to the client seeing its connection lost
     /// (`None`: no loss seen before the next kill).
     pub loss_after: Option<Duration>,
     /// Connection losses the client reported in this kill's window (1 expected;
@@ -1003,9 +1003,9 @@ pub struct Kill {
     /// When the longest pause began, from the loss, in ms (negative: the pause
     /// spans the loss; `None`: no confirm in the window).
     pub stall_from_ms: Option<f64>,
-    /// The longest pause overlapped a `rabbitmqctl` run (this kill's or the
-    /// next's): an Erlang VM starting takes CPU from the client and the broker on
-    /// this 2-core machine.
+    /// The longest pause overlapped a call to the broker (this kill's or the
+    /// next's): through `rabbitmqctl`, an Erlang VM starting takes CPU from the
+    /// client and the broker on a 2-core machine.
     pub stall_during_ctl: bool,
     /// The pause that spans the loss: the recovery's own (zero without a loss).
     pub loss_pause: Duration,
@@ -1031,7 +1031,8 @@ pub struct Recovery {
     pub pool: Pool,
     /// The shape the client had (`1x4` for the default pool).
     pub shape: String,
-    /// A control run: `rabbitmqctl eval ok.` instead of the kills.
+    /// A control run: a call to the broker's node that changes nothing instead
+    /// of the kills.
     pub control: bool,
     /// Messages published in all.
     pub published: u64,
@@ -1451,25 +1452,70 @@ fn signed_ms(at: Instant, from: Instant) -> f64 {
 #[derive(Debug, Clone, Copy)]
 struct Issued {
     at: Instant,
-    /// When its `rabbitmqctl` returned.
+    /// When its call to the broker returned.
     done: Instant,
     ready: bool,
     seq: u64,
     republished: u64,
 }
 
+/// How the benches reach the broker's node: a standing [`ControlNode`] (the
+/// broker acts within milliseconds, the machine is not loaded by the tool), or
+/// `rabbitmqctl` where no such node can be started (an Erlang VM booted per
+/// call: 0.4-2.4 s before the broker acts, one of two cores taken meanwhile).
+///
+/// [`ControlNode`]: broker::ControlNode
+enum Tool {
+    Node(Box<broker::ControlNode>),
+    Ctl,
+}
+
+impl Tool {
+    async fn start() -> Tool {
+        match broker::ControlNode::start().await {
+            Ok(node) => {
+                println!("  broker calls through a standing Erlang control node ({node:?})");
+                Tool::Node(Box::new(node))
+            }
+            Err(e) => {
+                println!("  broker calls through rabbitmqctl (no control node: {e})");
+                Tool::Ctl
+            }
+        }
+    }
+
+    async fn close_all_connections(&mut self, reason: &str) {
+        match self {
+            Tool::Node(node) => node
+                .close_all_connections(reason)
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+            Tool::Ctl => broker::close_all_connections(reason).await,
+        }
+    }
+
+    async fn ping(&mut self) {
+        match self {
+            Tool::Node(node) => node.ping().await.unwrap_or_else(|e| panic!("{e}")),
+            Tool::Ctl => {
+                broker::ctl(&["eval", "ok."]).await;
+            }
+        }
+    }
+}
+
 /// `kills` times, one every `rhythm`: the broker closes every connection
-/// (`rabbitmqctl close_all_connections`) while a client over `transport()`,
+/// (`close_all_connections`, see [`Tool`]) while a client over `transport()`,
 /// built with the library's defaults but for its `pool` shape, publishes
 /// numbered messages at `rate` per second (see the `Publisher` type in this module), each kill's turn
 /// to its own queue; then the queues are read back to count what was lost and
 /// duplicated per kill. The kills come
 /// on a fixed schedule, whatever the client's state (a kill starts late only
-/// when the previous `rabbitmqctl` took longer than `rhythm`). `name` labels
+/// when the previous call took longer than `rhythm`). `name` labels
 /// the broker's kill reason.
 ///
-/// `control`: the same schedule of `rabbitmqctl` runs (`eval ok.`), without
-/// the kills: the confirm pauses the machine and the tool cause on their own.
+/// `control`: the same schedule of calls to the broker's node, without the
+/// kills: the confirm pauses the machine and the tool cause on their own.
 #[allow(clippy::too_many_arguments)]
 pub async fn recovery<T, M>(
     name: &str,
@@ -1512,7 +1558,7 @@ where
          {rate} msg/s, at most {IN_FLIGHT_CAP} unresolved",
         if control { " (control)" } else { "" },
         if control {
-            "rabbitmqctl eval ok. (no kill)"
+            "a call to the broker's node (no kill)"
         } else {
             "close_all_connections"
         },
@@ -1527,6 +1573,7 @@ where
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let reason = format!("bench_{name}: kill");
+    let mut tool = Tool::start().await;
     let first = tokio::time::Instant::now();
     let mut issued = Vec::with_capacity(kills);
     for k in 0..kills {
@@ -1537,11 +1584,10 @@ where
         let seq = published.next_seq.load(Ordering::SeqCst);
         let republished = client.stats().republished;
         if control {
-            // the same rabbitmqctl run (an Erlang VM started, the node called),
-            // without the kill
-            broker::ctl(&["eval", "ok."]).await;
+            // the same call to the broker's node, without the kill
+            tool.ping().await;
         } else {
-            broker::close_all_connections(&reason).await;
+            tool.close_all_connections(&reason).await;
         }
         issued.push(Issued {
             at,
@@ -1729,7 +1775,7 @@ fn print_recovery(r: &Recovery) {
     let (l50, l99, lmax) = spread(&r.loss_pauses());
     println!(
         "  longest confirm pause per kill: p50 {:.1} ms (target <= 50)   p99 {:.1} ms \
-         (target <= 200)   max {:.1} ms   ({} of {} during a rabbitmqctl run)",
+         (target <= 200)   max {:.1} ms   ({} of {} during a broker call)",
         r.p50_ms,
         r.p99_ms,
         r.max_ms,
@@ -1760,7 +1806,7 @@ fn print_recovery(r: &Recovery) {
          {g50:.0} ms apart (shortest {gmin:.0}, longest {gmax:.0})"
     );
     println!(
-        "  kills that met a Ready client: {} of {} ({} Ready when rabbitmqctl started)   \
+        "  kills that met a Ready client: {} of {} ({} Ready when the kill was called)   \
          re-sent {} in all, {} in flight at the losses; kills re-sending more than in flight: \
          {}   losses {}",
         r.met_ready(),
@@ -2075,7 +2121,7 @@ impl Recovery {
             "pause_at_loss_p50_ms": number(l50, 1),
             "pause_at_loss_p99_ms": number(l99, 1),
             "pause_at_loss_max_ms": number(lmax, 1),
-            "kills_pause_during_rabbitmqctl": kills.iter().filter(|k| k.stall_during_ctl).count(),
+            "kills_pause_during_broker_call": kills.iter().filter(|k| k.stall_during_ctl).count(),
             "loss_to_confirm_p50_ms": number(b50, 1),
             "loss_to_confirm_p99_ms": number(b99, 1),
             "loss_to_confirm_max_ms": number(bmax, 1),
@@ -2089,7 +2135,7 @@ impl Recovery {
             "not_confirmed": self.not_confirmed,
             "pause_per_kill_ms": kills.iter().map(|k| number(ms(k.stall), 1)).collect::<Vec<_>>(),
             "pause_at_loss_per_kill_ms": kills.iter().map(|k| number(ms(k.loss_pause), 1)).collect::<Vec<_>>(),
-            "pause_during_rabbitmqctl_per_kill": kills.iter().map(|k| k.stall_during_ctl).collect::<Vec<_>>(),
+            "pause_during_broker_call_per_kill": kills.iter().map(|k| k.stall_during_ctl).collect::<Vec<_>>(),
             "since_previous_loss_per_kill_ms": kills.iter().map(|k| ms_json(k.since_previous_loss)).collect::<Vec<_>>(),
             "pause_from_loss_per_kill_ms": kills.iter().map(|k| k.stall_from_ms.map_or(serde_json::Value::Null, |d| number(d, 1))).collect::<Vec<_>>(),
             "loss_to_confirm_per_kill_ms": kills.iter().map(|k| ms_json(k.back)).collect::<Vec<_>>(),

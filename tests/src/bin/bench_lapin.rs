@@ -9,8 +9,8 @@
 //!    default pool, 1 x 4), interleaved rounds (five sides: use a multiple of 10
 //!    rounds); rates, ratios to pipelined lapin with 95% intervals, and CPU time
 //!    per message.
-//! 2. **Recovery with the library's defaults**: `kills` x `rabbitmqctl
-//!    close_all_connections`, one every 1 s (dense) and one every 6 s (sparse),
+//! 2. **Recovery with the library's defaults**: `kills` x
+//!    `close_all_connections`, one every 1 s (dense) and one every 6 s (sparse),
 //!    under a publisher of 10,000 msg/s (at most 1,024 unresolved), for a 1 x 1
 //!    client and the default pool: per kill the longest confirm pause (targets
 //!    p50 50 ms / p99 200 ms), whether the loss met a Ready client, the publishes

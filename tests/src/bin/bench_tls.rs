@@ -7,7 +7,7 @@
 //!    caller keeps at most `window` unconfirmed), plain and TLS in every round,
 //!    the first side alternating; median rates, CPU per message, and the median
 //!    TLS / plain ratio of the rounds with a 95% bootstrap interval.
-//! 2. **Recovery**: `kills` x `rabbitmqctl close_all_connections` under a
+//! 2. **Recovery**: `kills` x `close_all_connections` under a
 //!    steady publisher (the same loop as `bench_lapin` and `bench_amqprs`), over
 //!    plain and over TLS: stall p50 / p99 / max, lost, duplicates.
 //!
