@@ -1,7 +1,8 @@
 //! [`LapinChannel`]: one lapin channel, and the bookkeeping that turns its confirms,
 //! returns, deliveries and closure into one [`ChannelEvent`] stream.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -12,7 +13,7 @@ use amqp_rebound_core::topology::{ConsumeOptions, TopologyOp};
 use amqp_rebound_core::transport::{Channel, ChannelEvent, QueueInfo, TopologyOutcome};
 use async_trait::async_trait;
 use futures::future::{self, BoxFuture};
-use futures::stream::{self, BoxStream, FuturesUnordered, SelectAll};
+use futures::stream::{self, BoxStream, FuturesUnordered, SelectAll, Stream};
 use futures::task::AtomicWaker;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
@@ -51,7 +52,8 @@ pub struct LapinChannel {
     // Publishes are numbered in the order they reach lapin; the lock keeps that order
     // equal to lapin's (and so the broker's) even if calls overlap.
     publish_seq: futures::lock::Mutex<u64>,
-    pump: Mutex<Option<Pump>>,
+    /// `events` was called: the stream (its bookkeeping made then) is out.
+    events_taken: AtomicBool,
 }
 
 impl std::fmt::Debug for LapinChannel {
@@ -66,27 +68,48 @@ impl std::fmt::Debug for LapinChannel {
 /// What the channel's owner and its connection share with its events stream.
 pub(crate) struct ChannelShared {
     status: ChannelStatus,
-    /// Why the channel must report `Closed` (set by the connection's task, or by
-    /// our own close). The events stream reports it after draining what lapin
-    /// already resolved, so no ack that arrived before the close is lost.
-    close_request: Mutex<Option<TransportError>>,
-    /// Why it closed, once reported; returned by calls made after that.
-    closed: Mutex<Option<TransportError>>,
+    /// The closure and the consumers, under one lock (none of them is on the
+    /// publish path).
+    control: Mutex<Control>,
     /// `close()` was called here or on the connection: whatever lapin reports next
     /// is the consequence, so it is reported as `ClosedByClient`.
     client_closing: AtomicBool,
-    /// Consumer tags we cancelled: the end of their streams is not a broker cancel.
-    cancelled: Mutex<HashSet<String>>,
     /// Confirms of publishes the events stream has not taken yet.
     incoming: Mutex<Incoming>,
-    /// Consumers started and not yet taken by the events stream (a `Vec` here,
-    /// not a channel: an idle channel then holds nothing for them).
-    commands: Mutex<Vec<Command>>,
     /// The `LapinChannel` was dropped: nobody is listening for the rest.
     owner_gone: AtomicBool,
     /// The events stream was dropped: nothing takes the commands.
     pump_gone: AtomicBool,
     waker: AtomicWaker,
+}
+
+/// What [`ChannelShared::control`] guards. Everything in it is empty on an idle
+/// channel, so it holds no allocation.
+#[derive(Default)]
+struct Control {
+    /// Why the channel must report `Closed` (set by the connection's task, or by
+    /// our own close). The events stream reports it after draining what lapin
+    /// already resolved, so no ack that arrived before the close is lost.
+    close_request: Option<TransportError>,
+    /// Why it closed, once reported; returned by calls made after that.
+    closed: Option<TransportError>,
+    /// Consumer tags we cancelled: the end of their streams is not a broker
+    /// cancel. A handful at most, so a `Vec`.
+    cancelled: Vec<String>,
+    /// Consumers started and not yet taken by the events stream (a `Vec` here,
+    /// not a channel: an idle channel then holds nothing for them).
+    commands: Vec<Command>,
+}
+
+impl Control {
+    /// Forgets `tag` as cancelled by us; whether it was.
+    fn uncancel(&mut self, tag: &str) -> bool {
+        let at = self.cancelled.iter().position(|t| t == tag);
+        if let Some(at) = at {
+            self.cancelled.swap_remove(at);
+        }
+        at.is_some()
+    }
 }
 
 /// Confirms handed from `publish` to the events stream without waking it: the
@@ -107,7 +130,7 @@ type ConfirmFuture = BoxFuture<'static, Resolved>;
 impl ChannelShared {
     /// Asks the events stream to report `Closed(error)` (first request wins).
     pub(crate) fn request_close(&self, error: TransportError) {
-        lock(&self.close_request).get_or_insert(error);
+        lock(&self.control).close_request.get_or_insert(error);
         self.waker.wake();
     }
 
@@ -122,7 +145,7 @@ impl ChannelShared {
     }
 
     fn closed_error(&self) -> Option<TransportError> {
-        lock(&self.closed).clone()
+        lock(&self.control).closed.clone()
     }
 }
 
@@ -136,30 +159,18 @@ impl LapinChannel {
     pub(crate) fn start(channel: lapin::Channel) -> LapinChannel {
         let shared = Arc::new(ChannelShared {
             status: channel.status().clone(),
-            close_request: Mutex::new(None),
-            closed: Mutex::new(None),
+            control: Mutex::new(Control::default()),
             client_closing: AtomicBool::new(false),
-            cancelled: Mutex::new(HashSet::new()),
             incoming: Mutex::new(Incoming::default()),
-            commands: Mutex::new(Vec::new()),
             owner_gone: AtomicBool::new(false),
             pump_gone: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
-        let pump = Pump {
-            shared: shared.clone(),
-            confirms: FuturesUnordered::new(),
-            resolved: Vec::new(),
-            consumers: None,
-            ready: VecDeque::new(),
-            ended: false,
-            confirm_events: ConfirmEvents::default(),
-        };
         LapinChannel {
             channel: Arc::new(channel),
             shared,
             publish_seq: futures::lock::Mutex::new(0),
-            pump: Mutex::new(Some(pump)),
+            events_taken: AtomicBool::new(false),
         }
     }
 
@@ -192,7 +203,7 @@ impl LapinChannel {
                 TransportError::Protocol("the channel's event task has stopped".into())
             }));
         }
-        lock(&self.shared.commands).push(command);
+        lock(&self.shared.control).commands.push(command);
         self.shared.waker.wake();
         Ok(())
     }
@@ -321,10 +332,18 @@ impl PublishParts {
 #[async_trait]
 impl Channel for LapinChannel {
     fn events(&self) -> BoxStream<'static, ChannelEvent> {
-        match lock(&self.pump).take() {
-            Some(mut pump) => stream::poll_fn(move |cx| pump.poll_next(cx)).boxed(),
-            None => stream::empty().boxed(),
+        if self.events_taken.swap(true, Ordering::SeqCst) {
+            return stream::empty().boxed();
         }
+        Box::pin(Pump {
+            shared: Arc::clone(&self.shared),
+            confirms: None,
+            resolved: Vec::new(),
+            consumers: None,
+            ready: VecDeque::new(),
+            ended: false,
+            confirm_events: ConfirmEvents::default(),
+        })
     }
 
     async fn confirm_select(&self) -> Result<(), TransportError> {
@@ -533,7 +552,7 @@ impl Channel for LapinChannel {
             nowait: false,
         };
         // A tag we cancelled before may be reused: its new stream's end is news again.
-        lock(&self.shared.cancelled).remove(consumer_tag);
+        lock(&self.shared.control).uncancel(consumer_tag);
         let consumer = self
             .channel
             .basic_consume(queue, tag, lapin_options, options.arguments.clone())
@@ -544,13 +563,18 @@ impl Channel for LapinChannel {
 
     async fn cancel(&self, consumer_tag: &str) -> Result<(), TransportError> {
         let tag = short("consumer tag", consumer_tag)?;
-        lock(&self.shared.cancelled).insert(consumer_tag.to_owned());
+        {
+            let mut control = lock(&self.shared.control);
+            if !control.cancelled.iter().any(|t| t == consumer_tag) {
+                control.cancelled.push(consumer_tag.to_owned());
+            }
+        }
         let result = self
             .channel
             .basic_cancel(tag, BasicCancelOptions::default())
             .await;
         result.map_err(|e| {
-            lock(&self.shared.cancelled).remove(consumer_tag);
+            lock(&self.shared.control).uncancel(consumer_tag);
             self.error(e)
         })
     }
@@ -600,13 +624,16 @@ enum ConsumerItem {
     End(String),
 }
 
-/// The channel's bookkeeping, run by whoever polls its events stream.
+/// The channel's bookkeeping, run by whoever polls its events stream: the
+/// stream itself, made by `events`.
 struct Pump {
     shared: Arc<ChannelShared>,
     /// Every publish not resolved yet. Polled as a set: the broker may confirm
     /// a channel's publishes out of order (a message held by a quorum queue
-    /// whose node is down must not hold the confirms of later ones).
-    confirms: FuturesUnordered<ConfirmFuture>,
+    /// whose node is down must not hold the confirms of later ones). Made with
+    /// the first publish (an empty `FuturesUnordered` allocates: an idle
+    /// channel needs none), then kept.
+    confirms: Option<FuturesUnordered<ConfirmFuture>>,
     /// The confirms of a turn, kept for their capacity.
     resolved: Vec<(u64, bool)>,
     /// Made with the first consumer (an empty `SelectAll` allocates: a
@@ -682,8 +709,16 @@ fn ack_event(delivery_tag: u64, multiple: bool) -> ChannelEvent {
     }
 }
 
+impl Stream for Pump {
+    type Item = ChannelEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ChannelEvent>> {
+        self.get_mut().next_event(cx)
+    }
+}
+
 impl Pump {
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<ChannelEvent>> {
+    fn next_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<ChannelEvent>> {
         if self.ready.is_empty() && !self.ended && self.poll_lapin(cx).is_ready() {
             self.ended = true;
         }
@@ -698,7 +733,7 @@ impl Pump {
     /// due. Ready once the channel's last event is queued (or its owner is gone).
     fn poll_lapin(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.shared.waker.register(cx.waker());
-        let commands = std::mem::take(&mut *lock(&self.shared.commands));
+        let commands = std::mem::take(&mut lock(&self.shared.control).commands);
         for command in commands {
             self.add(command);
         }
@@ -722,7 +757,7 @@ impl Pump {
                 ConsumerItem::End(tag) => self.consumer_ended(tag),
             }
         }
-        let close = failure.or_else(|| lock(&self.shared.close_request).take());
+        let close = failure.or_else(|| lock(&self.shared.control).close_request.take());
         match close {
             Some(error) => {
                 let error = if self.shared.client_closing.load(Ordering::SeqCst) {
@@ -730,7 +765,7 @@ impl Pump {
                 } else {
                     error
                 };
-                *lock(&self.shared.closed) = Some(error.clone());
+                lock(&self.shared.control).closed = Some(error.clone());
                 self.emit(ChannelEvent::Closed(error));
                 Poll::Ready(())
             }
@@ -738,7 +773,6 @@ impl Pump {
         }
     }
 
-    /// Takes the confirms `publish` handed over since the last turn.
     /// Takes the confirms `publish` handed over since the last turn, and leaves
     /// the reader's waker for the next ones.
     fn take_incoming(&mut self, cx: &Context<'_>) {
@@ -753,7 +787,11 @@ impl Pump {
             }
             std::mem::take(&mut incoming.confirms)
         };
-        self.confirms.extend(confirms);
+        if !confirms.is_empty() {
+            self.confirms
+                .get_or_insert_with(FuturesUnordered::new)
+                .extend(confirms);
+        }
     }
 
     fn add(&mut self, command: Command) {
@@ -786,10 +824,11 @@ impl Pump {
     fn drain_confirms(&mut self, cx: &mut Context<'_>) -> Option<TransportError> {
         let mut failure = None;
         let mut returns = Vec::new();
+        let Some(pending) = self.confirms.as_mut() else {
+            return failure;
+        };
         let mut confirms = std::mem::take(&mut self.resolved);
-        while let Poll::Ready(Some(Resolved { seq, result, .. })) =
-            self.confirms.poll_next_unpin(cx)
-        {
+        while let Poll::Ready(Some(Resolved { seq, result, .. })) = pending.poll_next_unpin(cx) {
             match result {
                 Ok(Confirmation::Ack(returned)) => {
                     returns.extend(returned);
@@ -819,7 +858,7 @@ impl Pump {
     /// cancels the consumer (its queue was deleted), when we cancel it, and when
     /// the channel closes: only the first is news.
     fn consumer_ended(&mut self, tag: String) {
-        if lock(&self.shared.cancelled).remove(&tag) {
+        if lock(&self.shared.control).uncancel(&tag) {
             return;
         }
         if self.shared.is_open() && !self.shared.client_closing.load(Ordering::SeqCst) {

@@ -30,21 +30,24 @@ pub(super) struct Chan {
     /// only the channel was reopened (the connection lived on).
     pub(super) prev_epoch: u64,
     pub(super) ready_since: Option<Instant>,
-    pub(super) backoff: Backoff,
+    /// The reopen delays after the channel's own failures: made with the first
+    /// one (most channels never fail alone, and a `Backoff` carries its whole
+    /// configuration).
+    pub(super) backoff: Option<Box<Backoff>>,
     pub(super) timer: Option<Instant>,
     /// What the current generation carries.
     pub(super) current: Generation,
 }
 
 impl Chan {
-    pub(super) fn new(backoff: Backoff) -> Self {
+    pub(super) fn new() -> Self {
         Chan {
             state: ChannelState::Idle,
             generation: 0,
             epoch: 0,
             prev_epoch: 0,
             ready_since: None,
-            backoff,
+            backoff: None,
             timer: None,
             current: Generation::default(),
         }
@@ -233,14 +236,19 @@ impl Supervisor {
             generation: self.conns[c].channels[i].generation,
         });
         let now = self.now;
+        let config = &self.config.backoff;
         let ch = &mut self.conns[c].channels[i];
-        if ch.ready_since.is_some_and(|since| {
-            now.saturating_duration_since(since) >= self.config.backoff.reset_after
-        }) {
-            ch.backoff.reset();
+        let backoff = ch
+            .backoff
+            .get_or_insert_with(|| Box::new(Backoff::new(config.clone())));
+        if ch
+            .ready_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= config.reset_after)
+        {
+            backoff.reset();
         }
         ch.ready_since = None;
-        let retry_at = deadline_after(now, ch.backoff.next_delay(&mut self.rng));
+        let retry_at = deadline_after(now, backoff.next_delay(&mut self.rng));
         self.set_chan_timer(c, i, Some(retry_at));
         self.set_chan_state(
             c,

@@ -405,7 +405,7 @@ impl Supervisor {
                 parallel: None,
                 parallel_timer: None,
                 channels: (0..config.channels_per_connection)
-                    .map(|_| Chan::new(Backoff::new(config.backoff.clone())))
+                    .map(|_| Chan::new())
                     .collect(),
             })
             .collect();
