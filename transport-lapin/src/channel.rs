@@ -87,12 +87,8 @@ pub(crate) struct ChannelShared {
 /// channel, so it holds no allocation.
 #[derive(Default)]
 struct Control {
-    /// Why the channel must report `Closed` (set by the connection's task, or by
-    /// our own close). The events stream reports it after draining what lapin
-    /// already resolved, so no ack that arrived before the close is lost.
-    close_request: Option<TransportError>,
-    /// Why it closed, once reported; returned by calls made after that.
-    closed: Option<TransportError>,
+    /// Whether a closure is due or done, and why.
+    closure: Closure,
     /// Consumer tags we cancelled: the end of their streams is not a broker
     /// cancel. A handful at most, so a `Vec`.
     cancelled: Vec<String>,
@@ -101,7 +97,32 @@ struct Control {
     commands: Vec<Command>,
 }
 
+/// The channel's closure, as the events stream sees it.
+#[derive(Default)]
+enum Closure {
+    #[default]
+    Open,
+    /// The channel must report `Closed` with this error (set by the connection's
+    /// task, or by our own close; the first request wins). The events stream
+    /// reports it after draining what lapin already resolved, so no ack that
+    /// arrived before the close is lost.
+    Requested(TransportError),
+    /// Reported; returned by calls made after that.
+    Reported(TransportError),
+}
+
 impl Control {
+    /// Takes a requested closure, leaving the others.
+    fn take_request(&mut self) -> Option<TransportError> {
+        match std::mem::take(&mut self.closure) {
+            Closure::Requested(error) => Some(error),
+            other => {
+                self.closure = other;
+                None
+            }
+        }
+    }
+
     /// Forgets `tag` as cancelled by us; whether it was.
     fn uncancel(&mut self, tag: &str) -> bool {
         let at = self.cancelled.iter().position(|t| t == tag);
@@ -130,7 +151,11 @@ type ConfirmFuture = BoxFuture<'static, Resolved>;
 impl ChannelShared {
     /// Asks the events stream to report `Closed(error)` (first request wins).
     pub(crate) fn request_close(&self, error: TransportError) {
-        lock(&self.control).close_request.get_or_insert(error);
+        let mut control = lock(&self.control);
+        if matches!(control.closure, Closure::Open) {
+            control.closure = Closure::Requested(error);
+        }
+        drop(control);
         self.waker.wake();
     }
 
@@ -145,7 +170,10 @@ impl ChannelShared {
     }
 
     fn closed_error(&self) -> Option<TransportError> {
-        lock(&self.control).closed.clone()
+        match &lock(&self.control).closure {
+            Closure::Reported(error) => Some(error.clone()),
+            _ => None,
+        }
     }
 }
 
@@ -757,7 +785,7 @@ impl Pump {
                 ConsumerItem::End(tag) => self.consumer_ended(tag),
             }
         }
-        let close = failure.or_else(|| lock(&self.shared.control).close_request.take());
+        let close = failure.or_else(|| lock(&self.shared.control).take_request());
         match close {
             Some(error) => {
                 let error = if self.shared.client_closing.load(Ordering::SeqCst) {
@@ -765,7 +793,7 @@ impl Pump {
                 } else {
                     error
                 };
-                lock(&self.shared.control).closed = Some(error.clone());
+                lock(&self.shared.control).closure = Closure::Reported(error.clone());
                 self.emit(ChannelEvent::Closed(error));
                 Poll::Ready(())
             }
