@@ -251,6 +251,10 @@ pub(crate) struct Outbox {
     epoch: Instant,
     /// `epoch` + `timeout`: a default deadline is this + the acceptance time.
     deadline_base: Option<Instant>,
+    /// The last time converted by `since_epoch`, and what it gave: the
+    /// supervisor's clock is read once per batch of inputs, so the next
+    /// conversion is usually of the same time.
+    clock: (Instant, Option<u64>),
 }
 
 impl Outbox {
@@ -272,6 +276,7 @@ impl Outbox {
             timeout,
             epoch: now,
             deadline_base: now.checked_add(timeout),
+            clock: (now, Some(0)),
         }
     }
 
@@ -300,8 +305,14 @@ impl Outbox {
 
     /// `at` as nanoseconds after the epoch; `None` before the epoch or 584
     /// years after it.
-    fn since_epoch(&self, at: Instant) -> Option<u64> {
-        u64::try_from(at.checked_duration_since(self.epoch)?.as_nanos()).ok()
+    fn since_epoch(&mut self, at: Instant) -> Option<u64> {
+        if at != self.clock.0 {
+            let since = at
+                .checked_duration_since(self.epoch)
+                .and_then(|d| u64::try_from(d.as_nanos()).ok());
+            self.clock = (at, since);
+        }
+        self.clock.1
     }
 
     fn instant(&self, nanos: u64) -> Instant {
@@ -313,6 +324,14 @@ impl Outbox {
     /// When `entry` was accepted.
     pub(crate) fn accepted(&self, entry: &Entry) -> Instant {
         self.instant(entry.accepted)
+    }
+
+    /// How long before `now` `entry` was accepted.
+    pub(crate) fn age(&mut self, entry: &Entry, now: Instant) -> Duration {
+        match self.since_epoch(now) {
+            Some(since) => Duration::from_nanos(since.saturating_sub(entry.accepted)),
+            None => now.saturating_duration_since(self.accepted(entry)),
+        }
     }
 
     /// The default deadline of a message accepted `accepted` ns after the

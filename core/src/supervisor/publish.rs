@@ -396,9 +396,7 @@ impl Supervisor {
         let Some(mut entry) = self.outbox.take(id) else {
             return; // already resolved (timed out while in flight)
         };
-        let latency = self
-            .now
-            .saturating_duration_since(self.outbox.accepted(&entry));
+        let latency = self.outbox.age(&entry, self.now);
         self.confirm_latency.record(latency);
         self.metrics.confirm_latency(latency);
         self.flush_count(entry.order, ack && !entry.is_returned());
