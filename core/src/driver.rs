@@ -20,9 +20,9 @@
 //! What it drains or retains (pending replies at the end, channels of a lost
 //! connection) goes in one order every run, so the same inputs give the same
 //! wake-up order, and the simulator's same-seed-same-trace holds: its maps are
-//! ordered by id (`BTreeMap`). A publish's reply is a slot of the shared
-//! [`Replies`](crate::contract::Replies), keyed in its outbox entry (no map of
-//! the driver's); at the end the outbox's keys are resolved in slot order.
+//! ordered by id (`BTreeMap`). A publish's reply is a slot of the replies the
+//! client handles share with it, keyed in its outbox entry (no map of the
+//! driver's); at the end the outbox's keys are resolved in slot order.
 //!
 //! Per channel, publishes and acks go through one sequential writer, so the
 //! broker sees them in the order the supervisor emitted them (confirm sequence
