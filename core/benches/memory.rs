@@ -204,7 +204,7 @@ fn main() {
     );
     println!(
         "    of which the Arc<Message> itself is {message_struct} B per message; the rest is the \
-         outbox's and driver's bookkeeping (entries, reply channel, routing key)"
+         outbox's and the replies' bookkeeping (entries, queues, reply slots, routing key)"
     );
     println!(
         "{{\"idle_client_1x1_bytes\":{one},\"per_idle_channel_bytes\":{per_channel:.0},\

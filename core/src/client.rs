@@ -16,7 +16,8 @@ use crate::backoff::BackoffConfig;
 use crate::config::Config;
 pub use crate::contract::{ClientState, CloseSummary, Flushed};
 use crate::contract::{
-    ConsumerItem, ConsumerReceiver, Engine, Request, Shared, TopologyReply, consumer_stream, lock,
+    ConsumerItem, ConsumerReceiver, Engine, ReplyKey, Request, Shared, TopologyReply,
+    consumer_stream, lock,
 };
 use crate::driver::Driver;
 use crate::endpoint::{Endpoint, parse_host_list, parse_hosts};
@@ -224,6 +225,7 @@ impl ClientBuilder {
             state: Mutex::new(ClientState::of(&sup)),
             queue_names: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            replies: Default::default(),
         });
         // async-channel rather than futures' mpsc: it allocates a block per 31
         // requests, not a node per request (requests are allocated on a caller's
@@ -278,19 +280,28 @@ impl PublishOptions {
 #[derive(Debug)]
 #[must_use = "the message is published anyway; the future only tells how it ended"]
 pub struct PublishFuture {
-    /// `None`: the driver was gone when the message was handed over.
-    reply: Option<oneshot::Receiver<Result<Confirmation, PublishError>>>,
+    /// The reply's slot; `None` once the result was read.
+    reply: Option<(Arc<Shared>, ReplyKey)>,
 }
 
 impl Future for PublishFuture {
     type Output = Result<Confirmation, PublishError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.reply.as_mut() {
-            None => Poll::Ready(Err(PublishError::Closed)),
-            Some(rx) => Pin::new(rx)
-                .poll(cx)
-                .map(|answer| answer.unwrap_or(Err(PublishError::Closed))),
+        let Some((shared, key)) = self.reply.as_ref() else {
+            return Poll::Ready(Err(PublishError::Closed));
+        };
+        let result = std::task::ready!(shared.replies.poll(*key, cx));
+        // read: the slot is freed
+        self.reply = None;
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for PublishFuture {
+    fn drop(&mut self) {
+        if let Some((shared, key)) = self.reply.take() {
+            shared.replies.forget(key);
         }
     }
 }
@@ -400,7 +411,7 @@ impl Client {
     }
 
     fn submit(&self, message: Arc<Message>, options: PublishOptions) -> PublishFuture {
-        let (reply, rx) = oneshot::channel();
+        let reply = self.shared.replies.open();
         let request = Request::Publish {
             message,
             timeout: options.timeout,
@@ -412,8 +423,14 @@ impl Client {
             Ok(()) => true,
             Err(request) => self.send(request),
         };
+        if !sent {
+            // the driver is gone
+            self.shared
+                .replies
+                .resolve(reply, Err(PublishError::Closed));
+        }
         PublishFuture {
-            reply: sent.then_some(rx),
+            reply: Some((Arc::clone(&self.shared), reply)),
         }
     }
 

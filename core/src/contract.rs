@@ -10,6 +10,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
+use slotmap::{Key, KeyData, SlotMap};
 
 use crate::error::TransportError;
 use crate::ids::ChannelId;
@@ -28,6 +29,8 @@ pub(crate) struct Shared {
     pub(crate) state: Mutex<ClientState>,
     pub(crate) queue_names: Mutex<HashMap<QueueHandle, String>>,
     pub(crate) closed: AtomicBool,
+    /// Every publish's reply, from its call until its future reads or drops it.
+    pub(crate) replies: Replies,
 }
 
 /// A snapshot of the pool's state.
@@ -73,7 +76,8 @@ pub(crate) enum Request {
         /// Measured from when the driver accepts it, on the driver's clock.
         timeout: Option<Duration>,
         wait: bool,
-        reply: oneshot::Sender<Result<Confirmation, PublishError>>,
+        /// Its slot in [`Shared::replies`]: whoever takes the request resolves it.
+        reply: ReplyKey,
     },
     Topology {
         op: TopologyOpFn,
@@ -135,6 +139,193 @@ pub struct Flushed {
     /// [`Confirmation::Confirmed`](crate::Confirmation::Confirmed) (returned, nacked, timed out, rejected,
     /// closed). Zero: every one of them is confirmed by the broker.
     pub not_confirmed: u64,
+}
+
+slotmap::new_key_type! {
+    /// A publish's slot in [`Replies`]. Versioned: once the slot is freed the
+    /// key finds nothing, even after the slot is reused.
+    pub(crate) struct ReplyKey;
+}
+
+impl ReplyKey {
+    /// The key as the outbox carries it (the null key is 0: slot 0 is the
+    /// slot map's sentinel, never handed out).
+    pub(crate) fn to_u64(self) -> u64 {
+        self.data().as_ffi()
+    }
+
+    pub(crate) fn from_u64(key: u64) -> ReplyKey {
+        ReplyKey::from(KeyData::from_ffi(key))
+    }
+}
+
+/// The results of publishes, shared by the driver, which resolves them, and
+/// each [`PublishFuture`](crate::PublishFuture), which reads its own once, or
+/// gives it up when dropped: one small slot per publish, allocated when it is
+/// called and freed when the result is read (or resolves after its future was
+/// dropped). A slot resolves at most once; the usual results take no
+/// allocation.
+#[derive(Default)]
+pub(crate) struct Replies {
+    slots: Mutex<SlotMap<ReplyKey, ReplyState>>,
+}
+
+enum ReplyState {
+    /// Unresolved; the waker of its future's last poll.
+    Waiting(Option<Waker>),
+    /// Unresolved, and its future is gone: the resolution frees the slot.
+    Abandoned,
+    /// Resolved, not read yet.
+    Done(Outcome),
+}
+
+/// A publish's result, the usual ones inline.
+enum Outcome {
+    Confirmed,
+    TimedOut,
+    Closed,
+    Other(Box<Result<Confirmation, PublishError>>),
+}
+
+impl Outcome {
+    fn of(result: Result<Confirmation, PublishError>) -> Outcome {
+        match result {
+            Ok(Confirmation::Confirmed) => Outcome::Confirmed,
+            Err(PublishError::TimedOut) => Outcome::TimedOut,
+            Err(PublishError::Closed) => Outcome::Closed,
+            other => Outcome::Other(Box::new(other)),
+        }
+    }
+
+    fn into_result(self) -> Result<Confirmation, PublishError> {
+        match self {
+            Outcome::Confirmed => Ok(Confirmation::Confirmed),
+            Outcome::TimedOut => Err(PublishError::TimedOut),
+            Outcome::Closed => Err(PublishError::Closed),
+            Outcome::Other(result) => *result,
+        }
+    }
+}
+
+impl Replies {
+    /// A slot for a new publish.
+    pub(crate) fn open(&self) -> ReplyKey {
+        lock(&self.slots).insert(ReplyState::Waiting(None))
+    }
+
+    /// Resolves `key` with `result`, under the lock: whether it was unresolved,
+    /// and the waker to wake once the lock is released.
+    fn settle(
+        slots: &mut SlotMap<ReplyKey, ReplyState>,
+        key: ReplyKey,
+        result: Result<Confirmation, PublishError>,
+    ) -> (bool, Option<Waker>) {
+        let Some(state) = slots.get_mut(key) else {
+            return (false, None);
+        };
+        match state {
+            ReplyState::Waiting(waker) => {
+                let waker = waker.take();
+                *state = ReplyState::Done(Outcome::of(result));
+                (true, waker)
+            }
+            ReplyState::Abandoned => {
+                slots.remove(key);
+                (true, None)
+            }
+            ReplyState::Done(_) => (false, None),
+        }
+    }
+
+    /// Resolves `key` with `result` (nothing if it already resolved); whether
+    /// it was unresolved.
+    pub(crate) fn resolve(
+        &self,
+        key: ReplyKey,
+        result: Result<Confirmation, PublishError>,
+    ) -> bool {
+        let (unresolved, waker) = Self::settle(&mut lock(&self.slots), key, result);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        unresolved
+    }
+
+    /// Resolves each key with its result, under one lock, then wakes their
+    /// futures; how many were unresolved.
+    pub(crate) fn resolve_all(
+        &self,
+        results: impl IntoIterator<Item = (ReplyKey, Result<Confirmation, PublishError>)>,
+    ) -> usize {
+        let results = results.into_iter();
+        let mut unresolved = 0;
+        let mut wakers = Vec::with_capacity(results.size_hint().0);
+        {
+            let mut slots = lock(&self.slots);
+            for (key, result) in results {
+                let (was, waker) = Self::settle(&mut slots, key, result);
+                unresolved += usize::from(was);
+                wakers.extend(waker);
+            }
+        }
+        for waker in wakers {
+            waker.wake();
+        }
+        unresolved
+    }
+
+    /// The result of `key`, taken (the slot is freed), or `Pending` with `cx`'s
+    /// waker kept. A key with no slot reads `Closed` (it never happens: a slot
+    /// is freed only by its reading or by its dropped future).
+    pub(crate) fn poll(
+        &self,
+        key: ReplyKey,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Confirmation, PublishError>> {
+        let mut slots = lock(&self.slots);
+        match slots.get_mut(key) {
+            Some(ReplyState::Waiting(waker)) => {
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Some(ReplyState::Done(_)) => match slots.remove(key) {
+                Some(ReplyState::Done(outcome)) => Poll::Ready(outcome.into_result()),
+                _ => Poll::Ready(Err(PublishError::Closed)),
+            },
+            Some(ReplyState::Abandoned) | None => Poll::Ready(Err(PublishError::Closed)),
+        }
+    }
+
+    /// The future of `key` is gone: its slot is freed now if resolved, else
+    /// when it resolves.
+    pub(crate) fn forget(&self, key: ReplyKey) {
+        let mut slots = lock(&self.slots);
+        match slots.get_mut(key) {
+            Some(state @ ReplyState::Waiting(_)) => *state = ReplyState::Abandoned,
+            Some(ReplyState::Done(_)) => {
+                slots.remove(key);
+            }
+            Some(ReplyState::Abandoned) | None => {}
+        }
+    }
+
+    /// Slots in use.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.slots).len()
+    }
+}
+
+impl std::fmt::Debug for Replies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut f = f.debug_struct("Replies");
+        if let Ok(slots) = self.slots.try_lock() {
+            f.field("slots", &slots.len());
+        }
+        f.finish_non_exhaustive()
+    }
 }
 
 /// The stream of one consumer's items, from the driver to its [`Consumer`].
@@ -347,6 +538,82 @@ mod tests {
         assert_eq!(generations, vec![2, 2, 2, 2]);
         drop(tx);
         assert!(matches!(rx.poll_next(&mut cx), Poll::Ready(None)));
+    }
+
+    /// A waker that counts its wakes.
+    fn counting_waker() -> (Waker, Arc<std::sync::atomic::AtomicUsize>) {
+        struct Count(Arc<std::sync::atomic::AtomicUsize>);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (Waker::from(Arc::new(Count(Arc::clone(&count)))), count)
+    }
+
+    #[test]
+    fn a_reply_resolves_once_wakes_its_future_and_is_freed_when_read() {
+        let replies = Replies::default();
+        let key = replies.open();
+        let (waker, wakes) = counting_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(replies.poll(key, &mut cx).is_pending());
+        assert!(replies.resolve(key, Ok(Confirmation::Confirmed)));
+        assert!(
+            !replies.resolve(key, Err(PublishError::Nacked)),
+            "a second resolution is refused"
+        );
+        assert_eq!(wakes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(
+            replies.poll(key, &mut cx),
+            Poll::Ready(Ok(Confirmation::Confirmed))
+        );
+        assert_eq!(replies.len(), 0, "read: freed");
+        // a stale key finds nothing, not the slot's next publish
+        let next = replies.open();
+        assert!(!replies.resolve(key, Err(PublishError::Nacked)));
+        assert!(replies.poll(next, &mut cx).is_pending());
+        let rejected = Err(PublishError::Rejected {
+            code: 404,
+            text: "no exchange".into(),
+        });
+        assert_eq!(replies.resolve_all([(next, rejected.clone())]), 1);
+        assert_eq!(replies.poll(next, &mut cx), Poll::Ready(rejected));
+        assert_eq!(replies.len(), 0);
+    }
+
+    #[test]
+    fn a_dropped_future_frees_its_reply_whenever_it_resolves() {
+        let replies = Replies::default();
+        // dropped before its resolution: freed by it
+        let early = replies.open();
+        replies.forget(early);
+        assert_eq!(replies.len(), 1);
+        assert!(replies.resolve(early, Err(PublishError::TimedOut)));
+        assert_eq!(replies.len(), 0);
+        // dropped after it: freed at once
+        let late = replies.open();
+        assert!(replies.resolve(late, Err(PublishError::Closed)));
+        replies.forget(late);
+        assert_eq!(replies.len(), 0);
+        // forgetting twice, or a stale key, changes nothing
+        replies.forget(late);
+        let live = replies.open();
+        replies.forget(early);
+        assert_eq!(replies.len(), 1);
+        replies.forget(live);
+        assert_eq!(
+            replies.resolve_all([(live, Ok(Confirmation::Confirmed))]),
+            1
+        );
+        assert_eq!(replies.len(), 0);
+    }
+
+    /// One per publish waiting for its confirm.
+    #[test]
+    fn a_reply_slot_stays_small() {
+        assert!(std::mem::size_of::<ReplyState>() <= 24);
     }
 
     #[test]

@@ -20,9 +20,9 @@
 //! What it drains or retains (pending replies at the end, channels of a lost
 //! connection) goes in one order every run, so the same inputs give the same
 //! wake-up order, and the simulator's same-seed-same-trace holds: its maps are
-//! ordered by id (`BTreeMap`), except the publish replies, the one map touched
-//! twice per message, which live in the outbox's slots (a `SecondaryMap`) and
-//! are drained in slot order.
+//! ordered by id (`BTreeMap`). A publish's reply is a slot of the replies the
+//! client handles share with it, keyed in its outbox entry (no map of the
+//! driver's); at the end the outbox's keys are resolved in slot order.
 //!
 //! Per channel, publishes and acks go through one sequential writer, so the
 //! broker sees them in the order the supervisor emitted them (confirm sequence
@@ -42,11 +42,10 @@ use std::time::Instant;
 use futures::channel::oneshot;
 use futures::future::{BoxFuture, Fuse, FutureExt};
 use futures::stream::{BoxStream, FuturesUnordered, Stream, StreamExt};
-use slotmap::SecondaryMap;
 use tracing::Instrument;
 
 use crate::contract::{
-    ClientState, CloseSummary, ConsumerItem, ConsumerSender, Engine, Flushed, Reply, Request,
+    ClientState, CloseSummary, ConsumerItem, ConsumerSender, Engine, Flushed, ReplyKey, Request,
     Shared, TopologyReply, lock,
 };
 use crate::endpoint::Endpoint;
@@ -54,7 +53,7 @@ use crate::error::TransportError;
 use crate::event::Event;
 use crate::ids::{ChannelId, ConnectionId};
 use crate::message::Message;
-use crate::outbox::{Confirmation, PublishError, Slot};
+use crate::outbox::{Confirmation, PublishError};
 use crate::stream_set::StreamSet;
 use crate::supervisor::{ChannelInput, Command, Input, Stats, Supervisor};
 use crate::telemetry::targets;
@@ -113,7 +112,6 @@ impl Driver {
             ops: FuturesUnordered::new(),
             conn_events: StreamSet::default(),
             chan_events: StreamSet::default(),
-            publishes: SecondaryMap::new(),
             topology: BTreeMap::new(),
             consumers: BTreeMap::new(),
             watchers: Vec::new(),
@@ -224,10 +222,9 @@ fn send_resolved<T: Transport, K: Timer>(mut state: std::sync::MutexGuard<'_, St
     // one mass time-out does not keep a large buffer)
     let capacity = (2 * state.resolved.len()).clamp(64, 4096);
     let resolved = std::mem::replace(&mut state.resolved, Vec::with_capacity(capacity));
+    let shared = Arc::clone(&state.shared);
     drop(state);
-    for (reply, result) in resolved {
-        let _ = reply.send(result);
-    }
+    shared.replies.resolve_all(resolved);
 }
 
 /// What a channel's writer sends, in order.
@@ -379,8 +376,6 @@ pub(crate) struct State<T: Transport, K: Timer> {
     ops: FuturesUnordered<BoxFuture<'static, Done<T::Connection, ChannelOf<T>>>>,
     conn_events: StreamSet<BoxStream<'static, (ConnectionId, u64, ConnectionEvent)>>,
     chan_events: StreamSet<BoxStream<'static, (ChannelId, u64, ChannelEvent)>>,
-    /// Keyed by the outbox's own slots: no hashing, and as compact as the outbox.
-    publishes: SecondaryMap<Slot, Reply<Result<Confirmation, PublishError>>>,
     topology: BTreeMap<OpId, TopologyReply>,
     consumers: BTreeMap<ConsumerId, ConsumerSender>,
     watchers: Vec<crate::watch::Sender>,
@@ -402,10 +397,7 @@ pub(crate) struct State<T: Transport, K: Timer> {
     resolved: Vec<Resolved>,
 }
 
-type Resolved = (
-    Reply<Result<Confirmation, PublishError>>,
-    Result<Confirmation, PublishError>,
-);
+type Resolved = (ReplyKey, Result<Confirmation, PublishError>);
 
 type ChannelOf<T> = <<T as Transport>::Connection as Connection>::Channel;
 
@@ -592,9 +584,14 @@ impl<T: Transport, K: Timer> State<T, K> {
                 any = true;
                 self.execute(command);
             }
-            while let Some(event) = self.sup.poll_event() {
+            while let Some((event, reply)) = self.sup.next_event() {
                 any = true;
-                self.route(event);
+                match (event, reply) {
+                    (Event::PublishResolved { result, .. }, Some(reply)) => {
+                        self.resolved.push((ReplyKey::from_u64(reply), result));
+                    }
+                    (event, _) => self.route(event),
+                }
             }
             if !any {
                 break;
@@ -1105,12 +1102,16 @@ impl<T: Transport, K: Timer> State<T, K> {
         let now = self.now();
         match request {
             Request::Publish { reply, .. } if self.sup.is_closing() => {
-                let _ = reply.send(Err(PublishError::Closed));
+                self.shared
+                    .replies
+                    .resolve(reply, Err(PublishError::Closed));
             }
             Request::Publish { message, reply, .. }
                 if let Err(reason) = self.transport.check_message(&message) =>
             {
-                let _ = reply.send(Err(PublishError::Invalid(reason)));
+                self.shared
+                    .replies
+                    .resolve(reply, Err(PublishError::Invalid(reason)));
             }
             Request::Publish {
                 message,
@@ -1119,18 +1120,11 @@ impl<T: Transport, K: Timer> State<T, K> {
                 reply,
             } => {
                 let deadline = timeout.map(|t| crate::supervisor::deadline_after(now, t));
-                let accepted = if wait {
-                    self.sup.publish_or_wait(now, message, deadline)
-                } else {
-                    self.sup.publish(now, message, deadline)
-                };
-                match accepted {
-                    Ok(id) => {
-                        self.publishes.insert(id.slot(), reply);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
+                let accepted =
+                    self.sup
+                        .publish_replying(now, message, deadline, wait, reply.to_u64());
+                if let Err(e) = accepted {
+                    self.shared.replies.resolve(reply, Err(e));
                 }
             }
             Request::Topology { op, reply } => match op(&mut self.sup, now) {
@@ -1213,11 +1207,8 @@ impl<T: Transport, K: Timer> State<T, K> {
 
     fn route(&mut self, event: Event) {
         match event {
-            Event::PublishResolved { id, result } => {
-                if let Some(reply) = self.publishes.remove(id.slot()) {
-                    self.resolved.push((reply, result));
-                }
-            }
+            // its reply is keyed in the outbox: `flush` takes it
+            Event::PublishResolved { .. } => {}
             Event::Flushed {
                 flush,
                 not_confirmed,
@@ -1308,12 +1299,21 @@ impl<T: Transport, K: Timer> State<T, K> {
         // nothing new is taken; what was sent and not taken is dropped (its
         // replies resolve `Closed`)
         self.requests.close();
-        while self.requests.try_recv().is_ok() {}
-        // slot order: the same every run, as the simulator needs
-        for (_, reply) in std::mem::take(&mut self.publishes) {
-            self.closed_here += 1;
-            let _ = reply.send(Err(PublishError::Closed));
+        while let Ok(request) = self.requests.try_recv() {
+            if let Request::Publish { reply, .. } = request {
+                self.shared
+                    .replies
+                    .resolve(reply, Err(PublishError::Closed));
+            }
         }
+        // every publish accepted and not resolved (or resolved and its event not
+        // routed), in slot order: the same every run, as the simulator needs
+        let unresolved: Vec<Resolved> = self
+            .sup
+            .publish_replies()
+            .map(|reply| (ReplyKey::from_u64(reply), Err(PublishError::Closed)))
+            .collect();
+        self.closed_here += self.shared.replies.resolve_all(unresolved) as u64;
         for (_, reply) in std::mem::take(&mut self.topology) {
             match reply {
                 TopologyReply::Unit(r) => {
@@ -1338,9 +1338,8 @@ impl<T: Transport, K: Timer> State<T, K> {
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
         // every publish future resolves before `close()` returns
-        for (reply, result) in self.resolved.drain(..) {
-            let _ = reply.send(result);
-        }
+        let resolved = std::mem::take(&mut self.resolved);
+        self.shared.replies.resolve_all(resolved);
         let closed = self.sup.stats().closed + self.closed_here;
         for (done, before) in self.close_waiters.drain(..) {
             let _ = done.send(CloseSummary {
@@ -1402,5 +1401,7 @@ mod tests {
         assert!(size_of::<super::Outbound>() <= 16);
         assert!(size_of::<crate::event::Event>() <= 96);
         assert!(size_of::<crate::contract::Request>() <= 112);
+        // one per message waiting in the outbox
+        assert!(size_of::<crate::outbox::Entry>() <= 48);
     }
 }

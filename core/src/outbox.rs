@@ -12,7 +12,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use slotmap::{Key, KeyData, SlotMap};
 
@@ -92,33 +92,111 @@ pub enum PublishError {
     Invalid(String),
 }
 
-/// Where a message is while in flight.
+/// The reply key of a publish that has none (a key of the driver's is never 0:
+/// slot 0 of a slot map is its sentinel).
+pub(crate) const NO_REPLY: u64 = 0;
+
+/// Where an unresolved message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Placement {
-    pub(crate) conn: usize,
-    pub(crate) chan: usize,
-    pub(crate) generation: u64,
+enum Place {
+    /// In `pending`, waiting for a channel.
+    Pending,
+    /// Accepted while the outbox was full: it enters `pending` when there is room.
+    Waiting,
+    /// Sent, awaiting its confirm.
+    InFlight,
+}
+
+/// What few messages carry, out of the entry every message has: a deadline the
+/// caller chose, a return, a span (TRACE only).
+#[derive(Default)]
+struct Rare {
+    /// The caller's deadline (a default one is worked out from `accepted`).
+    deadline: Option<Instant>,
+    /// Set by basic.return: resolve as Returned when the ack comes.
+    returned: Option<(u16, String)>,
+    /// Its `publish` span, at TRACE only.
+    span: Option<tracing::Span>,
 }
 
 pub(crate) struct Entry {
     /// Its place in publish order (ids do not tell it).
     pub(crate) order: u64,
     pub(crate) message: Arc<Message>,
-    pub(crate) deadline: Instant,
-    pub(crate) placed: Option<Placement>,
-    /// Set by basic.return: resolve as Returned when the ack comes.
-    pub(crate) returned: Option<(u16, String)>,
+    /// When it was accepted, in nanoseconds after the outbox's epoch (0 for
+    /// a time the supervisor's clock never gives: before the epoch, or 584
+    /// years after it).
+    accepted: u64,
+    /// The publisher's reply, as the driver keys it (0: none).
+    pub(crate) reply: u64,
+    rare: Option<Box<Rare>>,
+    /// Times it went out.
+    pub(crate) sends: u32,
     /// Channel-level errors suffered while in flight; past a limit the message is
     /// the likely culprit and resolves with the error instead of looping.
     pub(crate) strikes: u8,
-    /// Times it went out.
-    pub(crate) sends: u32,
-    /// When it was accepted (for its confirm latency).
-    pub(crate) accepted: Instant,
+    place: Place,
+}
+
+impl Entry {
+    /// Sent and awaiting its confirm.
+    pub(crate) fn is_placed(&self) -> bool {
+        self.place == Place::InFlight
+    }
+
+    /// A basic.return came for it since it was last sent.
+    pub(crate) fn is_returned(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.returned.is_some())
+    }
+
+    pub(crate) fn set_returned(&mut self, code: u16, text: String) {
+        self.rare.get_or_insert_default().returned = Some((code, text));
+    }
+
+    pub(crate) fn take_returned(&mut self) -> Option<(u16, String)> {
+        self.rare.as_mut()?.returned.take()
+    }
+
     /// Its `publish` span, at TRACE only.
-    pub(crate) span: Option<Box<tracing::Span>>,
-    /// Accepted while the outbox was full: it enters `pending` when there is room.
-    pub(crate) waiting: bool,
+    pub(crate) fn span(&self) -> Option<&tracing::Span> {
+        self.rare.as_ref()?.span.as_ref()
+    }
+
+    fn custom_deadline(&self) -> Option<Instant> {
+        self.rare.as_ref()?.deadline
+    }
+}
+
+/// A slot of the outbox.
+enum Stored {
+    Live(Entry),
+    /// Resolved, its `PublishResolved` event not polled yet; the reply it had.
+    Resolved {
+        reply: u64,
+    },
+}
+
+impl Stored {
+    fn live(&self) -> Option<&Entry> {
+        match self {
+            Stored::Live(entry) => Some(entry),
+            Stored::Resolved { .. } => None,
+        }
+    }
+
+    fn live_mut(&mut self) -> Option<&mut Entry> {
+        match self {
+            Stored::Live(entry) => Some(entry),
+            Stored::Resolved { .. } => None,
+        }
+    }
+
+    fn reply(&self) -> u64 {
+        match self {
+            Stored::Live(entry) => entry.reply,
+            Stored::Resolved { reply } => *reply,
+        }
+    }
 }
 
 slotmap::new_key_type! {
@@ -128,31 +206,25 @@ slotmap::new_key_type! {
     /// id that was resolved does not find the entry that took its place (until
     /// the 32-bit version wraps, 2^31 reuses of one slot later).
     ///
-    /// A resolved entry keeps its slot (empty) until its `PublishResolved`
-    /// event is polled: whoever keys something by the id (the driver, its
-    /// reply) sees the resolution before the slot can carry a new id.
+    /// A resolved entry keeps its slot (with its reply's key only) until its
+    /// `PublishResolved` event is polled: whoever keys something by the id (the
+    /// driver, its reply) sees the resolution before the slot can carry a new id.
     pub(crate) struct Slot;
 }
 
 impl PublishId {
-    pub(crate) fn slot(self) -> Slot {
-        Slot::from(KeyData::from_ffi(self.0))
-    }
-
     fn of(slot: Slot) -> PublishId {
         PublishId(slot.data().as_ffi())
     }
 }
 
 fn slot(id: u64) -> Slot {
-    PublishId(id).slot()
+    Slot::from(KeyData::from_ffi(id))
 }
 
 /// Publishes waiting or in flight.
-#[derive(Default)]
 pub(crate) struct Outbox {
-    /// `None`: resolved, its event not polled yet.
-    entries: SlotMap<Slot, Option<Entry>>,
+    entries: SlotMap<Slot, Stored>,
     live: usize,
     /// Ids waiting for a channel, oldest first; ids already resolved are skipped.
     pending: VecDeque<u64>,
@@ -160,16 +232,54 @@ pub(crate) struct Outbox {
     /// Accepted over capacity (the caller waits for room), oldest first.
     waiting: VecDeque<u64>,
     waiting_live: usize,
-    /// Deadlines of publishes that took the default timeout: with a constant
-    /// timeout and a clock that never goes back they come in order, so a FIFO
-    /// replaces a sorted set on the hot path. Resolved ids are skipped lazily.
-    default_deadlines: VecDeque<(Instant, u64)>,
+    /// Ids of publishes that took the default timeout, oldest first: their
+    /// deadlines (worked out from when each was accepted) come in that order, so
+    /// a FIFO replaces a sorted set on the hot path. Resolved ids are skipped
+    /// lazily; the front one is always unresolved.
+    default_deadlines: VecDeque<u64>,
+    /// The deadline of the front of `default_deadlines` (read on every
+    /// input, so kept here rather than worked out from its entry each time).
+    front_deadline: Option<Instant>,
+    /// When the newest of `default_deadlines` was accepted (ns after `epoch`).
+    last_default: u64,
     /// Deadlines the caller chose, in any order.
     custom_deadlines: BTreeSet<(Instant, u64)>,
     next_order: u64,
+    /// The default publish timeout.
+    timeout: Duration,
+    /// What entries' acceptance times count from.
+    epoch: Instant,
+    /// `epoch` + `timeout`: a default deadline is this + the acceptance time.
+    deadline_base: Option<Instant>,
+    /// The last time converted by `since_epoch`, and what it gave: the
+    /// supervisor's clock is read once per batch of inputs, so the next
+    /// conversion is usually of the same time.
+    clock: (Instant, Option<u64>),
 }
 
 impl Outbox {
+    /// An empty outbox whose default deadline is `timeout` after acceptance;
+    /// nothing it is given is accepted before `now`.
+    pub(crate) fn new(now: Instant, timeout: Duration) -> Outbox {
+        Outbox {
+            entries: SlotMap::with_key(),
+            live: 0,
+            pending: VecDeque::new(),
+            pending_live: 0,
+            waiting: VecDeque::new(),
+            waiting_live: 0,
+            default_deadlines: VecDeque::new(),
+            front_deadline: None,
+            last_default: 0,
+            custom_deadlines: BTreeSet::new(),
+            next_order: 0,
+            timeout,
+            epoch: now,
+            deadline_base: now.checked_add(timeout),
+            clock: (now, Some(0)),
+        }
+    }
+
     pub(crate) fn pending_len(&self) -> usize {
         self.pending_live
     }
@@ -193,8 +303,70 @@ impl Outbox {
         self.next_order
     }
 
+    /// `at` as nanoseconds after the epoch; `None` before the epoch or 584
+    /// years after it.
+    fn since_epoch(&mut self, at: Instant) -> Option<u64> {
+        if at != self.clock.0 {
+            let since = at
+                .checked_duration_since(self.epoch)
+                .and_then(|d| u64::try_from(d.as_nanos()).ok());
+            self.clock = (at, since);
+        }
+        self.clock.1
+    }
+
+    fn instant(&self, nanos: u64) -> Instant {
+        self.epoch
+            .checked_add(Duration::from_nanos(nanos))
+            .unwrap_or(self.epoch)
+    }
+
+    /// When `entry` was accepted.
+    pub(crate) fn accepted(&self, entry: &Entry) -> Instant {
+        self.instant(entry.accepted)
+    }
+
+    /// How long before `now` `entry` was accepted.
+    pub(crate) fn age(&mut self, entry: &Entry, now: Instant) -> Duration {
+        match self.since_epoch(now) {
+            Some(since) => Duration::from_nanos(since.saturating_sub(entry.accepted)),
+            None => now.saturating_duration_since(self.accepted(entry)),
+        }
+    }
+
+    /// The default deadline of a message accepted `accepted` ns after the
+    /// epoch: the timeout after its acceptance.
+    fn default_deadline(&self, accepted: u64) -> Instant {
+        self.deadline_base
+            .and_then(|base| base.checked_add(Duration::from_nanos(accepted)))
+            .unwrap_or_else(|| {
+                crate::supervisor::deadline_after(self.instant(accepted), self.timeout)
+            })
+    }
+
+    /// `entry`'s deadline.
+    fn deadline(&self, entry: &Entry) -> Instant {
+        match entry.custom_deadline() {
+            Some(at) => at,
+            None => self.default_deadline(entry.accepted),
+        }
+    }
+
+    /// Sets `front_deadline` from the front of `default_deadlines`, dropping
+    /// resolved ids from it.
+    fn new_front(&mut self) {
+        while let Some(&front) = self.default_deadlines.front() {
+            if let Some(entry) = self.get(front) {
+                self.front_deadline = Some(self.default_deadline(entry.accepted));
+                return;
+            }
+            self.default_deadlines.pop_front();
+        }
+        self.front_deadline = None;
+    }
+
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let default = self.default_deadlines.front().map(|(at, _)| *at);
+        let default = self.front_deadline;
         let custom = self.custom_deadlines.first().map(|(at, _)| *at);
         match (default, custom) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -202,42 +374,65 @@ impl Outbox {
         }
     }
 
-    /// Accepts a message at the back of the queue. `default_deadline` says the
-    /// deadline is now + the configured timeout (so deadlines arrive in order).
+    /// Accepts a message at the back of the queue, accepted at `accepted`,
+    /// with `deadline`, or with the default one (the outbox's timeout after
+    /// `accepted`) if `None`. `reply` is the driver's key for the publish's
+    /// reply.
     pub(crate) fn push(
         &mut self,
         message: Arc<Message>,
-        deadline: Instant,
-        default_deadline: bool,
+        deadline: Option<Instant>,
         accepted: Instant,
-        span: Option<Box<tracing::Span>>,
+        reply: u64,
+        span: Option<tracing::Span>,
         waiting: bool,
     ) -> PublishId {
         let order = self.next_order;
         self.next_order += 1;
-        let id = PublishId::of(self.entries.insert(Some(Entry {
+        let exact = self.since_epoch(accepted);
+        let since = exact.unwrap_or(0);
+        // a default deadline is worked out from the acceptance time: it goes in
+        // the FIFO if that time is exact and not before the newest there's
+        let deadline = match (deadline, exact) {
+            (None, Some(since)) if since >= self.last_default => None,
+            (None, _) => Some(crate::supervisor::deadline_after(accepted, self.timeout)),
+            (Some(at), _) => Some(at),
+        };
+        let rare = (deadline.is_some() || span.is_some()).then(|| {
+            Box::new(Rare {
+                deadline,
+                returned: None,
+                span,
+            })
+        });
+        let place = if waiting {
+            Place::Waiting
+        } else {
+            Place::Pending
+        };
+        let id = PublishId::of(self.entries.insert(Stored::Live(Entry {
             order,
             message,
-            deadline,
-            placed: None,
-            returned: None,
-            strikes: 0,
+            accepted: since,
+            reply,
+            rare,
             sends: 0,
-            accepted,
-            span,
-            waiting,
+            strikes: 0,
+            place,
         })))
         .0;
         self.live += 1;
-        if default_deadline
-            && self
-                .default_deadlines
-                .back()
-                .is_none_or(|(at, _)| *at <= deadline)
-        {
-            self.default_deadlines.push_back((deadline, id));
-        } else {
-            self.custom_deadlines.insert((deadline, id));
+        match deadline {
+            None => {
+                if self.default_deadlines.is_empty() {
+                    self.front_deadline = Some(self.default_deadline(since));
+                }
+                self.default_deadlines.push_back(id);
+                self.last_default = since;
+            }
+            Some(at) => {
+                self.custom_deadlines.insert((at, id));
+            }
         }
         if waiting {
             self.waiting.push_back(id);
@@ -251,20 +446,32 @@ impl Outbox {
 
     /// The unresolved message `id`.
     pub(crate) fn get(&self, id: u64) -> Option<&Entry> {
-        self.entries.get(slot(id))?.as_ref()
+        self.entries.get(slot(id))?.live()
     }
 
     /// The unresolved message `id`.
     pub(crate) fn get_mut(&mut self, id: u64) -> Option<&mut Entry> {
-        self.entries.get_mut(slot(id))?.as_mut()
+        self.entries.get_mut(slot(id))?.live_mut()
     }
 
-    /// Frees the slot of resolved message `id` (see [`Slot`]).
-    pub(crate) fn release(&mut self, id: u64) {
+    /// Frees the slot of resolved message `id` (see [`Slot`]); returns the
+    /// reply key it had.
+    pub(crate) fn release(&mut self, id: u64) -> Option<u64> {
         let slot = slot(id);
-        if self.entries.get(slot).is_some_and(Option::is_none) {
-            self.entries.remove(slot);
+        match self.entries.get(slot)? {
+            Stored::Resolved { reply } => {
+                let reply = *reply;
+                self.entries.remove(slot);
+                Some(reply)
+            }
+            Stored::Live(_) => None,
         }
+    }
+
+    /// The reply key of every publish not released yet (unresolved, or
+    /// resolved with its event not polled), in slot order.
+    pub(crate) fn replies(&self) -> impl Iterator<Item = u64> + '_ {
+        self.entries.values().map(Stored::reply)
     }
 
     /// Moves messages accepted over capacity into `pending`, oldest first, while
@@ -276,9 +483,9 @@ impl Outbox {
                 break;
             };
             if let Some(entry) = self.get_mut(id)
-                && entry.waiting
+                && entry.place == Place::Waiting
             {
-                entry.waiting = false;
+                entry.place = Place::Pending;
                 self.waiting_live -= 1;
                 self.pending.push_back(id);
                 self.pending_live += 1;
@@ -291,7 +498,7 @@ impl Outbox {
     /// The oldest message waiting for a channel, without taking it.
     pub(crate) fn peek_pending(&mut self) -> Option<u64> {
         while let Some(&id) = self.pending.front() {
-            if self.get(id).is_some_and(|e| e.placed.is_none()) {
+            if self.get(id).is_some_and(|e| e.place == Place::Pending) {
                 return Some(id);
             }
             self.pending.pop_front();
@@ -299,9 +506,9 @@ impl Outbox {
         None
     }
 
-    /// Takes the oldest waiting message and records where it goes; returns it and
+    /// Takes the oldest waiting message and marks it in flight; returns it and
     /// how many times it has been sent, this time included.
-    pub(crate) fn place(&mut self, id: u64, placement: Placement) -> (Arc<Message>, u32) {
+    pub(crate) fn place(&mut self, id: u64) -> Option<(Arc<Message>, u32)> {
         let front = self.pending.pop_front();
         debug_assert_eq!(
             front,
@@ -309,12 +516,13 @@ impl Outbox {
             "place() takes the message peek_pending() gave"
         );
         self.pending_live -= 1;
-        // peek_pending() returned this id from `entries`, so it is there.
-        let entry = self.get_mut(id).expect("peeked entry exists");
-        entry.placed = Some(placement);
-        entry.returned = None;
+        let entry = self.get_mut(id)?;
+        entry.place = Place::InFlight;
+        if let Some(rare) = entry.rare.as_mut() {
+            rare.returned = None;
+        }
         entry.sends += 1;
-        (Arc::clone(&entry.message), entry.sends)
+        Some((Arc::clone(&entry.message), entry.sends))
     }
 
     /// Puts in-flight messages back at the front, oldest first. Returns how many
@@ -324,10 +532,12 @@ impl Outbox {
         let mut n = 0;
         for &id in ids.iter().rev() {
             if let Some(entry) = self.get_mut(id)
-                && entry.placed.is_some()
+                && entry.place == Place::InFlight
             {
-                entry.placed = None;
-                entry.returned = None;
+                entry.place = Place::Pending;
+                if let Some(rare) = entry.rare.as_mut() {
+                    rare.returned = None;
+                }
                 if strike {
                     entry.strikes = entry.strikes.saturating_add(1);
                 }
@@ -339,30 +549,38 @@ impl Outbox {
         n
     }
 
-    /// Removes a message for good; `None` if it was already resolved.
+    /// Removes a message for good; `None` if it was already resolved. Its slot
+    /// keeps the reply's key until [`release`](Self::release).
     pub(crate) fn take(&mut self, id: u64) -> Option<Entry> {
-        let entry = self.entries.get_mut(slot(id))?.take()?;
+        let stored = self.entries.get_mut(slot(id))?;
+        let reply = stored.live()?.reply;
+        let Stored::Live(entry) = std::mem::replace(stored, Stored::Resolved { reply }) else {
+            return None;
+        };
         self.live -= 1;
-        if !self.custom_deadlines.remove(&(entry.deadline, id)) {
-            // drop resolved ids from the front so the FIFO stays near the live size
-            while let Some(&(_, front)) = self.default_deadlines.front() {
-                if self.get(front).is_some() {
-                    break;
-                }
-                self.default_deadlines.pop_front();
+        match entry.custom_deadline() {
+            Some(at) => {
+                self.custom_deadlines.remove(&(at, id));
             }
+            // drop resolved ids from the front so the FIFO stays near the
+            // live size and its front is unresolved
+            None if self.default_deadlines.front() == Some(&id) => self.new_front(),
+            None => {}
         }
-        if entry.waiting {
-            self.waiting_live -= 1;
-            // drop resolved ids from the front so the queue stays near its live size
-            while let Some(&front) = self.waiting.front() {
-                if self.get(front).is_some_and(|e| e.waiting) {
-                    break;
+        match entry.place {
+            Place::Waiting => {
+                self.waiting_live -= 1;
+                // drop resolved ids from the front so the queue stays near its
+                // live size
+                while let Some(&front) = self.waiting.front() {
+                    if self.get(front).is_some_and(|e| e.place == Place::Waiting) {
+                        break;
+                    }
+                    self.waiting.pop_front();
                 }
-                self.waiting.pop_front();
             }
-        } else if entry.placed.is_none() {
-            self.pending_live -= 1;
+            Place::Pending => self.pending_live -= 1,
+            Place::InFlight => {}
         }
         Some(entry)
     }
@@ -370,14 +588,17 @@ impl Outbox {
     /// Ids whose deadline is at or before `now`, removed from the deadline index.
     pub(crate) fn expired(&mut self, now: Instant) -> Vec<u64> {
         let mut out = Vec::new();
-        while let Some(&(at, id)) = self.default_deadlines.front() {
-            if at > now {
-                break;
+        if self.front_deadline.is_some_and(|at| at <= now) {
+            while let Some(&id) = self.default_deadlines.front() {
+                if let Some(entry) = self.get(id) {
+                    if self.deadline(entry) > now {
+                        break;
+                    }
+                    out.push(id);
+                }
+                self.default_deadlines.pop_front();
             }
-            self.default_deadlines.pop_front();
-            if self.get(id).is_some() {
-                out.push(id);
-            }
+            self.new_front();
         }
         while let Some(&(at, id)) = self.custom_deadlines.first() {
             if at > now {
@@ -394,7 +615,7 @@ impl Outbox {
         let mut ids: Vec<(u64, u64)> = self
             .entries
             .iter()
-            .filter_map(|(slot, e)| Some((e.as_ref()?.order, PublishId::of(slot).0)))
+            .filter_map(|(slot, e)| Some((e.live()?.order, PublishId::of(slot).0)))
             .collect();
         ids.sort_unstable();
         ids.into_iter().map(|(_, id)| id).collect()

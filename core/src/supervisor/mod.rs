@@ -410,6 +410,7 @@ impl Supervisor {
             })
             .collect();
         let metrics = Metrics::new(&config, &hosts);
+        let outbox = Outbox::new(now, config.publish_timeout);
         let mut sup = Supervisor {
             config,
             hosts,
@@ -430,7 +431,7 @@ impl Supervisor {
             max_message_size: None,
             flushes: Vec::new(),
             next_flush: 0,
-            outbox: Outbox::default(),
+            outbox,
             room: false,
             registry: Registry::default(),
             consume_waits: BTreeSet::new(),
@@ -549,12 +550,25 @@ impl Supervisor {
 
     /// The next event for the application.
     pub fn poll_event(&mut self) -> Option<Event> {
+        self.next_event().map(|(event, _)| event)
+    }
+
+    /// The next event, and for a [`Event::PublishResolved`] the reply key its
+    /// publish was given ([`publish_replying`](Self::publish_replying)).
+    pub(crate) fn next_event(&mut self) -> Option<(Event, Option<u64>)> {
         let event = self.events.pop_front()?;
-        if let Event::PublishResolved { id, .. } = &event {
+        let reply = match &event {
             // its id is reported: only now may a new publish take its slot
-            self.outbox.release(id.0);
-        }
-        Some(event)
+            Event::PublishResolved { id, .. } => self.outbox.release(id.0),
+            _ => None,
+        };
+        Some((event, reply))
+    }
+
+    /// The reply key of every publish whose resolution
+    /// [`next_event`](Self::next_event) has not given yet, in slot order.
+    pub(crate) fn publish_replies(&self) -> impl Iterator<Item = u64> + '_ {
+        self.outbox.replies()
     }
 
     /// When to call `handle(now, Input::Timeout)` next, if any timer is armed.

@@ -9,7 +9,7 @@ use crate::error::{ErrorClass, TransportError};
 use crate::event::Event;
 use crate::ids::{ChannelId, ConnectionId};
 use crate::message::{Message, Returned};
-use crate::outbox::{Confirmation, Entry, FlushId, Placement, PublishError, PublishId};
+use crate::outbox::{Confirmation, Entry, FlushId, NO_REPLY, PublishError, PublishId};
 use crate::telemetry::targets;
 use crate::topology::check_name;
 
@@ -122,7 +122,7 @@ impl Supervisor {
         message: Arc<Message>,
         deadline: Option<Instant>,
     ) -> Result<PublishId, PublishError> {
-        self.accept(now, message, deadline, false)
+        self.accept(now, message, deadline, false, NO_REPLY)
     }
 
     /// [`publish`](Self::publish) for a caller that waits for room: when the
@@ -138,7 +138,22 @@ impl Supervisor {
         message: Arc<Message>,
         deadline: Option<Instant>,
     ) -> Result<PublishId, PublishError> {
-        self.accept(now, message, deadline, true)
+        self.accept(now, message, deadline, true, NO_REPLY)
+    }
+
+    /// [`publish_or_wait`](Self::publish_or_wait) if `wait`, else
+    /// [`publish`](Self::publish), for a publish whose reply is the driver's
+    /// `reply` key: [`next_event`](Self::next_event) gives it back with the
+    /// publish's resolution.
+    pub(crate) fn publish_replying(
+        &mut self,
+        now: Instant,
+        message: Arc<Message>,
+        deadline: Option<Instant>,
+        wait: bool,
+        reply: u64,
+    ) -> Result<PublishId, PublishError> {
+        self.accept(now, message, deadline, wait, reply)
     }
 
     fn accept(
@@ -147,6 +162,7 @@ impl Supervisor {
         message: Arc<Message>,
         deadline: Option<Instant>,
         wait: bool,
+        reply: u64,
     ) -> Result<PublishId, PublishError> {
         self.advance(now);
         if self.is_closing() {
@@ -166,10 +182,9 @@ impl Supervisor {
                 message.payload.len()
             )));
         }
-        let default_deadline = deadline.is_none();
-        let deadline = deadline
-            .unwrap_or_else(|| super::deadline_after(self.now, self.config.publish_timeout));
-        if deadline <= self.now {
+        if deadline.unwrap_or_else(|| super::deadline_after(self.now, self.config.publish_timeout))
+            <= self.now
+        {
             return Err(PublishError::TimedOut);
         }
         let full = self.outbox.pending_len() >= self.config.outbox_capacity;
@@ -184,7 +199,7 @@ impl Supervisor {
         let span = publish_span(&message);
         let id = self
             .outbox
-            .push(message, deadline, default_deadline, self.now, span, waits);
+            .push(message, deadline, self.now, reply, span, waits);
         self.stats.published += 1;
         self.pump();
         self.sync_metrics();
@@ -255,18 +270,14 @@ impl Supervisor {
                 self.outbox.admit(capacity);
                 return;
             };
+            // peek_pending() gave an unresolved id: place() finds it
+            let Some((message, sends)) = self.outbox.place(id) else {
+                continue;
+            };
             let ch = &mut self.conns[c].channels[i];
             ch.current.next_seq += 1;
             let (seq, generation) = (ch.current.next_seq, ch.generation);
             ch.current.in_flight.push_back((seq, id));
-            let (message, sends) = self.outbox.place(
-                id,
-                Placement {
-                    conn: c,
-                    chan: i,
-                    generation,
-                },
-            );
             self.stats.sent += 1;
             if sends > 1 {
                 self.stats.republished += 1;
@@ -385,11 +396,11 @@ impl Supervisor {
         let Some(mut entry) = self.outbox.take(id) else {
             return; // already resolved (timed out while in flight)
         };
-        let latency = self.now.saturating_duration_since(entry.accepted);
+        let latency = self.outbox.age(&entry, self.now);
         self.confirm_latency.record(latency);
         self.metrics.confirm_latency(latency);
-        self.flush_count(entry.order, ack && entry.returned.is_none());
-        let result = match (ack, entry.returned.take()) {
+        self.flush_count(entry.order, ack && !entry.is_returned());
+        let result = match (ack, entry.take_returned()) {
             (true, None) => {
                 self.stats.confirmed += 1;
                 Ok(Confirmation::Confirmed)
@@ -423,11 +434,11 @@ impl Supervisor {
         for &(_, id) in &self.conns[c].channels[i].current.in_flight {
             if let Some(entry) = self.outbox.get_mut(id)
                 && entry.message.mandatory
-                && entry.returned.is_none()
+                && !entry.is_returned()
                 && entry.message.exchange == r.exchange
                 && entry.message.routing_key == r.routing_key
             {
-                entry.returned = Some((r.reply_code, r.reply_text.clone()));
+                entry.set_returned(r.reply_code, r.reply_text.clone());
                 return;
             }
         }
@@ -465,7 +476,7 @@ impl Supervisor {
     /// At close, messages not yet sent will never be: they resolve as Closed.
     pub(super) fn close_outbox_pending(&mut self) {
         for id in self.outbox.all_ids() {
-            if self.outbox.get(id).is_some_and(|e| e.placed.is_none()) {
+            if self.outbox.get(id).is_some_and(|e| !e.is_placed()) {
                 self.resolve_publish(id, PublishError::Closed);
             }
         }
@@ -549,7 +560,7 @@ impl Flush {
 impl Supervisor {
     /// Records how a publish ended on its span (TRACE only), which closes.
     fn close_publish_span(&self, entry: &Entry, result: Result<&Confirmation, &PublishError>) {
-        let Some(span) = &entry.span else {
+        let Some(span) = entry.span() else {
             return;
         };
         let outcome = match result {
@@ -566,7 +577,7 @@ impl Supervisor {
         span.record(
             "latency_ms",
             self.now
-                .saturating_duration_since(entry.accepted)
+                .saturating_duration_since(self.outbox.accepted(entry))
                 .as_secs_f64()
                 * 1e3,
         );
@@ -625,7 +636,7 @@ impl Culprit {
 
 /// The span of one publish, from its acceptance to its resolution: only at
 /// TRACE on the publish target (otherwise nothing is allocated or recorded).
-fn publish_span(message: &Message) -> Option<Box<tracing::Span>> {
+fn publish_span(message: &Message) -> Option<tracing::Span> {
     let span = tracing::trace_span!(
         target: targets::PUBLISH,
         "publish",
@@ -636,7 +647,7 @@ fn publish_span(message: &Message) -> Option<Box<tracing::Span>> {
         sends = tracing::field::Empty,
         latency_ms = tracing::field::Empty,
     );
-    (!span.is_disabled()).then(|| Box::new(span))
+    (!span.is_disabled()).then_some(span)
 }
 
 /// The text between `start` and the next `end`.
