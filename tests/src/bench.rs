@@ -1505,8 +1505,9 @@ impl Tool {
 }
 
 /// `kills` times, one every `rhythm`: the broker closes every connection
-/// (`close_all_connections`, see [`Tool`]) while a client over `transport()`,
-/// built with the library's defaults but for its `pool` shape, publishes
+/// (`close_all_connections`, through a standing [`broker::ControlNode`] or
+/// `rabbitmqctl`) while a client over `transport()`, built with the library's
+/// defaults but for its `pool` shape, publishes
 /// numbered messages at `rate` per second (see the `Publisher` type in this module), each kill's turn
 /// to its own queue; then the queues are read back to count what was lost and
 /// duplicated per kill. The kills come
