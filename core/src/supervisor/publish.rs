@@ -122,7 +122,7 @@ impl Supervisor {
         message: Arc<Message>,
         deadline: Option<Instant>,
     ) -> Result<PublishId, PublishError> {
-        self.accept(now, message, deadline, false, NO_REPLY)
+        self.publish_replying(now, message, deadline, false, NO_REPLY)
     }
 
     /// [`publish`](Self::publish) for a caller that waits for room: when the
@@ -138,7 +138,7 @@ impl Supervisor {
         message: Arc<Message>,
         deadline: Option<Instant>,
     ) -> Result<PublishId, PublishError> {
-        self.accept(now, message, deadline, true, NO_REPLY)
+        self.publish_replying(now, message, deadline, true, NO_REPLY)
     }
 
     /// [`publish_or_wait`](Self::publish_or_wait) if `wait`, else
@@ -146,17 +146,6 @@ impl Supervisor {
     /// `reply` key: [`next_event`](Self::next_event) gives it back with the
     /// publish's resolution.
     pub(crate) fn publish_replying(
-        &mut self,
-        now: Instant,
-        message: Arc<Message>,
-        deadline: Option<Instant>,
-        wait: bool,
-        reply: u64,
-    ) -> Result<PublishId, PublishError> {
-        self.accept(now, message, deadline, wait, reply)
-    }
-
-    fn accept(
         &mut self,
         now: Instant,
         message: Arc<Message>,
