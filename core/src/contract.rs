@@ -148,8 +148,8 @@ slotmap::new_key_type! {
 }
 
 impl ReplyKey {
-    /// The key as the outbox carries it (the null key is 0: slot 0 is the
-    /// slot map's sentinel, never handed out).
+    /// The key as the outbox carries it. 0 names slot 0 at version 0, which
+    /// the slot map never hands out, so it stands for "no reply".
     pub(crate) fn to_u64(self) -> u64 {
         self.data().as_ffi()
     }

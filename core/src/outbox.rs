@@ -123,9 +123,10 @@ pub(crate) struct Entry {
     /// Its place in publish order (ids do not tell it).
     pub(crate) order: u64,
     pub(crate) message: Arc<Message>,
-    /// When it was accepted, in nanoseconds after the outbox's epoch (0 for
-    /// a time the supervisor's clock never gives: before the epoch, or 584
-    /// years after it).
+    /// When it was accepted, in nanoseconds after the outbox's epoch. A time
+    /// the supervisor's clock never gives (before the epoch, or 584 years
+    /// after it) is stored as the epoch; such a message's deadline is kept as
+    /// a caller's, so only its age is measured from the epoch.
     accepted: u64,
     /// The publisher's reply, as the driver keys it (0: none).
     pub(crate) reply: u64,

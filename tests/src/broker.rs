@@ -686,6 +686,9 @@ const CONTROL_LOOP: &str = "F = fun L() -> case io:get_line(\"\") of eof -> halt
 /// `/var/lib/rabbitmq/.erlang.cookie` or `~/.erlang.cookie`.
 pub struct ControlNode {
     node: String,
+    /// A call failed midway (no answer, or an I/O error): a late answer could
+    /// be taken for the next call's, so the node takes no more calls.
+    broken: bool,
     child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
@@ -712,6 +715,8 @@ impl ControlNode {
                 .trim()
                 .to_string(),
         };
+        // `rabbitmqctl` quotes a name that needs it (`'rabbit@my-host'`)
+        let node = node.trim_matches('\'').to_string();
         let host = node
             .split_once('@')
             .map(|(_, host)| host.to_string())
@@ -754,12 +759,13 @@ impl ControlNode {
         let stdout = child.stdout.take().ok_or("erl has no stdout")?;
         let mut control = ControlNode {
             node,
+            broken: false,
             child,
             stdin,
             lines: tokio::io::BufReader::new(stdout).lines(),
         };
         let answer = control.call("erlang", "node", "").await?;
-        if answer.trim_matches('\'') != control.node.trim_matches('\'') {
+        if answer.trim_matches('\'') != control.node {
             return Err(format!(
                 "the control node reached {answer:?}, not {:?}",
                 control.node
@@ -777,8 +783,24 @@ impl ControlNode {
         args: &str,
     ) -> Result<String, String> {
         use tokio::io::AsyncWriteExt;
-        let node = self.node.trim_matches('\'');
-        let line = format!("rpc:call('{node}', {module}, {function}, [{args}]).\n");
+        if self.broken {
+            return Err("control node: an earlier call failed midway".into());
+        }
+        // one line in, one line out: the call must be one line
+        if [module, function, args]
+            .iter()
+            .any(|part| part.contains(['\n', '\r']))
+        {
+            return Err(format!(
+                "control node: {module}:{function}: a line break in the call"
+            ));
+        }
+        // until the answer is read, a failure leaves the node out of step
+        self.broken = true;
+        let line = format!(
+            "rpc:call('{}', {module}, {function}, [{args}]).\n",
+            self.node
+        );
         self.stdin
             .write_all(line.as_bytes())
             .await
@@ -794,6 +816,7 @@ impl ControlNode {
             })?
             .map_err(|e| format!("control node: {e}"))?
             .ok_or("control node ended")?;
+        self.broken = false;
         if answer.starts_with("{error,") || answer.starts_with("{badrpc,") {
             return Err(format!("{module}:{function}: {answer}"));
         }
@@ -803,7 +826,10 @@ impl ControlNode {
     /// The broker closes every client connection with 320 CONNECTION_FORCED
     /// (what `rabbitmqctl close_all_connections` calls).
     pub async fn close_all_connections(&mut self, reason: &str) -> Result<(), String> {
-        let reason = reason.replace(['\\', '"'], "");
+        let reason: String = reason
+            .chars()
+            .filter(|c| !c.is_control() && !matches!(c, '\\' | '"'))
+            .collect();
         self.call(
             "rabbit_networking",
             "close_all_connections",
@@ -891,6 +917,9 @@ mod tests {
             .await
             .expect_err("an unknown module is an error");
         assert!(err.contains("badrpc"), "{err}");
+        // a call of two lines would put the answers out of step: refused
+        assert!(node.call("erlang", "node", "\n").await.is_err());
+        node.ping().await.expect("still in step");
     }
 
     #[test]
