@@ -972,3 +972,61 @@ fn a_dial_answering_after_its_timeout_is_closed_and_the_live_connection_goes_on(
     assert_eq!(client.stats().reconnects, reconnects, "no reconnect");
     assert!(client.state().is_ready());
 }
+
+/// The publish reply slots in use, as the client's `Debug` shows them.
+fn reply_slots(client: &Client) -> usize {
+    let debug = format!("{client:?}");
+    let at = debug
+        .find("slots: ")
+        .expect("the client's Debug shows its reply slots");
+    debug[at + "slots: ".len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a count")
+}
+
+#[test]
+fn every_publish_reply_slot_is_freed_whether_its_future_is_read_dropped_or_kept() {
+    let (mut pool, clock, _transport, client) = setup(1, 1);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+        .state()
+        .is_ready()));
+    // dropped before its resolution: freed by the resolution
+    for i in 0..10 {
+        drop(client.publish("", "q", format!("dropped {i}"), Properties::default()));
+    }
+    // read: freed by the reading
+    let results = spawn_publishes(&pool, &client, 0..10);
+    // kept unpolled past its resolution: freed when dropped
+    let kept: Vec<PublishFuture> = (0..10)
+        .map(|i| client.publish("", "q", format!("kept {i}"), Properties::default()))
+        .collect();
+    assert_eq!(reply_slots(&client), 30);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || {
+        client.stats().confirmed == 30 && results.borrow().len() == 10
+    }));
+    assert!(all_confirmed(&results));
+    assert_eq!(
+        reply_slots(&client),
+        10,
+        "the kept futures' results wait for them"
+    );
+    drop(kept);
+    assert_eq!(reply_slots(&client), 0);
+    // after close: resolved Closed at the call, freed when read or dropped
+    assert!(close_within(
+        &mut pool,
+        &clock,
+        &client,
+        Duration::from_secs(5)
+    ));
+    let late = client.publish("", "q", "late", Properties::default());
+    drop(client.publish("", "q", "later", Properties::default()));
+    assert_eq!(
+        late.now_or_never(),
+        Some(Err(PublishError::Closed)),
+        "a publish after close resolves Closed"
+    );
+    assert_eq!(reply_slots(&client), 0);
+}
