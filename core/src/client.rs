@@ -226,6 +226,7 @@ impl ClientBuilder {
             queue_names: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             replies: Default::default(),
+            relay: Default::default(),
         });
         // async-channel rather than futures' mpsc: it allocates a block per 31
         // requests, not a node per request (requests are allocated on a caller's
@@ -236,6 +237,7 @@ impl ClientBuilder {
             tls: self.tls,
         };
         let (driver, engine) = Driver::new(sup, transport, timer, rx, Arc::clone(&shared), options);
+        shared.relay.set_engine(Arc::downgrade(&engine));
         let client = Client {
             tx,
             engine,
@@ -291,10 +293,21 @@ impl Future for PublishFuture {
         let Some((shared, key)) = self.reply.as_ref() else {
             return Poll::Ready(Err(PublishError::Closed));
         };
-        let result = std::task::ready!(shared.replies.poll(*key, cx));
-        // read: the slot is freed
-        self.reply = None;
-        Poll::Ready(result)
+        let key = *key;
+        // woken by a channel in the driver's place: the confirm is run here
+        shared.relay.run_if_owed(key);
+        match shared.replies.poll(key, cx) {
+            Poll::Ready(result) => {
+                shared.relay.leave(key);
+                // read: the slot is freed
+                self.reply = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                shared.relay.wait(key, cx.waker());
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -302,6 +315,7 @@ impl Drop for PublishFuture {
     fn drop(&mut self) {
         if let Some((shared, key)) = self.reply.take() {
             shared.replies.forget(key);
+            shared.relay.leave(key);
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,9 @@ pub(crate) struct Shared {
     pub(crate) closed: AtomicBool,
     /// Every publish's reply, from its call until its future reads or drops it.
     pub(crate) replies: Replies,
+    /// Who is woken when a channel has events: a publisher waiting for its
+    /// confirm, or the driver.
+    pub(crate) relay: Arc<Relay>,
 }
 
 /// A snapshot of the pool's state.
@@ -481,10 +484,152 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// Runs a publish request on the caller's thread, if the state is free;
     /// gives it back otherwise (the caller then sends it as a request).
     fn try_publish(&self, request: Request) -> Result<(), Request>;
+    /// One poll of the driver on a publisher's task (see [`Relay`]), if the
+    /// state is free and the driver has polled and not finished; whether it
+    /// ran.
+    fn poll_here(&self) -> bool;
     /// The driver was dropped: everything pending resolves `Closed`.
     fn abandon(&self);
     /// The supervisor's counters now.
     fn stats(&self) -> Stats;
+}
+
+/// Who runs the engine when a channel's events (confirms, returns, deliveries,
+/// closures) are ready: a publisher waiting for its confirm, on its own task,
+/// or else the driver.
+///
+/// The driver polls the channels' event streams with this relay's waker. A
+/// waking stream then wakes the publisher that last registered here as
+/// waiting (and marks the run as owed to it) instead of the driver; that
+/// publisher's next poll runs the engine on its own task, as
+/// [`Engine::poll_here`], and finds its confirm resolved there. A confirm thus
+/// reaches its caller in one wake-up, as with the raw client, not in two (the
+/// driver's task, then the caller's). With no publisher waiting (or when the
+/// state is busy, or the owed publisher is dropped or resolved first) the
+/// wake-up goes to the driver, as every other source's does.
+///
+/// A waiting publisher that is neither polled nor dropped after its wake-up (a
+/// future leaked with `mem::forget` while pending) delays the channels' events
+/// until the driver next wakes for another reason (a request, a timer, a
+/// connection event), which the publish timeout bounds.
+#[derive(Default)]
+pub(crate) struct Relay {
+    state: Mutex<RelayState>,
+    /// The engine, to run on a publisher's task; weak: a pending future does
+    /// not keep a finished client's state alive.
+    engine: OnceLock<Weak<dyn Engine>>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    /// The driver task's waker, as of its last poll.
+    driver: Option<Waker>,
+    /// The publisher waiting for its confirm that a channel's wake-up goes to.
+    waiting: Option<(ReplyKey, Waker)>,
+    /// The publisher woken in the driver's place that has not run the engine
+    /// yet.
+    owed: Option<ReplyKey>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = lock(&self.state);
+        f.debug_struct("Relay")
+            .field("waiting", &state.waiting.as_ref().map(|(key, _)| *key))
+            .field("owed", &state.owed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl futures::task::ArcWake for Relay {
+    fn wake_by_ref(relay: &Arc<Self>) {
+        let mut state = lock(&relay.state);
+        let waker = match state.waiting.take() {
+            Some((key, waker)) => {
+                state.owed = Some(key);
+                Some(waker)
+            }
+            None => state.driver.clone(),
+        };
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+impl Relay {
+    /// The engine the relay's publishers run; set once, when it is made.
+    pub(crate) fn set_engine(&self, engine: Weak<dyn Engine>) {
+        let _ = self.engine.set(engine);
+    }
+
+    /// The driver polls with `waker`.
+    pub(crate) fn set_driver(&self, waker: &Waker) {
+        let mut state = lock(&self.state);
+        if !state.driver.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            state.driver = Some(waker.clone());
+        }
+    }
+
+    /// The publisher of `key` waits for its confirm with `waker`: a channel's
+    /// next wake-up goes to it.
+    pub(crate) fn wait(&self, key: ReplyKey, waker: &Waker) {
+        let mut state = lock(&self.state);
+        match &state.waiting {
+            Some((k, w)) if *k == key && w.will_wake(waker) => {}
+            _ => state.waiting = Some((key, waker.clone())),
+        }
+    }
+
+    /// Runs the engine here if a channel's wake-up was handed to `key`.
+    pub(crate) fn run_if_owed(&self, key: ReplyKey) {
+        let owed = {
+            let mut state = lock(&self.state);
+            if state.owed == Some(key) {
+                state.owed = None;
+                true
+            } else {
+                false
+            }
+        };
+        if owed {
+            self.run();
+        }
+    }
+
+    /// The publisher of `key` waits no more (resolved, or dropped): a wake-up
+    /// handed to it and not acted on goes to the driver.
+    pub(crate) fn leave(&self, key: ReplyKey) {
+        let mut state = lock(&self.state);
+        if state.waiting.as_ref().is_some_and(|(k, _)| *k == key) {
+            state.waiting = None;
+        }
+        if state.owed == Some(key) {
+            state.owed = None;
+            let driver = state.driver.clone();
+            drop(state);
+            if let Some(waker) = driver {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Runs the engine on this task, or wakes the driver to, when its state is
+    /// busy or finished.
+    fn run(&self) {
+        let ran = self
+            .engine
+            .get()
+            .and_then(Weak::upgrade)
+            .is_some_and(|engine| engine.poll_here());
+        if !ran {
+            let driver = lock(&self.state).driver.clone();
+            if let Some(waker) = driver {
+                waker.wake();
+            }
+        }
+    }
 }
 
 pub(crate) use crate::transport::support::lock;

@@ -93,6 +93,7 @@ impl Driver {
             "client",
             client = options.connection_name.as_deref().unwrap_or(""),
         );
+        let relay = Arc::clone(&shared.relay);
         let state = State {
             sup,
             transport: Arc::new(transport),
@@ -104,6 +105,7 @@ impl Driver {
             span,
             waker: None,
             wake_driver: false,
+            relay: futures::task::waker(Arc::clone(&relay)),
             sleep: Fuse::terminated(),
             armed: None,
             done: false,
@@ -156,6 +158,7 @@ impl std::fmt::Debug for Driver {
 impl<T: Transport, K: Timer> Engine for Mutex<State<T, K>> {
     fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut state = lock(self);
+        state.shared.relay.set_driver(cx.waker());
         let span = state.span.clone();
         let _entered = span.enter();
         let poll = state.poll_drive(cx);
@@ -189,6 +192,29 @@ impl<T: Transport, K: Timer> Engine for Mutex<State<T, K>> {
             // the driver was woken for the requests before it
             Err(request) => Err(request),
         }
+    }
+
+    fn poll_here(&self) -> bool {
+        let mut state = match self.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
+        // the driver's own waker: whatever is left pending wakes the driver,
+        // except the channels' streams, which go through the relay again
+        let Some(waker) = state.waker.clone().filter(|_| !state.done) else {
+            return false;
+        };
+        let span = state.span.clone();
+        let _entered = span.enter();
+        let poll = state.poll_drive(&mut Context::from_waker(&waker));
+        state.wake_driver = false;
+        send_resolved(state);
+        if poll.is_ready() {
+            // finished here: the driver's future completes at its next poll
+            waker.wake();
+        }
+        true
     }
 
     fn abandon(&self) {
@@ -367,6 +393,9 @@ pub(crate) struct State<T: Transport, K: Timer> {
     waker: Option<Waker>,
     /// Work done on a caller's thread left something for the driver.
     wake_driver: bool,
+    /// The channels' event streams are polled with this waker: a waiting
+    /// publisher's, or the driver's ([`Relay`](crate::contract::Relay)).
+    relay: Waker,
     sleep: Fuse<Sleep>,
     armed: Option<Instant>,
     /// The driver finished (or was dropped): nothing runs any more.
@@ -462,11 +491,13 @@ impl<T: Transport, K: Timer> State<T, K> {
     /// took any. A source left pending has `cx`'s waker.
     fn poll_sources(&mut self, cx: &mut Context<'_>) -> bool {
         let mut budget = BATCH;
+        let relay = self.relay.clone();
+        let mut relayed = Context::from_waker(&relay);
         while budget > 0 {
             let start = budget;
             while budget > 0
                 && let Poll::Ready(Some((channel, generation, event))) =
-                    self.chan_events.poll_next(cx)
+                    self.chan_events.poll_next(&mut relayed)
             {
                 self.on_channel_event(channel, generation, event);
                 budget -= 1;

@@ -1030,3 +1030,115 @@ fn every_publish_reply_slot_is_freed_whether_its_future_is_read_dropped_or_kept(
     );
     assert_eq!(reply_slots(&client), 0);
 }
+
+/// Counts the wake-ups of a waker.
+#[derive(Default)]
+struct Wakes(std::sync::atomic::AtomicUsize);
+
+impl futures::task::ArcWake for Wakes {
+    fn wake_by_ref(arc_self: &std::sync::Arc<Self>) {
+        arc_self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Wakes {
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A client whose driver is polled by hand with a waker that counts, Ready
+/// with confirms held; the driver is left with nothing to do.
+fn hand_driven() -> (
+    MemoryTransport,
+    Client,
+    std::pin::Pin<Box<amqp_rebound_core::Driver>>,
+    std::sync::Arc<Wakes>,
+) {
+    let clock = ManualClock::new();
+    let transport = MemoryTransport::default();
+    transport.broker().hold_confirms = true;
+    let (client, driver) = Client::builder()
+        .hosts([URL])
+        .pool(1, 1)
+        .seed(1)
+        .build(transport.clone(), clock.clone())
+        .expect("valid config");
+    let mut driver = Box::pin(driver);
+    let wakes = std::sync::Arc::new(Wakes::default());
+    let waker = futures::task::waker(std::sync::Arc::clone(&wakes));
+    let mut cx = std::task::Context::from_waker(&waker);
+    for _ in 0..100 {
+        assert!(driver.as_mut().poll(&mut cx).is_pending());
+        if client.state().is_ready() {
+            break;
+        }
+        clock.advance_to_next();
+    }
+    assert!(client.state().is_ready());
+    (transport, client, driver, wakes)
+}
+
+/// A confirm wakes the publisher waiting for it, whose next poll runs the
+/// engine on its own task and reads the confirm: one wake-up, not one of the
+/// driver's task and then one of the caller's. A publisher that is woken so
+/// and dropped before it polls hands the wake-up to the driver, and nothing
+/// is lost.
+#[test]
+fn a_confirm_wakes_its_waiting_publisher_not_the_driver() {
+    let (transport, client, mut driver, driver_wakes) = hand_driven();
+    let publisher = std::sync::Arc::new(Wakes::default());
+    let waker = futures::task::waker(std::sync::Arc::clone(&publisher));
+    let mut cx = std::task::Context::from_waker(&waker);
+
+    let mut first = client.publish("", "q", "first", Properties::default());
+    assert!(first.poll_unpin(&mut cx).is_pending());
+    let before = driver_wakes.count();
+    transport.release_confirms();
+    assert_eq!(publisher.count(), 1, "the confirm woke the publisher");
+    assert_eq!(driver_wakes.count(), before, "and not the driver");
+    assert_eq!(
+        first.poll_unpin(&mut cx),
+        std::task::Poll::Ready(Ok(Confirmation::Confirmed)),
+        "read without a poll of the driver"
+    );
+    assert_eq!(client.stats().confirmed, 1);
+
+    // woken in the driver's place, then dropped: the driver takes over
+    transport.broker().hold_confirms = true;
+    let mut second = client.publish("", "q", "second", Properties::default());
+    assert!(second.poll_unpin(&mut cx).is_pending());
+    let before = (publisher.count(), driver_wakes.count());
+    transport.release_confirms();
+    assert_eq!(publisher.count(), before.0 + 1);
+    assert_eq!(driver_wakes.count(), before.1);
+    drop(second);
+    assert_eq!(
+        driver_wakes.count(),
+        before.1 + 1,
+        "the dropped publisher's wake-up went to the driver"
+    );
+    let driver_waker = futures::task::waker(std::sync::Arc::clone(&driver_wakes));
+    assert!(
+        driver
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&driver_waker))
+            .is_pending()
+    );
+    assert_eq!(client.stats().confirmed, 2, "its confirm was taken");
+
+    // nobody waiting: the driver is woken, as for any other source
+    transport.broker().hold_confirms = true;
+    let third = client.publish("", "q", "third", Properties::default());
+    let before = (publisher.count(), driver_wakes.count());
+    transport.release_confirms();
+    assert_eq!(publisher.count(), before.0);
+    assert_eq!(driver_wakes.count(), before.1 + 1);
+    assert!(
+        driver
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&driver_waker))
+            .is_pending()
+    );
+    assert_eq!(third.now_or_never(), Some(Ok(Confirmation::Confirmed)));
+}
