@@ -294,8 +294,8 @@ impl Future for PublishFuture {
             return Poll::Ready(Err(PublishError::Closed));
         };
         let key = *key;
-        // woken by a channel in the driver's place: the confirm is run here
-        shared.relay.run_if_owed(key);
+        // a channel's wake-up handed to a publisher: the engine is run here
+        shared.relay.run_if_owed();
         match shared.replies.poll(key, cx) {
             Poll::Ready(result) => {
                 shared.relay.leave(key);

@@ -508,10 +508,13 @@ pub(crate) trait Engine: Send + Sync + 'static {
 /// state is busy, or the owed publisher is dropped or resolved first) the
 /// wake-up goes to the driver, as every other source's does.
 ///
-/// A waiting publisher that is neither polled nor dropped after its wake-up (a
-/// future leaked with `mem::forget` while pending) delays the channels' events
-/// until the driver next wakes for another reason (a request, a timer, a
-/// connection event), which the publish timeout bounds.
+/// A woken publisher may not be polled soon: its task may be busy elsewhere, or
+/// hold the future without polling it (polled once by hand, then kept). So the
+/// run is not its alone: any publisher's next poll takes it, and while
+/// publishers wait the driver's timer wakes the driver every
+/// [`RELAY_GRACE`], which takes whatever a channel has ready. A publisher that
+/// is never polled again delays the channels' events (other callers' confirms,
+/// consumers' deliveries) by at most that.
 #[derive(Default)]
 pub(crate) struct Relay {
     state: Mutex<RelayState>,
@@ -529,7 +532,15 @@ struct RelayState {
     /// The publisher woken in the driver's place that has not run the engine
     /// yet.
     owed: Option<ReplyKey>,
+    /// The driver's timer is armed to look at the channels within
+    /// [`RELAY_GRACE`] (see [`Relay::engaged`]).
+    guarded: bool,
 }
+
+/// How long a wake-up handed to a publisher that is not polled can hold the
+/// channels' events: the driver's timer looks at them this often while
+/// publishers wait.
+pub(crate) const RELAY_GRACE: Duration = Duration::from_millis(10);
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -573,29 +584,40 @@ impl Relay {
     }
 
     /// The publisher of `key` waits for its confirm with `waker`: a channel's
-    /// next wake-up goes to it.
+    /// next wake-up goes to it. The first to wait while the driver's timer is
+    /// not guarding the hand-off wakes the driver to arm it.
     pub(crate) fn wait(&self, key: ReplyKey, waker: &Waker) {
         let mut state = lock(&self.state);
         match &state.waiting {
             Some((k, w)) if *k == key && w.will_wake(waker) => {}
             _ => state.waiting = Some((key, waker.clone())),
         }
+        if !state.guarded {
+            state.guarded = true;
+            let driver = state.driver.clone();
+            drop(state);
+            if let Some(waker) = driver {
+                waker.wake();
+            }
+        }
     }
 
-    /// Runs the engine here if a channel's wake-up was handed to `key`.
-    pub(crate) fn run_if_owed(&self, key: ReplyKey) {
-        let owed = {
-            let mut state = lock(&self.state);
-            if state.owed == Some(key) {
-                state.owed = None;
-                true
-            } else {
-                false
-            }
-        };
+    /// Runs the engine here if a channel's wake-up was handed to a publisher
+    /// (this one or another) that has not run it yet.
+    pub(crate) fn run_if_owed(&self) {
+        let owed = lock(&self.state).owed.take().is_some();
         if owed {
             self.run();
         }
+    }
+
+    /// For the driver, as its guard's time comes: whether a publisher waits
+    /// or owes a run (the guard stays armed), or not (it is disarmed until a
+    /// publisher waits again).
+    pub(crate) fn engaged(&self) -> bool {
+        let mut state = lock(&self.state);
+        state.guarded = state.waiting.is_some() || state.owed.is_some();
+        state.guarded
     }
 
     /// The publisher of `key` waits no more (resolved, or dropped): a wake-up

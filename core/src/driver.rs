@@ -17,6 +17,12 @@
 //! the driver as a request, as every other operation does; requests already
 //! queued are taken first, so messages keep their call order either way.
 //!
+//! The confirms come back the same way: the channels' event streams are polled
+//! with a [`Relay`]'s waker, which wakes a publisher waiting for its confirm
+//! rather than the driver; that publisher's next poll runs the driver's poll on
+//! its own task and reads its confirm there. The driver's task runs when no
+//! publisher waits, and for everything else (dials, timers, requests).
+//!
 //! What it drains or retains (pending replies at the end, channels of a lost
 //! connection) goes in one order every run, so the same inputs give the same
 //! wake-up order, and the simulator's same-seed-same-trace holds: its maps are
@@ -31,6 +37,7 @@
 //!
 //! [`Client`]: crate::Client
 //! [`Client::publish`]: crate::Client::publish
+//! [`Relay`]: crate::contract::Relay
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -124,6 +131,7 @@ impl Driver {
             flushes: BTreeMap::new(),
             batch_now: None,
             resolved: Vec::new(),
+            relay_due: None,
         };
         let engine: Arc<dyn Engine> = Arc::new(Mutex::new(state));
         (
@@ -424,6 +432,10 @@ pub(crate) struct State<T: Transport, K: Timer> {
     /// Publish results to send once the lock is released: the publisher they
     /// wake can then take the lock for its next message at once.
     resolved: Vec<Resolved>,
+    /// While publishers wait for confirms, when the driver next looks at the
+    /// channels itself, should a wake-up handed to a publisher not be acted on
+    /// ([`RELAY_GRACE`](crate::contract::RELAY_GRACE)).
+    relay_due: Option<Instant>,
 }
 
 type Resolved = (ReplyKey, Result<Confirmation, PublishError>);
@@ -454,6 +466,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                 self.finish();
                 return Poll::Ready(());
             }
+            self.guard_relay();
             self.rearm();
             let progressed = self.poll_sources(cx);
             self.batch_now = None;
@@ -585,6 +598,7 @@ impl<T: Transport, K: Timer> State<T, K> {
             Err(request)
         };
         self.flush();
+        self.guard_relay();
         self.batch_now = None;
         // the driver's timer must fire by the earliest deadline now known
         let next = self.next_wake();
@@ -604,7 +618,27 @@ impl<T: Transport, K: Timer> State<T, K> {
     }
 
     fn next_wake(&self) -> Option<Instant> {
-        self.sup.poll_timeout()
+        let next = self.sup.poll_timeout();
+        match (next, self.relay_due) {
+            (Some(next), Some(due)) => Some(next.min(due)),
+            (next, due) => next.or(due),
+        }
+    }
+
+    /// Keeps the driver's timer looking at the channels every
+    /// [`RELAY_GRACE`](crate::contract::RELAY_GRACE) while publishers wait
+    /// for confirms (see [`Relay`](crate::contract::Relay)); asks the relay
+    /// only when the last look is due.
+    fn guard_relay(&mut self) {
+        let now = self.now();
+        if self.relay_due.is_some_and(|due| due > now) {
+            return;
+        }
+        self.relay_due = self
+            .shared
+            .relay
+            .engaged()
+            .then(|| now + crate::contract::RELAY_GRACE);
     }
 
     /// Executes every command and routes every event the supervisor has.

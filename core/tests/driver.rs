@@ -1054,6 +1054,7 @@ fn hand_driven() -> (
     Client,
     std::pin::Pin<Box<amqp_rebound_core::Driver>>,
     std::sync::Arc<Wakes>,
+    ManualClock,
 ) {
     let clock = ManualClock::new();
     let transport = MemoryTransport::default();
@@ -1076,7 +1077,7 @@ fn hand_driven() -> (
         clock.advance_to_next();
     }
     assert!(client.state().is_ready());
-    (transport, client, driver, wakes)
+    (transport, client, driver, wakes, clock)
 }
 
 /// A confirm wakes the publisher waiting for it, whose next poll runs the
@@ -1086,7 +1087,7 @@ fn hand_driven() -> (
 /// is lost.
 #[test]
 fn a_confirm_wakes_its_waiting_publisher_not_the_driver() {
-    let (transport, client, mut driver, driver_wakes) = hand_driven();
+    let (transport, client, mut driver, driver_wakes, _clock) = hand_driven();
     let publisher = std::sync::Arc::new(Wakes::default());
     let waker = futures::task::waker(std::sync::Arc::clone(&publisher));
     let mut cx = std::task::Context::from_waker(&waker);
@@ -1141,4 +1142,64 @@ fn a_confirm_wakes_its_waiting_publisher_not_the_driver() {
             .is_pending()
     );
     assert_eq!(third.now_or_never(), Some(Ok(Confirmation::Confirmed)));
+}
+
+/// A publisher handed a channel's wake-up and never polled again (polled once
+/// by hand, then kept) holds the other publishers' confirms for at most the
+/// relay's grace: while publishers wait, the driver's timer looks at the
+/// channels every 10 ms.
+#[test]
+fn a_woken_publisher_never_polled_again_holds_the_others_for_at_most_the_grace() {
+    let (transport, client, mut driver, driver_wakes, clock) = hand_driven();
+    let driver_waker = futures::task::waker(std::sync::Arc::clone(&driver_wakes));
+    let mut driver_cx = std::task::Context::from_waker(&driver_waker);
+    let (a_wakes, b_wakes) = (
+        std::sync::Arc::new(Wakes::default()),
+        std::sync::Arc::new(Wakes::default()),
+    );
+    let a_waker = futures::task::waker(std::sync::Arc::clone(&a_wakes));
+    let b_waker = futures::task::waker(std::sync::Arc::clone(&b_wakes));
+    let mut b = client.publish("", "q", "b", Properties::default());
+    assert!(
+        b.poll_unpin(&mut std::task::Context::from_waker(&b_waker))
+            .is_pending()
+    );
+    let mut a = client.publish("", "q", "a", Properties::default());
+    assert!(
+        a.poll_unpin(&mut std::task::Context::from_waker(&a_waker))
+            .is_pending()
+    );
+    // the driver was woken to guard the hand-off: it arms its timer
+    assert!(driver.as_mut().poll(&mut driver_cx).is_pending());
+    let armed = clock.next_deadline().expect("the driver's timer is armed");
+    assert!(armed <= clock_now(&clock) + Duration::from_millis(10));
+
+    transport.release_confirms();
+    assert_eq!(a_wakes.count(), 1, "the wake-up went to the last to wait");
+    assert_eq!(b_wakes.count(), 0, "b's confirm is not taken yet");
+    // `a` is never polled again: the guard takes the confirms
+    let before = driver_wakes.count();
+    assert!(clock.advance_to_next());
+    assert!(driver_wakes.count() > before, "the timer woke the driver");
+    assert!(driver.as_mut().poll(&mut driver_cx).is_pending());
+    assert_eq!(b_wakes.count(), 1);
+    assert_eq!(
+        b.poll_unpin(&mut std::task::Context::from_waker(&b_waker)),
+        std::task::Poll::Ready(Ok(Confirmation::Confirmed))
+    );
+    assert_eq!(client.stats().confirmed, 2);
+    assert_eq!(
+        a.poll_unpin(&mut std::task::Context::from_waker(&a_waker)),
+        std::task::Poll::Ready(Ok(Confirmation::Confirmed))
+    );
+
+    // nobody waits any more: at its next look the guard is disarmed
+    assert!(clock.advance_to_next());
+    assert!(driver.as_mut().poll(&mut driver_cx).is_pending());
+    assert!(
+        clock
+            .next_deadline()
+            .is_none_or(|at| at > clock_now(&clock) + Duration::from_secs(1)),
+        "no timer looks at the channels while no publisher waits"
+    );
 }
