@@ -18,10 +18,12 @@
 //! queued are taken first, so messages keep their call order either way.
 //!
 //! The confirms come back the same way: the channels' event streams are polled
-//! with a [`Relay`]'s waker, which wakes a publisher waiting for its confirm
-//! rather than the driver; that publisher's next poll runs the driver's poll on
-//! its own task and reads its confirm there. The driver's task runs when no
-//! publisher waits, and for everything else (dials, timers, requests).
+//! with a relay's waker (`contract.rs`), which wakes a publisher waiting for
+//! its confirm rather than the driver; that publisher's next poll runs the
+//! driver's poll on its own task and reads its confirm there. The driver's
+//! task runs when no publisher waits, for everything else (dials, timers,
+//! requests), and every 10 ms while publishers wait, should a woken publisher
+//! not be polled.
 //!
 //! What it drains or retains (pending replies at the end, channels of a lost
 //! connection) goes in one order every run, so the same inputs give the same
@@ -37,7 +39,6 @@
 //!
 //! [`Client`]: crate::Client
 //! [`Client::publish`]: crate::Client::publish
-//! [`Relay`]: crate::contract::Relay
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
