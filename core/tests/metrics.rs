@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amqp_rebound_core::telemetry::{METRICS, MetricKind, names};
-use amqp_rebound_core::{Client, Properties, TransportError};
+use amqp_rebound_core::{Client, TransportError};
 use futures::executor::LocalPool;
 use futures::task::LocalSpawnExt;
 use metrics::{
@@ -182,17 +182,7 @@ fn a_recorder_gets_the_stats_gauges_and_histograms_with_bounded_labels() {
 
         // 10 publishes whose confirms the broker holds for 40 ms
         transport.broker().hold_confirms = true;
-        let done = Arc::new(Mutex::new(0));
-        for i in 0..10 {
-            let future = client.publish("", "q", format!("m{i}"), Properties::default());
-            let done = Arc::clone(&done);
-            pool.spawner()
-                .spawn_local(async move {
-                    future.await.expect("confirmed");
-                    *done.lock().unwrap() += 1;
-                })
-                .expect("spawn");
-        }
+        let done = support::scenario::spawn_confirmed(&pool, &client, 10);
         pool.run_until_stalled();
         assert_eq!(capture.counter(names::PUBLISHED), 10);
         assert_eq!(capture.gauge(names::OUTBOX_DEPTH, None), 10.0);

@@ -44,17 +44,7 @@ pub fn publish_held(
     hold: Duration,
 ) {
     transport.broker().hold_confirms = true;
-    let done = Arc::new(Mutex::new(0usize));
-    for i in 0..n {
-        let future = client.publish("", "q", format!("m{i}"), Properties::default());
-        let done = Arc::clone(&done);
-        pool.spawner()
-            .spawn_local(async move {
-                future.await.expect("confirmed");
-                *done.lock().unwrap() += 1;
-            })
-            .expect("spawn");
-    }
+    let done = spawn_confirmed(pool, client, n);
     pool.run_until_stalled();
     clock.advance(hold);
     transport.release_confirms();
@@ -82,4 +72,21 @@ pub fn outage(
     drive(pool, clock, down, || false);
     transport.broker().refuse = None;
     ready(pool, clock, client);
+}
+
+/// Spawns `n` publishes to the queue `q` on `pool`, each expected to be
+/// confirmed; the count of those confirmed so far.
+pub fn spawn_confirmed(pool: &LocalPool, client: &Client, n: usize) -> Arc<Mutex<usize>> {
+    let done = Arc::new(Mutex::new(0usize));
+    for i in 0..n {
+        let future = client.publish("", "q", format!("m{i}"), Properties::default());
+        let done = Arc::clone(&done);
+        pool.spawner()
+            .spawn_local(async move {
+                future.await.expect("confirmed");
+                *done.lock().unwrap() += 1;
+            })
+            .expect("spawn");
+    }
+    done
 }
