@@ -484,9 +484,10 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// Runs a publish request on the caller's thread, if the state is free;
     /// gives it back otherwise (the caller then sends it as a request).
     fn try_publish(&self, request: Request) -> Result<(), Request>;
-    /// One poll of the driver on a publisher's task (see [`Relay`]), if the
-    /// state is free and the driver has polled and not finished; whether it
-    /// ran.
+    /// The channels' events taken on a publisher's task (see [`Relay`]), if
+    /// the state is free and the driver has polled and not finished; whether
+    /// it ran. Nothing else of the driver's runs there: no timer, dial or
+    /// request.
     fn poll_here(&self) -> bool;
     /// The driver was dropped: everything pending resolves `Closed`.
     fn abandon(&self);
@@ -502,7 +503,8 @@ pub(crate) trait Engine: Send + Sync + 'static {
 /// waking stream then wakes the publisher that last registered here as
 /// waiting (and marks the run as owed to it) instead of the driver; that
 /// publisher's next poll runs the engine on its own task, as
-/// [`Engine::poll_here`], and finds its confirm resolved there. A confirm thus
+/// [`Engine::poll_here`] (the channels' events only: never the driver's
+/// timer, dials or requests), and finds its confirm resolved there. A confirm thus
 /// reaches its caller in one wake-up, as with the raw client, not in two (the
 /// driver's task, then the caller's). With no publisher waiting (or when the
 /// state is busy, or the owed publisher is dropped or resolved first) the
@@ -510,11 +512,14 @@ pub(crate) trait Engine: Send + Sync + 'static {
 ///
 /// A woken publisher may not be polled soon: its task may be busy elsewhere, or
 /// hold the future without polling it (polled once by hand, then kept). So the
-/// run is not its alone: any publisher's next poll takes it, and while
-/// publishers wait the driver's timer wakes the driver every
-/// [`RELAY_GRACE`], which takes whatever a channel has ready. A publisher that
-/// is never polled again delays the channels' events (other callers' confirms,
-/// consumers' deliveries) by at most that.
+/// run is not its alone: any publisher's next poll takes it, any run of the
+/// engine settles it, and the driver guards the hand-offs: the first hand-off
+/// while no guard is armed also wakes the driver, whose timer then looks at
+/// the channels every [`RELAY_GRACE`] for as long as hand-offs go on (one look
+/// after the last one). A publisher that is never polled again delays the
+/// channels' events (other callers' confirms, consumers' deliveries) by at most
+/// that; without hand-offs (no confirms coming, as in an outage) the guard
+/// costs nothing.
 #[derive(Default)]
 pub(crate) struct Relay {
     state: Mutex<RelayState>,
@@ -533,13 +538,16 @@ struct RelayState {
     /// yet.
     owed: Option<ReplyKey>,
     /// The driver's timer is armed to look at the channels within
-    /// [`RELAY_GRACE`] (see [`Relay::engaged`]).
+    /// [`RELAY_GRACE`], or the driver was woken to arm it (see
+    /// [`Relay::engaged`]).
     guarded: bool,
+    /// A wake-up was handed to a publisher since the guard last looked.
+    handed: bool,
 }
 
 /// How long a wake-up handed to a publisher that is not polled can hold the
 /// channels' events: the driver's timer looks at them this often while
-/// publishers wait.
+/// wake-ups are handed to publishers.
 pub(crate) const RELAY_GRACE: Duration = Duration::from_millis(10);
 
 impl std::fmt::Debug for Relay {
@@ -555,16 +563,22 @@ impl std::fmt::Debug for Relay {
 impl futures::task::ArcWake for Relay {
     fn wake_by_ref(relay: &Arc<Self>) {
         let mut state = lock(&relay.state);
-        let waker = match state.waiting.take() {
+        let (waker, driver) = match state.waiting.take() {
             Some((key, waker)) => {
                 state.owed = Some(key);
-                Some(waker)
+                state.handed = true;
+                // unguarded: the driver arms its guard
+                let arm = !std::mem::replace(&mut state.guarded, true);
+                (Some(waker), arm.then(|| state.driver.clone()).flatten())
             }
-            None => state.driver.clone(),
+            None => (None, state.driver.clone()),
         };
         drop(state);
         if let Some(waker) = waker {
             waker.wake();
+        }
+        if let Some(driver) = driver {
+            driver.wake();
         }
     }
 }
@@ -584,21 +598,12 @@ impl Relay {
     }
 
     /// The publisher of `key` waits for its confirm with `waker`: a channel's
-    /// next wake-up goes to it. The first to wait while the driver's timer is
-    /// not guarding the hand-off wakes the driver to arm it.
+    /// next wake-up goes to it.
     pub(crate) fn wait(&self, key: ReplyKey, waker: &Waker) {
         let mut state = lock(&self.state);
         match &state.waiting {
             Some((k, w)) if *k == key && w.will_wake(waker) => {}
             _ => state.waiting = Some((key, waker.clone())),
-        }
-        if !state.guarded {
-            state.guarded = true;
-            let driver = state.driver.clone();
-            drop(state);
-            if let Some(waker) = driver {
-                waker.wake();
-            }
         }
     }
 
@@ -611,12 +616,19 @@ impl Relay {
         }
     }
 
-    /// For the driver, as its guard's time comes: whether a publisher waits
-    /// or owes a run (the guard stays armed), or not (it is disarmed until a
-    /// publisher waits again).
+    /// The engine is about to take the channels' events: a run handed to a
+    /// publisher is moot.
+    pub(crate) fn settled(&self) {
+        lock(&self.state).owed = None;
+    }
+
+    /// For the driver, as its guard's time comes: whether a wake-up was
+    /// handed to a publisher since the last look, or is still owed (the guard
+    /// stays armed), or not (it is disarmed until the next hand-off).
     pub(crate) fn engaged(&self) -> bool {
         let mut state = lock(&self.state);
-        state.guarded = state.waiting.is_some() || state.owed.is_some();
+        state.guarded = state.handed || state.owed.is_some();
+        state.handed = false;
         state.guarded
     }
 

@@ -209,18 +209,14 @@ impl<T: Transport, K: Timer> Engine for Mutex<State<T, K>> {
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => return false,
         };
-        // the driver's own waker: whatever is left pending wakes the driver,
-        // except the channels' streams, which go through the relay again
-        let Some(waker) = state.waker.clone().filter(|_| !state.done) else {
+        if state.done || state.waker.is_none() {
             return false;
-        };
+        }
         let span = state.span.clone();
         let _entered = span.enter();
-        let poll = state.poll_drive(&mut Context::from_waker(&waker));
-        state.wake_driver = false;
+        let waker = state.channels_here();
         send_resolved(state);
-        if poll.is_ready() {
-            // finished here: the driver's future completes at its next poll
+        if let Some(waker) = waker {
             waker.wake();
         }
         true
@@ -505,6 +501,7 @@ impl<T: Transport, K: Timer> State<T, K> {
     /// took any. A source left pending has `cx`'s waker.
     fn poll_sources(&mut self, cx: &mut Context<'_>) -> bool {
         let mut budget = BATCH;
+        self.shared.relay.settled();
         let relay = self.relay.clone();
         let mut relayed = Context::from_waker(&relay);
         while budget > 0 {
@@ -575,6 +572,42 @@ impl<T: Transport, K: Timer> State<T, K> {
             });
         }
         n
+    }
+
+    /// The channels' events on a publisher's task (see
+    /// [`Engine::poll_here`]): what their streams have ready, up to a batch,
+    /// and everything the supervisor has to do about it, as [`publish_here`]
+    /// does for a publish. It polls no timer, dial, operation or request and
+    /// makes no timer (the publisher's thread may be outside the runtime they
+    /// belong to): returns the driver's waker if that left the driver
+    /// something, to wake once the lock is released.
+    ///
+    /// [`publish_here`]: State::publish_here
+    fn channels_here(&mut self) -> Option<Waker> {
+        self.batch_now = Some(self.timer.now());
+        self.shared.relay.settled();
+        let relay = self.relay.clone();
+        let mut relayed = Context::from_waker(&relay);
+        let mut budget = BATCH;
+        while budget > 0
+            && let Poll::Ready(Some((channel, generation, event))) =
+                self.chan_events.poll_next(&mut relayed)
+        {
+            self.on_channel_event(channel, generation, event);
+            budget -= 1;
+        }
+        self.flush();
+        self.guard_relay();
+        self.batch_now = None;
+        // more ready than a batch, a deadline before the timer's, or work the
+        // flush left: the driver takes it
+        let next = self.next_wake();
+        let wake = budget == 0
+            || earlier(next, self.armed)
+            || self.sup.is_fully_closed()
+            || self.wake_driver;
+        self.wake_driver = false;
+        if wake { self.waker.clone() } else { None }
     }
 
     /// [`Client::publish`](crate::Client::publish) on the caller's thread: the

@@ -1047,159 +1047,323 @@ impl Wakes {
     }
 }
 
-/// A client whose driver is polled by hand with a waker that counts, Ready
-/// with confirms held; the driver is left with nothing to do.
-fn hand_driven() -> (
-    MemoryTransport,
-    Client,
-    std::pin::Pin<Box<amqp_rebound_core::Driver>>,
-    std::sync::Arc<Wakes>,
-    ManualClock,
-) {
-    let clock = ManualClock::new();
-    let transport = MemoryTransport::default();
-    transport.broker().hold_confirms = true;
-    let (client, driver) = Client::builder()
-        .hosts([URL])
-        .pool(1, 1)
-        .seed(1)
-        .build(transport.clone(), clock.clone())
-        .expect("valid config");
-    let mut driver = Box::pin(driver);
-    let wakes = std::sync::Arc::new(Wakes::default());
-    let waker = futures::task::waker(std::sync::Arc::clone(&wakes));
-    let mut cx = std::task::Context::from_waker(&waker);
-    for _ in 0..100 {
-        assert!(driver.as_mut().poll(&mut cx).is_pending());
-        if client.state().is_ready() {
-            break;
-        }
-        clock.advance_to_next();
-    }
-    assert!(client.state().is_ready());
-    (transport, client, driver, wakes, clock)
+thread_local! {
+    /// This thread is polling a publisher's future (see [`Watched`]).
+    static PUBLISHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// A confirm wakes the publisher waiting for it, whose next poll runs the
-/// engine on its own task and reads the confirm: one wake-up, not one of the
-/// driver's task and then one of the caller's. A publisher that is woken so
-/// and dropped before it polls hands the wake-up to the driver, and nothing
-/// is lost.
+/// The manual clock, counting the timers made while a publisher's future is
+/// polled: a publisher's thread may be outside the driver's runtime, where
+/// making one of its timers panics.
+#[derive(Clone)]
+struct Watched(ManualClock, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl amqp_rebound_core::Timer for Watched {
+    fn now(&self) -> std::time::Instant {
+        clock_now(&self.0)
+    }
+    fn sleep_until(&self, deadline: std::time::Instant) -> amqp_rebound_core::transport::Sleep {
+        if PUBLISHING.get() {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.0.sleep_until(deadline)
+    }
+}
+
+/// A client whose driver is polled by hand, and what the tests of the relay
+/// look at.
+struct HandDriven {
+    transport: MemoryTransport,
+    client: Client,
+    clock: ManualClock,
+    driver: std::pin::Pin<Box<amqp_rebound_core::Driver>>,
+    driver_wakes: std::sync::Arc<Wakes>,
+    /// Timers made while a publisher was polled.
+    publisher_timers: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HandDriven {
+    /// Ready, confirms held, the driver left with nothing to do.
+    fn new() -> HandDriven {
+        let clock = ManualClock::new();
+        let transport = MemoryTransport::default();
+        transport.broker().hold_confirms = true;
+        let publisher_timers = std::sync::Arc::default();
+        let (client, driver) = Client::builder()
+            .hosts([URL])
+            .pool(1, 1)
+            .seed(1)
+            .build(
+                transport.clone(),
+                Watched(clock.clone(), std::sync::Arc::clone(&publisher_timers)),
+            )
+            .expect("valid config");
+        let mut hand = HandDriven {
+            transport,
+            client,
+            clock,
+            driver: Box::pin(driver),
+            driver_wakes: std::sync::Arc::default(),
+            publisher_timers,
+        };
+        for _ in 0..100 {
+            hand.poll_driver();
+            if hand.client.state().is_ready() {
+                break;
+            }
+            hand.clock.advance_to_next();
+        }
+        assert!(hand.client.state().is_ready());
+        hand
+    }
+
+    fn poll_driver(&mut self) {
+        let waker = futures::task::waker(std::sync::Arc::clone(&self.driver_wakes));
+        assert!(
+            self.driver
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(&waker))
+                .is_pending()
+        );
+    }
+
+    fn publish(&self, payload: &str) -> PublishFuture {
+        self.client
+            .publish("", "q", payload.to_owned(), Properties::default())
+    }
+
+    /// Releases the held confirms; the next ones are held again.
+    fn confirm(&self) {
+        self.transport.release_confirms();
+        self.transport.broker().hold_confirms = true;
+    }
+
+    /// One confirm handed to a waiting publisher while no guard is armed:
+    /// the driver is woken too, and arms its guard.
+    fn arm_guard(&mut self) {
+        let wakes = std::sync::Arc::new(Wakes::default());
+        let mut warm = self.publish("warm-up");
+        assert!(poll_as(&wakes, &mut warm).is_pending());
+        let before = self.driver_wakes.count();
+        self.confirm();
+        assert_eq!(wakes.count(), 1, "the confirm woke its publisher");
+        assert_eq!(
+            self.driver_wakes.count(),
+            before + 1,
+            "and, the first hand-off, the driver to arm its guard"
+        );
+        self.poll_driver();
+        assert_eq!(
+            poll_as(&wakes, &mut warm),
+            std::task::Poll::Ready(Ok(Confirmation::Confirmed))
+        );
+        assert!(self.guard_armed());
+    }
+
+    /// Whether the driver's timer looks at the channels within 10 ms.
+    fn guard_armed(&self) -> bool {
+        self.clock
+            .next_deadline()
+            .is_some_and(|at| at <= clock_now(&self.clock) + Duration::from_millis(10))
+    }
+
+    /// Advances to the driver's next timer and polls it.
+    fn tick(&mut self) {
+        assert!(self.clock.advance_to_next());
+        self.poll_driver();
+    }
+}
+
+/// Polls `future` as a publisher's task whose waker counts into `wakes`.
+fn poll_as(
+    wakes: &std::sync::Arc<Wakes>,
+    future: &mut PublishFuture,
+) -> std::task::Poll<Result<Confirmation, PublishError>> {
+    let waker = futures::task::waker(std::sync::Arc::clone(wakes));
+    PUBLISHING.set(true);
+    let poll = future.poll_unpin(&mut std::task::Context::from_waker(&waker));
+    PUBLISHING.set(false);
+    poll
+}
+
+/// A confirm wakes the publisher waiting for it, whose next poll takes it on
+/// its own task: one wake-up, not one of the driver's task and then one of the
+/// caller's. That poll takes the channels' events only and makes no timer.
+/// A publisher woken so and dropped before it polls hands the wake-up to the
+/// driver; with no publisher waiting, the driver is woken, as for any other
+/// source.
 #[test]
 fn a_confirm_wakes_its_waiting_publisher_not_the_driver() {
-    let (transport, client, mut driver, driver_wakes, _clock) = hand_driven();
+    let mut hand = HandDriven::new();
+    hand.arm_guard();
     let publisher = std::sync::Arc::new(Wakes::default());
-    let waker = futures::task::waker(std::sync::Arc::clone(&publisher));
-    let mut cx = std::task::Context::from_waker(&waker);
 
-    let mut first = client.publish("", "q", "first", Properties::default());
-    assert!(first.poll_unpin(&mut cx).is_pending());
-    let before = driver_wakes.count();
-    transport.release_confirms();
+    let mut first = hand.publish("first");
+    assert!(poll_as(&publisher, &mut first).is_pending());
+    let before = hand.driver_wakes.count();
+    hand.confirm();
     assert_eq!(publisher.count(), 1, "the confirm woke the publisher");
-    assert_eq!(driver_wakes.count(), before, "and not the driver");
+    assert_eq!(hand.driver_wakes.count(), before, "and not the driver");
+    // the guard's time comes before the driver runs: a full poll of the
+    // driver on the publisher's task would make the driver's next timer there
+    hand.clock.advance(Duration::from_millis(20));
     assert_eq!(
-        first.poll_unpin(&mut cx),
+        poll_as(&publisher, &mut first),
         std::task::Poll::Ready(Ok(Confirmation::Confirmed)),
         "read without a poll of the driver"
     );
-    assert_eq!(client.stats().confirmed, 1);
+    assert_eq!(hand.client.stats().confirmed, 2);
+    assert_eq!(
+        hand.publisher_timers
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no timer made on the publisher's task"
+    );
 
     // woken in the driver's place, then dropped: the driver takes over
-    transport.broker().hold_confirms = true;
-    let mut second = client.publish("", "q", "second", Properties::default());
-    assert!(second.poll_unpin(&mut cx).is_pending());
-    let before = (publisher.count(), driver_wakes.count());
-    transport.release_confirms();
+    let mut second = hand.publish("second");
+    assert!(poll_as(&publisher, &mut second).is_pending());
+    let before = (publisher.count(), hand.driver_wakes.count());
+    hand.confirm();
     assert_eq!(publisher.count(), before.0 + 1);
-    assert_eq!(driver_wakes.count(), before.1);
+    assert_eq!(hand.driver_wakes.count(), before.1);
     drop(second);
     assert_eq!(
-        driver_wakes.count(),
+        hand.driver_wakes.count(),
         before.1 + 1,
         "the dropped publisher's wake-up went to the driver"
     );
-    let driver_waker = futures::task::waker(std::sync::Arc::clone(&driver_wakes));
-    assert!(
-        driver
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(&driver_waker))
-            .is_pending()
-    );
-    assert_eq!(client.stats().confirmed, 2, "its confirm was taken");
+    hand.poll_driver();
+    assert_eq!(hand.client.stats().confirmed, 3, "its confirm was taken");
 
-    // nobody waiting: the driver is woken, as for any other source
-    transport.broker().hold_confirms = true;
-    let third = client.publish("", "q", "third", Properties::default());
-    let before = (publisher.count(), driver_wakes.count());
-    transport.release_confirms();
+    // nobody waiting: the driver is woken
+    let third = hand.publish("third");
+    let before = (publisher.count(), hand.driver_wakes.count());
+    hand.confirm();
     assert_eq!(publisher.count(), before.0);
-    assert_eq!(driver_wakes.count(), before.1 + 1);
-    assert!(
-        driver
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(&driver_waker))
-            .is_pending()
-    );
+    assert_eq!(hand.driver_wakes.count(), before.1 + 1);
+    hand.poll_driver();
     assert_eq!(third.now_or_never(), Some(Ok(Confirmation::Confirmed)));
 }
 
 /// A publisher handed a channel's wake-up and never polled again (polled once
 /// by hand, then kept) holds the other publishers' confirms for at most the
-/// relay's grace: while publishers wait, the driver's timer looks at the
-/// channels every 10 ms.
+/// guard's 10 ms; the guard stops looking one look after the last hand-off.
 #[test]
 fn a_woken_publisher_never_polled_again_holds_the_others_for_at_most_the_grace() {
-    let (transport, client, mut driver, driver_wakes, clock) = hand_driven();
-    let driver_waker = futures::task::waker(std::sync::Arc::clone(&driver_wakes));
-    let mut driver_cx = std::task::Context::from_waker(&driver_waker);
+    let mut hand = HandDriven::new();
+    hand.arm_guard();
     let (a_wakes, b_wakes) = (
         std::sync::Arc::new(Wakes::default()),
         std::sync::Arc::new(Wakes::default()),
     );
-    let a_waker = futures::task::waker(std::sync::Arc::clone(&a_wakes));
-    let b_waker = futures::task::waker(std::sync::Arc::clone(&b_wakes));
-    let mut b = client.publish("", "q", "b", Properties::default());
-    assert!(
-        b.poll_unpin(&mut std::task::Context::from_waker(&b_waker))
-            .is_pending()
-    );
-    let mut a = client.publish("", "q", "a", Properties::default());
-    assert!(
-        a.poll_unpin(&mut std::task::Context::from_waker(&a_waker))
-            .is_pending()
-    );
-    // the driver was woken to guard the hand-off: it arms its timer
-    assert!(driver.as_mut().poll(&mut driver_cx).is_pending());
-    let armed = clock.next_deadline().expect("the driver's timer is armed");
-    assert!(armed <= clock_now(&clock) + Duration::from_millis(10));
-
-    transport.release_confirms();
+    let mut b = hand.publish("b");
+    assert!(poll_as(&b_wakes, &mut b).is_pending());
+    let mut a = hand.publish("a");
+    assert!(poll_as(&a_wakes, &mut a).is_pending());
+    let before = hand.driver_wakes.count();
+    hand.confirm();
     assert_eq!(a_wakes.count(), 1, "the wake-up went to the last to wait");
     assert_eq!(b_wakes.count(), 0, "b's confirm is not taken yet");
-    // `a` is never polled again: the guard takes the confirms
-    let before = driver_wakes.count();
-    assert!(clock.advance_to_next());
-    assert!(driver_wakes.count() > before, "the timer woke the driver");
-    assert!(driver.as_mut().poll(&mut driver_cx).is_pending());
+    assert_eq!(hand.driver_wakes.count(), before, "the guard is armed");
+    // `a` is never polled again: the guard's look takes the confirms
+    assert!(hand.guard_armed());
+    hand.tick();
+    assert!(
+        hand.driver_wakes.count() > before,
+        "the timer woke the driver"
+    );
     assert_eq!(b_wakes.count(), 1);
     assert_eq!(
-        b.poll_unpin(&mut std::task::Context::from_waker(&b_waker)),
+        poll_as(&b_wakes, &mut b),
         std::task::Poll::Ready(Ok(Confirmation::Confirmed))
     );
-    assert_eq!(client.stats().confirmed, 2);
     assert_eq!(
-        a.poll_unpin(&mut std::task::Context::from_waker(&a_waker)),
+        poll_as(&a_wakes, &mut a),
         std::task::Poll::Ready(Ok(Confirmation::Confirmed))
     );
-
-    // nobody waits any more: at its next look the guard is disarmed
-    assert!(clock.advance_to_next());
-    assert!(driver.as_mut().poll(&mut driver_cx).is_pending());
+    // no more hand-offs: one more look, then none
+    hand.tick();
     assert!(
-        clock
-            .next_deadline()
-            .is_none_or(|at| at > clock_now(&clock) + Duration::from_secs(1)),
-        "no timer looks at the channels while no publisher waits"
+        !hand.guard_armed(),
+        "no timer looks at the channels after the hand-offs stopped"
     );
+}
+
+/// The guard costs nothing without hand-offs: a publisher waiting for a
+/// confirm that does not come (a slow broker, an outage) arms no timer, and a
+/// future polled once with a no-op waker and kept leaves none running after its
+/// confirm was taken.
+#[test]
+fn without_hand_offs_no_timer_looks_at_the_channels() {
+    let mut hand = HandDriven::new();
+    let wakes = std::sync::Arc::new(Wakes::default());
+    let mut waiting = hand.publish("waiting");
+    assert!(poll_as(&wakes, &mut waiting).is_pending());
+    hand.poll_driver();
+    assert!(!hand.guard_armed(), "waiting alone arms no guard");
+    drop(waiting);
+    hand.confirm();
+    hand.poll_driver();
+
+    let mut kept = hand.publish("kept");
+    assert_eq!((&mut kept).now_or_never(), None);
+    hand.confirm();
+    hand.poll_driver();
+    for _ in 0..3 {
+        if !hand.guard_armed() {
+            break;
+        }
+        hand.tick();
+    }
+    assert!(
+        !hand.guard_armed(),
+        "the guard stops once the kept future's confirm was taken"
+    );
+    assert_eq!(kept.now_or_never(), Some(Ok(Confirmation::Confirmed)));
+}
+
+/// Publishers on plain threads (`block_on`), outside the runtime the driver
+/// and its timer belong to: a confirm taken on a publisher's thread runs
+/// nothing of the driver's that needs that runtime (making a tokio timer
+/// there panics).
+#[cfg(feature = "tokio")]
+#[test]
+fn publishers_on_threads_outside_the_drivers_runtime_are_confirmed() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_time()
+        .build()
+        .expect("a runtime");
+    let (client, driver) = Client::builder()
+        .hosts([URL])
+        .pool(1, 1)
+        .seed(1)
+        .build(MemoryTransport::default(), amqp_rebound_core::TokioTimer)
+        .expect("valid config");
+    let driver = runtime.spawn(driver);
+    let publishers: Vec<_> = (0..4)
+        .map(|t| {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                for i in 0..500 {
+                    let confirm = futures::executor::block_on(client.publish(
+                        "",
+                        "q",
+                        format!("{t}-{i}"),
+                        Properties::default(),
+                    ));
+                    assert_eq!(confirm, Ok(Confirmation::Confirmed));
+                }
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.join().expect("no publisher panicked");
+    }
+    assert_eq!(client.stats().confirmed, 2000);
+    runtime.block_on(async {
+        client.close().await;
+        driver.await.expect("the driver ended");
+    });
 }

@@ -197,16 +197,20 @@ impl FaultProxy {
     /// many were open.
     pub fn reset_all(&self) -> usize {
         let below = self.shared.next_id.load(Ordering::SeqCst);
+        // counted before the signal: an ended connection leaves `open` at once
+        let open = self.open().range(..below).count();
         self.control.send_modify(|c| c.reset_below = below);
-        self.open().len()
+        open
     }
 
     /// Closes every connection open now in order (FIN), both ways; returns how
     /// many were open.
     pub fn close_all(&self) -> usize {
         let below = self.shared.next_id.load(Ordering::SeqCst);
+        // counted before the signal: an ended connection leaves `open` at once
+        let open = self.open().range(..below).count();
         self.control.send_modify(|c| c.close_below = below);
-        self.open().len()
+        open
     }
 
     /// Closes the `pick`-th open connection (modulo how many are open) with a TCP
