@@ -19,11 +19,11 @@
 //!
 //! The confirms come back the same way: the channels' event streams are polled
 //! with a relay's waker (`contract.rs`), which wakes a publisher waiting for
-//! its confirm rather than the driver; that publisher's next poll runs the
-//! driver's poll on its own task and reads its confirm there. The driver's
-//! task runs when no publisher waits, for everything else (dials, timers,
-//! requests), and every 10 ms while publishers wait, should a woken publisher
-//! not be polled.
+//! its confirm rather than the driver; that publisher's next poll takes the
+//! channels' events on its own task and reads its confirm there (nothing else
+//! of the driver's runs there: no timer, dial or request). The driver's task
+//! runs when no publisher waits, for everything else, and every 10 ms while
+//! confirms are handed to publishers, should a woken publisher not be polled.
 //!
 //! What it drains or retains (pending replies at the end, channels of a lost
 //! connection) goes in one order every run, so the same inputs give the same
