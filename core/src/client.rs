@@ -294,8 +294,13 @@ impl Future for PublishFuture {
             return Poll::Ready(Err(PublishError::Closed));
         };
         let key = *key;
-        // a channel's wake-up handed to a publisher: the engine is run here
-        shared.relay.run_if_owed();
+        // a channel's wake-up handed to a publisher: its events are taken
+        // here (without this future's waker, or the run would wake this task
+        // again only to find what the poll below finds)
+        if shared.relay.take_owed() {
+            shared.replies.unregister(key);
+            shared.relay.run();
+        }
         match shared.replies.poll(key, cx) {
             Poll::Ready(result) => {
                 shared.relay.leave(key);

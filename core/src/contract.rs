@@ -301,6 +301,14 @@ impl Replies {
         }
     }
 
+    /// The future of `key` is not to be woken by its resolution (it is about
+    /// to look for itself).
+    pub(crate) fn unregister(&self, key: ReplyKey) {
+        if let Some(ReplyState::Waiting(waker)) = lock(&self.slots).get_mut(key) {
+            *waker = None;
+        }
+    }
+
     /// The future of `key` is gone: its slot is freed now if resolved, else
     /// when it resolves.
     pub(crate) fn forget(&self, key: ReplyKey) {
@@ -502,11 +510,12 @@ pub(crate) trait Engine: Send + Sync + 'static {
 /// The driver polls the channels' event streams with this relay's waker. A
 /// waking stream then wakes the publisher that last registered here as
 /// waiting (and marks the run as owed to it) instead of the driver; that
-/// publisher's next poll runs the engine on its own task, as
+/// publisher's next poll takes the channels' events on its own task, as
 /// [`Engine::poll_here`] (the channels' events only: never the driver's
-/// timer, dials or requests), and finds its confirm resolved there. A confirm thus
-/// reaches its caller in one wake-up, as with the raw client, not in two (the
-/// driver's task, then the caller's). With no publisher waiting (or when the
+/// timer, dials or requests), and finds its confirm resolved there. A confirm
+/// thus reaches the publisher that last began waiting in one wake-up, as with
+/// the raw client, and the others through that publisher's run: never through
+/// the driver's task as well. With no publisher waiting (or when the
 /// state is busy, or the owed publisher is dropped or resolved first) the
 /// wake-up goes to the driver, as every other source's does.
 ///
@@ -601,19 +610,20 @@ impl Relay {
     /// next wake-up goes to it.
     pub(crate) fn wait(&self, key: ReplyKey, waker: &Waker) {
         let mut state = lock(&self.state);
-        match &state.waiting {
-            Some((k, w)) if *k == key && w.will_wake(waker) => {}
-            _ => state.waiting = Some((key, waker.clone())),
-        }
+        let replaced = match &state.waiting {
+            Some((k, w)) if *k == key && w.will_wake(waker) => None,
+            _ => state.waiting.replace((key, waker.clone())),
+        };
+        drop(state);
+        // dropped unlocked: the last reference to a task may go with it
+        drop(replaced);
     }
 
-    /// Runs the engine here if a channel's wake-up was handed to a publisher
-    /// (this one or another) that has not run it yet.
-    pub(crate) fn run_if_owed(&self) {
-        let owed = lock(&self.state).owed.take().is_some();
-        if owed {
-            self.run();
-        }
+    /// Whether a channel's wake-up was handed to a publisher (this one or
+    /// another) that has not run the engine yet; taken: the caller runs it
+    /// ([`Relay::run`]).
+    pub(crate) fn take_owed(&self) -> bool {
+        lock(&self.state).owed.take().is_some()
     }
 
     /// The engine is about to take the channels' events: a run handed to a
@@ -649,9 +659,9 @@ impl Relay {
         }
     }
 
-    /// Runs the engine on this task, or wakes the driver to, when its state is
-    /// busy or finished.
-    fn run(&self) {
+    /// Takes the channels' events on this task, or wakes the driver to, when
+    /// its state is busy or finished.
+    pub(crate) fn run(&self) {
         let ran = self
             .engine
             .get()

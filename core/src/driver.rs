@@ -429,8 +429,8 @@ pub(crate) struct State<T: Transport, K: Timer> {
     /// Publish results to send once the lock is released: the publisher they
     /// wake can then take the lock for its next message at once.
     resolved: Vec<Resolved>,
-    /// While publishers wait for confirms, when the driver next looks at the
-    /// channels itself, should a wake-up handed to a publisher not be acted on
+    /// While wake-ups are handed to publishers, when the driver next looks at
+    /// the channels itself, should one not be acted on
     /// ([`RELAY_GRACE`](crate::contract::RELAY_GRACE)).
     relay_due: Option<Instant>,
 }
@@ -660,9 +660,9 @@ impl<T: Transport, K: Timer> State<T, K> {
     }
 
     /// Keeps the driver's timer looking at the channels every
-    /// [`RELAY_GRACE`](crate::contract::RELAY_GRACE) while publishers wait
-    /// for confirms (see [`Relay`](crate::contract::Relay)); asks the relay
-    /// only when the last look is due.
+    /// [`RELAY_GRACE`](crate::contract::RELAY_GRACE) while wake-ups are
+    /// handed to publishers (see [`Relay`](crate::contract::Relay)); asks the
+    /// relay only when the last look is due.
     fn guard_relay(&mut self) {
         let now = self.now();
         if self.relay_due.is_some_and(|due| due > now) {

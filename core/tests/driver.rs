@@ -1212,6 +1212,7 @@ fn a_confirm_wakes_its_waiting_publisher_not_the_driver() {
         std::task::Poll::Ready(Ok(Confirmation::Confirmed)),
         "read without a poll of the driver"
     );
+    assert_eq!(publisher.count(), 1, "the run did not wake its own task");
     assert_eq!(hand.client.stats().confirmed, 2);
     assert_eq!(
         hand.publisher_timers
@@ -1342,9 +1343,11 @@ fn publishers_on_threads_outside_the_drivers_runtime_are_confirmed() {
         .build(MemoryTransport::default(), amqp_rebound_core::TokioTimer)
         .expect("valid config");
     let driver = runtime.spawn(driver);
+    let (done, finished) = std::sync::mpsc::channel();
     let publishers: Vec<_> = (0..4)
         .map(|t| {
             let client = client.clone();
+            let done = done.clone();
             std::thread::spawn(move || {
                 for i in 0..500 {
                     let confirm = futures::executor::block_on(client.publish(
@@ -1355,9 +1358,17 @@ fn publishers_on_threads_outside_the_drivers_runtime_are_confirmed() {
                     ));
                     assert_eq!(confirm, Ok(Confirmation::Confirmed));
                 }
+                let _ = done.send(());
             })
         })
         .collect();
+    drop(done);
+    for _ in 0..4 {
+        // a panicked publisher drops its sender; a lost wake-up hangs one
+        finished
+            .recv_timeout(Duration::from_secs(30))
+            .expect("every publisher finished in time");
+    }
     for publisher in publishers {
         publisher.join().expect("no publisher panicked");
     }
@@ -1366,4 +1377,35 @@ fn publishers_on_threads_outside_the_drivers_runtime_are_confirmed() {
         client.close().await;
         driver.await.expect("the driver ended");
     });
+}
+
+/// A run handed to one publisher is taken by whichever publisher is polled
+/// first: here not the woken one, which is never polled again.
+#[test]
+fn any_publishers_poll_takes_a_run_handed_to_another() {
+    let mut hand = HandDriven::new();
+    hand.arm_guard();
+    let (a_wakes, b_wakes) = (
+        std::sync::Arc::new(Wakes::default()),
+        std::sync::Arc::new(Wakes::default()),
+    );
+    let mut b = hand.publish("b");
+    assert!(poll_as(&b_wakes, &mut b).is_pending());
+    let mut a = hand.publish("a");
+    assert!(poll_as(&a_wakes, &mut a).is_pending());
+    let before = hand.driver_wakes.count();
+    hand.confirm();
+    assert_eq!((a_wakes.count(), b_wakes.count()), (1, 0));
+    // b is polled (spuriously, say) before a: it takes the run a was handed
+    assert_eq!(
+        poll_as(&b_wakes, &mut b),
+        std::task::Poll::Ready(Ok(Confirmation::Confirmed)),
+        "b's confirm taken on b's poll, without the driver"
+    );
+    assert_eq!(hand.driver_wakes.count(), before);
+    assert_eq!(hand.client.stats().confirmed, 3);
+    assert_eq!(
+        poll_as(&a_wakes, &mut a),
+        std::task::Poll::Ready(Ok(Confirmation::Confirmed))
+    );
 }
