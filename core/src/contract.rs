@@ -646,16 +646,18 @@ impl Relay {
     /// handed to it and not acted on goes to the driver.
     pub(crate) fn leave(&self, key: ReplyKey) {
         let mut state = lock(&self.state);
-        if state.waiting.as_ref().is_some_and(|(k, _)| *k == key) {
-            state.waiting = None;
-        }
-        if state.owed == Some(key) {
+        let waiting = state.waiting.take_if(|(w, _)| *w == key);
+        let driver = if state.owed == Some(key) {
             state.owed = None;
-            let driver = state.driver.clone();
-            drop(state);
-            if let Some(waker) = driver {
-                waker.wake();
-            }
+            state.driver.clone()
+        } else {
+            None
+        };
+        drop(state);
+        // dropped unlocked, as in `wait`
+        drop(waiting);
+        if let Some(waker) = driver {
+            waker.wake();
         }
     }
 
