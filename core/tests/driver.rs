@@ -1172,7 +1172,31 @@ impl HandDriven {
         assert!(self.clock.advance_to_next());
         self.poll_driver();
     }
+
+    /// With the guard armed, `b` and then `a` wait for their confirms, and
+    /// both confirms come: the wake-up goes to `a` alone (the last to wait),
+    /// and not to the driver. Each future with its wake-up count.
+    fn hand_off_to_a(&mut self) -> (Waiting, Waiting) {
+        self.arm_guard();
+        let (a_wakes, b_wakes) = (
+            std::sync::Arc::new(Wakes::default()),
+            std::sync::Arc::new(Wakes::default()),
+        );
+        let mut b = self.publish("b");
+        assert!(poll_as(&b_wakes, &mut b).is_pending());
+        let mut a = self.publish("a");
+        assert!(poll_as(&a_wakes, &mut a).is_pending());
+        let before = self.driver_wakes.count();
+        self.confirm();
+        assert_eq!(a_wakes.count(), 1, "the wake-up went to the last to wait");
+        assert_eq!(b_wakes.count(), 0, "b's confirm is not taken yet");
+        assert_eq!(self.driver_wakes.count(), before, "the guard is armed");
+        ((a, a_wakes), (b, b_wakes))
+    }
 }
+
+/// A publish's future and the wake-ups of its task.
+type Waiting = (PublishFuture, std::sync::Arc<Wakes>);
 
 /// Polls `future` as a publisher's task whose waker counts into `wakes`.
 fn poll_as(
@@ -1253,20 +1277,8 @@ fn a_confirm_wakes_its_waiting_publisher_not_the_driver() {
 #[test]
 fn a_woken_publisher_never_polled_again_holds_the_others_for_at_most_the_grace() {
     let mut hand = HandDriven::new();
-    hand.arm_guard();
-    let (a_wakes, b_wakes) = (
-        std::sync::Arc::new(Wakes::default()),
-        std::sync::Arc::new(Wakes::default()),
-    );
-    let mut b = hand.publish("b");
-    assert!(poll_as(&b_wakes, &mut b).is_pending());
-    let mut a = hand.publish("a");
-    assert!(poll_as(&a_wakes, &mut a).is_pending());
+    let ((mut a, a_wakes), (mut b, b_wakes)) = hand.hand_off_to_a();
     let before = hand.driver_wakes.count();
-    hand.confirm();
-    assert_eq!(a_wakes.count(), 1, "the wake-up went to the last to wait");
-    assert_eq!(b_wakes.count(), 0, "b's confirm is not taken yet");
-    assert_eq!(hand.driver_wakes.count(), before, "the guard is armed");
     // `a` is never polled again: the guard's look takes the confirms
     assert!(hand.guard_armed());
     hand.tick();
@@ -1384,18 +1396,8 @@ fn publishers_on_threads_outside_the_drivers_runtime_are_confirmed() {
 #[test]
 fn any_publishers_poll_takes_a_run_handed_to_another() {
     let mut hand = HandDriven::new();
-    hand.arm_guard();
-    let (a_wakes, b_wakes) = (
-        std::sync::Arc::new(Wakes::default()),
-        std::sync::Arc::new(Wakes::default()),
-    );
-    let mut b = hand.publish("b");
-    assert!(poll_as(&b_wakes, &mut b).is_pending());
-    let mut a = hand.publish("a");
-    assert!(poll_as(&a_wakes, &mut a).is_pending());
+    let ((mut a, a_wakes), (mut b, b_wakes)) = hand.hand_off_to_a();
     let before = hand.driver_wakes.count();
-    hand.confirm();
-    assert_eq!((a_wakes.count(), b_wakes.count()), (1, 0));
     // b is polled (spuriously, say) before a: it takes the run a was handed
     assert_eq!(
         poll_as(&b_wakes, &mut b),
