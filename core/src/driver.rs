@@ -501,18 +501,9 @@ impl<T: Transport, K: Timer> State<T, K> {
     /// took any. A source left pending has `cx`'s waker.
     fn poll_sources(&mut self, cx: &mut Context<'_>) -> bool {
         let mut budget = BATCH;
-        self.shared.relay.settled();
-        let relay = self.relay.clone();
-        let mut relayed = Context::from_waker(&relay);
         while budget > 0 {
             let start = budget;
-            while budget > 0
-                && let Poll::Ready(Some((channel, generation, event))) =
-                    self.chan_events.poll_next(&mut relayed)
-            {
-                self.on_channel_event(channel, generation, event);
-                budget -= 1;
-            }
+            budget -= self.take_channel_events(budget);
             while budget > 0 && self.requests_open {
                 match self.requests.as_mut().poll_next(cx) {
                     Poll::Ready(Some(request)) => self.on_request(request),
@@ -552,6 +543,23 @@ impl<T: Transport, K: Timer> State<T, K> {
         budget < BATCH
     }
 
+    /// Takes up to `budget` of the channels' events, their streams polled with
+    /// the relay's waker (a run handed to a publisher is then moot); how many.
+    fn take_channel_events(&mut self, budget: usize) -> usize {
+        self.shared.relay.settled();
+        let relay = self.relay.clone();
+        let mut relayed = Context::from_waker(&relay);
+        let mut taken = 0;
+        while taken < budget
+            && let Poll::Ready(Some((channel, generation, event))) =
+                self.chan_events.poll_next(&mut relayed)
+        {
+            self.on_channel_event(channel, generation, event);
+            taken += 1;
+        }
+        taken
+    }
+
     /// Polls the writers that have work; how many failed (each is a lost
     /// channel, told to the supervisor).
     fn pump_writers(&mut self, cx: &mut Context<'_>) -> usize {
@@ -585,24 +593,14 @@ impl<T: Transport, K: Timer> State<T, K> {
     /// [`publish_here`]: State::publish_here
     fn channels_here(&mut self) -> Option<Waker> {
         self.batch_now = Some(self.timer.now());
-        self.shared.relay.settled();
-        let relay = self.relay.clone();
-        let mut relayed = Context::from_waker(&relay);
-        let mut budget = BATCH;
-        while budget > 0
-            && let Poll::Ready(Some((channel, generation, event))) =
-                self.chan_events.poll_next(&mut relayed)
-        {
-            self.on_channel_event(channel, generation, event);
-            budget -= 1;
-        }
+        let taken = self.take_channel_events(BATCH);
         self.flush();
         self.guard_relay();
         self.batch_now = None;
         // more ready than a batch, a deadline before the timer's, or work the
         // flush left: the driver takes it
         let next = self.next_wake();
-        let wake = budget == 0
+        let wake = taken == BATCH
             || earlier(next, self.armed)
             || self.sup.is_fully_closed()
             || self.wake_driver;
