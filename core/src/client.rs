@@ -705,7 +705,8 @@ impl Client {
 
     /// Closes the client **without draining: messages not yet sent are lost**
     /// (they resolve [`PublishError::Closed`] at once). Messages already in
-    /// flight get up to the close timeout for their confirms. For callers that
+    /// flight keep their channel until their confirms come, up to the close
+    /// timeout; then the connections close. For callers that
     /// must stop now (a second SIGTERM); [`close`](Self::close) keeps what was
     /// accepted.
     pub async fn close_discarding(&self) -> CloseSummary {
@@ -749,10 +750,13 @@ impl Client {
     }
 
     /// Waits until every message accepted before this call has resolved
-    /// (confirmed, returned, nacked, timed out, ...), and says how many did not
-    /// resolve `Confirmed`: for batch jobs and tests. Messages published after the
-    /// call are not waited for. [`PublishError::Closed`] if the client closed
-    /// before they all resolved.
+    /// (confirmed, returned, nacked, timed out, ...), and says how many of them
+    /// did not resolve `Confirmed`, counting from the client's start (those that
+    /// failed before the call too): for batch jobs and tests. The difference
+    /// between two flushes' counts is what the messages accepted between the two
+    /// calls did not confirm. Messages published after the call are not waited
+    /// for. [`PublishError::Closed`] if the client closed before they all
+    /// resolved.
     ///
     /// ```no_run
     /// # async fn f(client: amqp_rebound_core::Client) -> Result<(), amqp_rebound_core::PublishError> {

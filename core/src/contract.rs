@@ -138,9 +138,11 @@ pub struct CloseSummary {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Flushed {
-    /// How many of the messages accepted before the flush resolved other than
+    /// How many of the messages accepted before the flush (since the client was
+    /// built) resolved other than
     /// [`Confirmation::Confirmed`](crate::Confirmation::Confirmed) (returned, nacked, timed out, rejected,
-    /// closed). Zero: every one of them is confirmed by the broker.
+    /// closed), whether they resolved before the flush was called or while it
+    /// waited. Zero: every one of them is confirmed by the broker.
     pub not_confirmed: u64,
 }
 

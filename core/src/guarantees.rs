@@ -102,13 +102,15 @@
 //!   close timeout ([`ClientBuilder::close_timeout`], default 5 s). Then the
 //!   connections close cleanly (acks already queued go out first). What is
 //!   still unresolved resolves `Closed`; [`CloseSummary::unresolved`] counts it.
-//! - [`Client::close_discarding`]: closes at once. **Messages not yet sent are
-//!   lost** (they resolve `Closed`); those in flight still get the close timeout
-//!   for their confirms.
+//! - [`Client::close_discarding`]: closes without draining. **Messages not yet
+//!   sent are lost** (they resolve `Closed` at the call); those in flight keep
+//!   their channel until their confirms come (up to the close timeout), then the
+//!   connections close.
 //! - Dropping the last [`Client`] handle: the driver drains like `close` within
 //!   the close timeout, then ends; no task of the client outlives it.
 //! - [`Client::flush`]: waits until every message accepted before it resolved
-//!   and reports how many did not resolve `Confirmed`, without closing.
+//!   and reports how many of them (since the client was built, those failed
+//!   before the call included) did not resolve `Confirmed`, without closing.
 //!
 //! ## Blocked connections
 //!

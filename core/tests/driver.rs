@@ -555,6 +555,73 @@ fn close_gives_up_at_its_timeout_and_close_discarding_at_once() {
 }
 
 #[test]
+fn close_discarding_fails_the_unsent_at_once_and_takes_the_confirms_of_those_in_flight() {
+    let mut pool = LocalPool::new();
+    let clock = ManualClock::new();
+    let transport = MemoryTransport::default();
+    let (client, driver) = Client::builder()
+        .hosts([URL])
+        .pool(1, 1)
+        .confirm_window(10)
+        .close_timeout(Duration::from_secs(5))
+        .build(transport.clone(), clock.clone())
+        .unwrap();
+    pool.spawner().spawn_local(driver).unwrap();
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+        .state()
+        .is_ready()));
+    // 10 written and awaiting their confirms, 20 waiting for room in the window
+    transport.broker().hold_confirms = true;
+    let results = spawn_publishes(&pool, &client, 0..30);
+    pool.run_until_stalled();
+    assert_eq!(transport.broker().received.len(), 10);
+    let start = clock_now(&clock);
+    let closed = spawn_output(&pool, {
+        let (client, clock) = (client.clone(), clock.clone());
+        async move {
+            let summary = client.close_discarding().await;
+            (clock_now(&clock), summary.unresolved)
+        }
+    });
+    pool.run_until_stalled();
+    assert_eq!(
+        results.borrow().len(),
+        20,
+        "the unsent resolve at the call, the ones in flight wait for their confirms"
+    );
+    assert!(
+        results
+            .borrow()
+            .iter()
+            .all(|(id, r)| *id >= 10 && *r == Err(PublishError::Closed))
+    );
+    transport.release_confirms();
+    assert!(drive(&mut pool, &clock, Duration::from_secs(10), || closed
+        .borrow()
+        .is_some()));
+    let (at, unresolved) = closed.borrow().unwrap();
+    assert!(
+        at - start < Duration::from_millis(100),
+        "the close waited {:?} although every confirm came",
+        at - start
+    );
+    assert_eq!(unresolved, 20, "only the unsent are given up on");
+    let confirmed: Vec<u32> = results
+        .borrow()
+        .iter()
+        .filter(|(_, r)| *r == Ok(Confirmation::Confirmed))
+        .map(|&(id, _)| id)
+        .collect();
+    assert_eq!(confirmed, (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        transport.broker().received.len(),
+        10,
+        "nothing unsent went out"
+    );
+    assert_eq!(transport.open_connections(), 0, "closed cleanly");
+}
+
+#[test]
 fn dropping_the_last_handle_drains_before_the_driver_ends() {
     let mut pool = LocalPool::new();
     let clock = ManualClock::new();
@@ -620,7 +687,34 @@ fn flush_waits_for_what_was_accepted_before_it_and_counts_what_was_not_confirmed
     let report = first.borrow().clone().unwrap().unwrap();
     assert_eq!(report.not_confirmed, 1, "the one that timed out");
     assert_eq!(results.borrow().len(), 11);
-    let _ = later;
+
+    // failures that resolved before the call count too: a flush after
+    // fire-and-forget publishes that all failed does not say "all confirmed"
+    for i in 0..3u32 {
+        drop(client.publish_message(
+            amqp_rebound_core::Message::new("", "q", i.to_string().into_bytes()),
+            PublishOptions::default().timeout(Duration::from_millis(100)),
+        ));
+    }
+    drive(&mut pool, &clock, Duration::from_millis(500), || false);
+    assert_eq!(client.stats().timed_out, 4);
+    transport.release_confirms();
+    pool.run_until_stalled();
+    assert_eq!(later.borrow().len(), 1, "the later publish resolved");
+    let second = flushed(&pool);
+    pool.run_until_stalled();
+    let report = second.borrow().clone().unwrap().unwrap();
+    assert_eq!(
+        report.not_confirmed, 4,
+        "every message accepted before it: the earlier one and the three dropped"
+    );
+    // the difference between two flushes counts the messages between them
+    let results = spawn_publishes(&pool, &client, 200..205);
+    pool.run_until_stalled();
+    let third = flushed(&pool);
+    pool.run_until_stalled();
+    assert!(all_confirmed(&results));
+    assert_eq!(third.borrow().clone().unwrap().unwrap().not_confirmed, 4);
 }
 
 #[test]

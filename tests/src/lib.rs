@@ -150,6 +150,12 @@ macro_rules! conformance_suite {
                     $name,
                     Shared,
                     edges,
+                    close_discarding_confirms_what_is_in_flight
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
                     flush_reports_what_was_not_confirmed
                 );
                 $crate::__conformance_case!(

@@ -358,6 +358,9 @@ pub struct Supervisor {
     /// Flushes waiting for the messages accepted before them.
     flushes: Vec<publish::Flush>,
     next_flush: u64,
+    /// How many accepted messages resolved other than Confirmed so far: a flush
+    /// counts them all, not only those it waited for.
+    not_confirmed: u64,
     outbox: Outbox,
     /// A window slot or channel may have freed up since the last pump.
     room: bool,
@@ -431,6 +434,7 @@ impl Supervisor {
             max_message_size: None,
             flushes: Vec::new(),
             next_flush: 0,
+            not_confirmed: 0,
             outbox,
             room: false,
             registry: Registry::default(),

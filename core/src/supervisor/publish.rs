@@ -10,6 +10,7 @@ use crate::event::Event;
 use crate::ids::{ChannelId, ConnectionId};
 use crate::message::{Message, Returned};
 use crate::outbox::{Confirmation, Entry, FlushId, NO_REPLY, PublishError, PublishId};
+use crate::state::ConnectionState;
 use crate::telemetry::targets;
 use crate::topology::check_name;
 
@@ -197,7 +198,8 @@ impl Supervisor {
 
     /// Asks to hear when every message accepted so far has resolved: an
     /// [`Event::Flushed`] with this id comes then (at once when none is
-    /// unresolved), saying how many of them did not resolve Confirmed.
+    /// unresolved), saying how many of them did not resolve Confirmed, those
+    /// that had resolved before the call included.
     pub fn flush(&mut self, now: Instant) -> FlushId {
         self.advance(now);
         let id = FlushId(self.next_flush);
@@ -206,7 +208,8 @@ impl Supervisor {
             id,
             before: self.outbox.next_order(),
             waiting: self.outbox.len(),
-            not_confirmed: 0,
+            // everything resolved so far was accepted before this call
+            not_confirmed: self.not_confirmed,
         };
         if flush.waiting == 0 {
             self.events.push_back(flush.done());
@@ -219,6 +222,7 @@ impl Supervisor {
     /// A message accepted as `order` resolved: the flushes that wait for it count
     /// it, and those with nothing left to wait for are done.
     fn flush_count(&mut self, order: u64, confirmed: bool) {
+        self.not_confirmed += u64::from(!confirmed);
         if self.flushes.is_empty() {
             return;
         }
@@ -329,8 +333,13 @@ impl Supervisor {
         let Some((c, i)) = self.current_chan(channel, generation) else {
             return;
         };
-        if !self.conns[c].channels[i].state.is_open() {
-            return; // lost: what it carried went back to the outbox
+        // A lost channel's messages went back to the outbox. A channel closed by
+        // the client's close keeps its messages in flight until their confirms
+        // come (or the close timeout passes): its connection is Closing.
+        if !self.conns[c].channels[i].state.is_open()
+            && !matches!(self.conns[c].state, ConnectionState::Closing { .. })
+        {
+            return;
         }
         let published = self.conns[c].channels[i].current.next_seq;
         if tag > published {
@@ -533,7 +542,8 @@ pub(super) struct Flush {
     before: u64,
     /// How many of them are unresolved.
     waiting: usize,
-    /// How many of them resolved other than Confirmed.
+    /// How many of them resolved other than Confirmed (those resolved before
+    /// the flush included).
     not_confirmed: u64,
 }
 

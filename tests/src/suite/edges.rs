@@ -104,6 +104,50 @@ pub async fn close_all_connections_during_the_drain<T: Transport>(h: Harness<T>)
     assert_all_in_queue(&h, &name, 20_000).await;
 }
 
+/// `close_discarding()` after 20,000 fire-and-forget publishes: what was not
+/// sent resolves `Closed` at the call; what was in flight is confirmed (the
+/// close does not wait out its 30 s timeout for confirms it threw away), and the
+/// queue holds exactly the confirmed ones.
+pub async fn close_discarding_confirms_what_is_in_flight<T: Transport>(h: Harness<T>) {
+    let name = queue_name(&h, "discard");
+    let client = h.start(h.builder([h.url.url()]).close_timeout(30 * SECOND));
+    wait_ready(&client, 15 * SECOND).await;
+    client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare");
+    fire_and_forget(&client, &name, 20_000);
+    let started = Instant::now();
+    let summary = within("close_discarding()", 40 * SECOND, client.close_discarding()).await;
+    let took = started.elapsed();
+    let stats = client.stats();
+    eprintln!("close_discarding() took {took:?}: {summary:?}, {stats:?}");
+    assert!(
+        took < 10 * SECOND,
+        "close_discarding() took {took:?}: it waited for confirms it dropped"
+    );
+    assert!(
+        summary.unresolved > 0,
+        "nothing was left to discard: {stats:?}"
+    );
+    assert_eq!(
+        stats.confirmed + summary.unresolved,
+        20_000,
+        "every message is confirmed or counted as given up on: {stats:?}"
+    );
+    let inspector = h.inspector().await;
+    let in_queue = inspector.ready_messages(&test_queue(&name)).await;
+    assert_eq!(
+        u64::from(in_queue),
+        stats.confirmed,
+        "the queue holds the confirmed messages, nothing discarded went out"
+    );
+    inspector.close().await;
+    let cleanup = h.client().await;
+    let _ = cleanup.delete_queue(name.as_str()).await;
+    close(cleanup).await;
+}
+
 /// `close()` while the broker cannot be reached: it keeps trying until the close
 /// timeout, then returns with the count of what it gave up on.
 pub async fn close_with_the_broker_unreachable_returns_at_the_timeout<T: Transport>(h: Harness<T>) {
@@ -168,6 +212,15 @@ pub async fn flush_reports_what_was_not_confirmed<T: Transport>(h: Harness<T>) {
     let stats = client.stats();
     assert_eq!(stats.confirmed, 2_000, "{stats:?}");
     assert_eq!(stats.returned, 1, "{stats:?}");
+    // a later flush counts from the client's start: the one returned before it
+    // was called is still not confirmed
+    let again = within("a second flush()", 30 * SECOND, client.flush())
+        .await
+        .expect("flush");
+    assert_eq!(
+        again.not_confirmed, 1,
+        "the returned one, resolved before the call"
+    );
     close(client).await;
     assert_all_in_queue(&h, &name, 2_000).await;
 }
