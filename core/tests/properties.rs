@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use amqp_rebound_core::{
     AckKind, ChannelId, ChannelInput, ChannelState, Command, Confirmation, ConnectionId,
-    ConnectionState, ConsumeOptions, ConsumerId, Event, Input, PublishError, PublishId,
+    ConnectionState, ConsumeOptions, ConsumerId, Event, Input, PublishError, PublishId, Reason,
     TransportError,
 };
 use common::{LATENCY, World, config, msg};
@@ -344,6 +344,15 @@ fn check_always(w: &mut World, closed_at: Option<usize>) -> Result<(), TestCaseE
     for (_, e) in &w.events {
         if let Event::RecoveryFailed { retry_in, .. } = e {
             prop_assert!(*retry_in <= cap, "delay {:?} over the cap", retry_in);
+        }
+        // a change changes the phase; the one exception is the start, which
+        // says the first dial began
+        if let Event::StateChanged {
+            from, to, reason, ..
+        } = e
+            && *reason != Reason::Start
+        {
+            prop_assert_ne!(from, to, "a state change that changes nothing: {:?}", e);
         }
     }
     for id in w.sup.connection_ids().collect::<Vec<_>>() {

@@ -158,8 +158,11 @@ pub(crate) fn map_error(error: &AmqprsError) -> TransportError {
 ///   amqprs does not advertise `authentication_failure_close`, so RabbitMQ refuses
 ///   bad credentials by dropping the socket without a word, and that is the only
 ///   handshake step at which it drops one (a broker that is down refuses the TCP
-///   connection instead). amqprs does not say at which step its handshake failed,
-///   so a proxy that accepts and then drops connections is misreported as `Auth`.
+///   connection instead). amqprs does not say at which step its handshake failed:
+///   a close that comes sooner than RabbitMQ's 3 s delay for a refused login is
+///   [explained](amqp_rebound_core::tls::rustls::explain_dead_handshake) by
+///   asking the port again, so a server that is not AMQP (or a proxy with no
+///   broker behind it) is `Protocol`; a slower one stays `Auth`.
 ///
 /// The password is scrubbed from the text.
 pub(crate) fn map_open_error(error: &AmqprsError, password: &str) -> TransportError {

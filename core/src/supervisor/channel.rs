@@ -16,7 +16,7 @@ use crate::backoff::Backoff;
 use crate::error::{ErrorClass, TransportError};
 use crate::event::{Event, Reason};
 use crate::ids::{ChannelId, ConnectionId, Object};
-use crate::state::{ChannelState, Phase};
+use crate::state::ChannelState;
 use crate::telemetry::targets;
 
 /// One channel slot.
@@ -336,8 +336,9 @@ impl Supervisor {
         }
     }
 
-    /// The one place a channel's state changes. Moves between the steps of an
-    /// open (all [`Phase::Opening`]) are progress, not reported changes.
+    /// The one place a channel's state changes. Moves within one phase (the
+    /// steps of an open, a reopening that gets or loses its retry time) are
+    /// progress, not reported changes.
     pub(super) fn set_chan_state(&mut self, c: usize, i: usize, new: ChannelState, reason: Reason) {
         let old = self.conns[c].channels[i].state;
         if old == new {
@@ -345,7 +346,7 @@ impl Supervisor {
         }
         self.conns[c].channels[i].state = new;
         let (from, to) = (old.phase(), new.phase());
-        if from == Phase::Opening && to == Phase::Opening {
+        if from == to {
             return;
         }
         match (old.is_ready(), new.is_ready()) {

@@ -317,6 +317,9 @@ pub const EXPLAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(2
 /// error it finds, else `error` as it was:
 ///
 /// - a plain endpoint whose port [`answers_tls`]: [`TlsErrorKind::TlsPort`];
+/// - a plain endpoint whose close was read as a refused login
+///   ([`TransportError::Auth`]) and whose port does not [`answers_amqp`]:
+///   [`TransportError::Protocol`] (not an AMQP broker);
 /// - a TLS endpoint whose port [`answers_amqp`]: [`TlsErrorKind::NotTlsPort`];
 /// - a TLS endpoint with a client certificate: the [`handshake_verdict`].
 ///
@@ -339,6 +342,15 @@ pub fn explain_dead_handshake(
                      ended with: {error})"
                 ),
             };
+        }
+        // A close read as a refused login (a client that cannot tell the
+        // handshake's steps apart) from a port that does not speak AMQP at all.
+        if matches!(error, TransportError::Auth(_)) && !answers_amqp(host, port, PROBE_TIMEOUT) {
+            return TransportError::Protocol(format!(
+                "{host}:{port} closed the connection during the handshake and does not answer \
+                 the AMQP protocol header with AMQP: not an AMQP 0-9-1 broker, or a proxy with \
+                 none behind it"
+            ));
         }
         return error;
     }
@@ -706,6 +718,48 @@ UVjAr1PoYBWD/cQPppCKvw0wtDyyZ/OoTRFBWPqKWLgt9ALG9li0TYZk
         assert_eq!(
             server_name(Some(&over), "10.0.0.1").unwrap(),
             ServerName::try_from("rabbit.internal").unwrap()
+        );
+    }
+
+    /// A port that accepts and answers each connection with `answer`, then
+    /// closes it, on a thread; its address.
+    fn answering(answer: &'static [u8]) -> std::net::SocketAddr {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut header = [0u8; 8];
+                let _ = stream.read_exact(&mut header);
+                let _ = stream.write_all(answer);
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_close_read_as_a_refused_login_is_protocol_when_the_port_is_not_amqp() {
+        let refused = || TransportError::Auth("the broker closed the connection".into());
+        let http = answering(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        let endpoint = Endpoint::parse(&format!("amqp://u:p@{http}/%2f")).unwrap();
+        let explained = explain_dead_handshake(&endpoint, None, None, refused());
+        assert!(
+            matches!(&explained, TransportError::Protocol(text) if text.contains("not an AMQP")),
+            "{explained:?}"
+        );
+        // a port that speaks AMQP: the refusal stands
+        let amqp = answering(b"\x01\x00\x00\x00\x00\x00\x00");
+        let endpoint = Endpoint::parse(&format!("amqp://u:p@{amqp}/%2f")).unwrap();
+        assert_eq!(
+            explain_dead_handshake(&endpoint, None, None, refused()),
+            refused()
+        );
+        // other errors are left as they are
+        let io = TransportError::Io("reset".into());
+        let endpoint = Endpoint::parse(&format!("amqp://u:p@{http}/%2f")).unwrap();
+        assert_eq!(
+            explain_dead_handshake(&endpoint, None, None, io.clone()),
+            io
         );
     }
 }

@@ -462,7 +462,9 @@ pub async fn first_contact_names_the_cause<T: Transport>(h: Harness<T>) {
         ("refused port", h.url.at(refused), |e| {
             matches!(e, TransportError::Io(_))
         }),
-        ("not AMQP", h.url.at(garbage), |_| true),
+        ("not AMQP", h.url.at(garbage), |e| {
+            matches!(e, TransportError::Protocol(_))
+        }),
     ];
     for (what, url, expected) in cases {
         let client = h.start(h.builder([url]).publish_timeout(3 * SECOND));
