@@ -390,9 +390,10 @@ pub(crate) struct ConsumerReceiver {
     shared: Arc<Mutex<StreamInner>>,
 }
 
-/// The [`Consumer`](crate::Consumer) was dropped: nobody takes the items.
+/// The [`Consumer`](crate::Consumer) was dropped: nobody takes the items. Holds
+/// the item that was not taken.
 #[derive(Debug)]
-pub(crate) struct ReceiverGone;
+pub(crate) struct ReceiverGone(pub(crate) ConsumerItem);
 
 impl ConsumerSender {
     /// Queues `item`. At the bound, the oldest delivery for which `stale` is
@@ -404,7 +405,7 @@ impl ConsumerSender {
     ) -> Result<(), ReceiverGone> {
         let mut inner = lock(&self.shared);
         if inner.receiver_gone {
-            return Err(ReceiverGone);
+            return Err(ReceiverGone(item));
         }
         if let (Some(bound), ConsumerItem::Delivery { .. }) = (self.bound, &item)
             && inner.items.len() >= bound
@@ -421,6 +422,17 @@ impl ConsumerSender {
             waker.wake();
         }
         Ok(())
+    }
+
+    /// The items the application never took, once it dropped its end (none
+    /// before).
+    pub(crate) fn take_unread(&self) -> VecDeque<ConsumerItem> {
+        let mut inner = lock(&self.shared);
+        if inner.receiver_gone {
+            std::mem::take(&mut inner.items)
+        } else {
+            VecDeque::new()
+        }
     }
 
     /// Items waiting for the application.
@@ -458,9 +470,9 @@ impl ConsumerReceiver {
 
 impl Drop for ConsumerReceiver {
     fn drop(&mut self) {
-        let mut inner = lock(&self.shared);
-        inner.receiver_gone = true;
-        inner.items.clear();
+        // the items stay for the driver: it gives the deliveries back
+        // (`take_unread`) when it hears of the drop
+        lock(&self.shared).receiver_gone = true;
     }
 }
 

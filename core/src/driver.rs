@@ -53,8 +53,8 @@ use futures::stream::{BoxStream, FuturesUnordered, Stream, StreamExt};
 use tracing::Instrument;
 
 use crate::contract::{
-    ClientState, CloseSummary, ConsumerItem, ConsumerSender, Engine, Flushed, ReplyKey, Request,
-    Shared, TopologyReply, lock,
+    ClientState, CloseSummary, ConsumerItem, ConsumerSender, Engine, Flushed, ReceiverGone,
+    ReplyKey, Request, Shared, TopologyReply, lock,
 };
 use crate::endpoint::Endpoint;
 use crate::error::TransportError;
@@ -1195,6 +1195,30 @@ impl<T: Transport, K: Timer> State<T, K> {
         self.input(input);
     }
 
+    /// Deliveries a dropped [`Consumer`](crate::Consumer) never read go back to
+    /// their queue (a nack with requeue), rather than wait, unacked, for their
+    /// channel to close. Those of a channel generation since lost, or of an
+    /// auto-ack consumer, are not the client's to give back and are left.
+    fn give_back(&mut self, unread: VecDeque<ConsumerItem>) {
+        let now = self.now();
+        for item in unread {
+            if let ConsumerItem::Delivery {
+                delivery,
+                channel,
+                generation,
+            } = item
+            {
+                let requeue = AckKind::Nack {
+                    multiple: false,
+                    requeue: true,
+                };
+                let _ = self
+                    .sup
+                    .ack(now, channel, generation, delivery.delivery_tag, requeue);
+            }
+        }
+    }
+
     fn on_request(&mut self, request: Request) {
         let now = self.now();
         match request {
@@ -1264,7 +1288,9 @@ impl<T: Transport, K: Timer> State<T, K> {
             },
             Request::Cancel { consumer } => {
                 let _ = self.sup.cancel(now, consumer);
-                self.consumers.remove(&consumer);
+                if let Some(items) = self.consumers.remove(&consumer) {
+                    self.give_back(items.take_unread());
+                }
             }
             Request::Ack {
                 channel,
@@ -1338,11 +1364,15 @@ impl<T: Transport, K: Timer> State<T, K> {
                     let sup = &self.sup;
                     let stale =
                         |channel, generation| sup.channel_generation(channel) != Some(generation);
-                    if items.send(item, stale).is_err() {
-                        // the application dropped the Consumer: stop it
+                    if let Err(ReceiverGone(item)) = items.send(item, stale) {
+                        // the application dropped the Consumer: stop it, and
+                        // give back what it did not read
+                        let mut unread = items.take_unread();
+                        unread.push_back(item);
                         self.consumers.remove(&consumer);
                         let now = self.now();
                         let _ = self.sup.cancel(now, consumer);
+                        self.give_back(unread);
                     }
                 }
             }

@@ -799,6 +799,13 @@ impl Supervisor {
                 .retain(|s| !matches!(s, Step::Qos(id) | Step::Consume(id) if *id == consumer.0));
             let started = before == ch.current.steps.len();
             if started && ch.state.is_ready() {
+                if !entry.options.no_ack {
+                    let cancelled = &mut ch.current.cancelled;
+                    if cancelled.len() == super::channel::CANCELLED_KEPT {
+                        cancelled.pop_front();
+                    }
+                    cancelled.push_back(entry.tag.clone());
+                }
                 ch.current.steps.push_back(Step::Cancel(entry.tag));
                 self.kick(c, i);
             }
@@ -864,13 +871,31 @@ impl Supervisor {
             return;
         };
         let Some(&id) = self.registry.tags.get(&delivery.consumer_tag) else {
-            // a consumer cancelled meanwhile: the broker redelivers what it leaves
-            // unacked when the channel closes; acking blindly could close it (406)
+            // A consumer cancelled meanwhile. If it acks, the delivery goes back
+            // to the queue now (else it would wait for the channel's close). A
+            // tag not known here (an auto-ack consumer) is left alone: a nack of
+            // it would close the channel (406).
+            let requeue = self.conns[c].channels[i]
+                .current
+                .cancelled
+                .contains(&delivery.consumer_tag);
             tracing::debug!(
                 target: targets::TOPOLOGY,
                 consumer_tag = %delivery.consumer_tag,
-                "delivery for an unknown consumer dropped"
+                requeue,
+                "delivery for a cancelled consumer"
             );
+            if requeue {
+                self.commands.push_back(Command::Ack {
+                    channel,
+                    generation,
+                    delivery_tag: delivery.delivery_tag,
+                    kind: AckKind::Nack {
+                        multiple: false,
+                        requeue: true,
+                    },
+                });
+            }
             return;
         };
         let no_ack = self

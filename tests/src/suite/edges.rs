@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use amqp_rebound_core::message::AMQPValue;
 use amqp_rebound_core::transport::{Capabilities, Transport};
 use amqp_rebound_core::{
-    BackoffConfig, Client, Confirmation, ConnectError, ConsumeError, ErrorClass, FieldTable,
-    Message, Properties, PublishError, PublishFuture, PublishOptions, QueueDecl, TopologyError,
-    TransportError,
+    BackoffConfig, Client, Confirmation, ConnectError, ConsumeError, ConsumeOptions, ErrorClass,
+    FieldTable, Message, Properties, PublishError, PublishFuture, PublishOptions, QueueDecl,
+    TopologyError, TransportError,
 };
 use futures::FutureExt;
 
@@ -385,6 +385,65 @@ pub async fn bad_messages_fail_alone_and_at_once<T: Transport>(h: Harness<T>) {
             .await,
         Err(TopologyError::Invalid(_))
     ));
+    client.delete_queue(name.as_str()).await.expect("delete");
+    close(client).await;
+}
+
+/// A `Consumer` dropped with deliveries it never read (prefetched into its
+/// buffer) gives them back: the queue holds them again at once, and another
+/// consumer of the same client gets them, rather than waiting for the channel
+/// to close.
+pub async fn a_dropped_consumer_gives_back_what_it_did_not_read<T: Transport>(h: Harness<T>) {
+    let name = queue_name(&h, "dropped-consumer");
+    let client = h.client().await;
+    client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare");
+    let make = plain(&name);
+    for id in 0..20 {
+        let published = client.publish_message(make(id), PublishOptions::default());
+        assert_eq!(published.await, Ok(Confirmation::Confirmed));
+    }
+    let options = ConsumeOptions {
+        prefetch: Some(10),
+        ..ConsumeOptions::default()
+    };
+    let mut first = client
+        .consume(name.as_str(), options.clone())
+        .await
+        .expect("consume");
+    let one = within("a delivery", 10 * SECOND, first.next())
+        .await
+        .expect("the consumer lives")
+        .expect("a delivery");
+    one.ack().await.expect("ack");
+    // the others the broker sent (up to the prefetch) wait in its buffer
+    let inspector = h.inspector().await;
+    drop(first);
+    let mut ready = 0;
+    let deadline = Instant::now() + 10 * SECOND;
+    while Instant::now() < deadline {
+        ready = inspector.ready_messages(&test_queue(&name)).await;
+        if ready == 19 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ready, 19, "the unread deliveries are back in the queue");
+    inspector.close().await;
+    let mut second = client
+        .consume(name.as_str(), options)
+        .await
+        .expect("consume again");
+    for _ in 0..19 {
+        let delivery = within("a given-back delivery", 10 * SECOND, second.next())
+            .await
+            .expect("the consumer lives")
+            .expect("a delivery");
+        delivery.ack().await.expect("ack");
+    }
+    drop(second);
     client.delete_queue(name.as_str()).await.expect("delete");
     close(client).await;
 }
