@@ -398,6 +398,10 @@ fn is_percent_encoded(s: &str) -> bool {
 
 /// Checks the query options `AMQPUri` would parse, so that its errors (which quote the
 /// input) never happen.
+/// The largest `frame_max` a URI may ask for (1 MiB; RabbitMQ's default is
+/// 128 KiB).
+pub const FRAME_MAX_LIMIT: u32 = 1 << 20;
+
 fn check_query(url: &Url) -> Result<(), String> {
     // `AMQPUri` reads the first occurrence of each key; so must this.
     let first = |key: &str| {
@@ -413,7 +417,17 @@ fn check_query(url: &Url) -> Result<(), String> {
     };
     number("heartbeat", |v| v.parse::<u16>().is_ok(), "0 to 65535")?;
     number("channel_max", |v| v.parse::<u16>().is_ok(), "0 to 65535")?;
-    number("frame_max", |v| v.parse::<u32>().is_ok(), "0 to 4294967295")?;
+    // AMQP's smallest frame is 4096 bytes; lapin sets aside 32 frames of
+    // buffer per direction before it negotiates, so a huge one is an
+    // allocation failure (an abort), not a setting
+    number(
+        "frame_max",
+        |v| {
+            v.parse::<u32>()
+                .is_ok_and(|v| v == 0 || (4096..=FRAME_MAX_LIMIT).contains(&v))
+        },
+        "0 (the broker's) or 4096 to 1048576",
+    )?;
     number(
         "connection_timeout",
         |v| v.parse::<u64>().is_ok(),
@@ -638,6 +652,10 @@ mod tests {
             format!("amqp://u:{PW}@h?heartbeat=abc"),
             format!("amqp://u:{PW}@h?heartbeat=70000"),
             format!("amqp://u:{PW}@h?frame_max=-1"),
+            format!("amqp://u:{PW}@h?frame_max=1"),
+            format!("amqp://u:{PW}@h?frame_max=4095"),
+            format!("amqp://u:{PW}@h?frame_max=1048577"),
+            format!("amqp://u:{PW}@h?frame_max=4294967295"),
             format!("amqp://u:{PW}@h?auth_mechanism=magic"),
             format!("amqp://u:{PW}@[::1"),
             format!("amqp://u:{PW}@h%2Fx"),

@@ -127,18 +127,47 @@ impl Properties {
 /// The longest AMQP short string (property values, header keys, names).
 pub const SHORT_STRING_MAX: usize = 255;
 
+/// The largest frame RabbitMQ negotiates by default (its `frame_max`, 131,072
+/// bytes): a message's properties travel in one content-header frame, so they
+/// must fit in it.
+pub const FRAME_MAX_DEFAULT: u32 = 131_072;
+
+/// How deep tables and arrays may nest in headers. Clients parse nested tables
+/// recursively: lapin's reader overflows its thread's stack on a delivery
+/// nested about 200 deep, and amqprs's a few hundred deep, so deeper headers
+/// are refused before they reach a queue (any consumer of it would crash).
+pub const HEADERS_DEPTH_MAX: usize = 64;
+
+/// The largest `expiration` RabbitMQ takes, in milliseconds (2^32 - 1).
+pub const EXPIRATION_MAX: u64 = u32::MAX as u64;
+
 impl Properties {
-    /// Checks what the AMQP wire format limits, naming the field at fault: every
-    /// short-string property (`content_type`, `content_encoding`,
-    /// `correlation_id`, `reply_to`, `expiration`, `message_id`, `type`,
-    /// `user_id`, `app_id`) at most 255 bytes; `expiration` a number of
-    /// milliseconds (RabbitMQ refuses anything else); header keys and short-string
-    /// header values at most 255 bytes, nested tables and arrays included.
+    /// Checks what the AMQP wire format and RabbitMQ limit, naming the field at
+    /// fault:
     ///
-    /// [`Client::publish`](crate::Client::publish) runs it on the caller's thread
-    /// and fails the one message with
+    /// - every short-string property (`content_type`, `content_encoding`,
+    ///   `correlation_id`, `reply_to`, `expiration`, `message_id`, `type`,
+    ///   `user_id`, `app_id`) at most 255 bytes;
+    /// - `expiration` a number of milliseconds up to [`EXPIRATION_MAX`];
+    /// - `delivery_mode` 1 (transient) or 2 (persistent);
+    /// - header keys and short-string header values at most 255 bytes, floats
+    ///   finite (RabbitMQ closes the connection on a NaN or an infinity),
+    ///   tables and arrays nested at most [`HEADERS_DEPTH_MAX`] deep;
+    /// - the properties, encoded, fit in one frame of [`FRAME_MAX_DEFAULT`]
+    ///   bytes (the client checks against the URI's `frame_max` when it sets a
+    ///   smaller one).
+    ///
+    /// RabbitMQ answers each of these with the loss of the channel or the
+    /// connection, so the client refuses them first:
+    /// [`Client::publish`](crate::Client::publish) runs the checks on the
+    /// caller's thread and fails the one message with
     /// [`PublishError::Invalid`](crate::PublishError::Invalid).
     pub fn validate(&self) -> Result<(), String> {
+        self.check(FRAME_MAX_DEFAULT)
+    }
+
+    /// [`validate`](Self::validate), against frames of `frame_max` bytes.
+    pub(crate) fn check(&self, frame_max: u32) -> Result<(), String> {
         let short = [
             ("content_type", &self.content_type),
             ("content_encoding", &self.content_encoding),
@@ -150,33 +179,63 @@ impl Properties {
             ("user_id", &self.user_id),
             ("app_id", &self.app_id),
         ];
+        // the content header: class, weight, body size, property flags
+        let mut size = 14usize;
         for (field, value) in short {
-            if let Some(value) = value
-                && value.len() > SHORT_STRING_MAX
-            {
-                return Err(format!(
-                    "property {field} is {} bytes long; AMQP allows {SHORT_STRING_MAX}",
-                    value.len()
-                ));
+            if let Some(value) = value {
+                if value.len() > SHORT_STRING_MAX {
+                    return Err(format!(
+                        "property {field} is {} bytes long; AMQP allows {SHORT_STRING_MAX}",
+                        value.len()
+                    ));
+                }
+                size += 1 + value.len();
             }
         }
         if let Some(expiration) = &self.expiration
             && (expiration.is_empty()
                 || !expiration.bytes().all(|b| b.is_ascii_digit())
-                || expiration.parse::<u64>().is_err())
+                || expiration
+                    .parse::<u64>()
+                    .map_or(true, |ms| ms > EXPIRATION_MAX))
         {
             return Err(format!(
-                "property expiration {expiration:?} is not a number of milliseconds"
+                "property expiration {expiration:?} is not a number of milliseconds from 0 \
+                 to {EXPIRATION_MAX}"
+            ));
+        }
+        if let Some(mode) = self.delivery_mode
+            && mode != 1
+            && mode != 2
+        {
+            return Err(format!(
+                "property delivery_mode is {mode}; AMQP defines 1 (transient) and 2 (persistent)"
             ));
         }
         if let Some(headers) = &self.headers {
-            check_table("headers", headers)?;
+            size += check_table("headers", headers, 1)?;
+        }
+        // delivery mode, priority, timestamp
+        size += 1 + 1 + 8;
+        let room = (frame_max as usize).saturating_sub(8);
+        if frame_max != 0 && size > room {
+            return Err(format!(
+                "the properties take {size} bytes encoded; a frame carries {room} \
+                 (frame_max {frame_max}), and they must fit in one"
+            ));
         }
         Ok(())
     }
 }
 
-fn check_table(path: &str, table: &FieldTable) -> Result<(), String> {
+/// Checks a table nested `depth` deep (the headers are 1); its encoded size.
+fn check_table(path: &str, table: &FieldTable, depth: usize) -> Result<usize, String> {
+    if depth > HEADERS_DEPTH_MAX {
+        return Err(format!(
+            "{path} nests tables or arrays more than {HEADERS_DEPTH_MAX} deep"
+        ));
+    }
+    let mut size = 4;
     for (key, value) in table.inner() {
         let key = key.as_str();
         if key.len() > SHORT_STRING_MAX {
@@ -185,28 +244,55 @@ fn check_table(path: &str, table: &FieldTable) -> Result<(), String> {
                 key.len()
             ));
         }
-        check_value(&format!("{path}.{key}"), value)?;
+        size += 1 + key.len() + check_value(&format!("{path}.{key}"), value, depth)?;
     }
-    Ok(())
+    Ok(size)
 }
 
-fn check_value(path: &str, value: &AMQPValue) -> Result<(), String> {
-    match value {
-        AMQPValue::ShortString(s) if s.as_str().len() > SHORT_STRING_MAX => Err(format!(
-            "{path} is a short string of {} bytes; AMQP allows {SHORT_STRING_MAX}",
-            s.as_str().len()
-        )),
-        AMQPValue::LongString(s) if u32::try_from(s.as_bytes().len()).is_err() => Err(format!(
-            "{path} is longer than a long string can be (4 GiB)"
-        )),
-        AMQPValue::FieldTable(table) => check_table(path, table),
-        AMQPValue::FieldArray(array) => array
-            .as_slice()
-            .iter()
-            .enumerate()
-            .try_for_each(|(i, value)| check_value(&format!("{path}[{i}]"), value)),
-        _ => Ok(()),
-    }
+/// Checks a value held at `depth`; its encoded size, its type tag included.
+fn check_value(path: &str, value: &AMQPValue, depth: usize) -> Result<usize, String> {
+    let size = match value {
+        AMQPValue::ShortString(s) if s.as_str().len() > SHORT_STRING_MAX => {
+            return Err(format!(
+                "{path} is a short string of {} bytes; AMQP allows {SHORT_STRING_MAX}",
+                s.as_str().len()
+            ));
+        }
+        AMQPValue::LongString(s) if u32::try_from(s.as_bytes().len()).is_err() => {
+            return Err(format!(
+                "{path} is longer than a long string can be (4 GiB)"
+            ));
+        }
+        AMQPValue::Float(f) if !f.is_finite() => {
+            return Err(format!("{path} is {f}; RabbitMQ takes finite floats only"));
+        }
+        AMQPValue::Double(f) if !f.is_finite() => {
+            return Err(format!("{path} is {f}; RabbitMQ takes finite floats only"));
+        }
+        AMQPValue::FieldTable(table) => check_table(path, table, depth + 1)?,
+        AMQPValue::FieldArray(array) => {
+            if depth + 1 > HEADERS_DEPTH_MAX {
+                return Err(format!(
+                    "{path} nests tables or arrays more than {HEADERS_DEPTH_MAX} deep"
+                ));
+            }
+            let mut size = 4;
+            for (i, value) in array.as_slice().iter().enumerate() {
+                size += check_value(&format!("{path}[{i}]"), value, depth + 1)?;
+            }
+            size
+        }
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+        AMQPValue::DecimalValue(_) => 5,
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+        AMQPValue::Void => 0,
+    };
+    Ok(1 + size)
 }
 
 /// A message to publish.

@@ -334,3 +334,127 @@ fn most_generated_settings_reach_the_driver() {
         "only {built} of 300 configurations reached the driver"
     );
 }
+
+/// A table nested `depth` deep (the headers themselves are depth 1).
+fn nested(depth: usize) -> FieldTable {
+    let mut table = FieldTable::default();
+    for _ in 1..depth {
+        let mut outer = FieldTable::default();
+        outer.insert("n".into(), AMQPValue::FieldTable(table));
+        table = outer;
+    }
+    table
+}
+
+fn with_header(value: AMQPValue) -> Properties {
+    let mut headers = FieldTable::default();
+    headers.insert("h".into(), value);
+    Properties::default().with_headers(headers)
+}
+
+/// What RabbitMQ answers with the loss of a channel or a connection (and what
+/// crashes clients reading it back) is refused at the call, naming the field;
+/// the values just inside each limit pass.
+#[test]
+fn what_the_broker_or_its_consumers_cannot_take_is_refused_at_the_call() {
+    let refused = |p: Properties, names: &str| {
+        let error = p.validate().expect_err(names);
+        assert!(error.contains(names), "{error:?} should name {names}");
+    };
+    for mode in [0u8, 3, 255] {
+        refused(
+            Properties::default().with_delivery_mode(mode),
+            "delivery_mode",
+        );
+    }
+    for mode in [1u8, 2] {
+        assert_eq!(
+            Properties::default().with_delivery_mode(mode).validate(),
+            Ok(())
+        );
+    }
+    let mut p = Properties::default();
+    p.expiration = Some("4294967295".into());
+    assert_eq!(p.validate(), Ok(()));
+    for too_long in ["4294967296", "18446744073709551615", "99999999999999999999"] {
+        p.expiration = Some(too_long.into());
+        refused(p.clone(), "expiration");
+    }
+    for value in [
+        AMQPValue::Float(f32::NAN),
+        AMQPValue::Float(f32::INFINITY),
+        AMQPValue::Double(f64::NAN),
+        AMQPValue::Double(f64::NEG_INFINITY),
+    ] {
+        refused(with_header(value), "headers.h");
+    }
+    assert_eq!(with_header(AMQPValue::Double(1.5)).validate(), Ok(()));
+    // nesting: at the limit, one past it, and far past it (no stack overflow
+    // in the check)
+    assert_eq!(
+        Properties::default()
+            .with_headers(nested(amqp_rebound_core::message::HEADERS_DEPTH_MAX))
+            .validate(),
+        Ok(())
+    );
+    for depth in [amqp_rebound_core::message::HEADERS_DEPTH_MAX + 1, 1000] {
+        refused(Properties::default().with_headers(nested(depth)), "deep");
+    }
+    let mut array = AMQPValue::FieldArray(vec![].into());
+    for _ in 0..1000 {
+        array = AMQPValue::FieldArray(vec![array].into());
+    }
+    refused(with_header(array), "deep");
+    // one content-header frame: 128 KiB by default
+    assert_eq!(
+        with_header(AMQPValue::LongString(vec![b'x'; 100_000].into())).validate(),
+        Ok(())
+    );
+    refused(
+        with_header(AMQPValue::LongString(vec![b'x'; 140_000].into())),
+        "frame",
+    );
+    let mut many = FieldTable::default();
+    for i in 0..20_000 {
+        many.insert(
+            format!("header-{i}").as_str().into(),
+            AMQPValue::Boolean(true),
+        );
+    }
+    refused(Properties::default().with_headers(many), "frame");
+}
+
+/// The frame a URI asks for bounds the properties too, at the call.
+#[test]
+fn properties_that_outgrow_the_uris_frame_max_fail_at_the_call() {
+    let mut pool = LocalPool::new();
+    let clock = ManualClock::new();
+    let (client, driver) = Client::builder()
+        .hosts(["amqp://guest:guest@127.0.0.1:5672/%2f?frame_max=4096"])
+        .build(MemoryTransport::default(), clock.clone())
+        .expect("config");
+    pool.spawner().spawn_local(driver).expect("spawn");
+    let big = with_header(AMQPValue::LongString(vec![b'x'; 5_000].into()));
+    let small = with_header(AMQPValue::LongString(vec![b'x'; 1_000].into()));
+    let results = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    for p in [big, small] {
+        let future = client.publish("", "q", "x", p);
+        let results = std::rc::Rc::clone(&results);
+        pool.spawner()
+            .spawn_local(async move {
+                let result = future.await;
+                results.borrow_mut().push(result);
+            })
+            .expect("spawn");
+    }
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || results
+        .borrow()
+        .len()
+        == 2));
+    let results = results.borrow();
+    assert!(
+        results.iter().any(|r| matches!(r, Err(amqp_rebound_core::PublishError::Invalid(e)) if e.contains("frame_max 4096"))),
+        "{results:?}"
+    );
+    assert!(results.iter().any(|r| r.is_ok()), "{results:?}");
+}

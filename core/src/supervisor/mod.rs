@@ -355,6 +355,9 @@ pub struct Supervisor {
     /// The broker's message size limit, once a refusal told it: larger messages
     /// are refused at the call.
     max_message_size: Option<usize>,
+    /// The frame size a message's properties must fit in: RabbitMQ's default,
+    /// or the smallest `frame_max` the host URIs ask for.
+    frame_max: u32,
     /// Flushes waiting for the messages accepted before them.
     flushes: Vec<publish::Flush>,
     next_flush: u64,
@@ -385,6 +388,7 @@ impl Supervisor {
     /// [`Command::Dial`] right away.
     pub fn new(config: Config, now: Instant) -> Result<Self, ConfigError> {
         config.validate()?;
+        let frame_max = frame_max(&config);
         let mut rng = fastrand::Rng::with_seed(config.seed);
         let mut hosts: Vec<Arc<Endpoint>> = config.hosts.iter().cloned().map(Arc::new).collect();
         rng.shuffle(&mut hosts);
@@ -432,6 +436,7 @@ impl Supervisor {
             first_error: None,
             first_failure_reported: false,
             max_message_size: None,
+            frame_max,
             flushes: Vec::new(),
             next_flush: 0,
             not_confirmed: 0,
@@ -1345,4 +1350,15 @@ impl std::fmt::Debug for Supervisor {
             .field("closed", &self.closed)
             .finish_non_exhaustive()
     }
+}
+
+/// The frame size a message's properties must fit in (see
+/// [`Properties::validate`](crate::Properties::validate)).
+fn frame_max(config: &Config) -> u32 {
+    config
+        .hosts
+        .iter()
+        .filter_map(|host| host.amqp_uri().query.frame_max)
+        .filter(|&max| max != 0)
+        .fold(crate::message::FRAME_MAX_DEFAULT, u32::min)
 }

@@ -162,7 +162,7 @@ impl Supervisor {
         check_name("routing key", &message.routing_key).map_err(PublishError::Invalid)?;
         message
             .properties
-            .validate()
+            .check(self.frame_max)
             .map_err(PublishError::Invalid)?;
         if let Some(max) = self.max_message_size
             && message.payload.len() > max

@@ -229,6 +229,24 @@ pub async fn flush_reports_what_was_not_confirmed<T: Transport>(h: Harness<T>) {
 // bad input
 
 /// How each bad message must end, for a transport with `capabilities`.
+/// Headers of one value, `h`.
+fn header(value: AMQPValue) -> Properties {
+    let mut headers = FieldTable::default();
+    headers.insert("h".into(), value);
+    Properties::default().with_headers(headers)
+}
+
+/// A table nested `depth` deep.
+fn nested(depth: usize) -> FieldTable {
+    let mut table = FieldTable::default();
+    for _ in 1..depth {
+        let mut outer = FieldTable::default();
+        outer.insert("n".into(), AMQPValue::FieldTable(table));
+        table = outer;
+    }
+    table
+}
+
 fn bad_messages(capabilities: &Capabilities, queue: &str) -> Vec<(&'static str, Message, bool)> {
     let long = "x".repeat(256);
     let with =
@@ -266,6 +284,35 @@ fn bad_messages(capabilities: &Capabilities, queue: &str) -> Vec<(&'static str, 
                 p.expiration = Some("soon".into());
                 p
             }),
+            false,
+        ),
+        (
+            "expiration past 2^32 - 1",
+            with({
+                let mut p = Properties::default();
+                p.expiration = Some("18446744073709551615".into());
+                p
+            }),
+            false,
+        ),
+        (
+            "delivery_mode 0",
+            with(Properties::default().with_delivery_mode(0)),
+            false,
+        ),
+        (
+            "NaN header",
+            with(header(AMQPValue::Double(f64::NAN))),
+            false,
+        ),
+        (
+            "headers nested 200 deep",
+            with(Properties::default().with_headers(nested(200))),
+            false,
+        ),
+        (
+            "headers past the frame",
+            with(header(AMQPValue::LongString(vec![b'x'; 200_000].into()))),
             false,
         ),
         // a ShortString header value goes as a long string on both transports
