@@ -496,6 +496,23 @@ fn a_message_that_keeps_closing_channels_is_rejected_after_three_strikes() {
     ));
 }
 
+/// 403 closing a channel is a soft error too (at the handshake it is a refused
+/// login): a message that keeps drawing it strikes out like one drawing 406.
+#[test]
+fn a_message_that_keeps_drawing_403_is_rejected_after_three_strikes() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    let id = w.publish(msg(1)).unwrap();
+    for _ in 0..3 {
+        w.run_until_ready(Duration::from_secs(20)).unwrap();
+        w.channel_error(ch(0, 0), 403);
+    }
+    assert!(matches!(
+        result_of(&w, id).as_slice(),
+        [Err(PublishError::Rejected { code: 403, .. })]
+    ));
+}
+
 #[test]
 fn events_report_every_resolution_once() {
     let mut w = ready_world(2, 2);

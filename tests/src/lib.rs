@@ -176,6 +176,12 @@ macro_rules! conformance_suite {
                     edges,
                     a_dropped_consumer_gives_back_what_it_did_not_read
                 );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    a_publish_to_an_internal_exchange_is_rejected
+                );
                 $crate::__conformance_case!($name, Shared, edges, first_contact_names_the_cause);
                 $crate::__conformance_case!($name, Shared, edges, extreme_settings_never_panic);
             }

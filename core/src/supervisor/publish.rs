@@ -506,7 +506,12 @@ impl Supervisor {
             Some(TransportError::Reply { code, text }) => Some((*code, text.as_str())),
             _ => None,
         };
-        let channel_level = error.is_some_and(|e| e.class() == ErrorClass::ChannelLevel);
+        // 403 is a soft (channel) error too when it closes a channel: its class
+        // says Refused because at the handshake it is a refused login
+        let channel_level = error.is_some_and(|e| {
+            e.class() == ErrorClass::ChannelLevel
+                || matches!(e, TransportError::Reply { code: 403, .. })
+        });
         let rejected = |(code, text): (u16, &str)| PublishError::Rejected {
             code,
             text: text.to_string(),
@@ -598,7 +603,9 @@ impl Supervisor {
 /// What about a message a channel-closing refusal names, in RabbitMQ's texts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Culprit {
-    /// 404 "NOT_FOUND - no exchange 'x' in vhost '/'".
+    /// 404 "NOT_FOUND - no exchange 'x' in vhost '/'"; 403 "ACCESS_REFUSED -
+    /// cannot publish to internal exchange 'x' in vhost '/'" or "ACCESS_REFUSED -
+    /// access to exchange 'x' in vhost '/' refused for user 'u'".
     Exchange(String),
     /// 406 "PRECONDITION_FAILED - message size 200 is larger than configured max
     /// size 100".
@@ -615,6 +622,9 @@ impl Culprit {
         };
         match code {
             404 => between(text, "no exchange '", "' in vhost").map(Culprit::Exchange),
+            403 => between(text, "internal exchange '", "' in vhost")
+                .or_else(|| between(text, "access to exchange '", "' in vhost"))
+                .map(Culprit::Exchange),
             406 => {
                 if let Some(user) = between(text, "user_id property set to '", "' but") {
                     return Some(Culprit::UserId(user));
@@ -675,6 +685,27 @@ mod tests {
             Some(Culprit::Exchange("orders-x".into()))
         );
         assert_eq!(of(404, "NOT_FOUND - no queue 'q' in vhost '/'"), None);
+        assert_eq!(
+            of(
+                403,
+                "ACCESS_REFUSED - cannot publish to internal exchange 'inner' in vhost '/'"
+            ),
+            Some(Culprit::Exchange("inner".into()))
+        );
+        assert_eq!(
+            of(
+                403,
+                "ACCESS_REFUSED - access to exchange 'locked' in vhost '/' refused for user 'u'"
+            ),
+            Some(Culprit::Exchange("locked".into()))
+        );
+        assert_eq!(
+            of(
+                403,
+                "ACCESS_REFUSED - access to queue 'q' in vhost '/' refused for user 'u'"
+            ),
+            None
+        );
         assert_eq!(
             of(
                 406,

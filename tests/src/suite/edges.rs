@@ -8,8 +8,8 @@ use amqp_rebound_core::message::AMQPValue;
 use amqp_rebound_core::transport::{Capabilities, Transport};
 use amqp_rebound_core::{
     BackoffConfig, Client, Confirmation, ConnectError, ConsumeError, ConsumeOptions, ErrorClass,
-    FieldTable, Message, Properties, PublishError, PublishFuture, PublishOptions, QueueDecl,
-    TopologyError, TransportError,
+    ExchangeDecl, ExchangeKind, FieldTable, Message, Properties, PublishError, PublishFuture,
+    PublishOptions, QueueDecl, TopologyError, TransportError,
 };
 use futures::FutureExt;
 
@@ -491,6 +491,55 @@ pub async fn a_dropped_consumer_gives_back_what_it_did_not_read<T: Transport>(h:
         delivery.ack().await.expect("ack");
     }
     drop(second);
+    client.delete_queue(name.as_str()).await.expect("delete");
+    close(client).await;
+}
+
+/// A publish to an internal exchange (RabbitMQ closes the channel with 403)
+/// resolves `Rejected { code: 403 }` at the first refusal, not after the
+/// publish timeout; the publishes around it are confirmed.
+pub async fn a_publish_to_an_internal_exchange_is_rejected<T: Transport>(h: Harness<T>) {
+    let name = queue_name(&h, "internal");
+    let client = h.start(
+        h.builder([h.url.url()])
+            .pool(1, 1)
+            .publish_timeout(20 * SECOND),
+    );
+    wait_ready(&client, 15 * SECOND).await;
+    client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare");
+    let mut inner = ExchangeDecl::new(format!("{name}.inner"), ExchangeKind::Fanout);
+    inner.internal = true;
+    inner.auto_delete = true;
+    client
+        .declare_exchange(inner.clone())
+        .await
+        .expect("declare the internal exchange");
+    let make = plain(&name);
+    let good: Vec<PublishFuture> = (0..200)
+        .map(|id| client.publish_message(make(id), PublishOptions::default()))
+        .collect();
+    let started = Instant::now();
+    let refused = client.publish(&inner.name, "", "x", Properties::default());
+    let more: Vec<PublishFuture> = (200..400)
+        .map(|id| client.publish_message(make(id), PublishOptions::default()))
+        .collect();
+    let result = within("the publish to the internal exchange", 30 * SECOND, refused).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(&result, Err(PublishError::Rejected { code: 403, .. })),
+        "{result:?} after {took:?}"
+    );
+    assert!(took < 5 * SECOND, "refused after {took:?}");
+    let mut results = Vec::new();
+    for future in good.into_iter().chain(more) {
+        results.push(within("a good message", 30 * SECOND, future).await);
+    }
+    assert_all_confirmed(&results);
+    assert_eq!(client.stats().rejected, 1, "{:?}", client.stats());
+    let _ = client.delete_exchange(&inner.name).await;
     client.delete_queue(name.as_str()).await.expect("delete");
     close(client).await;
 }
