@@ -182,6 +182,12 @@ macro_rules! conformance_suite {
                     edges,
                     a_publish_to_an_internal_exchange_is_rejected
                 );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    an_unknown_exchange_type_is_refused_once
+                );
                 $crate::__conformance_case!($name, Shared, edges, first_contact_names_the_cause);
                 $crate::__conformance_case!($name, Shared, edges, extreme_settings_never_panic);
             }

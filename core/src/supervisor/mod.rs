@@ -952,6 +952,7 @@ impl Supervisor {
         let Some(c) = self.current(id, epoch) else {
             return;
         };
+        self.blame_the_command(c, &error);
         match self.conns[c].state {
             ConnectionState::Ready { since, .. } => {
                 let class = error.class();

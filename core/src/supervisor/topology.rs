@@ -326,6 +326,30 @@ impl Supervisor {
     /// A step failed with `error` on channel (c, i), which closes: a request the
     /// broker refused resolves with the broker's reply (any other failure runs it
     /// again elsewhere); a replay step is reported (the next replay runs it again).
+    /// The broker closed connection `c` for a command it refuses (502
+    /// SYNTAX_ERROR, 503 COMMAND_INVALID such as an exchange type it does not
+    /// know, 540 NOT_IMPLEMENTED). When one topology step was in flight on the
+    /// connection, that step is the command: it fails with the broker's reply
+    /// rather than go back to the queue (sent again after the reconnect, it would
+    /// close the connection again). With several in flight the culprit is not
+    /// known, and they all go back.
+    pub(super) fn blame_the_command(&mut self, c: usize, error: &TransportError) {
+        if !matches!(error.reply_code(), Some(502 | 503 | 540)) {
+            return;
+        }
+        let mut in_flight = self.conns[c]
+            .channels
+            .iter()
+            .enumerate()
+            .filter(|(_, ch)| ch.current.step_in_flight.is_some())
+            .map(|(i, _)| i);
+        if let (Some(i), None) = (in_flight.next(), in_flight.next())
+            && let Some(step) = self.conns[c].channels[i].current.step_in_flight.take()
+        {
+            self.step_failed(c, i, &step, error);
+        }
+    }
+
     pub(super) fn step_failed(&mut self, c: usize, i: usize, step: &Step, error: &TransportError) {
         match step {
             Step::User(id) if error.reply_code().is_some() => {

@@ -544,6 +544,46 @@ pub async fn a_publish_to_an_internal_exchange_is_rejected<T: Transport>(h: Harn
     close(client).await;
 }
 
+/// An exchange of a type the broker does not know (RabbitMQ closes the
+/// connection with 503 COMMAND_INVALID) is refused with the broker's reply,
+/// once, not re-sent after each reconnect until the request times out.
+pub async fn an_unknown_exchange_type_is_refused_once<T: Transport>(h: Harness<T>) {
+    let client = h.start(h.builder([h.url.url()]).pool(1, 2));
+    wait_ready(&client, 15 * SECOND).await;
+    let name = queue_name(&h, "odd-type");
+    let started = Instant::now();
+    let result = within(
+        "declare an exchange of an unknown type",
+        30 * SECOND,
+        client.declare_exchange(ExchangeDecl::new(
+            name.as_str(),
+            ExchangeKind::Custom("no-such-type".into()),
+        )),
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        matches!(&result, Err(TopologyError::Broker { code: 503, .. })),
+        "{result:?} after {took:?}"
+    );
+    assert!(took < 5 * SECOND, "refused after {took:?}");
+    wait_ready(&client, 10 * SECOND).await;
+    // the client works on, and does not declare it again
+    let queue = queue_name(&h, "after-odd-type");
+    client
+        .declare_queue(test_queue(&queue))
+        .await
+        .expect("declare after the refusal");
+    let reconnects = client.stats().reconnects;
+    assert_eq!(
+        client.publish("", &queue, "x", Properties::default()).await,
+        Ok(Confirmation::Confirmed)
+    );
+    assert_eq!(client.stats().reconnects, reconnects, "no more losses");
+    client.delete_queue(queue.as_str()).await.expect("delete");
+    close(client).await;
+}
+
 /// `consume` on a queue that does not exist returns the broker's 404, and the
 /// client stays whole (every channel Ready, nothing retried).
 pub async fn consume_on_a_missing_queue_is_refused<T: Transport>(h: Harness<T>) {
