@@ -1207,6 +1207,10 @@ impl<T: Transport, K: Timer> State<T, K> {
                 channel,
                 generation,
             } = item
+                // one from a lost generation is the broker's again already (and
+                // is no stale ack of the application's to count)
+                && self.sup.channel_generation(channel) == Some(generation)
+                && self.sup.channel_state(channel).is_some_and(|s| s.is_open())
             {
                 let requeue = AckKind::Nack {
                     multiple: false,
