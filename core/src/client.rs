@@ -845,9 +845,11 @@ impl Consumer {
         futures::StreamExt::next(self).await
     }
 
-    /// Cancels the consumer (deliveries already received can still be acked).
+    /// Cancels the consumer (deliveries already received can still be acked;
+    /// those it holds and has not handed out go back to the queue). Dropping the
+    /// consumer does the same.
     pub fn cancel(self) {
-        self.client.send(Request::Cancel { consumer: self.id });
+        drop(self);
     }
 }
 
@@ -875,6 +877,8 @@ impl Stream for Consumer {
 
 impl Drop for Consumer {
     fn drop(&mut self) {
+        // before the driver can hear of it: what is left unread is its to give back
+        self.items.close();
         self.client.send(Request::Cancel { consumer: self.id });
     }
 }

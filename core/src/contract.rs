@@ -468,11 +468,17 @@ impl ConsumerReceiver {
     }
 }
 
+impl ConsumerReceiver {
+    /// Takes nothing more: the items left stay for the driver, which gives the
+    /// deliveries back (`take_unread`) when it hears of it.
+    pub(crate) fn close(&self) {
+        lock(&self.shared).receiver_gone = true;
+    }
+}
+
 impl Drop for ConsumerReceiver {
     fn drop(&mut self) {
-        // the items stay for the driver: it gives the deliveries back
-        // (`take_unread`) when it hears of the drop
-        lock(&self.shared).receiver_gone = true;
+        self.close();
     }
 }
 

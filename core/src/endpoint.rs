@@ -396,12 +396,12 @@ fn is_percent_encoded(s: &str) -> bool {
     })
 }
 
-/// Checks the query options `AMQPUri` would parse, so that its errors (which quote the
-/// input) never happen.
 /// The largest `frame_max` a URI may ask for (1 MiB; RabbitMQ's default is
 /// 128 KiB).
 pub const FRAME_MAX_LIMIT: u32 = 1 << 20;
 
+/// Checks the query options `AMQPUri` would parse, so that its errors (which quote the
+/// input) never happen.
 fn check_query(url: &Url) -> Result<(), String> {
     // `AMQPUri` reads the first occurrence of each key; so must this.
     let first = |key: &str| {

@@ -153,9 +153,9 @@ impl Properties {
     /// - header keys and short-string header values at most 255 bytes, floats
     ///   finite (RabbitMQ closes the connection on a NaN or an infinity),
     ///   tables and arrays nested at most [`HEADERS_DEPTH_MAX`] deep;
-    /// - the properties, encoded, fit in one frame of [`FRAME_MAX_DEFAULT`]
-    ///   bytes (the client checks against the URI's `frame_max` when it sets a
-    ///   smaller one).
+    /// - the properties, encoded as the transports send them, fit in one frame
+    ///   of [`FRAME_MAX_DEFAULT`] bytes (the client checks against the URI's
+    ///   `frame_max` when it sets a smaller one).
     ///
     /// RabbitMQ answers each of these with the loss of the channel or the
     /// connection, so the client refuses them first:
@@ -215,8 +215,9 @@ impl Properties {
         if let Some(headers) = &self.headers {
             size += check_table("headers", headers, 1)?;
         }
-        // delivery mode, priority, timestamp
-        size += 1 + 1 + 8;
+        size += usize::from(self.delivery_mode.is_some())
+            + usize::from(self.priority.is_some())
+            + if self.timestamp.is_some() { 8 } else { 0 };
         let room = (frame_max as usize).saturating_sub(8);
         if frame_max != 0 && size > room {
             return Err(format!(
@@ -287,7 +288,9 @@ fn check_value(path: &str, value: &AMQPValue, depth: usize) -> Result<usize, Str
         AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
         AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
         AMQPValue::DecimalValue(_) => 5,
-        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        // both transports send a short-string value as a long string (RabbitMQ
+        // takes no short strings in tables)
+        AMQPValue::ShortString(s) => 4 + s.as_str().len(),
         AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
         AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
         AMQPValue::Void => 0,

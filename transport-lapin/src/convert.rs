@@ -361,4 +361,78 @@ mod tests {
         let back = from_lapin_properties(&to_lapin_properties(&p).unwrap());
         assert_eq!(back, p);
     }
+
+    /// The content header lapin would write for `p`: class, weight and body size
+    /// (12 bytes), then the flags and the properties.
+    fn content_header_len(p: &Properties) -> usize {
+        let lapin = to_lapin_properties(p).expect("convertible");
+        let written = lapin::protocol::basic::gen_properties(&lapin)(Vec::<u8>::new().into())
+            .expect("encodes");
+        12 + written.write.len()
+    }
+
+    /// `Properties::validate` accepts exactly the properties whose content
+    /// header fits in one frame of RabbitMQ's default size, as lapin encodes
+    /// them: every value type, short-string values (sent as long strings),
+    /// and with or without the fixed-size properties.
+    #[test]
+    fn the_size_check_agrees_with_the_encoding_at_the_frame_limit() {
+        let room = amqp_rebound_core::message::FRAME_MAX_DEFAULT as usize - 8;
+        let value = |kind: usize, n: usize| match kind {
+            0 => AMQPValue::ShortString("v".repeat(200).into()),
+            1 => AMQPValue::LongString("v".repeat(n % 300).into()),
+            2 => AMQPValue::ByteArray(vec![7u8; n % 300].into()),
+            3 => AMQPValue::FieldArray(vec![AMQPValue::LongInt(1), AMQPValue::Double(0.5)].into()),
+            _ => {
+                let mut inner = FieldTable::default();
+                inner.insert("t".into(), AMQPValue::Timestamp(1));
+                inner.insert(
+                    "d".into(),
+                    AMQPValue::DecimalValue(lapin::types::DecimalValue { scale: 1, value: 2 }),
+                );
+                AMQPValue::FieldTable(inner)
+            }
+        };
+        for kind in 0..5 {
+            for fixed in [false, true] {
+                let make = |n: usize| {
+                    let mut headers = FieldTable::default();
+                    // a filler long string that brings the size near the limit
+                    headers.insert(
+                        "filler".into(),
+                        AMQPValue::LongString("f".repeat(room - n).into()),
+                    );
+                    for i in 0..8 {
+                        headers.insert(format!("k{i}").as_str().into(), value(kind, n + i));
+                    }
+                    let mut p = Properties::default()
+                        .with_headers(headers)
+                        .with_message_id("m");
+                    if fixed {
+                        p = p.persistent().with_timestamp(1);
+                        p.priority = Some(1);
+                    }
+                    p
+                };
+                let mut crossed = (false, false);
+                for n in (0..3_000).step_by(13) {
+                    let p = make(n);
+                    let fits = content_header_len(&p) <= room;
+                    assert_eq!(
+                        p.validate().is_ok(),
+                        fits,
+                        "kind {kind}, fixed {fixed}, n {n}: encoded {} against {room}: {:?}",
+                        content_header_len(&p),
+                        p.validate()
+                    );
+                    crossed = (crossed.0 || fits, crossed.1 || !fits);
+                }
+                assert_eq!(
+                    crossed,
+                    (true, true),
+                    "kind {kind}: the cases cross the limit"
+                );
+            }
+        }
+    }
 }

@@ -604,8 +604,7 @@ impl Supervisor {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Culprit {
     /// 404 "NOT_FOUND - no exchange 'x' in vhost '/'"; 403 "ACCESS_REFUSED -
-    /// cannot publish to internal exchange 'x' in vhost '/'" or "ACCESS_REFUSED -
-    /// access to exchange 'x' in vhost '/' refused for user 'u'".
+    /// cannot publish to internal exchange 'x' in vhost '/'".
     Exchange(String),
     /// 406 "PRECONDITION_FAILED - message size 200 is larger than configured max
     /// size 100".
@@ -622,9 +621,9 @@ impl Culprit {
         };
         match code {
             404 => between(text, "no exchange '", "' in vhost").map(Culprit::Exchange),
-            403 => between(text, "internal exchange '", "' in vhost")
-                .or_else(|| between(text, "access to exchange '", "' in vhost"))
-                .map(Culprit::Exchange),
+            // only a publish draws this 403; "access to exchange 'x' ... refused"
+            // may answer a declare or a bind as well (the strike rule takes it)
+            403 => between(text, "internal exchange '", "' in vhost").map(Culprit::Exchange),
             406 => {
                 if let Some(user) = between(text, "user_id property set to '", "' but") {
                     return Some(Culprit::UserId(user));
@@ -692,12 +691,13 @@ mod tests {
             ),
             Some(Culprit::Exchange("inner".into()))
         );
+        // the same text answers a declare or a bind: no culprit (strikes)
         assert_eq!(
             of(
                 403,
                 "ACCESS_REFUSED - access to exchange 'locked' in vhost '/' refused for user 'u'"
             ),
-            Some(Culprit::Exchange("locked".into()))
+            None
         );
         assert_eq!(
             of(

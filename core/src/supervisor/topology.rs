@@ -323,9 +323,6 @@ impl Supervisor {
         }
     }
 
-    /// A step failed with `error` on channel (c, i), which closes: a request the
-    /// broker refused resolves with the broker's reply (any other failure runs it
-    /// again elsewhere); a replay step is reported (the next replay runs it again).
     /// The broker closed connection `c` for a command it refuses (502
     /// SYNTAX_ERROR, 503 COMMAND_INVALID such as an exchange type it does not
     /// know, 540 NOT_IMPLEMENTED). When one topology step was in flight on the
@@ -350,6 +347,9 @@ impl Supervisor {
         }
     }
 
+    /// A step failed with `error` on channel (c, i), which closes: a request the
+    /// broker refused resolves with the broker's reply (any other failure runs it
+    /// again elsewhere); a replay step is reported (the next replay runs it again).
     pub(super) fn step_failed(&mut self, c: usize, i: usize, step: &Step, error: &TransportError) {
         match step {
             Step::User(id) if error.reply_code().is_some() => {
