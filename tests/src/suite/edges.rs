@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use amqp_rebound_core::message::AMQPValue;
 use amqp_rebound_core::transport::{Capabilities, Transport};
 use amqp_rebound_core::{
-    BackoffConfig, Client, Confirmation, ConnectError, ConsumeError, ConsumeOptions, ErrorClass,
-    ExchangeDecl, ExchangeKind, FieldTable, Message, Properties, PublishError, PublishFuture,
-    PublishOptions, QueueDecl, TopologyError, TransportError,
+    BackoffConfig, Client, ClientBuilder, Confirmation, ConnectError, ConsumeError, ConsumeOptions,
+    ErrorClass, ExchangeDecl, ExchangeKind, FieldTable, Message, Properties, PublishError,
+    PublishFuture, PublishOptions, QueueDecl, TopologyError, TransportError,
 };
 use futures::FutureExt;
 
@@ -28,6 +28,21 @@ fn fire_and_forget(client: &Client, queue: &str, n: u32) {
     for id in 0..n {
         drop(client.publish_message(make(id), PublishOptions::default()));
     }
+}
+
+/// A client built from `builder`, Ready, with `queue` declared on it.
+async fn ready_with_queue<T: Transport>(
+    h: &Harness<T>,
+    builder: ClientBuilder,
+    queue: &str,
+) -> Client {
+    let client = h.start(builder);
+    wait_ready(&client, 15 * SECOND).await;
+    client
+        .declare_queue(test_queue(queue))
+        .await
+        .expect("declare");
+    client
 }
 
 /// Reads `queue` back, every message in it (duplicates included:
@@ -81,12 +96,12 @@ pub async fn fire_and_forget_then_close_keeps_every_message<T: Transport>(h: Har
 /// the drain recovers and still publishes everything.
 pub async fn close_all_connections_during_the_drain<T: Transport>(h: Harness<T>) {
     let name = queue_name(&h, "drain-kill");
-    let client = h.start(h.builder([h.url.url()]).close_timeout(30 * SECOND));
-    wait_ready(&client, 15 * SECOND).await;
-    client
-        .declare_queue(test_queue(&name))
-        .await
-        .expect("declare");
+    let client = ready_with_queue(
+        &h,
+        h.builder([h.url.url()]).close_timeout(30 * SECOND),
+        &name,
+    )
+    .await;
     fire_and_forget(&client, &name, 20_000);
     let closing = tokio::spawn({
         let client = client.clone();
@@ -112,17 +127,15 @@ pub async fn close_all_connections_during_the_drain<T: Transport>(h: Harness<T>)
 /// takes it.
 pub async fn close_discarding_confirms_what_is_in_flight<T: Transport>(h: Harness<T>) {
     let name = queue_name(&h, "discard");
-    let client = h.start(
+    let client = ready_with_queue(
+        &h,
         h.builder([h.url.url()])
             .pool(1, 1)
             .confirm_window(4)
             .close_timeout(30 * SECOND),
-    );
-    wait_ready(&client, 15 * SECOND).await;
-    client
-        .declare_queue(test_queue(&name))
-        .await
-        .expect("declare");
+        &name,
+    )
+    .await;
     fire_and_forget(&client, &name, 20_000);
     let started = Instant::now();
     let summary = within("close_discarding()", 40 * SECOND, client.close_discarding()).await;
@@ -507,16 +520,14 @@ pub async fn a_dropped_consumer_gives_back_what_it_did_not_read<T: Transport>(h:
 /// publish timeout; the publishes around it are confirmed.
 pub async fn a_publish_to_an_internal_exchange_is_rejected<T: Transport>(h: Harness<T>) {
     let name = queue_name(&h, "internal");
-    let client = h.start(
+    let client = ready_with_queue(
+        &h,
         h.builder([h.url.url()])
             .pool(1, 1)
             .publish_timeout(20 * SECOND),
-    );
-    wait_ready(&client, 15 * SECOND).await;
-    client
-        .declare_queue(test_queue(&name))
-        .await
-        .expect("declare");
+        &name,
+    )
+    .await;
     let mut inner = ExchangeDecl::new(format!("{name}.inner"), ExchangeKind::Fanout);
     inner.internal = true;
     inner.auto_delete = true;
@@ -756,12 +767,7 @@ pub async fn extreme_settings_never_panic<T: Transport>(h: Harness<T>) {
 pub async fn a_message_over_the_size_limit_fails_alone<T: Transport>(h: Harness<T>) {
     let _limit = SizeLimit::set(1 << 20).await;
     let name = queue_name(&h, "too-big");
-    let client = h.start(h.builder([h.url.url()]).pool(1, 1));
-    wait_ready(&client, 15 * SECOND).await;
-    client
-        .declare_queue(test_queue(&name))
-        .await
-        .expect("declare");
+    let client = ready_with_queue(&h, h.builder([h.url.url()]).pool(1, 1), &name).await;
     let make = plain(&name);
     let good: Vec<PublishFuture> = (0..500u32)
         .map(|id| client.publish_message(make(id), PublishOptions::default()))
