@@ -64,11 +64,6 @@ pub(super) struct Generation {
     pub(super) next_seq: u64,
     /// Delivery tags not yet acked, nacked or rejected.
     pub(super) unacked: BTreeSet<u64>,
-    /// The tags of the consumers cancelled here lately (those that ack): what
-    /// the broker delivers to them before it takes the cancel goes back to the
-    /// queue. The last [`CANCELLED_KEPT`] only; deliveries come right behind a
-    /// cancel.
-    pub(super) cancelled: VecDeque<String>,
     /// Topology steps still to run (replay, then the application's requests).
     pub(super) steps: VecDeque<Step>,
     /// The step whose [`Command::Topology`] is in flight.
@@ -79,9 +74,6 @@ pub(super) struct Generation {
     /// the topology target.
     pub(super) replay: Option<(tracing::Span, Instant)>,
 }
-
-/// How many cancelled consumer tags a channel generation remembers.
-pub(super) const CANCELLED_KEPT: usize = 64;
 
 pub(super) fn chan_id(c: usize, i: usize) -> ChannelId {
     ChannelId {

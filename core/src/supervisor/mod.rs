@@ -358,6 +358,9 @@ pub struct Supervisor {
     /// The frame size a message's properties must fit in: RabbitMQ's default,
     /// or the smallest `frame_max` the host URIs ask for.
     frame_max: u32,
+    /// The consumers cancelled lately, with their channel and its generation
+    /// (see [`topology::CANCELLED_KEPT`]).
+    cancelled: VecDeque<(ChannelId, u64, String)>,
     /// Flushes waiting for the messages accepted before them.
     flushes: Vec<publish::Flush>,
     next_flush: u64,
@@ -437,6 +440,7 @@ impl Supervisor {
             first_failure_reported: false,
             max_message_size: None,
             frame_max,
+            cancelled: VecDeque::new(),
             flushes: Vec::new(),
             next_flush: 0,
             not_confirmed: 0,

@@ -17,6 +17,12 @@ use crate::topology::{
     QueueDecl, QueueHandle, QueueRef, TopologyError, TopologyOp, UserOp, check_name,
 };
 
+/// How many cancelled consumers (those that ack) the client remembers, with the
+/// channel generation each was on: what the broker delivers to them before it
+/// takes the cancel goes back to the queue. Deliveries come right behind a
+/// cancel, so the last few suffice.
+pub(super) const CANCELLED_KEPT: usize = 64;
+
 /// One topology step queued on a channel generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Step {
@@ -824,12 +830,14 @@ impl Supervisor {
             let started = before == ch.current.steps.len();
             if started && ch.state.is_ready() {
                 if !entry.options.no_ack {
-                    let cancelled = &mut ch.current.cancelled;
-                    if cancelled.len() == super::channel::CANCELLED_KEPT {
-                        cancelled.pop_front();
+                    if self.cancelled.len() == CANCELLED_KEPT {
+                        self.cancelled.pop_front();
                     }
-                    cancelled.push_back(entry.tag.clone());
+                    let generation = ch.generation;
+                    self.cancelled
+                        .push_back((chan_id(c, i), generation, entry.tag.clone()));
                 }
+                let ch = &mut self.conns[c].channels[i];
                 ch.current.steps.push_back(Step::Cancel(entry.tag));
                 self.kick(c, i);
             }
@@ -899,10 +907,9 @@ impl Supervisor {
             // to the queue now (else it would wait for the channel's close). A
             // tag not known here (an auto-ack consumer) is left alone: a nack of
             // it would close the channel (406).
-            let requeue = self.conns[c].channels[i]
-                .current
-                .cancelled
-                .contains(&delivery.consumer_tag);
+            let requeue = self.cancelled.iter().any(|(ch, g, tag)| {
+                *ch == channel && *g == generation && *tag == delivery.consumer_tag
+            });
             tracing::debug!(
                 target: targets::TOPOLOGY,
                 consumer_tag = %delivery.consumer_tag,
