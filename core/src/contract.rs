@@ -466,9 +466,7 @@ impl ConsumerReceiver {
         inner.waker = Some(cx.waker().clone());
         Poll::Pending
     }
-}
 
-impl ConsumerReceiver {
     /// Takes nothing more: the items left stay for the driver, which gives the
     /// deliveries back (`take_unread`) when it hears of it.
     pub(crate) fn close(&self) {
