@@ -254,16 +254,27 @@ impl AmqprsChannel {
 
     /// Runs an amqprs request on this channel: refused at once when the channel is
     /// closed or closing ([`check_open`](Self::check_open)), its error mapped by
-    /// [`error`](Self::error). (The request is lazy: nothing is sent before the
-    /// check passes.)
-    async fn call<T>(
-        &self,
-        request: impl std::future::Future<Output = Result<T, AmqprsError>>,
-    ) -> Result<T, TransportError> {
+    /// [`error`](Self::error). (`request` makes the request from a handle of the
+    /// channel: nothing is sent before the check passes.)
+    ///
+    /// The request runs as a task of its own on the runtime, so that it always
+    /// runs to its end: amqprs's channel dispatcher panics (an `unwrap` on the
+    /// request's reply channel) when a request's future is dropped while it
+    /// registers for the reply, which is what a close of the client does to the
+    /// requests it cuts short.
+    async fn call<T, F>(&self, request: impl FnOnce(AmqprsChan) -> F) -> Result<T, TransportError>
+    where
+        F: std::future::Future<Output = Result<T, AmqprsError>> + Send + 'static,
+        T: Send + 'static,
+    {
         self.check_open().await?;
-        match request.await {
-            Ok(value) => Ok(value),
-            Err(e) => Err(self.error(e).await),
+        let task = request(self.channel().clone());
+        match self.channel.handle().spawn(task).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(self.error(e).await),
+            Err(join) => Err(TransportError::Protocol(format!(
+                "an amqprs request failed: {join}"
+            ))),
         }
     }
 
@@ -328,16 +339,18 @@ impl Channel for AmqprsChannel {
     }
 
     async fn confirm_select(&self) -> Result<(), TransportError> {
-        self.call(
-            self.channel()
-                .confirm_select(ConfirmSelectArguments::new(false)),
-        )
+        self.call(|channel| async move {
+            channel
+                .confirm_select(ConfirmSelectArguments::new(false))
+                .await
+        })
         .await
     }
 
     async fn qos(&self, prefetch_count: u16) -> Result<(), TransportError> {
         let args = BasicQosArguments::new(0, prefetch_count, false);
-        self.call(self.channel().basic_qos(args)).await
+        self.call(|channel| async move { channel.basic_qos(args).await })
+            .await
     }
 
     async fn run(&self, op: &TopologyOp) -> Result<TopologyOutcome, TransportError> {
@@ -353,11 +366,13 @@ impl Channel for AmqprsChannel {
                     no_wait: false,
                     arguments: to_table("an exchange argument", &decl.arguments)?,
                 };
-                self.call(self.channel().exchange_declare(args)).await?;
+                self.call(|channel| async move { channel.exchange_declare(args).await })
+                    .await?;
             }
             TopologyOp::DeleteExchange { name } => {
                 let args = ExchangeDeleteArguments::new(checked("exchange name", name)?);
-                self.call(self.channel().exchange_delete(args)).await?;
+                self.call(|channel| async move { channel.exchange_delete(args).await })
+                    .await?;
             }
             TopologyOp::DeclareQueue(decl) => {
                 let name = short("queue name", &decl.name)?;
@@ -368,7 +383,10 @@ impl Channel for AmqprsChannel {
                     .auto_delete(decl.auto_delete)
                     .arguments(arguments)
                     .finish();
-                return match self.call(self.channel().queue_declare(args)).await? {
+                return match self
+                    .call(|channel| async move { channel.queue_declare(args).await })
+                    .await?
+                {
                     Some((name, message_count, consumer_count)) => {
                         Ok(TopologyOutcome::Queue(QueueInfo {
                             name,
@@ -385,7 +403,7 @@ impl Channel for AmqprsChannel {
             TopologyOp::DeleteQueue { name } => {
                 let args = QueueDeleteArguments::new(checked("queue name", name)?);
                 let message_count = self
-                    .call(self.channel().queue_delete(args))
+                    .call(|channel| async move { channel.queue_delete(args).await })
                     .await?
                     .ok_or_else(|| {
                         TransportError::Protocol("amqprs returned no queue.delete-ok".into())
@@ -405,7 +423,8 @@ impl Channel for AmqprsChannel {
                     no_wait: false,
                     arguments: to_table("a binding argument", arguments)?,
                 };
-                self.call(self.channel().queue_bind(args)).await?;
+                self.call(|channel| async move { channel.queue_bind(args).await })
+                    .await?;
             }
             TopologyOp::UnbindQueue {
                 queue,
@@ -419,7 +438,8 @@ impl Channel for AmqprsChannel {
                     routing_key: short("routing key", routing_key)?,
                     arguments: to_table("a binding argument", arguments)?,
                 };
-                self.call(self.channel().queue_unbind(args)).await?;
+                self.call(|channel| async move { channel.queue_unbind(args).await })
+                    .await?;
             }
             TopologyOp::BindExchange {
                 destination,
@@ -434,7 +454,8 @@ impl Channel for AmqprsChannel {
                     no_wait: false,
                     arguments: to_table("a binding argument", arguments)?,
                 };
-                self.call(self.channel().exchange_bind(args)).await?;
+                self.call(|channel| async move { channel.exchange_bind(args).await })
+                    .await?;
             }
             TopologyOp::UnbindExchange {
                 destination,
@@ -449,7 +470,8 @@ impl Channel for AmqprsChannel {
                     no_wait: false,
                     arguments: to_table("a binding argument", arguments)?,
                 };
-                self.call(self.channel().exchange_unbind(args)).await?;
+                self.call(|channel| async move { channel.exchange_unbind(args).await })
+                    .await?;
             }
             op => return Err(op.unsupported()),
         }
@@ -510,7 +532,9 @@ impl Channel for AmqprsChannel {
         if let Some(prefetch) = options.prefetch {
             self.qos(prefetch).await?;
         }
-        let (tag, deliveries) = self.call(self.channel().basic_consume_rx(args)).await?;
+        let (tag, deliveries) = self
+            .call(|channel| async move { channel.basic_consume_rx(args).await })
+            .await?;
         self.commands
             .unbounded_send(Command::Consumer(tag, deliveries))
             .map_err(|_| task_stopped())
@@ -518,7 +542,8 @@ impl Channel for AmqprsChannel {
 
     async fn cancel(&self, consumer_tag: &str) -> Result<(), TransportError> {
         let args = BasicCancelArguments::new(checked("consumer tag", consumer_tag)?);
-        self.call(self.channel().basic_cancel(args)).await?;
+        self.call(|channel| async move { channel.basic_cancel(args).await })
+            .await?;
         Ok(())
     }
 
@@ -567,12 +592,16 @@ impl Channel for AmqprsChannel {
         self.shared.client_closing.store(true, Ordering::SeqCst);
         // amqprs's `close` takes the channel by value; a clone shares its state. It
         // does nothing on a channel that the broker (or the connection's end)
-        // already closed.
-        match self.channel().clone().close().await {
-            Ok(()) => Ok(()),
+        // already closed. In a task of its own, like every request (see `call`).
+        let channel = self.channel().clone();
+        match self.channel.handle().spawn(channel.close()).await {
+            Ok(Ok(())) => Ok(()),
             // The channel or its connection ended on the way: nothing is left.
-            Err(AmqprsError::InternalChannelError(_)) => Ok(()),
-            Err(e) => Err(map_error(&e)),
+            Ok(Err(AmqprsError::InternalChannelError(_))) => Ok(()),
+            Ok(Err(e)) => Err(map_error(&e)),
+            Err(join) => Err(TransportError::Protocol(format!(
+                "amqprs failed while closing a channel: {join}"
+            ))),
         }
     }
 }

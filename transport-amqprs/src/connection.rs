@@ -249,7 +249,18 @@ impl Connection for AmqprsConnection {
     async fn close(&self) -> Result<(), TransportError> {
         self.shared.client_closing.store(true, Ordering::SeqCst);
         // amqprs's `close` takes the connection by value; a clone shares its state.
-        let result = self.connection.get().clone().close().await;
+        // In a task of its own, so that it runs to its end even if this future is
+        // dropped: amqprs's reader task panics (an `expect` on the reply channel)
+        // when a close is dropped while it registers for the close-ok.
+        let connection = self.connection.get().clone();
+        let result = match self.handle.spawn(connection.close()).await {
+            Ok(result) => result,
+            Err(join) => {
+                return Err(TransportError::Protocol(format!(
+                    "amqprs failed while closing the connection: {join}"
+                )));
+            }
+        };
         match result {
             Ok(()) => Ok(()),
             // The connection ended on the way: nothing is left to close.
@@ -380,6 +391,11 @@ impl<T> InRuntime<T> {
             value: Some(value),
             handle,
         }
+    }
+
+    /// The runtime the value lives on.
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
     }
 
     pub(crate) fn get(&self) -> &T {
