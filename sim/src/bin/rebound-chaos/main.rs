@@ -55,14 +55,17 @@ struct Args {
     /// simulated time, or wall-clock time with `--broker`.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     duration: Duration,
-    /// Faults per minute of the workload.
-    #[arg(long, default_value_t = 12)]
+    /// Faults per minute of the workload (1 to 6000; at most 1,000,000 faults in
+    /// a run).
+    #[arg(long, default_value_t = 12, value_parser = in_range::<usize>(1, 6_000))]
     faults_per_minute: usize,
-    /// Publishers.
-    #[arg(long, default_value_t = 2)]
+    /// Publishers (1 to 1000).
+    #[arg(long, default_value_t = 2, value_parser = in_range::<usize>(1, 1_000))]
     publishers: usize,
-    /// Messages per second per publisher.
-    #[arg(long, default_value_t = 200)]
+    /// Messages per second per publisher (1 to 100000). Publishers x rate x
+    /// duration may come to at most 10,000,000 messages: the run keeps a record
+    /// of each.
+    #[arg(long, default_value_t = 200, value_parser = in_range::<u32>(1, 100_000))]
     rate: u32,
     /// Print the report as JSON on stdout (no progress bar).
     #[arg(long)]
@@ -121,6 +124,47 @@ enum TransportKind {
     Amqprs,
 }
 
+/// The most messages a run may publish (publishers x rate x duration): the run
+/// keeps a record of every one.
+const MAX_MESSAGES: f64 = 10_000_000.0;
+
+/// The most faults a run's plan may hold.
+const MAX_FAULTS: f64 = 1_000_000.0;
+
+/// A parser of whole numbers from `min` to `max`.
+fn in_range<T>(min: T, max: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
+{
+    move |text: &str| match text.trim().parse::<T>() {
+        Ok(value) if value >= min && value <= max => Ok(value),
+        _ => Err(format!(
+            "{text:?}: expected a whole number from {min} to {max}"
+        )),
+    }
+}
+
+/// Refuses a workload too large to keep a record of (exit code 2).
+fn check_size(args: &Args) -> Result<(), String> {
+    let messages = args.publishers as f64 * f64::from(args.rate) * args.duration.as_secs_f64();
+    if messages > MAX_MESSAGES {
+        return Err(format!(
+            "--publishers {} x --rate {} x --duration {:?} is {messages:.0} messages; a run \
+             takes at most {MAX_MESSAGES:.0}",
+            args.publishers, args.rate, args.duration
+        ));
+    }
+    let faults = args.faults_per_minute as f64 * args.duration.as_secs_f64() / 60.0;
+    if faults > MAX_FAULTS {
+        return Err(format!(
+            "--faults-per-minute {} over --duration {:?} is {faults:.0} faults; a run takes at \
+             most {MAX_FAULTS:.0}",
+            args.faults_per_minute, args.duration
+        ));
+    }
+    Ok(())
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -137,7 +181,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => value * 3600.0,
         other => return Err(format!("unknown unit {other:?} (ms, s, m, h)")),
     };
-    if !seconds.is_finite() || seconds <= 0.0 || seconds > 86_400.0 * 365.0 {
+    if !seconds.is_finite() || seconds < 0.001 || seconds > 86_400.0 * 365.0 {
         return Err(format!("duration out of range: {text:?}"));
     }
     Ok(Duration::from_secs_f64(seconds))
@@ -376,7 +420,7 @@ fn print_report(r: &Report) {
 fn chaos(args: &Args) -> ExitCode {
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     let mut scenario = Scenario::chaos(seed, args.duration, args.faults_per_minute);
-    scenario.workload = Workload::chaos(args.publishers.max(1), args.rate, args.duration);
+    scenario.workload = Workload::chaos(args.publishers, args.rate, args.duration);
     scenario.settings.trace = args.trace;
     if args.trace {
         eprintln!("fault plan (seed {seed}):");
@@ -674,7 +718,7 @@ fn real_run(
 ) -> ExitCode {
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     let mut scenario = Scenario::chaos(seed, args.duration, args.faults_per_minute);
-    scenario.workload = Workload::chaos(args.publishers.max(1), args.rate, args.duration);
+    scenario.workload = Workload::chaos(args.publishers, args.rate, args.duration);
     scenario.settings.trace = args.trace;
     if args.trace {
         eprintln!("fault plan (seed {seed}; kinds a real broker cannot show are replaced):");
@@ -826,6 +870,10 @@ fn replay_line(args: &Args, seed: u64) -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(error) = check_size(&args) {
+        eprintln!("rebound-chaos: {error}");
+        return ExitCode::from(2);
+    }
     if args.metrics {
         record_metrics();
     }
@@ -842,6 +890,47 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
+    /// Counts out of range, and workloads too large to keep a record of, are
+    /// usage errors (exit code 2), never a capacity-overflow panic or a run that
+    /// eats the machine's memory.
+    #[test]
+    fn out_of_range_workloads_are_refused() {
+        for bad in [
+            ["--publishers", "18446744073709551615"],
+            ["--publishers", "0"],
+            ["--rate", "4294967295"],
+            ["--rate", "0"],
+            ["--faults-per-minute", "18446744073709551615"],
+            ["--faults-per-minute", "0"],
+        ] {
+            assert!(
+                Args::try_parse_from(["rebound-chaos", bad[0], bad[1]]).is_err(),
+                "{bad:?}"
+            );
+        }
+        let size = |extra: &[&str]| {
+            let mut argv = vec!["rebound-chaos"];
+            argv.extend_from_slice(extra);
+            check_size(&Args::try_parse_from(argv).expect("parses"))
+        };
+        assert!(size(&[]).is_ok(), "the defaults run");
+        assert!(size(&["--duration", "8760h"]).is_err());
+        assert!(size(&["--publishers", "1000", "--rate", "100000"]).is_err());
+        assert!(
+            size(&[
+                "--rate",
+                "1",
+                "--publishers",
+                "1",
+                "--duration",
+                "2000h",
+                "--faults-per-minute",
+                "6000"
+            ])
+            .is_err()
+        );
+    }
+
     #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
@@ -850,6 +939,7 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("0.0000001ms").is_err());
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5y").is_err());
     }
