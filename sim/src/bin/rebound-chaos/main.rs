@@ -181,7 +181,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => value * 3600.0,
         other => return Err(format!("unknown unit {other:?} (ms, s, m, h)")),
     };
-    if !seconds.is_finite() || seconds < 0.001 || seconds > 86_400.0 * 365.0 {
+    if !seconds.is_finite() || !(0.001..=86_400.0 * 365.0).contains(&seconds) {
         return Err(format!("duration out of range: {text:?}"));
     }
     Ok(Duration::from_secs_f64(seconds))
