@@ -467,6 +467,24 @@ fn deliveries_carry_their_generation_and_stale_acks_are_refused() {
     );
 }
 
+/// An automatic tag never collides with a tag the application chose in the
+/// same pattern.
+#[test]
+fn automatic_consumer_tags_step_around_the_applications() {
+    let mut w = ready_world(1, 1);
+    // ids are handed out in order from 1: these 30 take the tags of the next
+    // 30 ids
+    for n in 31..=60 {
+        let tag = format!("rebound-{n}");
+        w.app(|s, now| s.consume(now, "q".into(), Some(tag), ConsumeOptions::default()))
+            .unwrap();
+    }
+    for _ in 0..10 {
+        let auto = w.app(|s, now| s.consume(now, "q".into(), None, ConsumeOptions::default()));
+        assert!(auto.is_ok(), "{auto:?}");
+    }
+}
+
 #[test]
 fn duplicate_consumer_tag_is_refused() {
     let mut w = ready_world(1, 1);

@@ -786,7 +786,17 @@ impl Supervisor {
                 check_name("consumer tag", &tag).map_err(ConsumeError::Invalid)?;
                 tag
             }
-            None => format!("rebound-{id}"),
+            // one the application did not take already (it may name its own
+            // consumers in the same pattern)
+            None => {
+                let mut tag = format!("rebound-{id}");
+                let mut n = 0u32;
+                while self.registry.tags.contains_key(&tag) {
+                    n += 1;
+                    tag = format!("rebound-{id}.{n}");
+                }
+                tag
+            }
         };
         if self.registry.tags.contains_key(&tag) {
             return Err(ConsumeError::DuplicateTag(tag));
