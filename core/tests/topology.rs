@@ -571,6 +571,49 @@ fn broker_cancel_resubscribes_a_registered_queue_and_ends_an_unknown_one() {
     )));
 }
 
+/// The broker cancels the consumers of a queue the application deletes, and
+/// its cancel can come before the delete's answer: the consumer first waits for
+/// a re-declaration, then the delete forgets the queue. It ends then, as it
+/// would had the cancel come second, instead of waiting for good.
+#[test]
+fn a_consumer_of_a_queue_deleted_by_handle_ends_whichever_answer_comes_first() {
+    let mut w = ready_world(1, 1);
+    let (_, q) = w
+        .app(|s, now| s.declare_queue(now, QueueDecl::durable("doomed")))
+        .unwrap();
+    w.run_for(Duration::from_millis(10));
+    let consumer = w
+        .app(|s, now| {
+            s.consume(
+                now,
+                QueueRef::Handle(q),
+                Some("d".into()),
+                ConsumeOptions::default(),
+            )
+        })
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    w.app(|s, now| s.delete_queue(now, QueueRef::Handle(q)))
+        .unwrap();
+    let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
+    w.input(amqp_rebound_core::Input::Channel {
+        channel: ch(0, 0),
+        generation,
+        event: ChannelInput::ConsumerCancelled {
+            consumer_tag: "d".into(),
+        },
+    });
+    w.run_for(Duration::from_millis(50));
+    assert!(
+        w.events.iter().any(|(_, e)| matches!(
+            e,
+            Event::ConsumerEnded { consumer: c, error: ConsumeError::CancelledByBroker } if *c == consumer
+        )),
+        "the consumer still waits: {:?}",
+        w.events.iter().map(|(_, e)| e).collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn consumer_prefetch_is_set_before_consume() {
     let mut w = ready_world(1, 1);

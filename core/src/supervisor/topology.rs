@@ -312,6 +312,7 @@ impl Supervisor {
                         if let Some((op, _)) = self.user_ops.ops.get(&id) {
                             let op = op.clone();
                             self.registry.apply(&op, name.as_deref(), c);
+                            self.end_orphaned_redeclarations();
                             self.resolve_user_op(id, Ok(name));
                             self.assign_consumers();
                         }
@@ -1079,6 +1080,37 @@ impl Supervisor {
                 .steps
                 .extend(bindings.into_iter().map(Step::Entity));
             self.kick(c, i);
+        }
+    }
+
+    /// Consumers waiting for the re-declaration of a queue the application has
+    /// since deleted (the broker's cancel came before the delete's answer) end as
+    /// if the cancel had come after it: `CancelledByBroker`, their queue no longer
+    /// in the topology. The queued re-declaration finds nothing to declare.
+    fn end_orphaned_redeclarations(&mut self) {
+        let gone: Vec<u64> = self
+            .registry
+            .redeclaring
+            .keys()
+            .copied()
+            .filter(|&entity| self.registry.replay_op(entity).is_none())
+            .collect();
+        for entity in gone {
+            let waiting = self
+                .registry
+                .redeclaring
+                .remove(&entity)
+                .unwrap_or_default();
+            for (id, _) in waiting {
+                let Some(consumer) = self.registry.consumers.remove(&id) else {
+                    continue;
+                };
+                self.registry.tags.remove(&consumer.tag);
+                self.events.push_back(Event::ConsumerEnded {
+                    consumer: ConsumerId(id),
+                    error: ConsumeError::CancelledByBroker,
+                });
+            }
         }
     }
 
