@@ -9,7 +9,12 @@ use amqp_rebound::{AckError, Client, ConsumeOptions, QueueDecl};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let n: usize = std::env::args().nth(1).map_or(Ok(10_000), |a| a.parse())?;
+    let n: usize = match std::env::args().nth(1) {
+        None => 10_000,
+        Some(arg) => arg
+            .parse()
+            .map_err(|e| format!("[messages] must be a whole number, not {arg:?}: {e}"))?,
+    };
     let client = amqp_rebound::connect(
         Client::builder()
             .from_env()
