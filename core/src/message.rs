@@ -231,11 +231,7 @@ impl Properties {
 
 /// Checks a table nested `depth` deep (the headers are 1); its encoded size.
 fn check_table(path: &str, table: &FieldTable, depth: usize) -> Result<usize, String> {
-    if depth > HEADERS_DEPTH_MAX {
-        return Err(format!(
-            "{path} nests tables or arrays more than {HEADERS_DEPTH_MAX} deep"
-        ));
-    }
+    too_deep(path, depth)?;
     let mut size = 4;
     for (key, value) in table.inner() {
         let key = key.as_str();
@@ -248,6 +244,16 @@ fn check_table(path: &str, table: &FieldTable, depth: usize) -> Result<usize, St
         size += 1 + key.len() + check_value(&format!("{path}.{key}"), value, depth)?;
     }
     Ok(size)
+}
+
+/// Refuses a table or array nested `depth` deep past [`HEADERS_DEPTH_MAX`].
+fn too_deep(path: &str, depth: usize) -> Result<(), String> {
+    if depth > HEADERS_DEPTH_MAX {
+        return Err(format!(
+            "{path} nests tables or arrays more than {HEADERS_DEPTH_MAX} deep"
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a value held at `depth`; its encoded size, its type tag included.
@@ -272,11 +278,7 @@ fn check_value(path: &str, value: &AMQPValue, depth: usize) -> Result<usize, Str
         }
         AMQPValue::FieldTable(table) => check_table(path, table, depth + 1)?,
         AMQPValue::FieldArray(array) => {
-            if depth + 1 > HEADERS_DEPTH_MAX {
-                return Err(format!(
-                    "{path} nests tables or arrays more than {HEADERS_DEPTH_MAX} deep"
-                ));
-            }
+            too_deep(path, depth + 1)?;
             let mut size = 4;
             for (i, value) in array.as_slice().iter().enumerate() {
                 size += check_value(&format!("{path}[{i}]"), value, depth + 1)?;

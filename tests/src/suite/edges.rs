@@ -78,11 +78,7 @@ async fn assert_all_in_queue<T: Transport>(h: &Harness<T>, queue: &str, n: u32) 
 /// them is in the queue, and the close says nothing was left unresolved.
 pub async fn fire_and_forget_then_close_keeps_every_message<T: Transport>(h: Harness<T>) {
     let name = queue_name(&h, "drain");
-    let client = h.client().await;
-    client
-        .declare_queue(test_queue(&name))
-        .await
-        .expect("declare");
+    let client = ready_with_queue(&h, h.builder([h.url.url()]), &name).await;
     fire_and_forget(&client, &name, 20_000);
     let started = Instant::now();
     let summary = within("close()", 30 * SECOND, client.close()).await;
@@ -216,11 +212,7 @@ pub async fn close_with_the_broker_unreachable_returns_at_the_timeout<T: Transpo
 /// confirmed (a mandatory message nobody routes comes back `Returned`).
 pub async fn flush_reports_what_was_not_confirmed<T: Transport>(h: Harness<T>) {
     let name = queue_name(&h, "flush");
-    let client = h.client().await;
-    client
-        .declare_queue(test_queue(&name))
-        .await
-        .expect("declare");
+    let client = ready_with_queue(&h, h.builder([h.url.url()]), &name).await;
     fire_and_forget(&client, &name, 2_000);
     let unroutable =
         Message::new("", format!("{name}.nobody"), "lost?".as_bytes().to_vec()).mandatory(true);
@@ -411,11 +403,7 @@ async fn run_with_bad(
 /// without it.
 pub async fn bad_messages_fail_alone_and_at_once<T: Transport>(h: Harness<T>) {
     let name = queue_name(&h, "bad-msg");
-    let client = h.client().await;
-    client
-        .declare_queue(test_queue(&name))
-        .await
-        .expect("declare");
+    let client = ready_with_queue(&h, h.builder([h.url.url()]), &name).await;
     let bad = bad_messages(&h.transport().capabilities(), &name);
     let before = client.stats();
     let clean = run_with_bad(&client, &name, 3_000, &[], 0).await;
@@ -462,11 +450,7 @@ pub async fn bad_messages_fail_alone_and_at_once<T: Transport>(h: Harness<T>) {
 /// to close.
 pub async fn a_dropped_consumer_gives_back_what_it_did_not_read<T: Transport>(h: Harness<T>) {
     let name = queue_name(&h, "dropped-consumer");
-    let client = h.client().await;
-    client
-        .declare_queue(test_queue(&name))
-        .await
-        .expect("declare");
+    let client = ready_with_queue(&h, h.builder([h.url.url()]), &name).await;
     let make = plain(&name);
     for id in 0..20 {
         let published = client.publish_message(make(id), PublishOptions::default());
