@@ -586,16 +586,29 @@ impl Supervisor {
 
     /// When to call `handle(now, Input::Timeout)` next, if any timer is armed.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [
-            self.timers.first().map(|(at, _)| *at),
-            self.outbox.next_deadline(),
-            self.user_ops.next_deadline(),
-            self.consume_waits.first().map(|(at, _)| *at),
-            self.draining,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        fn earlier(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        let mut at = self.outbox.next_deadline();
+        at = earlier(at, self.timers.first().map(|(at, _)| *at));
+        at = earlier(at, self.user_ops.next_deadline());
+        at = earlier(at, self.consume_waits.first().map(|(at, _)| *at));
+        earlier(at, self.draining)
+    }
+
+    /// Whether a timer is due at `self.now` (`poll_timeout() <= now`, asked
+    /// source by source, on every input).
+    fn due(&self) -> bool {
+        let now = self.now;
+        let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
+        due(self.outbox.next_deadline())
+            || due(self.timers.first().map(|(at, _)| *at))
+            || due(self.user_ops.next_deadline())
+            || due(self.consume_waits.first().map(|(at, _)| *at))
+            || due(self.draining)
     }
 
     // ----- input -----
@@ -755,7 +768,7 @@ impl Supervisor {
             self.now = now;
         }
         // the usual case, on every publish and confirm: nothing is due
-        if self.poll_timeout().is_some_and(|at| at <= self.now) {
+        if self.due() {
             self.fire_timers();
         }
     }
