@@ -683,7 +683,9 @@ impl Client {
         stream
     }
 
-    /// Whether the client is closed (by `close` or because its driver ended).
+    /// Whether the client is closed: `close` or `close_discarding` was called
+    /// (true from the call on, while the close still drains: nothing new is
+    /// accepted), or its driver ended.
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::SeqCst) || self.tx.is_closed()
     }

@@ -1315,6 +1315,12 @@ impl<T: Transport, K: Timer> State<T, K> {
                     Input::Close
                 };
                 self.sup.handle(now, close);
+                // nothing new is accepted from here: `is_closed()` and
+                // `state().closed` say so while the close drains
+                *lock(&self.shared.state) = ClientState::of(&self.sup);
+                self.shared
+                    .closed
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
             }
             Request::Connected { reply } => match self.sup.first_contact() {
                 Ok(true) => {
@@ -1458,6 +1464,10 @@ impl<T: Transport, K: Timer> State<T, K> {
         for (_, reply) in std::mem::take(&mut self.consume_replies) {
             let _ = reply.send(Err(ConsumeError::Closed));
         }
+        // `connected()` and `flush()` callers still waiting hear `Closed` (their
+        // senders go)
+        self.contact_waiters.clear();
+        self.flushes.clear();
         for (_, items) in std::mem::take(&mut self.consumers) {
             let _ = items.send(
                 ConsumerItem::Ended(crate::topology::ConsumeError::Closed),

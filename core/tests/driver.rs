@@ -9,8 +9,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use amqp_rebound_core::{
-    AckError, Client, Config, ConfigError, Confirmation, ConsumeOptions, Event, Properties,
-    PublishError, PublishFuture, PublishOptions, QueueDecl, TransportError,
+    AckError, Client, Config, ConfigError, Confirmation, ConnectError, ConsumeOptions, Event,
+    Properties, PublishError, PublishFuture, PublishOptions, QueueDecl, TransportError,
 };
 use futures::executor::LocalPool;
 use futures::task::LocalSpawnExt;
@@ -431,6 +431,92 @@ fn dropping_the_driver_resolves_pending_publishes() {
             .borrow()
             .iter()
             .all(|(_, r)| *r == Err(PublishError::Closed))
+    );
+}
+
+/// Dropping the driver (its task aborted, its runtime shut down) resolves every
+/// caller still waiting, those of `flush()` and `connected()` included, with
+/// `Closed`: here the only dial hangs, so none of them has an answer yet.
+#[test]
+fn dropping_the_driver_resolves_flush_and_connected_too() {
+    let mut pool = LocalPool::new();
+    let clock = ManualClock::new();
+    let transport = MemoryTransport::default();
+    transport.broker().hang_dials = usize::MAX;
+    let (client, driver) = Client::builder()
+        .hosts([URL])
+        .build(transport, clock)
+        .unwrap();
+    let results = spawn_publishes(&pool, &client, 0..1);
+    let flushed = spawn_output(&pool, {
+        let client = client.clone();
+        async move { client.flush().await }
+    });
+    let connected = spawn_output(&pool, {
+        let client = client.clone();
+        async move { client.connected().await }
+    });
+    let handle = pool.spawner().spawn_local_with_handle(driver).unwrap();
+    pool.run_until_stalled();
+    assert!(flushed.borrow().is_none() && connected.borrow().is_none());
+    drop(handle); // cancels (drops) the driver
+    pool.run_until_stalled();
+    assert_eq!(results.borrow().len(), 1);
+    assert_eq!(flushed.borrow().clone(), Some(Err(PublishError::Closed)));
+    assert!(
+        matches!(*connected.borrow(), Some(Err(ConnectError::Closed))),
+        "{:?}",
+        connected.borrow()
+    );
+}
+
+/// A close before first contact answers `connected()` with `Closed`, and from
+/// the call on (while the close drains) the client says it is closed.
+#[test]
+fn close_before_first_contact_answers_connected_and_says_closed_at_once() {
+    let mut pool = LocalPool::new();
+    let clock = ManualClock::new();
+    let transport = MemoryTransport::default();
+    transport.broker().hang_dials = usize::MAX;
+    // the dial outlives the close, so only the close can answer `connected()`
+    let close_timeout = Duration::from_secs(1);
+    let (client, driver) = Client::builder()
+        .hosts([URL])
+        .connect_timeout(Duration::from_secs(60))
+        .close_timeout(close_timeout)
+        .build(transport, clock.clone())
+        .unwrap();
+    pool.spawner().spawn_local(driver).unwrap();
+    // a message waits for a channel, so the close has something to drain
+    let _results = spawn_publishes(&pool, &client, 0..1);
+    let connected = spawn_output(&pool, {
+        let client = client.clone();
+        async move { client.connected().await }
+    });
+    drive(&mut pool, &clock, Duration::from_millis(100), || false);
+    assert!(connected.borrow().is_none());
+    assert!(!client.is_closed() && !client.state().closed);
+    let closing = spawn_output(&pool, {
+        let client = client.clone();
+        async move { client.close().await }
+    });
+    pool.run_until_stalled();
+    assert!(closing.borrow().is_none(), "the close drains first");
+    assert!(client.is_closed(), "is_closed() once close() was called");
+    assert!(
+        client.state().closed,
+        "state().closed once close() was called"
+    );
+    assert!(drive(
+        &mut pool,
+        &clock,
+        close_timeout + Duration::from_secs(1),
+        || closing.borrow().is_some() && connected.borrow().is_some()
+    ));
+    assert!(
+        matches!(*connected.borrow(), Some(Err(ConnectError::Closed))),
+        "{:?}",
+        connected.borrow()
     );
 }
 

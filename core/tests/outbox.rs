@@ -560,3 +560,47 @@ fn a_confirm_beyond_what_was_published_fails_the_channel_and_resends() {
     assert_eq!(w.sent_payloads(), vec!["1", "1"]);
     assert_eq!(result_of(&w, id), vec![Ok(Confirmation::Confirmed)]);
 }
+
+/// A refusal that names its culprit fails the culprit only: the messages in
+/// flight beside it are sent again without a strike, however many such
+/// refusals come (three bad messages must not take the good ones with them).
+#[test]
+fn refusals_that_name_their_culprit_strike_nobody_else() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    let good: Vec<_> = (0..5)
+        .map(|n| {
+            w.publish(Arc::new(Message::new("", "q", format!("good {n}"))))
+                .unwrap()
+        })
+        .collect();
+    let mut bad = Vec::new();
+    for exchange in ["missing-a", "missing-b", "missing-c", "missing-d"] {
+        w.run_until_ready(Duration::from_secs(20)).unwrap();
+        bad.push(
+            w.publish(Arc::new(Message::new(exchange, "k", "bad")))
+                .unwrap(),
+        );
+        let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
+        w.live_chans.remove(&ch(0, 0));
+        w.input(Input::Channel {
+            channel: ch(0, 0),
+            generation,
+            event: ChannelInput::Lost(TransportError::Reply {
+                code: 404,
+                text: format!("NOT_FOUND - no exchange '{exchange}' in vhost '/'"),
+            }),
+        });
+    }
+    for id in bad {
+        assert!(matches!(
+            result_of(&w, id).as_slice(),
+            [Err(PublishError::Rejected { code: 404, .. })]
+        ));
+    }
+    w.auto_confirm = true;
+    w.run_for(Duration::from_secs(5));
+    for id in good {
+        assert_eq!(result_of(&w, id), vec![Ok(Confirmation::Confirmed)]);
+    }
+}

@@ -186,6 +186,12 @@ macro_rules! conformance_suite {
                     $name,
                     Shared,
                     edges,
+                    refused_publishes_do_not_strike_the_ones_beside_them
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
                     an_unknown_exchange_type_is_refused_once
                 );
                 $crate::__conformance_case!($name, Shared, edges, first_contact_names_the_cause);

@@ -524,8 +524,11 @@ impl Supervisor {
                 _ => back.push(id),
             }
         }
-        self.outbox.requeue(back.clone(), channel_level);
-        if let (true, Some(r)) = (channel_level, reply) {
+        // a strike is for a refusal that names no culprit: one that does has
+        // failed its culprits above, and the others were only in flight with it
+        let strike = channel_level && culprit.is_none();
+        self.outbox.requeue(back.clone(), strike);
+        if let (true, Some(r)) = (strike, reply) {
             for id in back {
                 if self
                     .outbox

@@ -546,6 +546,41 @@ pub async fn a_publish_to_an_internal_exchange_is_rejected<T: Transport>(h: Harn
     close(client).await;
 }
 
+/// Publishes to missing exchanges (each closes the channel with a 404 that
+/// names its exchange) fail alone, however many of them come: the messages in
+/// flight beside them are sent again, confirmed and stored, not struck out
+/// with the others' error.
+pub async fn refused_publishes_do_not_strike_the_ones_beside_them<T: Transport>(h: Harness<T>) {
+    let name = queue_name(&h, "beside");
+    let client = ready_with_queue(&h, h.builder([h.url.url()]).pool(1, 1), &name).await;
+    let make = plain(&name);
+    let missing: Vec<String> = (0..4).map(|i| format!("{name}.missing-{i}")).collect();
+    let mut bad = Vec::new();
+    let mut good = Vec::new();
+    for (i, exchange) in missing.iter().enumerate() {
+        bad.push(client.publish(exchange, "k", "bad", Properties::default()));
+        good.extend(
+            (i as u32 * 50..(i as u32 + 1) * 50)
+                .map(|id| client.publish_message(make(id), PublishOptions::default())),
+        );
+    }
+    for future in bad {
+        let result = within("a publish to a missing exchange", 30 * SECOND, future).await;
+        assert!(
+            matches!(&result, Err(PublishError::Rejected { code: 404, .. })),
+            "{result:?}"
+        );
+    }
+    let mut results = Vec::new();
+    for future in good {
+        results.push(within("a good message", 30 * SECOND, future).await);
+    }
+    assert_all_confirmed(&results);
+    assert_eq!(client.stats().rejected, 4, "{:?}", client.stats());
+    close(client).await;
+    assert_all_in_queue(&h, &name, 200).await;
+}
+
 /// An exchange of a type the broker does not know (RabbitMQ closes the
 /// connection with 503 COMMAND_INVALID) is refused with the broker's reply,
 /// once, not re-sent after each reconnect until the request times out.
