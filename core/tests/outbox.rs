@@ -581,16 +581,13 @@ fn refusals_that_name_their_culprit_strike_nobody_else() {
             w.publish(Arc::new(Message::new(exchange, "k", "bad")))
                 .unwrap(),
         );
-        let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
-        w.live_chans.remove(&ch(0, 0));
-        w.input(Input::Channel {
-            channel: ch(0, 0),
-            generation,
-            event: ChannelInput::Lost(TransportError::Reply {
+        w.channel_closed(
+            ch(0, 0),
+            TransportError::Reply {
                 code: 404,
                 text: format!("NOT_FOUND - no exchange '{exchange}' in vhost '/'"),
-            }),
-        });
+            },
+        );
     }
     for id in bad {
         assert!(matches!(

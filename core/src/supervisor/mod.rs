@@ -586,29 +586,31 @@ impl Supervisor {
 
     /// When to call `handle(now, Input::Timeout)` next, if any timer is armed.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        fn earlier(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-            match (a, b) {
+        self.deadlines()
+            .into_iter()
+            .fold(None, |earliest, at| match (earliest, at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
-            }
-        }
-        let mut at = self.outbox.next_deadline();
-        at = earlier(at, self.timers.first().map(|(at, _)| *at));
-        at = earlier(at, self.user_ops.next_deadline());
-        at = earlier(at, self.consume_waits.first().map(|(at, _)| *at));
-        earlier(at, self.draining)
+            })
     }
 
-    /// Whether a timer is due at `self.now` (`poll_timeout() <= now`, asked
-    /// source by source, on every input).
+    /// Whether a timer is due at `self.now` (`poll_timeout() <= now`, without
+    /// the minimum: asked on every input).
     fn due(&self) -> bool {
-        let now = self.now;
-        let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
-        due(self.outbox.next_deadline())
-            || due(self.timers.first().map(|(at, _)| *at))
-            || due(self.user_ops.next_deadline())
-            || due(self.consume_waits.first().map(|(at, _)| *at))
-            || due(self.draining)
+        self.deadlines()
+            .into_iter()
+            .any(|at| at.is_some_and(|at| at <= self.now))
+    }
+
+    /// The earliest deadline of each timer source (the one list of them).
+    fn deadlines(&self) -> [Option<Instant>; 5] {
+        [
+            self.outbox.next_deadline(),
+            self.timers.first().map(|(at, _)| *at),
+            self.user_ops.next_deadline(),
+            self.consume_waits.first().map(|(at, _)| *at),
+            self.draining,
+        ]
     }
 
     // ----- input -----
