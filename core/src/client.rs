@@ -700,7 +700,10 @@ impl Client {
     /// resolved that way.
     ///
     /// Dropping the last `Client` handle does the same, with nobody waiting: the
-    /// driver drains within the close timeout and then ends.
+    /// driver drains within the close timeout and then ends. A live
+    /// [`Consumer`](crate::Consumer), and each [`Received`](crate::Received) it
+    /// gave until it is dropped, holds a handle too: while one lives, the client
+    /// stays open.
     pub async fn close(&self) -> CloseSummary {
         self.close_with(false).await
     }
