@@ -701,9 +701,8 @@ impl Client {
     ///
     /// Dropping the last `Client` handle does the same, with nobody waiting: the
     /// driver drains within the close timeout and then ends. A live
-    /// [`Consumer`](crate::Consumer), and each [`Received`](crate::Received) it
-    /// gave until it is dropped, holds a handle too: while one lives, the client
-    /// stays open.
+    /// [`Consumer`], and each [`Received`] it gave until it is dropped, holds a
+    /// handle too: while one lives, the client stays open.
     pub async fn close(&self) -> CloseSummary {
         self.close_with(false).await
     }
