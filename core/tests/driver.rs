@@ -520,6 +520,75 @@ fn close_before_first_contact_answers_connected_and_says_closed_at_once() {
     );
 }
 
+/// Acks taken before `close()` reach the broker before the connection closes,
+/// even when they are slow to write: the connection's close waits for its
+/// channels' closes, which write what was queued on them first (else the broker
+/// requeues deliveries the application acked).
+#[test]
+fn acks_taken_before_close_are_written_before_the_connection_closes() {
+    let (mut pool, clock, transport, client) = setup(1, 2);
+    let acked = Rc::new(RefCell::new(0));
+    {
+        let client = client.clone();
+        let acked = Rc::clone(&acked);
+        let transport = transport.clone();
+        pool.spawner()
+            .spawn_local(async move {
+                client
+                    .declare_queue(QueueDecl::durable("jobs"))
+                    .await
+                    .unwrap();
+                let mut consumer = client
+                    .consume("jobs", ConsumeOptions::default())
+                    .await
+                    .unwrap();
+                for n in 0..3 {
+                    client
+                        .publish("", "jobs", n.to_string(), Properties::default())
+                        .await
+                        .unwrap();
+                }
+                transport.broker().hold_acks = true;
+                for _ in 0..3 {
+                    let received = consumer.next().await.unwrap().unwrap();
+                    received.ack().await.unwrap();
+                    *acked.borrow_mut() += 1;
+                }
+            })
+            .unwrap();
+    }
+    assert!(drive(&mut pool, &clock, Duration::from_secs(5), || *acked
+        .borrow()
+        == 3));
+    let closing = spawn_output(&pool, {
+        let client = client.clone();
+        async move { client.close().await }
+    });
+    drive(&mut pool, &clock, Duration::from_secs(1), || false);
+    assert!(
+        !transport
+            .broker()
+            .log
+            .contains(&"connection close".to_string()),
+        "the connection closed with acks unwritten: {:?}",
+        transport.broker().log
+    );
+    transport.release_acks();
+    assert!(drive(&mut pool, &clock, Duration::from_secs(10), || {
+        closing.borrow().is_some()
+    }));
+    let log = transport.broker().log.clone();
+    let close = log.iter().position(|e| e == "connection close");
+    let acks: Vec<usize> = (0..log.len())
+        .filter(|&i| log[i].starts_with("ack "))
+        .collect();
+    assert_eq!(acks.len(), 3, "{log:?}");
+    assert!(
+        close.is_some_and(|close| acks.iter().all(|&a| a < close)),
+        "{log:?}"
+    );
+}
+
 /// Messages the broker received, each once (re-sends counted once).
 fn unique_received(transport: &MemoryTransport) -> std::collections::BTreeSet<String> {
     transport.broker().received.iter().cloned().collect()

@@ -142,6 +142,11 @@ pub struct Broker {
     pub hang_dials: usize,
     hung: Vec<Waker>,
     released: bool,
+    /// Acks (and nacks, rejects) wait until [`MemoryTransport::release_acks`].
+    pub hold_acks: bool,
+    held_acks: Vec<Waker>,
+    /// Acks written, channel and connection closes, in the order they happened.
+    pub log: Vec<String>,
 }
 
 struct ChanState {
@@ -208,6 +213,15 @@ impl MemoryTransport {
             } else {
                 ConnectionEvent::Unblocked
             });
+        }
+    }
+
+    /// Acks held since [`Broker::hold_acks`] complete now.
+    pub fn release_acks(&self) {
+        let mut b = self.broker();
+        b.hold_acks = false;
+        for w in b.held_acks.drain(..) {
+            w.wake();
         }
     }
 
@@ -337,6 +351,7 @@ impl Connection for MemConnection {
     }
     async fn close(&self) -> Result<(), TransportError> {
         let mut b = self.broker.lock().unwrap();
+        b.log.push("connection close".into());
         b.conns.remove(&self.id);
         b.chans.retain(|(c, _), _| *c != self.id);
         Ok(())
@@ -502,8 +517,22 @@ impl Channel for MemChannel {
             Ok(())
         })
     }
-    async fn ack(&self, _tag: u64, _multiple: bool) -> Result<(), TransportError> {
-        self.with(|_| Ok(()))
+    async fn ack(&self, tag: u64, _multiple: bool) -> Result<(), TransportError> {
+        let broker = Arc::clone(&self.broker);
+        std::future::poll_fn(move |cx| {
+            let mut b = broker.lock().unwrap();
+            if b.hold_acks {
+                b.held_acks.push(cx.waker().clone());
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        self.with(|b| {
+            b.log.push(format!("ack {tag}"));
+            Ok(())
+        })
     }
     async fn nack(&self, _tag: u64, _multiple: bool, _requeue: bool) -> Result<(), TransportError> {
         self.with(|_| Ok(()))
@@ -512,7 +541,9 @@ impl Channel for MemChannel {
         self.with(|_| Ok(()))
     }
     async fn close(&self) -> Result<(), TransportError> {
-        self.broker.lock().unwrap().chans.remove(&self.key);
+        let mut b = self.broker.lock().unwrap();
+        b.log.push("channel close".into());
+        b.chans.remove(&self.key);
         Ok(())
     }
 }
