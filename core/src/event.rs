@@ -99,6 +99,16 @@ pub enum Event {
         /// The broker's answer.
         error: TransportError,
     },
+    /// A binding or an exchange declaration the broker refused to replay
+    /// [`MAX_REPLAY_REFUSALS`](crate::supervisor::MAX_REPLAY_REFUSALS) times in
+    /// a row is dropped from the topology the client replays (the replay goes
+    /// on without it).
+    ReplayAbandoned {
+        /// What the step was.
+        step: String,
+        /// The broker's last answer.
+        error: TransportError,
+    },
     /// A delivery to a consumer. Ack it with its `channel` and `generation`.
     Delivery {
         /// The consumer.

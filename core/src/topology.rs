@@ -457,6 +457,9 @@ pub(crate) struct Registry {
     /// (consumer, whether it is still subscribed to the old queue and must be
     /// cancelled there first)
     pub(crate) redeclaring: std::collections::BTreeMap<u64, Vec<(u64, bool)>>,
+    /// A fixed-name queue declared again: the later declaration's handle, and
+    /// the handle of the entry it shares.
+    aliases: std::collections::HashMap<QueueHandle, QueueHandle>,
 }
 
 /// Longest AMQP short string.
@@ -483,7 +486,14 @@ impl Registry {
         self.next_consumer
     }
 
+    /// The handle of the declaration `handle` repeated (a fixed-name queue
+    /// declared again keeps one entry; the later handles name it too).
+    fn primary(&self, handle: QueueHandle) -> QueueHandle {
+        self.aliases.get(&handle).copied().unwrap_or(handle)
+    }
+
     fn queue_entity(&self, handle: QueueHandle) -> Option<(u64, &Entity)> {
+        let handle = self.primary(handle);
         self.entities
             .iter()
             .find(|(_, e)| matches!(e, Entity::Queue { handle: h, .. } if *h == handle))
@@ -492,6 +502,29 @@ impl Registry {
 
     pub(crate) fn has_handle(&self, handle: QueueHandle) -> bool {
         self.queue_entity(handle).is_some()
+    }
+
+    /// `queue` as the registry keeps references: a server-named queue of this
+    /// client given by its current name becomes that queue's handle (a binding
+    /// or a consumer of it then follows its renames; by the old name, its
+    /// replay would be refused, as that queue is gone), and the handle of a
+    /// repeated declaration becomes the first one's.
+    pub(crate) fn canonical(&self, queue: QueueRef) -> QueueRef {
+        let n = match &queue {
+            QueueRef::Handle(h) => return QueueRef::Handle(self.primary(*h)),
+            QueueRef::Named(n) => n,
+        };
+        self.entities
+            .values()
+            .find_map(|e| match e {
+                Entity::Queue {
+                    handle, decl, name, ..
+                } if decl.name.is_empty() && !n.is_empty() && name == n => {
+                    Some(QueueRef::Handle(*handle))
+                }
+                _ => None,
+            })
+            .unwrap_or(queue)
     }
 
     /// The name to send for a queue reference right now.
@@ -508,7 +541,11 @@ impl Registry {
     /// The connection slot a queue is tied to (exclusive or server-named), if any.
     pub(crate) fn owner(&self, queue: &QueueRef) -> Option<usize> {
         self.entities.values().find_map(|e| match (e, queue) {
-            (Entity::Queue { handle, owner, .. }, QueueRef::Handle(h)) if handle == h => *owner,
+            (Entity::Queue { handle, owner, .. }, QueueRef::Handle(h))
+                if *handle == self.primary(*h) =>
+            {
+                *owner
+            }
             (Entity::Queue { name, owner, .. }, QueueRef::Named(n)) if name == n => *owner,
             _ => None,
         })
@@ -539,7 +576,9 @@ impl Registry {
     /// The registry's declaration of a queue, if it has one.
     pub(crate) fn queue_entity_id(&self, queue: &QueueRef) -> Option<u64> {
         self.entities.iter().find_map(|(id, e)| match (e, queue) {
-            (Entity::Queue { handle, .. }, QueueRef::Handle(h)) if handle == h => Some(*id),
+            (Entity::Queue { handle, .. }, QueueRef::Handle(h)) if *handle == self.primary(*h) => {
+                Some(*id)
+            }
             (Entity::Queue { name, .. }, QueueRef::Named(n)) if name == n => Some(*id),
             _ => None,
         })
@@ -707,12 +746,22 @@ impl Registry {
                 let name = name.unwrap_or(&decl.name).to_string();
                 let tied = decl.exclusive || decl.is_server_named();
                 // a fixed-name queue declared twice keeps one entry
-                let exists = !decl.is_server_named()
-                    && self
-                        .entities
-                        .values()
-                        .any(|e| matches!(e, Entity::Queue { name: n, .. } if *n == name));
-                if !exists {
+                let existing = (!decl.is_server_named())
+                    .then(|| {
+                        self.entities.values().find_map(|e| match e {
+                            Entity::Queue {
+                                handle: h, name: n, ..
+                            } if *n == name => Some(*h),
+                            _ => None,
+                        })
+                    })
+                    .flatten();
+                if let Some(primary) = existing {
+                    // the later handle names the same entry
+                    if primary != *handle {
+                        self.aliases.insert(*handle, primary);
+                    }
+                } else {
                     self.push(Entity::Queue {
                         handle: *handle,
                         decl: decl.clone(),
@@ -734,14 +783,18 @@ impl Registry {
                         _ => None,
                     })
                     .collect();
+                let aliases = &self.aliases;
                 let gone = |q: &QueueRef| match q {
                     QueueRef::Named(n) => *n == target,
-                    QueueRef::Handle(h) => handles.contains(h),
+                    QueueRef::Handle(h) => handles.contains(aliases.get(h).unwrap_or(h)),
                 };
                 self.entities.retain(|_, e| match e {
                     Entity::Queue { handle, .. } => !handles.contains(handle),
                     Entity::QueueBinding { queue: q, .. } => !gone(q),
                     _ => true,
+                });
+                self.aliases.retain(|alias, primary| {
+                    !handles.contains(primary) && !handles.contains(alias)
                 });
             }
             UserOp::BindQueue {

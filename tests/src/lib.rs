@@ -192,6 +192,24 @@ macro_rules! conformance_suite {
                     $name,
                     Shared,
                     edges,
+                    a_binding_the_broker_keeps_refusing_is_dropped_from_the_replay
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    a_server_named_queue_given_by_name_is_followed_across_a_recovery
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    a_queue_declared_twice_answers_to_both_handles
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
                     an_unknown_exchange_type_is_refused_once
                 );
                 $crate::__conformance_case!($name, Shared, edges, first_contact_names_the_cause);

@@ -5,7 +5,7 @@ mod channel;
 mod publish;
 mod topology;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use crate::topology::{AckKind, Registry, TopologyOp};
 use channel::Chan;
 
 pub use publish::Stats;
-pub use topology::MAX_CONSUME_REFUSALS;
+pub use topology::{MAX_CONSUME_REFUSALS, MAX_REPLAY_REFUSALS};
 
 /// Something that happened, fed to [`Supervisor::handle`].
 ///
@@ -361,6 +361,9 @@ pub struct Supervisor {
     /// The consumers cancelled lately, with their channel and its generation
     /// (see [`topology::CANCELLED_KEPT`]).
     cancelled: VecDeque<(ChannelId, u64, String)>,
+    /// Broker refusals in a row of each registry entity's replay (see
+    /// [`MAX_REPLAY_REFUSALS`](topology::MAX_REPLAY_REFUSALS)).
+    replay_refusals: HashMap<u64, u8>,
     /// Flushes waiting for the messages accepted before them.
     flushes: Vec<publish::Flush>,
     next_flush: u64,
@@ -441,6 +444,7 @@ impl Supervisor {
             max_message_size: None,
             frame_max,
             cancelled: VecDeque::new(),
+            replay_refusals: HashMap::new(),
             flushes: Vec::new(),
             next_flush: 0,
             not_confirmed: 0,

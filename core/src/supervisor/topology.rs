@@ -13,8 +13,9 @@ use crate::message::{Delivery, FieldTable};
 use crate::state::ChannelState;
 use crate::telemetry::targets;
 use crate::topology::{
-    AckError, AckKind, ConsumeError, ConsumeOptions, ConsumerEntry, ConsumerId, ExchangeDecl, OpId,
-    QueueDecl, QueueHandle, QueueRef, TopologyError, TopologyOp, UserOp, check_name,
+    AckError, AckKind, ConsumeError, ConsumeOptions, ConsumerEntry, ConsumerId, Entity,
+    ExchangeDecl, OpId, QueueDecl, QueueHandle, QueueRef, TopologyError, TopologyOp, UserOp,
+    check_name,
 };
 
 /// How many cancelled consumers (those that ack) the client remembers, with the
@@ -81,6 +82,14 @@ impl UserOps {
 /// A consumer that ran before is given up after this many basic.consume
 /// refusals in a row (one per reopen of its channel, which backs off).
 pub const MAX_CONSUME_REFUSALS: u8 = 5;
+
+/// A binding or an exchange declaration whose replay the broker refuses this
+/// many times in a row (a binding to an exchange another application deleted,
+/// an exchange redeclared elsewhere with other properties) is dropped from the
+/// topology ([`Event::ReplayAbandoned`]): replayed first on its connection,
+/// it would otherwise hold every channel of that connection from Ready for
+/// good.
+pub const MAX_REPLAY_REFUSALS: u8 = 5;
 
 fn broker_error(e: &TransportError) -> TopologyError {
     match e {
@@ -270,6 +279,7 @@ impl Supervisor {
             Ok(name) => {
                 match step {
                     Step::Entity(id) => {
+                        self.replay_refusals.remove(&id);
                         if let Some(new) = name
                             && let Some((queue, old)) = self.registry.renamed(id, &new)
                             && !old.is_empty()
@@ -369,6 +379,52 @@ impl Supervisor {
             Step::Consume(id) if error.class() != ErrorClass::Transient => {
                 self.stats.replay_failures += 1;
                 self.consume_refused(*id, error);
+            }
+            Step::Entity(id) if matches!(error, TransportError::Reply { .. }) => {
+                self.stats.replay_failures += 1;
+                let refusals = self.replay_refusals.entry(*id).or_insert(0);
+                *refusals = refusals.saturating_add(1);
+                let refusals = *refusals;
+                let droppable = matches!(
+                    self.registry.entities.get(id),
+                    Some(
+                        Entity::QueueBinding { .. }
+                            | Entity::ExchangeBinding { .. }
+                            | Entity::Exchange(_)
+                    )
+                );
+                let described = self.describe(step);
+                if droppable && refusals >= MAX_REPLAY_REFUSALS {
+                    self.registry.entities.remove(id);
+                    self.replay_refusals.remove(id);
+                    tracing::warn!(
+                        target: targets::TOPOLOGY,
+                        client = self.name(),
+                        channel = %chan_id(c, i),
+                        step = %described,
+                        %error,
+                        refusals,
+                        "topology replay step refused again and again: dropped"
+                    );
+                    self.events.push_back(Event::ReplayAbandoned {
+                        step: described,
+                        error: error.clone(),
+                    });
+                } else {
+                    tracing::warn!(
+                        target: targets::TOPOLOGY,
+                        client = self.name(),
+                        channel = %chan_id(c, i),
+                        step = %described,
+                        %error,
+                        "topology replay step failed"
+                    );
+                    self.events.push_back(Event::ReplayFailed {
+                        channel: chan_id(c, i),
+                        step: described,
+                        error: error.clone(),
+                    });
+                }
             }
             _ => {
                 self.stats.replay_failures += 1;
@@ -664,6 +720,23 @@ impl Supervisor {
         if self.closed {
             return Err(TopologyError::Closed);
         }
+        let op = match op {
+            UserOp::DeleteQueue(queue) => UserOp::DeleteQueue(self.registry.canonical(queue)),
+            UserOp::BindQueue {
+                queue,
+                exchange,
+                routing_key,
+                arguments,
+                bind,
+            } => UserOp::BindQueue {
+                queue: self.registry.canonical(queue),
+                exchange,
+                routing_key,
+                arguments,
+                bind,
+            },
+            other => other,
+        };
         let deadline = super::deadline_after(self.now, self.config.publish_timeout);
         let id = self.user_ops.push(op, deadline);
         self.dispatch_user_ops();
@@ -768,6 +841,7 @@ impl Supervisor {
         if self.closed {
             return Err(ConsumeError::Closed);
         }
+        let queue = self.registry.canonical(queue);
         match &queue {
             QueueRef::Named(name) => {
                 check_name("queue name", name).map_err(ConsumeError::Invalid)?;

@@ -8,14 +8,14 @@ use amqp_rebound_core::message::AMQPValue;
 use amqp_rebound_core::transport::{Capabilities, Transport};
 use amqp_rebound_core::{
     BackoffConfig, Client, ClientBuilder, Confirmation, ConnectError, ConsumeError, ConsumeOptions,
-    ErrorClass, ExchangeDecl, ExchangeKind, FieldTable, Message, Properties, PublishError,
+    ErrorClass, Event, ExchangeDecl, ExchangeKind, FieldTable, Message, Properties, PublishError,
     PublishFuture, PublishOptions, QueueDecl, TopologyError, TransportError,
 };
 use futures::FutureExt;
 
 use super::{
-    Harness, assert_all_confirmed, close, delete_queues, drain_ids, eventually, plain, queue_name,
-    small_payload, test_queue, wait_ready, within,
+    Harness, assert_all_confirmed, close, delete_queues, drain_events, drain_ids, eventually,
+    plain, queue_name, small_payload, test_queue, wait_ready, within,
 };
 use crate::broker::{self, BrokerUrl};
 use crate::proxy::FaultProxy;
@@ -162,6 +162,138 @@ pub async fn close_discarding_confirms_what_is_in_flight<T: Transport>(h: Harnes
     let cleanup = h.client().await;
     let _ = cleanup.delete_queue(name.as_str()).await;
     close(cleanup).await;
+}
+
+/// A queue declared twice (two components of one application, say) gives two
+/// handles to the same queue, and both work: bind, consume and delete through
+/// the second.
+pub async fn a_queue_declared_twice_answers_to_both_handles<T: Transport>(h: Harness<T>) {
+    let name = queue_name(&h, "twice");
+    let client = h.start(h.builder([h.url.url()]).pool(1, 2));
+    wait_ready(&client, 15 * SECOND).await;
+    let first = client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare");
+    let second = client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare again");
+    assert_eq!(first.name(), second.name());
+    client
+        .bind_queue(&second, "amq.fanout", "", FieldTable::default())
+        .await
+        .expect("bind through the second handle");
+    let consumer = client
+        .consume(&second, ConsumeOptions::default())
+        .await
+        .expect("consume through the second handle");
+    drop(consumer);
+    client
+        .unbind_queue(&first, "amq.fanout", "", FieldTable::default())
+        .await
+        .expect("unbind through the first handle");
+    client
+        .delete_queue(&second)
+        .await
+        .expect("delete through the second handle");
+    close(client).await;
+}
+
+/// A server-named queue bound and consumed by its name string (as an
+/// application that read `queue.name()` does) is followed across a recovery
+/// like one given by handle: the binding and the consumer go to the queue's
+/// new name, and messages published through the exchange reach the consumer.
+pub async fn a_server_named_queue_given_by_name_is_followed_across_a_recovery<T: Transport>(
+    h: Harness<T>,
+) {
+    let proxy = FaultProxy::start(h.url.socket_addr()).expect("a fault proxy");
+    let exchange = format!("{}.x", queue_name(&h, "by-name"));
+    let client = h.start(h.builder([h.url.at(proxy.addr())]).pool(1, 2));
+    wait_ready(&client, 15 * SECOND).await;
+    let mut decl = ExchangeDecl::new(&exchange, ExchangeKind::Fanout);
+    decl.auto_delete = true;
+    client.declare_exchange(decl).await.expect("declare");
+    let queue = client
+        .declare_queue(QueueDecl::server_named())
+        .await
+        .expect("declare the server-named queue");
+    let first = queue.name();
+    client
+        .bind_queue(first.as_str(), &exchange, "", FieldTable::default())
+        .await
+        .expect("bind by name");
+    let mut consumer = client
+        .consume(first.as_str(), ConsumeOptions::default())
+        .await
+        .expect("consume by name");
+    proxy.reset_all();
+    eventually("the rename", 30 * SECOND, || queue.name() != first).await;
+    wait_ready(&client, 30 * SECOND).await;
+    let confirmed = within(
+        "a publish through the exchange",
+        10 * SECOND,
+        client.publish(&exchange, "", "after", Properties::default()),
+    )
+    .await;
+    assert_eq!(confirmed, Ok(Confirmation::Confirmed));
+    let received = within("the delivery", 10 * SECOND, consumer.next())
+        .await
+        .expect("the consumer goes on")
+        .expect("a delivery");
+    assert_eq!(received.payload(), b"after");
+    assert_eq!(client.stats().replay_failures, 0, "{:?}", client.stats());
+    drop(consumer);
+    close(client).await;
+    drop(proxy);
+}
+
+/// A binding whose exchange another application deleted while the client was
+/// cut off: its replay is refused (404) a few times, then dropped, and the
+/// client is Ready and publishing again; it does not hold the connection's
+/// channels from Ready for good.
+pub async fn a_binding_the_broker_keeps_refusing_is_dropped_from_the_replay<T: Transport>(
+    h: Harness<T>,
+) {
+    let proxy = FaultProxy::start(h.url.socket_addr()).expect("a fault proxy");
+    let name = queue_name(&h, "gone-exchange");
+    let exchange = format!("{name}.x");
+    let other = h.client().await;
+    other
+        .declare_exchange(ExchangeDecl::new(&exchange, ExchangeKind::Fanout))
+        .await
+        .expect("declare the other application's exchange");
+    let client = ready_with_queue(&h, h.builder([h.url.at(proxy.addr())]).pool(1, 2), &name).await;
+    let mut events = client.watch();
+    client
+        .bind_queue(name.as_str(), &exchange, "", FieldTable::default())
+        .await
+        .expect("bind");
+    proxy.refuse(true);
+    proxy.reset_all();
+    eventually("the loss", 5 * SECOND, || !client.state().is_ready()).await;
+    other
+        .delete_exchange(&exchange)
+        .await
+        .expect("the other application deletes its exchange");
+    proxy.refuse(false);
+    wait_ready(&client, 30 * SECOND).await;
+    let abandoned = drain_events(&mut events)
+        .into_iter()
+        .filter(|e| matches!(e, Event::ReplayAbandoned { .. }))
+        .count();
+    assert_eq!(abandoned, 1, "the binding is dropped once");
+    let confirmed = within(
+        "a publish after the recovery",
+        10 * SECOND,
+        client.publish("", &name, "x", Properties::default()),
+    )
+    .await;
+    assert_eq!(confirmed, Ok(Confirmation::Confirmed));
+    close(client).await;
+    drop(proxy);
+    let _ = other.delete_queue(name.as_str()).await;
+    close(other).await;
 }
 
 /// `close()` while the broker cannot be reached: it keeps trying until the close
