@@ -509,8 +509,8 @@ impl Registry {
     /// or a consumer of it then follows its renames; by the old name, its
     /// replay would be refused, as that queue is gone), and the handle of a
     /// repeated declaration becomes the first one's.
-    pub(crate) fn canonical(&self, queue: QueueRef) -> QueueRef {
-        let n = match &queue {
+    pub(crate) fn canonical(&self, queue: &QueueRef) -> QueueRef {
+        let n = match queue {
             QueueRef::Handle(h) => return QueueRef::Handle(self.primary(*h)),
             QueueRef::Named(n) => n,
         };
@@ -524,7 +524,7 @@ impl Registry {
                 }
                 _ => None,
             })
-            .unwrap_or(queue)
+            .unwrap_or_else(|| queue.clone())
     }
 
     /// The name to send for a queue reference right now.

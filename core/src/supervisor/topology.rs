@@ -411,39 +411,33 @@ impl Supervisor {
                         error: error.clone(),
                     });
                 } else {
-                    tracing::warn!(
-                        target: targets::TOPOLOGY,
-                        client = self.name(),
-                        channel = %chan_id(c, i),
-                        step = %described,
-                        %error,
-                        "topology replay step failed"
-                    );
-                    self.events.push_back(Event::ReplayFailed {
-                        channel: chan_id(c, i),
-                        step: described,
-                        error: error.clone(),
-                    });
+                    self.report_replay_failure(c, i, described, error);
                 }
             }
             _ => {
                 self.stats.replay_failures += 1;
                 let step = self.describe(step);
-                tracing::warn!(
-                    target: targets::TOPOLOGY,
-                    client = self.name(),
-                    channel = %chan_id(c, i),
-                    %step,
-                    %error,
-                    "topology replay step failed"
-                );
-                self.events.push_back(Event::ReplayFailed {
-                    channel: chan_id(c, i),
-                    step,
-                    error: error.clone(),
-                });
+                self.report_replay_failure(c, i, step, error);
             }
         }
+    }
+
+    /// A replay step failed on channel (c, i); the replay starts over when the
+    /// channel reopens.
+    fn report_replay_failure(&mut self, c: usize, i: usize, step: String, error: &TransportError) {
+        tracing::warn!(
+            target: targets::TOPOLOGY,
+            client = self.name(),
+            channel = %chan_id(c, i),
+            %step,
+            %error,
+            "topology replay step failed"
+        );
+        self.events.push_back(Event::ReplayFailed {
+            channel: chan_id(c, i),
+            step,
+            error: error.clone(),
+        });
     }
 
     /// The broker refused basic.consume for consumer `id`. A consumer the
@@ -715,28 +709,14 @@ impl Supervisor {
         }
     }
 
-    fn user_request(&mut self, now: Instant, op: UserOp) -> Result<OpId, TopologyError> {
+    fn user_request(&mut self, now: Instant, mut op: UserOp) -> Result<OpId, TopologyError> {
         self.advance(now);
         if self.closed {
             return Err(TopologyError::Closed);
         }
-        let op = match op {
-            UserOp::DeleteQueue(queue) => UserOp::DeleteQueue(self.registry.canonical(queue)),
-            UserOp::BindQueue {
-                queue,
-                exchange,
-                routing_key,
-                arguments,
-                bind,
-            } => UserOp::BindQueue {
-                queue: self.registry.canonical(queue),
-                exchange,
-                routing_key,
-                arguments,
-                bind,
-            },
-            other => other,
-        };
+        if let UserOp::DeleteQueue(queue) | UserOp::BindQueue { queue, .. } = &mut op {
+            *queue = self.registry.canonical(queue);
+        }
         let deadline = super::deadline_after(self.now, self.config.publish_timeout);
         let id = self.user_ops.push(op, deadline);
         self.dispatch_user_ops();
@@ -841,7 +821,7 @@ impl Supervisor {
         if self.closed {
             return Err(ConsumeError::Closed);
         }
-        let queue = self.registry.canonical(queue);
+        let queue = self.registry.canonical(&queue);
         match &queue {
             QueueRef::Named(name) => {
                 check_name("queue name", name).map_err(ConsumeError::Invalid)?;
