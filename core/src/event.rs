@@ -90,7 +90,8 @@ pub enum Event {
         new: String,
     },
     /// A topology replay step failed; the channel reopens after its backoff and
-    /// the replay starts over.
+    /// the replay starts over (a binding or an exchange declaration refused
+    /// again and again is then dropped: [`Event::ReplayAbandoned`]).
     ReplayFailed {
         /// The channel it ran on.
         channel: ChannelId,
