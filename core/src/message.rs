@@ -38,8 +38,8 @@ pub struct Properties {
 }
 
 impl Properties {
-    /// Whether no property is set: equality with the defaults, field by field,
-    /// without building them.
+    /// Whether no property is set: equality with the defaults, asked as
+    /// `is_none` of each field (cheaper than `==`, on every publish).
     fn is_default(&self) -> bool {
         let Properties {
             content_type,

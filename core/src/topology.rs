@@ -519,7 +519,7 @@ impl Registry {
             .find_map(|e| match e {
                 Entity::Queue {
                     handle, decl, name, ..
-                } if decl.name.is_empty() && !n.is_empty() && name == n => {
+                } if decl.is_server_named() && !n.is_empty() && name == n => {
                     Some(QueueRef::Handle(*handle))
                 }
                 _ => None,
@@ -746,16 +746,16 @@ impl Registry {
                 let name = name.unwrap_or(&decl.name).to_string();
                 let tied = decl.exclusive || decl.is_server_named();
                 // a fixed-name queue declared twice keeps one entry
-                let existing = (!decl.is_server_named())
-                    .then(|| {
-                        self.entities.values().find_map(|e| match e {
-                            Entity::Queue {
-                                handle: h, name: n, ..
-                            } if *n == name => Some(*h),
-                            _ => None,
-                        })
+                let existing = if decl.is_server_named() {
+                    None
+                } else {
+                    self.entities.values().find_map(|e| match e {
+                        Entity::Queue {
+                            handle: h, name: n, ..
+                        } if *n == name => Some(*h),
+                        _ => None,
                     })
-                    .flatten();
+                };
                 if let Some(primary) = existing {
                     // the later handle names the same entry
                     if primary != *handle {

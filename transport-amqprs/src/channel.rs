@@ -27,7 +27,7 @@ use futures::stream::{self, BoxStream};
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, mpsc as tokio_mpsc, watch};
 
-use crate::connection::{ConnectionShared, InRuntime, lock};
+use crate::connection::{ConnectionShared, InRuntime, lock, run_to_end};
 use crate::convert::{self, checked, map_error, short, to_table};
 
 /// One AMQP channel over amqprs; implements core's [`Channel`].
@@ -255,13 +255,8 @@ impl AmqprsChannel {
     /// Runs an amqprs request on this channel: refused at once when the channel is
     /// closed or closing ([`check_open`](Self::check_open)), its error mapped by
     /// [`error`](Self::error). (`request` makes the request from a handle of the
-    /// channel: nothing is sent before the check passes.)
-    ///
-    /// The request runs as a task of its own on the runtime, so that it always
-    /// runs to its end: amqprs's channel dispatcher panics (an `unwrap` on the
-    /// request's reply channel) when a request's future is dropped while it
-    /// registers for the reply, which is what a close of the client does to the
-    /// requests it cuts short.
+    /// channel: nothing is sent before the check passes.) It runs to its end in a
+    /// task of its own ([`run_to_end`]).
     async fn call<T, F>(&self, request: impl FnOnce(AmqprsChan) -> F) -> Result<T, TransportError>
     where
         F: std::future::Future<Output = Result<T, AmqprsError>> + Send + 'static,
@@ -269,12 +264,9 @@ impl AmqprsChannel {
     {
         self.check_open().await?;
         let task = request(self.channel().clone());
-        match self.channel.handle().spawn(task).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.error(e).await),
-            Err(join) => Err(TransportError::Protocol(format!(
-                "an amqprs request failed: {join}"
-            ))),
+        match run_to_end(self.channel.handle(), "running a request", task).await? {
+            Ok(value) => Ok(value),
+            Err(e) => Err(self.error(e).await),
         }
     }
 
@@ -592,16 +584,13 @@ impl Channel for AmqprsChannel {
         self.shared.client_closing.store(true, Ordering::SeqCst);
         // amqprs's `close` takes the channel by value; a clone shares its state. It
         // does nothing on a channel that the broker (or the connection's end)
-        // already closed. In a task of its own, like every request (see `call`).
+        // already closed. It runs to its end, like every request ([`run_to_end`]).
         let channel = self.channel().clone();
-        match self.channel.handle().spawn(channel.close()).await {
-            Ok(Ok(())) => Ok(()),
+        match run_to_end(self.channel.handle(), "closing a channel", channel.close()).await? {
+            Ok(()) => Ok(()),
             // The channel or its connection ended on the way: nothing is left.
-            Ok(Err(AmqprsError::InternalChannelError(_))) => Ok(()),
-            Ok(Err(e)) => Err(map_error(&e)),
-            Err(join) => Err(TransportError::Protocol(format!(
-                "amqprs failed while closing a channel: {join}"
-            ))),
+            Err(AmqprsError::InternalChannelError(_)) => Ok(()),
+            Err(e) => Err(map_error(&e)),
         }
     }
 }

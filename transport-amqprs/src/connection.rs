@@ -249,19 +249,8 @@ impl Connection for AmqprsConnection {
     async fn close(&self) -> Result<(), TransportError> {
         self.shared.client_closing.store(true, Ordering::SeqCst);
         // amqprs's `close` takes the connection by value; a clone shares its state.
-        // In a task of its own, so that it runs to its end even if this future is
-        // dropped: amqprs's reader task panics (an `expect` on the reply channel)
-        // when a close is dropped while it registers for the close-ok.
         let connection = self.connection.get().clone();
-        let result = match self.handle.spawn(connection.close()).await {
-            Ok(result) => result,
-            Err(join) => {
-                return Err(TransportError::Protocol(format!(
-                    "amqprs failed while closing the connection: {join}"
-                )));
-            }
-        };
-        match result {
+        match run_to_end(&self.handle, "closing the connection", connection.close()).await? {
             Ok(()) => Ok(()),
             // The connection ended on the way: nothing is left to close.
             Err(_) if self.shared.reader_ended() => Ok(()),
@@ -375,6 +364,27 @@ impl Drop for DecideOnDrop {
     fn drop(&mut self) {
         self.0.decide(task_stopped());
     }
+}
+
+/// Runs an amqprs request or close as a task of its own on `handle`, so that it
+/// runs to its end even if the caller's future is dropped: amqprs's tasks panic
+/// (an `unwrap` or `expect` on a reply channel) when such a future is dropped
+/// while it registers for its reply, which is what a close of the client does to
+/// the requests it cuts short. A panic of the task is reported as `Protocol`,
+/// naming `what` it was doing.
+pub(crate) async fn run_to_end<T, F>(
+    handle: &Handle,
+    what: &str,
+    request: F,
+) -> Result<Result<T, AmqprsError>, TransportError>
+where
+    F: std::future::Future<Output = Result<T, AmqprsError>> + Send + 'static,
+    T: Send + 'static,
+{
+    handle
+        .spawn(request)
+        .await
+        .map_err(|join| TransportError::Protocol(format!("amqprs failed while {what}: {join}")))
 }
 
 /// An amqprs object that must be dropped on the tokio runtime: amqprs's drop

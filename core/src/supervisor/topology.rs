@@ -382,6 +382,10 @@ impl Supervisor {
             }
             Step::Entity(id) if matches!(error, TransportError::Reply { .. }) => {
                 self.stats.replay_failures += 1;
+                // counts of entities the application has since removed go
+                let entities = &self.registry.entities;
+                self.replay_refusals
+                    .retain(|id, _| entities.contains_key(id));
                 let refusals = self.replay_refusals.entry(*id).or_insert(0);
                 *refusals = refusals.saturating_add(1);
                 let refusals = *refusals;
