@@ -145,7 +145,13 @@ pub enum Event {
         /// How it went.
         result: Result<(), TransportError>,
     },
-    /// A consumer ended for good (it will receive nothing more).
+    /// A consumer ended for good (it will receive nothing more): the broker
+    /// cancelled it and its queue is not this client's to declare again
+    /// ([`ConsumeError::CancelledByBroker`]),
+    /// or it refused to subscribe it again after a recovery
+    /// [`MAX_CONSUME_REFUSALS`](crate::supervisor::MAX_CONSUME_REFUSALS) times in
+    /// a row, or, as "in exclusive use", for
+    /// [`EXCLUSIVE_USE_GRACE`](crate::supervisor::EXCLUSIVE_USE_GRACE).
     ConsumerEnded {
         /// The consumer.
         consumer: ConsumerId,

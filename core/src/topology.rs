@@ -2,6 +2,7 @@
 //! application and replayed after every recovery.
 
 use crate::message::FieldTable;
+use std::time::Instant;
 
 /// Exchange type.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
@@ -439,6 +440,12 @@ pub(crate) struct ConsumerEntry {
     pub(crate) started: bool,
     /// basic.consume refusals in a row since it last succeeded.
     pub(crate) refusals: u8,
+    /// Since when the broker has refused it as "in exclusive use" (the dead
+    /// connection it replaces still holds it), while that lasts.
+    pub(crate) exclusive_since: Option<Instant>,
+    /// When a consumer the broker refused as "in exclusive use" is tried again:
+    /// until then its channel replays without it.
+    pub(crate) retry_at: Option<Instant>,
 }
 
 /// Declared topology in declaration order, and the consumers.

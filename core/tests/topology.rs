@@ -874,3 +874,118 @@ fn a_consumer_whose_queue_never_comes_back_ends_after_bounded_refusals() {
         "the channel recovers without the consumer"
     );
 }
+
+fn exclusive_use() -> TransportError {
+    TransportError::Reply {
+        code: 403,
+        text: "ACCESS_REFUSED - queue 'q' in vhost '/' in exclusive use".into(),
+    }
+}
+
+fn consumers_ended(w: &World) -> Vec<(Duration, ConsumeError)> {
+    w.events
+        .iter()
+        .filter_map(|(at, e)| match e {
+            Event::ConsumerEnded { error, .. } => Some((*at, error.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn exclusive_consumer(w: &mut World) {
+    w.app(|s, now| {
+        s.consume(
+            now,
+            QueueRef::Named("q".into()),
+            None,
+            ConsumeOptions {
+                exclusive: true,
+                ..ConsumeOptions::default()
+            },
+        )
+    })
+    .unwrap();
+    w.run_for(Duration::from_millis(50));
+    assert_eq!(consume_resolutions(w), vec![Ok(())]);
+}
+
+/// After a silent network failure the broker keeps the dead connection's
+/// exclusive subscription until its heartbeat check drops that connection (up
+/// to two heartbeat intervals, 60 s each by default), and refuses the new one
+/// as "in exclusive use" until then. The consumer waits that out; its channel
+/// publishes meanwhile.
+#[test]
+fn an_exclusive_consumer_the_dead_connection_holds_comes_back_when_the_broker_lets_go() {
+    let mut w = ready_world(1, 1);
+    exclusive_consumer(&mut w);
+    w.fail_consume = Some(exclusive_use());
+    kill(&mut w);
+    // the broker holds the old subscription for 100 s
+    let mut ready_seconds = 0;
+    let mut published = 0;
+    for n in 0..100u64 {
+        w.run_for(Duration::from_secs(1));
+        if w.sup.is_all_ready() {
+            ready_seconds += 1;
+        }
+        if w.publish(common::msg(n)).is_ok() {
+            published += 1;
+        }
+    }
+    assert!(
+        consumers_ended(&w).is_empty(),
+        "ended while the broker held the old subscription: {:?}",
+        consumers_ended(&w)
+    );
+    assert!(
+        ready_seconds >= 90,
+        "its channel was Ready {ready_seconds} of 100 s: the refused consumer held it down"
+    );
+    let tries = w
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::ReplayFailed { .. }))
+        .count();
+    assert!(
+        (5..=20).contains(&tries),
+        "{tries} refused tries in 100 s: neither given up nor a hot loop"
+    );
+    w.fail_consume = None;
+    w.run_for(Duration::from_secs(20));
+    let consumes = w
+        .topology_log
+        .iter()
+        .filter(|(_, op)| matches!(op, TopologyOp::Consume { .. }))
+        .count();
+    assert_eq!(consumes, 2, "subscribed again once the broker let go");
+    assert!(consumers_ended(&w).is_empty());
+    assert!(w.sup.is_all_ready());
+    let stored = w.stored.len();
+    assert_eq!(stored, published, "every publish of the outage was stored");
+}
+
+#[test]
+fn an_exclusive_consumer_refused_past_the_grace_ends() {
+    let mut w = ready_world(1, 1);
+    exclusive_consumer(&mut w);
+    // another application holds the queue's exclusive consumer for good
+    w.fail_consume = Some(exclusive_use());
+    let killed = w.elapsed();
+    kill(&mut w);
+    w.run_for(amqp_rebound_core::supervisor::EXCLUSIVE_USE_GRACE + Duration::from_secs(30));
+    let ended = consumers_ended(&w);
+    let [(at, ConsumeError::Broker { code: 403, .. })] = ended.as_slice() else {
+        panic!("one end, with the broker's refusal: {ended:?}");
+    };
+    let after = *at - killed;
+    assert!(
+        after >= amqp_rebound_core::supervisor::EXCLUSIVE_USE_GRACE
+            && after
+                <= amqp_rebound_core::supervisor::EXCLUSIVE_USE_GRACE + Duration::from_secs(20),
+        "ended {after:?} after the cut"
+    );
+    assert!(
+        w.sup.is_all_ready(),
+        "the channel recovers without the consumer"
+    );
+}

@@ -23,7 +23,7 @@ use crate::topology::{AckKind, Registry, TopologyOp};
 use channel::Chan;
 
 pub use publish::Stats;
-pub use topology::{MAX_CONSUME_REFUSALS, MAX_REPLAY_REFUSALS};
+pub use topology::{EXCLUSIVE_USE_GRACE, MAX_CONSUME_REFUSALS, MAX_REPLAY_REFUSALS};
 
 /// Something that happened, fed to [`Supervisor::handle`].
 ///
@@ -268,6 +268,8 @@ enum TimerKey {
     Channel(u16, u16),
     /// When a slot's unanswered dial gets a second one, to the next host.
     ParallelDial(u16),
+    /// When a consumer the broker refused as "in exclusive use" is tried again.
+    Consumer(u64),
 }
 
 struct Conn {
@@ -1288,6 +1290,7 @@ impl Supervisor {
                     self.conns[c].parallel_timer = None;
                     self.dial_in_parallel(c);
                 }
+                TimerKey::Consumer(id) => self.consumer_retry_due(id),
                 TimerKey::Channel(c, i) => {
                     let (c, i) = (usize::from(c), usize::from(i));
                     self.conns[c].channels[i].timer = None;

@@ -2,7 +2,7 @@
 //! the application's declarations, consumers, deliveries and acks.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::channel::chan_id;
 use super::{Command, Supervisor};
@@ -83,6 +83,27 @@ impl UserOps {
 /// refusals in a row (one per reopen of its channel, which backs off).
 pub const MAX_CONSUME_REFUSALS: u8 = 5;
 
+/// A consumer that ran before and that the broker refuses as "in exclusive
+/// use" is tried again for this long before it ends. After a silent network
+/// failure the broker still holds the dead connection's exclusive subscription
+/// until its heartbeat check drops that connection: up to twice the heartbeat
+/// interval, 60 s by default in RabbitMQ.
+pub const EXCLUSIVE_USE_GRACE: Duration = Duration::from_secs(180);
+
+/// The first wait before such a consumer is tried again; each next wait is as
+/// long as the refusals have lasted so far (about doubling), up to
+/// `EXCLUSIVE_USE_RETRY_MAX`. Its channel replays without it
+/// meanwhile, so it publishes and runs its other consumers; each try the broker
+/// refuses closes that channel once more.
+const EXCLUSIVE_USE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const EXCLUSIVE_USE_RETRY_MAX: Duration = Duration::from_secs(16);
+
+/// Whether the broker refused a basic.consume because another connection holds
+/// an exclusive consumer on the queue (RabbitMQ: 403 "... in exclusive use").
+fn in_exclusive_use(error: &TransportError) -> bool {
+    matches!(error, TransportError::Reply { code: 403, text } if text.contains("exclusive use"))
+}
+
 /// A binding or an exchange declaration whose replay the broker refuses this
 /// many times in a row (a binding to an exchange another application deleted,
 /// an exchange redeclared elsewhere with other properties) is dropped from the
@@ -133,7 +154,8 @@ impl Supervisor {
             }
         }
         for (&id, consumer) in &self.registry.consumers {
-            if consumer.conn == Some(c) && consumer.chan == Some(i) {
+            // one waiting to be tried again (in exclusive use) is not replayed
+            if consumer.conn == Some(c) && consumer.chan == Some(i) && consumer.retry_at.is_none() {
                 steps.push_back(Step::Qos(id));
                 steps.push_back(Step::Consume(id));
             }
@@ -309,6 +331,7 @@ impl Supervisor {
                         if let Some(k) = self.registry.consumers.get_mut(&id) {
                             k.subscribed = name;
                             k.refusals = 0;
+                            k.exclusive_since = None;
                             if !std::mem::replace(&mut k.started, true) {
                                 self.consume_waits.retain(|&(_, w)| w != id);
                                 self.events.push_back(Event::ConsumeResolved {
@@ -448,13 +471,37 @@ impl Supervisor {
     /// application just started ends with the refusal (its caller hears it); one
     /// that ran before is retried with each reopen of its channel (the queue may
     /// come back: a node restarting), and ends after
-    /// [`MAX_CONSUME_REFUSALS`] refusals in a row.
+    /// [`MAX_CONSUME_REFUSALS`] refusals in a row. One refused as "in exclusive
+    /// use" (a dead connection of this client may still hold it) leaves its
+    /// channel's replay and is tried again on a timer, until it has been refused
+    /// so for [`EXCLUSIVE_USE_GRACE`].
     fn consume_refused(&mut self, id: u64, error: &TransportError) {
         let Some(k) = self.registry.consumers.get_mut(&id) else {
             return;
         };
-        k.refusals = k.refusals.saturating_add(1);
+        let now = self.now;
+        let exclusive = k.started && in_exclusive_use(error);
+        let retry_at = if exclusive {
+            // the dead connection's subscription goes when the broker notices
+            // it: wait for that, by time rather than by count
+            let since = *k.exclusive_since.get_or_insert(now);
+            let waited = now.saturating_duration_since(since);
+            // waiting as long again as it has waited doubles the wait
+            (waited < EXCLUSIVE_USE_GRACE)
+                .then(|| now + waited.clamp(EXCLUSIVE_USE_RETRY_FIRST, EXCLUSIVE_USE_RETRY_MAX))
+        } else {
+            k.exclusive_since = None;
+            None
+        };
+        // those end by time, not by count
+        if !exclusive {
+            k.refusals = k.refusals.saturating_add(1);
+        }
         let (started, refusals) = (k.started, k.refusals);
+        if let Some(at) = retry_at {
+            k.retry_at = Some(at);
+            self.timers.insert((at, super::TimerKey::Consumer(id)));
+        }
         let reason = match error {
             TransportError::Reply { code, text } => ConsumeError::Broker {
                 code: *code,
@@ -462,7 +509,7 @@ impl Supervisor {
             },
             other => ConsumeError::Transport(other.clone()),
         };
-        if started && refusals < MAX_CONSUME_REFUSALS {
+        if started && (retry_at.is_some() || (!exclusive && refusals < MAX_CONSUME_REFUSALS)) {
             let step = self.describe(&Step::Consume(id));
             self.events.push_back(Event::ReplayFailed {
                 channel: self
@@ -872,6 +919,8 @@ impl Supervisor {
                 subscribed: None,
                 started: false,
                 refusals: 0,
+                exclusive_since: None,
+                retry_at: None,
             },
         );
         let deadline = super::deadline_after(self.now, self.config.publish_timeout);
@@ -1213,6 +1262,17 @@ impl Supervisor {
             ch.current.steps.push_back(Step::Qos(consumer));
             ch.current.steps.push_back(Step::Consume(consumer));
             self.kick(c, i);
+        }
+    }
+
+    /// A consumer refused as "in exclusive use" is due to be tried again: on its
+    /// channel now if that is up, else in the channel's next replay.
+    pub(super) fn consumer_retry_due(&mut self, consumer: u64) {
+        let Some(k) = self.registry.consumers.get_mut(&consumer) else {
+            return; // cancelled meanwhile
+        };
+        if k.retry_at.take_if(|at| *at <= self.now).is_some() {
+            self.resubscribe(consumer, false);
         }
     }
 

@@ -248,6 +248,54 @@ pub async fn a_server_named_queue_given_by_name_is_followed_across_a_recovery<T:
     drop(proxy);
 }
 
+/// An exclusive consumer across a silent network failure (`heartbeat=2`): the
+/// broker keeps the dead connection's exclusive subscription until its own
+/// heartbeat check drops that connection, and refuses the new one as "in
+/// exclusive use" until then. The consumer waits that out and receives again;
+/// the client publishes meanwhile.
+pub async fn an_exclusive_consumer_comes_back_after_a_blackhole<T: Transport>(h: Harness<T>) {
+    let proxy = FaultProxy::start(h.url.socket_addr()).expect("a fault proxy");
+    let url = BrokerUrl::with_query(&h.url.at(proxy.addr()), "heartbeat=2");
+    let name = queue_name(&h, "exclusive-blackhole");
+    let client = ready_with_queue(&h, h.builder([url]).pool(1, 1), &name).await;
+    let options = ConsumeOptions {
+        exclusive: true,
+        ..ConsumeOptions::default()
+    };
+    let mut consumer = client
+        .consume(name.as_str(), options)
+        .await
+        .expect("the exclusive consumer");
+    let mut events = client.watch();
+    proxy.blackhole_existing();
+    // the client notices by the missed heartbeats, the broker a little later
+    eventually("a second dial", 20 * SECOND, || proxy.accepted() >= 2).await;
+    let during = within(
+        "a publish while the broker holds the old subscription",
+        20 * SECOND,
+        client.publish("", &name, "after", Properties::default()),
+    )
+    .await;
+    assert_eq!(during, Ok(Confirmation::Confirmed));
+    let received = within("the delivery", 40 * SECOND, consumer.next())
+        .await
+        .expect("the consumer goes on")
+        .expect("a delivery");
+    assert_eq!(received.payload(), b"after");
+    received.ack().await.expect("ack");
+    let events = drain_events(&mut events);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::ConsumerEnded { .. })),
+        "{events:?}"
+    );
+    drop(consumer);
+    close(client).await;
+    delete_queues(&h, &[&name]).await;
+    drop(proxy);
+}
+
 /// A binding whose exchange another application deleted while the client was
 /// cut off: its replay is refused (404) a few times, then dropped, and the
 /// client is Ready and publishing again; it does not hold the connection's
