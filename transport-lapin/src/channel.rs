@@ -352,7 +352,12 @@ impl PublishParts {
                 mandatory: message.mandatory,
                 immediate: false,
             },
-            properties: convert::to_lapin_properties(&message.properties)?,
+            // most messages set no property: nothing to convert or check
+            properties: if message.properties.is_set() {
+                convert::to_lapin_properties(&message.properties)?
+            } else {
+                lapin::BasicProperties::default()
+            },
         })
     }
 }
