@@ -216,6 +216,12 @@ macro_rules! conformance_suite {
                     $name,
                     Shared,
                     edges,
+                    an_exclusive_queue_comes_back_after_a_blackhole
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
                     an_unknown_exchange_type_is_refused_once
                 );
                 $crate::__conformance_case!($name, Shared, edges, first_contact_names_the_cause);

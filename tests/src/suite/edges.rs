@@ -296,6 +296,73 @@ pub async fn an_exclusive_consumer_comes_back_after_a_blackhole<T: Transport>(h:
     drop(proxy);
 }
 
+/// A fixed-name exclusive queue across a silent network failure
+/// (`heartbeat=2`): the broker keeps the dead connection's queue until its own
+/// heartbeat check drops that connection, and refuses the new connection's
+/// declaration as locked (405) until then. The client publishes meanwhile, and
+/// the queue and its consumer come back when the broker lets go.
+pub async fn an_exclusive_queue_comes_back_after_a_blackhole<T: Transport>(h: Harness<T>) {
+    let proxy = FaultProxy::start(h.url.socket_addr()).expect("a fault proxy");
+    let url = BrokerUrl::with_query(&h.url.at(proxy.addr()), "heartbeat=2");
+    let name = queue_name(&h, "exclusive-queue-blackhole");
+    let other = queue_name(&h, "exclusive-queue-blackhole-other");
+    let client = ready_with_queue(&h, h.builder([url]).pool(1, 2), &other).await;
+    let mine = QueueDecl {
+        name: name.clone(),
+        exclusive: true,
+        ..QueueDecl::default()
+    };
+    client
+        .declare_queue(mine)
+        .await
+        .expect("the exclusive queue");
+    let mut consumer = client
+        .consume(name.as_str(), ConsumeOptions::default())
+        .await
+        .expect("the consumer");
+    let mut events = client.watch();
+    proxy.blackhole_existing();
+    let cut = Instant::now();
+    eventually("a second dial", 20 * SECOND, || proxy.accepted() >= 2).await;
+    let during = within(
+        "a publish to another queue while the broker holds the old one",
+        20 * SECOND,
+        client.publish("", &other, "beside", Properties::default()),
+    )
+    .await;
+    assert_eq!(during, Ok(Confirmation::Confirmed));
+    eprintln!(
+        "exclusive queue: a publish confirmed {:?} after the cut",
+        cut.elapsed()
+    );
+    wait_ready(&client, 30 * SECOND).await;
+    let confirmed = within(
+        "a publish to the exclusive queue",
+        20 * SECOND,
+        client.publish("", &name, "after", Properties::default()),
+    )
+    .await;
+    eprintln!("exclusive queue: Ready {:?} after the cut", cut.elapsed());
+    assert_eq!(confirmed, Ok(Confirmation::Confirmed));
+    let received = within("the delivery", 40 * SECOND, consumer.next())
+        .await
+        .expect("the consumer goes on")
+        .expect("a delivery");
+    assert_eq!(received.payload(), b"after");
+    received.ack().await.expect("ack");
+    let events = drain_events(&mut events);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::ConsumerEnded { .. })),
+        "{events:?}"
+    );
+    drop(consumer);
+    close(client).await;
+    delete_queues(&h, &[&other]).await;
+    drop(proxy);
+}
+
 /// A binding whose exchange another application deleted while the client was
 /// cut off: its replay is refused (404) a few times, then dropped, and the
 /// client is Ready and publishing again; it does not hold the connection's
