@@ -989,3 +989,38 @@ fn an_exclusive_consumer_refused_past_the_grace_ends() {
         "the channel recovers without the consumer"
     );
 }
+
+#[test]
+fn an_exclusive_consumer_cancelled_while_it_waits_is_not_tried_again() {
+    let mut w = ready_world(1, 1);
+    exclusive_consumer(&mut w);
+    let consumer = w
+        .events
+        .iter()
+        .find_map(|(_, e)| match e {
+            Event::ConsumeResolved { consumer, .. } => Some(*consumer),
+            _ => None,
+        })
+        .expect("the consumer");
+    w.fail_consume = Some(exclusive_use());
+    kill(&mut w);
+    w.run_for(Duration::from_secs(3));
+    assert!(
+        w.events
+            .iter()
+            .any(|(_, e)| matches!(e, Event::ReplayFailed { .. })),
+        "refused as in exclusive use"
+    );
+    assert!(w.sup.is_all_ready(), "its channel is up without it");
+    w.app(|s, now| s.cancel(now, consumer)).unwrap();
+    w.fail_consume = None;
+    let logged = w.topology_log.len();
+    w.run_for(Duration::from_secs(60));
+    let after: Vec<_> = w.topology_log[logged..].iter().map(|(_, op)| op).collect();
+    assert!(
+        after.is_empty(),
+        "neither a cancel of a tag the broker does not know nor a new consume: {after:?}"
+    );
+    assert!(consumers_ended(&w).is_empty());
+    assert!(w.sup.is_all_ready());
+}

@@ -940,12 +940,13 @@ impl Supervisor {
         self.registry.tags.remove(&entry.tag);
         if let (Some(c), Some(i)) = (entry.conn, entry.chan) {
             let ch = &mut self.conns[c].channels[i];
-            // it may still sit in the replay queue: then it never started
+            // it may still sit in the replay queue, or wait to be tried again
+            // (in exclusive use): then the broker does not know it here
             let before = ch.current.steps.len();
             ch.current
                 .steps
                 .retain(|s| !matches!(s, Step::Qos(id) | Step::Consume(id) if *id == consumer.0));
-            let started = before == ch.current.steps.len();
+            let started = before == ch.current.steps.len() && entry.retry_at.is_none();
             if started && ch.state.is_ready() {
                 if !entry.options.no_ack {
                     if self.cancelled.len() == CANCELLED_KEPT {
