@@ -1024,3 +1024,29 @@ fn an_exclusive_consumer_cancelled_while_it_waits_is_not_tried_again() {
     assert!(consumers_ended(&w).is_empty());
     assert!(w.sup.is_all_ready());
 }
+
+#[test]
+fn a_longer_heartbeat_in_the_uri_lengthens_the_exclusive_use_grace() {
+    let mut cfg = config(1, 1, 1);
+    cfg.hosts = amqp_rebound_core::endpoint::parse_hosts([
+        "amqp://guest:pw@127.0.0.1:5672/%2f?heartbeat=600",
+    ])
+    .expect("a host");
+    let mut w = World::new(cfg);
+    w.run_until_ready(Duration::from_secs(1)).expect("ready");
+    exclusive_consumer(&mut w);
+    w.fail_consume = Some(exclusive_use());
+    kill(&mut w);
+    // longer than EXCLUSIVE_USE_GRACE, shorter than three 600 s heartbeats
+    w.run_for(Duration::from_secs(1_000));
+    assert!(consumers_ended(&w).is_empty(), "{:?}", consumers_ended(&w));
+    w.fail_consume = None;
+    w.run_for(Duration::from_secs(20));
+    let consumes = w
+        .topology_log
+        .iter()
+        .filter(|(_, op)| matches!(op, TopologyOp::Consume { .. }))
+        .count();
+    assert_eq!(consumes, 2, "subscribed again once the broker let go");
+    assert!(consumers_ended(&w).is_empty());
+}

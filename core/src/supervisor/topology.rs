@@ -84,10 +84,11 @@ impl UserOps {
 pub const MAX_CONSUME_REFUSALS: u8 = 5;
 
 /// A consumer that ran before and that the broker refuses as "in exclusive
-/// use" is tried again for this long before it ends. After a silent network
-/// failure the broker still holds the dead connection's exclusive subscription
-/// until its heartbeat check drops that connection: up to twice the heartbeat
-/// interval, 60 s by default in RabbitMQ.
+/// use" is tried again for this long before it ends (or for three heartbeat
+/// intervals, if a host's URI asks for a longer `heartbeat`). After a silent
+/// network failure the broker still holds the dead connection's exclusive
+/// subscription until its heartbeat check drops that connection: after up to
+/// two intervals, 60 s each by default in RabbitMQ.
 pub const EXCLUSIVE_USE_GRACE: Duration = Duration::from_secs(180);
 
 /// The first wait before such a consumer is tried again; each next wait is as
@@ -476,10 +477,11 @@ impl Supervisor {
     /// channel's replay and is tried again on a timer, until it has been refused
     /// so for [`EXCLUSIVE_USE_GRACE`].
     fn consume_refused(&mut self, id: u64, error: &TransportError) {
+        let now = self.now;
+        let grace = self.exclusive_use_grace();
         let Some(k) = self.registry.consumers.get_mut(&id) else {
             return;
         };
-        let now = self.now;
         let exclusive = k.started && in_exclusive_use(error);
         let retry_at = if exclusive {
             // the dead connection's subscription goes when the broker notices
@@ -487,7 +489,7 @@ impl Supervisor {
             let since = *k.exclusive_since.get_or_insert(now);
             let waited = now.saturating_duration_since(since);
             // waiting as long again as it has waited doubles the wait
-            (waited < EXCLUSIVE_USE_GRACE)
+            (waited < grace)
                 .then(|| now + waited.clamp(EXCLUSIVE_USE_RETRY_FIRST, EXCLUSIVE_USE_RETRY_MAX))
         } else {
             k.exclusive_since = None;
@@ -1264,6 +1266,15 @@ impl Supervisor {
             ch.current.steps.push_back(Step::Consume(consumer));
             self.kick(c, i);
         }
+    }
+
+    /// How long a consumer refused as "in exclusive use" is tried again:
+    /// [`EXCLUSIVE_USE_GRACE`], or three of the longest heartbeat interval a
+    /// host's URI asks for.
+    fn exclusive_use_grace(&self) -> Duration {
+        let longest = self.hosts.iter().filter_map(|h| h.heartbeat()).max();
+        let heartbeats = Duration::from_secs(3 * u64::from(longest.unwrap_or(0)));
+        EXCLUSIVE_USE_GRACE.max(heartbeats)
     }
 
     /// A consumer refused as "in exclusive use" is due to be tried again: on its
