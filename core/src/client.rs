@@ -95,7 +95,12 @@ impl ClientBuilder {
         self
     }
 
-    /// N connections x M channels per connection (default 1 x 4).
+    /// N connections x M channels per connection (default 1 x 4). `build`
+    /// refuses a zero, more than 65535 of either, or more than
+    /// [`MAX_POOL_CHANNELS`](crate::config::MAX_POOL_CHANNELS) channels in all
+    /// ([`ConfigError`]); a pool wider than the broker's
+    /// `channel_max` fails at first contact
+    /// ([`TransportError::ChannelLimit`](crate::TransportError::ChannelLimit)).
     pub fn pool(mut self, connections: usize, channels_per_connection: usize) -> Self {
         self.config.connections = connections;
         self.config.channels_per_connection = channels_per_connection;

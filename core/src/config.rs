@@ -6,6 +6,13 @@ use crate::backoff::BackoffConfig;
 use crate::endpoint::Endpoint;
 use crate::error::ConfigError;
 
+/// The most channels a pool may have in all (connections x channels per
+/// connection): the client keeps each channel's state (a few hundred bytes)
+/// from the start, so a pool above this is refused with
+/// [`ConfigError::PoolTooLarge`] rather than allocated. RabbitMQ's default
+/// `channel_max` is 2047 per connection.
+pub const MAX_POOL_CHANNELS: usize = 1 << 20;
+
 /// Everything the [`Supervisor`](crate::Supervisor) needs to know up front.
 ///
 /// Build it with [`Config::new`] and adjust the public fields; the supervisor calls
@@ -100,6 +107,16 @@ impl Config {
         if self.channels_per_connection > usize::from(u16::MAX) {
             return Err(ConfigError::TooManyChannels(self.channels_per_connection));
         }
+        if self
+            .connections
+            .saturating_mul(self.channels_per_connection)
+            > MAX_POOL_CHANNELS
+        {
+            return Err(ConfigError::PoolTooLarge {
+                connections: self.connections,
+                channels: self.channels_per_connection,
+            });
+        }
         self.backoff.validate()?;
         for (name, value) in [
             ("connect timeout", self.connect_timeout),
@@ -153,6 +170,16 @@ mod tests {
             (
                 |c| c.channels_per_connection = 70_000,
                 ConfigError::TooManyChannels(70_000),
+            ),
+            (
+                |c| {
+                    c.connections = 65_535;
+                    c.channels_per_connection = 65_535;
+                },
+                ConfigError::PoolTooLarge {
+                    connections: 65_535,
+                    channels: 65_535,
+                },
             ),
             (
                 |c| c.backoff.cap = Duration::from_millis(10),

@@ -39,6 +39,19 @@ pub enum ConfigError {
     /// More channels per connection than AMQP allows.
     #[error("{0} channels per connection is more than AMQP allows (65535)")]
     TooManyChannels(usize),
+    /// More channels in the whole pool (connections x channels per
+    /// connection) than [`MAX_POOL_CHANNELS`](crate::config::MAX_POOL_CHANNELS):
+    /// the pool keeps every channel's state from the start.
+    #[error(
+        "a pool of {connections} x {channels} channels is more than the client supports ({max} in all)",
+        max = crate::config::MAX_POOL_CHANNELS
+    )]
+    PoolTooLarge {
+        /// The connections asked for.
+        connections: usize,
+        /// The channels per connection asked for.
+        channels: usize,
+    },
     /// The backoff cap is below its initial delay.
     #[error("backoff cap {cap:?} is below the initial delay {initial:?}")]
     BackoffCapBelowInitial {

@@ -702,6 +702,17 @@ fn supervisor_refuses_a_bad_config_without_panicking() {
     #[allow(clippy::disallowed_methods)] // the test owns the clock
     let err = amqp_rebound_core::Supervisor::new(c, std::time::Instant::now()).unwrap_err();
     assert_eq!(err, amqp_rebound_core::ConfigError::ZeroChannels);
+    // each dimension within its limit, the whole too large to allocate: refused
+    // at once, not an abort on allocation
+    let mut c = config(1, 1, 1);
+    c.connections = 65_535;
+    c.channels_per_connection = 65_535;
+    #[allow(clippy::disallowed_methods)] // the test owns the clock
+    let err = amqp_rebound_core::Supervisor::new(c, std::time::Instant::now()).unwrap_err();
+    assert!(
+        matches!(err, amqp_rebound_core::ConfigError::PoolTooLarge { .. }),
+        "{err:?}"
+    );
 }
 
 /// Each step of an open is its own state, named for what the channel waits for;
