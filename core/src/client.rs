@@ -855,8 +855,15 @@ impl Consumer {
     }
 
     /// Cancels the consumer (deliveries already received can still be acked;
-    /// those it holds and has not handed out go back to the queue). Dropping the
-    /// consumer does the same.
+    /// those it holds and has not handed out go back to the queue, as do those
+    /// the broker sends it before it takes the cancel). Dropping the consumer
+    /// does the same. Its tag may be given to a new consumer at once: deliveries
+    /// meant for this one never reach that one.
+    ///
+    /// An auto-ack (`no_ack`) consumer's deliveries cannot go back: so that
+    /// nothing published after the cancel is routed to it, the client's
+    /// publishes wait until the broker has taken the cancel (one round trip; at
+    /// most 5 s).
     pub fn cancel(self) {
         drop(self);
     }

@@ -1050,3 +1050,124 @@ fn a_longer_heartbeat_in_the_uri_lengthens_the_exclusive_use_grace() {
     assert_eq!(consumes, 2, "subscribed again once the broker let go");
     assert!(consumers_ended(&w).is_empty());
 }
+
+fn deliveries_to(w: &World, consumer: amqp_rebound_core::ConsumerId) -> usize {
+    w.events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Delivery { consumer: k, .. } if *k == consumer))
+        .count()
+}
+
+fn requeued(w: &World) -> usize {
+    w.commands
+        .iter()
+        .filter(|(_, c)| {
+            matches!(
+                c,
+                amqp_rebound_core::Command::Ack {
+                    kind: AckKind::Nack { requeue: true, .. },
+                    ..
+                }
+            )
+        })
+        .count()
+}
+
+/// A tag given again after a cancel: what the broker still delivers to the
+/// cancelled consumer (it had not taken the cancel yet) goes back to its queue,
+/// never to the new consumer of another queue, on the same channel or another.
+#[test]
+fn a_tag_given_again_after_a_cancel_does_not_take_the_cancelled_consumers_deliveries() {
+    fn consume(w: &mut World, queue: &str, tag: &str) -> amqp_rebound_core::ConsumerId {
+        w.app(|s, now| {
+            s.consume(
+                now,
+                QueueRef::Named(queue.into()),
+                Some(tag.into()),
+                ConsumeOptions::default(),
+            )
+        })
+        .unwrap()
+    }
+    // one channel: the new consumer goes where the old one was; the old one's
+    // deliveries come before the broker took the cancel and the new consume
+    let mut w = ready_world(1, 1);
+    let old = consume(&mut w, "q1", "worker");
+    w.run_for(Duration::from_millis(50));
+    let channel = w.sup.consumer_channel(old).expect("a channel");
+    w.app(|s, now| s.cancel(now, old)).unwrap();
+    let new = consume(&mut w, "q2", "worker");
+    for n in 0..3 {
+        w.deliver(channel, "worker", &format!("old {n}"));
+    }
+    w.run_for(Duration::from_millis(50));
+    assert_eq!(deliveries_to(&w, new), 0);
+    assert_eq!(requeued(&w), 3, "given back");
+    w.deliver(channel, "worker", "new");
+    assert_eq!(deliveries_to(&w, new), 1, "its own deliveries reach it");
+
+    // two channels: the new consumer lives on the other one; the old one's
+    // deliveries may come at any time
+    let mut w = ready_world(1, 2);
+    let old = consume(&mut w, "q1", "worker");
+    w.run_for(Duration::from_millis(50));
+    let old_channel = w.sup.consumer_channel(old).expect("a channel");
+    w.app(|s, now| s.cancel(now, old)).unwrap();
+    consume(&mut w, "q0", "filler");
+    let new = consume(&mut w, "q2", "worker");
+    w.run_for(Duration::from_millis(50));
+    let new_channel = w.sup.consumer_channel(new).expect("a channel");
+    assert_ne!(new_channel, old_channel);
+    for n in 0..3 {
+        w.deliver(old_channel, "worker", &format!("old {n}"));
+    }
+    assert_eq!(deliveries_to(&w, new), 0);
+    assert_eq!(requeued(&w), 3, "given back");
+    w.deliver(new_channel, "worker", "new");
+    assert_eq!(deliveries_to(&w, new), 1, "its own deliveries reach it");
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
+}
+
+/// A message published right after an auto-ack consumer is cancelled must not
+/// reach it (it would count as delivered, and nobody reads it): publishes wait
+/// for the broker to take the cancel. A consumer that acks needs no wait (what
+/// reaches it after its cancel goes back to the queue).
+#[test]
+fn publishes_wait_for_the_broker_to_take_an_auto_ack_consumers_cancel() {
+    for no_ack in [true, false] {
+        let mut w = ready_world(1, 2);
+        let consumer = w
+            .app(|s, now| {
+                s.consume(
+                    now,
+                    QueueRef::Named("q".into()),
+                    None,
+                    ConsumeOptions {
+                        no_ack,
+                        ..ConsumeOptions::default()
+                    },
+                )
+            })
+            .unwrap();
+        w.run_for(Duration::from_millis(50));
+        w.app(|s, now| s.cancel(now, consumer)).unwrap();
+        w.publish(common::msg(1)).unwrap();
+        let sent_at_once = w.sent_payloads().contains(&"1".to_string());
+        assert_eq!(sent_at_once, !no_ack, "no_ack {no_ack}");
+        let cancels = |w: &World| {
+            w.topology_log
+                .iter()
+                .filter(|(_, op)| matches!(op, TopologyOp::Cancel { .. }))
+                .count()
+        };
+        assert_eq!(cancels(&w), 0, "the broker has not taken the cancel yet");
+        w.run_for(Duration::from_millis(50));
+        assert_eq!(cancels(&w), 1);
+        assert!(
+            w.sent_payloads().contains(&"1".to_string()),
+            "no_ack {no_ack}: sent once the broker took the cancel"
+        );
+        w.run_for(Duration::from_millis(50));
+        assert_eq!(w.stored.len(), 1, "no_ack {no_ack}");
+    }
+}

@@ -222,6 +222,18 @@ macro_rules! conformance_suite {
                     $name,
                     Shared,
                     edges,
+                    a_publish_right_after_dropping_an_auto_ack_consumer_stays_in_the_queue
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    a_tag_given_again_after_a_cancel_gets_only_its_own_queues_messages
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
                     an_unknown_exchange_type_is_refused_once
                 );
                 $crate::__conformance_case!($name, Shared, edges, first_contact_names_the_cause);

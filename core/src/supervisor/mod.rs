@@ -21,6 +21,7 @@ use crate::state::{ChannelState, ConnectionState};
 use crate::telemetry::{LatencyHistogram, Metrics, class_label, targets};
 use crate::topology::{AckKind, Registry, TopologyOp};
 use channel::Chan;
+use topology::{Cancelled, Hold};
 
 pub use publish::Stats;
 pub use topology::{EXCLUSIVE_USE_GRACE, MAX_CONSUME_REFUSALS, MAX_REPLAY_REFUSALS};
@@ -362,7 +363,10 @@ pub struct Supervisor {
     frame_max: u32,
     /// The consumers cancelled lately, with their channel and its generation
     /// (see [`topology::CANCELLED_KEPT`]).
-    cancelled: VecDeque<(ChannelId, u64, String)>,
+    cancelled: VecDeque<Cancelled>,
+    /// Auto-ack consumers cancelled and not yet confirmed cancelled by the
+    /// broker: no publish goes out meanwhile (see `topology::Hold`).
+    holds: Vec<Hold>,
     /// Broker refusals in a row of each registry entity's replay (see
     /// [`MAX_REPLAY_REFUSALS`](topology::MAX_REPLAY_REFUSALS)).
     replay_refusals: HashMap<u64, u8>,
@@ -446,6 +450,7 @@ impl Supervisor {
             max_message_size: None,
             frame_max,
             cancelled: VecDeque::new(),
+            holds: Vec::new(),
             replay_refusals: HashMap::new(),
             flushes: Vec::new(),
             next_flush: 0,
@@ -609,8 +614,9 @@ impl Supervisor {
     }
 
     /// The earliest deadline of each timer source (the one list of them).
-    fn deadlines(&self) -> [Option<Instant>; 5] {
+    fn deadlines(&self) -> [Option<Instant>; 6] {
         [
+            self.holds.iter().map(|h| h.until).min(),
             self.outbox.next_deadline(),
             self.timers.first().map(|(at, _)| *at),
             self.user_ops.next_deadline(),
@@ -1271,6 +1277,10 @@ impl Supervisor {
     // ----- timers -----
 
     fn fire_timers(&mut self) {
+        if !self.holds.is_empty() {
+            // a hold past its bound ends: what it held goes out
+            self.pump();
+        }
         self.expire_publishes();
         self.expire_user_ops();
         self.expire_consume_waits();

@@ -248,7 +248,7 @@ impl Supervisor {
         }
         let capacity = self.config.outbox_capacity;
         self.outbox.admit(capacity);
-        if !self.room {
+        if !self.room || (!self.holds.is_empty() && self.held()) {
             return;
         }
         loop {

@@ -18,11 +18,40 @@ use crate::topology::{
     check_name,
 };
 
-/// How many cancelled consumers (those that ack) the client remembers, with the
-/// channel generation each was on: what the broker delivers to them before it
-/// takes the cancel goes back to the queue. Deliveries come right behind a
-/// cancel, so the last few suffice.
+/// How many cancelled consumers the client remembers, with the channel
+/// generation each was on: what the broker delivers to them before it takes
+/// the cancel goes back to the queue (if they ack), and never to a later
+/// consumer given the same tag. Deliveries come right behind a cancel, so the
+/// last few suffice.
 pub(super) const CANCELLED_KEPT: usize = 64;
+
+/// How long publishes wait at most for the broker to take the cancel of an
+/// auto-ack consumer (see [`Hold`]).
+const CANCEL_HOLD_MAX: Duration = Duration::from_secs(5);
+
+/// An auto-ack consumer the application cancelled, whose cancel the broker has
+/// not answered yet. A message published meanwhile could be routed to it and
+/// count as delivered (auto-ack) while nobody reads it: lost. So no publish goes
+/// out until the broker answers the cancel, the consumer's channel is gone, or
+/// [`CANCEL_HOLD_MAX`] has passed. A consumer that acks needs none: what the
+/// broker delivers to it after its cancel goes back to the queue.
+#[derive(Debug)]
+pub(super) struct Hold {
+    channel: ChannelId,
+    generation: u64,
+    tag: String,
+    pub(super) until: Instant,
+}
+
+/// A consumer the application cancelled, as its deliveries name it.
+#[derive(Debug)]
+pub(super) struct Cancelled {
+    channel: ChannelId,
+    generation: u64,
+    tag: String,
+    /// An auto-ack consumer's deliveries cannot be given back.
+    no_ack: bool,
+}
 
 /// One topology step queued on a channel generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -351,7 +380,8 @@ impl Supervisor {
                             self.assign_consumers();
                         }
                     }
-                    Step::Qos(_) | Step::Cancel(_) => {}
+                    Step::Cancel(tag) => self.release_hold(c, i, &tag),
+                    Step::Qos(_) => {}
                 }
                 self.kick(c, i);
                 self.dispatch_user_ops();
@@ -950,13 +980,22 @@ impl Supervisor {
                 .retain(|s| !matches!(s, Step::Qos(id) | Step::Consume(id) if *id == consumer.0));
             let started = before == ch.current.steps.len() && entry.retry_at.is_none();
             if started && ch.state.is_ready() {
-                if !entry.options.no_ack {
-                    if self.cancelled.len() == CANCELLED_KEPT {
-                        self.cancelled.pop_front();
-                    }
-                    let generation = ch.generation;
-                    self.cancelled
-                        .push_back((chan_id(c, i), generation, entry.tag.clone()));
+                if self.cancelled.len() == CANCELLED_KEPT {
+                    self.cancelled.pop_front();
+                }
+                self.cancelled.push_back(Cancelled {
+                    channel: chan_id(c, i),
+                    generation: ch.generation,
+                    tag: entry.tag.clone(),
+                    no_ack: entry.options.no_ack,
+                });
+                if entry.options.no_ack {
+                    self.holds.push(Hold {
+                        channel: chan_id(c, i),
+                        generation: ch.generation,
+                        tag: entry.tag.clone(),
+                        until: self.now + CANCEL_HOLD_MAX,
+                    });
                 }
                 let ch = &mut self.conns[c].channels[i];
                 ch.current.steps.push_back(Step::Cancel(entry.tag));
@@ -1023,14 +1062,27 @@ impl Supervisor {
         let Some((c, i)) = self.current_chan(channel, generation) else {
             return;
         };
-        let Some(&id) = self.registry.tags.get(&delivery.consumer_tag) else {
+        let tag = &delivery.consumer_tag;
+        let cancelled = self
+            .cancelled
+            .iter()
+            .rfind(|k| k.channel == channel && k.generation == generation && k.tag == *tag);
+        // The consumer with this tag on this channel. A tag the application
+        // gave again, after a cancel, names the new consumer only once the
+        // broker accepted it: until then it is the cancelled one's.
+        let consumer = self.registry.tags.get(tag).copied().filter(|id| {
+            self.registry.consumers.get(id).is_some_and(|k| {
+                k.conn == Some(c)
+                    && k.chan == Some(i)
+                    && (cancelled.is_none() || k.subscribed.is_some())
+            })
+        });
+        let Some(id) = consumer else {
             // A consumer cancelled meanwhile. If it acks, the delivery goes back
             // to the queue now (else it would wait for the channel's close). A
-            // tag not known here (an auto-ack consumer) is left alone: a nack of
-            // it would close the channel (406).
-            let requeue = self.cancelled.iter().any(|(ch, g, tag)| {
-                *ch == channel && *g == generation && *tag == delivery.consumer_tag
-            });
+            // tag not known here, or an auto-ack consumer's, is left alone: a
+            // nack of it would close the channel (406).
+            let requeue = cancelled.is_some_and(|k| !k.no_ack);
             tracing::debug!(
                 target: targets::TOPOLOGY,
                 consumer_tag = %delivery.consumer_tag,
@@ -1266,6 +1318,32 @@ impl Supervisor {
             ch.current.steps.push_back(Step::Consume(consumer));
             self.kick(c, i);
         }
+    }
+
+    /// The broker answered the cancel of consumer `tag` on channel (c, i):
+    /// publishes held for it go out.
+    fn release_hold(&mut self, c: usize, i: usize, tag: &str) {
+        let (channel, generation) = (chan_id(c, i), self.conns[c].channels[i].generation);
+        let before = self.holds.len();
+        self.holds
+            .retain(|h| !(h.channel == channel && h.generation == generation && h.tag == tag));
+        if self.holds.len() != before {
+            self.pump();
+        }
+    }
+
+    /// Whether publishes wait for the broker to take an auto-ack consumer's
+    /// cancel; holds whose channel is gone, or whose bound has passed, end.
+    pub(super) fn held(&mut self) -> bool {
+        let (now, conns) = (self.now, &self.conns);
+        self.holds.retain(|h| {
+            h.until > now
+                && conns
+                    .get(usize::from(h.channel.connection.0))
+                    .and_then(|conn| conn.channels.get(usize::from(h.channel.index)))
+                    .is_some_and(|ch| ch.generation == h.generation && ch.state.is_ready())
+        });
+        !self.holds.is_empty()
     }
 
     /// How long a consumer refused as "in exclusive use" is tried again:

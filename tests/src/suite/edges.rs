@@ -363,6 +363,133 @@ pub async fn an_exclusive_queue_comes_back_after_a_blackhole<T: Transport>(h: Ha
     drop(proxy);
 }
 
+/// The ready messages of `queue`, waited for until they are `expected` (or
+/// `within` passes); the last count seen.
+async fn ready_count<T: Transport>(
+    h: &Harness<T>,
+    queue: &str,
+    expected: u32,
+    within: Duration,
+) -> u32 {
+    let inspector = h.inspector().await;
+    let start = Instant::now();
+    let mut n = inspector.ready_messages(&test_queue(queue)).await;
+    while n != expected && start.elapsed() < within {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        n = inspector.ready_messages(&test_queue(queue)).await;
+    }
+    inspector.close().await;
+    n
+}
+
+/// A message published right after an auto-ack consumer is dropped stays in
+/// its queue: the publish waits for the broker to take the cancel, so the
+/// message cannot be routed to the consumer nobody reads any more.
+pub async fn a_publish_right_after_dropping_an_auto_ack_consumer_stays_in_the_queue<
+    T: Transport,
+>(
+    h: Harness<T>,
+) {
+    let client = h.start(h.builder([h.url.url()]));
+    wait_ready(&client, 15 * SECOND).await;
+    let mut queues = Vec::new();
+    for round in 0..5 {
+        // a queue of its own each round: an auto-ack consumer would take what
+        // an earlier round left
+        let name = queue_name(&h, &format!("no-ack-drop-{round}"));
+        client
+            .declare_queue(test_queue(&name))
+            .await
+            .expect("declare");
+        let consumer = client
+            .consume(
+                name.as_str(),
+                ConsumeOptions {
+                    no_ack: true,
+                    ..ConsumeOptions::default()
+                },
+            )
+            .await
+            .expect("the consumer");
+        drop(consumer);
+        let confirmed = within(
+            "the publish after the drop",
+            10 * SECOND,
+            client.publish("", &name, "after the drop", Properties::default()),
+        )
+        .await;
+        assert_eq!(confirmed, Ok(Confirmation::Confirmed));
+        assert_eq!(
+            ready_count(&h, &name, 1, 5 * SECOND).await,
+            1,
+            "round {round}: the message went to the dropped consumer"
+        );
+        queues.push(name);
+    }
+    close(client).await;
+    let names: Vec<&str> = queues.iter().map(String::as_str).collect();
+    delete_queues(&h, &names).await;
+}
+
+/// A consumer tag given again after a cancel: what the broker still delivered to
+/// the cancelled consumer goes back to its queue, never to the new consumer of
+/// another queue.
+pub async fn a_tag_given_again_after_a_cancel_gets_only_its_own_queues_messages<T: Transport>(
+    h: Harness<T>,
+) {
+    let first = queue_name(&h, "tag-again-1");
+    let second = queue_name(&h, "tag-again-2");
+    let client = ready_with_queue(&h, h.builder([h.url.url()]), &first).await;
+    client
+        .declare_queue(test_queue(&second))
+        .await
+        .expect("declare");
+    fire_and_forget(&client, &first, 1_000);
+    let flushed = client.flush().await.expect("flush");
+    assert_eq!(flushed.not_confirmed, 0, "{flushed:?}");
+    let mut old = client
+        .consume_with_tag(
+            first.as_str(),
+            Some("worker".into()),
+            ConsumeOptions::default(),
+        )
+        .await
+        .expect("the first consumer");
+    let held = within("a delivery", 10 * SECOND, old.next())
+        .await
+        .expect("a delivery")
+        .expect("a delivery");
+    old.cancel();
+    let mut new = client
+        .consume_with_tag(
+            second.as_str(),
+            Some("worker".into()),
+            ConsumeOptions::default(),
+        )
+        .await
+        .expect("the second consumer");
+    client
+        .publish("", &second, "its own", Properties::default())
+        .await
+        .expect("a publish to the second queue");
+    let received = within("the second queue's message", 10 * SECOND, new.next())
+        .await
+        .expect("a delivery")
+        .expect("a delivery");
+    assert_eq!(
+        (received.routing_key(), received.payload()),
+        (second.as_str(), b"its own".as_slice()),
+        "the new consumer got the first queue's message"
+    );
+    received.ack().await.expect("ack");
+    drop(held);
+    drop(new);
+    close(client).await;
+    // every message of the first queue is back in it (the one held unacked too)
+    assert_eq!(ready_count(&h, &first, 1_000, 5 * SECOND).await, 1_000);
+    delete_queues(&h, &[&first, &second]).await;
+}
+
 /// A binding whose exchange another application deleted while the client was
 /// cut off: its replay is refused (404) a few times, then dropped, and the
 /// client is Ready and publishing again; it does not hold the connection's
