@@ -140,7 +140,10 @@ impl ClientBuilder {
         self
     }
 
-    /// Messages the outbox holds before publishers wait (10,000).
+    /// Messages waiting for a channel (not yet sent) before publishers wait,
+    /// or `no_wait` publishes get [`PublishError::Backpressure`] (10,000).
+    /// Messages sent and waiting for their confirm are not counted here: the
+    /// confirm window bounds those, per channel.
     pub fn outbox_capacity(mut self, capacity: usize) -> Self {
         self.config.outbox_capacity = capacity;
         self

@@ -54,7 +54,8 @@ pub struct Stats {
     pub returned: u64,
     /// Publishes resolved as nacked.
     pub nacked: u64,
-    /// Publishes resolved as timed out.
+    /// Accepted publishes resolved as timed out (one whose deadline had
+    /// already passed at the call is refused there, and not counted).
     pub timed_out: u64,
     /// Publishes resolved as rejected by a channel error.
     pub rejected: u64,
