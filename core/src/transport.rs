@@ -441,6 +441,11 @@ pub trait Channel: Send + Sync + 'static {
     /// `basic.consume` with the given tag; deliveries arrive as events. The core
     /// sends the consumer's prefetch with [`Channel::qos`] just before, and passes
     /// `options.prefetch` as `None`.
+    ///
+    /// No delivery of this consumer may come out of the events stream before
+    /// this call has returned `Ok` (the broker's consume-ok): a tag the
+    /// application gives again after a cancel names the new consumer only from
+    /// then on, and deliveries with it before that are the cancelled one's.
     async fn consume(
         &self,
         queue: &str,

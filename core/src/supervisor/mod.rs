@@ -1191,6 +1191,7 @@ impl Supervisor {
             return;
         }
         self.closed = true;
+        self.holds.clear();
         for conn in &mut self.conns {
             if let Some(lost) = conn.lost.take() {
                 lost.span.record("outcome", "closed");
@@ -1277,13 +1278,13 @@ impl Supervisor {
     // ----- timers -----
 
     fn fire_timers(&mut self) {
+        self.expire_publishes();
+        self.expire_user_ops();
+        self.expire_consume_waits();
         if !self.holds.is_empty() {
             // a hold past its bound ends: what it held goes out
             self.pump();
         }
-        self.expire_publishes();
-        self.expire_user_ops();
-        self.expire_consume_waits();
         while let Some(&(at, key)) = self.timers.first() {
             if at > self.now {
                 break;

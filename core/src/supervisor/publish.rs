@@ -249,7 +249,7 @@ impl Supervisor {
         }
         let capacity = self.config.outbox_capacity;
         self.outbox.admit(capacity);
-        if !self.room || (!self.holds.is_empty() && self.held()) {
+        if (!self.holds.is_empty() && self.held()) || !self.room {
             return;
         }
         loop {

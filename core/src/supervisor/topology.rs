@@ -979,7 +979,7 @@ impl Supervisor {
                 .steps
                 .retain(|s| !matches!(s, Step::Qos(id) | Step::Consume(id) if *id == consumer.0));
             let started = before == ch.current.steps.len() && entry.retry_at.is_none();
-            if started && ch.state.is_ready() {
+            if started && ch.state.runs_steps() {
                 if self.cancelled.len() == CANCELLED_KEPT {
                     self.cancelled.pop_front();
                 }
@@ -1302,9 +1302,11 @@ impl Supervisor {
     /// channel that is not replays its consumers when it is); `cancel_first` ends
     /// its subscription to the queue's old name before.
     fn resubscribe(&mut self, consumer: u64, cancel_first: bool) {
-        let Some(k) = self.registry.consumers.get(&consumer) else {
+        let Some(k) = self.registry.consumers.get_mut(&consumer) else {
             return;
         };
+        // subscribed now: a retry it waited for (in exclusive use) is moot
+        k.retry_at = None;
         let (Some(c), Some(i)) = (k.conn, k.chan) else {
             return;
         };
@@ -1341,7 +1343,7 @@ impl Supervisor {
                 && conns
                     .get(usize::from(h.channel.connection.0))
                     .and_then(|conn| conn.channels.get(usize::from(h.channel.index)))
-                    .is_some_and(|ch| ch.generation == h.generation && ch.state.is_ready())
+                    .is_some_and(|ch| ch.generation == h.generation && ch.state.runs_steps())
         });
         !self.holds.is_empty()
     }
