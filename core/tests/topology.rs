@@ -875,6 +875,14 @@ fn a_consumer_whose_queue_never_comes_back_ends_after_bounded_refusals() {
     );
 }
 
+/// The basic.consume calls the broker accepted.
+fn consumes(w: &World) -> usize {
+    w.topology_log
+        .iter()
+        .filter(|(_, op)| matches!(op, TopologyOp::Consume { .. }))
+        .count()
+}
+
 fn exclusive_use() -> TransportError {
     TransportError::Reply {
         code: 403,
@@ -952,12 +960,7 @@ fn an_exclusive_consumer_the_dead_connection_holds_comes_back_when_the_broker_le
     );
     w.fail_consume = None;
     w.run_for(Duration::from_secs(20));
-    let consumes = w
-        .topology_log
-        .iter()
-        .filter(|(_, op)| matches!(op, TopologyOp::Consume { .. }))
-        .count();
-    assert_eq!(consumes, 2, "subscribed again once the broker let go");
+    assert_eq!(consumes(&w), 2, "subscribed again once the broker let go");
     assert!(consumers_ended(&w).is_empty());
     assert!(w.sup.is_all_ready());
     let stored = w.stored.len();
@@ -1042,12 +1045,7 @@ fn a_longer_heartbeat_in_the_uri_lengthens_the_exclusive_use_grace() {
     assert!(consumers_ended(&w).is_empty(), "{:?}", consumers_ended(&w));
     w.fail_consume = None;
     w.run_for(Duration::from_secs(20));
-    let consumes = w
-        .topology_log
-        .iter()
-        .filter(|(_, op)| matches!(op, TopologyOp::Consume { .. }))
-        .count();
-    assert_eq!(consumes, 2, "subscribed again once the broker let go");
+    assert_eq!(consumes(&w), 2, "subscribed again once the broker let go");
     assert!(consumers_ended(&w).is_empty());
 }
 

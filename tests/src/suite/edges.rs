@@ -248,6 +248,27 @@ pub async fn a_server_named_queue_given_by_name_is_followed_across_a_recovery<T:
     drop(proxy);
 }
 
+/// `consumer` receives the message "after" published once the client
+/// recovered, and no consumer of the client ended meanwhile.
+async fn goes_on_after_the_cut(
+    mut consumer: amqp_rebound_core::Consumer,
+    events: &mut (impl futures::Stream<Item = Event> + Unpin),
+) {
+    let received = within("the delivery", 40 * SECOND, consumer.next())
+        .await
+        .expect("the consumer goes on")
+        .expect("a delivery");
+    assert_eq!(received.payload(), b"after");
+    received.ack().await.expect("ack");
+    let events = drain_events(events);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::ConsumerEnded { .. })),
+        "{events:?}"
+    );
+}
+
 /// An exclusive consumer across a silent network failure (`heartbeat=2`): the
 /// broker keeps the dead connection's exclusive subscription until its own
 /// heartbeat check drops that connection, and refuses the new one as "in
@@ -262,7 +283,7 @@ pub async fn an_exclusive_consumer_comes_back_after_a_blackhole<T: Transport>(h:
         exclusive: true,
         ..ConsumeOptions::default()
     };
-    let mut consumer = client
+    let consumer = client
         .consume(name.as_str(), options)
         .await
         .expect("the exclusive consumer");
@@ -277,20 +298,7 @@ pub async fn an_exclusive_consumer_comes_back_after_a_blackhole<T: Transport>(h:
     )
     .await;
     assert_eq!(during, Ok(Confirmation::Confirmed));
-    let received = within("the delivery", 40 * SECOND, consumer.next())
-        .await
-        .expect("the consumer goes on")
-        .expect("a delivery");
-    assert_eq!(received.payload(), b"after");
-    received.ack().await.expect("ack");
-    let events = drain_events(&mut events);
-    assert!(
-        !events
-            .iter()
-            .any(|e| matches!(e, Event::ConsumerEnded { .. })),
-        "{events:?}"
-    );
-    drop(consumer);
+    goes_on_after_the_cut(consumer, &mut events).await;
     close(client).await;
     delete_queues(&h, &[&name]).await;
     drop(proxy);
@@ -316,7 +324,7 @@ pub async fn an_exclusive_queue_comes_back_after_a_blackhole<T: Transport>(h: Ha
         .declare_queue(mine)
         .await
         .expect("the exclusive queue");
-    let mut consumer = client
+    let consumer = client
         .consume(name.as_str(), ConsumeOptions::default())
         .await
         .expect("the consumer");
@@ -344,20 +352,7 @@ pub async fn an_exclusive_queue_comes_back_after_a_blackhole<T: Transport>(h: Ha
     .await;
     eprintln!("exclusive queue: Ready {:?} after the cut", cut.elapsed());
     assert_eq!(confirmed, Ok(Confirmation::Confirmed));
-    let received = within("the delivery", 40 * SECOND, consumer.next())
-        .await
-        .expect("the consumer goes on")
-        .expect("a delivery");
-    assert_eq!(received.payload(), b"after");
-    received.ack().await.expect("ack");
-    let events = drain_events(&mut events);
-    assert!(
-        !events
-            .iter()
-            .any(|e| matches!(e, Event::ConsumerEnded { .. })),
-        "{events:?}"
-    );
-    drop(consumer);
+    goes_on_after_the_cut(consumer, &mut events).await;
     close(client).await;
     delete_queues(&h, &[&other]).await;
     drop(proxy);
