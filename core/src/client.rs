@@ -586,7 +586,9 @@ impl Client {
     }
 
     /// Consumes from a queue. The [`Consumer`] keeps receiving across recoveries
-    /// (it is re-subscribed with the same tag).
+    /// (it is re-subscribed with the same tag). Dropping this call's future
+    /// before it answers (a timeout, a `select!`) cancels the consumer the
+    /// broker may have made for it.
     pub async fn consume(
         &self,
         queue: impl Into<QueueRef>,
@@ -619,7 +621,13 @@ impl Client {
         if !self.send(request) {
             return Err(ConsumeError::Closed);
         }
-        let id = id.await.unwrap_or(Err(ConsumeError::Closed))?;
+        let mut answer = ConsumeAnswer {
+            id,
+            client: self.clone(),
+        };
+        let id = (&mut answer.id)
+            .await
+            .unwrap_or(Err(ConsumeError::Closed))?;
         Ok(Consumer {
             id,
             items: rx,
@@ -869,6 +877,23 @@ impl Consumer {
     /// most 5 s).
     pub fn cancel(self) {
         drop(self);
+    }
+}
+
+/// The answer to a `consume` call. Dropped with a consumer in it (the call's
+/// future was dropped between the answer and its next poll), it cancels that
+/// consumer, which nobody else can: the driver cancels one whose call was gone
+/// before the answer.
+struct ConsumeAnswer {
+    id: oneshot::Receiver<Result<ConsumerId, ConsumeError>>,
+    client: Client,
+}
+
+impl Drop for ConsumeAnswer {
+    fn drop(&mut self) {
+        if let Ok(Some(Ok(consumer))) = self.id.try_recv() {
+            self.client.send(Request::Cancel { consumer });
+        }
     }
 }
 

@@ -1199,6 +1199,16 @@ impl<T: Transport, K: Timer> State<T, K> {
     /// their queue (a nack with requeue), rather than wait, unacked, for their
     /// channel to close. Those of a channel generation since lost, or of an
     /// auto-ack consumer, are not the client's to give back and are left.
+    /// The application let go of `consumer`: it is cancelled, and what it did
+    /// not read goes back to the queue.
+    fn drop_consumer(&mut self, consumer: ConsumerId) {
+        let now = self.now();
+        let _ = self.sup.cancel(now, consumer);
+        if let Some(items) = self.consumers.remove(&consumer) {
+            self.give_back(items.take_unread());
+        }
+    }
+
     fn give_back(&mut self, unread: VecDeque<ConsumerItem>) {
         let now = self.now();
         for item in unread {
@@ -1290,12 +1300,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                     let _ = reply.send(Err(e));
                 }
             },
-            Request::Cancel { consumer } => {
-                let _ = self.sup.cancel(now, consumer);
-                if let Some(items) = self.consumers.remove(&consumer) {
-                    self.give_back(items.take_unread());
-                }
-            }
+            Request::Cancel { consumer } => self.drop_consumer(consumer),
             Request::Ack {
                 channel,
                 generation,
@@ -1365,12 +1370,12 @@ impl<T: Transport, K: Timer> State<T, K> {
                 generation,
                 delivery,
             } => {
+                let item = ConsumerItem::Delivery {
+                    delivery,
+                    channel,
+                    generation,
+                };
                 if let Some(items) = self.consumers.get(&consumer) {
-                    let item = ConsumerItem::Delivery {
-                        delivery,
-                        channel,
-                        generation,
-                    };
                     let sup = &self.sup;
                     let stale =
                         |channel, generation| sup.channel_generation(channel) != Some(generation);
@@ -1384,6 +1389,10 @@ impl<T: Transport, K: Timer> State<T, K> {
                         let _ = self.sup.cancel(now, consumer);
                         self.give_back(unread);
                     }
+                } else {
+                    // cancelled after the supervisor took it (a request handled
+                    // between the two): it goes back to the queue
+                    self.give_back(VecDeque::from([item]));
                 }
             }
             Event::FirstContact { result } => {
@@ -1396,8 +1405,13 @@ impl<T: Transport, K: Timer> State<T, K> {
                 if result.is_err() {
                     self.consumers.remove(&consumer);
                 }
-                if let Some(reply) = self.consume_replies.remove(&consumer) {
-                    let _ = reply.send(result.clone().map(|()| consumer));
+                if let Some(reply) = self.consume_replies.remove(&consumer)
+                    && reply.send(result.clone().map(|()| consumer)).is_err()
+                    && result.is_ok()
+                {
+                    // the caller dropped its `consume` future: nobody will hold
+                    // this consumer, so it is cancelled as a dropped one is
+                    self.drop_consumer(consumer);
                 }
                 self.broadcast(Event::ConsumeResolved { consumer, result });
             }

@@ -234,6 +234,18 @@ macro_rules! conformance_suite {
                     $name,
                     Shared,
                     edges,
+                    a_consumer_dropped_while_messages_flow_gives_them_all_back
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    an_abandoned_consume_call_leaves_no_consumer_behind
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
                     an_unknown_exchange_type_is_refused_once
                 );
                 $crate::__conformance_case!($name, Shared, edges, first_contact_names_the_cause);

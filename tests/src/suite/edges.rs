@@ -485,6 +485,83 @@ pub async fn a_tag_given_again_after_a_cancel_gets_only_its_own_queues_messages<
     delete_queues(&h, &[&first, &second]).await;
 }
 
+/// A consumer dropped, unread, while messages flow to it: everything the broker
+/// sent it goes back to the queue, none stays unacked on the channel (which
+/// lives on in the pool).
+pub async fn a_consumer_dropped_while_messages_flow_gives_them_all_back<T: Transport>(
+    h: Harness<T>,
+) {
+    const N: u32 = 2_000;
+    let name = queue_name(&h, "drop-while-flowing");
+    let client = ready_with_queue(&h, h.builder([h.url.url()]).pool(1, 1), &name).await;
+    for round in 1..=3 {
+        let consumer = client
+            .consume(name.as_str(), ConsumeOptions::default())
+            .await
+            .expect("the consumer");
+        let before = client.stats().deliveries;
+        fire_and_forget(&client, &name, N);
+        eventually("deliveries flowing to the consumer", 10 * SECOND, || {
+            client.stats().deliveries > before
+        })
+        .await;
+        drop(consumer);
+        let flushed = client.flush().await.expect("flush");
+        assert_eq!(flushed.not_confirmed, 0, "{flushed:?}");
+        assert_eq!(
+            ready_count(&h, &name, round * N, 10 * SECOND).await,
+            round * N,
+            "round {round}: deliveries of the dropped consumer stuck unacked"
+        );
+    }
+    close(client).await;
+    delete_queues(&h, &[&name]).await;
+}
+
+/// A `consume` call whose future is dropped before it answers (a timeout, a
+/// `select!`): the consumer the broker made for it is cancelled, so its tag and
+/// its exclusive hold on the queue are free again.
+pub async fn an_abandoned_consume_call_leaves_no_consumer_behind<T: Transport>(h: Harness<T>) {
+    let name = queue_name(&h, "abandoned-consume");
+    let client = ready_with_queue(&h, h.builder([h.url.url()]), &name).await;
+    let exclusive = ConsumeOptions {
+        exclusive: true,
+        ..ConsumeOptions::default()
+    };
+    let abandoned = client
+        .consume_with_tag(name.as_str(), Some("worker".into()), exclusive.clone())
+        .now_or_never();
+    assert!(abandoned.is_none(), "answered without the broker");
+    let start = Instant::now();
+    let consumer = loop {
+        match client
+            .consume_with_tag(name.as_str(), Some("worker".into()), exclusive.clone())
+            .await
+        {
+            Ok(consumer) => break consumer,
+            Err(e) if start.elapsed() < 10 * SECOND => {
+                eprintln!("not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the abandoned consumer still holds the tag or the queue: {e}"),
+        }
+    };
+    client
+        .publish("", &name, "for the second", Properties::default())
+        .await
+        .expect("publish");
+    let mut consumer = consumer;
+    let received = within("the delivery", 10 * SECOND, consumer.next())
+        .await
+        .expect("a delivery")
+        .expect("a delivery");
+    assert_eq!(received.payload(), b"for the second");
+    received.ack().await.expect("ack");
+    drop(consumer);
+    close(client).await;
+    delete_queues(&h, &[&name]).await;
+}
+
 /// A binding whose exchange another application deleted while the client was
 /// cut off: its replay is refused (404) a few times, then dropped, and the
 /// client is Ready and publishing again; it does not hold the connection's
