@@ -1195,10 +1195,6 @@ impl<T: Transport, K: Timer> State<T, K> {
         self.input(input);
     }
 
-    /// Deliveries a dropped [`Consumer`](crate::Consumer) never read go back to
-    /// their queue (a nack with requeue), rather than wait, unacked, for their
-    /// channel to close. Those of a channel generation since lost, or of an
-    /// auto-ack consumer, are not the client's to give back and are left.
     /// The application let go of `consumer`: it is cancelled, and what it did
     /// not read goes back to the queue.
     fn drop_consumer(&mut self, consumer: ConsumerId) {
@@ -1209,6 +1205,10 @@ impl<T: Transport, K: Timer> State<T, K> {
         }
     }
 
+    /// Deliveries a dropped [`Consumer`](crate::Consumer) never read go back to
+    /// their queue (a nack with requeue), rather than wait, unacked, for their
+    /// channel to close. Those of a channel generation since lost, or of an
+    /// auto-ack consumer, are not the client's to give back and are left.
     fn give_back(&mut self, unread: VecDeque<ConsumerItem>) {
         let now = self.now();
         for item in unread {
