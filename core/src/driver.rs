@@ -1381,13 +1381,9 @@ impl<T: Transport, K: Timer> State<T, K> {
                         |channel, generation| sup.channel_generation(channel) != Some(generation);
                     if let Err(ReceiverGone(item)) = items.send(item, stale) {
                         // the application dropped the Consumer: stop it, and
-                        // give back what it did not read
-                        let mut unread = items.take_unread();
-                        unread.push_back(item);
-                        self.consumers.remove(&consumer);
-                        let now = self.now();
-                        let _ = self.sup.cancel(now, consumer);
-                        self.give_back(unread);
+                        // give back what it did not read, this one too
+                        self.drop_consumer(consumer);
+                        self.give_back(VecDeque::from([item]));
                     }
                 } else {
                     // cancelled after the supervisor took it (a request handled
