@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -16,8 +16,8 @@ use crate::backoff::BackoffConfig;
 use crate::config::Config;
 pub use crate::contract::{ClientState, CloseSummary, Flushed};
 use crate::contract::{
-    ConsumerItem, ConsumerReceiver, Engine, ReplyKey, Request, Shared, TopologyReply,
-    consumer_stream, lock,
+    ConsumerItem, ConsumerReceiver, Engine, NO_SIZE_LIMIT, ReplyKey, Request, Shared,
+    TopologyReply, consumer_stream, lock,
 };
 use crate::driver::Driver;
 use crate::endpoint::{Endpoint, parse_host_list, parse_hosts};
@@ -229,10 +229,12 @@ impl ClientBuilder {
         let publish_timeout = config.publish_timeout;
         let reports_blocked = transport.reports_blocked();
         let sup = Supervisor::new(config, timer.now())?;
+        let frame_max = sup.frame_max();
         let shared = Arc::new(Shared {
             state: Mutex::new(ClientState::of(&sup)),
             queue_names: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            max_message_size: AtomicUsize::new(NO_SIZE_LIMIT),
             replies: Default::default(),
             relay: Default::default(),
         });
@@ -244,12 +246,18 @@ impl ClientBuilder {
             connection_name: self.connection_name,
             tls: self.tls,
         };
+        let transport = Arc::new(transport);
+        let checker = Arc::clone(&transport);
         let (driver, engine) = Driver::new(sup, transport, timer, rx, Arc::clone(&shared), options);
         shared.relay.set_engine(Arc::downgrade(&engine));
         let client = Client {
             tx,
             engine,
             shared,
+            checks: Arc::new(Checks {
+                frame_max,
+                transport: Box::new(move |message| checker.check_message(message)),
+            }),
             publish_timeout,
             reports_blocked,
             watch_capacity: self.watch_capacity,
@@ -376,9 +384,45 @@ pub struct Client {
     tx: async_channel::Sender<Request>,
     engine: Arc<dyn Engine>,
     shared: Arc<Shared>,
+    checks: Arc<Checks>,
     publish_timeout: Duration,
     reports_blocked: bool,
     watch_capacity: usize,
+}
+
+/// What a publish the driver takes is checked against on its caller's thread,
+/// so that it fails at the call as it does when the call runs it there.
+struct Checks {
+    frame_max: u32,
+    /// [`Transport::check_message`] of the client's transport.
+    transport: Box<MessageCheck>,
+}
+
+/// A transport's [`Transport::check_message`], apart from its transport type.
+type MessageCheck = dyn Fn(&Message) -> Result<(), String> + Send + Sync;
+
+impl Checks {
+    /// Why `message` would be refused at the call, if it would.
+    fn refusal(
+        &self,
+        shared: &Shared,
+        message: &Message,
+        options: &PublishOptions,
+    ) -> Option<PublishError> {
+        if shared.closed.load(Ordering::SeqCst) {
+            return Some(PublishError::Closed);
+        }
+        let max = shared.max_message_size.load(Ordering::Relaxed);
+        let max = (max != NO_SIZE_LIMIT).then_some(max);
+        if let Err(e) = crate::supervisor::check_message(message, self.frame_max, max) {
+            return Some(e);
+        }
+        if let Err(reason) = (self.transport)(message) {
+            return Some(PublishError::Invalid(reason));
+        }
+        // a deadline of now has passed by the time anything could send it
+        (options.timeout == Some(Duration::ZERO)).then_some(PublishError::TimedOut)
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -412,7 +456,9 @@ impl Client {
     /// The call does not block. If no other thread is using the client's state at
     /// that moment, it writes the message to the transport itself, on the calling
     /// thread (a channel with room in its confirm window; the driver is not woken
-    /// for it); otherwise it queues the message for the driver.
+    /// for it); otherwise it queues the message for the driver. Either way, a
+    /// message the call can tell is bad (see [`PublishError::Invalid`]) or a
+    /// publish on a closed client resolves at the call.
     pub fn publish(
         &self,
         exchange: &str,
@@ -445,16 +491,23 @@ impl Client {
             wait: !options.no_wait,
             reply,
         };
-        // on this thread if the client's state is free, else through the driver
-        let sent = match self.engine.try_publish(request) {
-            Ok(()) => true,
-            Err(request) => self.send(request),
+        // on this thread if the client's state is free, else through the driver,
+        // after the checks the call would have run here
+        let refused = match self.engine.try_publish(request) {
+            Ok(()) => None,
+            Err(request) => {
+                let refusal = match &request {
+                    Request::Publish { message, .. } => {
+                        self.checks.refusal(&self.shared, message, &options)
+                    }
+                    _ => None,
+                };
+                // `send` fails when the driver is gone
+                refusal.or_else(|| (!self.send(request)).then_some(PublishError::Closed))
+            }
         };
-        if !sent {
-            // the driver is gone
-            self.shared
-                .replies
-                .resolve(reply, Err(PublishError::Closed));
+        if let Some(error) = refused {
+            self.shared.replies.resolve(reply, Err(error));
         }
         PublishFuture {
             reply: Some((Arc::clone(&self.shared), reply)),

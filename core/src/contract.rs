@@ -4,7 +4,7 @@
 //! Neither side imports the other's internals; both import this.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -29,12 +29,19 @@ pub(crate) struct Shared {
     pub(crate) state: Mutex<ClientState>,
     pub(crate) queue_names: Mutex<HashMap<QueueHandle, String>>,
     pub(crate) closed: AtomicBool,
+    /// The broker's message size limit once a refusal told it
+    /// ([`NO_SIZE_LIMIT`] until then), for the checks a publish gets on its
+    /// caller's thread when the driver takes it.
+    pub(crate) max_message_size: AtomicUsize,
     /// Every publish's reply, from its call until its future reads or drops it.
     pub(crate) replies: Replies,
     /// Who is woken when a channel has events: a publisher waiting for its
     /// confirm, or the driver.
     pub(crate) relay: Arc<Relay>,
 }
+
+/// [`Shared::max_message_size`] while the broker told no limit.
+pub(crate) const NO_SIZE_LIMIT: usize = usize::MAX;
 
 /// A snapshot of the pool's state.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -43,6 +43,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, TryLockError};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -90,7 +91,7 @@ pub struct Driver {
 impl Driver {
     pub(crate) fn new<T: Transport, K: Timer>(
         sup: Supervisor,
-        transport: T,
+        transport: Arc<T>,
         timer: K,
         requests: async_channel::Receiver<Request>,
         shared: Arc<Shared>,
@@ -104,7 +105,7 @@ impl Driver {
         let relay = Arc::clone(&shared.relay);
         let state = State {
             sup,
-            transport: Arc::new(transport),
+            transport,
             timer,
             options,
             shared,
@@ -246,6 +247,13 @@ fn earlier(next: Option<Instant>, armed: Option<Instant>) -> bool {
 
 /// Sends the publish results gathered under the lock, after releasing it.
 fn send_resolved<T: Transport, K: Timer>(mut state: std::sync::MutexGuard<'_, State<T, K>>) {
+    // a size limit a refusal told is known to callers before that refusal's
+    // result reaches them
+    if let Some(max) = state.sup.max_message_size()
+        && state.shared.max_message_size.load(Ordering::Relaxed) != max
+    {
+        state.shared.max_message_size.store(max, Ordering::Relaxed);
+    }
     if state.resolved.is_empty() {
         return;
     }
@@ -1323,9 +1331,7 @@ impl<T: Transport, K: Timer> State<T, K> {
                 // nothing new is accepted from here: `is_closed()` and
                 // `state().closed` say so while the close drains
                 *lock(&self.shared.state) = ClientState::of(&self.sup);
-                self.shared
-                    .closed
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                self.shared.closed.store(true, Ordering::SeqCst);
             }
             Request::Connected { reply } => match self.sup.first_contact() {
                 Ok(true) => {
@@ -1485,9 +1491,7 @@ impl<T: Transport, K: Timer> State<T, K> {
             );
         }
         *lock(&self.shared.state) = ClientState::of(&self.sup);
-        self.shared
-            .closed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared.closed.store(true, Ordering::SeqCst);
         // every publish future resolves before `close()` returns
         let resolved = std::mem::take(&mut self.resolved);
         self.shared.replies.resolve_all(resolved);

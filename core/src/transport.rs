@@ -129,7 +129,8 @@ pub trait Transport: Send + Sync + 'static {
     /// Whether this transport can encode `message`, beyond what
     /// [`Properties::validate`](crate::Properties::validate) already checked
     /// (the core calls that first): the reason if not. Called for every publish,
-    /// on the caller's thread, before the message is accepted; a refusal fails
+    /// on the caller's thread, before the message is accepted (once more on the
+    /// driver's when the driver takes the publish); a refusal fails
     /// that message alone with [`PublishError::Invalid`](crate::PublishError::Invalid).
     /// A transport that would refuse a message later, in `publish`, costs the
     /// channel instead. `Ok` by default.

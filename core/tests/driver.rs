@@ -1660,3 +1660,99 @@ fn any_publishers_poll_takes_a_run_handed_to_another() {
         std::task::Poll::Ready(Ok(Confirmation::Confirmed))
     );
 }
+
+/// A publish the driver must take (its state is busy, or requests are queued
+/// ahead of it) still fails at the call when the call could tell: bad
+/// properties, a name past 255 bytes, a zero timeout, a closed client.
+#[test]
+fn a_publish_the_driver_takes_still_fails_bad_input_at_the_call() {
+    let (mut pool, clock, _transport, client) = setup(1, 1);
+    drive(&mut pool, &clock, Duration::from_secs(5), || {
+        client.state().is_ready()
+    });
+    // more requests queued than one call runs ahead of its publish: each
+    // publish goes to the driver, which is not polled before the asserts
+    let mut watches = Vec::new();
+    let mut queue_ahead = || watches.extend((0..300).map(|_| client.watch()));
+    let long = "x".repeat(256);
+    let mut bad_property = Properties::default();
+    bad_property.content_type = Some(long.clone());
+    let cases = [
+        (bad_property, "", "q"),
+        (Properties::default(), "", long.as_str()),
+        (Properties::default(), long.as_str(), "q"),
+    ];
+    for (i, (properties, exchange, routing_key)) in cases.into_iter().enumerate() {
+        queue_ahead();
+        let result = client
+            .publish(exchange, routing_key, b"p".to_vec(), properties)
+            .now_or_never();
+        assert!(
+            matches!(result, Some(Err(PublishError::Invalid(_)))),
+            "case {i}: {result:?}"
+        );
+    }
+    queue_ahead();
+    let zero = client.publish_message(
+        amqp_rebound_core::Message::new("", "q", b"p".to_vec()),
+        PublishOptions::default().timeout(Duration::ZERO),
+    );
+    assert_eq!(zero.now_or_never(), Some(Err(PublishError::TimedOut)));
+    // a good one is taken by the driver, not refused
+    let good = client.publish("", "q", b"p".to_vec(), Properties::default());
+    let results: Results = Rc::default();
+    collect(&pool, &results, 0, good);
+    drive(&mut pool, &clock, Duration::from_secs(5), || {
+        !results.borrow().is_empty()
+    });
+    assert_eq!(results.borrow()[0].1, Ok(Confirmation::Confirmed));
+}
+
+/// Once a refusal told the broker's size limit, a larger message fails at the
+/// call, also when the driver takes the publish.
+#[test]
+fn a_payload_over_the_size_limit_a_refusal_told_fails_at_the_call() {
+    let (mut pool, clock, transport, client) = setup(1, 1);
+    drive(&mut pool, &clock, Duration::from_secs(5), || {
+        client.state().is_ready()
+    });
+    transport.broker().hold_confirms = true;
+    let results: Results = Rc::default();
+    let big = client.publish("", "q", vec![7u8; 200_000], Properties::default());
+    collect(&pool, &results, 0, big);
+    drive(&mut pool, &clock, Duration::from_secs(1), || {
+        transport.broker().received.len() == 1
+    });
+    transport.close_channel_with(
+        0,
+        406,
+        "PRECONDITION_FAILED - message size 200000 is larger than configured max size 131072",
+    );
+    drive(&mut pool, &clock, Duration::from_secs(5), || {
+        !results.borrow().is_empty()
+    });
+    assert!(
+        matches!(
+            results.borrow()[0].1,
+            Err(PublishError::Rejected { code: 406, .. })
+        ),
+        "{:?}",
+        results.borrow()
+    );
+    // on the call's thread (the state is free), and through the driver
+    let here = client.publish("", "q", vec![7u8; 131_073], Properties::default());
+    assert!(matches!(
+        here.now_or_never(),
+        Some(Err(PublishError::Invalid(_)))
+    ));
+    let _watches: Vec<_> = (0..300).map(|_| client.watch()).collect();
+    let queued = client.publish("", "q", vec![7u8; 131_073], Properties::default());
+    let result = queued.now_or_never();
+    assert!(
+        matches!(result, Some(Err(PublishError::Invalid(ref e))) if e.contains("131072")),
+        "{result:?}"
+    );
+    // at the limit is taken
+    let at = client.publish("", "q", vec![7u8; 131_072], Properties::default());
+    assert_eq!(at.now_or_never(), None);
+}

@@ -24,6 +24,7 @@ use channel::Chan;
 use topology::{Cancelled, Hold};
 
 pub use publish::Stats;
+pub(crate) use publish::check_message;
 pub use topology::{EXCLUSIVE_USE_GRACE, MAX_CONSUME_REFUSALS, MAX_REPLAY_REFUSALS};
 
 /// Something that happened, fed to [`Supervisor::handle`].
@@ -522,6 +523,16 @@ impl Supervisor {
                 index: i as u16,
             })
         })
+    }
+
+    /// The frame size a message's properties must fit in.
+    pub(crate) fn frame_max(&self) -> u32 {
+        self.frame_max
+    }
+
+    /// The broker's message size limit, once a refusal told it.
+    pub(crate) fn max_message_size(&self) -> Option<usize> {
+        self.max_message_size
     }
 
     /// How many channels are Ready right now.

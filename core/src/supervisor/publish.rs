@@ -159,20 +159,7 @@ impl Supervisor {
         if self.is_closing() {
             return Err(PublishError::Closed);
         }
-        check_name("exchange name", &message.exchange).map_err(PublishError::Invalid)?;
-        check_name("routing key", &message.routing_key).map_err(PublishError::Invalid)?;
-        message
-            .properties
-            .check(self.frame_max)
-            .map_err(PublishError::Invalid)?;
-        if let Some(max) = self.max_message_size
-            && message.payload.len() > max
-        {
-            return Err(PublishError::Invalid(format!(
-                "the payload is {} bytes; the broker refuses messages above {max} bytes",
-                message.payload.len()
-            )));
-        }
+        check_message(&message, self.frame_max, self.max_message_size)?;
         if deadline.unwrap_or_else(|| super::deadline_after(self.now, self.config.publish_timeout))
             <= self.now
         {
@@ -542,6 +529,33 @@ impl Supervisor {
         }
         self.room = true;
     }
+}
+
+/// What a message must meet before it is accepted, whatever the connection:
+/// names AMQP can carry, properties that fit in one frame of `frame_max`, and a
+/// payload within the broker's size limit once a refusal told it. A client
+/// runs these on the caller's thread as well when the driver takes its
+/// publish, so a message that fails them fails at the call either way.
+pub(crate) fn check_message(
+    message: &Message,
+    frame_max: u32,
+    max_message_size: Option<usize>,
+) -> Result<(), PublishError> {
+    check_name("exchange name", &message.exchange).map_err(PublishError::Invalid)?;
+    check_name("routing key", &message.routing_key).map_err(PublishError::Invalid)?;
+    message
+        .properties
+        .check(frame_max)
+        .map_err(PublishError::Invalid)?;
+    if let Some(max) = max_message_size
+        && message.payload.len() > max
+    {
+        return Err(PublishError::Invalid(format!(
+            "the payload is {} bytes; the broker refuses messages above {max} bytes",
+            message.payload.len()
+        )));
+    }
+    Ok(())
 }
 
 /// A [`Supervisor::flush`] waiting for the messages accepted before it.

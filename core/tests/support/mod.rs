@@ -192,6 +192,11 @@ impl MemoryTransport {
 
     /// The broker closes one channel (the `n`-th open one) with a reply code.
     pub fn close_channel(&self, n: usize, code: u16) {
+        self.close_channel_with(n, code, "channel error");
+    }
+
+    /// As [`close_channel`](Self::close_channel), with the reply's text.
+    pub fn close_channel_with(&self, n: usize, code: u16, text: &str) {
         let mut b = self.broker();
         if let Some(key) = b.chans.keys().nth(n).copied()
             && let Some(chan) = b.chans.remove(&key)
@@ -200,7 +205,7 @@ impl MemoryTransport {
                 .events
                 .unbounded_send(ChannelEvent::Closed(TransportError::Reply {
                     code,
-                    text: "channel error".into(),
+                    text: text.into(),
                 }));
         }
     }
