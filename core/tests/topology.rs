@@ -614,6 +614,71 @@ fn a_consumer_of_a_queue_deleted_by_handle_ends_whichever_answer_comes_first() {
     );
 }
 
+/// The same with the consumer on another channel than the delete: the
+/// broker's cancel, taken before the delete's answer, must not declare the
+/// queue again on the consumer's channel (that declaration would reach the
+/// broker after the delete and bring the queue back for good).
+#[test]
+fn a_queue_deleted_while_its_consumer_lives_on_another_channel_is_not_declared_again() {
+    let mut w = ready_world(1, 2);
+    let (_, q) = w
+        .app(|s, now| s.declare_queue(now, QueueDecl::durable("doomed")))
+        .unwrap();
+    // a first consumer takes channel 0 (where requests run), so the doomed
+    // queue's lives on 1
+    w.app(|s, now| {
+        s.consume(
+            now,
+            "q".into(),
+            Some("first".into()),
+            ConsumeOptions::default(),
+        )
+    })
+    .unwrap();
+    let consumer = w
+        .app(|s, now| {
+            s.consume(
+                now,
+                QueueRef::Handle(q),
+                Some("d".into()),
+                ConsumeOptions::default(),
+            )
+        })
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    let channel = w.sup.consumer_channel(consumer).unwrap();
+    assert_eq!(channel, ch(0, 1));
+    w.app(|s, now| s.delete_queue(now, QueueRef::Handle(q)))
+        .unwrap();
+    w.topology_log.clear();
+    let generation = w.sup.channel_generation(channel).unwrap();
+    w.input(amqp_rebound_core::Input::Channel {
+        channel,
+        generation,
+        event: ChannelInput::ConsumerCancelled {
+            consumer_tag: "d".into(),
+        },
+    });
+    w.run_for(Duration::from_millis(50));
+    let declares: Vec<String> = op_names(&w.topology_log)
+        .into_iter()
+        .filter(|n| n.starts_with("queue"))
+        .collect();
+    assert!(
+        declares.is_empty(),
+        "the deleted queue declared again: {:?}",
+        op_names(&w.topology_log)
+    );
+    assert!(
+        w.events.iter().any(|(_, e)| matches!(
+            e,
+            Event::ConsumerEnded { consumer: c, error: ConsumeError::CancelledByBroker } if *c == consumer
+        )),
+        "{:?}",
+        w.events.iter().map(|(_, e)| e).collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn consumer_prefetch_is_set_before_consume() {
     let mut w = ready_world(1, 1);

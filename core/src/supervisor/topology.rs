@@ -1195,7 +1195,24 @@ impl Supervisor {
             return; // not where this consumer lives: not ours to act on
         }
         let queue = consumer.queue.clone();
-        let Some(entity) = self.registry.queue_entity_id(&queue) else {
+        // A delete of this queue the application asked for is on its way: the
+        // cancel is most likely its doing (it can come, on the consumer's
+        // channel, before the delete's answer on another). Declaring the queue
+        // again here would reach the broker after the delete and bring the
+        // queue back: the consumer ends as it would after the delete's answer.
+        let being_deleted = self.user_ops.in_flight.is_some_and(|op| {
+            matches!(
+                self.user_ops.ops.get(&op),
+                Some((UserOp::DeleteQueue(q), _))
+                    if self.registry.queue_entity_id(q).is_some()
+                        && self.registry.queue_entity_id(q) == self.registry.queue_entity_id(&queue)
+            )
+        });
+        let entity = self
+            .registry
+            .queue_entity_id(&queue)
+            .filter(|_| !being_deleted);
+        let Some(entity) = entity else {
             self.registry.consumers.remove(&id);
             self.registry.tags.remove(tag);
             self.events.push_back(Event::ConsumerCancelled {
