@@ -679,6 +679,28 @@ fn a_queue_deleted_while_its_consumer_lives_on_another_channel_is_not_declared_a
     );
 }
 
+/// While a close drains, nothing new is accepted: a declaration or a consumer
+/// asked for after `Input::Close` fails with `Closed` and sends nothing.
+#[test]
+fn topology_requests_and_consumers_are_refused_while_a_close_drains() {
+    let mut w = ready_world(1, 1);
+    w.broker_down();
+    w.kill(C0, TransportError::Io("reset".into()));
+    w.publish(common::msg(1)).unwrap();
+    w.input(amqp_rebound_core::Input::Close);
+    assert!(w.sup.is_closing() && !w.sup.is_closed(), "draining");
+    let declared = w.app(|s, now| s.declare_queue(now, QueueDecl::durable("late")));
+    assert_eq!(declared.err(), Some(TopologyError::Closed));
+    let bound = w.app(|s, now| s.bind_queue(now, "q".into(), "x", "k", FieldTable::default()));
+    assert_eq!(bound.err(), Some(TopologyError::Closed));
+    let consumed = w.app(|s, now| s.consume(now, "q".into(), None, ConsumeOptions::default()));
+    assert_eq!(consumed.err(), Some(ConsumeError::Closed));
+    w.topology_log.clear();
+    w.broker_up = true;
+    w.run_for(Duration::from_secs(5));
+    assert_eq!(op_names(&w.topology_log), Vec::<String>::new());
+}
+
 #[test]
 fn consumer_prefetch_is_set_before_consume() {
     let mut w = ready_world(1, 1);

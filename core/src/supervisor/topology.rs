@@ -794,7 +794,8 @@ impl Supervisor {
 
     fn user_request(&mut self, now: Instant, mut op: UserOp) -> Result<OpId, TopologyError> {
         self.advance(now);
-        if self.closed {
+        // a draining close takes nothing new either
+        if self.is_closing() {
             return Err(TopologyError::Closed);
         }
         if let UserOp::DeleteQueue(queue) | UserOp::BindQueue { queue, .. } = &mut op {
@@ -901,7 +902,8 @@ impl Supervisor {
         options: ConsumeOptions,
     ) -> Result<ConsumerId, ConsumeError> {
         self.advance(now);
-        if self.closed {
+        // a draining close takes nothing new either
+        if self.is_closing() {
             return Err(ConsumeError::Closed);
         }
         let queue = self.registry.canonical(&queue);
