@@ -246,6 +246,18 @@ macro_rules! conformance_suite {
                     $name,
                     Shared,
                     edges,
+                    a_queue_deleted_under_consumers_on_two_channels_stays_deleted
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    nothing_new_is_accepted_while_close_drains
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
                     an_unknown_exchange_type_is_refused_once
                 );
                 $crate::__conformance_case!($name, Shared, edges, first_contact_names_the_cause);

@@ -1287,3 +1287,116 @@ impl Drop for SizeLimit {
         }
     }
 }
+
+/// A queue deleted through the client while consumers on two channels read it
+/// stays deleted: the broker's cancel of the consumer on the other channel can
+/// come before the delete's answer, and must not declare the queue again.
+pub async fn a_queue_deleted_under_consumers_on_two_channels_stays_deleted<T: Transport>(
+    h: Harness<T>,
+) {
+    let client = h.start(h.builder([h.url.url()]).pool(1, 2));
+    wait_ready(&client, 15 * SECOND).await;
+    let mut came_back = Vec::new();
+    for round in 0..6 {
+        let name = queue_name(&h, &format!("deleted-under-two-{round}"));
+        client
+            .declare_queue(test_queue(&name))
+            .await
+            .expect("declare");
+        let mut consumers = Vec::new();
+        for _ in 0..2 {
+            let consumer = client
+                .consume(name.as_str(), ConsumeOptions::default())
+                .await
+                .expect("consume");
+            consumers.push(consumer);
+        }
+        client.delete_queue(name.as_str()).await.expect("delete");
+        // both consumers end (one with the delete, the other with the
+        // broker's cancel); a consumer re-subscribed to a queue declared
+        // again would not
+        for mut consumer in consumers {
+            let end = within("the consumer's end", 10 * SECOND, consumer.next()).await;
+            assert!(
+                matches!(end, None | Some(Err(_))),
+                "{:?}",
+                end.map(|e| e.map(|_| ()))
+            );
+        }
+        if broker::queue_messages(&name).await.is_some() {
+            came_back.push(name);
+        }
+    }
+    close(client).await;
+    let names: Vec<&str> = came_back.iter().map(String::as_str).collect();
+    delete_queues(&h, &names).await;
+    assert!(
+        came_back.is_empty(),
+        "deleted queues came back: {came_back:?}"
+    );
+}
+
+/// While `close()` drains, nothing new is accepted: a declare, a bind, a
+/// delete or a consume called after it fails with `Closed` at once.
+pub async fn nothing_new_is_accepted_while_close_drains<T: Transport>(h: Harness<T>) {
+    let proxy = FaultProxy::start(h.url.socket_addr()).expect("a fault proxy");
+    let name = queue_name(&h, "drain-accepts");
+    let client = ready_with_queue(
+        &h,
+        h.builder([h.url.at(proxy.addr())])
+            .pool(1, 1)
+            .close_timeout(3 * SECOND),
+        &name,
+    )
+    .await;
+    // unconfirmed messages keep the drain going until the close timeout
+    proxy.blackhole_all(true);
+    let held: Vec<PublishFuture> = (0..10u32)
+        .map(|id| client.publish("", &name, small_payload(id), Properties::default()))
+        .collect();
+    let closing = tokio::spawn({
+        let client = client.clone();
+        async move { client.close().await }
+    });
+    eventually("close() taken", 5 * SECOND, || client.is_closed()).await;
+    let late = format!("{name}.late");
+    let declared = within(
+        "a declare after close()",
+        SECOND,
+        client.declare_queue(test_queue(&late)),
+    )
+    .await;
+    assert_eq!(declared.err(), Some(TopologyError::Closed));
+    let bound = within(
+        "a bind after close()",
+        SECOND,
+        client.bind_queue(name.as_str(), "amq.direct", "k", FieldTable::default()),
+    )
+    .await;
+    assert_eq!(bound, Err(TopologyError::Closed));
+    let deleted = within(
+        "a delete after close()",
+        SECOND,
+        client.delete_queue(name.as_str()),
+    )
+    .await;
+    assert_eq!(deleted.err(), Some(TopologyError::Closed));
+    let consumed = within(
+        "a consume after close()",
+        SECOND,
+        client.consume(name.as_str(), ConsumeOptions::default()),
+    )
+    .await;
+    assert!(
+        matches!(consumed, Err(ConsumeError::Closed)),
+        "{:?}",
+        consumed.map(|c| c.id())
+    );
+    let summary = within("the close", 10 * SECOND, closing)
+        .await
+        .expect("close");
+    eprintln!("{summary:?}");
+    drop(held);
+    proxy.blackhole_all(false);
+    delete_queues(&h, &[name.as_str()]).await;
+}
