@@ -1,8 +1,10 @@
 //! Topology: exchanges, queues, bindings and consumers, as declared by the
 //! application and replayed after every recovery.
 
-use crate::message::FieldTable;
+use std::collections::BTreeMap;
 use std::time::Instant;
+
+use crate::message::FieldTable;
 
 /// Exchange type.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
@@ -43,7 +45,9 @@ pub struct ExchangeDecl {
     pub kind: ExchangeKind,
     /// Survives a broker restart.
     pub durable: bool,
-    /// Deleted when its last binding goes.
+    /// Deleted by the broker when its last binding goes. An unbind (or a
+    /// delete) through the client that takes its last binding this client
+    /// knows of forgets it too: it is not declared again at a recovery.
     pub auto_delete: bool,
     /// Cannot be published to directly.
     pub internal: bool,
@@ -73,7 +77,9 @@ pub struct QueueDecl {
     pub durable: bool,
     /// Owned by this connection; deleted when it closes.
     pub exclusive: bool,
-    /// Deleted when its last consumer goes.
+    /// Deleted by the broker when its last consumer goes. When the application
+    /// cancels the last consumer this client has on it, the client forgets it
+    /// too (with its bindings): it is not declared again at a recovery.
     pub auto_delete: bool,
     /// Extra arguments (`x-queue-type`, `x-message-ttl`, ...).
     pub arguments: FieldTable,
@@ -726,15 +732,83 @@ impl Registry {
 
     /// Applies a user request the broker accepted. `name` is the real queue name for
     /// a queue declaration; `conn` the slot it ran on.
+    ///
+    /// An auto-delete exchange that loses its last binding as a source (an
+    /// unbind, or the delete of a queue or exchange bound to it) is deleted by
+    /// the broker: it is forgotten too, not declared again at the next recovery.
     pub(crate) fn apply(&mut self, op: &UserOp, name: Option<&str>, conn: usize) {
+        let before = self.binding_sources();
+        self.apply_one(op, name, conn);
+        self.forget_unbound_auto_delete(before);
+    }
+
+    /// Forgets an auto-delete queue whose last consumer the application
+    /// cancelled (the broker deletes it then), with its bindings, and the
+    /// auto-delete exchanges that leaves without a binding.
+    pub(crate) fn forget_auto_delete_queue(&mut self, queue: &QueueRef) {
+        let auto_delete = self.queue_entity_id(queue).is_some_and(|id| {
+            matches!(self.entities.get(&id), Some(Entity::Queue { decl, .. }) if decl.auto_delete)
+        });
+        let target = self.resolve(queue);
+        let consumed = self
+            .consumers
+            .values()
+            .any(|k| self.resolve(&k.queue) == target);
+        if auto_delete && !consumed {
+            self.apply(&UserOp::DeleteQueue(queue.clone()), None, 0);
+        }
+    }
+
+    /// How many bindings each exchange is the source of.
+    fn binding_sources(&self) -> BTreeMap<String, usize> {
+        let mut sources = BTreeMap::new();
+        for entity in self.entities.values() {
+            let source = match entity {
+                Entity::QueueBinding { exchange, .. } => exchange,
+                Entity::ExchangeBinding { source, .. } => source,
+                _ => continue,
+            };
+            *sources.entry(source.clone()).or_insert(0) += 1;
+        }
+        sources
+    }
+
+    /// Forgets each auto-delete exchange that was a binding's source in
+    /// `before` and is none now, and so on for what forgetting it unbinds.
+    fn forget_unbound_auto_delete(&mut self, mut before: BTreeMap<String, usize>) {
+        loop {
+            let now = self.binding_sources();
+            let unbound: Vec<String> = before
+                .keys()
+                .filter(|source| !now.contains_key(*source))
+                .filter(|source| {
+                    self.entities.values().any(
+                        |e| matches!(e, Entity::Exchange(d) if d.name == **source && d.auto_delete),
+                    )
+                })
+                .cloned()
+                .collect();
+            if unbound.is_empty() {
+                return;
+            }
+            for name in unbound {
+                self.apply_one(&UserOp::DeleteExchange(name), None, 0);
+            }
+            before = now;
+        }
+    }
+
+    fn apply_one(&mut self, op: &UserOp, name: Option<&str>, conn: usize) {
         match op {
             UserOp::DeclareExchange(decl) => {
-                if !self
-                    .entities
-                    .values()
-                    .any(|e| matches!(e, Entity::Exchange(d) if d.name == decl.name))
-                {
-                    self.push(Entity::Exchange(decl.clone()));
+                // declared again: the broker took this declaration, so it is the
+                // one to replay (the first may name an exchange deleted since)
+                match self.entities.values_mut().find_map(|e| match e {
+                    Entity::Exchange(d) if d.name == decl.name => Some(d),
+                    _ => None,
+                }) {
+                    Some(existing) => *existing = decl.clone(),
+                    None => self.push(Entity::Exchange(decl.clone())),
                 }
             }
             UserOp::DeleteExchange(name) => {
@@ -764,9 +838,23 @@ impl Registry {
                     })
                 };
                 if let Some(primary) = existing {
-                    // the later handle names the same entry
+                    // the later handle names the same entry, which replays the
+                    // declaration the broker took last
                     if primary != *handle {
                         self.aliases.insert(*handle, primary);
+                    }
+                    for entity in self.entities.values_mut() {
+                        if let Entity::Queue {
+                            handle: h,
+                            decl: d,
+                            owner,
+                            ..
+                        } = entity
+                            && *h == primary
+                        {
+                            *d = decl.clone();
+                            *owner = tied.then_some(conn);
+                        }
                     }
                 } else {
                     self.push(Entity::Queue {

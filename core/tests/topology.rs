@@ -204,6 +204,117 @@ fn deletions_remove_entries_from_replay() {
 }
 
 #[test]
+fn a_declaration_made_again_replays_as_the_broker_last_took_it() {
+    let mut w = ready_world(1, 1);
+    w.app(|s, now| s.declare_exchange(now, ExchangeDecl::new("x", ExchangeKind::Topic)))
+        .unwrap();
+    w.app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    // deleted by another application, then declared again otherwise
+    w.app(|s, now| s.declare_exchange(now, ExchangeDecl::new("x", ExchangeKind::Fanout)))
+        .unwrap();
+    let mut transient = QueueDecl::durable("q");
+    transient.durable = false;
+    w.app(|s, now| s.declare_queue(now, transient)).unwrap();
+    w.run_for(Duration::from_millis(20));
+    w.topology_log.clear();
+    kill(&mut w);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let replayed: Vec<_> = w.topology_log.iter().map(|(_, op)| op).collect();
+    assert!(
+        matches!(
+            replayed[..],
+            [
+                TopologyOp::DeclareExchange(ExchangeDecl {
+                    kind: ExchangeKind::Fanout,
+                    ..
+                }),
+                TopologyOp::DeclareQueue(QueueDecl { durable: false, .. })
+            ]
+        ),
+        "{replayed:?}"
+    );
+}
+
+/// An auto-delete queue whose last consumer the application cancels, and an
+/// auto-delete exchange that loses its last binding (also through what that
+/// takes with it), are deleted by the broker: they are not declared again at
+/// the next recovery. Those that keep a consumer or a binding, and the others,
+/// are.
+#[test]
+fn auto_delete_entities_the_broker_deleted_are_not_declared_again() {
+    let mut w = ready_world(1, 1);
+    let auto_queue = |name: &str| {
+        let mut decl = QueueDecl::durable(name);
+        decl.auto_delete = true;
+        decl
+    };
+    let auto_exchange = |name: &str| {
+        let mut decl = ExchangeDecl::new(name, ExchangeKind::Direct);
+        decl.auto_delete = true;
+        decl
+    };
+    for name in ["lone", "shared"] {
+        w.app(|s, now| s.declare_queue(now, auto_queue(name)))
+            .unwrap();
+    }
+    w.app(|s, now| s.declare_queue(now, QueueDecl::durable("plain")))
+        .unwrap();
+    for name in ["ax", "src", "dst", "kept"] {
+        w.app(|s, now| s.declare_exchange(now, auto_exchange(name)))
+            .unwrap();
+    }
+    w.app(|s, now| s.declare_exchange(now, ExchangeDecl::new("px", ExchangeKind::Direct)))
+        .unwrap();
+    for (exchange, key) in [("ax", "a"), ("dst", "d"), ("kept", "k1"), ("kept", "k2")] {
+        w.app(|s, now| s.bind_queue(now, "plain".into(), exchange, key, FieldTable::default()))
+            .unwrap();
+    }
+    w.app(|s, now| s.bind_queue(now, "plain".into(), "px", "p", FieldTable::default()))
+        .unwrap();
+    w.app(|s, now| s.bind_exchange(now, "dst", "src", "e", FieldTable::default()))
+        .unwrap();
+    let mut consumers = Vec::new();
+    for queue in ["lone", "shared", "shared", "plain"] {
+        let id = w
+            .app(|s, now| s.consume(now, queue.into(), None, ConsumeOptions::default()))
+            .unwrap();
+        consumers.push(id);
+    }
+    w.run_for(Duration::from_millis(50));
+    // the last consumer of "lone", one of two of "shared", the only one of "plain"
+    for id in [consumers[0], consumers[1], consumers[3]] {
+        w.app(|s, now| s.cancel(now, id)).unwrap();
+    }
+    // the last binding of "ax" and of "dst" (whose loss unbinds "src"), one of
+    // two of "kept", the only one of the plain "px"
+    for (exchange, key) in [("ax", "a"), ("dst", "d"), ("kept", "k1"), ("px", "p")] {
+        w.app(|s, now| s.unbind_queue(now, "plain".into(), exchange, key, FieldTable::default()))
+            .unwrap();
+    }
+    w.run_for(Duration::from_millis(50));
+    w.topology_log.clear();
+    kill(&mut w);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let declared: Vec<String> = op_names(&w.topology_log)
+        .into_iter()
+        .filter(|op| op.starts_with("exchange ") || op.starts_with("queue "))
+        .collect();
+    assert_eq!(
+        declared,
+        vec![
+            "queue \"shared\"",
+            "queue \"plain\"",
+            "exchange kept",
+            "exchange px"
+        ],
+        "{:?}",
+        op_names(&w.topology_log)
+    );
+}
+
+#[test]
 fn exclusive_queue_is_replayed_only_on_its_own_connection() {
     let mut w = ready_world(2, 1);
     w.app(|s, now| s.declare_queue(now, QueueDecl::server_named()))

@@ -258,6 +258,12 @@ macro_rules! conformance_suite {
                     $name,
                     Shared,
                     edges,
+                    auto_delete_entities_stay_deleted_after_a_recovery
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
                     an_unknown_exchange_type_is_refused_once
                 );
                 $crate::__conformance_case!($name, Shared, edges, first_contact_names_the_cause);

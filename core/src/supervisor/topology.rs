@@ -972,6 +972,10 @@ impl Supervisor {
         };
         self.consume_waits.retain(|&(_, w)| w != consumer.0);
         self.registry.tags.remove(&entry.tag);
+        if entry.started {
+            // the broker deletes an auto-delete queue with its last consumer
+            self.registry.forget_auto_delete_queue(&entry.queue);
+        }
         if let (Some(c), Some(i)) = (entry.conn, entry.chan) {
             let ch = &mut self.conns[c].channels[i];
             // it may still sit in the replay queue, or wait to be tried again

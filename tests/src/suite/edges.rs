@@ -1400,3 +1400,81 @@ pub async fn nothing_new_is_accepted_while_close_drains<T: Transport>(h: Harness
     proxy.blackhole_all(false);
     delete_queues(&h, &[name.as_str()]).await;
 }
+
+/// Whether the broker has an exchange of that name.
+async fn exchange_exists(name: &str) -> bool {
+    let out = broker::ctl(&["list_exchanges", "--no-table-headers", "name"]).await;
+    out.lines().any(|line| line.trim() == name)
+}
+
+/// An auto-delete queue whose only consumer is dropped, and an auto-delete
+/// exchange whose only binding is removed, are deleted by the broker; a
+/// recovery afterwards does not declare them again (they would stay, unused,
+/// for good: an auto-delete queue that never gets a consumer is never deleted).
+pub async fn auto_delete_entities_stay_deleted_after_a_recovery<T: Transport>(h: Harness<T>) {
+    let proxy = FaultProxy::start(h.url.socket_addr()).expect("a fault proxy");
+    let base = queue_name(&h, "auto-delete");
+    let (queue, exchange, kept) = (format!("{base}.q"), format!("{base}.x"), base.clone());
+    let client = ready_with_queue(&h, h.builder([h.url.at(proxy.addr())]).pool(1, 2), &kept).await;
+    let mut decl = test_queue(&queue);
+    decl.auto_delete = true;
+    client.declare_queue(decl).await.expect("declare the queue");
+    let mut x = ExchangeDecl::new(&exchange, ExchangeKind::Direct);
+    x.durable = false;
+    x.auto_delete = true;
+    client
+        .declare_exchange(x)
+        .await
+        .expect("declare the exchange");
+    client
+        .bind_queue(kept.as_str(), &exchange, "k", FieldTable::default())
+        .await
+        .expect("bind");
+    let consumer = client
+        .consume(queue.as_str(), ConsumeOptions::default())
+        .await
+        .expect("consume");
+    drop(consumer);
+    client
+        .unbind_queue(kept.as_str(), &exchange, "k", FieldTable::default())
+        .await
+        .expect("unbind");
+    let start = Instant::now();
+    while broker::queue_messages(&queue).await.is_some() || exchange_exists(&exchange).await {
+        assert!(
+            start.elapsed() < 10 * SECOND,
+            "the broker did not delete them"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recoveries = client.stats().recoveries;
+    proxy.reset_all();
+    eventually("a recovery", 15 * SECOND, || {
+        client.stats().recoveries > recoveries
+    })
+    .await;
+    wait_ready(&client, 15 * SECOND).await;
+    // the replay ran on both channels: the kept queue is there, and a publish
+    // through the default exchange reaches it
+    assert_eq!(
+        within(
+            "a publish after the recovery",
+            10 * SECOND,
+            client.publish("", &kept, "after", Properties::default())
+        )
+        .await,
+        Ok(Confirmation::Confirmed)
+    );
+    let queue_back = broker::queue_messages(&queue).await.is_some();
+    let exchange_back = exchange_exists(&exchange).await;
+    close(client).await;
+    if queue_back {
+        delete_queues(&h, &[queue.as_str()]).await;
+    }
+    delete_queues(&h, &[kept.as_str()]).await;
+    assert!(!queue_back, "the auto-delete queue was declared again");
+    assert!(
+        !exchange_back,
+        "the auto-delete exchange was declared again"
+    );
+}
