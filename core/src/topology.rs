@@ -473,7 +473,16 @@ pub(crate) struct Registry {
     /// A fixed-name queue declared again: the later declaration's handle, and
     /// the handle of the entry it shares.
     aliases: std::collections::HashMap<QueueHandle, QueueHandle>,
+    /// Handles of auto-delete queues the broker deleted with their last
+    /// consumer (see [`Registry::forget_auto_delete_queue`]), with the queue's
+    /// name: no longer replayed, they still name the queue in a request (a
+    /// delete of it, say), which the broker then answers. At most
+    /// [`RETIRED_KEPT`], the oldest forgotten first.
+    retired: BTreeMap<QueueHandle, String>,
 }
+
+/// How many retired handles a registry keeps.
+const RETIRED_KEPT: usize = 1024;
 
 /// Longest AMQP short string.
 const MAX_NAME: usize = 255;
@@ -514,7 +523,7 @@ impl Registry {
     }
 
     pub(crate) fn has_handle(&self, handle: QueueHandle) -> bool {
-        self.queue_entity(handle).is_some()
+        self.queue_entity(handle).is_some() || self.retired.contains_key(&handle)
     }
 
     /// `queue` as the registry keeps references: a server-named queue of this
@@ -524,7 +533,12 @@ impl Registry {
     /// repeated declaration becomes the first one's.
     pub(crate) fn canonical(&self, queue: &QueueRef) -> QueueRef {
         let n = match queue {
-            QueueRef::Handle(h) => return QueueRef::Handle(self.primary(*h)),
+            QueueRef::Handle(h) => {
+                return match self.retired.get(h) {
+                    Some(name) => QueueRef::Named(name.clone()),
+                    None => QueueRef::Handle(self.primary(*h)),
+                };
+            }
             QueueRef::Named(n) => n,
         };
         self.entities
@@ -754,8 +768,29 @@ impl Registry {
             .consumers
             .values()
             .any(|k| self.resolve(&k.queue) == target);
-        if auto_delete && !consumed {
-            self.apply(&UserOp::DeleteQueue(queue.clone()), None, 0);
+        let Some(target) = target.filter(|_| auto_delete && !consumed) else {
+            return;
+        };
+        let primaries: Vec<QueueHandle> = self
+            .entities
+            .values()
+            .filter_map(|e| match e {
+                Entity::Queue { handle, name, .. } if *name == target => Some(*handle),
+                _ => None,
+            })
+            .collect();
+        let aliases = self
+            .aliases
+            .iter()
+            .filter(|(_, primary)| primaries.contains(primary))
+            .map(|(alias, _)| *alias);
+        let handles: Vec<QueueHandle> = primaries.iter().copied().chain(aliases).collect();
+        self.apply(&UserOp::DeleteQueue(queue.clone()), None, 0);
+        for handle in handles {
+            self.retired.insert(handle, target.clone());
+        }
+        while self.retired.len() > RETIRED_KEPT {
+            self.retired.pop_first();
         }
     }
 
@@ -869,6 +904,7 @@ impl Registry {
                 let Some(target) = self.resolve(queue) else {
                     return;
                 };
+                self.retired.retain(|_, name| *name != target);
                 // every handle that currently names the deleted queue
                 let handles: Vec<QueueHandle> = self
                     .entities

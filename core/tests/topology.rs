@@ -255,10 +255,11 @@ fn auto_delete_entities_the_broker_deleted_are_not_declared_again() {
         decl.auto_delete = true;
         decl
     };
-    for name in ["lone", "shared"] {
-        w.app(|s, now| s.declare_queue(now, auto_queue(name)))
-            .unwrap();
-    }
+    let (_, lone) = w
+        .app(|s, now| s.declare_queue(now, auto_queue("lone")))
+        .unwrap();
+    w.app(|s, now| s.declare_queue(now, auto_queue("shared")))
+        .unwrap();
     w.app(|s, now| s.declare_queue(now, QueueDecl::durable("plain")))
         .unwrap();
     for name in ["ax", "src", "dst", "kept"] {
@@ -294,6 +295,17 @@ fn auto_delete_entities_the_broker_deleted_are_not_declared_again() {
             .unwrap();
     }
     w.run_for(Duration::from_millis(50));
+    // the forgotten queue's handle still names it: a delete of it goes to the
+    // broker (which deletes nothing, and says so)
+    let log = w.topology_log.len();
+    w.app(|s, now| s.delete_queue(now, lone.into()))
+        .expect("a delete by the handle of a forgotten queue");
+    w.run_for(Duration::from_millis(20));
+    assert!(
+        matches!(&w.topology_log[log..], [(_, TopologyOp::DeleteQueue { name, .. })] if name == "lone"),
+        "{:?}",
+        &w.topology_log[log..]
+    );
     w.topology_log.clear();
     kill(&mut w);
     w.run_until_ready(Duration::from_secs(1)).unwrap();
