@@ -751,6 +751,14 @@ impl Registry {
     /// unbind, or the delete of a queue or exchange bound to it) is deleted by
     /// the broker: it is forgotten too, not declared again at the next recovery.
     pub(crate) fn apply(&mut self, op: &UserOp, name: Option<&str>, conn: usize) {
+        let unbinds = match op {
+            UserOp::DeleteQueue(_) | UserOp::DeleteExchange(_) => true,
+            UserOp::BindQueue { bind, .. } | UserOp::BindExchange { bind, .. } => !bind,
+            _ => false,
+        };
+        if !unbinds {
+            return self.apply_one(op, name, conn);
+        }
         let before = self.binding_sources();
         self.apply_one(op, name, conn);
         self.forget_unbound_auto_delete(before);

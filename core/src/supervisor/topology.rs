@@ -1206,19 +1206,15 @@ impl Supervisor {
         // channel, before the delete's answer on another). Declaring the queue
         // again here would reach the broker after the delete and bring the
         // queue back: the consumer ends as it would after the delete's answer.
-        let being_deleted = self.user_ops.in_flight.is_some_and(|op| {
-            matches!(
-                self.user_ops.ops.get(&op),
-                Some((UserOp::DeleteQueue(q), _))
-                    if self.registry.queue_entity_id(q).is_some()
-                        && self.registry.queue_entity_id(q) == self.registry.queue_entity_id(&queue)
-            )
-        });
-        let entity = self
-            .registry
-            .queue_entity_id(&queue)
-            .filter(|_| !being_deleted);
-        let Some(entity) = entity else {
+        let entity = self.registry.queue_entity_id(&queue);
+        let being_deleted = entity.is_some()
+            && self.user_ops.in_flight.is_some_and(|op| {
+                matches!(
+                    self.user_ops.ops.get(&op),
+                    Some((UserOp::DeleteQueue(q), _)) if self.registry.queue_entity_id(q) == entity
+                )
+            });
+        let Some(entity) = entity.filter(|_| !being_deleted) else {
             self.registry.consumers.remove(&id);
             self.registry.tags.remove(tag);
             self.events.push_back(Event::ConsumerCancelled {
