@@ -779,14 +779,7 @@ impl Registry {
         let Some(target) = target.filter(|_| auto_delete && !consumed) else {
             return;
         };
-        let primaries: Vec<QueueHandle> = self
-            .entities
-            .values()
-            .filter_map(|e| match e {
-                Entity::Queue { handle, name, .. } if *name == target => Some(*handle),
-                _ => None,
-            })
-            .collect();
+        let primaries = self.handles_named(&target);
         let aliases = self
             .aliases
             .iter()
@@ -800,6 +793,19 @@ impl Registry {
         while self.retired.len() > RETIRED_KEPT {
             self.retired.pop_first();
         }
+    }
+
+    /// The handles of the queue entries whose real name is `name`.
+    fn handles_named(&self, name: &str) -> Vec<QueueHandle> {
+        self.entities
+            .values()
+            .filter_map(|e| match e {
+                Entity::Queue {
+                    handle, name: n, ..
+                } if n == name => Some(*handle),
+                _ => None,
+            })
+            .collect()
     }
 
     /// How many bindings each exchange is the source of.
@@ -914,14 +920,7 @@ impl Registry {
                 };
                 self.retired.retain(|_, name| *name != target);
                 // every handle that currently names the deleted queue
-                let handles: Vec<QueueHandle> = self
-                    .entities
-                    .values()
-                    .filter_map(|e| match e {
-                        Entity::Queue { handle, name, .. } if *name == target => Some(*handle),
-                        _ => None,
-                    })
-                    .collect();
+                let handles = self.handles_named(&target);
                 let aliases = &self.aliases;
                 let gone = |q: &QueueRef| match q {
                     QueueRef::Named(n) => *n == target,

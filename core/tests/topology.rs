@@ -728,10 +728,7 @@ fn a_consumer_of_a_queue_deleted_by_handle_ends_whichever_answer_comes_first() {
     });
     w.run_for(Duration::from_millis(50));
     assert!(
-        w.events.iter().any(|(_, e)| matches!(
-            e,
-            Event::ConsumerEnded { consumer: c, error: ConsumeError::CancelledByBroker } if *c == consumer
-        )),
+        ended_by_broker(&w, consumer),
         "the consumer still waits: {:?}",
         w.events.iter().map(|(_, e)| e).collect::<Vec<_>>()
     );
@@ -793,10 +790,7 @@ fn a_queue_deleted_while_its_consumer_lives_on_another_channel_is_not_declared_a
         op_names(&w.topology_log)
     );
     assert!(
-        w.events.iter().any(|(_, e)| matches!(
-            e,
-            Event::ConsumerEnded { consumer: c, error: ConsumeError::CancelledByBroker } if *c == consumer
-        )),
+        ended_by_broker(&w, consumer),
         "{:?}",
         w.events.iter().map(|(_, e)| e).collect::<Vec<_>>()
     );
@@ -1098,6 +1092,16 @@ fn exclusive_use() -> TransportError {
         code: 403,
         text: "ACCESS_REFUSED - queue 'q' in vhost '/' in exclusive use".into(),
     }
+}
+
+/// Whether `consumer` ended with `CancelledByBroker`.
+fn ended_by_broker(w: &World, consumer: amqp_rebound_core::ConsumerId) -> bool {
+    w.events.iter().any(|(_, e)| {
+        matches!(
+            e,
+            Event::ConsumerEnded { consumer: c, error: ConsumeError::CancelledByBroker } if *c == consumer
+        )
+    })
 }
 
 fn consumers_ended(w: &World) -> Vec<(Duration, ConsumeError)> {
