@@ -1383,3 +1383,119 @@ fn publishes_wait_for_the_broker_to_take_an_auto_ack_consumers_cancel() {
         assert_eq!(w.stored.len(), 1, "no_ack {no_ack}");
     }
 }
+
+fn auto_delete_queue(name: &str) -> QueueDecl {
+    let mut decl = QueueDecl::durable(name);
+    decl.auto_delete = true;
+    decl
+}
+
+/// A delete by handle of an auto-delete queue, asked for before the last
+/// consumer's cancel but still queued (behind another request, or waiting for
+/// a Ready channel) when the cancel comes, must go to the broker as one asked
+/// for after the cancel does: not fail UnknownQueue.
+#[test]
+fn review_a_delete_queued_before_the_last_cancel_still_names_the_queue() {
+    let mut w = ready_world(1, 1);
+    let (_, q) = w
+        .app(|s, now| s.declare_queue(now, auto_delete_queue("lone")))
+        .unwrap();
+    let consumer = w
+        .app(|s, now| s.consume(now, q.into(), None, ConsumeOptions::default()))
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    // another request in flight: the delete waits behind it
+    w.app(|s, now| s.declare_exchange(now, ExchangeDecl::new("x", ExchangeKind::Topic)))
+        .unwrap();
+    let delete = w.app(|s, now| s.delete_queue(now, q.into())).unwrap();
+    w.app(|s, now| s.cancel(now, consumer)).unwrap();
+    w.run_for(Duration::from_millis(50));
+    let result = w.events.iter().find_map(|(_, e)| match e {
+        Event::TopologyResolved { op, result } if *op == delete => Some(result.clone()),
+        _ => None,
+    });
+    assert!(matches!(result, Some(Ok(_))), "{result:?}");
+}
+
+/// The retired handles kept are the most recently forgotten: a queue
+/// forgotten last keeps its handle (the doc says the oldest forgotten go
+/// first), whatever its handle's number.
+#[test]
+fn review_the_handle_forgotten_last_is_kept() {
+    let mut w = ready_world(1, 1);
+    let (_, first) = w
+        .app(|s, now| s.declare_queue(now, auto_delete_queue("first")))
+        .unwrap();
+    let first_consumer = w
+        .app(|s, now| s.consume(now, first.into(), None, ConsumeOptions::default()))
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    for n in 0..1024 {
+        let name = format!("temp-{n}");
+        let (_, q) = w
+            .app(|s, now| s.declare_queue(now, auto_delete_queue(&name)))
+            .unwrap();
+        let consumer = w
+            .app(|s, now| s.consume(now, q.into(), None, ConsumeOptions::default()))
+            .unwrap();
+        w.run_for(Duration::from_millis(20));
+        w.app(|s, now| s.cancel(now, consumer)).unwrap();
+    }
+    w.app(|s, now| s.cancel(now, first_consumer)).unwrap();
+    // forgotten just now: its handle still names it
+    let deleted = w.app(|s, now| s.delete_queue(now, first.into()));
+    assert!(deleted.is_ok(), "{deleted:?}");
+}
+
+/// A consumer started on an auto-delete queue right after the application
+/// cancelled its previous last consumer (by the same handle) can land on
+/// another channel and subscribe before the broker takes the cancel: the
+/// queue then lives on with that consumer. It must still be declared again at
+/// the next recovery, before the consumer subscribes to it again.
+#[test]
+fn review_a_queue_consumed_again_after_its_last_cancel_is_still_replayed() {
+    let mut w = ready_world(1, 2);
+    w.app(|s, now| s.declare_queue(now, QueueDecl::durable("other")))
+        .unwrap();
+    let (_, q) = w
+        .app(|s, now| s.declare_queue(now, auto_delete_queue("ad")))
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    let consume = |w: &mut World, queue: QueueRef, tag: &str| {
+        w.app(|s, now| s.consume(now, queue, Some(tag.into()), ConsumeOptions::default()))
+            .unwrap()
+    };
+    // ch0: x1, x2, x4; ch1: a, x3, x5
+    let x1 = consume(&mut w, "other".into(), "x1");
+    let a = consume(&mut w, q.into(), "a");
+    for tag in ["x2", "x3", "x4", "x5"] {
+        consume(&mut w, "other".into(), tag);
+    }
+    w.run_for(Duration::from_millis(20));
+    assert_eq!(w.sup.consumer_channel(a), Some(ch(0, 1)));
+    w.app(|s, now| s.cancel(now, x1)).unwrap();
+    w.run_for(Duration::from_millis(20));
+    // restart the consumer of "ad": cancel, consume again by its handle
+    w.app(|s, now| s.cancel(now, a)).unwrap();
+    let b = consume(&mut w, q.into(), "b");
+    assert_eq!(w.sup.consumer_channel(b), Some(ch(0, 0)));
+    w.run_for(Duration::from_millis(20));
+    assert!(
+        w.events.iter().any(|(_, e)| matches!(
+            e,
+            Event::ConsumeResolved { consumer, result: Ok(()) } if *consumer == b
+        )),
+        "b subscribed"
+    );
+    w.topology_log.clear();
+    kill(&mut w);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    let names = op_names(&w.topology_log);
+    let declared = names.iter().position(|n| n == "queue \"ad\"");
+    let consumed = names.iter().position(|n| n == "consume ad b");
+    assert!(consumed.is_some(), "{names:?}");
+    assert!(
+        declared.is_some_and(|d| Some(d) < consumed),
+        "consumer b subscribes to \"ad\", which is not declared again: {names:?}"
+    );
+}
