@@ -477,8 +477,10 @@ pub(crate) struct Registry {
     /// consumer (see [`Registry::forget_auto_delete_queue`]), with the queue's
     /// name: no longer replayed, they still name the queue in a request (a
     /// delete of it, say), which the broker then answers. At most
-    /// [`RETIRED_KEPT`], the oldest forgotten first.
-    retired: BTreeMap<QueueHandle, String>,
+    /// [`RETIRED_KEPT`], the oldest forgotten first (`retired_order`).
+    retired: std::collections::HashMap<QueueHandle, String>,
+    /// The retired handles, in the order they were forgotten.
+    retired_order: std::collections::VecDeque<QueueHandle>,
 }
 
 /// How many retired handles a registry keeps.
@@ -563,6 +565,15 @@ impl Registry {
                 _ => None,
             },
         }
+    }
+
+    /// [`resolve`](Self::resolve), or the name of a queue forgotten since a
+    /// request named it by handle (a request queued before the forgetting).
+    fn resolve_or_retired(&self, queue: &QueueRef) -> Option<String> {
+        self.resolve(queue).or_else(|| match queue {
+            QueueRef::Handle(h) => self.retired.get(h).cloned(),
+            QueueRef::Named(_) => None,
+        })
     }
 
     /// The connection slot a queue is tied to (exclusive or server-named), if any.
@@ -674,7 +685,7 @@ impl Registry {
     /// The operation for a user request, names resolved now.
     pub(crate) fn user_op(&self, op: &UserOp) -> Result<TopologyOp, TopologyError> {
         let resolve = |q: &QueueRef| {
-            self.resolve(q).ok_or(match q {
+            self.resolve_or_retired(q).ok_or(match q {
                 QueueRef::Handle(h) => TopologyError::UnknownQueue(*h),
                 QueueRef::Named(_) => TopologyError::Invalid("unknown queue".into()),
             })
@@ -788,10 +799,14 @@ impl Registry {
         let handles: Vec<QueueHandle> = primaries.iter().copied().chain(aliases).collect();
         self.apply(&UserOp::DeleteQueue(queue.clone()), None, 0);
         for handle in handles {
-            self.retired.insert(handle, target.clone());
+            if self.retired.insert(handle, target.clone()).is_none() {
+                self.retired_order.push_back(handle);
+            }
         }
         while self.retired.len() > RETIRED_KEPT {
-            self.retired.pop_first();
+            if let Some(oldest) = self.retired_order.pop_front() {
+                self.retired.remove(&oldest);
+            }
         }
     }
 
@@ -915,10 +930,12 @@ impl Registry {
                 }
             }
             UserOp::DeleteQueue(queue) => {
-                let Some(target) = self.resolve(queue) else {
+                let Some(target) = self.resolve_or_retired(queue) else {
                     return;
                 };
                 self.retired.retain(|_, name| *name != target);
+                let retired = &self.retired;
+                self.retired_order.retain(|h| retired.contains_key(h));
                 // every handle that currently names the deleted queue
                 let handles = self.handles_named(&target);
                 let aliases = &self.aliases;
