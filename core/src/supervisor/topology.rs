@@ -51,6 +51,10 @@ pub(super) struct Cancelled {
     tag: String,
     /// An auto-ack consumer's deliveries cannot be given back.
     no_ack: bool,
+    /// The queue of a consumer that ran: an auto-delete one is forgotten when
+    /// the broker answers the cancel, if no consumer of it remains then (one
+    /// started meanwhile keeps it on the broker).
+    queue: Option<QueueRef>,
 }
 
 /// One topology step queued on a channel generation.
@@ -380,7 +384,10 @@ impl Supervisor {
                             self.assign_consumers();
                         }
                     }
-                    Step::Cancel(tag) => self.release_hold(c, i, &tag),
+                    Step::Cancel(tag) => {
+                        self.release_hold(c, i, &tag);
+                        self.cancel_taken(c, i, &tag);
+                    }
                     Step::Qos(_) => {}
                 }
                 self.kick(c, i);
@@ -972,10 +979,9 @@ impl Supervisor {
         };
         self.consume_waits.retain(|&(_, w)| w != consumer.0);
         self.registry.tags.remove(&entry.tag);
-        if entry.started {
-            // the broker deletes an auto-delete queue with its last consumer
-            self.registry.forget_auto_delete_queue(&entry.queue);
-        }
+        // the broker deletes an auto-delete queue with its last consumer: once
+        // it takes the cancel sent below, or now if none is sent
+        let mut forget = entry.started.then(|| entry.queue.clone());
         if let (Some(c), Some(i)) = (entry.conn, entry.chan) {
             let ch = &mut self.conns[c].channels[i];
             // it may still sit in the replay queue, or wait to be tried again
@@ -994,6 +1000,7 @@ impl Supervisor {
                     generation: ch.generation,
                     tag: entry.tag.clone(),
                     no_ack: entry.options.no_ack,
+                    queue: forget.take(),
                 });
                 if entry.options.no_ack {
                     self.holds.push(Hold {
@@ -1007,6 +1014,9 @@ impl Supervisor {
                 ch.current.steps.push_back(Step::Cancel(entry.tag));
                 self.kick(c, i);
             }
+        }
+        if let Some(queue) = forget {
+            self.registry.forget_auto_delete_queue(&queue);
         }
         Ok(())
     }
@@ -1350,6 +1360,20 @@ impl Supervisor {
             .retain(|h| !(h.channel == channel && h.generation == generation && h.tag == tag));
         if self.holds.len() != before {
             self.pump();
+        }
+    }
+
+    /// The broker took the cancel of consumer `tag` on channel (c, i): its
+    /// auto-delete queue is gone if no consumer of it remains.
+    fn cancel_taken(&mut self, c: usize, i: usize, tag: &str) {
+        let (channel, generation) = (chan_id(c, i), self.conns[c].channels[i].generation);
+        let queue = self
+            .cancelled
+            .iter_mut()
+            .rfind(|k| k.channel == channel && k.generation == generation && k.tag == tag)
+            .and_then(|k| k.queue.take());
+        if let Some(queue) = queue {
+            self.registry.forget_auto_delete_queue(&queue);
         }
     }
 
