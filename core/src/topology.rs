@@ -803,10 +803,10 @@ impl Registry {
                 self.retired_order.push_back(handle);
             }
         }
-        while self.retired.len() > RETIRED_KEPT {
-            if let Some(oldest) = self.retired_order.pop_front() {
-                self.retired.remove(&oldest);
-            }
+        while self.retired.len() > RETIRED_KEPT
+            && let Some(oldest) = self.retired_order.pop_front()
+        {
+            self.retired.remove(&oldest);
         }
     }
 

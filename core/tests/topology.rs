@@ -245,20 +245,15 @@ fn a_declaration_made_again_replays_as_the_broker_last_took_it() {
 #[test]
 fn auto_delete_entities_the_broker_deleted_are_not_declared_again() {
     let mut w = ready_world(1, 1);
-    let auto_queue = |name: &str| {
-        let mut decl = QueueDecl::durable(name);
-        decl.auto_delete = true;
-        decl
-    };
     let auto_exchange = |name: &str| {
         let mut decl = ExchangeDecl::new(name, ExchangeKind::Direct);
         decl.auto_delete = true;
         decl
     };
     let (_, lone) = w
-        .app(|s, now| s.declare_queue(now, auto_queue("lone")))
+        .app(|s, now| s.declare_queue(now, auto_delete_queue("lone")))
         .unwrap();
-    w.app(|s, now| s.declare_queue(now, auto_queue("shared")))
+    w.app(|s, now| s.declare_queue(now, auto_delete_queue("shared")))
         .unwrap();
     w.app(|s, now| s.declare_queue(now, QueueDecl::durable("plain")))
         .unwrap();
@@ -1395,7 +1390,7 @@ fn auto_delete_queue(name: &str) -> QueueDecl {
 /// a Ready channel) when the cancel comes, must go to the broker as one asked
 /// for after the cancel does: not fail UnknownQueue.
 #[test]
-fn review_a_delete_queued_before_the_last_cancel_still_names_the_queue() {
+fn a_delete_queued_before_the_last_cancel_still_names_the_queue() {
     let mut w = ready_world(1, 1);
     let (_, q) = w
         .app(|s, now| s.declare_queue(now, auto_delete_queue("lone")))
@@ -1421,7 +1416,7 @@ fn review_a_delete_queued_before_the_last_cancel_still_names_the_queue() {
 /// forgotten last keeps its handle (the doc says the oldest forgotten go
 /// first), whatever its handle's number.
 #[test]
-fn review_the_handle_forgotten_last_is_kept() {
+fn the_handle_forgotten_last_is_kept() {
     let mut w = ready_world(1, 1);
     let (_, first) = w
         .app(|s, now| s.declare_queue(now, auto_delete_queue("first")))
@@ -1453,7 +1448,7 @@ fn review_the_handle_forgotten_last_is_kept() {
 /// queue then lives on with that consumer. It must still be declared again at
 /// the next recovery, before the consumer subscribes to it again.
 #[test]
-fn review_a_queue_consumed_again_after_its_last_cancel_is_still_replayed() {
+fn a_queue_consumed_again_after_its_last_cancel_is_still_replayed() {
     let mut w = ready_world(1, 2);
     w.app(|s, now| s.declare_queue(now, QueueDecl::durable("other")))
         .unwrap();
