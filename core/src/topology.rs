@@ -77,9 +77,10 @@ pub struct QueueDecl {
     pub durable: bool,
     /// Owned by this connection; deleted when it closes.
     pub exclusive: bool,
-    /// Deleted by the broker when its last consumer goes. When the application
-    /// cancels the last consumer this client has on it, the client forgets it
-    /// too (with its bindings): it is not declared again at a recovery.
+    /// Deleted by the broker when its last consumer goes. When the broker takes
+    /// the cancel of the last consumer this client has on it, the client
+    /// forgets it too (with its bindings): it is not declared again at a
+    /// recovery. Its handle still names it in later requests.
     pub auto_delete: bool,
     /// Extra arguments (`x-queue-type`, `x-message-ttl`, ...).
     pub arguments: FieldTable,
