@@ -106,16 +106,7 @@ fn declarations_run_in_order_and_resolve() {
 fn replay_restores_topology_before_the_channel_is_ready_and_renames_server_named_queues() {
     let mut w = ready_world(1, 2);
     let anon = declare_topology(&mut w);
-    let consumer = w
-        .app(|s, now| {
-            s.consume(
-                now,
-                anon.into(),
-                Some("c1".into()),
-                ConsumeOptions::default(),
-            )
-        })
-        .unwrap();
+    let consumer = consume_as(&mut w, anon.into(), "c1");
     w.run_for(Duration::from_millis(20));
     w.topology_log.clear();
     w.auto_confirm = false;
@@ -511,16 +502,7 @@ fn a_channel_closed_for_a_publish_to_a_missing_exchange_retries_the_request() {
 #[test]
 fn deliveries_carry_their_generation_and_stale_acks_are_refused() {
     let mut w = ready_world(1, 1);
-    let consumer = w
-        .app(|s, now| {
-            s.consume(
-                now,
-                "jobs".into(),
-                Some("c1".into()),
-                ConsumeOptions::default(),
-            )
-        })
-        .unwrap();
+    let consumer = consume_as(&mut w, "jobs".into(), "c1");
     w.run_for(Duration::from_millis(20));
     let tag = w.deliver(ch(0, 0), "c1", "m1").unwrap();
     let Some((
@@ -606,15 +588,7 @@ fn automatic_consumer_tags_step_around_the_applications() {
 #[test]
 fn duplicate_consumer_tag_is_refused() {
     let mut w = ready_world(1, 1);
-    w.app(|s, now| {
-        s.consume(
-            now,
-            "q".into(),
-            Some("c1".into()),
-            ConsumeOptions::default(),
-        )
-    })
-    .unwrap();
+    consume_as(&mut w, "q".into(), "c1");
     assert_eq!(
         w.app(|s, now| s.consume(
             now,
@@ -642,26 +616,8 @@ fn broker_cancel_resubscribes_a_registered_queue_and_ends_an_unknown_one() {
         .app(|s, now| s.declare_queue(now, QueueDecl::durable("known")))
         .unwrap();
     w.run_for(Duration::from_millis(10));
-    let known = w
-        .app(|s, now| {
-            s.consume(
-                now,
-                QueueRef::Handle(q),
-                Some("k".into()),
-                ConsumeOptions::default(),
-            )
-        })
-        .unwrap();
-    let unknown = w
-        .app(|s, now| {
-            s.consume(
-                now,
-                "elsewhere".into(),
-                Some("u".into()),
-                ConsumeOptions::default(),
-            )
-        })
-        .unwrap();
+    let known = consume_as(&mut w, QueueRef::Handle(q), "k");
+    let unknown = consume_as(&mut w, "elsewhere".into(), "u");
     w.run_for(Duration::from_millis(20));
     w.topology_log.clear();
     let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
@@ -700,16 +656,7 @@ fn a_consumer_of_a_queue_deleted_by_handle_ends_whichever_answer_comes_first() {
         .app(|s, now| s.declare_queue(now, QueueDecl::durable("doomed")))
         .unwrap();
     w.run_for(Duration::from_millis(10));
-    let consumer = w
-        .app(|s, now| {
-            s.consume(
-                now,
-                QueueRef::Handle(q),
-                Some("d".into()),
-                ConsumeOptions::default(),
-            )
-        })
-        .unwrap();
+    let consumer = consume_as(&mut w, QueueRef::Handle(q), "d");
     w.run_for(Duration::from_millis(20));
     w.app(|s, now| s.delete_queue(now, QueueRef::Handle(q)))
         .unwrap();
@@ -741,25 +688,8 @@ fn a_queue_deleted_while_its_consumer_lives_on_another_channel_is_not_declared_a
         .unwrap();
     // a first consumer takes channel 0 (where requests run), so the doomed
     // queue's lives on 1
-    w.app(|s, now| {
-        s.consume(
-            now,
-            "q".into(),
-            Some("first".into()),
-            ConsumeOptions::default(),
-        )
-    })
-    .unwrap();
-    let consumer = w
-        .app(|s, now| {
-            s.consume(
-                now,
-                QueueRef::Handle(q),
-                Some("d".into()),
-                ConsumeOptions::default(),
-            )
-        })
-        .unwrap();
+    consume_as(&mut w, "q".into(), "first");
+    let consumer = consume_as(&mut w, QueueRef::Handle(q), "d");
     w.run_for(Duration::from_millis(20));
     let channel = w.sup.consumer_channel(consumer).unwrap();
     assert_eq!(channel, ch(0, 1));
@@ -839,25 +769,8 @@ fn a_channel_0_reopen_does_not_redeclare_a_live_server_named_queue() {
     let mut w = ready_world(1, 2);
     let anon = declare_topology(&mut w);
     // a first consumer takes channel 0, so the server-named queue's lives on 1
-    w.app(|s, now| {
-        s.consume(
-            now,
-            "q".into(),
-            Some("first".into()),
-            ConsumeOptions::default(),
-        )
-    })
-    .unwrap();
-    let on_anon = w
-        .app(|s, now| {
-            s.consume(
-                now,
-                anon.into(),
-                Some("c".into()),
-                ConsumeOptions::default(),
-            )
-        })
-        .unwrap();
+    consume_as(&mut w, "q".into(), "first");
+    let on_anon = consume_as(&mut w, anon.into(), "c");
     w.run_for(Duration::from_millis(20));
     assert_eq!(w.sup.consumer_channel(on_anon), Some(ch(0, 1)));
     w.topology_log.clear();
@@ -877,16 +790,7 @@ fn a_channel_0_reopen_does_not_redeclare_a_live_server_named_queue() {
 fn a_channel_error_under_the_only_consumer_of_an_auto_delete_queue_redeclares_it_first() {
     let mut w = ready_world(1, 2);
     let anon = declare_topology(&mut w); // server-named queues are auto-delete
-    let consumer = w
-        .app(|s, now| {
-            s.consume(
-                now,
-                anon.into(),
-                Some("c".into()),
-                ConsumeOptions::default(),
-            )
-        })
-        .unwrap();
+    let consumer = consume_as(&mut w, anon.into(), "c");
     w.run_for(Duration::from_millis(20));
     let channel = w.sup.consumer_channel(consumer).unwrap();
     w.topology_log.clear();
@@ -1087,6 +991,12 @@ fn exclusive_use() -> TransportError {
         code: 403,
         text: "ACCESS_REFUSED - queue 'q' in vhost '/' in exclusive use".into(),
     }
+}
+
+/// Starts a consumer of `queue` tagged `tag`.
+fn consume_as(w: &mut World, queue: QueueRef, tag: &str) -> amqp_rebound_core::ConsumerId {
+    w.app(|s, now| s.consume(now, queue, Some(tag.into()), ConsumeOptions::default()))
+        .unwrap()
 }
 
 /// Whether `consumer` ended with `CancelledByBroker`.
