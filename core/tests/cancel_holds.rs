@@ -43,7 +43,7 @@ fn assert_no_past_timer(w: &World, what: &str) {
 /// answer the cancel: past CANCEL_HOLD_MAX, the hold's deadline must not stay
 /// armed in the past.
 #[test]
-fn an_expired_hold_while_no_channel_has_room_leaves_a_past_deadline() {
+fn an_expired_hold_leaves_no_past_deadline_while_no_channel_has_room() {
     let mut cfg = config(1, 1, 1);
     cfg.confirm_window = 1;
     cfg.publish_timeout = Duration::from_secs(600);
@@ -63,7 +63,7 @@ fn an_expired_hold_while_no_channel_has_room_leaves_a_past_deadline() {
 /// Closed right after an auto-ack consumer's cancel: the hold ends with the
 /// close, and leaves no deadline armed.
 #[test]
-fn a_hold_outlives_close_as_a_past_deadline() {
+fn a_close_ends_the_holds_and_their_deadline() {
     let mut w = World::new(config(1, 1, 1));
     w.run_until_ready(Duration::from_secs(1)).expect("ready");
     let consumer = no_ack_consumer(&mut w, "q");

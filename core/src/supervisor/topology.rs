@@ -37,24 +37,35 @@ const CANCEL_HOLD_MAX: Duration = Duration::from_secs(5);
 /// broker delivers to it after its cancel goes back to the queue.
 #[derive(Debug)]
 pub(super) struct Hold {
-    channel: ChannelId,
-    generation: u64,
-    tag: String,
+    consumer: CancelledTag,
     pub(super) until: Instant,
 }
 
 /// A consumer the application cancelled, as its deliveries name it.
 #[derive(Debug)]
 pub(super) struct Cancelled {
-    channel: ChannelId,
-    generation: u64,
-    tag: String,
+    consumer: CancelledTag,
     /// An auto-ack consumer's deliveries cannot be given back.
     no_ack: bool,
     /// The queue of a consumer that ran: an auto-delete one is forgotten when
     /// the broker answers the cancel, if no consumer of it remains then (one
     /// started meanwhile keeps it on the broker).
     queue: Option<QueueRef>,
+}
+
+/// A cancelled consumer as the broker knows it: its tag on one channel
+/// generation.
+#[derive(Debug, Clone)]
+struct CancelledTag {
+    channel: ChannelId,
+    generation: u64,
+    tag: String,
+}
+
+impl CancelledTag {
+    fn is(&self, channel: ChannelId, generation: u64, tag: &str) -> bool {
+        self.channel == channel && self.generation == generation && self.tag == tag
+    }
 }
 
 /// One topology step queued on a channel generation.
@@ -384,10 +395,7 @@ impl Supervisor {
                             self.assign_consumers();
                         }
                     }
-                    Step::Cancel(tag) => {
-                        self.release_hold(c, i, &tag);
-                        self.cancel_taken(c, i, &tag);
-                    }
+                    Step::Cancel(tag) => self.cancel_answered(c, i, &tag),
                     Step::Qos(_) => {}
                 }
                 self.kick(c, i);
@@ -995,21 +1003,22 @@ impl Supervisor {
                 if self.cancelled.len() == CANCELLED_KEPT {
                     self.cancelled.pop_front();
                 }
-                self.cancelled.push_back(Cancelled {
+                let consumer = CancelledTag {
                     channel: chan_id(c, i),
                     generation: ch.generation,
                     tag: entry.tag.clone(),
-                    no_ack: entry.options.no_ack,
-                    queue: forget.take(),
-                });
+                };
                 if entry.options.no_ack {
                     self.holds.push(Hold {
-                        channel: chan_id(c, i),
-                        generation: ch.generation,
-                        tag: entry.tag.clone(),
+                        consumer: consumer.clone(),
                         until: self.now + CANCEL_HOLD_MAX,
                     });
                 }
+                self.cancelled.push_back(Cancelled {
+                    consumer,
+                    no_ack: entry.options.no_ack,
+                    queue: forget.take(),
+                });
                 let ch = &mut self.conns[c].channels[i];
                 ch.current.steps.push_back(Step::Cancel(entry.tag));
                 self.kick(c, i);
@@ -1082,7 +1091,7 @@ impl Supervisor {
         let cancelled = self
             .cancelled
             .iter()
-            .rfind(|k| k.channel == channel && k.generation == generation && k.tag == *tag);
+            .rfind(|k| k.consumer.is(channel, generation, tag));
         // The consumer with this tag on this channel. A tag the application
         // gave again, after a cancel, names the new consumer only once the
         // broker accepted it: until then it is the cancelled one's.
@@ -1352,28 +1361,23 @@ impl Supervisor {
     }
 
     /// The broker answered the cancel of consumer `tag` on channel (c, i):
-    /// publishes held for it go out.
-    fn release_hold(&mut self, c: usize, i: usize, tag: &str) {
-        let (channel, generation) = (chan_id(c, i), self.conns[c].channels[i].generation);
-        let before = self.holds.len();
-        self.holds
-            .retain(|h| !(h.channel == channel && h.generation == generation && h.tag == tag));
-        if self.holds.len() != before {
-            self.pump();
-        }
-    }
-
-    /// The broker took the cancel of consumer `tag` on channel (c, i): its
-    /// auto-delete queue is gone if no consumer of it remains.
-    fn cancel_taken(&mut self, c: usize, i: usize, tag: &str) {
+    /// publishes held for it go out, and its auto-delete queue is gone if no
+    /// consumer of it remains.
+    fn cancel_answered(&mut self, c: usize, i: usize, tag: &str) {
         let (channel, generation) = (chan_id(c, i), self.conns[c].channels[i].generation);
         let queue = self
             .cancelled
             .iter_mut()
-            .rfind(|k| k.channel == channel && k.generation == generation && k.tag == tag)
+            .rfind(|k| k.consumer.is(channel, generation, tag))
             .and_then(|k| k.queue.take());
         if let Some(queue) = queue {
             self.registry.forget_auto_delete_queue(&queue);
+        }
+        let before = self.holds.len();
+        self.holds
+            .retain(|h| !h.consumer.is(channel, generation, tag));
+        if self.holds.len() != before {
+            self.pump();
         }
     }
 
@@ -1384,9 +1388,11 @@ impl Supervisor {
         self.holds.retain(|h| {
             h.until > now
                 && conns
-                    .get(usize::from(h.channel.connection.0))
-                    .and_then(|conn| conn.channels.get(usize::from(h.channel.index)))
-                    .is_some_and(|ch| ch.generation == h.generation && ch.state.runs_steps())
+                    .get(usize::from(h.consumer.channel.connection.0))
+                    .and_then(|conn| conn.channels.get(usize::from(h.consumer.channel.index)))
+                    .is_some_and(|ch| {
+                        ch.generation == h.consumer.generation && ch.state.runs_steps()
+                    })
         });
         !self.holds.is_empty()
     }
