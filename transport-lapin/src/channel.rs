@@ -735,6 +735,38 @@ impl ConfirmEvents {
     }
 }
 
+/// Sorts a turn's confirms by number. lapin resolves the confirms one multiple
+/// ack covers in no particular order, and a turn's confirms are most often one
+/// run of numbers: a run is put in order in one pass (a number's place is its
+/// distance from the least), anything else is sorted (a run of ~100 confirms
+/// cost ~150 instructions per message to sort).
+fn order_confirms(confirms: &mut [(u64, bool)]) {
+    let mut numbers = confirms.iter().map(|&(seq, _)| seq);
+    let Some(first) = numbers.next() else {
+        return;
+    };
+    let (least, most) = numbers.fold((first, first), |(lo, hi), seq| (lo.min(seq), hi.max(seq)));
+    if most - least != confirms.len() as u64 - 1 {
+        confirms.sort_unstable();
+        return;
+    }
+    for i in 0..confirms.len() {
+        loop {
+            let at = (confirms[i].0 - least) as usize;
+            if at == i {
+                break;
+            }
+            // a number twice (never from lapin): not a run after all
+            if confirms[at].0 == confirms[i].0 {
+                confirms.sort_unstable();
+                return;
+            }
+            // each swap puts one confirm in its place for good
+            confirms.swap(i, at);
+        }
+    }
+}
+
 fn ack_event(delivery_tag: u64, multiple: bool) -> ChannelEvent {
     ChannelEvent::Ack {
         delivery_tag,
@@ -880,7 +912,7 @@ impl Pump {
         for r in returns {
             self.emit(ChannelEvent::Return(Box::new(convert::returned(r))));
         }
-        confirms.sort_unstable();
+        order_confirms(&mut confirms);
         self.confirm_events.events(&confirms, &mut self.ready);
         confirms.clear();
         self.resolved = confirms;
@@ -921,6 +953,45 @@ mod tests {
             let mut out = VecDeque::new();
             self.events(confirms, &mut out);
             out.into()
+        }
+    }
+
+    #[test]
+    fn confirms_are_put_in_order_whether_or_not_they_are_a_run() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |bound: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % bound
+        };
+        for case in 0..2_000 {
+            let len = next(40) as usize;
+            let start = 1 + next(1_000);
+            let mut confirms: Vec<(u64, bool)> =
+                (0..len as u64).map(|k| (start + k, next(5) != 0)).collect();
+            match case % 3 {
+                // a gap: no longer a run
+                1 if len > 1 => confirms[0].0 += len as u64 + next(3),
+                // a number twice
+                2 if len > 1 => confirms[0].0 = confirms[len - 1].0,
+                _ => {}
+            }
+            for i in (1..len).rev() {
+                confirms.swap(i, next(i as u64 + 1) as usize);
+            }
+            let mut expected = confirms.clone();
+            expected.sort_unstable();
+            let mut ordered = confirms.clone();
+            order_confirms(&mut ordered);
+            assert_eq!(
+                ordered.iter().map(|c| c.0).collect::<Vec<_>>(),
+                expected.iter().map(|c| c.0).collect::<Vec<_>>(),
+                "case {case}: {confirms:?}"
+            );
+            let mut pairs = ordered.clone();
+            pairs.sort_unstable();
+            assert_eq!(pairs, expected, "case {case}: the same confirms");
         }
     }
 
