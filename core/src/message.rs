@@ -262,6 +262,38 @@ impl Properties {
     }
 }
 
+/// Checks the argument table of a declaration, a binding or a consumer
+/// (`what` names it) as [`Properties::check`] checks headers: short strings,
+/// finite floats, nesting at most [`HEADERS_DEPTH_MAX`] deep, and room for the
+/// table, beside the method's other strings (`names` bytes encoded), in one frame of
+/// `frame_max` bytes. RabbitMQ closes the whole connection on a method frame
+/// past `frame_max` (501 FRAME_ERROR).
+pub(crate) fn check_arguments(
+    what: &str,
+    table: &FieldTable,
+    names: usize,
+    frame_max: u32,
+) -> Result<(), String> {
+    if table.inner().is_empty() {
+        return Ok(());
+    }
+    // class and method ids, the reserved short, the flags octet
+    let size = 4 + 2 + 1 + names + check_table(what, table, 1)?;
+    let room = (frame_max as usize).saturating_sub(8);
+    if frame_max != 0 && size > room {
+        return Err(format!(
+            "the {what} take {size} bytes encoded with the method; a frame carries {room} \
+             (frame_max {frame_max}), and they must fit in one"
+        ));
+    }
+    Ok(())
+}
+
+/// The encoded size of short strings.
+pub(crate) fn short_strings(names: &[&str]) -> usize {
+    names.iter().map(|name| 1 + name.len()).sum()
+}
+
 /// Checks a table nested `depth` deep (the headers are 1); its encoded size.
 fn check_table(path: &str, table: &FieldTable, depth: usize) -> Result<usize, String> {
     too_deep(path, depth)?;

@@ -236,7 +236,10 @@ pub struct QueueHandle(pub(crate) u64);
 /// renames of server-named queues).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum QueueRef {
-    /// A queue known by name (declared elsewhere, or a fixed name).
+    /// A queue known by name (declared elsewhere, or a fixed name). Never
+    /// `""`: in AMQP that names the queue declared last on the channel, and
+    /// the client picks the channel, so requests naming `""` fail with
+    /// `Invalid` (a server-named queue is reached by its handle).
     Named(String),
     /// A queue declared through this client.
     Handle(QueueHandle),

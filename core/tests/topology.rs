@@ -5,9 +5,9 @@ mod common;
 use std::time::Duration;
 
 use amqp_rebound_core::{
-    AckError, AckKind, ChannelId, ChannelInput, ChannelState, ConnectionId, ConsumeError,
-    ConsumeOptions, Event, ExchangeDecl, ExchangeKind, FieldTable, QueueDecl, QueueRef,
-    TopologyError, TopologyOp, TransportError,
+    AMQPValue, AckError, AckKind, ChannelId, ChannelInput, ChannelState, ConnectionId,
+    ConsumeError, ConsumeOptions, Event, ExchangeDecl, ExchangeKind, FieldTable, QueueDecl,
+    QueueRef, TopologyError, TopologyOp, TransportError,
 };
 use common::{World, config};
 
@@ -376,6 +376,131 @@ fn invalid_topology_requests_are_typed_errors() {
             .iter()
             .all(|(_, c)| !matches!(c, amqp_rebound_core::Command::Topology { .. }))
     );
+}
+
+/// `""` as a queue name means, in AMQP, the queue declared last on the
+/// channel; argument tables past one frame make the broker close the whole
+/// connection (501). Both are refused at the call, before anything reaches the
+/// broker; a server-named declaration and arguments that fit still go.
+#[test]
+fn empty_queue_names_and_arguments_past_a_frame_are_refused_at_the_call() {
+    let mut w = ready_world(1, 1);
+    let mut big = FieldTable::default();
+    big.insert(
+        "x-big".into(),
+        AMQPValue::LongString(vec![b'b'; 200_000].into()),
+    );
+    let mut nan = FieldTable::default();
+    nan.insert("x-odd".into(), AMQPValue::Double(f64::NAN));
+    let empty = || QueueRef::Named(String::new());
+    let bad = [
+        w.app(|s, now| s.delete_queue(now, empty())),
+        w.app(|s, now| s.bind_queue(now, empty(), "x", "k", FieldTable::default())),
+        w.app(|s, now| s.unbind_queue(now, empty(), "x", "k", FieldTable::default())),
+        w.app(|s, now| {
+            s.declare_queue(
+                now,
+                QueueDecl {
+                    arguments: big.clone(),
+                    ..QueueDecl::durable("q")
+                },
+            )
+            .map(|r| r.0)
+        }),
+        w.app(|s, now| {
+            s.declare_exchange(
+                now,
+                ExchangeDecl {
+                    arguments: nan.clone(),
+                    ..ExchangeDecl::new("x", ExchangeKind::Direct)
+                },
+            )
+        }),
+        w.app(|s, now| s.bind_queue(now, "q".into(), "x", "k", big.clone())),
+        w.app(|s, now| s.bind_exchange(now, "x", "y", "k", big.clone())),
+    ];
+    for r in &bad {
+        assert!(matches!(r, Err(TopologyError::Invalid(_))), "{r:?}");
+    }
+    assert!(
+        matches!(&bad[3], Err(TopologyError::Invalid(e)) if e.contains("frame_max")),
+        "{:?}",
+        bad[3]
+    );
+    let consumes = [
+        w.app(|s, now| s.consume(now, empty(), None, ConsumeOptions::default())),
+        w.app(|s, now| {
+            s.consume(
+                now,
+                "q".into(),
+                None,
+                ConsumeOptions {
+                    arguments: big.clone(),
+                    ..ConsumeOptions::default()
+                },
+            )
+        }),
+    ];
+    for r in &consumes {
+        assert!(matches!(r, Err(ConsumeError::Invalid(_))), "{r:?}");
+    }
+    assert!(
+        w.commands
+            .iter()
+            .all(|(_, c)| !matches!(c, amqp_rebound_core::Command::Topology { .. })),
+        "nothing went to the broker"
+    );
+    let mut fits = FieldTable::default();
+    fits.insert("x-max-length".into(), AMQPValue::LongInt(10));
+    assert!(
+        w.app(|s, now| s.declare_queue(
+            now,
+            QueueDecl {
+                arguments: fits,
+                ..QueueDecl::server_named()
+            }
+        ))
+        .is_ok()
+    );
+    w.run_for(Duration::from_millis(50));
+    assert!(
+        w.events
+            .iter()
+            .any(|(_, e)| matches!(e, Event::TopologyResolved { result: Ok(_), .. })),
+        "the server-named declaration went through"
+    );
+}
+
+/// A consume the broker answers by closing the connection for the command
+/// itself (501 FRAME_ERROR, 503 COMMAND_INVALID) ends with that answer: run
+/// again after each reconnect, it would take the connection down each time.
+#[test]
+fn a_consume_the_broker_closes_the_connection_for_ends_with_the_refusal() {
+    let mut w = ready_world(1, 2);
+    w.fail_consume = Some(TransportError::Reply {
+        code: 501,
+        text: "FRAME_ERROR - type 1, all octets = <<>>: {frame_too_large,200076,131064}".into(),
+    });
+    w.app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+        .unwrap();
+    w.app(|s, now| s.consume(now, "q".into(), None, ConsumeOptions::default()))
+        .unwrap();
+    w.run_for(Duration::from_secs(10));
+    assert!(
+        matches!(
+            consume_resolutions(&w).as_slice(),
+            [Err(ConsumeError::Broker { code: 501, .. })]
+        ),
+        "{:?}",
+        consume_resolutions(&w)
+    );
+    let tries = w
+        .topology_log
+        .iter()
+        .filter(|(_, op)| matches!(op, TopologyOp::Consume { .. }))
+        .count();
+    assert_eq!(tries, 0, "the refused consume is not run again");
+    assert!(w.sup.is_all_ready(), "the client came back without it");
 }
 
 #[test]

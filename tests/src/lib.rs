@@ -266,6 +266,12 @@ macro_rules! conformance_suite {
                     edges,
                     an_unknown_exchange_type_is_refused_once
                 );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    empty_queue_names_and_arguments_past_a_frame_are_refused_at_the_call
+                );
                 $crate::__conformance_case!($name, Shared, edges, first_contact_names_the_cause);
                 $crate::__conformance_case!($name, Shared, edges, extreme_settings_never_panic);
             }

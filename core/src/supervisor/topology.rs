@@ -9,7 +9,7 @@ use super::{Command, Supervisor};
 use crate::error::{ErrorClass, TransportError};
 use crate::event::{Event, Reason};
 use crate::ids::ChannelId;
-use crate::message::{Delivery, FieldTable};
+use crate::message::{Delivery, FieldTable, SHORT_STRING_MAX, check_arguments, short_strings};
 use crate::state::ChannelState;
 use crate::telemetry::targets;
 use crate::topology::{
@@ -409,15 +409,16 @@ impl Supervisor {
         }
     }
 
-    /// The broker closed connection `c` for a command it refuses (502
-    /// SYNTAX_ERROR, 503 COMMAND_INVALID such as an exchange type it does not
-    /// know, 540 NOT_IMPLEMENTED). When one topology step was in flight on the
+    /// The broker closed connection `c` for a command it refuses (501
+    /// FRAME_ERROR such as a method frame past `frame_max`, 502 SYNTAX_ERROR,
+    /// 503 COMMAND_INVALID such as an exchange type it does not know, 540
+    /// NOT_IMPLEMENTED). When one topology step was in flight on the
     /// connection, that step is the command: it fails with the broker's reply
     /// rather than go back to the queue (sent again after the reconnect, it would
     /// close the connection again). With several in flight the culprit is not
     /// known, and they all go back.
     pub(super) fn blame_the_command(&mut self, c: usize, error: &TransportError) {
-        if !matches!(error.reply_code(), Some(502 | 503 | 540)) {
+        if !refuses_the_command(error) {
             return;
         }
         let mut in_flight = self.conns[c]
@@ -445,7 +446,11 @@ impl Supervisor {
                 // not the broker's verdict: run it again elsewhere
                 self.user_ops_back(std::slice::from_ref(step));
             }
-            Step::Consume(id) if error.class() != ErrorClass::Transient => {
+            // a consume the broker closed the connection for is refused too:
+            // replayed, it would close the connection again at every reconnect
+            Step::Consume(id)
+                if error.class() != ErrorClass::Transient || refuses_the_command(error) =>
+            {
                 self.stats.replay_failures += 1;
                 self.consume_refused(*id, error);
             }
@@ -655,6 +660,11 @@ impl Supervisor {
         if decl.kind.as_str().is_empty() {
             return Err(TopologyError::Invalid("empty exchange type".into()));
         }
+        self.check_arguments(
+            "exchange arguments",
+            &decl.arguments,
+            short_strings(&[&decl.name, decl.kind.as_str()]),
+        )?;
         self.user_request(now, UserOp::DeclareExchange(decl))
     }
 
@@ -678,6 +688,11 @@ impl Supervisor {
             )));
         }
         check_name("queue name", &decl.name).map_err(TopologyError::Invalid)?;
+        self.check_arguments(
+            "queue arguments",
+            &decl.arguments,
+            short_strings(&[&decl.name]),
+        )?;
         let handle = self.registry.new_handle();
         let op = self.user_request(now, UserOp::DeclareQueue(handle, decl))?;
         Ok((op, handle))
@@ -725,6 +740,11 @@ impl Supervisor {
         self.check_queue(&queue)?;
         check_name("exchange name", exchange).map_err(TopologyError::Invalid)?;
         check_name("routing key", routing_key).map_err(TopologyError::Invalid)?;
+        self.check_arguments(
+            "binding arguments",
+            &arguments,
+            queue_name_size(&queue) + short_strings(&[exchange, routing_key]),
+        )?;
         self.user_request(
             now,
             UserOp::BindQueue {
@@ -777,6 +797,11 @@ impl Supervisor {
         ] {
             check_name(what, name).map_err(TopologyError::Invalid)?;
         }
+        self.check_arguments(
+            "binding arguments",
+            &arguments,
+            short_strings(&[destination, source, routing_key]),
+        )?;
         self.user_request(
             now,
             UserOp::BindExchange {
@@ -797,8 +822,21 @@ impl Supervisor {
             .filter(|name| !name.is_empty())
     }
 
+    /// [`check_arguments`] against the client's `frame_max`.
+    fn check_arguments(
+        &self,
+        what: &str,
+        arguments: &FieldTable,
+        names: usize,
+    ) -> Result<(), TopologyError> {
+        check_arguments(what, arguments, names, self.frame_max).map_err(TopologyError::Invalid)
+    }
+
     fn check_queue(&self, queue: &QueueRef) -> Result<(), TopologyError> {
         match queue {
+            QueueRef::Named(name) if name.is_empty() => {
+                Err(TopologyError::Invalid(EMPTY_QUEUE_NAME.into()))
+            }
             QueueRef::Named(name) => check_name("queue name", name).map_err(TopologyError::Invalid),
             QueueRef::Handle(h) if self.registry.has_handle(*h) || self.user_ops.declares(*h) => {
                 Ok(())
@@ -921,6 +959,9 @@ impl Supervisor {
         if self.is_closing() {
             return Err(ConsumeError::Closed);
         }
+        if matches!(&queue, QueueRef::Named(name) if name.is_empty()) {
+            return Err(ConsumeError::Invalid(EMPTY_QUEUE_NAME.into()));
+        }
         let queue = self.registry.canonical(&queue);
         match &queue {
             QueueRef::Named(name) => {
@@ -956,6 +997,13 @@ impl Supervisor {
         if self.registry.tags.contains_key(&tag) {
             return Err(ConsumeError::DuplicateTag(tag));
         }
+        check_arguments(
+            "consumer arguments",
+            &options.arguments,
+            queue_name_size(&queue) + short_strings(&[&tag]),
+            self.frame_max,
+        )
+        .map_err(ConsumeError::Invalid)?;
         self.registry.tags.insert(tag.clone(), id);
         self.registry.consumers.insert(
             id,
@@ -1422,4 +1470,25 @@ impl Supervisor {
         let k = self.registry.consumers.get(&consumer.0)?;
         Some(chan_id(k.conn?, k.chan?))
     }
+}
+
+/// Why `""` is refused as a queue name: in AMQP it names the queue declared
+/// last on the channel, and the client chooses the channel.
+const EMPTY_QUEUE_NAME: &str = "a queue name is required: \"\" names the queue declared last on \
+     the channel, which the application does not choose (declare \"\" for a server-named queue \
+     and use its handle)";
+
+/// The encoded size of the queue's name in a method: a queue given by handle
+/// may carry a name of up to 255 bytes.
+fn queue_name_size(queue: &QueueRef) -> usize {
+    match queue {
+        QueueRef::Named(name) => 1 + name.len(),
+        QueueRef::Handle(_) => 1 + SHORT_STRING_MAX,
+    }
+}
+
+/// Whether the broker closed the connection for the command itself (see
+/// [`Supervisor::blame_the_command`]).
+fn refuses_the_command(error: &TransportError) -> bool {
+    matches!(error.reply_code(), Some(501 | 502 | 503 | 540))
 }

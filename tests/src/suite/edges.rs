@@ -200,6 +200,100 @@ pub async fn a_queue_declared_twice_answers_to_both_handles<T: Transport>(h: Har
     close(client).await;
 }
 
+/// `""` is no queue name the client takes (in AMQP it names the queue declared
+/// last on the channel, and the client picks the channel), and argument tables
+/// past one frame are refused at the call instead of costing the connection
+/// (the broker closes it with 501): the queue declared just before stays, with
+/// its message, and nothing reconnects.
+pub async fn empty_queue_names_and_arguments_past_a_frame_are_refused_at_the_call<T: Transport>(
+    h: Harness<T>,
+) {
+    let client = h.client().await;
+    let name = queue_name(&h, "kept");
+    client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("declare");
+    assert_eq!(
+        client.publish("", &name, "x", Properties::default()).await,
+        Ok(Confirmation::Confirmed)
+    );
+    let reconnects = client.stats().reconnects;
+    let deleted = within("delete \"\"", 5 * SECOND, client.delete_queue("")).await;
+    assert!(
+        matches!(deleted, Err(TopologyError::Invalid(_))),
+        "{deleted:?}"
+    );
+    let bound = within(
+        "bind \"\"",
+        5 * SECOND,
+        client.bind_queue("", "amq.fanout", "", FieldTable::default()),
+    )
+    .await;
+    assert!(matches!(bound, Err(TopologyError::Invalid(_))), "{bound:?}");
+    let consumed = within(
+        "consume \"\"",
+        5 * SECOND,
+        client.consume("", ConsumeOptions::default()),
+    )
+    .await;
+    assert!(
+        matches!(consumed, Err(ConsumeError::Invalid(_))),
+        "{:?}",
+        consumed.map(|c| c.id())
+    );
+    let mut big = FieldTable::default();
+    big.insert(
+        "x-big".into(),
+        AMQPValue::LongString("b".repeat(200_000).into()),
+    );
+    let consumed = within(
+        "consume with 200 kB of arguments",
+        5 * SECOND,
+        client.consume(
+            name.as_str(),
+            ConsumeOptions {
+                arguments: big.clone(),
+                ..ConsumeOptions::default()
+            },
+        ),
+    )
+    .await;
+    assert!(
+        matches!(consumed, Err(ConsumeError::Invalid(_))),
+        "{:?}",
+        consumed.map(|c| c.id())
+    );
+    let declared = within(
+        "declare with 200 kB of arguments",
+        5 * SECOND,
+        client.declare_queue(QueueDecl {
+            arguments: big,
+            ..test_queue(&queue_name(&h, "big-arguments"))
+        }),
+    )
+    .await;
+    assert!(
+        matches!(declared, Err(TopologyError::Invalid(_))),
+        "{:?}",
+        declared.map(|q| q.name())
+    );
+    assert_eq!(
+        client.stats().reconnects,
+        reconnects,
+        "nothing cost the connection"
+    );
+    let inspector = h.inspector().await;
+    assert_eq!(
+        inspector.ready_messages(&test_queue(&name)).await,
+        1,
+        "the queue declared before is still there, with its message"
+    );
+    inspector.close().await;
+    close(client).await;
+    delete_queues(&h, &[&name]).await;
+}
+
 /// A server-named queue bound and consumed by its name string (as an
 /// application that read `queue.name()` does) is followed across a recovery
 /// like one given by handle: the binding and the consumer go to the queue's
