@@ -23,7 +23,7 @@
 //! | Outcome | What happened | What the broker may hold |
 //! |---|---|---|
 //! | `Ok(`[`Confirmed`]`)` | The broker acked it (publisher confirm). | The message, once or more (more if it was re-sent after a loss: see duplicates). |
-//! | `Ok(`[`Returned`]`)` | A `mandatory` message no queue took: returned, then acked. | Nothing routed it: no queue holds it. |
+//! | `Ok(`[`Returned`]`)` | A `mandatory` message no queue took: returned, then acked. The return carries no sequence number: it goes to the in-flight message with its exchange, routing key and payload (then properties), so messages of one key routed apart (a headers exchange) each get their own answer; of two byte-identical messages, the older is marked. | Nothing routed it: no queue holds it. |
 //! | `Err(`[`Nacked`]`)` | The broker nacked it (an internal error, or a queue with `x-overflow: reject-publish` that is full). | Usually nothing; RabbitMQ does not promise either way for an internal error. With [`ClientBuilder::retry_nacked`] the client re-publishes instead. |
 //! | `Err(`[`TimedOut`]`)` | No confirm by its deadline (default 30 s). It is never sent again. | Nothing if it was never sent (it waited in the outbox through an outage or a blocked connection). **If it was in flight at its deadline, the broker may have it**: only its confirm was late. |
 //! | `Err(`[`Unreachable`]`)` | As `TimedOut`, on a client that never had a Ready connection; carries the last dial error. | Nothing: no connection was ever made. |

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amqp_rebound_core::{
-    ChannelId, ChannelInput, Command, Confirmation, ConnectionId, Event, Input, Message,
-    PublishError, PublishId, Returned, TransportError,
+    AMQPValue, ChannelId, ChannelInput, Command, Confirmation, ConnectionId, Event, FieldTable,
+    Input, Message, Properties, PublishError, PublishId, Returned, TransportError,
 };
 use common::{World, config, msg};
 
@@ -138,6 +138,64 @@ fn mandatory_unroutable_resolves_as_returned() {
             reply_text: "NO_ROUTE".into()
         })]
     );
+}
+
+/// On a headers exchange messages with one routing key are routed apart, and
+/// the confirm of a routed one can come after the return of an unroutable one:
+/// the return goes to the message it carries (its payload, then its
+/// properties), not to the oldest with the same exchange and key.
+#[test]
+fn a_return_goes_to_the_message_it_carries_among_those_with_its_key() {
+    let mut w = ready_world(1, 1);
+    w.auto_confirm = false;
+    let kind = |k: &str| {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "kind".into(),
+            AMQPValue::LongString(k.as_bytes().to_vec().into()),
+        );
+        Properties::default().with_headers(headers)
+    };
+    let publish = |w: &mut World, payload: &'static str, k: &str| {
+        w.publish(Arc::new(
+            Message::new("hx", "", payload)
+                .with_properties(kind(k))
+                .mandatory(true),
+        ))
+        .unwrap()
+    };
+    // routed, unroutable, then two alike but for their headers
+    let routed = publish(&mut w, "a", "a");
+    let unroutable = publish(&mut w, "b", "b");
+    let same_routed = publish(&mut w, "same", "a");
+    let same_unroutable = publish(&mut w, "same", "b");
+    let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
+    for (payload, k) in [("b", "b"), ("same", "b")] {
+        w.input(Input::Channel {
+            channel: ch(0, 0),
+            generation,
+            event: ChannelInput::Returned(Box::new(Returned {
+                reply_code: 312,
+                reply_text: "NO_ROUTE".into(),
+                exchange: "hx".into(),
+                routing_key: String::new(),
+                properties: kind(k),
+                payload: payload.into(),
+            })),
+        });
+    }
+    w.confirm(ch(0, 0), 4, true, true);
+    let returned = Ok(Confirmation::Returned {
+        reply_code: 312,
+        reply_text: "NO_ROUTE".into(),
+    });
+    assert_eq!(result_of(&w, routed), vec![Ok(Confirmation::Confirmed)]);
+    assert_eq!(result_of(&w, unroutable), vec![returned.clone()]);
+    assert_eq!(
+        result_of(&w, same_routed),
+        vec![Ok(Confirmation::Confirmed)]
+    );
+    assert_eq!(result_of(&w, same_unroutable), vec![returned]);
 }
 
 #[test]

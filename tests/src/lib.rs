@@ -272,6 +272,12 @@ macro_rules! conformance_suite {
                     edges,
                     empty_queue_names_and_arguments_past_a_frame_are_refused_at_the_call
                 );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    returns_go_to_the_unroutable_messages_on_a_headers_exchange
+                );
                 $crate::__conformance_case!($name, Shared, edges, first_contact_names_the_cause);
                 $crate::__conformance_case!($name, Shared, edges, extreme_settings_never_panic);
             }

@@ -411,22 +411,47 @@ impl Supervisor {
     }
 
     /// basic.return comes before the ack of the same message and carries no
-    /// sequence number: it belongs to the oldest in-flight mandatory message of the
-    /// channel with the same exchange and routing key not yet marked returned.
+    /// sequence number: it belongs to an in-flight mandatory message of the
+    /// channel not yet marked returned, with the same exchange and routing key,
+    /// the oldest of those whose payload and properties match it best. The
+    /// exchange and key alone do not tell: on a headers exchange (or with `CC`
+    /// / `BCC` headers) messages with one key are routed apart, and the
+    /// confirm of a routed one can come after the return of an unroutable one.
+    /// The payload comes back as sent; the properties nearly so (a transport may
+    /// turn a short-string header into a long string), so they only break ties.
     pub(super) fn on_returned(&mut self, channel: ChannelId, generation: u64, r: &Returned) {
         let Some((c, i)) = self.current_chan(channel, generation) else {
             return;
         };
+        // (payload equal, properties equal), the oldest first among equals
+        let mut best: Option<((bool, bool), u64)> = None;
         for &(_, id) in &self.conns[c].channels[i].current.in_flight {
-            if let Some(entry) = self.outbox.get_mut(id)
-                && entry.message.mandatory
-                && !entry.is_returned()
-                && entry.message.exchange == r.exchange
-                && entry.message.routing_key == r.routing_key
+            let Some(entry) = self.outbox.get(id) else {
+                continue;
+            };
+            let message = &entry.message;
+            if !message.mandatory
+                || entry.is_returned()
+                || message.exchange != r.exchange
+                || message.routing_key != r.routing_key
             {
-                entry.set_returned(r.reply_code, r.reply_text.clone());
-                return;
+                continue;
             }
+            let fit = (
+                message.payload == r.payload,
+                message.properties == r.properties,
+            );
+            if best.is_none_or(|(best_fit, _)| fit > best_fit) {
+                best = Some((fit, id));
+                if fit == (true, true) {
+                    break;
+                }
+            }
+        }
+        if let Some((_, id)) = best
+            && let Some(entry) = self.outbox.get_mut(id)
+        {
+            entry.set_returned(r.reply_code, r.reply_text.clone());
         }
     }
 

@@ -200,6 +200,95 @@ pub async fn a_queue_declared_twice_answers_to_both_handles<T: Transport>(h: Har
     close(client).await;
 }
 
+/// Mandatory messages with one routing key on a headers exchange, half of them
+/// unroutable: each unroutable one resolves `Returned` and each routed one
+/// `Confirmed` (the broker's return carries no sequence number, and the
+/// routed ones' confirms can come after it), and the queue holds exactly the
+/// routed ones.
+pub async fn returns_go_to_the_unroutable_messages_on_a_headers_exchange<T: Transport>(
+    h: Harness<T>,
+) {
+    const ROUNDS: usize = 10;
+    const EACH: usize = 10;
+    let name = queue_name(&h, "headers-returns");
+    let exchange = format!("{name}.x");
+    let client = h.client().await;
+    let mut decl = ExchangeDecl::new(exchange.as_str(), ExchangeKind::Headers);
+    decl.durable = false;
+    decl.auto_delete = true;
+    client.declare_exchange(decl).await.expect("exchange");
+    client
+        .declare_queue(test_queue(&name))
+        .await
+        .expect("queue");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-match".into(), AMQPValue::LongString("all".into()));
+    arguments.insert("kind".into(), AMQPValue::LongString("a".into()));
+    client
+        .bind_queue(name.as_str(), &exchange, "", arguments)
+        .await
+        .expect("bind");
+    let kind = |k: &str| {
+        let mut headers = FieldTable::default();
+        headers.insert("kind".into(), AMQPValue::LongString(k.into()));
+        Properties::default().with_headers(headers)
+    };
+    let mut wrong = Vec::new();
+    for round in 0..ROUNDS {
+        let publish = |k: &str, i: usize| {
+            client.publish_message(
+                Message::new(exchange.as_str(), "", format!("{k}{round}.{i}"))
+                    .with_properties(kind(k))
+                    .mandatory(true),
+                PublishOptions::default(),
+            )
+        };
+        let routed: Vec<_> = (0..EACH).map(|i| publish("a", i)).collect();
+        let unroutable: Vec<_> = (0..EACH).map(|i| publish("b", i)).collect();
+        let (routed, unroutable) = within(
+            "the round's confirms",
+            10 * SECOND,
+            futures::future::join(
+                futures::future::join_all(routed),
+                futures::future::join_all(unroutable),
+            ),
+        )
+        .await;
+        let routed_wrong = routed
+            .iter()
+            .filter(|r| **r != Ok(Confirmation::Confirmed))
+            .count();
+        let unroutable_wrong = unroutable
+            .iter()
+            .filter(|r| {
+                !matches!(
+                    r,
+                    Ok(Confirmation::Returned {
+                        reply_code: 312,
+                        ..
+                    })
+                )
+            })
+            .count();
+        if routed_wrong + unroutable_wrong > 0 {
+            wrong.push((round, routed_wrong, unroutable_wrong));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "(round, routed not Confirmed, unroutable not Returned): {wrong:?}"
+    );
+    let inspector = h.inspector().await;
+    assert_eq!(
+        inspector.ready_messages(&test_queue(&name)).await as usize,
+        ROUNDS * EACH,
+        "the queue holds the routed messages"
+    );
+    inspector.close().await;
+    close(client).await;
+    delete_queues(&h, &[&name]).await;
+}
+
 /// `""` is no queue name the client takes (in AMQP it names the queue declared
 /// last on the channel, and the client picks the channel), and argument tables
 /// past one frame are refused at the call instead of costing the connection
