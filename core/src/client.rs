@@ -155,7 +155,11 @@ impl ClientBuilder {
         self
     }
 
-    /// Re-publish nacked messages instead of failing them.
+    /// Re-publish nacked messages instead of failing them. A nacked message
+    /// is sent again after a pause that starts at the backoff's initial delay
+    /// and grows by its multiplier with each send, up to its cap (50 ms, 100
+    /// ms, ... 2 s with the defaults), until it is confirmed or its deadline
+    /// passes (`TimedOut`); a close resolves one still pausing as `Nacked`.
     pub fn retry_nacked(mut self, retry: bool) -> Self {
         self.config.retry_nacked = retry;
         self

@@ -60,7 +60,9 @@ pub struct Config {
     pub outbox_capacity: usize,
     /// Unconfirmed messages allowed per channel. Default 1024.
     pub confirm_window: usize,
-    /// Re-publish a message the broker nacked (instead of resolving it as Nacked).
+    /// Re-publish a message the broker nacked (instead of resolving it as
+    /// Nacked), after a pause that grows as the backoff does (see
+    /// [`ClientBuilder::retry_nacked`](crate::ClientBuilder::retry_nacked)).
     /// Default false.
     pub retry_nacked: bool,
     /// The client's name: the connection name the broker shows

@@ -24,7 +24,7 @@
 //! |---|---|---|---|
 //! | `amqp_rebound_published_total` | counter | client | publishes accepted into the outbox |
 //! | `amqp_rebound_sent_total` | counter | client | publish commands sent to the broker (first sends and re-sends) |
-//! | `amqp_rebound_republished_total` | counter | client | re-sends of messages sent before (after a loss) |
+//! | `amqp_rebound_republished_total` | counter | client | re-sends of messages sent before (after a loss, or a nack with `retry_nacked`) |
 //! | `amqp_rebound_confirmed_total` | counter | client | publishes confirmed by the broker |
 //! | `amqp_rebound_returned_total` | counter | client | mandatory publishes returned unroutable |
 //! | `amqp_rebound_nacked_total` | counter | client | publishes nacked by the broker |

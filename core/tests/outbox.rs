@@ -101,9 +101,29 @@ fn nack_resolves_as_nacked_or_is_retried_by_policy() {
         result_of(&w, id).is_empty(),
         "a retried nack does not resolve"
     );
+    // sent again after the backoff's initial delay, then after twice that
+    // (a full queue that rejects publishes does not get it back in a loop)
+    let initial = w.sup.config().backoff.initial;
+    assert_eq!(w.sent_payloads(), vec!["1"], "not sent again at once");
+    w.run_for(initial - Duration::from_millis(1));
+    assert_eq!(w.sent_payloads(), vec!["1"], "not before the pause is over");
+    w.run_for(Duration::from_millis(2));
     assert_eq!(w.sent_payloads(), vec!["1", "1"], "re-sent after the nack");
-    w.confirm(ch(0, 0), 1, false, true);
+    w.confirm(ch(0, 0), 2, false, false);
+    w.run_for(initial + initial / 2);
+    assert_eq!(w.sent_payloads(), vec!["1", "1"], "the pause doubled");
+    w.run_for(initial);
+    assert_eq!(w.sent_payloads(), vec!["1", "1", "1"]);
+    assert!(result_of(&w, id).is_empty());
+    w.confirm(ch(0, 0), 3, false, true);
     assert_eq!(result_of(&w, id), vec![Ok(Confirmation::Confirmed)]);
+    assert_eq!(w.sup.stats().republished, 2);
+
+    // a close resolves a message still pausing as Nacked, at once
+    let id = w.publish(msg(2)).unwrap();
+    w.confirm(ch(0, 0), 4, false, false);
+    w.app(|s, now| s.handle(now, Input::CloseNow));
+    assert_eq!(result_of(&w, id), vec![Err(PublishError::Nacked)]);
 }
 
 #[test]

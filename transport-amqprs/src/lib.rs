@@ -144,7 +144,12 @@
 //! - **Field tables.** amqprs has no short-string field value (RabbitMQ reads `s`
 //!   as a short integer), so a `ShortString` header goes out, and comes back, as a
 //!   long string; a `LongString` that is not UTF-8 is refused (amqprs holds long
-//!   strings as Rust `String`s).
+//!   strings as Rust `String`s). Nor can amqprs read one: a delivery whose
+//!   headers hold such a string (another client may publish one) fails amqprs's
+//!   frame decoder, whose reader then drops the connection (reported as an
+//!   `Io` loss); the broker hands the message to the consumer again after the
+//!   reconnect, so a consumer of a queue holding one never gets past it.
+//!   Consume such queues over lapin, which reads them.
 //! - **Short strings.** amqprs panics on names, routing keys, properties and a
 //!   virtual host longer than 255 bytes; this crate refuses them with
 //!   [`TransportError::Protocol`] before they reach amqprs. AMQPLAIN credentials of

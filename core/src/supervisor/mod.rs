@@ -343,6 +343,10 @@ pub struct Supervisor {
     commands: VecDeque<Command>,
     events: VecDeque<Event>,
     timers: BTreeSet<(Instant, TimerKey)>,
+    /// Nacked messages waiting to be sent again (`retry_nacked`), by when:
+    /// (due, id, order), the order telling the message from a later one in
+    /// the same slot.
+    nack_retries: BTreeSet<(Instant, u64, u64)>,
     next_epoch: u64,
     /// Round-robin cursor over the flat channel index.
     cursor: usize,
@@ -440,6 +444,7 @@ impl Supervisor {
             commands: VecDeque::new(),
             events: VecDeque::new(),
             timers: BTreeSet::new(),
+            nack_retries: BTreeSet::new(),
             next_epoch: 1,
             cursor: 0,
             ready_channels: 0,
@@ -625,8 +630,9 @@ impl Supervisor {
     }
 
     /// The earliest deadline of each timer source (the one list of them).
-    fn deadlines(&self) -> [Option<Instant>; 6] {
+    fn deadlines(&self) -> [Option<Instant>; 7] {
         [
+            self.nack_retries.first().map(|(at, ..)| *at),
             self.holds.iter().map(|h| h.until).min(),
             self.outbox.next_deadline(),
             self.timers.first().map(|(at, _)| *at),
@@ -1292,6 +1298,7 @@ impl Supervisor {
         self.expire_publishes();
         self.expire_user_ops();
         self.expire_consume_waits();
+        self.retry_nacked_due();
         if !self.holds.is_empty() {
             // a hold past its bound ends: what it held goes out
             self.pump();

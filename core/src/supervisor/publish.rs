@@ -46,7 +46,8 @@ pub struct Stats {
     pub published: u64,
     /// Publish commands emitted (first sends and re-sends).
     pub sent: u64,
-    /// Publish commands for messages sent before (after a loss).
+    /// Publish commands for messages sent before (after a loss, or after a
+    /// nack with [`ClientBuilder::retry_nacked`](crate::ClientBuilder::retry_nacked)).
     pub republished: u64,
     /// Publishes resolved as confirmed.
     pub confirmed: u64,
@@ -376,7 +377,21 @@ impl Supervisor {
 
     fn confirmed(&mut self, id: u64, ack: bool) {
         if !ack && self.config.retry_nacked && !self.closed {
-            self.outbox.requeue(vec![id], false);
+            // sent again after a pause that doubles with each send, from the
+            // backoff's initial delay to its cap: a queue that rejects
+            // publishes while full would otherwise get the message back
+            // thousands of times a second
+            let Some(entry) = self.outbox.get(id) else {
+                return;
+            };
+            let (sends, order) = (entry.sends.max(1), entry.order);
+            let backoff = &self.config.backoff;
+            let factor = backoff.multiplier.max(1.0).powi(sends.min(64) as i32 - 1);
+            let pause = Duration::try_from_secs_f64(backoff.initial.as_secs_f64() * factor)
+                .unwrap_or(backoff.cap)
+                .min(backoff.cap);
+            self.nack_retries
+                .insert((super::deadline_after(self.now, pause), id, order));
             return;
         }
         let Some(mut entry) = self.outbox.take(id) else {
@@ -484,8 +499,33 @@ impl Supervisor {
         }
     }
 
+    /// Sends again the nacked messages whose pause is over.
+    pub(super) fn retry_nacked_due(&mut self) {
+        let mut any = false;
+        while let Some(&(at, id, order)) = self.nack_retries.first() {
+            if at > self.now {
+                break;
+            }
+            self.nack_retries.pop_first();
+            // resolved meanwhile (timed out), its slot maybe taken since
+            if self.outbox.get(id).is_some_and(|e| e.order == order) {
+                self.outbox.requeue(vec![id], false);
+                any = true;
+            }
+        }
+        if any {
+            self.pump();
+        }
+    }
+
     /// At close, messages not yet sent will never be: they resolve as Closed.
     pub(super) fn close_outbox_pending(&mut self) {
+        // nacked and waiting to be sent again: their last answer stands
+        for (_, id, order) in std::mem::take(&mut self.nack_retries) {
+            if self.outbox.get(id).is_some_and(|e| e.order == order) {
+                self.resolve_publish(id, PublishError::Nacked);
+            }
+        }
         for id in self.outbox.all_ids() {
             if self.outbox.get(id).is_some_and(|e| !e.is_placed()) {
                 self.resolve_publish(id, PublishError::Closed);
