@@ -126,6 +126,29 @@ fn nack_resolves_as_nacked_or_is_retried_by_policy() {
     assert_eq!(result_of(&w, id), vec![Err(PublishError::Nacked)]);
 }
 
+/// The broker returns a message on channel (0, 0) as unroutable.
+fn no_route(
+    w: &mut World,
+    exchange: &str,
+    routing_key: &str,
+    payload: &'static str,
+    properties: Properties,
+) {
+    let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
+    w.input(Input::Channel {
+        channel: ch(0, 0),
+        generation,
+        event: ChannelInput::Returned(Box::new(Returned {
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            properties,
+            payload: payload.into(),
+        })),
+    });
+}
+
 #[test]
 fn mandatory_unroutable_resolves_as_returned() {
     let mut w = ready_world(1, 1);
@@ -136,19 +159,7 @@ fn mandatory_unroutable_resolves_as_returned() {
     let unroutable = w
         .publish(Arc::new(Message::new("x", "b", "2").mandatory(true)))
         .unwrap();
-    let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
-    w.input(Input::Channel {
-        channel: ch(0, 0),
-        generation,
-        event: ChannelInput::Returned(Box::new(Returned {
-            reply_code: 312,
-            reply_text: "NO_ROUTE".into(),
-            exchange: "x".into(),
-            routing_key: "b".into(),
-            properties: Default::default(),
-            payload: "2".into(),
-        })),
-    });
+    no_route(&mut w, "x", "b", "2", Properties::default());
     w.confirm(ch(0, 0), 2, true, true);
     assert_eq!(result_of(&w, routed), vec![Ok(Confirmation::Confirmed)]);
     assert_eq!(
@@ -189,20 +200,8 @@ fn a_return_goes_to_the_message_it_carries_among_those_with_its_key() {
     let unroutable = publish(&mut w, "b", "b");
     let same_routed = publish(&mut w, "same", "a");
     let same_unroutable = publish(&mut w, "same", "b");
-    let generation = w.sup.channel_generation(ch(0, 0)).unwrap();
     for (payload, k) in [("b", "b"), ("same", "b")] {
-        w.input(Input::Channel {
-            channel: ch(0, 0),
-            generation,
-            event: ChannelInput::Returned(Box::new(Returned {
-                reply_code: 312,
-                reply_text: "NO_ROUTE".into(),
-                exchange: "hx".into(),
-                routing_key: String::new(),
-                properties: kind(k),
-                payload: payload.into(),
-            })),
-        });
+        no_route(&mut w, "hx", "", payload, kind(k));
     }
     w.confirm(ch(0, 0), 4, true, true);
     let returned = Ok(Confirmation::Returned {
