@@ -526,6 +526,32 @@ impl Outbox {
         Some((Arc::clone(&entry.message), entry.sends))
     }
 
+    /// Holds an in-flight message back for a while (a nack to be retried
+    /// later): it counts as waiting to be sent (in [`pending_len`](Self::pending_len),
+    /// so against the capacity), but `peek_pending` does not give it until
+    /// [`unpark`](Self::unpark). Whether it was in flight.
+    pub(crate) fn park(&mut self, id: u64) -> bool {
+        let Some(entry) = self.get_mut(id) else {
+            return false;
+        };
+        if entry.place != Place::InFlight {
+            return false;
+        }
+        entry.place = Place::Pending;
+        if let Some(rare) = entry.rare.as_mut() {
+            rare.returned = None;
+        }
+        self.pending_live += 1;
+        true
+    }
+
+    /// Puts a parked message at the front of the queue.
+    pub(crate) fn unpark(&mut self, id: u64) {
+        if self.get(id).is_some_and(|e| e.place == Place::Pending) {
+            self.pending.push_front(id);
+        }
+    }
+
     /// Puts in-flight messages back at the front, oldest first. Returns how many
     /// were still unresolved.
     pub(crate) fn requeue(&mut self, mut ids: Vec<u64>, strike: bool) -> usize {

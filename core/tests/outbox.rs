@@ -126,6 +126,42 @@ fn nack_resolves_as_nacked_or_is_retried_by_policy() {
     assert_eq!(result_of(&w, id), vec![Err(PublishError::Nacked)]);
 }
 
+/// Nacked messages pausing before their retry count against the outbox's
+/// capacity, not as in flight: a broker that nacks everything (a full queue
+/// that rejects publishes) does not let the outbox grow past capacity plus
+/// window.
+#[test]
+fn messages_pausing_after_a_nack_count_against_the_capacity() {
+    let mut cfg = config(1, 1, 1);
+    cfg.retry_nacked = true;
+    cfg.outbox_capacity = 8;
+    cfg.confirm_window = 4;
+    let mut w = World::new(cfg);
+    w.run_until_ready(Duration::from_secs(1)).unwrap();
+    w.auto_confirm = false;
+    let mut n = 0u64;
+    for _ in 0..30 {
+        loop {
+            n += 1;
+            match w.publish(msg(n)) {
+                Ok(_) => {}
+                Err(PublishError::Backpressure { .. }) => break,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        // the broker nacks the whole window
+        w.confirm(ch(0, 0), 4, true, false);
+        w.run_for(Duration::from_millis(1));
+        let stats = w.sup.stats();
+        assert!(stats.in_flight <= 4, "in flight {}", stats.in_flight);
+        assert!(
+            stats.outbox_depth <= 8 + 4,
+            "the outbox holds {}",
+            stats.outbox_depth
+        );
+    }
+}
+
 /// The broker returns a message on channel (0, 0) as unroutable.
 fn no_route(
     w: &mut World,

@@ -498,6 +498,42 @@ fn a_consume_the_broker_closes_the_connection_for_ends_with_the_refusal() {
     assert!(w.sup.is_all_ready(), "the client came back without it");
 }
 
+/// A 501 while a publish awaits its confirm on the connection may be the
+/// publish's (content too large for the broker's frames): it is not laid on
+/// the consume in flight beside it, which is run again after the reconnect.
+#[test]
+fn a_501_with_a_publish_in_flight_is_not_laid_on_the_consume_beside_it() {
+    let mut w = ready_world(1, 2);
+    w.app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    w.auto_confirm = false;
+    w.publish(std::sync::Arc::new(amqp_rebound_core::Message::new(
+        "",
+        "q",
+        "big-headers",
+    )))
+    .unwrap();
+    w.app(|s, now| s.consume(now, "q".into(), None, ConsumeOptions::default()))
+        .unwrap();
+    // basic.qos answered, basic.consume in flight
+    w.run_for(Duration::from_millis(2));
+    w.kill(
+        C0,
+        TransportError::Reply {
+            code: 501,
+            text: "FRAME_ERROR - type 2, all octets = <<>>: {frame_too_large,9000,8184}".into(),
+        },
+    );
+    w.auto_confirm = true;
+    w.run_for(Duration::from_secs(2));
+    assert_eq!(
+        consume_resolutions(&w),
+        vec![Ok(())],
+        "consumed after the reconnect"
+    );
+}
+
 #[test]
 fn broker_refusal_of_a_request_is_reported_and_the_channel_reopens() {
     let mut w = ready_world(1, 1);

@@ -390,8 +390,10 @@ impl Supervisor {
             let pause = Duration::try_from_secs_f64(backoff.initial.as_secs_f64() * factor)
                 .unwrap_or(backoff.cap)
                 .min(backoff.cap);
-            self.nack_retries
-                .insert((super::deadline_after(self.now, pause), id, order));
+            if self.outbox.park(id) {
+                self.nack_retries
+                    .insert((super::deadline_after(self.now, pause), id, order));
+            }
             return;
         }
         let Some(mut entry) = self.outbox.take(id) else {
@@ -509,7 +511,7 @@ impl Supervisor {
             self.nack_retries.pop_first();
             // resolved meanwhile (timed out), its slot maybe taken since
             if self.outbox.get(id).is_some_and(|e| e.order == order) {
-                self.outbox.requeue(vec![id], false);
+                self.outbox.unpark(id);
                 any = true;
             }
         }

@@ -416,9 +416,10 @@ impl Supervisor {
     /// connection, that step is the command: it fails with the broker's reply
     /// rather than go back to the queue (sent again after the reconnect, it would
     /// close the connection again). With several in flight the culprit is not
-    /// known, and they all go back.
+    /// known, and they all go back; so do they for a 501 while a publish awaits
+    /// its confirm on the connection (an oversized publish draws one too).
     pub(super) fn blame_the_command(&mut self, c: usize, error: &TransportError) {
-        if !refuses_the_command(error) {
+        if !self.refused_command(c, error) {
             return;
         }
         let mut in_flight = self.conns[c]
@@ -446,10 +447,16 @@ impl Supervisor {
                 // not the broker's verdict: run it again elsewhere
                 self.user_ops_back(std::slice::from_ref(step));
             }
-            // a consume the broker closed the connection for is refused too:
-            // replayed, it would close the connection again at every reconnect
+            // a consume the broker closed the connection for is refused too
+            // (replayed, it would close the connection again at every
+            // reconnect), when it was the one command in flight there
             Step::Consume(id)
-                if error.class() != ErrorClass::Transient || refuses_the_command(error) =>
+                if error.class() != ErrorClass::Transient
+                    || (self.refused_command(c, error)
+                        && self.conns[c]
+                            .channels
+                            .iter()
+                            .all(|ch| ch.current.step_in_flight.is_none())) =>
             {
                 self.stats.replay_failures += 1;
                 self.consume_refused(*id, error);
@@ -1487,8 +1494,19 @@ fn queue_name_size(queue: &QueueRef) -> usize {
     }
 }
 
-/// Whether the broker closed the connection for the command itself (see
-/// [`Supervisor::blame_the_command`]).
-fn refuses_the_command(error: &TransportError) -> bool {
-    matches!(error.reply_code(), Some(501 | 502 | 503 | 540))
+impl Supervisor {
+    /// Whether the broker closed connection `c` with `error` for a command it
+    /// refuses (see [`Supervisor::blame_the_command`]): 502, 503 or 540; or 501
+    /// FRAME_ERROR while no publish awaits its confirm on the connection (a
+    /// publish too large for the broker's frames draws it too).
+    fn refused_command(&self, c: usize, error: &TransportError) -> bool {
+        match error.reply_code() {
+            Some(502 | 503 | 540) => true,
+            Some(501) => self.conns[c]
+                .channels
+                .iter()
+                .all(|ch| ch.current.in_flight.is_empty()),
+            _ => false,
+        }
+    }
 }
