@@ -88,10 +88,18 @@ impl ClientBuilder {
     }
 
     /// The brokers from `AMQP_URL` (comma-separated list allowed), or
-    /// [`DEFAULT_URL`] when it is unset.
+    /// [`DEFAULT_URL`] when it is unset. A value that is not UTF-8 is refused
+    /// by `build` ([`ConfigError::InvalidUri`]), not replaced by the default.
     pub fn from_env(mut self) -> Self {
-        let list = std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_string());
-        self.hosts = parse_host_list(&list);
+        self.hosts = match std::env::var("AMQP_URL") {
+            Ok(list) => parse_host_list(&list),
+            Err(std::env::VarError::NotPresent) => parse_host_list(DEFAULT_URL),
+            Err(std::env::VarError::NotUnicode(_)) => Err(ConfigError::InvalidUri {
+                index: 0,
+                uri: "AMQP_URL".into(),
+                reason: "the variable is set but is not UTF-8 (its value is not shown: it may hold a password)".into(),
+            }),
+        };
         self
     }
 
@@ -172,7 +180,10 @@ impl ClientBuilder {
     }
 
     /// The connection name the broker shows; also the client's name in
-    /// tracing (`client` field) and metrics (`client` label).
+    /// tracing (`client` field) and metrics (`client` label). At most
+    /// [`MAX_CONNECTION_NAME`](crate::config::MAX_CONNECTION_NAME) bytes
+    /// (`build` refuses a longer one with
+    /// [`ConfigError::ConnectionNameTooLong`]).
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.connection_name = Some(name.into());
         self

@@ -13,6 +13,14 @@ use crate::error::ConfigError;
 /// `channel_max` is 2047 per connection.
 pub const MAX_POOL_CHANNELS: usize = 1 << 20;
 
+/// The longest connection name, in bytes
+/// ([`ClientBuilder::connection_name`](crate::ClientBuilder::connection_name)).
+/// The name travels in `connection.start-ok`, which RabbitMQ reads before the
+/// connection is tuned, in frames of at most 4,096 bytes, beside the client's
+/// other properties and its credentials; past that frame it drops the socket
+/// without a word, and every dial fails alike.
+pub const MAX_CONNECTION_NAME: usize = 2048;
+
 /// Everything the [`Supervisor`](crate::Supervisor) needs to know up front.
 ///
 /// Build it with [`Config::new`] and adjust the public fields; the supervisor calls
@@ -118,6 +126,11 @@ impl Config {
                 connections: self.connections,
                 channels: self.channels_per_connection,
             });
+        }
+        if let Some(name) = &self.name
+            && name.len() > MAX_CONNECTION_NAME
+        {
+            return Err(ConfigError::ConnectionNameTooLong(name.len()));
         }
         self.backoff.validate()?;
         for (name, value) in [

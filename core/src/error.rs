@@ -66,6 +66,13 @@ pub enum ConfigError {
     /// The backoff multiplier is below 1 or not finite.
     #[error("backoff multiplier must be a finite number >= 1 (got {0})")]
     InvalidMultiplier(f64),
+    /// The connection name is longer than
+    /// [`MAX_CONNECTION_NAME`](crate::config::MAX_CONNECTION_NAME) bytes.
+    #[error(
+        "the connection name is {0} bytes long; the client allows {max} (the broker reads it in a frame of 4,096 bytes before the connection is tuned)",
+        max = crate::config::MAX_CONNECTION_NAME
+    )]
+    ConnectionNameTooLong(usize),
     /// A size that must be positive is zero.
     #[error("{0} must be above zero")]
     Zero(&'static str),

@@ -458,3 +458,62 @@ fn properties_that_outgrow_the_uris_frame_max_fail_at_the_call() {
     );
     assert!(results.iter().any(|r| r.is_ok()), "{results:?}");
 }
+
+/// A connection name past what the broker reads before tuning is refused by
+/// `build`, not left to fail every dial without a word.
+#[test]
+fn a_connection_name_past_the_limit_is_refused_at_build() {
+    use amqp_rebound_core::ConfigError;
+    use amqp_rebound_core::config::MAX_CONNECTION_NAME;
+    let named = |len: usize| {
+        Client::builder()
+            .hosts(["amqp://guest:guest@127.0.0.1:5672/%2f"])
+            .connection_name("n".repeat(len))
+            .config()
+    };
+    assert!(named(MAX_CONNECTION_NAME).is_ok());
+    assert_eq!(
+        named(MAX_CONNECTION_NAME + 1).err(),
+        Some(ConfigError::ConnectionNameTooLong(MAX_CONNECTION_NAME + 1))
+    );
+    assert!(named(10_000).is_err());
+}
+
+/// `AMQP_URL` set to bytes that are not UTF-8 is refused, not replaced by the
+/// default broker (the client would quietly connect to localhost as guest).
+/// Checked in a child process, the one place the variable can be set.
+#[cfg(unix)]
+#[test]
+fn an_amqp_url_that_is_not_utf8_is_refused_not_replaced_by_the_default() {
+    use std::os::unix::ffi::OsStrExt;
+    const CHILD: &str = "REBOUND_TEST_CHILD_NOT_UTF8";
+    const NAME: &str = "an_amqp_url_that_is_not_utf8_is_refused_not_replaced_by_the_default";
+    if std::env::var_os(CHILD).is_some() {
+        let config = Client::builder().from_env().config();
+        let shown = format!("{config:?}");
+        assert!(
+            matches!(
+                config,
+                Err(amqp_rebound_core::ConfigError::InvalidUri { index: 0, .. })
+            ),
+            "{shown}"
+        );
+        assert!(!shown.contains("rabbit.example"), "{shown}");
+        return;
+    }
+    let output = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", NAME, "--nocapture"])
+        .env(CHILD, "1")
+        .env(
+            "AMQP_URL",
+            std::ffi::OsStr::from_bytes(b"amqp://u:p\xffw@rabbit.example:5672/%2f"),
+        )
+        .output()
+        .expect("the child runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

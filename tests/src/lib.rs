@@ -279,6 +279,12 @@ macro_rules! conformance_suite {
                     returns_go_to_the_unroutable_messages_on_a_headers_exchange
                 );
                 $crate::__conformance_case!($name, Shared, edges, first_contact_names_the_cause);
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    a_uris_connection_timeout_bounds_the_dial
+                );
                 $crate::__conformance_case!($name, Shared, edges, extreme_settings_never_panic);
             }
 

@@ -134,9 +134,13 @@
 //!   `IoLoop::start`, call `internal_rpc.stop()` before
 //!   `clear_connection_steps` on that error path (measured: with that line,
 //!   lapin alone leaks nothing).
-//! - **No dial timeout of its own.** The URI's `connection_timeout` bounds the TCP
-//!   connect; [`LapinTransport::with_connect_timeout`] bounds the whole dial and
-//!   handshake and fails with [`TransportError::Timeout`].
+//! - **Dial timeout.** [`LapinTransport::with_connect_timeout`], or else the URI's
+//!   `connection_timeout`, bounds the whole dial (TCP, TLS, handshake) and fails
+//!   it with [`TransportError::Timeout`] (lapin's own socket opening does not
+//!   read `connection_timeout` on its async path, so the adapter applies it).
+//! - **An `auth_mechanism` the broker does not offer** (RabbitMQ offers PLAIN and
+//!   AMQPLAIN, and EXTERNAL with its TLS plugin) is not told apart: RabbitMQ
+//!   closes the socket during the handshake, and the dial fails as an I/O loss.
 //! - **Short strings.** lapin panics on names, routing keys and properties longer
 //!   than 255 bytes; this crate refuses them with [`TransportError::Protocol`]
 //!   before they reach lapin.
@@ -205,7 +209,7 @@ pub struct LapinTransport {
 
 impl LapinTransport {
     /// A transport on the tokio runtime that calls `connect`, with no dial timeout
-    /// beyond the URI's `connection_timeout`.
+    /// beyond the URI's `connection_timeout` (which bounds the whole dial).
     pub fn new() -> Self {
         LapinTransport::default()
     }
@@ -263,7 +267,9 @@ impl Transport for LapinTransport {
             None => None,
         };
         let runtime = async_rs::Runtime::tokio_with_handle(handle.clone());
-        let timeout = self.connect_timeout;
+        let timeout = self
+            .connect_timeout
+            .or_else(|| support::uri_connect_timeout(endpoint));
         let started = std::time::Instant::now();
         // Run the dial on the runtime itself, so that the timeout's timer works
         // whichever executor polls this future.

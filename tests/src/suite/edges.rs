@@ -1300,6 +1300,35 @@ async fn not_amqp() -> std::net::SocketAddr {
     addr
 }
 
+/// A host that accepts the TCP connection and then says nothing: the URI's
+/// `connection_timeout` bounds the dial (the adapter has no timeout of its own
+/// here), so first contact reports `Timeout` after it, not after the client's
+/// far longer connect timeout.
+pub async fn a_uris_connection_timeout_bounds_the_dial<T: Transport>(h: Harness<T>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let url = BrokerUrl::with_query(&h.url.at(addr), "connection_timeout=300");
+    let client = h.start(h.builder([url]).pool(1, 1).connect_timeout(30 * SECOND));
+    let started = Instant::now();
+    let first = within("first contact", 10 * SECOND, client.connected()).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(first, Err(ConnectError::Transport(TransportError::Timeout))),
+        "{first:?} after {took:?}"
+    );
+    assert!(took < 5 * SECOND, "the dial took {took:?}");
+    close(client).await;
+    silent.abort();
+}
+
 /// First contact names the cause after one round of dials, well before a
 /// publish timeout: wrong password, unknown vhost, a refused port, a port that
 /// speaks no AMQP; and a publish on such a client says why when it times out.
