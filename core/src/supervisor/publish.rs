@@ -377,10 +377,10 @@ impl Supervisor {
 
     fn confirmed(&mut self, id: u64, ack: bool) {
         if !ack && self.config.retry_nacked && !self.closed {
-            // sent again after a pause that doubles with each send, from the
-            // backoff's initial delay to its cap: a queue that rejects
-            // publishes while full would otherwise get the message back
-            // thousands of times a second
+            // sent again after a pause that grows by the backoff's multiplier
+            // with each send, from its initial delay to its cap: a queue that
+            // rejects publishes while full would otherwise get the message
+            // back thousands of times a second
             let Some(entry) = self.outbox.get(id) else {
                 return;
             };
