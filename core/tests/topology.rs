@@ -877,6 +877,78 @@ fn a_queue_deleted_while_its_consumer_lives_on_another_channel_is_not_declared_a
     );
 }
 
+/// A connection's replay that starts while the application's delete of a
+/// queue is in flight on another connection does not declare the queue (nor
+/// bind it, nor consume from it) again: sent after the delete, the declaration
+/// would bring the queue back for good.
+#[test]
+fn a_replay_during_a_delete_in_flight_does_not_bring_the_queue_back() {
+    let mut w = ready_world(2, 1);
+    w.app(|s, now| s.declare_queue(now, QueueDecl::durable("doomed")))
+        .unwrap();
+    w.app(|s, now| {
+        s.bind_queue(
+            now,
+            "doomed".into(),
+            "amq.direct",
+            "k",
+            FieldTable::default(),
+        )
+    })
+    .unwrap();
+    w.app(|s, now| s.declare_queue(now, QueueDecl::durable("kept")))
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    let lost = ch(1, 0);
+    let from = w.commands.len();
+    w.kill(lost.connection, TransportError::Io("reset".into()));
+    // the lost connection is back and opens its channel; the delete goes out
+    // on the other one just after, and its answer comes after the replay began
+    let opening = |w: &World| {
+        w.commands[from..].iter().any(|(_, c)| {
+            matches!(c, amqp_rebound_core::Command::OpenChannel { channel, .. } if *channel == lost)
+        })
+    };
+    for _ in 0..10_000 {
+        if opening(&w) {
+            break;
+        }
+        w.run_for(Duration::from_micros(100));
+    }
+    assert!(opening(&w), "the lost connection reopens its channel");
+    w.run_for(Duration::from_micros(100));
+    let deleted_at = w.commands.len();
+    w.app(|s, now| s.delete_queue(now, "doomed".into()))
+        .unwrap();
+    w.run_until_ready(Duration::from_secs(2))
+        .expect("the lost connection comes back");
+    let sent: Vec<(ChannelId, TopologyOp)> = w.commands[deleted_at..]
+        .iter()
+        .filter_map(|(_, c)| match c {
+            amqp_rebound_core::Command::Topology { channel, op, .. } => {
+                Some((*channel, op.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        sent.iter()
+            .any(|(channel, op)| *channel != lost && matches!(op, TopologyOp::DeleteQueue { .. })),
+        "the delete ran on the other connection: {:?}",
+        op_names(&sent)
+    );
+    let replayed: Vec<_> = sent
+        .into_iter()
+        .filter(|(channel, _)| *channel == lost)
+        .collect();
+    let names = op_names(&replayed);
+    assert_eq!(
+        names,
+        vec!["queue \"kept\"".to_string()],
+        "the lost connection's replay after the delete went out"
+    );
+}
+
 /// While a close drains, nothing new is accepted: a declaration or a consumer
 /// asked for after `Input::Close` fails with `Closed` and sends nothing.
 #[test]

@@ -247,6 +247,46 @@ impl Supervisor {
             .collect()
     }
 
+    /// Whether the application's request in flight deletes entity `id`: the
+    /// queue or exchange itself, or a binding to or from it.
+    fn deleted_in_flight(&self, id: u64) -> bool {
+        let Some((op, _)) = self
+            .user_ops
+            .in_flight
+            .and_then(|op| self.user_ops.ops.get(&op))
+        else {
+            return false;
+        };
+        let Some(entity) = self.registry.entities.get(&id) else {
+            return false;
+        };
+        match op {
+            UserOp::DeleteQueue(queue) => {
+                let Some(deleted) = self.registry.queue_entity_id(queue) else {
+                    return false;
+                };
+                match entity {
+                    Entity::Queue { .. } => id == deleted,
+                    Entity::QueueBinding { queue, .. } => {
+                        self.registry.queue_entity_id(queue) == Some(deleted)
+                    }
+                    _ => false,
+                }
+            }
+            UserOp::DeleteExchange(name) => match entity {
+                Entity::Exchange(decl) => decl.name == *name,
+                Entity::QueueBinding { exchange, .. } => exchange == name,
+                Entity::ExchangeBinding {
+                    destination,
+                    source,
+                    ..
+                } => destination == name || source == name,
+                Entity::Queue { .. } => false,
+            },
+            _ => false,
+        }
+    }
+
     /// Issues the channel's next topology step if none is in flight; finishes the
     /// replay when none is left.
     pub(super) fn kick(&mut self, c: usize, i: usize) {
@@ -262,6 +302,19 @@ impl Supervisor {
                 return;
             };
             let op = match &step {
+                // a replay step for what a delete in flight removes would reach
+                // the broker after the delete (on another connection) and bring
+                // it back: skipped, as the delete's answer will remove it
+                Step::Entity(id) if self.deleted_in_flight(*id) => None,
+                Step::Consume(id)
+                    if self.registry.consumers.get(id).is_some_and(|k| {
+                        self.registry
+                            .queue_entity_id(&k.queue)
+                            .is_some_and(|q| self.deleted_in_flight(q))
+                    }) =>
+                {
+                    None
+                }
                 Step::Entity(id) => self.registry.replay_op(*id),
                 Step::Qos(id) => self.registry.consumers.get(id).map(|k| TopologyOp::Qos {
                     prefetch_count: k.options.prefetch.unwrap_or(0),
@@ -1281,14 +1334,7 @@ impl Supervisor {
         // again here would reach the broker after the delete and bring the
         // queue back: the consumer ends as it would after the delete's answer.
         let entity = self.registry.queue_entity_id(&queue);
-        let being_deleted = entity.is_some()
-            && self.user_ops.in_flight.is_some_and(|op| {
-                matches!(
-                    self.user_ops.ops.get(&op),
-                    Some((UserOp::DeleteQueue(q), _)) if self.registry.queue_entity_id(q) == entity
-                )
-            });
-        let Some(entity) = entity.filter(|_| !being_deleted) else {
+        let Some(entity) = entity.filter(|&e| !self.deleted_in_flight(e)) else {
             self.registry.consumers.remove(&id);
             self.registry.tags.remove(tag);
             self.events.push_back(Event::ConsumerCancelled {
