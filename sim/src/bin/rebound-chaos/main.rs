@@ -15,7 +15,11 @@
 //!
 //! By default it runs against the embedded simulated broker, in virtual time: no
 //! server, no waiting. The exit code is 1 if a confirmed message was lost, 2 if
-//! another invariant was violated or the command line was refused, 0 otherwise.
+//! another invariant was violated or the command line was refused, 0 otherwise;
+//! against a real broker also 3 if the run could not start or its report could not
+//! be written (the broker unreachable or refusing the login, named with its cause
+//! after one round of dials), 64 if `--broker` is given to a binary built without
+//! a transport feature, and 130 if Ctrl-C ended the run.
 //!
 //! With the `lapin` (or `amqprs`) feature, `--broker amqp://... --transport lapin`
 //! runs the same workload against a real RabbitMQ, in wall-clock time, through an
@@ -46,7 +50,7 @@ use serde::Serialize;
 /// Runs a publisher + consumer workload under random faults and reports what
 /// survived.
 #[derive(Debug, Parser)]
-#[command(name = "rebound-chaos", version, about, after_help = REAL_MODE_HELP)]
+#[command(name = "rebound-chaos", version, after_help = REAL_MODE_HELP)]
 struct Args {
     /// Seed of every random choice (faults, jitter, names); random if absent.
     #[arg(long)]
@@ -1004,6 +1008,34 @@ mod tests {
         assert_eq!(
             real_broker(&args, "amqp://guest:guest@staging.example:5672/%2f"),
             ExitCode::from(2)
+        );
+    }
+
+    /// A broker that cannot be reached ends a real run at first contact, with
+    /// exit code 3 and its cause, not after the workload's timeouts as broken
+    /// invariants.
+    #[cfg(any(feature = "lapin", feature = "amqprs"))]
+    #[test]
+    fn an_unreachable_broker_ends_a_real_run_at_first_contact_with_exit_3() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("addr").port()
+        };
+        let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+        let args = Args::parse_from([
+            "rebound-chaos",
+            "--broker",
+            &url,
+            "--duration",
+            "2s",
+            "--json",
+        ]);
+        let started = std::time::Instant::now();
+        assert_eq!(real_broker(&args, &url), ExitCode::from(3));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "took {:?}",
+            started.elapsed()
         );
     }
 

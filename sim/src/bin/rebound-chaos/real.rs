@@ -450,6 +450,26 @@ async fn run_on_tokio(
             *n = format!("rebound-chaos.{seed}.{n}");
         }
     }
+    // First contact: a broker that cannot be reached, or refuses the login,
+    // ends the run here with its cause (after one round of dials), not as
+    // invariants broken by a workload that never started.
+    let first_contact = tokio::time::timeout(
+        connect_timeout.saturating_add(Duration::from_secs(5)),
+        client.connected(),
+    )
+    .await;
+    let unreachable = match first_contact {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!(
+            "no answer within the connect timeout ({connect_timeout:?})"
+        )),
+    };
+    if let Some(cause) = unreachable {
+        client.close_discarding().await;
+        driver.abort();
+        return Err(format!("cannot start: the broker was not reached: {cause}"));
+    }
     let spawn: Spawner = Rc::new(|task| {
         tokio::task::spawn_local(task);
     });
