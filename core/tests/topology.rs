@@ -878,11 +878,9 @@ fn a_queue_deleted_while_its_consumer_lives_on_another_channel_is_not_declared_a
 }
 
 /// A connection's replay that starts while the application's delete of a
-/// queue is in flight on another connection does not declare the queue (nor
-/// bind it, nor consume from it) again: sent after the delete, the declaration
-/// would bring the queue back for good.
-#[test]
-fn a_replay_during_a_delete_in_flight_does_not_bring_the_queue_back() {
+/// queue is in flight on another connection: the ops the lost connection sent
+/// after the delete went out. `refused` makes the broker refuse the delete.
+fn replay_during_a_delete(refused: bool) -> Vec<String> {
     let mut w = ready_world(2, 1);
     w.app(|s, now| s.declare_queue(now, QueueDecl::durable("doomed")))
         .unwrap();
@@ -918,10 +916,17 @@ fn a_replay_during_a_delete_in_flight_does_not_bring_the_queue_back() {
     assert!(opening(&w), "the lost connection reopens its channel");
     w.run_for(Duration::from_micros(100));
     let deleted_at = w.commands.len();
+    if refused {
+        w.fail_topology = Some(TransportError::Reply {
+            code: 403,
+            text: "ACCESS_REFUSED - access to queue 'doomed' refused".into(),
+        });
+    }
     w.app(|s, now| s.delete_queue(now, "doomed".into()))
         .unwrap();
     w.run_until_ready(Duration::from_secs(2))
         .expect("the lost connection comes back");
+    w.run_for(Duration::from_millis(50));
     let sent: Vec<(ChannelId, TopologyOp)> = w.commands[deleted_at..]
         .iter()
         .filter_map(|(_, c)| match c {
@@ -941,12 +946,30 @@ fn a_replay_during_a_delete_in_flight_does_not_bring_the_queue_back() {
         .into_iter()
         .filter(|(channel, _)| *channel == lost)
         .collect();
-    let names = op_names(&replayed);
+    op_names(&replayed)
+}
+
+/// The replay skips what the delete in flight removes: sent after the delete,
+/// the declaration would bring the queue back for good.
+#[test]
+fn a_replay_during_a_delete_in_flight_does_not_bring_the_queue_back() {
     assert_eq!(
-        names,
+        replay_during_a_delete(false),
         vec!["queue \"kept\"".to_string()],
         "the lost connection's replay after the delete went out"
     );
+}
+
+/// If that delete fails, the steps the replay skipped run after all: the
+/// queue is still there, and so must be its declaration and binding.
+#[test]
+fn replay_steps_skipped_for_a_delete_that_fails_run_after_all() {
+    let replayed = replay_during_a_delete(true);
+    assert!(
+        replayed.iter().any(|n| n == "queue \"doomed\""),
+        "{replayed:?}"
+    );
+    assert!(replayed.iter().any(|n| n.contains("bind")), "{replayed:?}");
 }
 
 /// While a close drains, nothing new is accepted: a declaration or a consumer

@@ -375,6 +375,10 @@ pub struct Supervisor {
     /// Broker refusals in a row of each registry entity's replay (see
     /// [`MAX_REPLAY_REFUSALS`](topology::MAX_REPLAY_REFUSALS)).
     replay_refusals: HashMap<u64, u8>,
+    /// Replay steps skipped because the application's delete in flight (its
+    /// request id first) removes their subject: (request, connection,
+    /// channel, generation, step). Run after all if the delete fails.
+    skipped_for_delete: Vec<(u64, usize, usize, u64, topology::Step)>,
     /// Flushes waiting for the messages accepted before them.
     flushes: Vec<publish::Flush>,
     next_flush: u64,
@@ -458,6 +462,7 @@ impl Supervisor {
             cancelled: VecDeque::new(),
             holds: Vec::new(),
             replay_refusals: HashMap::new(),
+            skipped_for_delete: Vec::new(),
             flushes: Vec::new(),
             next_flush: 0,
             not_confirmed: 0,

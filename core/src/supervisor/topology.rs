@@ -301,20 +301,26 @@ impl Supervisor {
                 }
                 return;
             };
+            // A replay step for what a delete in flight removes would reach
+            // the broker after the delete (on another connection) and bring it
+            // back: it is skipped, as the delete's answer removes its subject;
+            // if the delete fails, it runs after all.
+            let doomed = match &step {
+                Step::Entity(id) => self.deleted_in_flight(*id),
+                Step::Consume(id) => self.registry.consumers.get(id).is_some_and(|k| {
+                    self.registry
+                        .queue_entity_id(&k.queue)
+                        .is_some_and(|q| self.deleted_in_flight(q))
+                }),
+                _ => false,
+            };
+            if doomed && let Some(delete) = self.user_ops.in_flight {
+                let generation = self.conns[c].channels[i].generation;
+                self.skipped_for_delete
+                    .push((delete, c, i, generation, step));
+                continue;
+            }
             let op = match &step {
-                // a replay step for what a delete in flight removes would reach
-                // the broker after the delete (on another connection) and bring
-                // it back: skipped, as the delete's answer will remove it
-                Step::Entity(id) if self.deleted_in_flight(*id) => None,
-                Step::Consume(id)
-                    if self.registry.consumers.get(id).is_some_and(|k| {
-                        self.registry
-                            .queue_entity_id(&k.queue)
-                            .is_some_and(|q| self.deleted_in_flight(q))
-                    }) =>
-                {
-                    None
-                }
                 Step::Entity(id) => self.registry.replay_op(*id),
                 Step::Qos(id) => self.registry.consumers.get(id).map(|k| TopologyOp::Qos {
                     prefetch_count: k.options.prefetch.unwrap_or(0),
@@ -974,10 +980,40 @@ impl Supervisor {
 
     fn resolve_user_op(&mut self, id: u64, result: Result<Option<String>, TopologyError>) {
         if self.user_ops.take(id).is_some() {
+            self.after_delete(id, result.is_ok());
             self.events.push_back(Event::TopologyResolved {
                 op: OpId(id),
                 result,
             });
+        }
+    }
+
+    /// Request `id` resolved: the replay steps skipped for it (a delete) are
+    /// dropped if it succeeded, and run now on their channels if it failed
+    /// (their subject is still there, and the channel must have it).
+    fn after_delete(&mut self, id: u64, succeeded: bool) {
+        if self.skipped_for_delete.is_empty() {
+            return;
+        }
+        let (skipped, kept) = std::mem::take(&mut self.skipped_for_delete)
+            .into_iter()
+            .partition(|(delete, ..)| *delete == id);
+        self.skipped_for_delete = kept;
+        if succeeded {
+            return;
+        }
+        let mut kicked = Vec::new();
+        for (_, c, i, generation, step) in skipped {
+            let ch = &mut self.conns[c].channels[i];
+            if ch.generation == generation && ch.state.runs_steps() {
+                ch.current.steps.push_back(step);
+                if !kicked.contains(&(c, i)) {
+                    kicked.push((c, i));
+                }
+            }
+        }
+        for (c, i) in kicked {
+            self.kick(c, i);
         }
     }
 
