@@ -247,9 +247,53 @@ impl Supervisor {
             .collect()
     }
 
+    /// Whether the application's delete in flight has gone out on a channel
+    /// other than (c, i) and removes entity `id`: a step for it sent on (c, i)
+    /// now would reach the broker after the delete. (A delete queued, or sent
+    /// on (c, i) itself, comes after such a step.)
+    fn deleted_elsewhere(&self, id: u64, c: usize, i: usize) -> bool {
+        let Some(delete) = self.user_ops.in_flight else {
+            return false;
+        };
+        let sent_elsewhere = self.conns.iter().enumerate().any(|(c2, conn)| {
+            conn.channels.iter().enumerate().any(|(i2, ch)| {
+                (c2, i2) != (c, i) && ch.current.step_in_flight == Some(Step::User(delete))
+            })
+        });
+        sent_elsewhere && self.deleted_in_flight(id)
+    }
+
     /// Whether the application's request in flight deletes entity `id`: the
-    /// queue or exchange itself, or a binding to or from it.
+    /// queue or exchange itself, a binding to or from it, or an auto-delete
+    /// exchange whose every binding as a source it removes (the broker deletes
+    /// that exchange with its last binding).
     fn deleted_in_flight(&self, id: u64) -> bool {
+        if self.removed_by_delete_in_flight(id) {
+            return true;
+        }
+        let Some(Entity::Exchange(decl)) = self.registry.entities.get(&id) else {
+            return false;
+        };
+        if !decl.auto_delete {
+            return false;
+        }
+        let mut bindings = self
+            .registry
+            .entities
+            .iter()
+            .filter(|(_, e)| match e {
+                Entity::QueueBinding { exchange, .. } => *exchange == decl.name,
+                Entity::ExchangeBinding { source, .. } => *source == decl.name,
+                _ => false,
+            })
+            .peekable();
+        bindings.peek().is_some()
+            && bindings.all(|(binding, _)| self.removed_by_delete_in_flight(*binding))
+    }
+
+    /// Whether the application's request in flight removes entity `id`: the
+    /// queue or exchange itself, or a binding to or from it.
+    fn removed_by_delete_in_flight(&self, id: u64) -> bool {
         let Some((op, _)) = self
             .user_ops
             .in_flight
@@ -306,11 +350,11 @@ impl Supervisor {
             // back: it is skipped, as the delete's answer removes its subject;
             // if the delete fails, it runs after all.
             let doomed = match &step {
-                Step::Entity(id) => self.deleted_in_flight(*id),
+                Step::Entity(id) => self.deleted_elsewhere(*id, c, i),
                 Step::Consume(id) => self.registry.consumers.get(id).is_some_and(|k| {
                     self.registry
                         .queue_entity_id(&k.queue)
-                        .is_some_and(|q| self.deleted_in_flight(q))
+                        .is_some_and(|q| self.deleted_elsewhere(q, c, i))
                 }),
                 _ => false,
             };
@@ -1000,6 +1044,19 @@ impl Supervisor {
             .partition(|(delete, ..)| *delete == id);
         self.skipped_for_delete = kept;
         if succeeded {
+            // a consumer whose subscription was skipped was never on the
+            // broker, so no cancel of the broker's ends it: the delete does
+            for (.., step) in skipped {
+                if let Step::Consume(consumer) = step
+                    && self
+                        .registry
+                        .consumers
+                        .get(&consumer)
+                        .is_some_and(|k| self.registry.queue_entity_id(&k.queue).is_none())
+                {
+                    self.end_with_its_queue(consumer);
+                }
+            }
             return;
         }
         let mut kicked = Vec::new();
@@ -1015,6 +1072,23 @@ impl Supervisor {
         for (c, i) in kicked {
             self.kick(c, i);
         }
+    }
+
+    /// Ends consumer `id`, whose queue the application deleted, as the
+    /// broker's cancel of it would.
+    fn end_with_its_queue(&mut self, id: u64) {
+        let Some(consumer) = self.registry.consumers.remove(&id) else {
+            return;
+        };
+        self.registry.tags.remove(&consumer.tag);
+        self.events.push_back(Event::ConsumerCancelled {
+            consumer: ConsumerId(id),
+            resubscribing: false,
+        });
+        self.events.push_back(Event::ConsumerEnded {
+            consumer: ConsumerId(id),
+            error: ConsumeError::CancelledByBroker,
+        });
     }
 
     pub(super) fn expire_user_ops(&mut self) {
@@ -1371,16 +1445,7 @@ impl Supervisor {
         // queue back: the consumer ends as it would after the delete's answer.
         let entity = self.registry.queue_entity_id(&queue);
         let Some(entity) = entity.filter(|&e| !self.deleted_in_flight(e)) else {
-            self.registry.consumers.remove(&id);
-            self.registry.tags.remove(tag);
-            self.events.push_back(Event::ConsumerCancelled {
-                consumer: ConsumerId(id),
-                resubscribing: false,
-            });
-            self.events.push_back(Event::ConsumerEnded {
-                consumer: ConsumerId(id),
-                error: ConsumeError::CancelledByBroker,
-            });
+            self.end_with_its_queue(id);
             return;
         };
         self.events.push_back(Event::ConsumerCancelled {
