@@ -6,22 +6,23 @@ mod common;
 use std::time::Duration;
 
 use amqp_rebound_core::{
-    ChannelId, ChannelState, Command, ConnectionId, ConsumeOptions, Event, ExchangeDecl,
-    ExchangeKind, FieldTable, QueueDecl, TopologyOp, TransportError,
+    ChannelId, ChannelState, Command, ConsumeOptions, Event, ExchangeDecl, ExchangeKind,
+    FieldTable, QueueDecl, QueueRef, TopologyOp, TransportError,
 };
-use common::{World, config};
+use common::{World, ch, ready_world};
 
-fn ch(c: u16, i: u16) -> ChannelId {
-    ChannelId {
-        connection: ConnectionId(c),
-        index: i,
-    }
-}
-
-fn ready_world(connections: usize, channels: usize) -> World {
-    let mut w = World::new(config(connections, channels, 1));
-    w.run_until_ready(Duration::from_secs(1)).expect("ready");
-    w
+/// Loses `lost`'s connection and, once its replay reached the consumer's
+/// `basic.qos`, has the application delete `queue` (on another connection).
+fn delete_during_the_replay(w: &mut World, lost: ChannelId, queue: QueueRef) {
+    let from = w.commands.len();
+    w.kill(lost.connection, TransportError::Io("reset".into()));
+    until_sent(
+        w,
+        from,
+        |c| matches!(c, Command::Topology { channel, op: TopologyOp::Qos { .. }, .. } if *channel == lost),
+    );
+    w.run_for(Duration::from_micros(100));
+    w.app(|s, now| s.delete_queue(now, queue)).unwrap();
 }
 
 /// Steps time by 100us until `pred` holds on the commands sent since `from`.
@@ -87,16 +88,8 @@ fn a_consumer_skipped_for_a_delete_that_is_refused_is_subscribed_after_all() {
     w.run_for(Duration::from_millis(20));
     assert_eq!(w.sup.consumer_channel(k), Some(lost));
     let from = w.commands.len();
-    w.kill(lost.connection, TransportError::Io("reset".into()));
-    until_sent(
-        &mut w,
-        from,
-        |c| matches!(c, Command::Topology { channel, op: TopologyOp::Qos { .. }, .. } if *channel == lost),
-    );
-    w.run_for(Duration::from_micros(100));
     let refusals = topology_resolutions(&w);
-    w.app(|s, now| s.delete_queue(now, "doomed".into()))
-        .unwrap();
+    delete_during_the_replay(&mut w, lost, "doomed".into());
     until_ready(&mut w, lost);
     // the delete is still in flight on (1, 0); the broker refuses it
     assert_eq!(topology_resolutions(&w), refusals, "delete still in flight");
@@ -148,14 +141,7 @@ fn a_consumer_skipped_for_a_delete_ends_when_the_delete_succeeds() {
     w.run_for(Duration::from_millis(20));
     assert_eq!(w.sup.consumer_channel(k), Some(lost));
     let from = w.commands.len();
-    w.kill(lost.connection, TransportError::Io("reset".into()));
-    until_sent(
-        &mut w,
-        from,
-        |c| matches!(c, Command::Topology { channel, op: TopologyOp::Qos { .. }, .. } if *channel == lost),
-    );
-    w.run_for(Duration::from_micros(100));
-    w.app(|s, now| s.delete_queue(now, h.into())).unwrap();
+    delete_during_the_replay(&mut w, lost, h.into());
     w.run_for(Duration::from_secs(5));
     assert!(
         w.events

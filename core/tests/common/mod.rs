@@ -678,3 +678,18 @@ impl World {
             .collect()
     }
 }
+
+/// Channel `i` of connection `c`.
+pub fn ch(c: u16, i: u16) -> ChannelId {
+    ChannelId {
+        connection: ConnectionId(c),
+        index: i,
+    }
+}
+
+/// A world of `connections` x `channels`, every channel Ready.
+pub fn ready_world(connections: usize, channels: usize) -> World {
+    let mut w = World::new(config(connections, channels, 1));
+    w.run_until_ready(Duration::from_secs(1)).expect("ready");
+    w
+}
