@@ -412,6 +412,17 @@ pub(crate) enum Entity {
     },
 }
 
+impl Entity {
+    /// The exchange a binding routes from (`None` for a queue or an exchange).
+    pub(crate) fn binding_source(&self) -> Option<&str> {
+        match self {
+            Entity::QueueBinding { exchange, .. } => Some(exchange),
+            Entity::ExchangeBinding { source, .. } => Some(source),
+            Entity::Exchange(_) | Entity::Queue { .. } => None,
+        }
+    }
+}
+
 /// A topology request of the application, with queue references still unresolved.
 #[derive(Debug, Clone)]
 pub(crate) enum UserOp {
@@ -828,15 +839,10 @@ impl Registry {
     }
 
     /// How many bindings each exchange is the source of.
-    fn binding_sources(&self) -> BTreeMap<String, usize> {
+    pub(crate) fn binding_sources(&self) -> BTreeMap<String, usize> {
         let mut sources = BTreeMap::new();
-        for entity in self.entities.values() {
-            let source = match entity {
-                Entity::QueueBinding { exchange, .. } => exchange,
-                Entity::ExchangeBinding { source, .. } => source,
-                _ => continue,
-            };
-            *sources.entry(source.clone()).or_insert(0) += 1;
+        for source in self.entities.values().filter_map(Entity::binding_source) {
+            *sources.entry(source.to_owned()).or_insert(0) += 1;
         }
         sources
     }
@@ -866,6 +872,48 @@ impl Registry {
         }
     }
 
+    /// The entities a delete removes: the queue or exchange itself and the
+    /// bindings to or from it (none for any other request).
+    pub(crate) fn removed_by(&self, op: &UserOp) -> Vec<u64> {
+        let removes: Box<dyn Fn(&Entity) -> bool + '_> = match op {
+            UserOp::DeleteExchange(name) => Box::new(move |e| match e {
+                Entity::Exchange(d) => d.name == *name,
+                Entity::QueueBinding { exchange, .. } => exchange == name,
+                Entity::ExchangeBinding {
+                    destination,
+                    source,
+                    ..
+                } => destination == name || source == name,
+                Entity::Queue { .. } => false,
+            }),
+            UserOp::DeleteQueue(queue) => {
+                let Some(target) = self.resolve_or_retired(queue) else {
+                    return Vec::new();
+                };
+                // every handle that currently names the deleted queue
+                let handles = self.handles_named(&target);
+                Box::new(move |e| match e {
+                    Entity::Queue { handle, .. } => handles.contains(handle),
+                    Entity::QueueBinding {
+                        queue: QueueRef::Named(n),
+                        ..
+                    } => *n == target,
+                    Entity::QueueBinding {
+                        queue: QueueRef::Handle(h),
+                        ..
+                    } => handles.contains(self.aliases.get(h).unwrap_or(h)),
+                    _ => false,
+                })
+            }
+            _ => return Vec::new(),
+        };
+        self.entities
+            .iter()
+            .filter(|(_, e)| removes(e))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     fn apply_one(&mut self, op: &UserOp, name: Option<&str>, conn: usize) {
         match op {
             UserOp::DeclareExchange(decl) => {
@@ -879,17 +927,10 @@ impl Registry {
                     None => self.push(Entity::Exchange(decl.clone())),
                 }
             }
-            UserOp::DeleteExchange(name) => {
-                self.entities.retain(|_, e| match e {
-                    Entity::Exchange(d) => &d.name != name,
-                    Entity::QueueBinding { exchange, .. } => exchange != name,
-                    Entity::ExchangeBinding {
-                        destination,
-                        source,
-                        ..
-                    } => destination != name && source != name,
-                    Entity::Queue { .. } => true,
-                });
+            UserOp::DeleteExchange(_) => {
+                for id in self.removed_by(op) {
+                    self.entities.remove(&id);
+                }
             }
             UserOp::DeclareQueue(handle, decl) => {
                 let name = name.unwrap_or(&decl.name).to_string();
@@ -937,21 +978,14 @@ impl Registry {
                 let Some(target) = self.resolve_or_retired(queue) else {
                     return;
                 };
+                // every handle that currently names the deleted queue
+                let handles = self.handles_named(&target);
+                for id in self.removed_by(op) {
+                    self.entities.remove(&id);
+                }
                 self.retired.retain(|_, name| *name != target);
                 let retired = &self.retired;
                 self.retired_order.retain(|h| retired.contains_key(h));
-                // every handle that currently names the deleted queue
-                let handles = self.handles_named(&target);
-                let aliases = &self.aliases;
-                let gone = |q: &QueueRef| match q {
-                    QueueRef::Named(n) => *n == target,
-                    QueueRef::Handle(h) => handles.contains(aliases.get(h).unwrap_or(h)),
-                };
-                self.entities.retain(|_, e| match e {
-                    Entity::Queue { handle, .. } => !handles.contains(handle),
-                    Entity::QueueBinding { queue: q, .. } => !gone(q),
-                    _ => true,
-                });
                 self.aliases.retain(|alias, primary| {
                     !handles.contains(primary) && !handles.contains(alias)
                 });

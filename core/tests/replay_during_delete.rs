@@ -6,10 +6,10 @@ mod common;
 use std::time::Duration;
 
 use amqp_rebound_core::{
-    ChannelId, ChannelState, Command, ConsumeOptions, Event, ExchangeDecl, ExchangeKind,
-    FieldTable, QueueDecl, QueueRef, TopologyOp, TransportError,
+    ChannelId, ChannelState, Command, Event, ExchangeDecl, ExchangeKind, FieldTable, QueueDecl,
+    QueueRef, TopologyOp, TransportError,
 };
-use common::{World, ch, ready_world};
+use common::{World, ch, consume_as, ready_world};
 
 /// Loses `lost`'s connection and, once its replay reached the consumer's
 /// `basic.qos`, has the application delete `queue` (on another connection).
@@ -75,16 +75,7 @@ fn a_consumer_skipped_for_a_delete_that_is_refused_is_subscribed_after_all() {
     w.app(|s, now| s.declare_queue(now, QueueDecl::durable("doomed")))
         .unwrap();
     w.run_for(Duration::from_millis(20));
-    let k = w
-        .app(|s, now| {
-            s.consume(
-                now,
-                "doomed".into(),
-                Some("k".into()),
-                ConsumeOptions::default(),
-            )
-        })
-        .unwrap();
+    let k = consume_as(&mut w, "doomed".into(), "k");
     w.run_for(Duration::from_millis(20));
     assert_eq!(w.sup.consumer_channel(k), Some(lost));
     let from = w.commands.len();
@@ -135,9 +126,7 @@ fn a_consumer_skipped_for_a_delete_ends_when_the_delete_succeeds() {
         .app(|s, now| s.declare_queue(now, QueueDecl::durable("doomed")))
         .unwrap();
     w.run_for(Duration::from_millis(20));
-    let k = w
-        .app(|s, now| s.consume(now, h.into(), Some("k".into()), ConsumeOptions::default()))
-        .unwrap();
+    let k = consume_as(&mut w, h.into(), "k");
     w.run_for(Duration::from_millis(20));
     assert_eq!(w.sup.consumer_channel(k), Some(lost));
     let from = w.commands.len();
@@ -294,20 +283,10 @@ fn a_redeclaration_queued_before_a_delete_on_its_channel_is_not_skipped() {
     w.app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
         .unwrap();
     w.run_for(Duration::from_millis(20));
-    let k = w
-        .app(|s, now| s.consume(now, "q".into(), Some("k".into()), ConsumeOptions::default()))
-        .unwrap();
+    let k = consume_as(&mut w, "q".into(), "k");
     w.run_for(Duration::from_millis(20));
     // another consumer's steps keep the channel busy
-    w.app(|s, now| {
-        s.consume(
-            now,
-            "other".into(),
-            Some("k2".into()),
-            ConsumeOptions::default(),
-        )
-    })
-    .unwrap();
+    consume_as(&mut w, "other".into(), "k2");
     let cancel = |w: &mut World| {
         let generation = w.sup.channel_generation(c00).unwrap();
         w.input(Input::Channel {

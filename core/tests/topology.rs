@@ -9,7 +9,7 @@ use amqp_rebound_core::{
     ConsumeError, ConsumeOptions, Event, ExchangeDecl, ExchangeKind, FieldTable, QueueDecl,
     QueueRef, TopologyError, TopologyOp, TransportError,
 };
-use common::{World, config};
+use common::{World, config, consume_as};
 
 const C0: ConnectionId = ConnectionId(0);
 
@@ -1240,11 +1240,6 @@ fn exclusive_use() -> TransportError {
 }
 
 /// Starts a consumer of `queue` tagged `tag`.
-fn consume_as(w: &mut World, queue: QueueRef, tag: &str) -> amqp_rebound_core::ConsumerId {
-    w.app(|s, now| s.consume(now, queue, Some(tag.into()), ConsumeOptions::default()))
-        .unwrap()
-}
-
 /// Whether `consumer` ended with `CancelledByBroker`.
 fn ended_by_broker(w: &World, consumer: amqp_rebound_core::ConsumerId) -> bool {
     w.events.iter().any(|(_, e)| {

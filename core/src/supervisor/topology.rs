@@ -263,37 +263,11 @@ impl Supervisor {
         sent_elsewhere && self.deleted_in_flight(id)
     }
 
-    /// Whether the application's request in flight deletes entity `id`: the
-    /// queue or exchange itself, a binding to or from it, or an auto-delete
-    /// exchange whose every binding as a source it removes (the broker deletes
-    /// that exchange with its last binding).
+    /// Whether the application's request in flight deletes entity `id`: what
+    /// the registry drops with it (the queue or exchange itself, a binding to
+    /// or from it), or an auto-delete exchange whose every binding as a source
+    /// it removes (the broker deletes that exchange with its last binding).
     fn deleted_in_flight(&self, id: u64) -> bool {
-        if self.removed_by_delete_in_flight(id) {
-            return true;
-        }
-        let Some(Entity::Exchange(decl)) = self.registry.entities.get(&id) else {
-            return false;
-        };
-        if !decl.auto_delete {
-            return false;
-        }
-        let mut bindings = self
-            .registry
-            .entities
-            .iter()
-            .filter(|(_, e)| match e {
-                Entity::QueueBinding { exchange, .. } => *exchange == decl.name,
-                Entity::ExchangeBinding { source, .. } => *source == decl.name,
-                _ => false,
-            })
-            .peekable();
-        bindings.peek().is_some()
-            && bindings.all(|(binding, _)| self.removed_by_delete_in_flight(*binding))
-    }
-
-    /// Whether the application's request in flight removes entity `id`: the
-    /// queue or exchange itself, or a binding to or from it.
-    fn removed_by_delete_in_flight(&self, id: u64) -> bool {
         let Some((op, _)) = self
             .user_ops
             .in_flight
@@ -301,34 +275,21 @@ impl Supervisor {
         else {
             return false;
         };
-        let Some(entity) = self.registry.entities.get(&id) else {
+        let removed = self.registry.removed_by(op);
+        if removed.contains(&id) {
+            return true;
+        }
+        let Some(Entity::Exchange(decl)) = self.registry.entities.get(&id) else {
             return false;
         };
-        match op {
-            UserOp::DeleteQueue(queue) => {
-                let Some(deleted) = self.registry.queue_entity_id(queue) else {
-                    return false;
-                };
-                match entity {
-                    Entity::Queue { .. } => id == deleted,
-                    Entity::QueueBinding { queue, .. } => {
-                        self.registry.queue_entity_id(queue) == Some(deleted)
-                    }
-                    _ => false,
-                }
-            }
-            UserOp::DeleteExchange(name) => match entity {
-                Entity::Exchange(decl) => decl.name == *name,
-                Entity::QueueBinding { exchange, .. } => exchange == name,
-                Entity::ExchangeBinding {
-                    destination,
-                    source,
-                    ..
-                } => destination == name || source == name,
-                Entity::Queue { .. } => false,
-            },
-            _ => false,
-        }
+        let unbinds = removed
+            .iter()
+            .filter_map(|b| self.registry.entities.get(b))
+            .filter(|b| b.binding_source() == Some(decl.name.as_str()))
+            .count();
+        decl.auto_delete
+            && unbinds > 0
+            && self.registry.binding_sources().get(&decl.name) == Some(&unbinds)
     }
 
     /// Issues the channel's next topology step if none is in flight; finishes the

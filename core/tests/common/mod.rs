@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use amqp_rebound_core::{
     AckKind, ChannelId, ChannelInput, ChannelState, Command, Config, ConnectionId, ConnectionState,
-    Delivery, Event, Input, Message, Properties, Supervisor, TopologyOp, TransportError,
-    endpoint::parse_hosts,
+    ConsumeOptions, ConsumerId, Delivery, Event, Input, Message, Properties, QueueRef, Supervisor,
+    TopologyOp, TransportError, endpoint::parse_hosts,
 };
 
 /// How long every simulated transport operation takes.
@@ -692,4 +692,10 @@ pub fn ready_world(connections: usize, channels: usize) -> World {
     let mut w = World::new(config(connections, channels, 1));
     w.run_until_ready(Duration::from_secs(1)).expect("ready");
     w
+}
+
+/// Starts a consumer of `queue` tagged `tag`, with the default options.
+pub fn consume_as(w: &mut World, queue: QueueRef, tag: &str) -> ConsumerId {
+    w.app(|s, now| s.consume(now, queue, Some(tag.into()), ConsumeOptions::default()))
+        .unwrap()
 }
