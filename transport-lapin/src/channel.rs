@@ -260,7 +260,7 @@ impl LapinChannel {
                     parts.routing_key,
                     parts.options,
                     &payload,
-                    parts.properties,
+                    PublishParts::properties(parts.properties),
                 )
                 .await
             {
@@ -336,11 +336,16 @@ impl Drop for Pump {
 }
 
 /// What lapin's `basic_publish` takes for a message; names and properties checked.
+///
+/// The properties are boxed, and only when set: the parts are moved into the
+/// boxed write-then-confirm future of every publish, where an inline
+/// `BasicProperties` (~300 bytes, mostly `None`s) would be copied and carried
+/// beside lapin's own copies for the life of the publish.
 struct PublishParts {
     exchange: ShortString,
     routing_key: ShortString,
     options: BasicPublishOptions,
-    properties: lapin::BasicProperties,
+    properties: Option<Box<lapin::BasicProperties>>,
 }
 
 impl PublishParts {
@@ -354,11 +359,15 @@ impl PublishParts {
             },
             // most messages set no property: nothing to convert or check
             properties: if message.properties.is_set() {
-                convert::to_lapin_properties(&message.properties)?
+                Some(Box::new(convert::to_lapin_properties(&message.properties)?))
             } else {
-                lapin::BasicProperties::default()
+                None
             },
         })
+    }
+
+    fn properties(properties: Option<Box<lapin::BasicProperties>>) -> lapin::BasicProperties {
+        properties.map_or_else(lapin::BasicProperties::default, |boxed| *boxed)
     }
 }
 
@@ -546,7 +555,7 @@ impl Channel for LapinChannel {
                     parts.routing_key,
                     parts.options,
                     &message.payload,
-                    parts.properties,
+                    PublishParts::properties(parts.properties),
                 )
                 .await
                 .map_err(|e| self.error(e))?;
