@@ -85,28 +85,36 @@ struct Args {
     metrics: bool,
     /// Measure the simulator instead: full-driver scenarios per minute and
     /// simulated seconds per wall second, and the 100 x 100 restart scale test.
-    #[arg(long)]
+    /// Its scenarios are its own: the workload's flags (`--duration`,
+    /// `--publishers`, ...), `--trace`, `--metrics` and `--broker` are refused
+    /// beside it, not ignored.
+    #[arg(
+        long,
+        conflicts_with_all = [
+            "broker", "duration", "faults_per_minute", "publishers", "rate", "trace", "metrics",
+        ]
+    )]
     bench_mode: bool,
     /// Scenarios to run in `--bench-mode`.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, requires = "bench_mode")]
     bench_scenarios: u64,
     /// A real RabbitMQ instead of the simulated broker (`amqp://...`).
     #[arg(long)]
     broker: Option<String>,
     /// The transport for `--broker`.
-    #[arg(long, value_enum, default_value_t = TransportKind::Lapin)]
+    #[arg(long, value_enum, default_value_t = TransportKind::Lapin, requires = "broker")]
     transport: TransportKind,
     /// With `--broker`: the RabbitMQ node that `rabbitmqctl` faults go to
     /// (`rabbitmqctl -n NODE`). Required unless `--broker`'s host is this machine
     /// (localhost, 127.0.0.0/8, ::1), where rabbitmqctl's default node is used.
-    #[arg(long, value_name = "NODE")]
+    #[arg(long, value_name = "NODE", requires = "broker")]
     node: Option<String>,
     /// With `--broker`: also restart the broker (`rabbitmqctl stop_app` /
     /// `start_app`) and raise memory alarms. Off by default: the broker may be
     /// shared, and these faults hit every client of it. Each is skipped when the
     /// node does not list this run's connections (it is then not the broker in
     /// use).
-    #[arg(long)]
+    #[arg(long, requires = "broker")]
     allow_broker_faults: bool,
 }
 
@@ -897,6 +905,64 @@ mod tests {
     /// Counts out of range, and workloads too large to keep a record of, are
     /// usage errors (exit code 2), never a capacity-overflow panic or a run that
     /// eats the machine's memory.
+    /// A flag the chosen mode would not read is a usage error, not silently
+    /// dropped: `--bench-mode` runs its own scenarios, and the real-broker
+    /// flags mean nothing without `--broker`. Their defaults alone are fine.
+    #[test]
+    fn flags_the_mode_would_ignore_are_refused() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["rebound-chaos"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv)
+        };
+        for ignored in [
+            &["--bench-mode", "--broker", "amqp://localhost"][..],
+            &["--bench-mode", "--duration", "10s"],
+            &["--bench-mode", "--publishers", "3"],
+            &["--bench-mode", "--rate", "10"],
+            &["--bench-mode", "--faults-per-minute", "5"],
+            &["--bench-mode", "--trace"],
+            &["--bench-mode", "--metrics"],
+            &["--bench-scenarios", "5"],
+            &["--transport", "amqprs"],
+            &["--node", "rabbit@elsewhere"],
+            &["--allow-broker-faults"],
+        ] {
+            let error = parse(ignored).expect_err(&format!("{ignored:?} parsed"));
+            assert_eq!(
+                error.exit_code(),
+                2,
+                "{ignored:?}: a usage error (exit code 2): {error}"
+            );
+        }
+        for fine in [
+            &[][..],
+            &["--bench-mode"],
+            &[
+                "--bench-mode",
+                "--bench-scenarios",
+                "5",
+                "--seed",
+                "3",
+                "--json",
+            ],
+            &["--seed", "3", "--duration", "10s", "--trace", "--metrics"],
+            &[
+                "--broker",
+                "amqp://localhost",
+                "--transport",
+                "amqprs",
+                "--node",
+                "rabbit@here",
+                "--allow-broker-faults",
+                "--duration",
+                "10s",
+            ],
+        ] {
+            assert!(parse(fine).is_ok(), "{fine:?} refused");
+        }
+    }
+
     #[test]
     fn out_of_range_workloads_are_refused() {
         for bad in [
