@@ -496,6 +496,13 @@ pub(crate) struct Registry {
     retired: std::collections::HashMap<QueueHandle, String>,
     /// The retired handles, in the order they were forgotten.
     retired_order: std::collections::VecDeque<QueueHandle>,
+    /// Fixed-name queues whose declaration the broker refused to replay again
+    /// and again (another application declared the queue again with other
+    /// arguments, say): no longer declared by a replay, they still name the
+    /// queue the broker has, for their bindings and consumers. A declaration
+    /// the broker takes again (the application's, or one after a cancel)
+    /// brings it back into the replay.
+    pub(crate) undeclared: std::collections::BTreeSet<u64>,
 }
 
 /// How many retired handles a registry keeps.
@@ -643,6 +650,7 @@ impl Registry {
     pub(crate) fn replay_plan(&self, conn: usize) -> Vec<u64> {
         self.entities
             .iter()
+            .filter(|(id, _)| !self.undeclared.contains(id))
             .filter(|(_, e)| match e {
                 Entity::Queue { owner, .. } => owner.is_none_or(|o| o == conn),
                 Entity::QueueBinding { queue, .. } => self.owner(queue).is_none_or(|o| o == conn),
@@ -782,6 +790,14 @@ impl Registry {
             UserOp::BindQueue { bind, .. } | UserOp::BindExchange { bind, .. } => !bind,
             _ => false,
         };
+        if let UserOp::DeclareQueue(_, decl) = op {
+            // the broker took this declaration: it is replayed again
+            let declared = name.unwrap_or(&decl.name);
+            let entities = &self.entities;
+            self.undeclared.retain(|id| {
+                !matches!(entities.get(id), Some(Entity::Queue { name: n, .. }) if n == declared)
+            });
+        }
         if !unbinds {
             return self.apply_one(op, name, conn);
         }

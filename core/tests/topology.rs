@@ -1645,3 +1645,90 @@ fn a_queue_consumed_again_after_its_last_cancel_is_still_replayed() {
         "consumer b subscribes to \"ad\", which is not declared again: {names:?}"
     );
 }
+
+fn inequivalent() -> TransportError {
+    TransportError::Reply {
+        code: 406,
+        text: "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'q' in vhost '/'"
+            .into(),
+    }
+}
+
+/// The queue.declare ops of "q" the broker took.
+fn declares_of_q(w: &World) -> usize {
+    w.topology_log
+        .iter()
+        .filter(|(_, op)| matches!(op, TopologyOp::DeclareQueue(d) if d.name == "q"))
+        .count()
+}
+
+/// Another application deleted a consumer's queue and declared it again with
+/// other arguments: every replay of the client's declaration is refused (406).
+/// After a few refusals the declaration is left out of the replay
+/// (`ReplayAbandoned`), and the connection's channels are Ready again with the
+/// consumer back on the queue the broker has, instead of held for good (no
+/// publish, no delivery). A declaration the broker takes again is replayed
+/// again.
+#[test]
+fn a_queue_declared_again_elsewhere_with_other_arguments_does_not_hold_the_connection() {
+    let mut w = ready_world(1, 2);
+    let (_, q) = w
+        .app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+        .unwrap();
+    w.app(|s, now| s.bind_queue(now, q.into(), "amq.topic", "k", FieldTable::default()))
+        .unwrap();
+    consume_as(&mut w, q.into(), "worker");
+    w.run_for(Duration::from_millis(50));
+    w.fail_declare = Some(("q".into(), inequivalent()));
+    w.topology_log.clear();
+    kill(&mut w);
+    w.run_until_ready(Duration::from_secs(60))
+        .expect("the connection's channels come back without the declaration");
+    let abandoned: Vec<_> = w
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::ReplayAbandoned { step, error } => Some((step.clone(), error.reply_code())),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(abandoned.as_slice(), [(step, Some(406))] if step.contains("DeclareQueue")),
+        "{abandoned:?}"
+    );
+    // its binding and its consumer came back, on the queue's name
+    let names = op_names(&w.topology_log);
+    assert!(names.iter().any(|n| n == "bind q k"), "{names:?}");
+    assert!(
+        w.topology_log.iter().any(
+            |(_, op)| matches!(op, TopologyOp::Consume { queue, consumer_tag, .. }
+                if queue == "q" && consumer_tag == "worker")
+        ),
+        "{:?}",
+        w.topology_log
+    );
+    // the next recovery does not try the declaration again
+    let failures = replay_failures(&w);
+    w.topology_log.clear();
+    kill(&mut w);
+    w.run_until_ready(Duration::from_secs(5))
+        .expect("recovers at once");
+    assert_eq!(replay_failures(&w), failures, "refused again");
+    // the application declares it as the broker has it: replayed again
+    w.fail_declare = None;
+    w.app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+        .unwrap();
+    w.run_for(Duration::from_millis(50));
+    w.topology_log.clear();
+    kill(&mut w);
+    w.run_until_ready(Duration::from_secs(5))
+        .expect("recovers at once");
+    assert_eq!(declares_of_q(&w), 1, "{:?}", w.topology_log);
+}
+
+fn replay_failures(w: &World) -> usize {
+    w.events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::ReplayFailed { .. }))
+        .count()
+}

@@ -198,6 +198,12 @@ macro_rules! conformance_suite {
                     $name,
                     Shared,
                     edges,
+                    a_queue_declared_again_elsewhere_with_other_arguments_is_left_to_it
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
                     a_server_named_queue_given_by_name_is_followed_across_a_recovery
                 );
                 $crate::__conformance_case!(

@@ -154,7 +154,10 @@ fn in_exclusive_use(error: &TransportError) -> bool {
 /// an exchange redeclared elsewhere with other properties) is dropped from the
 /// topology ([`Event::ReplayAbandoned`]): replayed first on its connection,
 /// it would otherwise hold every channel of that connection from Ready for
-/// good.
+/// good. So is the declaration of a fixed-name queue refused with 406 (another
+/// application declared it again with other arguments), which is left out of
+/// the replay: the queue keeps its name, so its bindings and consumers still
+/// go to the queue the broker has.
 pub const MAX_REPLAY_REFUSALS: u8 = 5;
 
 fn broker_error(e: &TransportError) -> TopologyError {
@@ -411,6 +414,7 @@ impl Supervisor {
                 match step {
                     Step::Entity(id) => {
                         self.replay_refusals.remove(&id);
+                        self.registry.undeclared.remove(&id);
                         if let Some(new) = name
                             && let Some((queue, old)) = self.registry.renamed(id, &new)
                             && !old.is_empty()
@@ -542,8 +546,36 @@ impl Supervisor {
                             | Entity::Exchange(_)
                     )
                 );
+                // A fixed-name queue that the broker has with other properties
+                // or arguments (406: another application declared it again) is
+                // left out of the replay instead: its bindings and consumers
+                // still name the queue the broker has. Other refusals hold on:
+                // 405, an exclusive queue a dead connection of this client still
+                // holds, and 404, a durable queue whose node is down, both come
+                // back.
+                let undeclarable = error.reply_code() == Some(406)
+                    && matches!(
+                        self.registry.entities.get(id),
+                        Some(Entity::Queue { decl, .. }) if !decl.is_server_named()
+                    );
                 let described = self.describe(step);
-                if droppable && refusals >= MAX_REPLAY_REFUSALS {
+                if undeclarable && refusals >= MAX_REPLAY_REFUSALS {
+                    self.registry.undeclared.insert(*id);
+                    self.replay_refusals.remove(id);
+                    tracing::warn!(
+                        target: targets::TOPOLOGY,
+                        client = self.name(),
+                        channel = %chan_id(c, i),
+                        step = %described,
+                        %error,
+                        refusals,
+                        "queue declaration refused again and again: no longer replayed"
+                    );
+                    self.events.push_back(Event::ReplayAbandoned {
+                        step: described,
+                        error: error.clone(),
+                    });
+                } else if droppable && refusals >= MAX_REPLAY_REFUSALS {
                     self.registry.entities.remove(id);
                     self.replay_refusals.remove(id);
                     tracing::warn!(

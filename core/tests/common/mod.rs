@@ -97,6 +97,9 @@ pub struct World {
     pub fail_topology: Option<TransportError>,
     /// Every basic.consume fails with this error (the channel closes) while set.
     pub fail_consume: Option<TransportError>,
+    /// Every queue.declare of this name fails with this error (the channel
+    /// closes) while set.
+    pub fail_declare: Option<(String, TransportError)>,
     server_named: u64,
     pending: Vec<(Instant, u64, Pending)>,
     seq: u64,
@@ -149,6 +152,7 @@ impl World {
             topology_log: Vec::new(),
             fail_topology: None,
             fail_consume: None,
+            fail_declare: None,
             server_named: 0,
             pending: Vec::new(),
             seq: 0,
@@ -478,8 +482,11 @@ impl World {
                 if self.live_chans.get(&channel) != Some(&generation) {
                     return;
                 }
-                let consume_error = match &op {
-                    TopologyOp::Consume { .. } => self.fail_consume.clone(),
+                let consume_error = match (&op, &self.fail_declare) {
+                    (TopologyOp::Consume { .. }, _) => self.fail_consume.clone(),
+                    (TopologyOp::DeclareQueue(decl), Some((name, error))) if decl.name == *name => {
+                        Some(error.clone())
+                    }
                     _ => None,
                 };
                 if let Some(error) = consume_error.or_else(|| self.fail_topology.take()) {

@@ -793,6 +793,65 @@ pub async fn a_binding_the_broker_keeps_refusing_is_dropped_from_the_replay<T: T
     close(other).await;
 }
 
+/// A queue with a consumer that another application deleted and declared
+/// again with other arguments while the client was cut off: the replay of the
+/// client's declaration is refused (406) a few times, then left out, and the
+/// client is Ready again, publishing, with its consumer on the queue the broker
+/// has; it does not hold the connection's channels from Ready for good.
+pub async fn a_queue_declared_again_elsewhere_with_other_arguments_is_left_to_it<T: Transport>(
+    h: Harness<T>,
+) {
+    let proxy = FaultProxy::start(h.url.socket_addr()).expect("a fault proxy");
+    let name = queue_name(&h, "redeclared");
+    let client = ready_with_queue(&h, h.builder([h.url.at(proxy.addr())]).pool(1, 2), &name).await;
+    let mut events = client.watch();
+    let mut consumer = client
+        .consume(name.as_str(), ConsumeOptions::default())
+        .await
+        .expect("consume");
+    proxy.refuse(true);
+    proxy.reset_all();
+    eventually("the loss", 5 * SECOND, || !client.state().is_ready()).await;
+    let other = h.client().await;
+    other
+        .delete_queue(name.as_str())
+        .await
+        .expect("the other application deletes the queue");
+    let mut theirs = test_queue(&name);
+    theirs
+        .arguments
+        .insert("x-message-ttl".into(), AMQPValue::LongInt(600_000));
+    other
+        .declare_queue(theirs)
+        .await
+        .expect("and declares it again with other arguments");
+    proxy.refuse(false);
+    wait_ready(&client, 30 * SECOND).await;
+    let abandoned = drain_events(&mut events)
+        .into_iter()
+        .filter(|e| matches!(e, Event::ReplayAbandoned { error, .. } if error.reply_code() == Some(406)))
+        .count();
+    assert_eq!(abandoned, 1, "the declaration is left out once");
+    let confirmed = within(
+        "a publish after the recovery",
+        10 * SECOND,
+        client.publish("", &name, "after", Properties::default()),
+    )
+    .await;
+    assert_eq!(confirmed, Ok(Confirmation::Confirmed));
+    let received = within("the delivery", 10 * SECOND, consumer.next())
+        .await
+        .expect("the consumer goes on")
+        .expect("a delivery");
+    assert_eq!(received.payload(), b"after");
+    received.ack().await.expect("ack");
+    drop(consumer);
+    close(client).await;
+    drop(proxy);
+    let _ = other.delete_queue(name.as_str()).await;
+    close(other).await;
+}
+
 /// `close()` while the broker cannot be reached: it keeps trying until the close
 /// timeout, then returns with the count of what it gave up on.
 pub async fn close_with_the_broker_unreachable_returns_at_the_timeout<T: Transport>(h: Harness<T>) {
