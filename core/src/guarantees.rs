@@ -95,6 +95,20 @@
 //! redelivers that message too. Either way the consumer sees it again: process
 //! idempotently (the recipe above).
 //!
+//! A channel is recovered not only with its connection: the broker closes a
+//! channel for any command on it that it refuses, and AMQP 0-9-1 has no
+//! refusal that leaves the channel open. So a `consume` the broker refuses (a
+//! missing queue, one another connection holds exclusively), a publish to a
+//! missing exchange, or a replay step refused after a reconnect costs the other
+//! consumers of that channel their unacknowledged deliveries (their acks return
+//! [`AckError::Stale`], the broker redelivers them), and the channel's
+//! unconfirmed publishes are sent again. An exclusive consumer refused as "in
+//! exclusive use" after a reconnect is retried for up to
+//! [`EXCLUSIVE_USE_GRACE`] (the previous connection's hold may still be
+//! there), and each retry does the same, about fifteen times in the three
+//! minutes if another application took the queue for good; watch for
+//! [`Event::ReplayFailed`] to see it.
+//!
 //! ## Closing
 //!
 //! - [`Client::close`]: nothing new is accepted; every message accepted before
@@ -154,5 +168,7 @@
 //! [`CloseSummary::unresolved`]: crate::CloseSummary::unresolved
 //! [`Received::ack`]: crate::Received::ack
 //! [`AckError::Stale`]: crate::AckError::Stale
+//! [`EXCLUSIVE_USE_GRACE`]: crate::supervisor::EXCLUSIVE_USE_GRACE
+//! [`Event::ReplayFailed`]: crate::Event::ReplayFailed
 //! [`Message::mandatory`]: crate::Message::mandatory
 //! [`Properties::persistent`]: crate::Properties::persistent

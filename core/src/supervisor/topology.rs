@@ -560,6 +560,12 @@ impl Supervisor {
                     );
                 let described = self.describe(step);
                 if undeclarable && refusals >= MAX_REPLAY_REFUSALS {
+                    // (ids of queues deleted since are dropped here: the set
+                    // holds live queues only)
+                    let entities = &self.registry.entities;
+                    self.registry
+                        .undeclared
+                        .retain(|id| entities.contains_key(id));
                     self.registry.undeclared.insert(*id);
                     self.replay_refusals.remove(id);
                     tracing::warn!(
