@@ -71,6 +71,13 @@ pub use amqp_rebound_amqprs as amqprs;
 /// Builds the client over lapin (or amqprs when only that feature is on) and
 /// tokio's clock, and spawns its driver on the current tokio runtime. Must be
 /// called from within a tokio runtime.
+///
+/// The client runs while that runtime does. When the runtime shuts down (`main`
+/// returns from `#[tokio::main]`, a `#[tokio::test]` ends) its driver goes
+/// with it: nothing accepted and not yet sent is published after that, so
+/// await [`Client::close`] first. On a current-thread runtime the client
+/// makes progress only while that runtime's `block_on` runs: a client made
+/// there and used from another runtime waits.
 #[cfg(feature = "lapin")]
 pub fn connect(builder: ClientBuilder) -> Result<Client, ConfigError> {
     let (client, driver) = builder.build(lapin::LapinTransport::new(), TokioTimer)?;

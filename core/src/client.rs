@@ -787,6 +787,14 @@ impl Client {
     /// driver drains within the close timeout and then ends. A live
     /// [`Consumer`], and each [`Received`] it gave until it is dropped, holds a
     /// handle too: while one lives, the client stays open.
+    ///
+    /// Either drain runs on the [`Driver`]: it needs the driver's executor to
+    /// keep running. A tokio runtime that shuts down (`main` returning from
+    /// `#[tokio::main]`, the end of a `#[tokio::test]`) drops the driver with
+    /// its other tasks; what was not confirmed then resolves
+    /// [`PublishError::Closed`] at once, and what was not yet sent is lost (a
+    /// WARN of target `amqp_rebound::client` counts them). Await `close` before
+    /// the runtime ends.
     pub async fn close(&self) -> CloseSummary {
         self.close_with(false).await
     }

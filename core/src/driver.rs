@@ -226,7 +226,22 @@ impl<T: Transport, K: Timer> Engine for Mutex<State<T, K>> {
     fn abandon(&self) {
         let mut state = lock(self);
         if !state.done {
-            state.finish();
+            let lost = state.finish();
+            // Dropped before it ended: its runtime shut down (`main` returned,
+            // a test ended) or its executor dropped it. The drain that a close
+            // or the last handle's drop promises needs the driver to run, so
+            // what it owed is lost here: say so, rather than nothing.
+            if lost > 0 {
+                tracing::warn!(
+                    target: targets::CLIENT,
+                    client = state.options.connection_name.as_deref().unwrap_or(""),
+                    unresolved = lost,
+                    "driver dropped before it ended (its runtime shut down?): \
+                     accepted messages it had not confirmed resolve Closed, \
+                     those not yet sent are lost; await Client::close() \
+                     before the runtime ends"
+                );
+            }
         }
         send_resolved(state);
     }
@@ -468,7 +483,8 @@ impl<T: Transport, K: Timer> State<T, K> {
             // what is still running (orphaned dials, a hung close) is dropped.
             if self.sup.is_fully_closed() {
                 self.batch_now = None;
-                self.finish();
+                // a close that ran out of time counted what it gave up on
+                let _ = self.finish();
                 return Poll::Ready(());
             }
             self.guard_relay();
@@ -1446,17 +1462,22 @@ impl<T: Transport, K: Timer> State<T, K> {
         self.watchers.retain(|w| w.send(&event));
     }
 
-    /// Everything still waiting resolves; consumers end.
-    fn finish(&mut self) {
+    /// Everything still waiting resolves; consumers end. Returns how many
+    /// accepted publishes it resolved `Closed` (queued for the driver or in
+    /// the outbox): what a driver dropped before it ended did not send.
+    fn finish(&mut self) -> usize {
         self.done = true;
+        let mut lost = 0;
         // nothing new is taken; what was sent and not taken is dropped (its
         // replies resolve `Closed`)
         self.requests.close();
         while let Ok(request) = self.requests.try_recv() {
             if let Request::Publish { reply, .. } = request {
-                self.shared
-                    .replies
-                    .resolve(reply, Err(PublishError::Closed));
+                lost += usize::from(
+                    self.shared
+                        .replies
+                        .resolve(reply, Err(PublishError::Closed)),
+                );
             }
         }
         // every publish accepted and not resolved (or resolved and its event not
@@ -1466,7 +1487,9 @@ impl<T: Transport, K: Timer> State<T, K> {
             .publish_replies()
             .map(|reply| (ReplyKey::from_u64(reply), Err(PublishError::Closed)))
             .collect();
-        self.closed_here += self.shared.replies.resolve_all(unresolved) as u64;
+        let closed = self.shared.replies.resolve_all(unresolved);
+        lost += closed;
+        self.closed_here += closed as u64;
         for (_, reply) in std::mem::take(&mut self.topology) {
             match reply {
                 TopologyReply::Unit(r) => {
@@ -1512,6 +1535,7 @@ impl<T: Transport, K: Timer> State<T, K> {
         self.sleep = Fuse::terminated();
         self.waker = None;
         tracing::debug!(target: targets::CLIENT, "driver finished");
+        lost
     }
 }
 

@@ -14,7 +14,10 @@
 //! - **Accepted means owed.** A message is accepted when [`Client::publish`]
 //!   returns (it does not wait; dropping the future does not withdraw the
 //!   message). [`Client::close`] and dropping the last [`Client`] keep
-//!   publishing what was accepted until the close timeout.
+//!   publishing what was accepted until the close timeout, as long as the
+//!   client's [`Driver`](crate::Driver) runs: a runtime that shuts down (`main`
+//!   returning from `#[tokio::main]`) drops it, and what was not yet sent is
+//!   lost. Await [`Client::close`] before the runtime ends.
 //! - **Deduplicate by `message_id`** on the consumer side if duplicates matter
 //!   (recipe below).
 //!
@@ -122,6 +125,11 @@
 //!   connections close.
 //! - Dropping the last [`Client`] handle: the driver drains like `close` within
 //!   the close timeout, then ends; no task of the client outlives it.
+//! - Dropping the driver (its runtime shutting down, say, when `main` returns
+//!   from `#[tokio::main]` right after the last handle is dropped): nothing
+//!   drains. What was not confirmed resolves `Closed` at once: if it was in
+//!   flight the broker may have it; if it was not yet sent, it is lost. A WARN
+//!   of target `amqp_rebound::client` counts them (`unresolved`).
 //! - [`Client::flush`]: waits until every message accepted before it resolved
 //!   and reports how many of them (since the client was built, those failed
 //!   before the call included) did not resolve `Confirmed`, without closing.

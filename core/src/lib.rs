@@ -122,6 +122,7 @@
 //! |---|---|---|---|
 //! | `amqp_rebound::client` | DEBUG | span `client`: the driver, parent of the spans below | `client` |
 //! | | DEBUG | event "driver finished" | |
+//! | | WARN | event "driver dropped before it ended ...": its runtime shut down with accepted messages unconfirmed (they resolve `Closed`; those not sent are lost) | `client`, `unresolved` |
 //! | `amqp_rebound::connection` | DEBUG | span `dial`: one dial, to its result | `connection`, `epoch`, `endpoint`, `outcome` (`ok`, `error`), `duration_ms` |
 //! | | INFO | event "connected" | `client`, `connection`, `epoch`, `channel_max` |
 //! | | WARN | event "dial failed", "connection lost" | `client`, `connection`, `epoch`, `error` |
