@@ -677,7 +677,7 @@ impl Client {
             .prefetch
             .filter(|&n| n > 0 && !options.no_ack)
             .map(usize::from);
-        let (items, rx) = consumer_stream(bound);
+        let (items, rx) = consumer_stream(bound, !options.no_ack);
         let (reply, id) = oneshot::channel();
         let request = Request::Consume {
             queue: queue.into(),
@@ -910,6 +910,11 @@ impl From<Queue> for QueueRef {
 /// A stream of [`Received`] messages that survives recovery. It ends (with an
 /// error item) when the broker cancels it for good or the client closes. Dropping
 /// it cancels the consumer.
+///
+/// When the client has closed, the next item is the `Closed` error: the
+/// deliveries it held and had not handed out could no longer be acked, and the
+/// broker delivers them again (an auto-ack consumer's, which are the
+/// application's alone, are still handed out first).
 #[derive(Debug)]
 pub struct Consumer {
     id: ConsumerId,

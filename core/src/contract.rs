@@ -359,13 +359,21 @@ impl std::fmt::Debug for Replies {
 /// dropped to make room. Without a prefetch (or with `no_ack`) the broker bounds
 /// nothing and neither does the stream.
 ///
+/// `acks`: the consumer acks its deliveries (it is not `no_ack`), so those it
+/// holds when the client ends are the broker's again
+/// ([`ConsumerSender::end`]).
+///
 /// [`Consumer`]: crate::Consumer
-pub(crate) fn consumer_stream(bound: Option<usize>) -> (ConsumerSender, ConsumerReceiver) {
+pub(crate) fn consumer_stream(
+    bound: Option<usize>,
+    acks: bool,
+) -> (ConsumerSender, ConsumerReceiver) {
     let shared = Arc::new(Mutex::new(StreamInner {
         items: VecDeque::new(),
         waker: None,
         sender_gone: false,
         receiver_gone: false,
+        acks,
     }));
     (
         ConsumerSender {
@@ -382,6 +390,9 @@ struct StreamInner {
     waker: Option<Waker>,
     sender_gone: bool,
     receiver_gone: bool,
+    /// Not `no_ack`: its deliveries wait for the application's ack. (Here,
+    /// not in the sender, which travels in a `Request` kept small.)
+    acks: bool,
 }
 
 /// The driver's end of a consumer's stream.
@@ -429,6 +440,22 @@ impl ConsumerSender {
             waker.wake();
         }
         Ok(())
+    }
+
+    /// The client ended: the stream ends with `error`. An acking consumer's
+    /// deliveries not handed out go first: their acks would be refused
+    /// (`Closed`) and the broker, whose they are again once their channel
+    /// closed, delivers them again, so handed out they would only be worked on
+    /// twice. An auto-ack consumer's are the application's alone, and stay.
+    pub(crate) fn end(&self, error: ConsumeError) {
+        let mut inner = lock(&self.shared);
+        if inner.acks {
+            inner
+                .items
+                .retain(|item| !matches!(item, ConsumerItem::Delivery { .. }));
+        }
+        drop(inner);
+        let _ = self.send(ConsumerItem::Ended(error), |_, _| false);
     }
 
     /// The items the application never took, once it dropped its end (none
@@ -732,7 +759,7 @@ mod tests {
     /// delivers it again); deliveries of the live one never go.
     #[test]
     fn the_stream_stays_at_the_prefetch_by_dropping_stale_deliveries() {
-        let (tx, rx) = consumer_stream(Some(3));
+        let (tx, rx) = consumer_stream(Some(3), true);
         let stale = |_: ChannelId, generation: u64| generation < 2;
         for generation in [1, 1, 1] {
             tx.send(delivery(generation), stale).unwrap();
@@ -834,7 +861,7 @@ mod tests {
 
     #[test]
     fn a_dropped_receiver_is_reported_and_an_unbounded_stream_takes_everything() {
-        let (tx, rx) = consumer_stream(None);
+        let (tx, rx) = consumer_stream(None, true);
         for _ in 0..100 {
             tx.send(delivery(1), |_, _| true).unwrap();
         }

@@ -1507,11 +1507,10 @@ impl<T: Transport, K: Timer> State<T, K> {
         // senders go)
         self.contact_waiters.clear();
         self.flushes.clear();
+        // their channels are gone: what acking consumers hold goes back to
+        // the broker, not to the application
         for (_, items) in std::mem::take(&mut self.consumers) {
-            let _ = items.send(
-                ConsumerItem::Ended(crate::topology::ConsumeError::Closed),
-                |_, _| false,
-            );
+            items.end(ConsumeError::Closed);
         }
         *lock(&self.shared.state) = ClientState::of(&self.sup);
         self.shared.closed.store(true, Ordering::SeqCst);

@@ -1756,3 +1756,79 @@ fn a_payload_over_the_size_limit_a_refusal_told_fails_at_the_call() {
     let at = client.publish("", "q", vec![7u8; 131_072], Properties::default());
     assert_eq!(at.now_or_never(), None);
 }
+
+/// Reads `consumer` (of `options`) after a `close()` that came with deliveries
+/// still unread in it: what each later item was, then "end".
+fn items_after_close(options: ConsumeOptions) -> Vec<String> {
+    let (mut pool, clock, _transport, client) = setup(1, 1);
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    {
+        let seen = Rc::clone(&seen);
+        pool.spawner()
+            .spawn_local(async move {
+                client
+                    .declare_queue(QueueDecl::durable("jobs"))
+                    .await
+                    .unwrap();
+                let no_ack = options.no_ack;
+                let mut consumer = client.consume("jobs", options).await.unwrap();
+                for i in 0..5 {
+                    client
+                        .publish("", "jobs", format!("m{i}"), Properties::default())
+                        .await
+                        .unwrap();
+                }
+                let first = consumer.next().await.unwrap().unwrap();
+                if !no_ack {
+                    first.ack().await.unwrap();
+                }
+                client.close().await;
+                while let Some(item) = consumer.next().await {
+                    let item = match item {
+                        Ok(r) if no_ack => {
+                            format!("delivery {}", String::from_utf8_lossy(r.payload()))
+                        }
+                        Ok(r) => format!("delivery, its ack {:?}", r.ack().await),
+                        Err(e) => format!("{e:?}"),
+                    };
+                    seen.borrow_mut().push(item);
+                }
+                seen.borrow_mut().push("end".to_string());
+            })
+            .unwrap();
+    }
+    assert!(drive(&mut pool, &clock, Duration::from_secs(10), || seen
+        .borrow()
+        .last()
+        .is_some_and(|s| s == "end")));
+    seen.take()
+}
+
+#[test]
+fn after_close_an_acking_consumer_hands_out_nothing_its_application_could_not_ack() {
+    // the four deliveries it held are unacked at the broker, which takes them
+    // back with the connection: handed out, each would be worked on, its ack
+    // refused (`Closed`), and delivered again
+    assert_eq!(
+        items_after_close(ConsumeOptions {
+            prefetch: Some(10),
+            ..ConsumeOptions::default()
+        }),
+        ["Closed", "end"]
+    );
+    // an auto-ack consumer's are the application's alone: all handed out
+    assert_eq!(
+        items_after_close(ConsumeOptions {
+            no_ack: true,
+            ..ConsumeOptions::default()
+        }),
+        [
+            "delivery m1",
+            "delivery m2",
+            "delivery m3",
+            "delivery m4",
+            "Closed",
+            "end"
+        ]
+    );
+}
