@@ -263,6 +263,14 @@ impl From<String> for QueueRef {
     }
 }
 
+/// `client.consume(&name, ..)` with a `String` name, as `publish(.., &name, ..)`
+/// takes it.
+impl From<&String> for QueueRef {
+    fn from(name: &String) -> Self {
+        QueueRef::Named(name.clone())
+    }
+}
+
 /// Identifies a consumer across recoveries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConsumerId(pub(crate) u64);

@@ -1732,3 +1732,15 @@ fn replay_failures(w: &World) -> usize {
         .filter(|(_, e)| matches!(e, Event::ReplayFailed { .. }))
         .count()
 }
+
+/// A queue named by a `String` the application keeps is taken by reference,
+/// as `publish` takes its routing key: `client.consume(&name, ..)`.
+#[test]
+fn a_queue_name_in_a_string_is_taken_by_reference() {
+    fn by_name(queue: impl Into<QueueRef>) -> QueueRef {
+        queue.into()
+    }
+    let name = String::from("orders");
+    assert_eq!(by_name(&name), QueueRef::Named("orders".into()));
+    assert_eq!(name, "orders", "still the application's");
+}
