@@ -1744,3 +1744,89 @@ fn a_queue_name_in_a_string_is_taken_by_reference() {
     assert_eq!(by_name(&name), QueueRef::Named("orders".into()));
     assert_eq!(name, "orders", "still the application's");
 }
+
+/// A fixed-name auto-delete queue left out of the replay (the broker has it
+/// with other arguments) whose only consumer's channel closes alone: the
+/// channel's replay must not declare it again as an orphaned auto-delete
+/// queue, which the broker refuses (406) at every reopen, holding the channel
+/// (and its consumer) from Ready for good.
+#[test]
+fn an_undeclared_auto_delete_queue_is_not_declared_again_when_its_consumers_channel_closes() {
+    let mut w = ready_world(1, 2);
+    let decl = QueueDecl {
+        auto_delete: true,
+        ..QueueDecl::durable("q")
+    };
+    let (_, q) = w.app(|s, now| s.declare_queue(now, decl)).unwrap();
+    let consumer = consume_as(&mut w, q.into(), "worker");
+    w.run_for(Duration::from_millis(50));
+    w.fail_declare = Some(("q".into(), inequivalent()));
+    kill(&mut w);
+    w.run_until_ready(Duration::from_secs(60))
+        .expect("the connection's channels come back without the declaration");
+    let abandoned = |w: &World| {
+        w.events
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::ReplayAbandoned { .. }))
+            .count()
+    };
+    assert_eq!(abandoned(&w), 1);
+    let channel = w.sup.consumer_channel(consumer).unwrap();
+    w.topology_log.clear();
+    let failures = replay_failures(&w);
+    w.channel_error(channel, 406);
+    if w.run_until_ready(Duration::from_secs(60)).is_none() {
+        panic!(
+            "the consumer's channel is held from Ready: {} replay failures, {} ReplayAbandoned",
+            replay_failures(&w) - failures,
+            abandoned(&w)
+        );
+    }
+    assert_eq!(declares_of_q(&w), 0, "{:?}", op_names(&w.topology_log));
+    assert_eq!(replay_failures(&w), failures, "refused again");
+    assert_eq!(abandoned(&w), 1, "abandoned once");
+    assert!(
+        op_names(&w.topology_log)
+            .iter()
+            .any(|n| n == "consume q worker"),
+        "{:?}",
+        op_names(&w.topology_log)
+    );
+}
+
+/// Each connection of a pool replays a shared queue's declaration: the broker
+/// refusing it on both is one abandonment, and both connections come back.
+#[test]
+fn a_pool_abandons_a_refused_queue_declaration_once() {
+    let mut w = ready_world(2, 2);
+    let (_, q) = w
+        .app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+        .unwrap();
+    w.app(|s, now| s.bind_queue(now, q.into(), "amq.topic", "k", FieldTable::default()))
+        .unwrap();
+    consume_as(&mut w, q.into(), "a");
+    consume_as(&mut w, q.into(), "b");
+    w.run_for(Duration::from_millis(50));
+    w.fail_declare = Some(("q".into(), inequivalent()));
+    w.topology_log.clear();
+    w.kill(C0, TransportError::Io("reset".into()));
+    w.kill(ConnectionId(1), TransportError::Io("reset".into()));
+    w.run_until_ready(Duration::from_secs(60))
+        .expect("both connections come back without the declaration");
+    let abandoned = w
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::ReplayAbandoned { .. }))
+        .count();
+    assert_eq!(abandoned, 1);
+    let binds: Vec<_> = w
+        .topology_log
+        .iter()
+        .filter(|(_, op)| matches!(op, TopologyOp::BindQueue { .. }))
+        .map(|(c, _)| c.connection)
+        .collect();
+    assert!(
+        binds.contains(&C0) && binds.contains(&ConnectionId(1)),
+        "{binds:?}"
+    );
+}

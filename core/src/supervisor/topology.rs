@@ -230,14 +230,20 @@ impl Supervisor {
         self.kick(c, i);
     }
 
-    /// Auto-delete queue entities all of whose consumers live on channel (c, i).
+    /// Auto-delete queue entities all of whose consumers live on channel (c, i)
+    /// (not those left out of the replay: `Registry::undeclared`).
     fn orphaned_auto_delete_queues(&self, c: usize, i: usize) -> Vec<u64> {
         let mut here: BTreeMap<u64, bool> = BTreeMap::new();
         for k in self.registry.consumers.values() {
             let Some(queue) = self.registry.queue_entity_id(&k.queue) else {
                 continue;
             };
-            if !self.registry.is_auto_delete_queue(queue) {
+            // one left out of the replay is the broker's queue, declared by
+            // another application: declared again, it is refused (406) at every
+            // reopen of the channel
+            if !self.registry.is_auto_delete_queue(queue)
+                || self.registry.undeclared.contains(&queue)
+            {
                 continue;
             }
             let on_this = k.conn == Some(c) && k.chan == Some(i);
