@@ -911,10 +911,11 @@ impl From<Queue> for QueueRef {
 /// error item) when the broker cancels it for good or the client closes. Dropping
 /// it cancels the consumer.
 ///
-/// When the client has closed, the next item is the `Closed` error: the
-/// deliveries it held and had not handed out could no longer be acked, and the
-/// broker delivers them again (an auto-ack consumer's, which are the
-/// application's alone, are still handed out first).
+/// When the client has closed, the next item is the `Closed` error (or, for a
+/// consumer that had ended before, the error that ended it): the deliveries it
+/// held and had not handed out could no longer be acked, and the broker
+/// delivers them again (an auto-ack consumer's, which are the application's
+/// alone, are still handed out first).
 #[derive(Debug)]
 pub struct Consumer {
     id: ConsumerId,
@@ -982,7 +983,10 @@ impl Stream for Consumer {
     type Item = Result<Received, ConsumeError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.items.poll_next(cx) {
+        // the driver finished (its request channel closed): what an acking
+        // consumer still holds could no longer be acked
+        let client_ended = self.client.tx.is_closed();
+        match self.items.poll_next(cx, client_ended) {
             Poll::Ready(Some(ConsumerItem::Delivery {
                 delivery,
                 channel,

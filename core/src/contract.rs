@@ -489,8 +489,20 @@ impl Drop for ConsumerSender {
 
 impl ConsumerReceiver {
     /// The next item; `None` once the driver's end is gone and nothing is left.
-    pub(crate) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<ConsumerItem>> {
+    /// `client_ended`: the client's driver has finished. An acking consumer's
+    /// deliveries not handed out then go (see [`ConsumerSender::end`]), those
+    /// of one that had ended before too (its sender was gone by then).
+    pub(crate) fn poll_next(
+        &self,
+        cx: &mut Context<'_>,
+        client_ended: bool,
+    ) -> Poll<Option<ConsumerItem>> {
         let mut inner = lock(&self.shared);
+        if client_ended && inner.acks {
+            inner
+                .items
+                .retain(|item| !matches!(item, ConsumerItem::Delivery { .. }));
+        }
         if let Some(item) = inner.items.pop_front() {
             return Poll::Ready(Some(item));
         }
@@ -774,13 +786,13 @@ mod tests {
         let mut cx = Context::from_waker(waker);
         let mut generations = Vec::new();
         while let Poll::Ready(Some(ConsumerItem::Delivery { generation, .. })) =
-            rx.poll_next(&mut cx)
+            rx.poll_next(&mut cx, false)
         {
             generations.push(generation);
         }
         assert_eq!(generations, vec![2, 2, 2, 2]);
         drop(tx);
-        assert!(matches!(rx.poll_next(&mut cx), Poll::Ready(None)));
+        assert!(matches!(rx.poll_next(&mut cx, false), Poll::Ready(None)));
     }
 
     /// A waker that counts its wakes.

@@ -1832,3 +1832,59 @@ fn after_close_an_acking_consumer_hands_out_nothing_its_application_could_not_ac
         ]
     );
 }
+
+/// A consumer the broker cancelled for good (its queue, which the client did
+/// not declare, was deleted) still holds the deliveries it had not handed out.
+/// Read after `close()`, they would be worked on with each ack refused
+/// (`Closed`) and the broker delivering them again, as for a live consumer:
+/// they go too, and the error that ended it comes next.
+#[test]
+fn after_close_a_consumer_that_ended_before_hands_out_nothing_its_application_could_not_ack() {
+    let (mut pool, clock, transport, client) = setup(1, 1);
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    {
+        let seen = Rc::clone(&seen);
+        let transport = transport.clone();
+        pool.spawner()
+            .spawn_local(async move {
+                let options = ConsumeOptions {
+                    prefetch: Some(10),
+                    ..ConsumeOptions::default()
+                };
+                let mut consumer = client.consume("jobs", options).await.unwrap();
+                let tag = {
+                    for i in 0..5 {
+                        client
+                            .publish("", "jobs", format!("m{i}"), Properties::default())
+                            .await
+                            .unwrap();
+                    }
+                    let first = consumer.next().await.unwrap().unwrap();
+                    first.ack().await.unwrap();
+                    first.consumer_tag().to_string()
+                };
+                // the broker cancels it: the queue is not the client's to
+                // declare again, so the consumer ends
+                transport.cancel_consumer(&tag);
+                client
+                    .publish("", "elsewhere", "x", Properties::default())
+                    .await
+                    .unwrap();
+                client.close().await;
+                while let Some(item) = consumer.next().await {
+                    let item = match item {
+                        Ok(r) => format!("delivery, its ack {:?}", r.ack().await),
+                        Err(e) => format!("{e:?}"),
+                    };
+                    seen.borrow_mut().push(item);
+                }
+                seen.borrow_mut().push("end".to_string());
+            })
+            .unwrap();
+    }
+    assert!(drive(&mut pool, &clock, Duration::from_secs(10), || seen
+        .borrow()
+        .last()
+        .is_some_and(|s| s == "end")));
+    assert_eq!(seen.take(), ["CancelledByBroker", "end"]);
+}

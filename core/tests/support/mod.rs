@@ -210,6 +210,21 @@ impl MemoryTransport {
         }
     }
 
+    /// The broker cancels consumer `tag` (its queue was deleted, say): a
+    /// basic.cancel on the channel it lives on.
+    pub fn cancel_consumer(&self, tag: &str) {
+        let mut b = self.broker();
+        for chan in b.chans.values_mut() {
+            let before = chan.consumers.len();
+            chan.consumers.retain(|(_, t)| t != tag);
+            if chan.consumers.len() != before {
+                let _ = chan.events.unbounded_send(ChannelEvent::ConsumerCancelled {
+                    consumer_tag: tag.to_string(),
+                });
+            }
+        }
+    }
+
     pub fn block_all(&self, blocked: bool) {
         let b = self.broker();
         for conn in b.conns.values() {
