@@ -1830,3 +1830,43 @@ fn a_pool_abandons_a_refused_queue_declaration_once() {
         "{binds:?}"
     );
 }
+
+/// Refusals that come back (404: a durable queue whose node is down) hold the
+/// declaration in the replay; only 406 refusals count towards leaving it out.
+/// A queue refused four times as not found and then once with 406 (its node
+/// came back, and another application had declared it again meanwhile) is
+/// still declared at the next replay, not left out at the first 406.
+#[test]
+fn refusals_other_than_406_do_not_count_towards_leaving_a_queue_out() {
+    let mut w = ready_world(1, 2);
+    w.app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+        .unwrap();
+    w.run_for(Duration::from_millis(50));
+    w.fail_declare = Some(("q".into(), not_found()));
+    let before = replay_failures(&w);
+    kill(&mut w);
+    let start = w.elapsed();
+    while replay_failures(&w) < before + 4 {
+        w.run_for(Duration::from_millis(10));
+        assert!(w.elapsed() - start < Duration::from_secs(60), "four 404s");
+    }
+    w.fail_declare = Some(("q".into(), inequivalent()));
+    while replay_failures(&w) < before + 5
+        && !w
+            .events
+            .iter()
+            .any(|(_, e)| matches!(e, Event::ReplayAbandoned { .. }))
+    {
+        w.run_for(Duration::from_millis(10));
+        assert!(w.elapsed() - start < Duration::from_secs(120), "a 406");
+    }
+    let abandoned: Vec<_> = w
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::ReplayAbandoned { .. }))
+        .collect();
+    assert!(
+        abandoned.is_empty(),
+        "left out at the first 406: {abandoned:?}"
+    );
+}

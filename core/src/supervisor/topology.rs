@@ -541,9 +541,17 @@ impl Supervisor {
                 let entities = &self.registry.entities;
                 self.replay_refusals
                     .retain(|id, _| entities.contains_key(id));
-                let refusals = self.replay_refusals.entry(*id).or_insert(0);
-                *refusals = refusals.saturating_add(1);
-                let refusals = *refusals;
+                let queue = matches!(self.registry.entities.get(id), Some(Entity::Queue { .. }));
+                let refusals = if queue && error.reply_code() != Some(406) {
+                    // a queue is left out after 406 refusals in a row only:
+                    // the others (405, 404) come back, and do not count
+                    self.replay_refusals.remove(id);
+                    0
+                } else {
+                    let refusals = self.replay_refusals.entry(*id).or_insert(0);
+                    *refusals = refusals.saturating_add(1);
+                    *refusals
+                };
                 let droppable = matches!(
                     self.registry.entities.get(id),
                     Some(
