@@ -91,7 +91,8 @@ pub enum Event {
     },
     /// A topology replay step failed; the channel reopens after its backoff and
     /// the replay starts over (a binding or an exchange declaration refused
-    /// again and again, or a queue declaration refused with 406, is then
+    /// again and again, or a queue declaration refused with 406 "inequivalent
+    /// arg", is then
     /// dropped: [`Event::ReplayAbandoned`]).
     ReplayFailed {
         /// The channel it ran on.
@@ -105,11 +106,12 @@ pub enum Event {
     /// [`MAX_REPLAY_REFUSALS`](crate::supervisor::MAX_REPLAY_REFUSALS) times in
     /// a row is dropped from the topology the client replays (the replay goes
     /// on without it). So is the declaration of a fixed-name queue refused
-    /// with 406 PRECONDITION_FAILED that many times (another application
-    /// declared the queue again with other arguments): the queue is no longer
-    /// declared, but its bindings and consumers are still replayed against the
-    /// queue the broker has; a declaration of it the broker takes (the
-    /// application's) is replayed again.
+    /// with 406 PRECONDITION_FAILED "inequivalent arg" that many times in a
+    /// row (another application declared the queue again with other
+    /// arguments; a 406 for the vhost's queue limit does not count): the
+    /// queue is no longer declared, but its bindings and consumers are still
+    /// replayed against the queue the broker has; a declaration of it the
+    /// broker takes (the application's) is replayed again.
     ReplayAbandoned {
         /// What the step was.
         step: String,

@@ -1870,3 +1870,53 @@ fn refusals_other_than_406_do_not_count_towards_leaving_a_queue_out() {
         "left out at the first 406: {abandoned:?}"
     );
 }
+
+/// RabbitMQ also refuses a queue.declare with 406 when the vhost's queue limit
+/// is reached ("cannot declare queue 'q': queue limit in vhost '/' (N) is
+/// reached"): the queue is not there, and the refusal passes once other queues
+/// go. Such a declaration is not another application's queue to leave it to:
+/// left out of the replay, the queue would never be declared again (its
+/// bindings refused, then dropped; its consumers refused, then ended). It
+/// holds in the replay, as a 404 or 405 does, and is declared once the limit
+/// lets it.
+#[test]
+fn a_queue_refused_for_the_vhost_queue_limit_is_declared_again_once_the_limit_lets_it() {
+    let mut w = ready_world(1, 2);
+    let (_, q) = w
+        .app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+        .unwrap();
+    w.app(|s, now| s.bind_queue(now, q.into(), "amq.topic", "k", FieldTable::default()))
+        .unwrap();
+    consume_as(&mut w, q.into(), "worker");
+    w.run_for(Duration::from_millis(50));
+    w.fail_declare = Some((
+        "q".into(),
+        TransportError::Reply {
+            code: 406,
+            text: "PRECONDITION_FAILED - cannot declare queue 'q': queue limit in vhost '/' (100) \
+                   is reached"
+                .into(),
+        },
+    ));
+    let before = replay_failures(&w);
+    kill(&mut w);
+    // refused more than MAX_REPLAY_REFUSALS times
+    let start = w.elapsed();
+    let abandoned = |w: &World| {
+        w.events
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::ReplayAbandoned { .. }))
+            .count()
+    };
+    while replay_failures(&w) < before + 7 && abandoned(&w) == 0 {
+        w.run_for(Duration::from_millis(10));
+        assert!(w.elapsed() - start < Duration::from_secs(300), "refusals");
+    }
+    // the limit lets it now
+    w.fail_declare = None;
+    w.topology_log.clear();
+    w.run_until_ready(Duration::from_secs(120))
+        .expect("the connection comes back");
+    assert_eq!(abandoned(&w), 0, "left out of the replay");
+    assert_eq!(declares_of_q(&w), 1, "{:?}", op_names(&w.topology_log));
+}

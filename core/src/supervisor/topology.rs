@@ -149,15 +149,26 @@ fn in_exclusive_use(error: &TransportError) -> bool {
     matches!(error, TransportError::Reply { code: 403, text } if text.contains("exclusive use"))
 }
 
+/// Whether the broker refused a declaration because the entity exists with
+/// other properties or arguments (RabbitMQ: 406 "inequivalent arg ..."). Not
+/// every 406 says so: a queue.declare past the vhost's or the cluster's queue
+/// limit is refused with 406 too ("queue limit ... is reached"), while the
+/// queue does not exist, until other queues go.
+fn inequivalent(error: &TransportError) -> bool {
+    matches!(error, TransportError::Reply { code: 406, text } if text.contains("inequivalent arg"))
+}
+
 /// A binding or an exchange declaration whose replay the broker refuses this
 /// many times in a row (a binding to an exchange another application deleted,
 /// an exchange redeclared elsewhere with other properties) is dropped from the
 /// topology ([`Event::ReplayAbandoned`]): replayed first on its connection,
 /// it would otherwise hold every channel of that connection from Ready for
-/// good. So is the declaration of a fixed-name queue refused with 406 (another
-/// application declared it again with other arguments), which is left out of
-/// the replay: the queue keeps its name, so its bindings and consumers still
-/// go to the queue the broker has.
+/// good. So is the declaration of a fixed-name queue refused with 406
+/// "inequivalent arg" (another application declared it again with other
+/// arguments) that many times in a row, which is left out of the replay: the
+/// queue keeps its name, so its bindings and consumers still go to the queue
+/// the broker has. (A 406 for the queue limit, like a 404 or a 405, does not
+/// count: the queue is declared when the broker lets it.)
 pub const MAX_REPLAY_REFUSALS: u8 = 5;
 
 fn broker_error(e: &TransportError) -> TopologyError {
@@ -542,9 +553,10 @@ impl Supervisor {
                 self.replay_refusals
                     .retain(|id, _| entities.contains_key(id));
                 let queue = matches!(self.registry.entities.get(id), Some(Entity::Queue { .. }));
-                let refusals = if queue && error.reply_code() != Some(406) {
-                    // a queue is left out after 406 refusals in a row only:
-                    // the others (405, 404) come back, and do not count
+                let refusals = if queue && !inequivalent(error) {
+                    // a queue is left out after "inequivalent arg" refusals in
+                    // a row only: the others (405, 404, a 406 for the queue
+                    // limit) come back, and do not count
                     self.replay_refusals.remove(id);
                     0
                 } else {
@@ -561,13 +573,14 @@ impl Supervisor {
                     )
                 );
                 // A fixed-name queue that the broker has with other properties
-                // or arguments (406: another application declared it again) is
-                // left out of the replay instead: its bindings and consumers
-                // still name the queue the broker has. Other refusals hold on:
-                // 405, an exclusive queue a dead connection of this client still
-                // holds, and 404, a durable queue whose node is down, both come
-                // back.
-                let undeclarable = error.reply_code() == Some(406)
+                // or arguments (406 "inequivalent arg": another application
+                // declared it again) is left out of the replay instead: its
+                // bindings and consumers still name the queue the broker has.
+                // Other refusals hold on: 405, an exclusive queue a dead
+                // connection of this client still holds, 404, a durable queue
+                // whose node is down, and a 406 for the queue limit (the queue
+                // is not there) all come back.
+                let undeclarable = inequivalent(error)
                     && matches!(
                         self.registry.entities.get(id),
                         Some(Entity::Queue { decl, .. }) if !decl.is_server_named()
