@@ -586,30 +586,20 @@ impl Supervisor {
                         Some(Entity::Queue { decl, .. }) if !decl.is_server_named()
                     );
                 let described = self.describe(step);
-                if undeclarable && refusals >= MAX_REPLAY_REFUSALS {
-                    // (ids of queues deleted since are dropped here: the set
-                    // holds live queues only)
-                    let entities = &self.registry.entities;
-                    self.registry
-                        .undeclared
-                        .retain(|id| entities.contains_key(id));
-                    self.registry.undeclared.insert(*id);
-                    self.replay_refusals.remove(id);
-                    tracing::warn!(
-                        target: targets::TOPOLOGY,
-                        client = self.name(),
-                        channel = %chan_id(c, i),
-                        step = %described,
-                        %error,
-                        refusals,
+                if (undeclarable || droppable) && refusals >= MAX_REPLAY_REFUSALS {
+                    let outcome = if undeclarable {
+                        // left out of the replay; ids of queues deleted since
+                        // are pruned here, so the set holds live queues only
+                        let entities = &self.registry.entities;
+                        self.registry
+                            .undeclared
+                            .retain(|id| entities.contains_key(id));
+                        self.registry.undeclared.insert(*id);
                         "queue declaration refused again and again: no longer replayed"
-                    );
-                    self.events.push_back(Event::ReplayAbandoned {
-                        step: described,
-                        error: error.clone(),
-                    });
-                } else if droppable && refusals >= MAX_REPLAY_REFUSALS {
-                    self.registry.entities.remove(id);
+                    } else {
+                        self.registry.entities.remove(id);
+                        "topology replay step refused again and again: dropped"
+                    };
                     self.replay_refusals.remove(id);
                     tracing::warn!(
                         target: targets::TOPOLOGY,
@@ -618,7 +608,7 @@ impl Supervisor {
                         step = %described,
                         %error,
                         refusals,
-                        "topology replay step refused again and again: dropped"
+                        "{outcome}"
                     );
                     self.events.push_back(Event::ReplayAbandoned {
                         step: described,
