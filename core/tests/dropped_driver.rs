@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use amqp_rebound_core::telemetry::targets;
 use amqp_rebound_core::{Client, Properties};
+use support::capture::Fields;
 use support::drive;
 use support::scenario::{ready, start};
 
@@ -24,17 +25,6 @@ type Warning = (String, BTreeMap<String, String>);
 /// The WARN events seen.
 #[derive(Clone, Default)]
 struct Warnings(Arc<Mutex<Vec<Warning>>>);
-
-struct Fields<'a>(&'a mut BTreeMap<String, String>);
-
-impl tracing::field::Visit for Fields<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
-    }
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-}
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use amqp_rebound_core::Client;
 use amqp_rebound_core::telemetry::targets;
 use futures::task::LocalSpawnExt;
+use support::capture::Fields;
 use support::drive;
 use support::scenario::{outage, publish_held, ready, start};
 
@@ -36,17 +37,6 @@ struct Seen {
 /// A layer that keeps every span (with the fields recorded later) and event.
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Seen>>);
-
-struct Fields<'a>(&'a mut BTreeMap<String, String>);
-
-impl tracing::field::Visit for Fields<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
-    }
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-}
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
     fn on_new_span(

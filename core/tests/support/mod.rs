@@ -8,6 +8,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod capture;
 pub mod scenario;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
