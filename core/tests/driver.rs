@@ -1757,19 +1757,24 @@ fn a_payload_over_the_size_limit_a_refusal_told_fails_at_the_call() {
     assert_eq!(at.now_or_never(), None);
 }
 
-/// Reads `consumer` (of `options`) after a `close()` that came with deliveries
-/// still unread in it: what each later item was, then "end".
-fn items_after_close(options: ConsumeOptions) -> Vec<String> {
-    let (mut pool, clock, _transport, client) = setup(1, 1);
+/// Consumes "jobs" with `options`, publishes five messages and takes (and
+/// acks) the first; then, if `cancelled`, the broker cancels the consumer for
+/// good (the queue is not the client's: `declared` false); then `close()`,
+/// with the other four still unread in the consumer. Returns what each item
+/// read after the close was, then "end".
+fn items_after_close(options: ConsumeOptions, declared: bool, cancelled: bool) -> Vec<String> {
+    let (mut pool, clock, transport, client) = setup(1, 1);
     let seen = Rc::new(RefCell::new(Vec::new()));
     {
         let seen = Rc::clone(&seen);
         pool.spawner()
             .spawn_local(async move {
-                client
-                    .declare_queue(QueueDecl::durable("jobs"))
-                    .await
-                    .unwrap();
+                if declared {
+                    client
+                        .declare_queue(QueueDecl::durable("jobs"))
+                        .await
+                        .unwrap();
+                }
                 let no_ack = options.no_ack;
                 let mut consumer = client.consume("jobs", options).await.unwrap();
                 for i in 0..5 {
@@ -1781,6 +1786,14 @@ fn items_after_close(options: ConsumeOptions) -> Vec<String> {
                 let first = consumer.next().await.unwrap().unwrap();
                 if !no_ack {
                     first.ack().await.unwrap();
+                }
+                if cancelled {
+                    transport.cancel_consumer(first.consumer_tag());
+                    // a round trip through the driver: the cancel is taken
+                    client
+                        .publish("", "elsewhere", "x", Properties::default())
+                        .await
+                        .unwrap();
                 }
                 client.close().await;
                 while let Some(item) = consumer.next().await {
@@ -1810,18 +1823,26 @@ fn after_close_an_acking_consumer_hands_out_nothing_its_application_could_not_ac
     // back with the connection: handed out, each would be worked on, its ack
     // refused (`Closed`), and delivered again
     assert_eq!(
-        items_after_close(ConsumeOptions {
-            prefetch: Some(10),
-            ..ConsumeOptions::default()
-        }),
+        items_after_close(
+            ConsumeOptions {
+                prefetch: Some(10),
+                ..ConsumeOptions::default()
+            },
+            true,
+            false
+        ),
         ["Closed", "end"]
     );
     // an auto-ack consumer's are the application's alone: all handed out
     assert_eq!(
-        items_after_close(ConsumeOptions {
-            no_ack: true,
-            ..ConsumeOptions::default()
-        }),
+        items_after_close(
+            ConsumeOptions {
+                no_ack: true,
+                ..ConsumeOptions::default()
+            },
+            true,
+            false
+        ),
         [
             "delivery m1",
             "delivery m2",
@@ -1840,51 +1861,12 @@ fn after_close_an_acking_consumer_hands_out_nothing_its_application_could_not_ac
 /// they go too, and the error that ended it comes next.
 #[test]
 fn after_close_a_consumer_that_ended_before_hands_out_nothing_its_application_could_not_ack() {
-    let (mut pool, clock, transport, client) = setup(1, 1);
-    let seen = Rc::new(RefCell::new(Vec::new()));
-    {
-        let seen = Rc::clone(&seen);
-        let transport = transport.clone();
-        pool.spawner()
-            .spawn_local(async move {
-                let options = ConsumeOptions {
-                    prefetch: Some(10),
-                    ..ConsumeOptions::default()
-                };
-                let mut consumer = client.consume("jobs", options).await.unwrap();
-                let tag = {
-                    for i in 0..5 {
-                        client
-                            .publish("", "jobs", format!("m{i}"), Properties::default())
-                            .await
-                            .unwrap();
-                    }
-                    let first = consumer.next().await.unwrap().unwrap();
-                    first.ack().await.unwrap();
-                    first.consumer_tag().to_string()
-                };
-                // the broker cancels it: the queue is not the client's to
-                // declare again, so the consumer ends
-                transport.cancel_consumer(&tag);
-                client
-                    .publish("", "elsewhere", "x", Properties::default())
-                    .await
-                    .unwrap();
-                client.close().await;
-                while let Some(item) = consumer.next().await {
-                    let item = match item {
-                        Ok(r) => format!("delivery, its ack {:?}", r.ack().await),
-                        Err(e) => format!("{e:?}"),
-                    };
-                    seen.borrow_mut().push(item);
-                }
-                seen.borrow_mut().push("end".to_string());
-            })
-            .unwrap();
-    }
-    assert!(drive(&mut pool, &clock, Duration::from_secs(10), || seen
-        .borrow()
-        .last()
-        .is_some_and(|s| s == "end")));
-    assert_eq!(seen.take(), ["CancelledByBroker", "end"]);
+    let options = ConsumeOptions {
+        prefetch: Some(10),
+        ..ConsumeOptions::default()
+    };
+    assert_eq!(
+        items_after_close(options, false, true),
+        ["CancelledByBroker", "end"]
+    );
 }
