@@ -1672,13 +1672,7 @@ fn declares_of_q(w: &World) -> usize {
 #[test]
 fn a_queue_declared_again_elsewhere_with_other_arguments_does_not_hold_the_connection() {
     let mut w = ready_world(1, 2);
-    let (_, q) = w
-        .app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
-        .unwrap();
-    w.app(|s, now| s.bind_queue(now, q.into(), "amq.topic", "k", FieldTable::default()))
-        .unwrap();
-    consume_as(&mut w, q.into(), "worker");
-    w.run_for(Duration::from_millis(50));
+    worker_on_q(&mut w);
     w.fail_declare = Some(("q".into(), inequivalent()));
     w.topology_log.clear();
     kill(&mut w);
@@ -1882,13 +1876,7 @@ fn refusals_other_than_406_do_not_count_towards_leaving_a_queue_out() {
 #[test]
 fn a_queue_refused_for_the_vhost_queue_limit_is_declared_again_once_the_limit_lets_it() {
     let mut w = ready_world(1, 2);
-    let (_, q) = w
-        .app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
-        .unwrap();
-    w.app(|s, now| s.bind_queue(now, q.into(), "amq.topic", "k", FieldTable::default()))
-        .unwrap();
-    consume_as(&mut w, q.into(), "worker");
-    w.run_for(Duration::from_millis(50));
+    worker_on_q(&mut w);
     w.fail_declare = Some((
         "q".into(),
         TransportError::Reply {
@@ -1919,4 +1907,16 @@ fn a_queue_refused_for_the_vhost_queue_limit_is_declared_again_once_the_limit_le
         .expect("the connection comes back");
     assert_eq!(abandoned(&w), 0, "left out of the replay");
     assert_eq!(declares_of_q(&w), 1, "{:?}", op_names(&w.topology_log));
+}
+
+/// Declares the durable queue "q", binds it to amq.topic with key "k" and
+/// consumes it as "worker"; all of it taken.
+fn worker_on_q(w: &mut World) {
+    let (_, q) = w
+        .app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+        .unwrap();
+    w.app(|s, now| s.bind_queue(now, q.into(), "amq.topic", "k", FieldTable::default()))
+        .unwrap();
+    consume_as(w, q.into(), "worker");
+    w.run_for(Duration::from_millis(50));
 }

@@ -745,6 +745,30 @@ pub async fn an_abandoned_consume_call_leaves_no_consumer_behind<T: Transport>(h
     delete_queues(&h, &[&name]).await;
 }
 
+/// Cuts `client` off through `proxy`, runs `meanwhile` (another
+/// application's doing) while it is away, lets it back and waits until it is
+/// Ready; the errors of the `ReplayAbandoned` events of that recovery.
+async fn abandoned_across_a_cut(
+    proxy: &FaultProxy,
+    client: &Client,
+    meanwhile: impl std::future::Future<Output = ()>,
+) -> Vec<TransportError> {
+    let mut events = client.watch();
+    proxy.refuse(true);
+    proxy.reset_all();
+    eventually("the loss", 5 * SECOND, || !client.state().is_ready()).await;
+    meanwhile.await;
+    proxy.refuse(false);
+    wait_ready(client, 30 * SECOND).await;
+    drain_events(&mut events)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::ReplayAbandoned { error, .. } => Some(error),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A binding whose exchange another application deleted while the client was
 /// cut off: its replay is refused (404) a few times, then dropped, and the
 /// client is Ready and publishing again; it does not hold the connection's
@@ -761,25 +785,22 @@ pub async fn a_binding_the_broker_keeps_refusing_is_dropped_from_the_replay<T: T
         .await
         .expect("declare the other application's exchange");
     let client = ready_with_queue(&h, h.builder([h.url.at(proxy.addr())]).pool(1, 2), &name).await;
-    let mut events = client.watch();
     client
         .bind_queue(name.as_str(), &exchange, "", FieldTable::default())
         .await
         .expect("bind");
-    proxy.refuse(true);
-    proxy.reset_all();
-    eventually("the loss", 5 * SECOND, || !client.state().is_ready()).await;
-    other
-        .delete_exchange(&exchange)
-        .await
-        .expect("the other application deletes its exchange");
-    proxy.refuse(false);
-    wait_ready(&client, 30 * SECOND).await;
-    let abandoned = drain_events(&mut events)
-        .into_iter()
-        .filter(|e| matches!(e, Event::ReplayAbandoned { .. }))
-        .count();
-    assert_eq!(abandoned, 1, "the binding is dropped once");
+    let abandoned = abandoned_across_a_cut(&proxy, &client, async {
+        other
+            .delete_exchange(&exchange)
+            .await
+            .expect("the other application deletes its exchange");
+    })
+    .await;
+    assert_eq!(
+        abandoned.len(),
+        1,
+        "the binding is dropped once: {abandoned:?}"
+    );
     let confirmed = within(
         "a publish after the recovery",
         10 * SECOND,
@@ -804,34 +825,30 @@ pub async fn a_queue_declared_again_elsewhere_with_other_arguments_is_left_to_it
     let proxy = FaultProxy::start(h.url.socket_addr()).expect("a fault proxy");
     let name = queue_name(&h, "redeclared");
     let client = ready_with_queue(&h, h.builder([h.url.at(proxy.addr())]).pool(1, 2), &name).await;
-    let mut events = client.watch();
     let mut consumer = client
         .consume(name.as_str(), ConsumeOptions::default())
         .await
         .expect("consume");
-    proxy.refuse(true);
-    proxy.reset_all();
-    eventually("the loss", 5 * SECOND, || !client.state().is_ready()).await;
     let other = h.client().await;
-    other
-        .delete_queue(name.as_str())
-        .await
-        .expect("the other application deletes the queue");
-    let mut theirs = test_queue(&name);
-    theirs
-        .arguments
-        .insert("x-message-ttl".into(), AMQPValue::LongInt(600_000));
-    other
-        .declare_queue(theirs)
-        .await
-        .expect("and declares it again with other arguments");
-    proxy.refuse(false);
-    wait_ready(&client, 30 * SECOND).await;
-    let abandoned = drain_events(&mut events)
-        .into_iter()
-        .filter(|e| matches!(e, Event::ReplayAbandoned { error, .. } if error.reply_code() == Some(406)))
-        .count();
-    assert_eq!(abandoned, 1, "the declaration is left out once");
+    let abandoned = abandoned_across_a_cut(&proxy, &client, async {
+        other
+            .delete_queue(name.as_str())
+            .await
+            .expect("the other application deletes the queue");
+        let mut theirs = test_queue(&name);
+        theirs
+            .arguments
+            .insert("x-message-ttl".into(), AMQPValue::LongInt(600_000));
+        other
+            .declare_queue(theirs)
+            .await
+            .expect("and declares it again with other arguments");
+    })
+    .await;
+    assert!(
+        matches!(abandoned.as_slice(), [e] if e.reply_code() == Some(406)),
+        "the declaration is left out once: {abandoned:?}"
+    );
     let confirmed = within(
         "a publish after the recovery",
         10 * SECOND,
