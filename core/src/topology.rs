@@ -1047,29 +1047,41 @@ impl Registry {
         }
     }
 
-    fn bind_or_unbind(&mut self, entity: Entity, bind: bool) {
-        // the same binding, whether its queue is named by handle or by name
-        let key = |e: &Entity| match e {
-            Entity::QueueBinding {
-                queue,
-                exchange,
-                routing_key,
-                arguments,
-            } => Some((
-                self.resolve(queue),
-                exchange.clone(),
-                routing_key.clone(),
-                arguments.clone(),
-            )),
+    /// Ids of the bindings that are `entity`: the same exchange(s), key and
+    /// arguments, and for a queue binding the same queue whether it is named
+    /// by handle or by name. The queue is resolved only for the bindings that
+    /// match on the rest, so this stays linear in the entities.
+    fn same_bindings(&self, entity: &Entity) -> Vec<u64> {
+        let target = match entity {
+            Entity::QueueBinding { queue, .. } => Some(self.resolve(queue)),
             _ => None,
         };
-        let target = key(&entity);
-        let same: Vec<u64> = self
-            .entities
+        self.entities
             .iter()
-            .filter(|(_, e)| **e == entity || (target.is_some() && key(e) == target))
+            .filter(|(_, e)| match (e, entity, &target) {
+                (
+                    Entity::QueueBinding {
+                        queue: q1,
+                        exchange: x1,
+                        routing_key: k1,
+                        arguments: a1,
+                    },
+                    Entity::QueueBinding {
+                        queue: q2,
+                        exchange: x2,
+                        routing_key: k2,
+                        arguments: a2,
+                    },
+                    Some(target),
+                ) => x1 == x2 && k1 == k2 && a1 == a2 && (q1 == q2 || self.resolve(q1) == *target),
+                _ => *e == entity,
+            })
             .map(|(id, _)| *id)
-            .collect();
+            .collect()
+    }
+
+    fn bind_or_unbind(&mut self, entity: Entity, bind: bool) {
+        let same = self.same_bindings(&entity);
         if bind {
             if same.is_empty() {
                 self.push(entity);
