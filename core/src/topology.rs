@@ -897,7 +897,8 @@ impl Registry {
     }
 
     /// The entities a delete removes: the queue or exchange itself and the
-    /// bindings to or from it (none for any other request).
+    /// bindings to or from it; the binding an unbind removes (none for any
+    /// other request).
     pub(crate) fn removed_by(&self, op: &UserOp) -> Vec<u64> {
         let removes: Box<dyn Fn(&Entity) -> bool + '_> = match op {
             UserOp::DeleteExchange(name) => Box::new(move |e| match e {
@@ -928,6 +929,35 @@ impl Registry {
                     } => handles.contains(self.aliases.get(h).unwrap_or(h)),
                     _ => false,
                 })
+            }
+            // an unbind removes the binding it names
+            UserOp::BindQueue {
+                queue,
+                exchange,
+                routing_key,
+                arguments,
+                bind: false,
+            } => {
+                return self.same_bindings(&Entity::QueueBinding {
+                    queue: queue.clone(),
+                    exchange: exchange.clone(),
+                    routing_key: routing_key.clone(),
+                    arguments: arguments.clone(),
+                });
+            }
+            UserOp::BindExchange {
+                destination,
+                source,
+                routing_key,
+                arguments,
+                bind: false,
+            } => {
+                return self.same_bindings(&Entity::ExchangeBinding {
+                    destination: destination.clone(),
+                    source: source.clone(),
+                    routing_key: routing_key.clone(),
+                    arguments: arguments.clone(),
+                });
             }
             _ => return Vec::new(),
         };

@@ -333,3 +333,110 @@ fn a_redeclaration_queued_before_a_delete_on_its_channel_is_not_skipped() {
          before the refusal: {before_refusal:?}"
     );
 }
+
+/// Whether the broker, from the ops it ran in order, ends with queue `q`
+/// bound to exchange `x` with key `k`.
+fn broker_has_binding(w: &World) -> bool {
+    let mut bound = false;
+    for (_, op) in &w.topology_log {
+        match op {
+            TopologyOp::BindQueue {
+                queue,
+                exchange,
+                routing_key,
+                ..
+            } if queue == "q" && exchange == "x" && routing_key == "k" => bound = true,
+            TopologyOp::UnbindQueue {
+                queue,
+                exchange,
+                routing_key,
+                ..
+            } if queue == "q" && exchange == "x" && routing_key == "k" => bound = false,
+            _ => {}
+        }
+    }
+    bound
+}
+
+/// Queue q is bound to x. Connection 0's replay sends that binding again
+/// while the application's unbind of it is in flight on connection 1: the
+/// binding reaches the broker after the unbind and would stay there for good,
+/// the registry having forgotten it. The replay skips it instead.
+#[test]
+fn a_replay_during_an_unbind_in_flight_does_not_bind_again() {
+    let mut w = ready_world(2, 1);
+    let lost = ch(0, 0);
+    w.app(|s, now| s.declare_exchange(now, ExchangeDecl::new("x", ExchangeKind::Direct)))
+        .unwrap();
+    w.app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
+        .unwrap();
+    w.app(|s, now| s.bind_queue(now, "q".into(), "x", "k", FieldTable::default()))
+        .unwrap();
+    w.run_for(Duration::from_millis(50));
+    assert!(broker_has_binding(&w));
+    let from = w.commands.len();
+    w.kill(lost.connection, TransportError::Io("reset".into()));
+    // the replay's step before the binding is in flight
+    until_sent(
+        &mut w,
+        from,
+        |c| matches!(c, Command::Topology { channel, op: TopologyOp::DeclareQueue(d), .. } if *channel == lost && d.name == "q"),
+    );
+    w.run_for(Duration::from_millis(1));
+    let unbind_at = w.commands.len();
+    w.app(|s, now| s.unbind_queue(now, "q".into(), "x", "k", FieldTable::default()))
+        .unwrap();
+    assert!(
+        topology_on(&w, unbind_at, ch(1, 0))
+            .iter()
+            .any(|op| matches!(op, TopologyOp::UnbindQueue { .. })),
+        "the unbind runs on connection 1"
+    );
+    w.run_until_ready(Duration::from_secs(2)).unwrap();
+    w.run_for(Duration::from_millis(50));
+    assert_eq!(topology_resolutions(&w), 0, "nothing failed");
+    assert!(
+        !broker_has_binding(&w),
+        "BUG: the replay re-bound q to x after the unbind: the broker keeps a binding the client forgot\n{:?}",
+        w.topology_log
+    );
+}
+
+/// The same for an exchange-to-exchange binding.
+#[test]
+fn a_replay_during_an_exchange_unbind_in_flight_does_not_bind_again() {
+    let mut w = ready_world(2, 1);
+    let lost = ch(0, 0);
+    for name in ["x", "y"] {
+        w.app(|s, now| s.declare_exchange(now, ExchangeDecl::new(name, ExchangeKind::Direct)))
+            .unwrap();
+    }
+    w.app(|s, now| s.bind_exchange(now, "y", "x", "k", FieldTable::default()))
+        .unwrap();
+    w.run_for(Duration::from_millis(50));
+    let from = w.commands.len();
+    w.kill(lost.connection, TransportError::Io("reset".into()));
+    until_sent(
+        &mut w,
+        from,
+        |c| matches!(c, Command::Topology { channel, op: TopologyOp::DeclareExchange(d), .. } if *channel == lost && d.name == "y"),
+    );
+    w.run_for(Duration::from_millis(1));
+    w.app(|s, now| s.unbind_exchange(now, "y", "x", "k", FieldTable::default()))
+        .unwrap();
+    w.run_until_ready(Duration::from_secs(2)).unwrap();
+    w.run_for(Duration::from_millis(50));
+    let mut bound = false;
+    for (_, op) in &w.topology_log {
+        match op {
+            TopologyOp::BindExchange { .. } => bound = true,
+            TopologyOp::UnbindExchange { .. } => bound = false,
+            _ => {}
+        }
+    }
+    assert!(
+        !bound,
+        "BUG: the replay re-bound y to x after the unbind\n{:?}",
+        w.topology_log
+    );
+}

@@ -267,10 +267,10 @@ impl Supervisor {
             .collect()
     }
 
-    /// Whether the application's delete in flight has gone out on a channel
-    /// other than (c, i) and removes entity `id`: a step for it sent on (c, i)
-    /// now would reach the broker after the delete. (A delete queued, or sent
-    /// on (c, i) itself, comes after such a step.)
+    /// Whether the application's delete (or unbind) in flight has gone out on
+    /// a channel other than (c, i) and removes entity `id`: a step for it sent
+    /// on (c, i) now would reach the broker after the delete. (A delete
+    /// queued, or sent on (c, i) itself, comes after such a step.)
     fn deleted_elsewhere(&self, id: u64, c: usize, i: usize) -> bool {
         let Some(delete) = self.user_ops.in_flight else {
             return false;
@@ -285,8 +285,9 @@ impl Supervisor {
 
     /// Whether the application's request in flight deletes entity `id`: what
     /// the registry drops with it (the queue or exchange itself, a binding to
-    /// or from it), or an auto-delete exchange whose every binding as a source
-    /// it removes (the broker deletes that exchange with its last binding).
+    /// or from it, the binding an unbind names), or an auto-delete exchange
+    /// whose every binding as a source it removes (the broker deletes that
+    /// exchange with its last binding).
     fn deleted_in_flight(&self, id: u64) -> bool {
         let Some((op, _)) = self
             .user_ops
@@ -326,10 +327,11 @@ impl Supervisor {
                 }
                 return;
             };
-            // A replay step for what a delete in flight removes would reach
-            // the broker after the delete (on another connection) and bring it
-            // back: it is skipped, as the delete's answer removes its subject;
-            // if the delete fails, it runs after all.
+            // A replay step for what a delete (or an unbind) in flight removes
+            // would reach the broker after it (on another connection) and
+            // bring it back for good, the registry having forgotten it: it is
+            // skipped, as the answer removes its subject; if the request
+            // fails, it runs after all.
             let doomed = match &step {
                 Step::Entity(id) => self.deleted_elsewhere(*id, c, i),
                 Step::Consume(id) => self.registry.consumers.get(id).is_some_and(|k| {
@@ -1048,9 +1050,9 @@ impl Supervisor {
         }
     }
 
-    /// Request `id` resolved: the replay steps skipped for it (a delete) are
-    /// dropped if it succeeded, and run now on their channels if it failed
-    /// (their subject is still there, and the channel must have it).
+    /// Request `id` resolved: the replay steps skipped for it (a delete or an
+    /// unbind) are dropped if it succeeded, and run now on their channels if
+    /// it failed (their subject is still there, and the channel must have it).
     fn after_delete(&mut self, id: u64, succeeded: bool) {
         if self.skipped_for_delete.is_empty() {
             return;
