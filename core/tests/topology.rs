@@ -1059,6 +1059,32 @@ fn a_channel_error_under_the_only_consumer_of_an_auto_delete_queue_redeclares_it
     );
 }
 
+/// A consumer started on a channel that the broker just closed (a refused
+/// declaration, a publish to a missing exchange) waits for it to reopen; it
+/// was never subscribed, so the broker did not delete its auto-delete queue:
+/// the reopened channel subscribes it to the queue as it is. Declared again,
+/// a server-named queue got a new name, and the old one stayed on the broker
+/// with its bindings, filling up with what they route for as long as the
+/// connection lived.
+#[test]
+fn a_consumer_waiting_for_its_channel_to_reopen_does_not_redeclare_its_queue() {
+    let mut w = ready_world(1, 2);
+    let anon = declare_topology(&mut w);
+    assert_eq!(w.sup.queue_name(anon).as_deref(), Some("amq.gen-1"));
+    w.topology_log.clear();
+    w.channel_error(ch(0, 0), 406);
+    let consumer = consume_as(&mut w, anon.into(), "c");
+    assert_eq!(w.sup.consumer_channel(consumer), Some(ch(0, 0)));
+    w.run_until_ready(Duration::from_secs(5)).unwrap();
+    w.run_for(Duration::from_millis(20));
+    assert_eq!(
+        op_names(&w.topology_log),
+        vec!["qos 0", "consume amq.gen-1 c"],
+        "BUG: the live server-named queue was declared again under a new name"
+    );
+    assert_eq!(w.sup.queue_name(anon).as_deref(), Some("amq.gen-1"));
+}
+
 #[test]
 fn a_deleted_queue_with_two_consumers_is_declared_once_and_both_follow() {
     let mut w = ready_world(1, 2);

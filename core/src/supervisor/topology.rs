@@ -242,10 +242,17 @@ impl Supervisor {
     }
 
     /// Auto-delete queue entities all of whose consumers live on channel (c, i)
-    /// (not those left out of the replay: `Registry::undeclared`).
+    /// (not those left out of the replay: `Registry::undeclared`). Only
+    /// consumers the broker had count: one never subscribed yet (started
+    /// while the channel was down) took nothing with it, so the broker did
+    /// not delete its queue (declared again, a server-named one would get a
+    /// new name and the old one would stay, with its bindings).
     fn orphaned_auto_delete_queues(&self, c: usize, i: usize) -> Vec<u64> {
         let mut here: BTreeMap<u64, bool> = BTreeMap::new();
         for k in self.registry.consumers.values() {
+            if k.subscribed.is_none() {
+                continue;
+            }
             let Some(queue) = self.registry.queue_entity_id(&k.queue) else {
                 continue;
             };
