@@ -270,6 +270,18 @@ macro_rules! conformance_suite {
                     $name,
                     Shared,
                     edges,
+                    topology_with_arguments_is_replayed_as_declared
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    requests_during_an_outage_run_once_after_the_replay
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
                     an_unknown_exchange_type_is_refused_once
                 );
                 $crate::__conformance_case!(

@@ -15,7 +15,7 @@ use futures::FutureExt;
 
 use super::{
     Harness, assert_all_confirmed, close, delete_queues, drain_events, drain_ids, eventually,
-    plain, queue_name, small_payload, test_queue, wait_ready, within,
+    next_event, plain, queue_name, small_payload, test_queue, wait_ready, within,
 };
 use crate::broker::{self, BrokerUrl};
 use crate::proxy::FaultProxy;
@@ -1765,4 +1765,363 @@ pub async fn auto_delete_entities_stay_deleted_after_a_recovery<T: Transport>(h:
         !exchange_back,
         "the auto-delete exchange was declared again"
     );
+}
+
+/// A string field table.
+fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+/// Waits until `queue` holds `n` messages (as `rabbitmqctl` counts them).
+async fn holds(queue: &str, n: u64) {
+    let start = Instant::now();
+    loop {
+        let now = broker::queue_messages(queue).await;
+        if now == Some(n) {
+            return;
+        }
+        assert!(
+            start.elapsed() < 10 * SECOND,
+            "{queue} holds {now:?} messages, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A proxy reset of every connection, and the client Ready again.
+async fn recover(client: &Client, proxy: &FaultProxy) {
+    let recoveries = client.stats().recoveries;
+    proxy.reset_all();
+    eventually("a recovery", 15 * SECOND, || {
+        client.stats().recoveries > recoveries
+    })
+    .await;
+    wait_ready(client, 15 * SECOND).await;
+}
+
+/// Topology with arguments across recoveries: a headers binding with
+/// `x-match`, an exchange-to-exchange binding, queues with a dead-letter
+/// exchange, a length limit, lazy mode, and a quorum queue, replayed without
+/// a refusal (their own declarations again); the bindings route as before;
+/// their unbinds (with the same arguments) hold across the next recovery; an
+/// exchange deleted with bindings to a queue and to and from other exchanges
+/// does not come back.
+pub async fn topology_with_arguments_is_replayed_as_declared<T: Transport>(h: Harness<T>) {
+    let proxy = FaultProxy::start(h.url.socket_addr()).expect("a fault proxy");
+    let base = queue_name(&h, "args");
+    let n = |what: &str| format!("{base}.{what}");
+    let (src, dst, hdr, dlx, gone) = (n("src"), n("dst"), n("hdr"), n("dlx"), n("gone"));
+    let (qh, qe, qargs, qdead, qq) = (n("qh"), n("qe"), n("qargs"), n("qdead"), n("qq"));
+    let client = h.start(h.builder([h.url.at(proxy.addr())]).pool(2, 2));
+    wait_ready(&client, 15 * SECOND).await;
+    for (name, kind) in [
+        (&src, ExchangeKind::Topic),
+        (&dst, ExchangeKind::Fanout),
+        (&hdr, ExchangeKind::Headers),
+        (&dlx, ExchangeKind::Fanout),
+        (&gone, ExchangeKind::Direct),
+    ] {
+        let mut x = ExchangeDecl::new(name, kind);
+        x.durable = false;
+        client.declare_exchange(x).await.expect("declare exchange");
+    }
+    for q in [&qh, &qe, &qdead] {
+        client.declare_queue(test_queue(q)).await.expect("declare");
+    }
+    let mut with_args = test_queue(&qargs);
+    with_args.arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(dlx.as_str().into()),
+    );
+    with_args
+        .arguments
+        .insert("x-max-length".into(), AMQPValue::LongInt(3));
+    with_args
+        .arguments
+        .insert("x-queue-mode".into(), AMQPValue::LongString("lazy".into()));
+    client
+        .declare_queue(with_args)
+        .await
+        .expect("declare qargs");
+    let mut quorum = QueueDecl::durable(&qq);
+    quorum.arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    client.declare_queue(quorum).await.expect("declare quorum");
+    let all = table(&[
+        ("x-match", AMQPValue::LongString("all".into())),
+        ("a", AMQPValue::LongString("1".into())),
+        ("b", AMQPValue::LongInt(2)),
+    ]);
+    client
+        .bind_queue(qh.as_str(), &hdr, "", all.clone())
+        .await
+        .expect("headers bind");
+    client
+        .bind_exchange(&dst, &src, "k.#", FieldTable::default())
+        .await
+        .expect("exchange bind");
+    client
+        .bind_queue(qe.as_str(), &dst, "", FieldTable::default())
+        .await
+        .expect("bind qe");
+    client
+        .bind_queue(qdead.as_str(), &dlx, "", FieldTable::default())
+        .await
+        .expect("bind qdead");
+    // gone: bound to a queue, to an exchange and from one
+    client
+        .bind_queue(qe.as_str(), &gone, "g", FieldTable::default())
+        .await
+        .expect("bind to gone");
+    client
+        .bind_exchange(&dst, &gone, "g", FieldTable::default())
+        .await
+        .expect("gone -> dst");
+    client
+        .bind_exchange(&gone, &src, "g.#", FieldTable::default())
+        .await
+        .expect("src -> gone");
+    client.delete_exchange(&gone).await.expect("delete gone");
+
+    recover(&client, &proxy).await;
+    assert_eq!(client.stats().replay_failures, 0, "{:?}", client.stats());
+    assert!(
+        !exchange_exists(&gone).await,
+        "the deleted exchange came back"
+    );
+    let headers = |pairs: &[(&str, AMQPValue)]| Properties::default().with_headers(table(pairs));
+    let publish = |x: &str, k: &str, p: Properties| {
+        within("a publish", 10 * SECOND, client.publish(x, k, "m", p))
+    };
+    assert_eq!(
+        publish(
+            &hdr,
+            "",
+            headers(&[
+                ("a", AMQPValue::LongString("1".into())),
+                ("b", AMQPValue::LongInt(2))
+            ])
+        )
+        .await,
+        Ok(Confirmation::Confirmed)
+    );
+    // x-match all: one header is not enough
+    assert_eq!(
+        publish(
+            &hdr,
+            "",
+            headers(&[("a", AMQPValue::LongString("1".into()))])
+        )
+        .await,
+        Ok(Confirmation::Confirmed)
+    );
+    assert_eq!(
+        publish(&src, "k.1", Properties::default()).await,
+        Ok(Confirmation::Confirmed)
+    );
+    holds(&qh, 1).await;
+    holds(&qe, 1).await;
+    for _ in 0..5 {
+        assert_eq!(
+            publish("", &qargs, Properties::default()).await,
+            Ok(Confirmation::Confirmed)
+        );
+    }
+    holds(&qargs, 3).await;
+    holds(&qdead, 2).await;
+
+    client
+        .unbind_queue(qh.as_str(), &hdr, "", all.clone())
+        .await
+        .expect("headers unbind");
+    client
+        .unbind_exchange(&dst, &src, "k.#", FieldTable::default())
+        .await
+        .expect("exchange unbind");
+    recover(&client, &proxy).await;
+    assert_eq!(client.stats().replay_failures, 0, "{:?}", client.stats());
+    assert_eq!(
+        publish(
+            &hdr,
+            "",
+            headers(&[
+                ("a", AMQPValue::LongString("1".into())),
+                ("b", AMQPValue::LongInt(2))
+            ])
+        )
+        .await,
+        Ok(Confirmation::Confirmed)
+    );
+    assert_eq!(
+        publish(&src, "k.2", Properties::default()).await,
+        Ok(Confirmation::Confirmed)
+    );
+    tokio::time::sleep(SECOND).await;
+    holds(&qh, 1).await;
+    holds(&qe, 1).await;
+    for x in [&src, &dst, &hdr, &dlx] {
+        client.delete_exchange(x).await.expect("delete exchange");
+    }
+    for q in [&qh, &qe, &qargs, &qdead, &qq] {
+        client.delete_queue(q.as_str()).await.expect("delete queue");
+    }
+    close(client).await;
+    drop(proxy);
+}
+
+/// Requests made during an outage wait for the reconnect and run once, after
+/// the replay: a declaration, a bind, an unbind and a delete. A declaration
+/// the broker refuses at the call (406: the queue exists with other
+/// arguments) fails with the broker's reply and is not replayed. A
+/// server-named exclusive queue with a binding and a consumer moves to a new
+/// name that the binding and the consumer follow, `QueueRenamed` saying so.
+pub async fn requests_during_an_outage_run_once_after_the_replay<T: Transport>(h: Harness<T>) {
+    let proxy = FaultProxy::start(h.url.socket_addr()).expect("a fault proxy");
+    let base = queue_name(&h, "outage");
+    let n = |what: &str| format!("{base}.{what}");
+    let (x, qa, qb, qc, pre) = (n("x"), n("qa"), n("qb"), n("qc"), n("pre"));
+    let client = h.start(
+        h.builder([h.url.at(proxy.addr())])
+            .pool(2, 2)
+            .publish_timeout(60 * SECOND),
+    );
+    let mut events = client.watch();
+    wait_ready(&client, 15 * SECOND).await;
+    let mut xd = ExchangeDecl::new(&x, ExchangeKind::Direct);
+    xd.durable = false;
+    client.declare_exchange(xd).await.expect("declare x");
+    for q in [&qb, &qc] {
+        client.declare_queue(test_queue(q)).await.expect("declare");
+    }
+    client
+        .bind_queue(qb.as_str(), &x, "b", FieldTable::default())
+        .await
+        .expect("bind qb");
+    // 406 at the call: nothing registered
+    let other = h.inspector().await;
+    let mut limited = test_queue(&pre);
+    limited
+        .arguments
+        .insert("x-max-length".into(), AMQPValue::LongInt(1));
+    other.ready_messages(&limited).await;
+    other.close().await;
+    match client.declare_queue(test_queue(&pre)).await {
+        Err(TopologyError::Broker { code: 406, .. }) => {}
+        other => panic!("expected 406, got {other:?}"),
+    }
+    // the reply queue pattern
+    let reply = client
+        .declare_queue(QueueDecl::server_named())
+        .await
+        .expect("server-named");
+    let first = reply.name();
+    client
+        .bind_queue(&reply, &x, "r", FieldTable::default())
+        .await
+        .expect("bind reply");
+    let mut consumer = client
+        .consume(&reply, ConsumeOptions::default())
+        .await
+        .expect("consume reply");
+    // the 406 closed a channel, which the consumer waited for: the queue it
+    // subscribed to is the one declared, not a new one beside it
+    assert_eq!(
+        reply.name(),
+        first,
+        "BUG: the reply queue was declared again"
+    );
+    assert_eq!(broker::queue_messages(&first).await, Some(0));
+
+    // the outage
+    proxy.refuse(true);
+    proxy.reset_all();
+    eventually("the outage noticed", 10 * SECOND, || {
+        client.state().ready_channels == 0
+    })
+    .await;
+    let c = client.clone();
+    let (qa2, x2, qb2, qc2) = (qa.clone(), x.clone(), qb.clone(), qc.clone());
+    let during = tokio::spawn(async move {
+        let declare = c.declare_queue(test_queue(&qa2));
+        let bind = c.bind_queue(qa2.as_str(), &x2, "a", FieldTable::default());
+        let unbind = c.unbind_queue(qb2.as_str(), &x2, "b", FieldTable::default());
+        let delete = c.delete_queue(qc2.as_str());
+        let (d, b, u, del) = futures::join!(declare, bind, unbind, delete);
+        (d.map(|_| ()), b, u, del)
+    });
+    tokio::time::sleep(3 * SECOND).await;
+    assert!(!during.is_finished(), "the requests wait for the reconnect");
+    proxy.refuse(false);
+    let (d, b, u, del) = within("the requests", 40 * SECOND, during)
+        .await
+        .expect("the task");
+    assert_eq!((d, b, u, del), (Ok(()), Ok(()), Ok(()), Ok(())));
+    wait_ready(&client, 15 * SECOND).await;
+    let renamed = next_event(&mut events, "QueueRenamed", 10 * SECOND, |e| {
+        matches!(e, Event::QueueRenamed { .. })
+    })
+    .await;
+    let second = reply.name();
+    assert_ne!(second, first);
+    assert!(
+        matches!(&renamed, Event::QueueRenamed { old, new, .. } if *old == first && *new == second),
+        "{renamed:?}: first {first}, now {second}; later events {:?}",
+        drain_events(&mut events)
+    );
+    assert_eq!(
+        broker::queue_messages(&first).await,
+        None,
+        "the old queue is gone"
+    );
+    // routing: qa by "a", not qb by "b"; the reply queue by "r"
+    for key in ["a", "b", "r"] {
+        assert_eq!(
+            within(
+                "a publish",
+                10 * SECOND,
+                client.publish(&x, key, key, Properties::default())
+            )
+            .await,
+            Ok(Confirmation::Confirmed)
+        );
+    }
+    holds(&qa, 1).await;
+    holds(&qb, 0).await;
+    assert_eq!(broker::queue_messages(&qc).await, None, "qc stays deleted");
+    let got = within("the reply", 10 * SECOND, consumer.next())
+        .await
+        .expect("the consumer goes on")
+        .expect("a delivery");
+    assert_eq!(got.payload(), b"r");
+    // once more: nothing refused, nothing back, nothing twice
+    recover(&client, &proxy).await;
+    assert_eq!(client.stats().replay_failures, 0, "{:?}", client.stats());
+    assert_eq!(broker::queue_messages(&qc).await, None, "qc stays deleted");
+    assert_eq!(
+        within(
+            "a publish",
+            10 * SECOND,
+            client.publish(&x, "b", "b", Properties::default())
+        )
+        .await,
+        Ok(Confirmation::Confirmed)
+    );
+    holds(&qb, 0).await;
+    // the handle deletes the queue under its current name
+    let third = reply.name();
+    drop(consumer);
+    client.delete_queue(&reply).await.expect("delete by handle");
+    assert_eq!(broker::queue_messages(&third).await, None);
+    client.delete_exchange(&x).await.expect("delete x");
+    for q in [&qa, &qb, &pre] {
+        client.delete_queue(q.as_str()).await.expect("delete");
+    }
+    close(client).await;
+    drop(proxy);
 }
