@@ -1085,6 +1085,36 @@ fn a_consumer_waiting_for_its_channel_to_reopen_does_not_redeclare_its_queue() {
     assert_eq!(w.sup.queue_name(anon).as_deref(), Some("amq.gen-1"));
 }
 
+/// A fixed-name exclusive queue declared while connection 0 was down lives
+/// on connection 1; declared again, it goes there too (on connection 0 the
+/// broker would refuse it: 405 RESOURCE_LOCKED).
+#[test]
+fn an_exclusive_queue_declared_again_goes_to_the_connection_that_has_it() {
+    let mut w = ready_world(2, 1);
+    kill(&mut w);
+    let decl = QueueDecl {
+        name: "ex".into(),
+        exclusive: true,
+        ..QueueDecl::default()
+    };
+    w.app(|s, now| s.declare_queue(now, decl.clone())).unwrap();
+    w.run_until_ready(Duration::from_secs(5)).unwrap();
+    w.run_for(Duration::from_millis(50));
+    w.app(|s, now| s.declare_queue(now, decl)).unwrap();
+    w.run_for(Duration::from_millis(50));
+    let on: Vec<ChannelId> = w
+        .topology_log
+        .iter()
+        .filter(|(_, op)| matches!(op, TopologyOp::DeclareQueue(d) if d.name == "ex"))
+        .map(|(c, _)| *c)
+        .collect();
+    assert_eq!(
+        on,
+        vec![ch(1, 0), ch(1, 0)],
+        "BUG: declared again on a connection that does not have it"
+    );
+}
+
 #[test]
 fn a_deleted_queue_with_two_consumers_is_declared_once_and_both_follow() {
     let mut w = ready_world(1, 2);

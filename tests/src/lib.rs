@@ -282,6 +282,12 @@ macro_rules! conformance_suite {
                     $name,
                     Shared,
                     edges,
+                    an_exclusive_queue_declared_again_goes_to_its_own_connection
+                );
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
                     an_unknown_exchange_type_is_refused_once
                 );
                 $crate::__conformance_case!(

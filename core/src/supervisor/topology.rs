@@ -1008,6 +1008,11 @@ impl Supervisor {
             Some(UserOp::DeleteQueue(q)) | Some(UserOp::BindQueue { queue: q, .. }) => {
                 self.registry.owner(q)
             }
+            // a fixed-name queue declared again: an exclusive one is locked
+            // to the connection that has it (405 on any other)
+            Some(UserOp::DeclareQueue(_, decl)) if !decl.is_server_named() => {
+                self.registry.owner(&QueueRef::Named(decl.name.clone()))
+            }
             _ => None,
         };
         let target = self.conns.iter().enumerate().find_map(|(c, conn)| {

@@ -2125,3 +2125,49 @@ pub async fn requests_during_an_outage_run_once_after_the_replay<T: Transport>(h
     close(client).await;
     drop(proxy);
 }
+
+/// A fixed-name exclusive queue lives on the connection that declared it.
+/// Declared again (an application that declares what it uses before each
+/// use), it must go to that connection: on another one the broker refuses it
+/// with 405 RESOURCE_LOCKED. Each of two queues is declared while one of the
+/// two connections is down, so one of them lives on the second connection.
+pub async fn an_exclusive_queue_declared_again_goes_to_its_own_connection<T: Transport>(
+    h: Harness<T>,
+) {
+    let proxy = FaultProxy::start(h.url.socket_addr()).expect("a fault proxy");
+    let base = queue_name(&h, "excl-again");
+    let client = h.start(h.builder([h.url.at(proxy.addr())]).pool(2, 1));
+    wait_ready(&client, 15 * SECOND).await;
+    let decl = |name: &str| QueueDecl {
+        name: name.to_string(),
+        exclusive: true,
+        ..QueueDecl::default()
+    };
+    let names = [format!("{base}.a"), format!("{base}.b")];
+    for name in &names {
+        // the oldest proxied connection goes: the other one declares it
+        proxy.reset(0).expect("a connection to reset");
+        eventually("a connection down", 10 * SECOND, || {
+            client.state().ready_channels < 2
+        })
+        .await;
+        client.declare_queue(decl(name)).await.expect("declare");
+        wait_ready(&client, 15 * SECOND).await;
+        eventually("both connections up", 15 * SECOND, || {
+            client.state().ready_channels == 2
+        })
+        .await;
+    }
+    let mut refused = Vec::new();
+    for name in &names {
+        if let Err(e) = client.declare_queue(decl(name)).await {
+            refused.push((name.clone(), e));
+        }
+    }
+    close(client).await;
+    drop(proxy);
+    assert!(
+        refused.is_empty(),
+        "BUG: declared again elsewhere: {refused:?}"
+    );
+}
