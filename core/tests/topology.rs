@@ -1976,3 +1976,34 @@ fn worker_on_q(w: &mut World) {
     consume_as(w, q.into(), "worker");
     w.run_for(Duration::from_millis(50));
 }
+
+/// The only subscribed consumer of an auto-delete queue loses its channel (the
+/// broker deletes the queue with it); while the channel reopens, the
+/// application starts another consumer of the queue there and cancels the
+/// first one. The new consumer was never subscribed, but the queue is gone all
+/// the same: the reopened channel declares it again before subscribing.
+#[test]
+fn a_consumer_cancelled_while_its_channel_reopens_leaves_its_auto_delete_queue_to_be_redeclared() {
+    let mut w = ready_world(1, 1);
+    let anon = declare_topology(&mut w);
+    let first = consume_as(&mut w, anon.into(), "c0");
+    w.run_for(Duration::from_millis(20));
+    assert_eq!(w.sup.consumer_channel(first), Some(ch(0, 0)));
+    w.topology_log.clear();
+    w.channel_error(ch(0, 0), 406);
+    let second = consume_as(&mut w, anon.into(), "c1");
+    assert_eq!(w.sup.consumer_channel(second), Some(ch(0, 0)));
+    w.app(|s, now| s.cancel(now, first)).unwrap();
+    w.run_until_ready(Duration::from_secs(5)).unwrap();
+    w.run_for(Duration::from_millis(20));
+    assert_eq!(
+        op_names(&w.topology_log),
+        vec![
+            "queue \"\"",
+            "bind amq.gen-2 #",
+            "qos 0",
+            "consume amq.gen-2 c1"
+        ],
+        "BUG: subscribed to the queue the broker deleted with the first consumer"
+    );
+}

@@ -379,6 +379,12 @@ pub struct Supervisor {
     /// request id first) removes their subject: (request, connection,
     /// channel, generation, step). Run after all if the delete fails.
     skipped_for_delete: Vec<(u64, usize, usize, u64, topology::Step)>,
+    /// Consumers the application cancelled while their channel was down, that
+    /// the broker had before it (they went with the channel): (connection,
+    /// channel, queue entity). Their auto-delete queue is orphaned on that
+    /// channel as if they were still there (see
+    /// `orphaned_auto_delete_queues`), until the channel's next replay.
+    lost_with_channel: Vec<(usize, usize, u64)>,
     /// Flushes waiting for the messages accepted before them.
     flushes: Vec<publish::Flush>,
     next_flush: u64,
@@ -463,6 +469,7 @@ impl Supervisor {
             holds: Vec::new(),
             replay_refusals: HashMap::new(),
             skipped_for_delete: Vec::new(),
+            lost_with_channel: Vec::new(),
             flushes: Vec::new(),
             next_flush: 0,
             not_confirmed: 0,

@@ -187,6 +187,15 @@ impl Supervisor {
     /// The channel opened: queue its replay (entities on channel 0, then the
     /// consumers that live on it) and run it; Ready when it drains.
     pub(super) fn start_replay(&mut self, c: usize, i: usize) {
+        // consumers cancelled while the channel was down count once, here
+        let lost: Vec<u64> = self
+            .lost_with_channel
+            .iter()
+            .filter(|&&(c2, i2, _)| (c2, i2) == (c, i))
+            .map(|&(.., queue)| queue)
+            .collect();
+        self.lost_with_channel
+            .retain(|&(c2, i2, _)| (c2, i2) != (c, i));
         if i != 0 && !self.conns[c].topology_ready {
             self.set_chan_state(c, i, ChannelState::AwaitingTopology, Reason::ChannelOpened);
             return;
@@ -202,7 +211,7 @@ impl Supervisor {
             // exist, except an auto-delete queue whose consumers all lived on this
             // channel (the broker deleted it with them). Declare those again, with
             // their bindings, before the consumers come back.
-            for queue in self.orphaned_auto_delete_queues(c, i) {
+            for queue in self.orphaned_auto_delete_queues(c, i, &lost) {
                 steps.push_back(Step::Entity(queue));
                 steps.extend(
                     self.registry
@@ -246,9 +255,18 @@ impl Supervisor {
     /// consumers the broker had count: one never subscribed yet (started
     /// while the channel was down) took nothing with it, so the broker did
     /// not delete its queue (declared again, a server-named one would get a
-    /// new name and the old one would stay, with its bindings).
-    fn orphaned_auto_delete_queues(&self, c: usize, i: usize) -> Vec<u64> {
+    /// new name and the old one would stay, with its bindings). One the
+    /// application cancelled while the channel was down (`lost`: its queue)
+    /// still counts: the broker had it, and it took the queue with it.
+    fn orphaned_auto_delete_queues(&self, c: usize, i: usize, lost: &[u64]) -> Vec<u64> {
         let mut here: BTreeMap<u64, bool> = BTreeMap::new();
+        for &queue in lost {
+            if self.registry.is_auto_delete_queue(queue)
+                && !self.registry.undeclared.contains(&queue)
+            {
+                here.insert(queue, true);
+            }
+        }
         for k in self.registry.consumers.values() {
             if k.subscribed.is_none() {
                 continue;
@@ -1270,6 +1288,14 @@ impl Supervisor {
                 let ch = &mut self.conns[c].channels[i];
                 ch.current.steps.push_back(Step::Cancel(entry.tag));
                 self.kick(c, i);
+            } else if !ch.state.runs_steps()
+                && entry.subscribed.is_some()
+                && let Some(queue) = self.registry.queue_entity_id(&entry.queue)
+            {
+                // the broker had it and dropped it with the channel: its
+                // auto-delete queue may be gone even if a consumer started
+                // meanwhile (never subscribed) keeps it in the registry
+                self.lost_with_channel.push((c, i, queue));
             }
         }
         if let Some(queue) = forget {
