@@ -1079,13 +1079,38 @@ impl Registry {
 
     /// Ids of the bindings that are `entity`: the same exchange(s), key and
     /// arguments, and for a queue binding the same queue whether it is named
-    /// by handle or by name. The queue is resolved only for the bindings that
-    /// match on the rest, so this stays linear in the entities.
+    /// by handle or by name. The queues' names are looked up in a map made
+    /// once per call, so this stays linear in the entities even when many
+    /// bindings share the exchange, key and arguments (a fanout's).
     fn same_bindings(&self, entity: &Entity) -> Vec<u64> {
         let target = match entity {
             Entity::QueueBinding { queue, .. } => Some(self.resolve(queue)),
             _ => None,
         };
+        // `resolve` of every handle, without a scan of the registry for each:
+        // made at the first binding that matches on the rest
+        let names = std::cell::OnceCell::new();
+        let names = || {
+            names.get_or_init(|| {
+                let mut names = std::collections::HashMap::new();
+                for e in self.entities.values() {
+                    if let Entity::Queue { handle, name, .. } = e {
+                        names.entry(*handle).or_insert(name.as_str());
+                    }
+                }
+                names
+            })
+        };
+        fn resolve<'a>(
+            names: &std::collections::HashMap<QueueHandle, &'a str>,
+            registry: &Registry,
+            queue: &'a QueueRef,
+        ) -> Option<&'a str> {
+            match queue {
+                QueueRef::Named(name) => Some(name.as_str()),
+                QueueRef::Handle(handle) => names.get(&registry.primary(*handle)).copied(),
+            }
+        }
         self.entities
             .iter()
             .filter(|(_, e)| match (e, entity, &target) {
@@ -1103,7 +1128,12 @@ impl Registry {
                         arguments: a2,
                     },
                     Some(target),
-                ) => x1 == x2 && k1 == k2 && a1 == a2 && (q1 == q2 || self.resolve(q1) == *target),
+                ) => {
+                    x1 == x2
+                        && k1 == k2
+                        && a1 == a2
+                        && (q1 == q2 || resolve(names(), self, q1) == target.as_deref())
+                }
                 _ => *e == entity,
             })
             .map(|(id, _)| *id)

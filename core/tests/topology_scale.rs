@@ -48,3 +48,35 @@ fn binding_thousands_of_queues_by_handle_stays_linear() {
     assert_eq!(binds, N);
     assert_eq!(w.topology_log.len(), 1 + 2 * N);
 }
+
+/// The same with every queue bound with one key (a fanout exchange, as a
+/// broadcast to many queues binds them): the bindings match on exchange, key
+/// and arguments, and only the queue tells them apart.
+#[test]
+fn binding_thousands_of_queues_by_handle_with_one_key_stays_linear() {
+    const N: usize = 2_000;
+    let mut w = ready_world(1, 1);
+    w.app(|s, now| s.declare_exchange(now, ExchangeDecl::new("x", ExchangeKind::Fanout)))
+        .unwrap();
+    #[allow(clippy::disallowed_methods)] // the test measures the machine's time
+    let started = Instant::now();
+    for k in 0..N {
+        let (_, h) = w
+            .app(|s, now| s.declare_queue(now, QueueDecl::durable(format!("q{k}"))))
+            .unwrap();
+        w.app(|s, now| s.bind_queue(now, h.into(), "x", "", FieldTable::default()))
+            .unwrap();
+    }
+    w.run_for(Duration::from_secs(60));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "BUG: declaring {N} queues bound with one key took {took:?} of CPU"
+    );
+    let binds = w
+        .topology_log
+        .iter()
+        .filter(|(_, op)| matches!(op, TopologyOp::BindQueue { .. }))
+        .count();
+    assert_eq!(binds, N);
+}
