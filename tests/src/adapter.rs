@@ -1200,39 +1200,48 @@ pub fn works_when_driven_from_another_executor<T: Adapter>() {
         .build()
         .unwrap();
     let handle = runtime.handle().clone();
-    // Timers must be made inside the runtime; they can be polled from outside.
-    let deadline = |what: &'static str| {
+    // Every step within the deadline, named when it is missed. Timers must be
+    // made inside the runtime; they can be polled from outside.
+    fn within_on<F: std::future::Future>(
+        handle: &tokio::runtime::Handle,
+        what: &'static str,
+        step: F,
+    ) -> impl std::future::Future<Output = F::Output> {
         let _runtime = handle.enter();
         let sleep = tokio::time::sleep(DEADLINE);
         async move {
-            sleep.await;
-            panic!("timed out waiting for {what}")
+            futures::select! {
+                out = Box::pin(step).fuse() => out,
+                () = Box::pin(sleep).fuse() => panic!("timed out waiting for {what}"),
+            }
         }
-    };
+    }
     let transport = T::make().with_handle(handle.clone());
     futures::executor::block_on(async {
         let (ep, options) = (endpoint(), ConnectOptions::named(unique::<T>("foreign")));
-        let connect = transport.connect(&ep, &options);
-        let conn = futures::select! {
-            conn = connect.fuse() => conn.unwrap(),
-            () = Box::pin(deadline("connect")).fuse() => unreachable!(),
-        };
+        let conn = within_on(&handle, "connect", transport.connect(&ep, &options).boxed())
+            .await
+            .unwrap();
         let mut conn_events = conn.events();
-        let channel = conn.open_channel().await.unwrap();
+        let channel = within_on(&handle, "open_channel", conn.open_channel().boxed())
+            .await
+            .unwrap();
         let mut events = channel.events();
-        channel.confirm_select().await.unwrap();
-        let queue = channel
-            .declare_queue(&QueueDecl::server_named())
+        within_on(&handle, "confirm_select", channel.confirm_select())
             .await
             .unwrap();
-        channel
-            .publish(&Message::new("", queue.name.as_str(), &b"x"[..]))
+        let queue = within_on(
+            &handle,
+            "declare_queue",
+            channel.declare_queue(&QueueDecl::server_named()),
+        )
+        .await
+        .unwrap();
+        let message = Message::new("", queue.name.as_str(), &b"x"[..]);
+        within_on(&handle, "publish", channel.publish(&message))
             .await
             .unwrap();
-        let ack = futures::select! {
-            event = events.next().fuse() => event,
-            () = Box::pin(deadline("the ack")).fuse() => unreachable!(),
-        };
+        let ack = within_on(&handle, "the ack", events.next().boxed()).await;
         assert_eq!(
             ack,
             Some(ChannelEvent::Ack {
@@ -1242,13 +1251,16 @@ pub fn works_when_driven_from_another_executor<T: Adapter>() {
         );
         // A dropped channel is closed by the client on the runtime.
         drop(channel);
-        let other = conn.open_channel().await.unwrap();
+        let other = within_on(
+            &handle,
+            "a second open_channel",
+            conn.open_channel().boxed(),
+        )
+        .await
+        .unwrap();
         drop(other);
-        conn.close().await.unwrap();
-        let closed = futures::select! {
-            event = conn_events.next().fuse() => event,
-            () = Box::pin(deadline("Closed")).fuse() => unreachable!(),
-        };
+        within_on(&handle, "close", conn.close()).await.unwrap();
+        let closed = within_on(&handle, "Closed", conn_events.next().boxed()).await;
         assert_eq!(
             closed,
             Some(ConnectionEvent::Closed(TransportError::ClosedByClient))
@@ -1256,9 +1268,11 @@ pub fn works_when_driven_from_another_executor<T: Adapter>() {
         drop(conn);
     });
     // A connection dropped without close, outside the runtime.
-    let conn = futures::executor::block_on(
+    let conn = futures::executor::block_on(within_on(
+        &handle,
+        "connect",
         transport.connect(&endpoint(), &ConnectOptions::named(unique::<T>("dropped"))),
-    )
+    ))
     .unwrap();
     drop(conn);
     runtime.shutdown_timeout(Duration::from_secs(5));
