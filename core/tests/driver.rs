@@ -709,6 +709,56 @@ fn close_gives_up_at_its_timeout_and_close_discarding_at_once() {
     }
 }
 
+/// A message that timed out in flight is resolved: the close owes it nothing
+/// and does not hold the connection open for its confirm until the close
+/// timeout, whether it timed out before the close or while the close waited
+/// for it.
+#[test]
+fn close_does_not_wait_for_the_confirm_of_a_message_that_already_timed_out() {
+    for (before_the_close, discard) in [(true, false), (false, false), (false, true)] {
+        let (mut pool, clock, transport, client) = setup(1, 1);
+        assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+            .state()
+            .is_ready()));
+        transport.broker().hold_confirms = true;
+        let results: Results = Rc::default();
+        let short = client.publish_message(
+            amqp_rebound_core::Message::new("", "q", b"short".to_vec()),
+            PublishOptions::default().timeout(Duration::from_millis(100)),
+        );
+        collect(&pool, &results, 0, short);
+        if before_the_close {
+            drive(&mut pool, &clock, Duration::from_secs(1), || {
+                results.borrow().len() == 1
+            });
+        } else {
+            pool.run_until_stalled();
+        }
+        let start = clock_now(&clock);
+        let closed = spawn_output(&pool, {
+            let client = client.clone();
+            async move {
+                if discard {
+                    client.close_discarding().await
+                } else {
+                    client.close().await
+                }
+            }
+        });
+        assert!(drive(&mut pool, &clock, Duration::from_secs(10), || closed
+            .borrow()
+            .is_some()));
+        let took = clock_now(&clock) - start;
+        assert_eq!(*results.borrow(), vec![(0, Err(PublishError::TimedOut))]);
+        assert_eq!(closed.borrow().unwrap().unresolved, 0);
+        assert!(
+            took <= Duration::from_millis(100),
+            "close (discarding: {discard}) took {took:?} (timed out before the close: \
+             {before_the_close}): it waited out its 5 s timeout for a confirm nobody is owed"
+        );
+    }
+}
+
 #[test]
 fn close_discarding_fails_the_unsent_at_once_and_takes_the_confirms_of_those_in_flight() {
     let mut pool = LocalPool::new();

@@ -1271,12 +1271,17 @@ impl Supervisor {
     /// awaits a confirm.
     fn close_when_drained(&mut self, c: usize) {
         let conn = &self.conns[c];
+        // a message that resolved while in flight (it timed out) is owed
+        // nothing: its late confirm, if it ever comes, is not waited for
+        let outbox = &self.outbox;
         if conn.close_sent
             || !matches!(conn.state, ConnectionState::Closing { .. })
-            || conn
-                .channels
-                .iter()
-                .any(|ch| !ch.current.in_flight.is_empty())
+            || conn.channels.iter().any(|ch| {
+                ch.current
+                    .in_flight
+                    .iter()
+                    .any(|&(_, id)| outbox.get(id).is_some())
+            })
         {
             return;
         }

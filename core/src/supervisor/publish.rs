@@ -492,12 +492,20 @@ impl Supervisor {
     }
 
     pub(super) fn expire_publishes(&mut self) {
+        let mut any = false;
         for id in self.outbox.expired(self.now) {
             let error = match &self.first_error {
                 Some(e) if !self.ever_ready => PublishError::Unreachable(e.clone()),
                 _ => PublishError::TimedOut,
             };
             self.resolve_publish(id, error);
+            any = true;
+        }
+        // a closing connection may have waited only for these
+        if any && self.closed {
+            for c in 0..self.conns.len() {
+                self.close_when_drained(c);
+            }
         }
     }
 
