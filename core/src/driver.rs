@@ -1480,6 +1480,9 @@ impl<T: Transport, K: Timer> State<T, K> {
                 );
             }
         }
+        // what the supervisor still owes resolves Closed there too, so that
+        // its stats count it as the futures see it
+        let abandoned = self.sup.abandon_publishes();
         // every publish accepted and not resolved (or resolved and its event not
         // routed), in slot order: the same every run, as the simulator needs
         let unresolved: Vec<Resolved> = self
@@ -1489,7 +1492,8 @@ impl<T: Transport, K: Timer> State<T, K> {
             .collect();
         let closed = self.shared.replies.resolve_all(unresolved);
         lost += closed;
-        self.closed_here += closed as u64;
+        // those the supervisor resolved above are in its `closed` already
+        self.closed_here += (closed as u64).saturating_sub(abandoned);
         for (_, reply) in std::mem::take(&mut self.topology) {
             match reply {
                 TopologyReply::Unit(r) => {

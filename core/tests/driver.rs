@@ -434,6 +434,36 @@ fn dropping_the_driver_resolves_pending_publishes() {
     );
 }
 
+/// The publishes a dropped driver resolves `Closed` are counted as such by
+/// `stats()`, which no longer shows them in the outbox or in flight: the
+/// stats say what the futures said.
+#[test]
+fn stats_after_the_driver_is_dropped_agree_with_the_futures() {
+    let (mut pool, clock, transport, client) = setup(1, 1);
+    assert!(drive(&mut pool, &clock, Duration::from_secs(1), || client
+        .state()
+        .is_ready()));
+    transport.broker().hold_confirms = true;
+    // kept out of the pool, whose tasks (the driver's among them) are dropped
+    let futures: Vec<PublishFuture> = (0..5)
+        .map(|i| client.publish("", "q", i.to_string(), Properties::default()))
+        .collect();
+    drive(&mut pool, &clock, Duration::from_millis(10), || false);
+    assert_eq!(client.stats().in_flight, 5);
+    drop(pool);
+    let results: Vec<_> = futures
+        .into_iter()
+        .map(futures::executor::block_on)
+        .collect();
+    assert!(results.iter().all(|r| *r == Err(PublishError::Closed)));
+    let stats = client.stats();
+    assert_eq!(
+        (stats.closed, stats.outbox_depth, stats.in_flight),
+        (5, 0, 0),
+        "{stats:?}"
+    );
+}
+
 /// Dropping the driver (its task aborted, its runtime shut down) resolves every
 /// caller still waiting, those of `flush()` and `connected()` included, with
 /// `Closed`: here the only dial hangs, so none of them has an answer yet.

@@ -509,6 +509,21 @@ impl Supervisor {
         }
     }
 
+    /// The driver is gone before it ended (dropped with its runtime): every
+    /// unresolved publish resolves [`PublishError::Closed`] here, as its
+    /// future does, so that [`stats`](Self::stats) counts it (`closed`) and no
+    /// longer shows it in the outbox or in flight. Returns how many.
+    pub(crate) fn abandon_publishes(&mut self) -> u64 {
+        self.nack_retries.clear();
+        let ids = self.outbox.all_ids();
+        let n = ids.len() as u64;
+        for id in ids {
+            self.resolve_publish(id, PublishError::Closed);
+        }
+        self.sync_metrics();
+        n
+    }
+
     /// Sends again the nacked messages whose pause is over.
     pub(super) fn retry_nacked_due(&mut self) {
         let mut any = false;
