@@ -126,6 +126,12 @@ macro_rules! conformance_suite {
             /// Cases that hurt only their own connections.
             mod shared {
                 $crate::__conformance_case!($name, Shared, publish_and_consume_10k);
+                $crate::__conformance_case!(
+                    $name,
+                    Shared,
+                    edges,
+                    stats_flush_and_close_agree_with_the_futures
+                );
                 $crate::__conformance_case!($name, Shared, proxy_reset_while_publishing);
                 $crate::__conformance_case!($name, Shared, proxy_blackhole_detected_by_heartbeat);
                 $crate::__conformance_case!($name, Shared, proxy_refuses_for_two_seconds);
