@@ -1896,19 +1896,17 @@ pub async fn topology_with_arguments_is_replayed_as_declared<T: Transport>(h: Ha
         "the deleted exchange came back"
     );
     let headers = |pairs: &[(&str, AMQPValue)]| Properties::default().with_headers(table(pairs));
+    let both_headers = || {
+        headers(&[
+            ("a", AMQPValue::LongString("1".into())),
+            ("b", AMQPValue::LongInt(2)),
+        ])
+    };
     let publish = |x: &str, k: &str, p: Properties| {
         within("a publish", 10 * SECOND, client.publish(x, k, "m", p))
     };
     assert_eq!(
-        publish(
-            &hdr,
-            "",
-            headers(&[
-                ("a", AMQPValue::LongString("1".into())),
-                ("b", AMQPValue::LongInt(2))
-            ])
-        )
-        .await,
+        publish(&hdr, "", both_headers()).await,
         Ok(Confirmation::Confirmed)
     );
     // x-match all: one header is not enough
@@ -1947,22 +1945,14 @@ pub async fn topology_with_arguments_is_replayed_as_declared<T: Transport>(h: Ha
     recover(&client, &proxy).await;
     assert_eq!(client.stats().replay_failures, 0, "{:?}", client.stats());
     assert_eq!(
-        publish(
-            &hdr,
-            "",
-            headers(&[
-                ("a", AMQPValue::LongString("1".into())),
-                ("b", AMQPValue::LongInt(2))
-            ])
-        )
-        .await,
+        publish(&hdr, "", both_headers()).await,
         Ok(Confirmation::Confirmed)
     );
     assert_eq!(
         publish(&src, "k.2", Properties::default()).await,
         Ok(Confirmation::Confirmed)
     );
-    tokio::time::sleep(SECOND).await;
+    // confirmed means routed: the counts are final
     holds(&qh, 1).await;
     holds(&qe, 1).await;
     for x in [&src, &dst, &hdr, &dlx] {
@@ -2055,6 +2045,7 @@ pub async fn requests_during_an_outage_run_once_after_the_replay<T: Transport>(h
         let (d, b, u, del) = futures::join!(declare, bind, unbind, delete);
         (d.map(|_| ()), b, u, del)
     });
+    // an observation window: nothing may answer them while the broker is away
     tokio::time::sleep(3 * SECOND).await;
     assert!(!during.is_finished(), "the requests wait for the reconnect");
     proxy.refuse(false);
