@@ -6,23 +6,63 @@ mod common;
 use std::time::Duration;
 
 use amqp_rebound_core::{
-    ChannelId, ChannelState, Command, Event, ExchangeDecl, ExchangeKind, FieldTable, QueueDecl,
-    QueueRef, TopologyOp, TransportError,
+    ChannelId, ChannelState, Command, ConsumerId, Event, ExchangeDecl, ExchangeKind, FieldTable,
+    QueueDecl, QueueRef, TopologyOp, TransportError,
 };
 use common::{World, ch, consume_as, ready_world};
 
-/// Loses `lost`'s connection and, once its replay reached the consumer's
-/// `basic.qos`, has the application delete `queue` (on another connection).
-fn delete_during_the_replay(w: &mut World, lost: ChannelId, queue: QueueRef) {
+/// Loses `lost`'s connection and steps time until its replay has sent a
+/// step that `at` picks on `lost`, then `then` more.
+fn replay_until(w: &mut World, lost: ChannelId, at: impl Fn(&TopologyOp) -> bool, then: Duration) {
     let from = w.commands.len();
     w.kill(lost.connection, TransportError::Io("reset".into()));
     until_sent(
         w,
         from,
-        |c| matches!(c, Command::Topology { channel, op: TopologyOp::Qos { .. }, .. } if *channel == lost),
+        |c| matches!(c, Command::Topology { channel, op, .. } if *channel == lost && at(op)),
     );
-    w.run_for(Duration::from_micros(100));
+    w.run_for(then);
+}
+
+/// Loses `lost`'s connection and, once its replay reached the consumer's
+/// `basic.qos`, has the application delete `queue` (on another connection).
+fn delete_during_the_replay(w: &mut World, lost: ChannelId, queue: QueueRef) {
+    replay_until(
+        w,
+        lost,
+        |op| matches!(op, TopologyOp::Qos { .. }),
+        Duration::from_micros(100),
+    );
     w.app(|s, now| s.delete_queue(now, queue)).unwrap();
+}
+
+/// Declares the durable queue `queue` and consumes it as `tag`, by name or by
+/// the declaration's handle; both taken.
+fn declared_and_consumed(
+    w: &mut World,
+    queue: &str,
+    tag: &str,
+    by_handle: bool,
+) -> (QueueRef, ConsumerId) {
+    let (_, h) = w
+        .app(|s, now| s.declare_queue(now, QueueDecl::durable(queue)))
+        .unwrap();
+    w.run_for(Duration::from_millis(20));
+    let queue: QueueRef = if by_handle { h.into() } else { queue.into() };
+    let k = consume_as(w, queue.clone(), tag);
+    w.run_for(Duration::from_millis(20));
+    (queue, k)
+}
+
+/// Whether the broker ends with the binding that `bind` recognises: the last
+/// such op in the topology log is a bind (`Some(true)`), not an unbind
+/// (`Some(false)`).
+fn bound_at_the_end(w: &World, bind: impl Fn(&TopologyOp) -> Option<bool>) -> bool {
+    w.topology_log
+        .iter()
+        .filter_map(|(_, op)| bind(op))
+        .last()
+        .unwrap_or(false)
 }
 
 /// Steps time by 100us until `pred` holds on the commands sent since `from`.
@@ -72,11 +112,7 @@ fn topology_resolutions(w: &World) -> usize {
 fn a_consumer_skipped_for_a_delete_that_is_refused_is_subscribed_after_all() {
     let mut w = ready_world(2, 1);
     let lost = ch(0, 0);
-    w.app(|s, now| s.declare_queue(now, QueueDecl::durable("doomed")))
-        .unwrap();
-    w.run_for(Duration::from_millis(20));
-    let k = consume_as(&mut w, "doomed".into(), "k");
-    w.run_for(Duration::from_millis(20));
+    let (_, k) = declared_and_consumed(&mut w, "doomed", "k", false);
     assert_eq!(w.sup.consumer_channel(k), Some(lost));
     let from = w.commands.len();
     let refusals = topology_resolutions(&w);
@@ -122,15 +158,10 @@ fn a_consumer_skipped_for_a_delete_that_is_refused_is_subscribed_after_all() {
 fn a_consumer_skipped_for_a_delete_ends_when_the_delete_succeeds() {
     let mut w = ready_world(2, 1);
     let lost = ch(0, 0);
-    let (_, h) = w
-        .app(|s, now| s.declare_queue(now, QueueDecl::durable("doomed")))
-        .unwrap();
-    w.run_for(Duration::from_millis(20));
-    let k = consume_as(&mut w, h.into(), "k");
-    w.run_for(Duration::from_millis(20));
+    let (h, k) = declared_and_consumed(&mut w, "doomed", "k", true);
     assert_eq!(w.sup.consumer_channel(k), Some(lost));
     let from = w.commands.len();
-    delete_during_the_replay(&mut w, lost, h.into());
+    delete_during_the_replay(&mut w, lost, h);
     w.run_for(Duration::from_secs(5));
     assert!(
         w.events
@@ -280,11 +311,7 @@ fn a_redeclaration_queued_before_a_delete_on_its_channel_is_not_skipped() {
     use amqp_rebound_core::{ChannelInput, Input};
     let mut w = ready_world(1, 1);
     let c00 = ch(0, 0);
-    w.app(|s, now| s.declare_queue(now, QueueDecl::durable("q")))
-        .unwrap();
-    w.run_for(Duration::from_millis(20));
-    let k = consume_as(&mut w, "q".into(), "k");
-    w.run_for(Duration::from_millis(20));
+    let (_, k) = declared_and_consumed(&mut w, "q", "k", false);
     // another consumer's steps keep the channel busy
     consume_as(&mut w, "other".into(), "k2");
     let cancel = |w: &mut World| {
@@ -336,26 +363,23 @@ fn a_redeclaration_queued_before_a_delete_on_its_channel_is_not_skipped() {
 
 /// Whether the broker, from the ops it ran in order, ends with queue `q`
 /// bound to exchange `x` with key `k`.
+/// Whether the broker ends with q bound to x with key k.
 fn broker_has_binding(w: &World) -> bool {
-    let mut bound = false;
-    for (_, op) in &w.topology_log {
-        match op {
-            TopologyOp::BindQueue {
-                queue,
-                exchange,
-                routing_key,
-                ..
-            } if queue == "q" && exchange == "x" && routing_key == "k" => bound = true,
-            TopologyOp::UnbindQueue {
-                queue,
-                exchange,
-                routing_key,
-                ..
-            } if queue == "q" && exchange == "x" && routing_key == "k" => bound = false,
-            _ => {}
-        }
-    }
-    bound
+    bound_at_the_end(w, |op| match op {
+        TopologyOp::BindQueue {
+            queue,
+            exchange,
+            routing_key,
+            ..
+        } if queue == "q" && exchange == "x" && routing_key == "k" => Some(true),
+        TopologyOp::UnbindQueue {
+            queue,
+            exchange,
+            routing_key,
+            ..
+        } if queue == "q" && exchange == "x" && routing_key == "k" => Some(false),
+        _ => None,
+    })
 }
 
 /// Queue q is bound to x. Connection 0's replay sends that binding again
@@ -374,15 +398,13 @@ fn a_replay_during_an_unbind_in_flight_does_not_bind_again() {
         .unwrap();
     w.run_for(Duration::from_millis(50));
     assert!(broker_has_binding(&w));
-    let from = w.commands.len();
-    w.kill(lost.connection, TransportError::Io("reset".into()));
     // the replay's step before the binding is in flight
-    until_sent(
+    replay_until(
         &mut w,
-        from,
-        |c| matches!(c, Command::Topology { channel, op: TopologyOp::DeclareQueue(d), .. } if *channel == lost && d.name == "q"),
+        lost,
+        |op| matches!(op, TopologyOp::DeclareQueue(d) if d.name == "q"),
+        Duration::from_millis(1),
     );
-    w.run_for(Duration::from_millis(1));
     let unbind_at = w.commands.len();
     w.app(|s, now| s.unbind_queue(now, "q".into(), "x", "k", FieldTable::default()))
         .unwrap();
@@ -414,26 +436,21 @@ fn a_replay_during_an_exchange_unbind_in_flight_does_not_bind_again() {
     w.app(|s, now| s.bind_exchange(now, "y", "x", "k", FieldTable::default()))
         .unwrap();
     w.run_for(Duration::from_millis(50));
-    let from = w.commands.len();
-    w.kill(lost.connection, TransportError::Io("reset".into()));
-    until_sent(
+    replay_until(
         &mut w,
-        from,
-        |c| matches!(c, Command::Topology { channel, op: TopologyOp::DeclareExchange(d), .. } if *channel == lost && d.name == "y"),
+        lost,
+        |op| matches!(op, TopologyOp::DeclareExchange(d) if d.name == "y"),
+        Duration::from_millis(1),
     );
-    w.run_for(Duration::from_millis(1));
     w.app(|s, now| s.unbind_exchange(now, "y", "x", "k", FieldTable::default()))
         .unwrap();
     w.run_until_ready(Duration::from_secs(2)).unwrap();
     w.run_for(Duration::from_millis(50));
-    let mut bound = false;
-    for (_, op) in &w.topology_log {
-        match op {
-            TopologyOp::BindExchange { .. } => bound = true,
-            TopologyOp::UnbindExchange { .. } => bound = false,
-            _ => {}
-        }
-    }
+    let bound = bound_at_the_end(&w, |op| match op {
+        TopologyOp::BindExchange { .. } => Some(true),
+        TopologyOp::UnbindExchange { .. } => Some(false),
+        _ => None,
+    });
     assert!(
         !bound,
         "BUG: the replay re-bound y to x after the unbind\n{:?}",

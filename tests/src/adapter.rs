@@ -1200,20 +1200,19 @@ pub fn works_when_driven_from_another_executor<T: Adapter>() {
         .build()
         .unwrap();
     let handle = runtime.handle().clone();
-    // Every step within the deadline, named when it is missed. Timers must be
-    // made inside the runtime; they can be polled from outside.
-    fn within_on<F: std::future::Future>(
+    // `within`, for a step polled outside the runtime: its timer is made
+    // inside it (where a timer must be made), then polled from here.
+    fn within_on<F: Future>(
         handle: &tokio::runtime::Handle,
         what: &'static str,
         step: F,
-    ) -> impl std::future::Future<Output = F::Output> {
+    ) -> impl Future<Output = F::Output> {
         let _runtime = handle.enter();
-        let sleep = tokio::time::sleep(DEADLINE);
+        let timeout = tokio::time::timeout(DEADLINE, step);
         async move {
-            futures::select! {
-                out = Box::pin(step).fuse() => out,
-                () = Box::pin(sleep).fuse() => panic!("timed out waiting for {what}"),
-            }
+            timeout
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
         }
     }
     let transport = T::make().with_handle(handle.clone());
